@@ -1,0 +1,40 @@
+//! The gRPC surface: service implementations, the error-to-status mapping, health and
+//! reflection. Handlers decode and validate requests, call the store or the control loop, and
+//! map errors with `?`.
+
+mod convert;
+pub mod health;
+mod page_token;
+mod setpoints;
+mod status;
+
+use tonic::Request;
+
+pub use setpoints::SetpointApi;
+
+/// The identity recorded as `updated_by` and in history. Authentication does not exist yet, so
+/// every caller is `anonymous`.
+fn caller<T>(_request: &Request<T>) -> String {
+    "anonymous".to_owned()
+}
+
+/// Server reflection, v1 and v1alpha (grpcurl 1.8.6 only speaks v1alpha), describing our
+/// services and the health service.
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}

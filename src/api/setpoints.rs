@@ -1,0 +1,157 @@
+//! `thermostat.v1.SetpointService`: decode, validate, call the store, encode.
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values, timestamp,
+};
+use super::{caller, page_token};
+use crate::domain::{BuildingId, Reason, SensorId, ValidationError};
+use crate::error::Result;
+use crate::proto::v1 as pb;
+use crate::store::{PutOutcome, Store};
+
+pub struct SetpointApi {
+    store: Store,
+}
+
+impl SetpointApi {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    async fn put(&self, actor: &str, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
+        let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
+        let expected = expected_revision(req.expected_revision)?;
+        let outcome = self
+            .store
+            .put_setpoint(&setpoint, expected, actor, &reason)
+            .await?;
+        if let PutOutcome::Written(stored) = &outcome {
+            tracing::info!(sensor_id = %stored.setpoint.sensor_id, revision = stored.revision, actor, "setpoint written");
+        }
+        Ok(setpoint_to_proto(&outcome.into_stored()))
+    }
+
+    async fn get(&self, req: pb::GetSetpointRequest) -> Result<pb::Setpoint> {
+        let sensor_id = SensorId::parse(req.sensor_id)?;
+        Ok(setpoint_to_proto(
+            &self.store.get_setpoint(&sensor_id).await?,
+        ))
+    }
+
+    async fn list(&self, req: pb::ListSetpointsRequest) -> Result<pb::ListSetpointsResponse> {
+        let building = match req.building_id.as_str() {
+            "" => None,
+            id => Some(BuildingId::parse(id)?),
+        };
+        let limit = page_token::page_size(req.page_size)?;
+        let scope = format!("setpoints:{}", req.building_id);
+        let after = page_token::decode(&scope, &req.page_token)?;
+        // One more than asked tells whether another page exists without a second query.
+        let rows = self
+            .store
+            .list_setpoints(building.as_ref(), after.as_deref(), limit + 1)
+            .await?;
+        let (rows, next_page_token) = page_token::paginate(rows, limit, &scope, |last| {
+            last.setpoint.sensor_id.to_string()
+        });
+        Ok(pb::ListSetpointsResponse {
+            setpoints: rows.iter().map(setpoint_to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn delete(&self, actor: &str, req: pb::DeleteSetpointRequest) -> Result<()> {
+        let sensor_id = SensorId::parse(req.sensor_id)?;
+        let expected = expected_revision(req.expected_revision)?;
+        let reason = Reason::parse(req.reason)?;
+        let revision = self
+            .store
+            .delete_setpoint(&sensor_id, expected, actor, &reason)
+            .await?;
+        tracing::info!(%sensor_id, revision, actor, "setpoint deleted");
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        req: pb::ListSetpointHistoryRequest,
+    ) -> Result<pb::ListSetpointHistoryResponse> {
+        let sensor_id = SensorId::parse(req.sensor_id)?;
+        let limit = page_token::page_size(req.page_size)?;
+        let scope = format!("history:{sensor_id}");
+        let before = page_token::decode(&scope, &req.page_token)?
+            .map(|p| p.parse::<i64>())
+            .transpose()
+            .map_err(|_| ValidationError::new("page_token", "is malformed"))?;
+        let rows = self
+            .store
+            .setpoint_history(&sensor_id, before, limit + 1)
+            .await?;
+        let (rows, next_page_token) =
+            page_token::paginate(rows, limit, &scope, |last| last.revision.to_string());
+        let entries = rows
+            .into_iter()
+            .map(|e| pb::SetpointHistoryEntry {
+                revision: e.revision,
+                deleted: e.setpoint.is_none(),
+                setpoint: e.setpoint.as_ref().map(|s| pb::Setpoint {
+                    revision: e.revision,
+                    update_time: Some(timestamp(e.change_time)),
+                    updated_by: e.changed_by.clone(),
+                    reason: e.reason.clone(),
+                    ..setpoint_values(s)
+                }),
+                change_time: Some(timestamp(e.change_time)),
+                changed_by: e.changed_by,
+                reason: e.reason,
+            })
+            .collect();
+        Ok(pb::ListSetpointHistoryResponse {
+            entries,
+            next_page_token,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::setpoint_service_server::SetpointService for SetpointApi {
+    async fn put_setpoint(
+        &self,
+        request: Request<pb::PutSetpointRequest>,
+    ) -> Result<Response<pb::Setpoint>, Status> {
+        let actor = caller(&request);
+        Ok(Response::new(self.put(&actor, request.into_inner()).await?))
+    }
+
+    async fn get_setpoint(
+        &self,
+        request: Request<pb::GetSetpointRequest>,
+    ) -> Result<Response<pb::Setpoint>, Status> {
+        Ok(Response::new(self.get(request.into_inner()).await?))
+    }
+
+    async fn list_setpoints(
+        &self,
+        request: Request<pb::ListSetpointsRequest>,
+    ) -> Result<Response<pb::ListSetpointsResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn delete_setpoint(
+        &self,
+        request: Request<pb::DeleteSetpointRequest>,
+    ) -> Result<Response<pb::DeleteSetpointResponse>, Status> {
+        let actor = caller(&request);
+        self.delete(&actor, request.into_inner()).await?;
+        Ok(Response::new(pb::DeleteSetpointResponse {}))
+    }
+
+    async fn list_setpoint_history(
+        &self,
+        request: Request<pb::ListSetpointHistoryRequest>,
+    ) -> Result<Response<pb::ListSetpointHistoryResponse>, Status> {
+        Ok(Response::new(self.history(request.into_inner()).await?))
+    }
+}

@@ -1,0 +1,73 @@
+//! The one place that decides which gRPC status each [`Error`] becomes.
+
+use tonic::{Code, Status};
+
+use crate::error::Error;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid(e) => Status::invalid_argument(e.to_string()),
+            Error::NotFound { .. } => Status::not_found(err.to_string()),
+            Error::RevisionMismatch { .. } => Status::aborted(err.to_string()),
+            Error::Unavailable(ref source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                Status::new(Code::Unavailable, "database unavailable, retry later")
+            }
+            // The detail goes to the log, never to the caller: it may contain SQL or internals.
+            Error::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ValidationError;
+
+    #[test]
+    fn every_error_maps_to_its_code() {
+        let cases = [
+            (
+                Error::Invalid(ValidationError::new("f", "bad")),
+                Code::InvalidArgument,
+            ),
+            (
+                Error::NotFound {
+                    kind: "setpoint",
+                    id: "x".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                Error::RevisionMismatch {
+                    expected: 1,
+                    actual: 2,
+                },
+                Code::Aborted,
+            ),
+            (
+                Error::Unavailable(sqlx::Error::PoolTimedOut),
+                Code::Unavailable,
+            ),
+            (Error::Internal("SELECT secret".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(err).code(), code);
+        }
+    }
+
+    #[test]
+    fn invalid_argument_names_the_field_and_internal_hides_details() {
+        let status = Status::from(Error::Invalid(ValidationError::new(
+            "setpoint.sensor_id",
+            "empty",
+        )));
+        assert!(status.message().contains("setpoint.sensor_id"));
+        let status = Status::from(Error::Internal("SELECT secret".into()));
+        assert!(!status.message().contains("secret"));
+    }
+}

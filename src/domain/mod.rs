@@ -1,0 +1,33 @@
+//! The domain: validated identifiers and setpoints. Pure values and rules, no I/O.
+//!
+//! Everything that enters from the network is converted into these types once, at the edge
+//! (`api`, `stream`), so the rest of the service never sees an unchecked id or a NaN.
+
+mod ids;
+mod setpoint;
+
+pub use ids::{BuildingId, SensorId};
+pub use setpoint::{Celsius, Reason, Setpoint, StoredSetpoint};
+
+/// A value that failed validation: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The same error, reported for a field nested in `parent` (e.g. `setpoint.sensor_id`).
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = format!("{parent}.{}", self.field);
+        self
+    }
+}

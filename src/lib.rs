@@ -1,0 +1,17 @@
+//! thermostat: a gRPC control plane that joins temperature setpoints (PostgreSQL) with sensor
+//! readings and decides heater commands.
+//!
+//! Layout: `domain` (validated values and rules, no I/O), `store` (SQL), `api` (gRPC), `config`,
+//! `telemetry`, and `startup` which wires them into an [`Application`].
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod proto;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use error::Error;
+pub use startup::{Application, StartupError};

@@ -1,0 +1,350 @@
+//! Setpoint queries. Each change is one statement that updates `setpoints` and appends to
+//! `setpoint_history` together, so no acknowledged change is ever missing from the history, and
+//! row locks taken by `INSERT … ON CONFLICT` / `UPDATE` serialise racing writers to one sensor.
+
+use chrono::{DateTime, Utc};
+
+use super::Store;
+use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint};
+use crate::error::{Error, Result};
+
+/// How often a Put that lost a race (the row changed between its write and its re-read) is
+/// retried before giving up. Losing twice in a row needs a sustained write storm on one sensor.
+const PUT_ATTEMPTS: usize = 5;
+
+/// The outcome of a successful Put.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PutOutcome {
+    /// A new revision was written.
+    Written(StoredSetpoint),
+    /// The stored setpoint already had these values; nothing was written.
+    Unchanged(StoredSetpoint),
+}
+
+impl PutOutcome {
+    pub fn into_stored(self) -> StoredSetpoint {
+        match self {
+            PutOutcome::Written(s) | PutOutcome::Unchanged(s) => s,
+        }
+    }
+}
+
+/// One change in a sensor's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    pub revision: i64,
+    /// The values after the change; `None` for a deletion.
+    pub setpoint: Option<Setpoint>,
+    pub change_time: DateTime<Utc>,
+    pub changed_by: String,
+    pub reason: String,
+}
+
+/// A row of `setpoints`, live or tombstone.
+#[derive(sqlx::FromRow)]
+struct SetpointRow {
+    sensor_id: String,
+    building_id: String,
+    desired_celsius: f64,
+    up_delta_celsius: f64,
+    down_delta_celsius: f64,
+    revision: i64,
+    update_time: DateTime<Utc>,
+    updated_by: String,
+    reason: String,
+    deleted: bool,
+}
+
+impl SetpointRow {
+    /// The revision as seen by `expected_revision`: 0 for a deleted setpoint.
+    fn effective_revision(&self) -> i64 {
+        if self.deleted {
+            0
+        } else {
+            self.revision
+        }
+    }
+
+    fn into_stored(self) -> Result<StoredSetpoint> {
+        Ok(StoredSetpoint {
+            setpoint: stored_setpoint(
+                &self.sensor_id,
+                &self.building_id,
+                self.desired_celsius,
+                self.up_delta_celsius,
+                self.down_delta_celsius,
+            )?,
+            revision: self.revision,
+            update_time: self.update_time,
+            updated_by: self.updated_by,
+            reason: self.reason,
+        })
+    }
+}
+
+/// Rebuilds a domain setpoint from stored columns. The CHECK constraints make an invalid row
+/// impossible; if one appears anyway it is reported as a server fault rather than served.
+fn stored_setpoint(
+    sensor_id: &str,
+    building_id: &str,
+    desired: f64,
+    up: f64,
+    down: f64,
+) -> Result<Setpoint> {
+    let invalid = |e| Error::Internal(format!("stored setpoint {sensor_id:?}: {e}"));
+    Setpoint::new(
+        SensorId::parse(sensor_id).map_err(invalid)?,
+        BuildingId::parse(building_id).map_err(invalid)?,
+        desired,
+        up,
+        down,
+    )
+    .map_err(invalid)
+}
+
+#[derive(sqlx::FromRow)]
+struct HistoryRow {
+    sensor_id: String,
+    revision: i64,
+    building_id: String,
+    desired_celsius: Option<f64>,
+    up_delta_celsius: Option<f64>,
+    down_delta_celsius: Option<f64>,
+    change_time: DateTime<Utc>,
+    changed_by: String,
+    reason: String,
+}
+
+impl HistoryRow {
+    fn into_entry(self) -> Result<HistoryEntry> {
+        let setpoint = match (
+            self.desired_celsius,
+            self.up_delta_celsius,
+            self.down_delta_celsius,
+        ) {
+            (Some(desired), Some(up), Some(down)) => Some(stored_setpoint(
+                &self.sensor_id,
+                &self.building_id,
+                desired,
+                up,
+                down,
+            )?),
+            _ => None,
+        };
+        Ok(HistoryEntry {
+            revision: self.revision,
+            setpoint,
+            change_time: self.change_time,
+            changed_by: self.changed_by,
+            reason: self.reason,
+        })
+    }
+}
+
+const SETPOINT_COLUMNS: &str = "sensor_id, building_id, desired_celsius, up_delta_celsius, \
+     down_delta_celsius, revision, update_time, updated_by, reason, deleted";
+
+/// Creates or replaces a setpoint, and appends the change to the history, in one statement.
+///
+/// The `INSERT` runs only when it can succeed: without `expected_revision`, with 0, or when a
+/// row (maybe a tombstone) exists. On conflict the row is locked and the `WHERE` re-checked
+/// against its latest version, so of two racing writers with the same expected revision exactly
+/// one matches. Rows whose values would not change are left alone (no revision, no history).
+/// Returns no row when nothing was written; the caller then finds out why.
+pub const PUT_SQL: &str = r#"
+WITH up AS (
+    INSERT INTO setpoints AS s (sensor_id, building_id, desired_celsius, up_delta_celsius,
+                                down_delta_celsius, revision, update_time, updated_by, reason)
+    SELECT $1, $2, $3, $4, $5, 1, now(), $6, $7
+    WHERE $8::int8 IS NULL OR $8::int8 = 0
+       OR EXISTS (SELECT 1 FROM setpoints WHERE sensor_id = $1)
+    ON CONFLICT (sensor_id) DO UPDATE SET
+        building_id = excluded.building_id,
+        desired_celsius = excluded.desired_celsius,
+        up_delta_celsius = excluded.up_delta_celsius,
+        down_delta_celsius = excluded.down_delta_celsius,
+        revision = s.revision + 1,
+        update_time = now(),
+        updated_by = excluded.updated_by,
+        reason = excluded.reason,
+        deleted = false
+    WHERE ($8::int8 IS NULL OR $8::int8 = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
+      AND (s.deleted OR (s.building_id, s.desired_celsius, s.up_delta_celsius, s.down_delta_celsius)
+           IS DISTINCT FROM (excluded.building_id, excluded.desired_celsius,
+                             excluded.up_delta_celsius, excluded.down_delta_celsius))
+    RETURNING s.*
+), history AS (
+    INSERT INTO setpoint_history (sensor_id, revision, building_id, desired_celsius,
+                                  up_delta_celsius, down_delta_celsius, deleted, change_time,
+                                  changed_by, reason)
+    SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius,
+           down_delta_celsius, false, update_time, updated_by, reason
+    FROM up
+)
+SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius,
+       revision, update_time, updated_by, reason, deleted
+FROM up
+"#;
+
+/// Marks a live setpoint deleted (a new revision) and records the deletion in the history.
+const DELETE_SQL: &str = r#"
+WITH del AS (
+    UPDATE setpoints SET deleted = true, revision = revision + 1, update_time = now(),
+                         updated_by = $2, reason = $3
+    WHERE sensor_id = $1 AND NOT deleted AND ($4::int8 IS NULL OR revision = $4::int8)
+    RETURNING *
+), history AS (
+    INSERT INTO setpoint_history (sensor_id, revision, building_id, deleted, change_time,
+                                  changed_by, reason)
+    SELECT sensor_id, revision, building_id, true, update_time, updated_by, reason FROM del
+)
+SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius,
+       revision, update_time, updated_by, reason, deleted
+FROM del
+"#;
+
+impl Store {
+    /// Creates or replaces `setpoint` on behalf of `actor`.
+    #[tracing::instrument(skip_all, fields(sensor_id = %setpoint.sensor_id))]
+    pub async fn put_setpoint(
+        &self,
+        setpoint: &Setpoint,
+        expected_revision: Option<i64>,
+        actor: &str,
+        reason: &Reason,
+    ) -> Result<PutOutcome> {
+        for _ in 0..PUT_ATTEMPTS {
+            let written: Option<SetpointRow> = sqlx::query_as(PUT_SQL)
+                .bind(setpoint.sensor_id.as_str())
+                .bind(setpoint.building_id.as_str())
+                .bind(setpoint.desired().value())
+                .bind(setpoint.up_delta().value())
+                .bind(setpoint.down_delta().value())
+                .bind(actor)
+                .bind(reason.as_str())
+                .bind(expected_revision)
+                .fetch_optional(self.pool())
+                .await?;
+            if let Some(row) = written {
+                return Ok(PutOutcome::Written(row.into_stored()?));
+            }
+            // Nothing written: either the revision did not match, or the values are unchanged.
+            let current = self.setpoint_row(&setpoint.sensor_id).await?;
+            let actual = current.as_ref().map_or(0, SetpointRow::effective_revision);
+            if let Some(expected) = expected_revision {
+                if expected != actual {
+                    return Err(Error::RevisionMismatch { expected, actual });
+                }
+            }
+            if let Some(row) = current.filter(|row| !row.deleted) {
+                let stored = row.into_stored()?;
+                if stored.setpoint == *setpoint {
+                    return Ok(PutOutcome::Unchanged(stored));
+                }
+            }
+            // The row changed between the write and the read above: try again.
+        }
+        Err(Error::Internal(format!(
+            "put of {} kept racing with other writers",
+            setpoint.sensor_id
+        )))
+    }
+
+    pub async fn get_setpoint(&self, sensor_id: &SensorId) -> Result<StoredSetpoint> {
+        match self.setpoint_row(sensor_id).await? {
+            Some(row) if !row.deleted => row.into_stored(),
+            _ => Err(not_found(sensor_id)),
+        }
+    }
+
+    /// Up to `limit` live setpoints with `sensor_id > after`, in sensor order.
+    pub async fn list_setpoints(
+        &self,
+        building_id: Option<&BuildingId>,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<StoredSetpoint>> {
+        let sql = format!(
+            "SELECT {SETPOINT_COLUMNS} FROM setpoints \
+             WHERE NOT deleted AND ($1::text IS NULL OR building_id = $1) \
+               AND ($2::text IS NULL OR sensor_id > $2) \
+             ORDER BY sensor_id LIMIT $3"
+        );
+        let rows: Vec<SetpointRow> = sqlx::query_as(&sql)
+            .bind(building_id.map(BuildingId::as_str))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(self.pool())
+            .await?;
+        rows.into_iter().map(SetpointRow::into_stored).collect()
+    }
+
+    /// Deletes a live setpoint; returns the tombstone's revision.
+    #[tracing::instrument(skip_all, fields(sensor_id = %sensor_id))]
+    pub async fn delete_setpoint(
+        &self,
+        sensor_id: &SensorId,
+        expected_revision: Option<i64>,
+        actor: &str,
+        reason: &Reason,
+    ) -> Result<i64> {
+        let deleted: Option<SetpointRow> = sqlx::query_as(DELETE_SQL)
+            .bind(sensor_id.as_str())
+            .bind(actor)
+            .bind(reason.as_str())
+            .bind(expected_revision)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(row) = deleted {
+            return Ok(row.revision);
+        }
+        match self.setpoint_row(sensor_id).await? {
+            Some(row) if !row.deleted => Err(Error::RevisionMismatch {
+                expected: expected_revision.unwrap_or_default(),
+                actual: row.revision,
+            }),
+            _ => Err(not_found(sensor_id)),
+        }
+    }
+
+    /// Up to `limit` history entries with `revision < before`, newest first. NOT_FOUND when the
+    /// sensor never had a setpoint.
+    pub async fn setpoint_history(
+        &self,
+        sensor_id: &SensorId,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<HistoryEntry>> {
+        let rows: Vec<HistoryRow> = sqlx::query_as(
+            "SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius, \
+                    down_delta_celsius, change_time, changed_by, reason \
+             FROM setpoint_history \
+             WHERE sensor_id = $1 AND ($2::int8 IS NULL OR revision < $2) \
+             ORDER BY revision DESC LIMIT $3",
+        )
+        .bind(sensor_id.as_str())
+        .bind(before)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        if rows.is_empty() && before.is_none() {
+            return Err(not_found(sensor_id));
+        }
+        rows.into_iter().map(HistoryRow::into_entry).collect()
+    }
+
+    async fn setpoint_row(&self, sensor_id: &SensorId) -> Result<Option<SetpointRow>> {
+        let sql = format!("SELECT {SETPOINT_COLUMNS} FROM setpoints WHERE sensor_id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(sensor_id.as_str())
+            .fetch_optional(self.pool())
+            .await?)
+    }
+}
+
+fn not_found(sensor_id: &SensorId) -> Error {
+    Error::NotFound {
+        kind: "setpoint",
+        id: sensor_id.to_string(),
+    }
+}

@@ -1,0 +1,203 @@
+//! Shared test harness: starts the service on a free port against its own fresh database on the
+//! shared PostgreSQL cluster that `scripts/test.sh` started (`THERMOSTAT_TEST_PG_URL`).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use thermostat::config::{DatabaseConfig, ServeConfig};
+use thermostat::proto::v1 as pb;
+use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
+use thermostat::Application;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts the servers")
+    })
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A unique lowercase name, for databases and topics.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Creates a fresh database on the cluster at `admin_url`; returns its URL.
+pub async fn create_database(admin_url: &str) -> String {
+    let name = unique_name("t");
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .expect("connect admin");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let (base, _) = admin_url.rsplit_once('/').expect("url has a database");
+    format!("{base}/{name}")
+}
+
+pub fn serve_config(database_url: String) -> ServeConfig {
+    ServeConfig {
+        database: DatabaseConfig {
+            database_url,
+            database_max_connections: 10,
+            database_acquire_timeout: Duration::from_secs(2),
+        },
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        health_check_interval: Duration::from_millis(200),
+        shutdown_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A running service and what a test needs to talk to it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), thermostat::StartupError>>,
+}
+
+impl TestApp {
+    /// Starts the service against a fresh database on the shared test cluster.
+    pub async fn spawn() -> Self {
+        let database_url = create_database(&env("THERMOSTAT_TEST_PG_URL")).await;
+        Self::spawn_with(serve_config(database_url)).await
+    }
+
+    pub async fn spawn_with(config: ServeConfig) -> Self {
+        let database_url = config.database.database_url.clone();
+        let app = Application::build(config).await.expect("build app");
+        let addr = app.local_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Self {
+            addr,
+            database_url,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn setpoints(&self) -> SetpointServiceClient<Channel> {
+        SetpointServiceClient::new(self.channel().await)
+    }
+
+    pub async fn db(&self) -> PgConnection {
+        PgConnection::connect(&self.database_url)
+            .await
+            .expect("connect test database")
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        (&mut self.task)
+            .await
+            .expect("app task panicked")
+            .expect("app stopped with an error");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A setpoint message for Put.
+pub fn setpoint(sensor: &str, building: &str, desired: f64) -> pb::Setpoint {
+    pb::Setpoint {
+        sensor_id: sensor.into(),
+        building_id: building.into(),
+        desired_celsius: desired,
+        up_delta_celsius: 0.5,
+        down_delta_celsius: 0.5,
+        ..Default::default()
+    }
+}
+
+pub fn put(setpoint: pb::Setpoint, expected_revision: Option<i64>) -> pb::PutSetpointRequest {
+    pb::PutSetpointRequest {
+        setpoint: Some(setpoint),
+        expected_revision,
+    }
+}
+
+/// A private PostgreSQL cluster, for tests that stop and restart the database.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    pub admin_url: String,
+}
+
+impl PgCluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin_url = pg_script("start", dir.path());
+        Self { dir, admin_url }
+    }
+
+    pub fn stop(&self) {
+        pg_script("stop", self.dir.path());
+    }
+
+    /// Starts again on the same port with the same data.
+    pub fn restart(&self) {
+        pg_script("start", self.dir.path());
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        pg_script("stop", self.dir.path());
+    }
+}
+
+fn pg_script(action: &str, dir: &Path) -> String {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/pg.sh"))
+        .arg(action)
+        .arg(dir)
+        .output()
+        .expect("run scripts/pg.sh");
+    assert!(
+        out.status.success(),
+        "scripts/pg.sh {action} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

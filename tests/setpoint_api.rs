@@ -1,0 +1,506 @@
+//! The setpoint API end to end: a real service on a random port, a real fresh database.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{put, setpoint, TestApp};
+use thermostat::proto::v1 as pb;
+use tonic::Code;
+
+#[tokio::test]
+async fn put_creates_revision_one_and_get_returns_it() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    let mut sp = setpoint("room-1", "hq", 21.5);
+    sp.reason = "initial commissioning".into();
+
+    let created = client
+        .put_setpoint(put(sp.clone(), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.revision, 1);
+    assert_eq!(created.updated_by, "anonymous");
+    assert_eq!(created.reason, "initial commissioning");
+    assert!(created.update_time.is_some());
+    assert_eq!(
+        (created.desired_celsius, created.up_delta_celsius),
+        (21.5, 0.5)
+    );
+
+    let got = client
+        .get_setpoint(pb::GetSetpointRequest {
+            sensor_id: "room-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, created);
+}
+
+#[tokio::test]
+async fn changing_put_bumps_revision_and_identical_put_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("s", "b", 20.0), None))
+        .await
+        .unwrap();
+    let second = client
+        .put_setpoint(put(setpoint("s", "b", 22.0), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.revision, 2);
+
+    // A retry of the same Put (even with another reason) is a no-op.
+    let mut retry = setpoint("s", "b", 22.0);
+    retry.reason = "retry".into();
+    let again = client
+        .put_setpoint(put(retry, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, second);
+    let history = history(&mut client, "s").await;
+    assert_eq!(
+        history.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+
+    // Moving a sensor to another building is a change.
+    let moved = client
+        .put_setpoint(put(setpoint("s", "b2", 22.0), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((moved.revision, moved.building_id.as_str()), (3, "b2"));
+}
+
+#[tokio::test]
+async fn expected_revision_guards_every_write() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+
+    // 0 = must not exist yet; a non-zero revision for a missing sensor is stale.
+    let err = client
+        .put_setpoint(put(setpoint("s", "b", 20.0), Some(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    let created = client
+        .put_setpoint(put(setpoint("s", "b", 20.0), Some(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.revision, 1);
+    let err = client
+        .put_setpoint(put(setpoint("s", "b", 21.0), Some(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+
+    let updated = client
+        .put_setpoint(put(setpoint("s", "b", 21.0), Some(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.revision, 2);
+    let err = client
+        .put_setpoint(put(setpoint("s", "b", 25.0), Some(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(
+        err.message().contains("2"),
+        "message names the stored revision: {}",
+        err.message()
+    );
+
+    // Nothing changed by the rejected writes.
+    let got = get(&mut client, "s").await.unwrap();
+    assert_eq!((got.revision, got.desired_celsius), (2, 21.0));
+
+    let err = client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "s".into(),
+            expected_revision: Some(1),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert!(get(&mut client, "s").await.is_ok());
+}
+
+#[tokio::test]
+async fn invalid_puts_name_the_field_and_store_nothing() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    let base = setpoint("ok", "b", 20.0);
+    type Edit = fn(&mut pb::Setpoint);
+    let cases: Vec<(&str, Edit)> = vec![
+        ("setpoint.sensor_id", |s| s.sensor_id = String::new()),
+        ("setpoint.sensor_id", |s| s.sensor_id = "has space".into()),
+        ("setpoint.sensor_id", |s| s.sensor_id = "x".repeat(129)),
+        ("setpoint.building_id", |s| s.building_id = String::new()),
+        ("setpoint.building_id", |s| s.building_id = "b;drop".into()),
+        ("setpoint.desired_celsius", |s| s.desired_celsius = f64::NAN),
+        ("setpoint.desired_celsius", |s| {
+            s.desired_celsius = f64::INFINITY
+        }),
+        ("setpoint.desired_celsius", |s| s.desired_celsius = -50.5),
+        ("setpoint.desired_celsius", |s| s.desired_celsius = 100.5),
+        ("setpoint.up_delta_celsius", |s| s.up_delta_celsius = -1.0),
+        ("setpoint.up_delta_celsius", |s| {
+            s.up_delta_celsius = f64::NEG_INFINITY
+        }),
+        ("setpoint.up_delta_celsius", |s| s.up_delta_celsius = 20.01),
+        ("setpoint.down_delta_celsius", |s| {
+            s.down_delta_celsius = f64::NAN
+        }),
+        ("setpoint.down_delta_celsius", |s| {
+            s.down_delta_celsius = 21.0
+        }),
+        ("setpoint.reason", |s| s.reason = "r".repeat(257)),
+    ];
+    for (field, edit) in cases {
+        let mut sp = base.clone();
+        edit(&mut sp);
+        let err = client
+            .put_setpoint(put(sp.clone(), None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().contains(field),
+            "{field} not named in {:?}",
+            err.message()
+        );
+    }
+    let err = client
+        .put_setpoint(pb::PutSetpointRequest {
+            setpoint: None,
+            expected_revision: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("setpoint"));
+    let err = client.put_setpoint(put(base, Some(-1))).await.unwrap_err();
+    assert!(err.message().contains("expected_revision"), "{err:?}");
+
+    let listed = list(&mut client, "", 1000, "").await.unwrap();
+    assert!(
+        listed.setpoints.is_empty(),
+        "a rejected Put stored {listed:?}"
+    );
+}
+
+#[tokio::test]
+async fn database_check_constraints_back_up_validation() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("s", "b", 20.0), None))
+        .await
+        .unwrap();
+    let mut db = app.db().await;
+    for bad in ["'NaN'::float8", "'Infinity'::float8", "101", "-51"] {
+        let result = sqlx::query(&format!("UPDATE setpoints SET desired_celsius = {bad}"))
+            .execute(&mut db)
+            .await;
+        assert!(result.is_err(), "{bad} accepted by the database");
+    }
+    let result = sqlx::query("UPDATE setpoints SET up_delta_celsius = 'NaN'")
+        .execute(&mut db)
+        .await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn get_and_delete_of_a_missing_sensor_are_not_found() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    assert_eq!(
+        get(&mut client, "nope").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let err = client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .list_setpoint_history(pb::ListSetpointHistoryRequest {
+            sensor_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = get(&mut client, "bad id!").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("sensor_id"));
+}
+
+#[tokio::test]
+async fn list_pages_through_everything_in_order_and_filters_by_building() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    for i in 0..25 {
+        let building = if i % 3 == 0 { "east" } else { "west" };
+        client
+            .put_setpoint(put(
+                setpoint(&format!("sensor-{i:02}"), building, 20.0),
+                None,
+            ))
+            .await
+            .unwrap();
+    }
+    // A deleted setpoint is not listed.
+    client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "sensor-24".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = list(&mut client, "", 10, &token).await.unwrap();
+        assert!(page.setpoints.len() <= 10);
+        seen.extend(page.setpoints.into_iter().map(|s| s.sensor_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..24).map(|i| format!("sensor-{i:02}")).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3);
+
+    let east = list(&mut client, "east", 0, "").await.unwrap();
+    let east_ids: BTreeSet<_> = east.setpoints.iter().map(|s| s.sensor_id.clone()).collect();
+    let expected_east: BTreeSet<_> = (0..24)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("sensor-{i:02}"))
+        .collect();
+    assert_eq!(east_ids, expected_east);
+    assert!(east.next_page_token.is_empty());
+
+    // A token only works with the filter it was issued for.
+    let first = list(&mut client, "west", 2, "").await.unwrap();
+    let err = list(&mut client, "east", 2, &first.next_page_token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("page_token"));
+    let err = list(&mut client, "", -5, "").await.unwrap_err();
+    assert!(err.message().contains("page_size"));
+    let err = list(&mut client, "", 5, "garbage!").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn history_records_create_update_delete_and_recreate_newest_first() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    let mut sp = setpoint("s", "b", 20.0);
+    sp.reason = "create".into();
+    client.put_setpoint(put(sp.clone(), None)).await.unwrap();
+    sp.desired_celsius = 22.0;
+    sp.reason = "warmer".into();
+    client.put_setpoint(put(sp.clone(), None)).await.unwrap();
+    client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "s".into(),
+            expected_revision: Some(2),
+            reason: "room closed".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&mut client, "s").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Re-creating continues the revision sequence; "must not exist" holds for a deleted one.
+    sp.reason = "reopened".into();
+    let recreated = client
+        .put_setpoint(put(sp.clone(), Some(0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recreated.revision, 4);
+
+    let entries = history(&mut client, "s").await;
+    let summary: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.revision,
+                e.deleted,
+                e.reason.as_str(),
+                e.setpoint.as_ref().map(|s| s.desired_celsius),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (4, false, "reopened", Some(22.0)),
+            (3, true, "room closed", None),
+            (2, false, "warmer", Some(22.0)),
+            (1, false, "create", Some(20.0)),
+        ]
+    );
+    assert!(entries
+        .iter()
+        .all(|e| e.changed_by == "anonymous" && e.change_time.is_some()));
+
+    // Paged one at a time, the same entries come back.
+    let mut token = String::new();
+    let mut revisions = Vec::new();
+    loop {
+        let page = client
+            .list_setpoint_history(pb::ListSetpointHistoryRequest {
+                sensor_id: "s".into(),
+                page_size: 1,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        revisions.extend(page.entries.iter().map(|e| e.revision));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(revisions, vec![4, 3, 2, 1]);
+}
+
+#[tokio::test]
+async fn racing_writers_lose_no_update_and_leave_no_history_gap() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("hot", "b", 0.0), None))
+        .await
+        .unwrap();
+
+    // Unconditional writers: every Put with a new value must produce exactly one revision.
+    let writers = 16;
+    let per_writer = 10;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let mut client = app.setpoints().await;
+        tasks.spawn(async move {
+            let mut ok = 0;
+            for i in 0..per_writer {
+                let desired = f64::from(w * per_writer + i + 1) / 10.0;
+                if client
+                    .put_setpoint(put(setpoint("hot", "b", desired), None))
+                    .await
+                    .is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        });
+    }
+    let mut successes = 1; // the create
+    while let Some(ok) = tasks.join_next().await {
+        successes += ok.unwrap();
+    }
+    assert_eq!(successes, 1 + writers * per_writer);
+    let stored = get(&mut client, "hot").await.unwrap();
+    assert_eq!(stored.revision, i64::from(successes));
+    let revisions: Vec<i64> = history(&mut client, "hot")
+        .await
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(
+        revisions,
+        (1..=i64::from(successes)).rev().collect::<Vec<_>>()
+    );
+
+    // Conditional writers racing on the same expected revision: exactly one wins.
+    let current = stored.revision;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..12 {
+        let mut client = app.setpoints().await;
+        tasks.spawn(async move {
+            client
+                .put_setpoint(put(
+                    setpoint("hot", "b", 50.0 + f64::from(w)),
+                    Some(current),
+                ))
+                .await
+                .map_err(|s| s.code())
+        });
+    }
+    let mut wins = 0;
+    while let Some(result) = tasks.join_next().await {
+        match result.unwrap() {
+            Ok(_) => wins += 1,
+            Err(code) => assert_eq!(code, Code::Aborted),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(get(&mut client, "hot").await.unwrap().revision, current + 1);
+}
+
+async fn get(
+    client: &mut pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
+    sensor: &str,
+) -> Result<pb::Setpoint, tonic::Status> {
+    client
+        .get_setpoint(pb::GetSetpointRequest {
+            sensor_id: sensor.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn list(
+    client: &mut pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
+    building: &str,
+    page_size: i32,
+    token: &str,
+) -> Result<pb::ListSetpointsResponse, tonic::Status> {
+    client
+        .list_setpoints(pb::ListSetpointsRequest {
+            building_id: building.into(),
+            page_size,
+            page_token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn history(
+    client: &mut pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
+    sensor: &str,
+) -> Vec<pb::SetpointHistoryEntry> {
+    client
+        .list_setpoint_history(pb::ListSetpointHistoryRequest {
+            sensor_id: sensor.into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
