@@ -1,0 +1,149 @@
+//! What operators rely on: health that tells the truth, reflection for grpcurl, clean shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{create_database, eventually, serve_config, PgCluster, TestApp};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn health(app: &TestApp, service: &str) -> Option<ServingStatus> {
+    let mut client = HealthClient::new(app.channel().await);
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+async fn becomes(app: &TestApp, status: ServingStatus) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        health(app, "").await == Some(status)
+            && health(app, "thermostat.v1.SetpointService").await == Some(status)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn health_is_not_serving_while_the_database_is_down() {
+    let cluster = PgCluster::start();
+    let app = TestApp::spawn_with(serve_config(create_database(&cluster.admin_url).await)).await;
+    assert!(
+        becomes(&app, ServingStatus::Serving).await,
+        "never became SERVING"
+    );
+
+    cluster.stop();
+    assert!(
+        becomes(&app, ServingStatus::NotServing).await,
+        "still SERVING with the database down"
+    );
+    // Calls fail with UNAVAILABLE rather than hanging.
+    let mut client = app.setpoints().await;
+    let err = client
+        .get_setpoint(thermostat::proto::v1::GetSetpointRequest {
+            sensor_id: "s".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    cluster.restart();
+    assert!(
+        becomes(&app, ServingStatus::Serving).await,
+        "did not recover after the database came back"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_and_exits_cleanly() {
+    let app = TestApp::spawn().await;
+    assert!(becomes(&app, ServingStatus::Serving).await);
+    let mut watch = HealthClient::new(app.channel().await)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    app.shutdown.cancel();
+    // Watchers learn NOT_SERVING before the server goes away.
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+    let status = next
+        .expect("no health update on shutdown")
+        .unwrap()
+        .unwrap()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    app.stop().await;
+}
+
+/// Runs the real grpcurl binary, as an operator would. It blocks, so tests calling it use the
+/// multi-threaded runtime to keep the server running meanwhile.
+fn grpcurl(args: &[&str]) -> String {
+    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let out = Command::new(&bin).args(args).output().expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
+    let app = TestApp::spawn().await;
+    let addr = app.addr.to_string();
+    let services = grpcurl(&["-plaintext", &addr, "list"]);
+    for service in ["thermostat.v1.SetpointService", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|l| l == service),
+            "{service} missing from {services}"
+        );
+    }
+    let described = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "thermostat.v1.SetpointService",
+    ]);
+    assert!(described.contains("rpc PutSetpoint"), "{described}");
+    let message = grpcurl(&["-plaintext", &addr, "describe", "thermostat.v1.Setpoint"]);
+    assert!(message.contains("desired_celsius"), "{message}");
+
+    let put = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"setpoint": {"sensorId": "lobby-1", "buildingId": "hq", "desiredCelsius": 21, "upDeltaCelsius": 0.5, "downDeltaCelsius": 1}}"#,
+        &addr,
+        "thermostat.v1.SetpointService/PutSetpoint",
+    ]);
+    let put: serde_json::Value = serde_json::from_str(&put).expect("JSON from grpcurl");
+    assert_eq!(put["revision"], "1");
+    let got = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"sensorId": "lobby-1"}"#,
+        &addr,
+        "thermostat.v1.SetpointService/GetSetpoint",
+    ]);
+    let got: serde_json::Value = serde_json::from_str(&got).expect("JSON from grpcurl");
+    assert_eq!(got["desiredCelsius"], 21.0);
+    assert_eq!(got["downDeltaCelsius"], 1.0);
+    assert_eq!(got["buildingId"], "hq");
+
+    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
+    assert!(health.contains("SERVING"), "{health}");
+}
