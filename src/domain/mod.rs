@@ -3,6 +3,7 @@
 //! Everything that enters from the network is converted into these types once, at the edge
 //! (`api`, `stream`), so the rest of the service never sees an unchecked id or a NaN.
 
+pub mod control;
 mod ids;
 mod setpoint;
 

@@ -1,0 +1,545 @@
+//! The control rule and the per-sensor state it needs. Pure: time comes in as an argument.
+//!
+//! The rule is the reference's (Flink `TemperatureControlProcessor`): above
+//! `desired + up_delta` the heater goes OFF, below `desired - down_delta` it goes ON, in between
+//! nothing changes, and a command is only emitted when it differs from the last one. On top of
+//! that, [`SensorControl`] adds what the reference lacks: stale and reordered readings are
+//! ignored, a setpoint change re-evaluates the latest reading, deleting a setpoint releases the
+//! heater, and a sensor that goes quiet gets OFF once.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::{BuildingId, Celsius, Setpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaterCommand {
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandReason {
+    TooCold,
+    TooHot,
+    SetpointDeleted,
+    SensorStale,
+}
+
+/// One measurement of one sensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    pub temperature: Celsius,
+    pub time: DateTime<Utc>,
+}
+
+/// The reference rule alone: what the heater should do for `temperature`, or `None` inside the
+/// dead band.
+pub fn rule(setpoint: &Setpoint, temperature: Celsius) -> Option<(HeaterCommand, CommandReason)> {
+    let t = temperature.value();
+    let desired = setpoint.desired().value();
+    if t > desired + setpoint.up_delta().value() {
+        Some((HeaterCommand::Off, CommandReason::TooHot))
+    } else if t < desired - setpoint.down_delta().value() {
+        Some((HeaterCommand::On, CommandReason::TooCold))
+    } else {
+        None
+    }
+}
+
+/// The last command decided for a sensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCommand {
+    pub command: HeaterCommand,
+    /// Grows by one with every command for the sensor.
+    pub sequence: u64,
+}
+
+/// A command to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub command: HeaterCommand,
+    pub reason: CommandReason,
+    pub sequence: u64,
+    pub building_id: BuildingId,
+    pub setpoint_revision: i64,
+    /// The reading the decision was made on (the last one seen, for deletion and staleness).
+    pub reading: Option<Reading>,
+}
+
+/// What happened to a reading.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadingOutcome {
+    /// Older than the newest reading already applied: ignored, so it can never flip a heater.
+    OutOfOrder,
+    /// Applied; maybe with a command to send.
+    Applied(Option<Decision>),
+}
+
+/// Everything the loop keeps about one sensor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SensorControl {
+    /// The current setpoint; `None` when the sensor is not controlled.
+    setpoint: Option<Setpoint>,
+    /// The highest setpoint revision applied, deletions included. Never goes backwards.
+    revision: i64,
+    last_reading: Option<Reading>,
+    last_command: Option<LastCommand>,
+    /// When the current setpoint was first applied: the staleness clock of a sensor that never
+    /// sent a reading.
+    controlled_since: Option<DateTime<Utc>>,
+}
+
+impl SensorControl {
+    pub fn setpoint(&self) -> Option<&Setpoint> {
+        self.setpoint.as_ref()
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub fn last_reading(&self) -> Option<Reading> {
+        self.last_reading
+    }
+
+    pub fn last_command(&self) -> Option<LastCommand> {
+        self.last_command
+    }
+
+    /// Applies a reading and decides.
+    pub fn on_reading(&mut self, reading: Reading) -> ReadingOutcome {
+        if self
+            .last_reading
+            .is_some_and(|last| reading.time < last.time)
+        {
+            return ReadingOutcome::OutOfOrder;
+        }
+        self.last_reading = Some(reading);
+        ReadingOutcome::Applied(self.evaluate(reading))
+    }
+
+    /// Applies setpoint `revision` (`None`: deleted). Older revisions than the one applied are
+    /// ignored. A change re-evaluates the latest reading at once if it is fresh; a deletion
+    /// turns a heater that is ON off.
+    pub fn on_setpoint(
+        &mut self,
+        revision: i64,
+        setpoint: Option<Setpoint>,
+        now: DateTime<Utc>,
+        stale_after: TimeDelta,
+    ) -> Option<Decision> {
+        if revision <= self.revision {
+            return None;
+        }
+        self.revision = revision;
+        match setpoint {
+            Some(setpoint) => {
+                if self.setpoint.is_none() {
+                    self.controlled_since = Some(now);
+                }
+                self.setpoint = Some(setpoint);
+                let fresh = self
+                    .last_reading
+                    .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
+                self.evaluate(fresh)
+            }
+            None => {
+                let released = self.setpoint.take()?;
+                self.controlled_since = None;
+                if self.last_command?.command != HeaterCommand::On {
+                    return None;
+                }
+                self.emit(
+                    HeaterCommand::Off,
+                    CommandReason::SetpointDeleted,
+                    released.building_id,
+                    revision,
+                )
+            }
+        }
+    }
+
+    /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
+    pub fn on_tick(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+        let setpoint = self.setpoint.as_ref()?;
+        let since = self
+            .last_reading
+            .map(|r| r.time)
+            .or(self.controlled_since)?;
+        if now.signed_duration_since(since) <= stale_after {
+            return None;
+        }
+        let building = setpoint.building_id.clone();
+        self.emit(
+            HeaterCommand::Off,
+            CommandReason::SensorStale,
+            building,
+            self.revision,
+        )
+    }
+
+    /// Takes in a command decided elsewhere (read back from the command topic: by this replica
+    /// before a restart, or by another replica). Newer sequences win; the reading behind it
+    /// counts as the latest reading if it is newer than ours.
+    pub fn observe(&mut self, command: LastCommand, reading: Option<Reading>) {
+        if self
+            .last_command
+            .is_none_or(|last| command.sequence > last.sequence)
+        {
+            self.last_command = Some(command);
+        }
+        if let Some(reading) = reading {
+            if self
+                .last_reading
+                .is_none_or(|last| reading.time > last.time)
+            {
+                self.last_reading = Some(reading);
+            }
+        }
+    }
+
+    fn evaluate(&mut self, reading: Reading) -> Option<Decision> {
+        let setpoint = self.setpoint.as_ref()?;
+        let (command, reason) = rule(setpoint, reading.temperature)?;
+        let building = setpoint.building_id.clone();
+        self.emit(command, reason, building, self.revision)
+    }
+
+    /// De-duplication: a command equal to the last one is not emitted.
+    fn emit(
+        &mut self,
+        command: HeaterCommand,
+        reason: CommandReason,
+        building_id: BuildingId,
+        setpoint_revision: i64,
+    ) -> Option<Decision> {
+        if self
+            .last_command
+            .is_some_and(|last| last.command == command)
+        {
+            return None;
+        }
+        let sequence = self.last_command.map_or(1, |last| last.sequence + 1);
+        self.last_command = Some(LastCommand { command, sequence });
+        Some(Decision {
+            command,
+            reason,
+            sequence,
+            building_id,
+            setpoint_revision,
+            reading: self.last_reading,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::SensorId;
+    use proptest::prelude::*;
+    use HeaterCommand::{Off, On};
+
+    fn band(desired: f64, up: f64, down: f64) -> Setpoint {
+        Setpoint::new(
+            SensorId::parse("s").unwrap(),
+            BuildingId::parse("b").unwrap(),
+            desired,
+            up,
+            down,
+        )
+        .unwrap()
+    }
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
+    }
+
+    fn reading(temperature: f64, seconds: i64) -> Reading {
+        Reading {
+            temperature: Celsius::new(temperature).unwrap(),
+            time: at(seconds),
+        }
+    }
+
+    const STALE: TimeDelta = TimeDelta::minutes(5);
+
+    fn controlled(desired: f64, up: f64, down: f64) -> SensorControl {
+        let mut s = SensorControl::default();
+        assert_eq!(
+            s.on_setpoint(1, Some(band(desired, up, down)), at(0), STALE),
+            None
+        );
+        s
+    }
+
+    fn command_of(outcome: ReadingOutcome) -> Option<HeaterCommand> {
+        match outcome {
+            ReadingOutcome::Applied(d) => d.map(|d| d.command),
+            ReadingOutcome::OutOfOrder => panic!("unexpected out-of-order"),
+        }
+    }
+
+    /// The reference's behaviour, reading by reading: (temperature, expected emission).
+    #[test]
+    fn follows_the_reference_rule_with_dead_band_and_deduplication() {
+        // desired 20, up 1, down 2: OFF above 21, ON below 18, nothing in [18, 21].
+        let cases: &[(f64, Option<HeaterCommand>)] = &[
+            (20.0, None),      // dead band, no previous command: nothing
+            (21.0, None),      // boundary is inside the band (strict >)
+            (18.0, None),      // boundary is inside the band (strict <)
+            (17.9, Some(On)),  // too cold
+            (17.0, None),      // still too cold: same command, not repeated
+            (19.0, None),      // dead band: nothing, heater stays ON
+            (21.1, Some(Off)), // too hot
+            (25.0, None),      // still too hot: not repeated
+            (20.0, None),      // dead band
+            (10.0, Some(On)),
+            (30.0, Some(Off)),
+        ];
+        let mut s = controlled(20.0, 1.0, 2.0);
+        for (i, (t, expected)) in cases.iter().enumerate() {
+            let got = command_of(s.on_reading(reading(*t, i as i64)));
+            assert_eq!(got, *expected, "reading {t}");
+        }
+    }
+
+    #[test]
+    fn first_command_is_emitted_even_when_it_is_off() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        let ReadingOutcome::Applied(Some(d)) = s.on_reading(reading(25.0, 1)) else {
+            panic!("expected a decision")
+        };
+        assert_eq!(
+            (d.command, d.reason, d.sequence),
+            (Off, CommandReason::TooHot, 1)
+        );
+        assert_eq!(d.setpoint_revision, 1);
+        assert_eq!(d.building_id.as_str(), "b");
+    }
+
+    #[test]
+    fn no_setpoint_no_control() {
+        let mut s = SensorControl::default();
+        for (i, t) in [-40.0, 0.0, 99.0].into_iter().enumerate() {
+            assert_eq!(command_of(s.on_reading(reading(t, i as i64))), None);
+        }
+        assert_eq!(s.on_tick(at(100_000), STALE), None);
+        assert_eq!(s.last_reading(), Some(reading(99.0, 2)));
+    }
+
+    #[test]
+    fn a_stale_reading_never_flips_the_heater() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        assert_eq!(command_of(s.on_reading(reading(15.0, 10))), Some(On));
+        // An older, hot reading arrives late: ignored.
+        assert_eq!(s.on_reading(reading(30.0, 9)), ReadingOutcome::OutOfOrder);
+        assert_eq!(s.last_command().unwrap().command, On);
+        // Same timestamp is not older: applied.
+        assert_eq!(command_of(s.on_reading(reading(30.0, 10))), Some(Off));
+    }
+
+    #[test]
+    fn setpoint_change_re_evaluates_the_fresh_reading_at_once() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        assert_eq!(command_of(s.on_reading(reading(20.0, 10))), None);
+        // Raising the setpoint makes 20 too cold: ON without a new reading.
+        let d = s
+            .on_setpoint(2, Some(band(23.0, 1.0, 1.0)), at(20), STALE)
+            .unwrap();
+        assert_eq!(
+            (d.command, d.reason, d.setpoint_revision),
+            (On, CommandReason::TooCold, 2)
+        );
+        assert_eq!(d.reading, Some(reading(20.0, 10)));
+        // Older revisions arriving late are ignored.
+        assert_eq!(
+            s.on_setpoint(1, Some(band(10.0, 1.0, 1.0)), at(21), STALE),
+            None
+        );
+        assert_eq!(s.setpoint().unwrap().desired().value(), 23.0);
+    }
+
+    #[test]
+    fn setpoint_change_does_not_act_on_a_stale_reading() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.on_reading(reading(20.0, 0));
+        assert_eq!(
+            s.on_setpoint(2, Some(band(30.0, 1.0, 1.0)), at(301), STALE),
+            None
+        );
+    }
+
+    #[test]
+    fn deleting_the_setpoint_releases_a_heater_that_is_on() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        assert_eq!(command_of(s.on_reading(reading(10.0, 1))), Some(On));
+        let d = s.on_setpoint(2, None, at(2), STALE).unwrap();
+        assert_eq!(
+            (d.command, d.reason, d.sequence),
+            (Off, CommandReason::SetpointDeleted, 2)
+        );
+        assert_eq!(d.building_id.as_str(), "b");
+        // Uncontrolled now: readings decide nothing.
+        assert_eq!(command_of(s.on_reading(reading(0.0, 3))), None);
+        // A heater that was OFF is not told again.
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.on_reading(reading(30.0, 1));
+        assert_eq!(s.on_setpoint(2, None, at(2), STALE), None);
+        // Deleting an unknown setpoint does nothing.
+        assert_eq!(
+            SensorControl::default().on_setpoint(5, None, at(2), STALE),
+            None
+        );
+    }
+
+    #[test]
+    fn a_quiet_sensor_gets_off_once() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.on_reading(reading(10.0, 0));
+        assert_eq!(
+            s.on_tick(at(300), STALE),
+            None,
+            "exactly STALE_AFTER is not stale yet"
+        );
+        let d = s.on_tick(at(301), STALE).unwrap();
+        assert_eq!((d.command, d.reason), (Off, CommandReason::SensorStale));
+        assert_eq!(s.on_tick(at(400), STALE), None, "only once");
+        // The sensor comes back cold: ON again.
+        assert_eq!(command_of(s.on_reading(reading(10.0, 401))), Some(On));
+    }
+
+    #[test]
+    fn a_controlled_sensor_that_never_reported_goes_stale_from_when_control_began() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        assert_eq!(s.on_tick(at(300), STALE), None);
+        assert_eq!(s.on_tick(at(301), STALE).map(|d| d.command), Some(Off));
+    }
+
+    #[test]
+    fn observed_commands_continue_the_sequence_and_are_not_repeated() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.observe(
+            LastCommand {
+                command: On,
+                sequence: 7,
+            },
+            Some(reading(10.0, 5)),
+        );
+        // Older observation does not roll back.
+        s.observe(
+            LastCommand {
+                command: Off,
+                sequence: 3,
+            },
+            Some(reading(30.0, 1)),
+        );
+        assert_eq!(
+            s.last_command(),
+            Some(LastCommand {
+                command: On,
+                sequence: 7
+            })
+        );
+        assert_eq!(s.last_reading(), Some(reading(10.0, 5)));
+        // The same state again: nothing. A change: sequence 8.
+        assert_eq!(command_of(s.on_reading(reading(10.0, 6))), None);
+        let ReadingOutcome::Applied(Some(d)) = s.on_reading(reading(30.0, 7)) else {
+            panic!()
+        };
+        assert_eq!((d.command, d.sequence), (Off, 8));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        Reading(f64, i64),
+        Setpoint(Option<(f64, f64, f64)>),
+        Tick(i64),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            4 => (-60.0..110.0f64, 0i64..2000).prop_map(|(t, s)| Event::Reading(t, s)),
+            1 => proptest::option::of((-50.0..100.0f64, 0.0..20.0f64, 0.0..20.0f64))
+                .prop_map(Event::Setpoint),
+            1 => (0i64..3000).prop_map(Event::Tick),
+        ]
+    }
+
+    /// A line-by-line port of the reference's `processElement1`, as a test oracle:
+    /// 1 = OFF, 0 = ON, -1 = nothing; emit when the action differs from the previous one.
+    fn reference(desired: f64, up: f64, down: f64, temperatures: &[f64]) -> Vec<HeaterCommand> {
+        let mut previous = -1;
+        let mut out = Vec::new();
+        for &t in temperatures {
+            let action = if t > desired + up {
+                1
+            } else if t < desired - down {
+                0
+            } else {
+                -1
+            };
+            if action >= 0 && previous != action {
+                previous = action;
+                out.push(if action == 1 { Off } else { On });
+            }
+        }
+        out
+    }
+
+    proptest! {
+        /// With in-order readings and one setpoint, the loop emits exactly what the reference
+        /// Flink job emits.
+        #[test]
+        fn matches_the_reference_job(
+            desired in -50.0..100.0f64,
+            up in 0.0..20.0f64,
+            down in 0.0..20.0f64,
+            temperatures in proptest::collection::vec(-60.0..110.0f64, 0..100),
+        ) {
+            let mut s = controlled(desired, up, down);
+            let ours: Vec<_> = temperatures
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| command_of(s.on_reading(reading(*t, i as i64))))
+                .collect();
+            prop_assert_eq!(ours, reference(desired, up, down, &temperatures));
+        }
+
+        /// Whatever happens, a command is never emitted twice in a row for a sensor, sequences
+        /// count up by one, and every ON/OFF matches the rule or a fail-safe.
+        #[test]
+        fn commands_alternate_and_sequences_count_up(events in proptest::collection::vec(event(), 1..200)) {
+            let mut s = SensorControl::default();
+            let mut revision = 0;
+            let mut emitted: Vec<Decision> = Vec::new();
+            for e in events {
+                let decision = match e {
+                    Event::Reading(t, secs) => match s.on_reading(reading(t, secs)) {
+                        ReadingOutcome::Applied(d) => d,
+                        ReadingOutcome::OutOfOrder => None,
+                    },
+                    Event::Setpoint(values) => {
+                        revision += 1;
+                        let sp = values.map(|(d, u, w)| band(d, u, w));
+                        s.on_setpoint(revision, sp, at(1000), STALE)
+                    }
+                    Event::Tick(secs) => s.on_tick(at(secs), STALE),
+                };
+                if let Some(d) = decision {
+                    match d.reason {
+                        CommandReason::TooCold => prop_assert_eq!(d.command, On),
+                        _ => prop_assert_eq!(d.command, Off),
+                    }
+                    emitted.push(d);
+                }
+            }
+            for pair in emitted.windows(2) {
+                prop_assert_ne!(pair[0].command, pair[1].command);
+                prop_assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+            }
+            if let Some(first) = emitted.first() {
+                prop_assert_eq!(first.sequence, 1);
+            }
+        }
+    }
+}
