@@ -60,10 +60,72 @@ pub struct DatabaseConfig {
     pub database_acquire_timeout: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SensorFormat {
+    /// `thermostat.v1.SensorReading`, protobuf-encoded.
+    Protobuf,
+    /// `{"sensor_id": "…", "temperature_celsius": 21.5, "reading_time": "RFC 3339"}`.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+    /// Topic the sensor readings are consumed from (key = sensor_id).
+    #[arg(long, env = "SENSOR_TOPIC", default_value = "sensor-readings")]
+    pub sensor_topic: String,
+    /// Encoding of the records on the sensor topic.
+    #[arg(long, env = "SENSOR_FORMAT", value_enum, default_value_t = SensorFormat::Protobuf)]
+    pub sensor_format: SensorFormat,
+    /// Topic heater commands are produced to (key = sensor_id).
+    #[arg(long, env = "COMMAND_TOPIC", default_value = "heater-commands")]
+    pub command_topic: String,
+    /// Topic bad sensor records are moved to, with the reason in a header.
+    #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "sensor-readings-dlq")]
+    pub dead_letter_topic: String,
+    /// Consumer group shared by all replicas for the sensor topic.
+    #[arg(long, env = "CONSUMER_GROUP", default_value = "thermostat")]
+    pub consumer_group: String,
+    /// How long the broker may hold a fetch waiting for data: the latency floor of the loop.
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MAX", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub kafka_fetch_wait_max: Duration,
+    /// Most records per produce batch. 1 works around Tansu 0.6, whose memory storage cannot
+    /// serve a fetch that starts inside a batch; raise it (e.g. 10000) on Apache Kafka.
+    #[arg(long, env = "KAFKA_BATCH_NUM_MESSAGES", default_value_t = 1)]
+    pub kafka_batch_num_messages: u32,
+    /// How long the producer waits to batch commands before sending.
+    #[arg(long, env = "KAFKA_LINGER", default_value = "1ms", value_parser = humantime::parse_duration)]
+    pub kafka_linger: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControlConfig {
+    /// A controlled sensor with no reading for this long gets OFF (the fail-safe); also, a
+    /// setpoint change re-evaluates only readings younger than this.
+    #[arg(long, env = "STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
+    /// How often sensors are checked for staleness.
+    #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub stale_check_interval: Duration,
+    /// How often the setpoint cache is re-read in full, besides LISTEN/NOTIFY updates.
+    #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub setpoint_resync_interval: Duration,
+    /// Commands a subscriber may fall behind by before its stream is ended with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SUBSCRIBER_BUFFER", default_value_t = 1024)]
+    pub subscriber_buffer: usize,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     #[command(flatten)]
     pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub control: ControlConfig,
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,

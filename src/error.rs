@@ -21,6 +21,10 @@ pub enum Error {
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
 
+    /// The service is stopping; the caller should retry on another replica.
+    #[error("shutting down")]
+    ShuttingDown,
+
     /// Anything else: a bug or an unexpected database failure. Logged, never shown in detail.
     #[error("internal error: {0}")]
     Internal(String),

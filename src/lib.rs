@@ -1,7 +1,8 @@
 //! thermostat: a gRPC control plane that joins temperature setpoints (PostgreSQL) with sensor
 //! readings and decides heater commands.
 //!
-//! Layout: `domain` (validated values and rules, no I/O), `store` (SQL), `api` (gRPC), `config`,
+//! Layout: `domain` (validated values and rules, no I/O), `store` (SQL), `stream` (Kafka), `api`
+//! (gRPC), `config`,
 //! `telemetry`, and `startup` which wires them into an [`Application`].
 
 pub mod api;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod proto;
 pub mod startup;
 pub mod store;
+pub mod stream;
 pub mod telemetry;
 
 pub use error::Error;

@@ -10,10 +10,12 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
-use crate::api::{self, health, SetpointApi};
+use crate::api::{self, health, HeaterApi, SetpointApi};
 use crate::config::ServeConfig;
+use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::store::Store;
+use crate::stream::{self, ControlHandle, StreamError};
 
 /// HTTP/2 keepalive: detects vanished clients (and their streams) within about 30 s.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
@@ -35,23 +37,47 @@ pub enum StartupError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
-    #[error("background task {0} stopped unexpectedly")]
+    #[error("control loop")]
+    Stream(#[from] StreamError),
+    #[error("{0} stopped unexpectedly")]
     TaskDied(&'static str),
 }
 
-/// The service, built and bound but not yet serving.
+/// The service, built, bound and with its control loop running, but not yet serving gRPC.
 pub struct Application {
     config: ServeConfig,
     store: Store,
     incoming: TcpIncoming,
     local_addr: SocketAddr,
+    control: ControlHandle,
+    tasks: JoinSet<Result<(), StreamError>>,
+    /// Stops every task; cancelled when the caller's shutdown token is.
+    stop: CancellationToken,
 }
 
 impl Application {
-    /// Connects to the database, applies migrations and binds the gRPC port.
+    /// Connects to the database, applies migrations, binds the gRPC port and starts the control
+    /// loop (which first recovers the last commands and loads the setpoint cache).
     pub async fn build(config: ServeConfig) -> Result<Self, StartupError> {
         let store = Store::connect_lazy(&config.database).map_err(StartupError::DatabaseUrl)?;
         store.migrate().await?;
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let started = stream::start(
+            &config.kafka,
+            &config.control,
+            store.clone(),
+            &mut tasks,
+            stop.clone(),
+        )
+        .await;
+        let control = match started {
+            Ok(control) => control,
+            Err(e) => {
+                stop.cancel();
+                return Err(e.into());
+            }
+        };
         let bind_error = |source| StartupError::Bind {
             addr: config.grpc_addr,
             source,
@@ -63,6 +89,9 @@ impl Application {
             store,
             incoming,
             local_addr,
+            control,
+            tasks,
+            stop,
         })
     }
 
@@ -71,35 +100,47 @@ impl Application {
         self.local_addr
     }
 
-    /// Serves until `shutdown` is cancelled, then stops gracefully: health turns NOT_SERVING,
-    /// no new connections are accepted, and in-flight calls get `SHUTDOWN_TIMEOUT` to finish.
+    /// Counters of the control loop.
+    pub fn control(&self) -> &ControlHandle {
+        &self.control
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops within `SHUTDOWN_TIMEOUT`: health turns
+    /// NOT_SERVING, no new connections are accepted, subscriber streams end with UNAVAILABLE,
+    /// consuming stops, outstanding commands are acknowledged and their offsets committed, and
+    /// the producer is flushed.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartupError> {
         let Self {
             config,
             store,
             incoming,
             local_addr,
+            control,
+            mut tasks,
+            stop,
         } = self;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not ready until the first database probe succeeds.
         health::set_all(&reporter, ServingStatus::NotServing).await;
         let (reflection_v1, reflection_v1alpha) = api::reflection_services()?;
 
-        let mut tasks = JoinSet::new();
-        tasks.spawn(health::monitor_database(
-            reporter.clone(),
-            store.clone(),
-            config.health_check_interval,
-            shutdown.clone(),
-        ));
+        {
+            let (reporter, store, stop) = (reporter.clone(), store.clone(), stop.clone());
+            let interval = config.health_check_interval;
+            tasks.spawn(async move {
+                health::monitor_database(reporter, store, interval, stop).await;
+                Ok(())
+            });
+        }
 
         let stop_accepting = {
-            let shutdown = shutdown.clone();
+            let stop = stop.clone();
             async move {
-                shutdown.cancelled().await;
+                stop.cancelled().await;
                 health::set_all(&reporter, ServingStatus::NotServing).await;
             }
         };
+        let heater_api = HeaterApi::new(control.clone(), store.clone(), stop.clone());
         let server = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -108,29 +149,63 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(SetpointServiceServer::new(SetpointApi::new(store)))
+            .add_service(HeaterControlServiceServer::new(heater_api))
             .serve_with_incoming_shutdown(incoming, stop_accepting);
         tracing::info!(addr = %local_addr, "serving gRPC");
 
         let mut server = std::pin::pin!(server);
-        tokio::select! {
-            result = &mut server => {
-                // The server stopped on its own: an error, since only `shutdown` should stop it.
-                result?;
-                return Err(StartupError::TaskDied("gRPC server"));
-            }
-            Some(_) = tasks.join_next() => {
-                shutdown.cancel();
-                return Err(StartupError::TaskDied("health monitor"));
-            }
-            _ = shutdown.cancelled() => {}
+        let failure = tokio::select! {
+            result = &mut server => Some(match result {
+                Err(e) => StartupError::Serve(e),
+                Ok(()) => StartupError::TaskDied("gRPC server"),
+            }),
+            Some(ended) = tasks.join_next() => Some(match ended {
+                Ok(Err(e)) => StartupError::Stream(e),
+                _ => StartupError::TaskDied("control loop task"),
+            }),
+            _ = shutdown.cancelled() => None,
+            _ = stop.cancelled() => None,
+        };
+        stop.cancel();
+        if let Some(failure) = failure {
+            // A half-alive process is worse than a restart: stop everything and report.
+            tracing::error!(error = %error_chain(&failure), "stopping");
+            tasks.shutdown().await;
+            return Err(failure);
         }
+
         tracing::info!(budget = ?config.shutdown_timeout, "shutting down");
-        match tokio::time::timeout(config.shutdown_timeout, server).await {
-            Ok(result) => result?,
-            Err(_) => tracing::warn!("in-flight calls did not finish within the shutdown budget"),
+        let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+        let drained = tokio::time::timeout_at(deadline, async {
+            let served = server.await;
+            while let Some(ended) = tasks.join_next().await {
+                if let Ok(Err(e)) = ended {
+                    tracing::error!(error = %error_chain(&e), "task failed while stopping");
+                }
+            }
+            served
+        })
+        .await;
+        match drained {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!("shutdown budget exceeded; abandoning what is left"),
         }
-        while tasks.join_next().await.is_some() {}
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let flushing = control.clone();
+        let _ = tokio::task::spawn_blocking(move || flushing.flush(remaining)).await;
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// An error with its causes, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

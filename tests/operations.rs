@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_database, eventually, serve_config, PgCluster, TestApp};
+use common::{create_database, eventually, PgCluster, TestApp};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -32,7 +32,9 @@ async fn becomes(app: &TestApp, status: ServingStatus) -> bool {
 #[tokio::test]
 async fn health_is_not_serving_while_the_database_is_down() {
     let cluster = PgCluster::start();
-    let app = TestApp::spawn_with(serve_config(create_database(&cluster.admin_url).await)).await;
+    let mut config = TestApp::fresh_config().await;
+    config.database.database_url = create_database(&cluster.admin_url).await;
+    let app = TestApp::spawn_with(config).await;
     assert!(
         becomes(&app, ServingStatus::Serving).await,
         "never became SERVING"
@@ -107,7 +109,11 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     let app = TestApp::spawn().await;
     let addr = app.addr.to_string();
     let services = grpcurl(&["-plaintext", &addr, "list"]);
-    for service in ["thermostat.v1.SetpointService", "grpc.health.v1.Health"] {
+    for service in [
+        "thermostat.v1.SetpointService",
+        "thermostat.v1.HeaterControlService",
+        "grpc.health.v1.Health",
+    ] {
         assert!(
             services.lines().any(|l| l == service),
             "{service} missing from {services}"

@@ -10,7 +10,11 @@ use tonic_health::ServingStatus;
 use crate::store::Store;
 
 /// The names health is reported for: "" (the whole server) and each of our services.
-pub const SERVICE_NAMES: &[&str] = &["", "thermostat.v1.SetpointService"];
+pub const SERVICE_NAMES: &[&str] = &[
+    "",
+    "thermostat.v1.SetpointService",
+    "thermostat.v1.HeaterControlService",
+];
 
 /// Sets every name in [`SERVICE_NAMES`] to `status`.
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {

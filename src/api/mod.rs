@@ -2,14 +2,16 @@
 //! reflection. Handlers decode and validate requests, call the store or the control loop, and
 //! map errors with `?`.
 
-mod convert;
+pub mod convert;
 pub mod health;
+mod heater;
 mod page_token;
 mod setpoints;
 mod status;
 
 use tonic::Request;
 
+pub use heater::HeaterApi;
 pub use setpoints::SetpointApi;
 
 /// The identity recorded as `updated_by` and in history. Authentication does not exist yet, so

@@ -14,6 +14,7 @@ impl From<Error> for Status {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::new(Code::Unavailable, "database unavailable, retry later")
             }
+            Error::ShuttingDown => Status::unavailable("server shutting down, retry"),
             // The detail goes to the log, never to the caller: it may contain SQL or internals.
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
@@ -54,6 +55,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (Error::Internal("SELECT secret".into()), Code::Internal),
+            (Error::ShuttingDown, Code::Unavailable),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

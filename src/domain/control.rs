@@ -84,6 +84,9 @@ pub struct SensorControl {
     revision: i64,
     last_reading: Option<Reading>,
     last_command: Option<LastCommand>,
+    /// The building of the latest setpoint or observed command, kept after a deletion so the
+    /// releasing command can name it.
+    building_id: Option<BuildingId>,
     /// When the current setpoint was first applied: the staleness clock of a sensor that never
     /// sent a reading.
     controlled_since: Option<DateTime<Utc>>,
@@ -118,9 +121,10 @@ impl SensorControl {
         ReadingOutcome::Applied(self.evaluate(reading))
     }
 
-    /// Applies setpoint `revision` (`None`: deleted). Older revisions than the one applied are
-    /// ignored. A change re-evaluates the latest reading at once if it is fresh; a deletion
-    /// turns a heater that is ON off.
+    /// Applies setpoint `revision` (`None`: deleted) and decides at once (see [`reevaluate`]).
+    /// Revisions not newer than the one applied are ignored.
+    ///
+    /// [`reevaluate`]: Self::reevaluate
     pub fn on_setpoint(
         &mut self,
         revision: i64,
@@ -128,8 +132,23 @@ impl SensorControl {
         now: DateTime<Utc>,
         stale_after: TimeDelta,
     ) -> Option<Decision> {
+        if self.apply_setpoint(revision, setpoint, now) {
+            self.reevaluate(now, stale_after)
+        } else {
+            None
+        }
+    }
+
+    /// Records setpoint `revision` without deciding anything: for sensors another replica
+    /// controls. Returns whether it was newer than the one applied.
+    pub fn apply_setpoint(
+        &mut self,
+        revision: i64,
+        setpoint: Option<Setpoint>,
+        now: DateTime<Utc>,
+    ) -> bool {
         if revision <= self.revision {
-            return None;
+            return false;
         }
         self.revision = revision;
         match setpoint {
@@ -137,26 +156,36 @@ impl SensorControl {
                 if self.setpoint.is_none() {
                     self.controlled_since = Some(now);
                 }
+                self.building_id = Some(setpoint.building_id.clone());
                 self.setpoint = Some(setpoint);
-                let fresh = self
-                    .last_reading
-                    .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
-                self.evaluate(fresh)
             }
             None => {
-                let released = self.setpoint.take()?;
+                self.setpoint = None;
                 self.controlled_since = None;
-                if self.last_command?.command != HeaterCommand::On {
-                    return None;
-                }
-                self.emit(
-                    HeaterCommand::Off,
-                    CommandReason::SetpointDeleted,
-                    released.building_id,
-                    revision,
-                )
             }
         }
+        true
+    }
+
+    /// Decides on the current setpoint without a new reading: the latest reading is evaluated
+    /// if it is fresh, and a heater left ON without a setpoint is released.
+    pub fn reevaluate(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+        if self.setpoint.is_some() {
+            let fresh = self
+                .last_reading
+                .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
+            return self.evaluate(fresh);
+        }
+        if self.last_command?.command != HeaterCommand::On {
+            return None;
+        }
+        let building = self.building_id.clone()?;
+        self.emit(
+            HeaterCommand::Off,
+            CommandReason::SetpointDeleted,
+            building,
+            self.revision,
+        )
     }
 
     /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
@@ -181,7 +210,15 @@ impl SensorControl {
     /// Takes in a command decided elsewhere (read back from the command topic: by this replica
     /// before a restart, or by another replica). Newer sequences win; the reading behind it
     /// counts as the latest reading if it is newer than ours.
-    pub fn observe(&mut self, command: LastCommand, reading: Option<Reading>) {
+    pub fn observe(
+        &mut self,
+        command: LastCommand,
+        building_id: BuildingId,
+        reading: Option<Reading>,
+    ) {
+        if self.building_id.is_none() {
+            self.building_id = Some(building_id);
+        }
         if self
             .last_command
             .is_none_or(|last| command.sequence > last.sequence)
@@ -418,11 +455,13 @@ mod tests {
     #[test]
     fn observed_commands_continue_the_sequence_and_are_not_repeated() {
         let mut s = controlled(20.0, 1.0, 1.0);
+        let b = BuildingId::parse("b").unwrap();
         s.observe(
             LastCommand {
                 command: On,
                 sequence: 7,
             },
+            b.clone(),
             Some(reading(10.0, 5)),
         );
         // Older observation does not roll back.
@@ -431,6 +470,7 @@ mod tests {
                 command: Off,
                 sequence: 3,
             },
+            b,
             Some(reading(30.0, 1)),
         );
         assert_eq!(
@@ -447,6 +487,40 @@ mod tests {
             panic!()
         };
         assert_eq!((d.command, d.sequence), (Off, 8));
+    }
+
+    #[test]
+    fn an_observed_heater_left_on_without_a_setpoint_is_released_on_reevaluation() {
+        let mut s = SensorControl::default();
+        let b = BuildingId::parse("b7").unwrap();
+        s.observe(
+            LastCommand {
+                command: On,
+                sequence: 3,
+            },
+            b,
+            None,
+        );
+        let d = s.reevaluate(at(0), STALE).unwrap();
+        assert_eq!(
+            (d.command, d.reason, d.sequence),
+            (Off, CommandReason::SetpointDeleted, 4)
+        );
+        assert_eq!(d.building_id.as_str(), "b7");
+        assert_eq!(s.reevaluate(at(1), STALE), None);
+    }
+
+    #[test]
+    fn apply_setpoint_tracks_without_deciding() {
+        let mut s = SensorControl::default();
+        s.on_reading(reading(10.0, 0));
+        assert!(s.apply_setpoint(1, Some(band(20.0, 1.0, 1.0)), at(1)));
+        assert_eq!(s.last_command(), None);
+        assert!(
+            !s.apply_setpoint(1, None, at(2)),
+            "same revision again is ignored"
+        );
+        assert_eq!(s.reevaluate(at(2), STALE).map(|d| d.command), Some(On));
     }
 
     #[derive(Debug, Clone)]

@@ -29,6 +29,15 @@ impl PutOutcome {
     }
 }
 
+/// The current version of a sensor's setpoint, for the control loop's cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetpointVersion {
+    pub sensor_id: SensorId,
+    pub revision: i64,
+    /// `None` when the latest revision is a deletion.
+    pub setpoint: Option<Setpoint>,
+}
+
 /// One change in a sensor's history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryEntry {
@@ -63,6 +72,26 @@ impl SetpointRow {
         } else {
             self.revision
         }
+    }
+
+    fn into_version(self) -> Result<SetpointVersion> {
+        let setpoint = (!self.deleted)
+            .then(|| {
+                stored_setpoint(
+                    &self.sensor_id,
+                    &self.building_id,
+                    self.desired_celsius,
+                    self.up_delta_celsius,
+                    self.down_delta_celsius,
+                )
+            })
+            .transpose()?;
+        Ok(SetpointVersion {
+            sensor_id: SensorId::parse(self.sensor_id)
+                .map_err(|e| Error::Internal(format!("stored sensor id: {e}")))?,
+            revision: self.revision,
+            setpoint,
+        })
     }
 
     fn into_stored(self) -> Result<StoredSetpoint> {
@@ -331,6 +360,21 @@ impl Store {
             return Err(not_found(sensor_id));
         }
         rows.into_iter().map(HistoryRow::into_entry).collect()
+    }
+
+    /// Every sensor's current version, deletions included: the control loop's full resync.
+    pub async fn setpoint_versions(&self) -> Result<Vec<SetpointVersion>> {
+        let sql = format!("SELECT {SETPOINT_COLUMNS} FROM setpoints");
+        let rows: Vec<SetpointRow> = sqlx::query_as(&sql).fetch_all(self.pool()).await?;
+        rows.into_iter().map(SetpointRow::into_version).collect()
+    }
+
+    /// One sensor's current version, or `None` if it never had a setpoint.
+    pub async fn setpoint_version(&self, sensor_id: &SensorId) -> Result<Option<SetpointVersion>> {
+        self.setpoint_row(sensor_id)
+            .await?
+            .map(SetpointRow::into_version)
+            .transpose()
     }
 
     async fn setpoint_row(&self, sensor_id: &SensorId) -> Result<Option<SetpointRow>> {

@@ -1,6 +1,9 @@
 //! Shared test harness: starts the service on a free port against its own fresh database on the
-//! shared PostgreSQL cluster that `scripts/test.sh` started (`THERMOSTAT_TEST_PG_URL`).
+//! shared PostgreSQL cluster and its own fresh topics on the shared broker, both started by
+//! `scripts/test.sh` (`THERMOSTAT_TEST_PG_URL`, `THERMOSTAT_TEST_BROKERS`).
 #![allow(dead_code)]
+
+pub mod kafka;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,12 +15,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use thermostat::config::{DatabaseConfig, ServeConfig};
+use thermostat::config::{ControlConfig, DatabaseConfig, KafkaConfig, SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
+use thermostat::stream::ControlHandle;
 use thermostat::Application;
 
-fn env(name: &str) -> String {
+pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests with scripts/test.sh, which starts the servers")
     })
@@ -46,12 +50,29 @@ pub async fn create_database(admin_url: &str) -> String {
     format!("{base}/{name}")
 }
 
-pub fn serve_config(database_url: String) -> ServeConfig {
+pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig {
     ServeConfig {
         database: DatabaseConfig {
             database_url,
             database_max_connections: 10,
             database_acquire_timeout: Duration::from_secs(2),
+        },
+        kafka: KafkaConfig {
+            kafka_brokers: kafka::brokers(),
+            sensor_topic: topics.sensors.clone(),
+            sensor_format: SensorFormat::Protobuf,
+            command_topic: topics.commands.clone(),
+            dead_letter_topic: topics.dead_letters.clone(),
+            consumer_group: topics.group.clone(),
+            kafka_fetch_wait_max: Duration::from_millis(10),
+            kafka_batch_num_messages: 1,
+            kafka_linger: Duration::from_millis(1),
+        },
+        control: ControlConfig {
+            stale_after: Duration::from_secs(300),
+            stale_check_interval: Duration::from_millis(200),
+            setpoint_resync_interval: Duration::from_secs(300),
+            subscriber_buffer: 1024,
         },
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         health_check_interval: Duration::from_millis(200),
@@ -63,26 +84,36 @@ pub fn serve_config(database_url: String) -> ServeConfig {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub database_url: String,
+    pub config: ServeConfig,
+    pub control: ControlHandle,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), thermostat::StartupError>>,
 }
 
 impl TestApp {
-    /// Starts the service against a fresh database on the shared test cluster.
+    /// Starts the service against a fresh database and fresh topics.
     pub async fn spawn() -> Self {
+        Self::spawn_with(Self::fresh_config().await).await
+    }
+
+    /// A configuration with a fresh database and fresh topics (2 sensor partitions).
+    pub async fn fresh_config() -> ServeConfig {
         let database_url = create_database(&env("THERMOSTAT_TEST_PG_URL")).await;
-        Self::spawn_with(serve_config(database_url)).await
+        serve_config(database_url, &kafka::Topics::create(2).await)
     }
 
     pub async fn spawn_with(config: ServeConfig) -> Self {
         let database_url = config.database.database_url.clone();
-        let app = Application::build(config).await.expect("build app");
+        let app = Application::build(config.clone()).await.expect("build app");
         let addr = app.local_addr();
+        let control = app.control().clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
             addr,
             database_url,
+            config,
+            control,
             shutdown,
             task,
         }
@@ -98,6 +129,21 @@ impl TestApp {
 
     pub async fn setpoints(&self) -> SetpointServiceClient<Channel> {
         SetpointServiceClient::new(self.channel().await)
+    }
+
+    pub async fn heaters(
+        &self,
+    ) -> thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient<Channel>
+    {
+        thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient::new(
+            self.channel().await,
+        )
+    }
+
+    /// Simulates a crash: the service stops at once, without committing or flushing.
+    pub async fn crash(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
     }
 
     pub async fn db(&self) -> PgConnection {

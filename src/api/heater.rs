@@ -1,0 +1,186 @@
+//! `thermostat.v1.HeaterControlService`: live heater commands and per-sensor state.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::convert::{setpoint_to_proto, timestamp};
+use crate::domain::{BuildingId, SensorId, ValidationError};
+use crate::error::{Error, Result};
+use crate::proto::v1 as pb;
+use crate::store::Store;
+use crate::stream::engine::Filter;
+use crate::stream::ControlHandle;
+
+pub struct HeaterApi {
+    control: ControlHandle,
+    store: Store,
+    shutdown: CancellationToken,
+}
+
+impl HeaterApi {
+    pub fn new(control: ControlHandle, store: Store, shutdown: CancellationToken) -> Self {
+        Self {
+            control,
+            store,
+            shutdown,
+        }
+    }
+
+    async fn state(&self, req: pb::GetSensorStateRequest) -> Result<pb::SensorState> {
+        let sensor = SensorId::parse(req.sensor_id)?;
+        let setpoint = match self.store.get_setpoint(&sensor).await {
+            Ok(stored) => Some(setpoint_to_proto(&stored)),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let view = self
+            .control
+            .sensor(sensor.clone())
+            .await
+            .ok_or(Error::ShuttingDown)?;
+        if setpoint.is_none() && view.last_reading.is_none() && view.last_command.is_none() {
+            return Err(Error::NotFound {
+                kind: "sensor",
+                id: sensor.to_string(),
+            });
+        }
+        Ok(pb::SensorState {
+            sensor_id: sensor.to_string(),
+            setpoint,
+            last_reading: view.last_reading.map(|r| pb::SensorReading {
+                sensor_id: sensor.to_string(),
+                temperature_celsius: r.temperature.value(),
+                reading_time: Some(timestamp(r.time)),
+            }),
+            last_command: view.last_command.map(|e| (*e).clone()),
+        })
+    }
+
+    async fn subscribe(&self, req: pb::SubscribeHeaterCommandsRequest) -> Result<EventStream> {
+        let sensors = req
+            .sensor_ids
+            .into_iter()
+            .map(|id| {
+                SensorId::parse(id).map_err(|e| ValidationError::new("sensor_ids", e.message))
+            })
+            .collect::<Result<_, _>>()?;
+        let building = match req.building_id.as_str() {
+            "" => None,
+            id => Some(BuildingId::parse(id)?),
+        };
+        let filter = Filter { sensors, building };
+        // Subscribe before taking the snapshot, so no command falls between the two; the
+        // overlap is removed by sequence number.
+        let live = self.control.subscribe();
+        let snapshot = if req.send_initial_state {
+            self.control
+                .snapshot(filter.clone())
+                .await
+                .ok_or(Error::ShuttingDown)?
+        } else {
+            Vec::new()
+        };
+        let subscription = Subscription {
+            delivered: snapshot
+                .iter()
+                .map(|e| (e.sensor_id.clone(), e.sequence))
+                .collect(),
+            snapshot: snapshot.into_iter(),
+            live,
+            filter,
+            shutdown: self.shutdown.clone(),
+            ended: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            subscription,
+            Subscription::next,
+        )))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Status>> + Send>>;
+
+/// One subscriber's stream. It reads the shared broadcast only when the client reads, so a slow
+/// client costs nothing but its place in the broadcast buffer; once it falls further behind
+/// than the buffer, it is ended with RESOURCE_EXHAUSTED.
+struct Subscription {
+    snapshot: std::vec::IntoIter<Arc<pb::HeaterCommandEvent>>,
+    live: broadcast::Receiver<Arc<pb::HeaterCommandEvent>>,
+    filter: Filter,
+    /// The highest sequence sent per sensor: drops the snapshot overlap and re-deliveries.
+    delivered: HashMap<String, u64>,
+    shutdown: CancellationToken,
+    ended: bool,
+}
+
+impl Subscription {
+    async fn next(mut self) -> Option<(Result<pb::HeaterCommandEvent, Status>, Self)> {
+        if self.ended {
+            return None;
+        }
+        if let Some(event) = self.snapshot.next() {
+            let event = pb::HeaterCommandEvent {
+                snapshot: true,
+                ..(*event).clone()
+            };
+            return Some((Ok(event), self));
+        }
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => {
+                    self.ended = true;
+                    let status = Status::unavailable("server shutting down; subscribe again");
+                    return Some((Err(status), self));
+                }
+                received = self.live.recv() => received,
+            };
+            match received {
+                Ok(event) => {
+                    if !self.filter.matches(&event) {
+                        continue;
+                    }
+                    let last = self.delivered.entry(event.sensor_id.clone()).or_default();
+                    if event.sequence <= *last {
+                        continue;
+                    }
+                    *last = event.sequence;
+                    return Some((Ok((*event).clone()), self));
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    self.ended = true;
+                    let status = Status::resource_exhausted(format!(
+                        "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"
+                    ));
+                    return Some((Err(status), self));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
+    type SubscribeHeaterCommandsStream = EventStream;
+
+    async fn subscribe_heater_commands(
+        &self,
+        request: Request<pb::SubscribeHeaterCommandsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Ok(Response::new(self.subscribe(request.into_inner()).await?))
+    }
+
+    async fn get_sensor_state(
+        &self,
+        request: Request<pb::GetSensorStateRequest>,
+    ) -> Result<Response<pb::SensorState>, Status> {
+        Ok(Response::new(self.state(request.into_inner()).await?))
+    }
+}

@@ -1,0 +1,327 @@
+//! Bytes on Kafka to domain values and back. Every way a sensor record can be bad has a
+//! [`DeadLetter`] reason, which goes into the dead-letter record's header.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use prost::Message;
+use serde::Deserialize;
+
+use crate::api::convert::timestamp;
+use crate::config::SensorFormat;
+use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
+use crate::domain::{Celsius, SensorId};
+use crate::proto::v1 as pb;
+
+/// Readings stamped further in the future than this are rejected: accepting one would make every
+/// correct reading after it look out of order.
+pub const MAX_CLOCK_SKEW: TimeDelta = TimeDelta::minutes(5);
+
+/// Why a sensor record was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeadLetter {
+    #[error("undecodable: {0}")]
+    Undecodable(String),
+    #[error("invalid sensor_id: {0}")]
+    InvalidSensorId(String),
+    #[error("record key {key:?} differs from sensor_id {sensor_id:?}")]
+    KeyMismatch { key: String, sensor_id: String },
+    #[error("temperature_celsius is not a finite number")]
+    NonFiniteTemperature,
+    #[error("reading has no reading_time and the record no timestamp")]
+    MissingTime,
+    #[error("reading_time {0} is in the future")]
+    FutureTime(DateTime<Utc>),
+}
+
+impl DeadLetter {
+    /// A stable, low-cardinality code: the header value and the metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeadLetter::Undecodable(_) => "undecodable",
+            DeadLetter::InvalidSensorId(_) => "invalid_sensor_id",
+            DeadLetter::KeyMismatch { .. } => "key_mismatch",
+            DeadLetter::NonFiniteTemperature => "non_finite_temperature",
+            DeadLetter::MissingTime => "missing_time",
+            DeadLetter::FutureTime(_) => "future_time",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct JsonReading {
+    sensor_id: String,
+    temperature_celsius: f64,
+    reading_time: Option<String>,
+}
+
+/// Decodes and validates one sensor record.
+///
+/// `record_time` is the Kafka record timestamp, used when the reading carries no time.
+pub fn decode_reading(
+    format: SensorFormat,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    record_time: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(SensorId, Reading), DeadLetter> {
+    let (sensor_id, temperature, time) = match format {
+        SensorFormat::Protobuf => {
+            let r = pb::SensorReading::decode(payload)
+                .map_err(|e| DeadLetter::Undecodable(e.to_string()))?;
+            let time = r
+                .reading_time
+                .map(|t| {
+                    u32::try_from(t.nanos)
+                        .ok()
+                        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+                        .ok_or_else(|| DeadLetter::Undecodable("reading_time out of range".into()))
+                })
+                .transpose()?;
+            (r.sensor_id, r.temperature_celsius, time)
+        }
+        SensorFormat::Json => {
+            let r: JsonReading = serde_json::from_slice(payload)
+                .map_err(|e| DeadLetter::Undecodable(e.to_string()))?;
+            let time = r
+                .reading_time
+                .map(|t| {
+                    DateTime::parse_from_rfc3339(&t)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|e| DeadLetter::Undecodable(format!("reading_time: {e}")))
+                })
+                .transpose()?;
+            (r.sensor_id, r.temperature_celsius, time)
+        }
+    };
+    let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
+    if let Some(key) = key {
+        if key != sensor.as_str().as_bytes() {
+            return Err(DeadLetter::KeyMismatch {
+                key: String::from_utf8_lossy(key).into_owned(),
+                sensor_id: sensor.to_string(),
+            });
+        }
+    }
+    let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
+    let time = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
+    if time > now + MAX_CLOCK_SKEW {
+        return Err(DeadLetter::FutureTime(time));
+    }
+    Ok((sensor, Reading { temperature, time }))
+}
+
+fn command_to_proto(command: HeaterCommand) -> pb::HeaterCommand {
+    match command {
+        HeaterCommand::On => pb::HeaterCommand::On,
+        HeaterCommand::Off => pb::HeaterCommand::Off,
+    }
+}
+
+fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
+    match reason {
+        CommandReason::TooCold => pb::CommandReason::TooCold,
+        CommandReason::TooHot => pb::CommandReason::TooHot,
+        CommandReason::SetpointDeleted => pb::CommandReason::SetpointDeleted,
+        CommandReason::SensorStale => pb::CommandReason::SensorStale,
+    }
+}
+
+/// The event announcing `decision` for `sensor`.
+pub fn command_event(
+    sensor: &SensorId,
+    decision: &Decision,
+    decided_at: DateTime<Utc>,
+) -> pb::HeaterCommandEvent {
+    pb::HeaterCommandEvent {
+        sensor_id: sensor.to_string(),
+        building_id: decision.building_id.to_string(),
+        command: command_to_proto(decision.command).into(),
+        reason: reason_to_proto(decision.reason).into(),
+        setpoint_revision: decision.setpoint_revision,
+        temperature_celsius: decision.reading.map_or(0.0, |r| r.temperature.value()),
+        reading_time: decision.reading.map(|r| timestamp(r.time)),
+        decided_at: Some(timestamp(decided_at)),
+        sequence: decision.sequence,
+        snapshot: false,
+    }
+}
+
+/// What the loop needs from a command event read back from the topic; `None` for an event that
+/// is not a valid command (never written by thermostat).
+pub fn observed_command(
+    event: &pb::HeaterCommandEvent,
+) -> Option<(SensorId, LastCommand, Option<Reading>)> {
+    let sensor = SensorId::parse(event.sensor_id.as_str()).ok()?;
+    let command = match event.command() {
+        pb::HeaterCommand::On => HeaterCommand::On,
+        pb::HeaterCommand::Off => HeaterCommand::Off,
+        pb::HeaterCommand::Unspecified => return None,
+    };
+    let reading = event.reading_time.as_ref().and_then(|t| {
+        Some(Reading {
+            temperature: Celsius::new(event.temperature_celsius)?,
+            time: DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)?,
+        })
+    });
+    Some((
+        sensor,
+        LastCommand {
+            command,
+            sequence: event.sequence,
+        },
+        reading,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn proto(sensor: &str, t: f64, time: Option<DateTime<Utc>>) -> Vec<u8> {
+        pb::SensorReading {
+            sensor_id: sensor.into(),
+            temperature_celsius: t,
+            reading_time: time.map(timestamp),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn decodes_protobuf_and_json() {
+        let (id, r) = decode_reading(
+            SensorFormat::Protobuf,
+            Some(b"s1"),
+            &proto("s1", 20.5, Some(now())),
+            None,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            (id.as_str(), r.temperature.value(), r.time),
+            ("s1", 20.5, now())
+        );
+        let json = br#"{"sensor_id":"s1","temperature_celsius":21.5,"reading_time":"2027-01-15T08:00:00Z"}"#;
+        let (_, r) = decode_reading(SensorFormat::Json, None, json, None, now()).unwrap();
+        assert_eq!(r.time.to_rfc3339(), "2027-01-15T08:00:00+00:00");
+    }
+
+    #[test]
+    fn falls_back_to_the_record_timestamp() {
+        let (_, r) = decode_reading(
+            SensorFormat::Protobuf,
+            None,
+            &proto("s1", 20.0, None),
+            Some(now()),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.time, now());
+        let err = decode_reading(
+            SensorFormat::Protobuf,
+            None,
+            &proto("s1", 20.0, None),
+            None,
+            now(),
+        );
+        assert_eq!(err.unwrap_err(), DeadLetter::MissingTime);
+    }
+
+    #[test]
+    fn every_kind_of_bad_record_has_its_reason() {
+        let t = Some(now());
+        let cases: Vec<(SensorFormat, Option<&[u8]>, Vec<u8>, &str)> = vec![
+            (
+                SensorFormat::Protobuf,
+                None,
+                vec![0xff, 0xff, 0xff],
+                "undecodable",
+            ),
+            (
+                SensorFormat::Json,
+                None,
+                b"{not json".to_vec(),
+                "undecodable",
+            ),
+            (
+                SensorFormat::Json,
+                None,
+                br#"{"sensor_id":"s","temperature_celsius":"hot"}"#.to_vec(),
+                "undecodable",
+            ),
+            (
+                SensorFormat::Json,
+                None,
+                br#"{"sensor_id":"s","temperature_celsius":1,"reading_time":"yesterday"}"#.to_vec(),
+                "undecodable",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("bad id", 20.0, t),
+                "invalid_sensor_id",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("", 20.0, t),
+                "invalid_sensor_id",
+            ),
+            (
+                SensorFormat::Protobuf,
+                Some(b"other"),
+                proto("s1", 20.0, t),
+                "key_mismatch",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("s1", f64::NAN, t),
+                "non_finite_temperature",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("s1", f64::INFINITY, t),
+                "non_finite_temperature",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("s1", 20.0, Some(now() + TimeDelta::hours(1))),
+                "future_time",
+            ),
+        ];
+        for (format, key, payload, code) in cases {
+            let err = decode_reading(format, key, &payload, None, now()).unwrap_err();
+            assert_eq!(err.code(), code, "{err}");
+        }
+    }
+
+    #[test]
+    fn command_events_round_trip_to_observations() {
+        let decision = Decision {
+            command: HeaterCommand::On,
+            reason: CommandReason::TooCold,
+            sequence: 4,
+            building_id: crate::domain::BuildingId::parse("b").unwrap(),
+            setpoint_revision: 2,
+            reading: Some(Reading {
+                temperature: Celsius::new(17.0).unwrap(),
+                time: now(),
+            }),
+        };
+        let sensor = SensorId::parse("s1").unwrap();
+        let event = command_event(&sensor, &decision, now());
+        assert_eq!(event.command(), pb::HeaterCommand::On);
+        assert_eq!(event.reason(), pb::CommandReason::TooCold);
+        let (id, last, reading) = observed_command(&event).unwrap();
+        assert_eq!(
+            (id, last.command, last.sequence),
+            (sensor, HeaterCommand::On, 4)
+        );
+        assert_eq!(reading, decision.reading);
+    }
+}

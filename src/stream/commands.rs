@@ -1,0 +1,177 @@
+//! The command topic, read back by every replica from the beginning (no consumer group). It is
+//! the durable record of the last command per sensor: after a restart or a rebalance the engine
+//! learns from it what every heater was last told, and subscribers on any replica see commands
+//! decided on every replica.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Input, READING_PARTITION_HEADER};
+use super::StreamError;
+use crate::proto::v1 as pb;
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Next offset to read, per partition.
+type Positions = HashMap<i32, i64>;
+
+/// A handle to ask whether the follower has read everything written so far.
+#[derive(Clone)]
+pub struct Follower {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    positions: watch::Receiver<Positions>,
+}
+
+pub struct FollowerTask {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    positions: watch::Sender<Positions>,
+    engine: mpsc::Sender<Input>,
+    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
+}
+
+pub fn follower(
+    consumer: StreamConsumer,
+    topic: String,
+    engine: mpsc::Sender<Input>,
+    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
+) -> (Follower, FollowerTask) {
+    let consumer = Arc::new(consumer);
+    let (tx, rx) = watch::channel(Positions::new());
+    (
+        Follower {
+            consumer: consumer.clone(),
+            topic: topic.clone(),
+            positions: rx,
+        },
+        FollowerTask {
+            consumer,
+            topic,
+            positions: tx,
+            engine,
+            live,
+        },
+    )
+}
+
+/// The partitions of `topic` (blocking: call from `spawn_blocking`).
+fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, StreamError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .map_err(StreamError::Consumer)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(StreamError::MissingTopic(topic.to_owned()));
+    }
+    Ok(partitions)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StreamError> + Send + 'static,
+) -> Result<T, StreamError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| StreamError::Stopped("blocking Kafka call"))?
+}
+
+impl Follower {
+    /// Waits until every command written to the topic before this call has been read and
+    /// handed to the engine.
+    pub async fn caught_up(&self) -> Result<(), StreamError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let ends = blocking(move || {
+            partitions(&consumer, &topic)?
+                .into_iter()
+                .map(|p| {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&topic, p, METADATA_TIMEOUT)
+                        .map_err(StreamError::Consumer)?;
+                    Ok((p, low, high))
+                })
+                .collect::<Result<Vec<_>, StreamError>>()
+        })
+        .await?;
+        let mut positions = self.positions.clone();
+        positions
+            .wait_for(|read| {
+                ends.iter().all(|(p, low, high)| {
+                    high <= low || read.get(p).copied().unwrap_or(*low) >= *high
+                })
+            })
+            .await
+            .map_err(|_| StreamError::Stopped("command follower"))?;
+        Ok(())
+    }
+}
+
+impl FollowerTask {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StreamError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let partitions = blocking(move || partitions(&consumer, &topic)).await?;
+        let mut assignment = TopicPartitionList::new();
+        for p in partitions {
+            assignment
+                .add_partition_offset(&self.topic, p, Offset::Beginning)
+                .map_err(StreamError::Consumer)?;
+        }
+        self.consumer
+            .assign(&assignment)
+            .map_err(StreamError::Consumer)?;
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                message = self.consumer.recv() => message,
+            };
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(error = %e, "command topic consumer error");
+                    continue;
+                }
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            let event = pb::HeaterCommandEvent::decode(message.payload().unwrap_or_default());
+            let reading_partition = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == READING_PARTITION_HEADER)
+                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+            });
+            drop(message);
+            match event {
+                Ok(event) => {
+                    let event = Arc::new(event);
+                    // No subscriber is not an error.
+                    let _ = self.live.send(event.clone());
+                    let observed = Input::Observed {
+                        event,
+                        reading_partition,
+                    };
+                    if self.engine.send(observed).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, partition, offset, "undecodable record on the command topic")
+                }
+            }
+            self.positions.send_modify(|read| {
+                read.insert(partition, offset + 1);
+            });
+        }
+    }
+}

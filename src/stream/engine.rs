@@ -1,0 +1,357 @@
+//! The engine: one task that owns the state of every sensor and applies, in order, everything
+//! that changes it — readings, setpoint versions, commands read back from the command topic,
+//! partition assignments, staleness ticks — and answers queries about it. Owning the map in one
+//! task keeps the hot path free of locks.
+//!
+//! Decisions are produced to the command topic here; their delivery futures go, in input order,
+//! to the readings task, which stores a reading's offset only once every command before it is
+//! acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use prost::Message;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{command_event, observed_command};
+use super::{enqueue, StreamError};
+use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
+use crate::domain::{BuildingId, SensorId};
+use crate::proto::v1 as pb;
+use crate::store::SetpointVersion;
+
+/// Header on command records naming the sensor-topic partition the deciding replica consumed
+/// the sensor from, so whichever replica owns that partition later knows the sensor is its own
+/// (for the staleness fail-safe) even before the sensor's next reading.
+pub const READING_PARTITION_HEADER: &str = "thermostat-reading-partition";
+
+/// Where a sensor record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Everything the engine reacts to.
+pub enum Input {
+    Reading {
+        sensor: SensorId,
+        reading: Reading,
+        position: Position,
+    },
+    /// A record that decided nothing by itself (dead-lettered): its offset may be stored once
+    /// `delivery` (the dead-letter record) is acknowledged.
+    Skip {
+        position: Position,
+        delivery: DeliveryFuture,
+    },
+    Setpoint(SetpointVersion),
+    /// A command read back from the command topic.
+    Observed {
+        event: Arc<pb::HeaterCommandEvent>,
+        reading_partition: Option<i32>,
+    },
+    /// The sensor-topic partitions this replica now consumes.
+    Assignment(Vec<i32>),
+    Query(Query),
+    /// Answered once every input sent before it has been applied.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Questions the API asks.
+pub enum Query {
+    Sensor {
+        sensor: SensorId,
+        reply: oneshot::Sender<SensorView>,
+    },
+    Snapshot {
+        filter: Filter,
+        reply: oneshot::Sender<Vec<Arc<pb::HeaterCommandEvent>>>,
+    },
+}
+
+/// What the engine knows of one sensor.
+#[derive(Debug, Clone, Default)]
+pub struct SensorView {
+    pub last_reading: Option<Reading>,
+    pub last_command: Option<Arc<pb::HeaterCommandEvent>>,
+}
+
+/// Which heaters a subscriber wants: empty sets mean "all".
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub sensors: HashSet<SensorId>,
+    pub building: Option<BuildingId>,
+}
+
+impl Filter {
+    pub fn matches(&self, event: &pb::HeaterCommandEvent) -> bool {
+        self.building
+            .as_ref()
+            .is_none_or(|b| b.as_str() == event.building_id)
+            && (self.sensors.is_empty()
+                || self.sensors.iter().any(|s| s.as_str() == event.sensor_id))
+    }
+}
+
+/// A delivery to wait for before an offset (if any) may be stored.
+pub struct Ack {
+    pub position: Option<Position>,
+    pub delivery: Option<DeliveryFuture>,
+}
+
+/// Counters of what the loop did, for tests and metrics.
+#[derive(Debug, Default)]
+pub struct LoopStats {
+    pub readings: AtomicU64,
+    pub out_of_order: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub commands: AtomicU64,
+}
+
+impl LoopStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    control: SensorControl,
+    /// The sensor-topic partition the sensor's readings arrive on, when known.
+    partition: Option<i32>,
+    last_event: Option<Arc<pb::HeaterCommandEvent>>,
+}
+
+pub struct Engine {
+    sensors: HashMap<SensorId, Entry>,
+    assigned: HashSet<i32>,
+    producer: FutureProducer,
+    command_topic: String,
+    acks: mpsc::UnboundedSender<Ack>,
+    stale_after: TimeDelta,
+    stats: Arc<LoopStats>,
+}
+
+impl Engine {
+    pub fn new(
+        producer: FutureProducer,
+        command_topic: String,
+        acks: mpsc::UnboundedSender<Ack>,
+        stale_after: Duration,
+        stats: Arc<LoopStats>,
+    ) -> Self {
+        Self {
+            sensors: HashMap::new(),
+            assigned: HashSet::new(),
+            producer,
+            command_topic,
+            acks,
+            stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
+            stats,
+        }
+    }
+
+    /// Applies inputs until `shutdown`, checking staleness every `stale_check`.
+    pub async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        stale_check: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(), StreamError> {
+        let mut ticks = tokio::time::interval(stale_check);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                input = inputs.recv() => match input {
+                    Some(input) => self.apply(input).await?,
+                    None => return Ok(()),
+                },
+                _ = ticks.tick() => self.check_staleness().await?,
+            }
+        }
+    }
+
+    async fn apply(&mut self, input: Input) -> Result<(), StreamError> {
+        match input {
+            Input::Reading {
+                sensor,
+                reading,
+                position,
+            } => {
+                LoopStats::bump(&self.stats.readings);
+                let entry = self.sensors.entry(sensor.clone()).or_default();
+                entry.partition = Some(position.partition);
+                let decision = match entry.control.on_reading(reading) {
+                    ReadingOutcome::Applied(decision) => decision,
+                    ReadingOutcome::OutOfOrder => {
+                        LoopStats::bump(&self.stats.out_of_order);
+                        None
+                    }
+                };
+                let delivery = match decision {
+                    Some(decision) => Some(self.send(&sensor, &decision).await?),
+                    None => None,
+                };
+                self.ack(Some(position), delivery)
+            }
+            Input::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
+            Input::Setpoint(version) => {
+                let now = Utc::now();
+                let entry = self.sensors.entry(version.sensor_id.clone()).or_default();
+                if !entry
+                    .control
+                    .apply_setpoint(version.revision, version.setpoint, now)
+                    || !owned(&self.assigned, entry)
+                {
+                    return Ok(());
+                }
+                match entry.control.reevaluate(now, self.stale_after) {
+                    Some(decision) => {
+                        let delivery = self.send(&version.sensor_id, &decision).await?;
+                        self.ack(None, Some(delivery))
+                    }
+                    None => Ok(()),
+                }
+            }
+            Input::Observed {
+                event,
+                reading_partition,
+            } => {
+                if let Some((sensor, last, reading)) = observed_command(&event) {
+                    let Ok(building) = BuildingId::parse(event.building_id.as_str()) else {
+                        return Ok(());
+                    };
+                    let entry = self.sensors.entry(sensor).or_default();
+                    entry.control.observe(last, building, reading);
+                    if reading_partition.is_some() {
+                        entry.partition = reading_partition;
+                    }
+                    if entry
+                        .last_event
+                        .as_ref()
+                        .is_none_or(|e| event.sequence >= e.sequence)
+                    {
+                        entry.last_event = Some(event);
+                    }
+                }
+                Ok(())
+            }
+            Input::Assignment(partitions) => {
+                self.assigned = partitions.into_iter().collect();
+                // Sensors that just became ours may owe a command (a setpoint changed or was
+                // deleted while no replica owned them).
+                let (now, stale_after) = (Utc::now(), self.stale_after);
+                self.decide_for_owned(|control| control.reevaluate(now, stale_after))
+                    .await
+            }
+            Input::Query(Query::Sensor { sensor, reply }) => {
+                let view = self
+                    .sensors
+                    .get(&sensor)
+                    .map(|e| SensorView {
+                        last_reading: e.control.last_reading(),
+                        last_command: e.last_event.clone(),
+                    })
+                    .unwrap_or_default();
+                let _ = reply.send(view);
+                Ok(())
+            }
+            Input::Query(Query::Snapshot { filter, reply }) => {
+                let events = self
+                    .sensors
+                    .values()
+                    .filter_map(|e| e.last_event.clone())
+                    .filter(|e| filter.matches(e))
+                    .collect();
+                let _ = reply.send(events);
+                Ok(())
+            }
+            Input::Barrier(reply) => {
+                let _ = reply.send(());
+                Ok(())
+            }
+        }
+    }
+
+    async fn check_staleness(&mut self) -> Result<(), StreamError> {
+        let now = Utc::now();
+        let stale_after = self.stale_after;
+        self.decide_for_owned(|control| control.on_tick(now, stale_after))
+            .await
+    }
+
+    /// Runs `decide` on every sensor this replica owns and sends what it decides.
+    async fn decide_for_owned(
+        &mut self,
+        mut decide: impl FnMut(&mut SensorControl) -> Option<Decision>,
+    ) -> Result<(), StreamError> {
+        let mut decided = Vec::new();
+        for (sensor, entry) in &mut self.sensors {
+            if owned(&self.assigned, entry) {
+                if let Some(decision) = decide(&mut entry.control) {
+                    decided.push((sensor.clone(), decision));
+                }
+            }
+        }
+        for (sensor, decision) in decided {
+            let delivery = self.send(&sensor, &decision).await?;
+            self.ack(None, Some(delivery))?;
+        }
+        Ok(())
+    }
+
+    /// Produces the command for `decision`. Any error stops the loop: a decision that cannot be
+    /// sent must not be forgotten, and after a restart it is decided again.
+    async fn send(
+        &mut self,
+        sensor: &SensorId,
+        decision: &Decision,
+    ) -> Result<DeliveryFuture, StreamError> {
+        LoopStats::bump(&self.stats.commands);
+        let entry = self.sensors.entry(sensor.clone()).or_default();
+        let event = Arc::new(command_event(sensor, decision, Utc::now()));
+        entry.last_event = Some(event.clone());
+        let payload = event.encode_to_vec();
+        let partition = entry.partition.map(|p| p.to_string());
+        let headers = partition.as_ref().map(|p| {
+            OwnedHeaders::new().insert(Header {
+                key: READING_PARTITION_HEADER,
+                value: Some(p.as_str()),
+            })
+        });
+        let mut record = FutureRecord::to(&self.command_topic)
+            .key(sensor.as_str())
+            .payload(&payload);
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        enqueue(&self.producer, record).await
+    }
+
+    fn ack(
+        &self,
+        position: Option<Position>,
+        delivery: Option<DeliveryFuture>,
+    ) -> Result<(), StreamError> {
+        self.acks
+            .send(Ack { position, delivery })
+            .map_err(|_| StreamError::Stopped("readings task"))
+    }
+}
+
+fn owned(assigned: &HashSet<i32>, entry: &Entry) -> bool {
+    entry.partition.is_some_and(|p| assigned.contains(&p))
+}

@@ -1,0 +1,268 @@
+//! The control loop on Kafka: sensor readings in, heater commands out, joined with the
+//! setpoints cached from PostgreSQL.
+//!
+//! Tasks: `readings` (consumer group on the sensor topic, dead letters, offsets), `engine`
+//! (all per-sensor state and decisions), `commands` (reads the command topic back: recovery and
+//! the feed of subscribers) and `setpoint_sync` (LISTEN/NOTIFY and resyncs). Domain rules live in
+//! `domain::control`; this module only moves data.
+
+pub mod codec;
+pub mod commands;
+pub mod engine;
+pub mod readings;
+pub mod setpoint_sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ControlConfig, KafkaConfig};
+use crate::domain::SensorId;
+use crate::proto::v1 as pb;
+use crate::store::Store;
+use engine::{Engine, Filter, Input, LoopStats, Query, SensorView};
+
+/// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
+/// (the consumers) wait, which is the back-pressure we want.
+const ENGINE_QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("Kafka consumer")]
+    Consumer(#[source] KafkaError),
+    #[error("Kafka producer")]
+    Produce(#[source] KafkaError),
+    #[error("Kafka client configuration")]
+    Config(#[source] KafkaError),
+    #[error("topic {0:?} does not exist (topics are not created automatically)")]
+    MissingTopic(String),
+    #[error("setpoint store")]
+    Store(#[source] crate::Error),
+    #[error("{0} stopped")]
+    Stopped(&'static str),
+}
+
+/// Hands a record to the producer, waiting while its queue is full (back-pressure).
+pub(crate) async fn enqueue<K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, StreamError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(StreamError::Produce(e)),
+        }
+    }
+}
+
+fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.kafka_brokers)
+        .set("client.id", "thermostat")
+        // Tansu and small brokers: detect a lost broker quickly.
+        .set("socket.keepalive.enable", "true")
+        .set("socket.nagle.disable", "true");
+    config
+}
+
+fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut config = client_config(kafka);
+    config
+        .set("group.id", group)
+        .set("fetch.wait.max.ms", millis(kafka.kafka_fetch_wait_max))
+        .set("fetch.min.bytes", "1")
+        .set("auto.offset.reset", "earliest");
+    config
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+/// The producer for commands and dead letters. `acks=all`: a command counts as sent only when
+/// every in-sync replica has it.
+pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
+    client_config(kafka)
+        .set("acks", "all")
+        .set("linger.ms", millis(kafka.kafka_linger))
+        .set(
+            "batch.num.messages",
+            kafka.kafka_batch_num_messages.to_string(),
+        )
+        .create()
+        .map_err(StreamError::Config)
+}
+
+/// What the API needs of a running loop.
+#[derive(Clone)]
+pub struct ControlHandle {
+    engine: mpsc::Sender<Input>,
+    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
+    stats: Arc<LoopStats>,
+    producer: FutureProducer,
+}
+
+impl ControlHandle {
+    async fn ask<T>(&self, query: impl FnOnce(oneshot::Sender<T>) -> Query) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.engine.send(Input::Query(query(tx))).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// What the engine knows of `sensor`; `None` when the loop is stopping.
+    pub async fn sensor(&self, sensor: SensorId) -> Option<SensorView> {
+        self.ask(|reply| Query::Sensor { sensor, reply }).await
+    }
+
+    /// The last command of every heater matching `filter`.
+    pub async fn snapshot(&self, filter: Filter) -> Option<Vec<Arc<pb::HeaterCommandEvent>>> {
+        self.ask(|reply| Query::Snapshot { filter, reply }).await
+    }
+
+    /// Every command read from the command topic from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::HeaterCommandEvent>> {
+        self.live.subscribe()
+    }
+
+    pub fn stats(&self) -> &LoopStats {
+        &self.stats
+    }
+
+    /// Delivers whatever the producer still holds; blocking, bounded by `timeout`.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "producer flush incomplete");
+        }
+    }
+}
+
+/// Checks the topics, recovers state from the command topic, loads the setpoint cache, and
+/// starts every task in `tasks`. Returns once the loop is ready to decide.
+pub async fn start(
+    kafka: &KafkaConfig,
+    control: &ControlConfig,
+    store: Store,
+    tasks: &mut JoinSet<Result<(), StreamError>>,
+    shutdown: CancellationToken,
+) -> Result<ControlHandle, StreamError> {
+    let producer = producer(kafka)?;
+    let readings_consumer: readings::ReadingsConsumer =
+        consumer_config(kafka, &kafka.consumer_group)
+            // Offsets are stored by hand once a reading's commands are acknowledged, and committed
+            // in the background from what was stored.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .create_with_context(readings::RebalanceWatch::default())
+            .map_err(StreamError::Config)?;
+    check_topics(
+        &producer,
+        &[
+            &kafka.sensor_topic,
+            &kafka.command_topic,
+            &kafka.dead_letter_topic,
+        ],
+    )
+    .await?;
+    // The follower never commits: it always reads the command topic from the beginning.
+    let follower_consumer: StreamConsumer =
+        consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(StreamError::Config)?;
+
+    let stats = Arc::new(LoopStats::default());
+    let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    // The channel's capacity is how far a subscriber may fall behind before it is dropped.
+    let (live, _) = broadcast::channel(control.subscriber_buffer.max(1));
+
+    let engine = Engine::new(
+        producer.clone(),
+        kafka.command_topic.clone(),
+        acks_tx,
+        control.stale_after,
+        stats.clone(),
+    );
+    tasks.spawn(engine.run(engine_rx, control.stale_check_interval, shutdown.clone()));
+    let (follower, follower_task) = commands::follower(
+        follower_consumer,
+        kafka.command_topic.clone(),
+        engine_tx.clone(),
+        live.clone(),
+    );
+    tasks.spawn(follower_task.run(shutdown.clone()));
+
+    // Order matters: last commands first, then setpoints, so that re-evaluating a setpoint
+    // knows what each heater was last told.
+    follower.caught_up().await?;
+    setpoint_sync::full_resync(&store, &engine_tx).await?;
+    let (done, loaded) = oneshot::channel();
+    engine_tx
+        .send(Input::Barrier(done))
+        .await
+        .map_err(|_| StreamError::Stopped("engine"))?;
+    loaded.await.map_err(|_| StreamError::Stopped("engine"))?;
+    tasks.spawn(setpoint_sync::run(
+        store,
+        engine_tx.clone(),
+        control.setpoint_resync_interval,
+        shutdown.clone(),
+    ));
+
+    let readings = readings::Readings {
+        consumer: readings_consumer,
+        producer: producer.clone(),
+        config: kafka.clone(),
+        engine: engine_tx.clone(),
+        acks: acks_rx,
+        follower,
+        stats: stats.clone(),
+    };
+    tasks.spawn(readings.run(shutdown));
+    Ok(ControlHandle {
+        engine: engine_tx,
+        live,
+        stats,
+        producer,
+    })
+}
+
+/// Fails with [`StreamError::MissingTopic`] unless every topic exists: topics are not created
+/// automatically, and a missing one is an operator's mistake to report at start.
+async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(), StreamError> {
+    let producer = producer.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+    })
+    .await
+    .map_err(|_| StreamError::Stopped("metadata request"))?
+    .map_err(StreamError::Consumer)?;
+    for topic in topics {
+        let exists = metadata.topics().iter().any(|t| {
+            t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
+        });
+        if !exists {
+            return Err(StreamError::MissingTopic((*topic).clone()));
+        }
+    }
+    Ok(())
+}

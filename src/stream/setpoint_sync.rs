@@ -1,0 +1,97 @@
+//! Keeps the engine's setpoint cache current on every replica. A NOTIFY from the database
+//! (sent by a trigger on every change, whoever made it) is only a hint to re-read that row; a
+//! full re-read happens whenever the listener (re)connects, since notifications sent while it
+//! was away are lost, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine ignores
+//! revisions older than the one it has, so a cached revision never goes backwards.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::Input;
+use super::StreamError;
+use crate::domain::SensorId;
+use crate::store::Store;
+
+/// The NOTIFY channel written by the `setpoints_notify` trigger (see migrations).
+pub const CHANNEL: &str = "thermostat_setpoints";
+
+/// Pause before reconnecting a failed listener.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Sends every setpoint version to the engine.
+pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<(), StreamError> {
+    let versions = store
+        .setpoint_versions()
+        .await
+        .map_err(StreamError::Store)?;
+    tracing::debug!(count = versions.len(), "setpoint resync");
+    for version in versions {
+        engine
+            .send(Input::Setpoint(version))
+            .await
+            .map_err(|_| StreamError::Stopped("engine"))?;
+    }
+    Ok(())
+}
+
+pub async fn run(
+    store: Store,
+    engine: mpsc::Sender<Input>,
+    resync_interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), StreamError> {
+    while !shutdown.is_cancelled() {
+        if let Err(e) = listen(&store, &engine, resync_interval, &shutdown).await {
+            if matches!(e, StreamError::Stopped(_)) {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "setpoint listener failed; reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn listen(
+    store: &Store,
+    engine: &mpsc::Sender<Input>,
+    resync_interval: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamError> {
+    let db = |e| StreamError::Store(crate::Error::from(e));
+    let mut listener = PgListener::connect_with(store.pool()).await.map_err(db)?;
+    listener.listen(CHANNEL).await.map_err(db)?;
+    // Listening first, then reading everything: no change can fall between the two.
+    full_resync(store, engine).await?;
+    let mut resync = tokio::time::interval(resync_interval);
+    resync.reset();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = resync.tick() => full_resync(store, engine).await?,
+            notification = listener.try_recv() => match notification.map_err(db)? {
+                Some(notification) => {
+                    let Ok(sensor) = SensorId::parse(notification.payload()) else {
+                        continue;
+                    };
+                    let version = store.setpoint_version(&sensor).await.map_err(StreamError::Store)?;
+                    if let Some(version) = version {
+                        engine
+                            .send(Input::Setpoint(version))
+                            .await
+                            .map_err(|_| StreamError::Stopped("engine"))?;
+                    }
+                }
+                // The connection was lost and has been re-established: notifications may have
+                // been missed.
+                None => full_resync(store, engine).await?,
+            },
+        }
+    }
+}

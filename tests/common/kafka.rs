@@ -1,0 +1,210 @@
+//! Kafka helpers for tests: fresh topics on the shared broker, a reading producer, and readers
+//! of the command and dead-letter topics.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prost::Message as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use thermostat::api::convert::timestamp;
+use thermostat::proto::v1 as pb;
+
+use super::{env, unique_name};
+
+pub fn brokers() -> String {
+    env("THERMOSTAT_TEST_BROKERS")
+}
+
+fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers());
+    config
+}
+
+/// Fresh topics and a fresh consumer group for one test.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub sensors: String,
+    pub commands: String,
+    pub dead_letters: String,
+    pub group: String,
+    pub partitions: i32,
+}
+
+impl Topics {
+    pub async fn create(partitions: i32) -> Self {
+        let topics = Topics {
+            sensors: unique_name("sensors"),
+            commands: unique_name("commands"),
+            dead_letters: unique_name("dlq"),
+            group: unique_name("group"),
+            partitions,
+        };
+        let admin: AdminClient<DefaultClientContext> =
+            client_config().create().expect("admin client");
+        let new = [
+            NewTopic::new(&topics.sensors, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&topics.commands, partitions, TopicReplication::Fixed(1)),
+            NewTopic::new(&topics.dead_letters, 1, TopicReplication::Fixed(1)),
+        ];
+        for result in admin
+            .create_topics(&new, &AdminOptions::new())
+            .await
+            .expect("create topics")
+        {
+            result.expect("topic created");
+        }
+        topics
+    }
+}
+
+/// Produces sensor records like a building gateway.
+pub struct Sensors {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl Sensors {
+    pub fn new(topic: &str) -> Self {
+        let producer = client_config()
+            // Tansu 0.6 cannot resume inside a batch: one record per batch.
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
+            .create()
+            .expect("producer");
+        Self {
+            producer,
+            topic: topic.to_owned(),
+        }
+    }
+
+    pub async fn raw(&self, key: Option<&str>, payload: &[u8]) {
+        let mut record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&self.topic).payload(payload);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("reading delivered");
+    }
+
+    pub async fn reading(&self, sensor: &str, celsius: f64, time: DateTime<Utc>) {
+        let payload = pb::SensorReading {
+            sensor_id: sensor.into(),
+            temperature_celsius: celsius,
+            reading_time: Some(timestamp(time)),
+        }
+        .encode_to_vec();
+        self.raw(Some(sensor), &payload).await;
+    }
+}
+
+/// Reads a topic from the beginning of every partition, outside any consumer group.
+pub struct TopicReader {
+    consumer: StreamConsumer,
+}
+
+impl TopicReader {
+    pub fn new(topic: &str, partitions: i32) -> Self {
+        let consumer: StreamConsumer = client_config()
+            .set("group.id", unique_name("reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("consumer");
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&assignment).expect("assign");
+        Self { consumer }
+    }
+
+    /// The next record, or `None` after `timeout` without one.
+    pub async fn next(&self, timeout: Duration) -> Option<OwnedMessage> {
+        match tokio::time::timeout(timeout, self.consumer.recv()).await {
+            Ok(message) => Some(message.expect("consume").detach()),
+            Err(_) => None,
+        }
+    }
+
+    /// Every record that arrives until `quiet` passes without one.
+    pub async fn drain(&self, quiet: Duration) -> Vec<OwnedMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = self.next(quiet).await {
+            out.push(m);
+        }
+        out
+    }
+}
+
+pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn decode_command(message: &OwnedMessage) -> pb::HeaterCommandEvent {
+    pb::HeaterCommandEvent::decode(message.payload().expect("payload")).expect("command event")
+}
+
+/// Reads commands from the command topic.
+pub struct Commands {
+    reader: TopicReader,
+}
+
+impl Commands {
+    pub fn new(topics: &Topics) -> Self {
+        Self {
+            reader: TopicReader::new(&topics.commands, topics.partitions),
+        }
+    }
+
+    /// The next command, waiting up to `timeout`.
+    pub async fn next(&self, timeout: Duration) -> Option<pb::HeaterCommandEvent> {
+        self.reader.next(timeout).await.map(|m| decode_command(&m))
+    }
+
+    /// Waits for the next command; panics after 20 s.
+    pub async fn expect(&self) -> pb::HeaterCommandEvent {
+        self.next(Duration::from_secs(20))
+            .await
+            .expect("a heater command")
+    }
+
+    /// Every command until `quiet` passes without one.
+    pub async fn drain(&self, quiet: Duration) -> Vec<pb::HeaterCommandEvent> {
+        self.reader
+            .drain(quiet)
+            .await
+            .iter()
+            .map(decode_command)
+            .collect()
+    }
+}
+
+/// Per sensor, the commands in topic order.
+pub fn by_sensor(
+    events: &[pb::HeaterCommandEvent],
+) -> HashMap<String, Vec<pb::HeaterCommandEvent>> {
+    let mut map: HashMap<String, Vec<pb::HeaterCommandEvent>> = HashMap::new();
+    for e in events {
+        map.entry(e.sensor_id.clone()).or_default().push(e.clone());
+    }
+    map
+}
