@@ -113,11 +113,17 @@ pub struct LoopStats {
     pub out_of_order: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub commands: AtomicU64,
+    /// Sensor-topic partitions currently assigned to this replica.
+    pub assigned: AtomicU64,
 }
 
 impl LoopStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn assigned_partitions(&self) -> u64 {
+        Self::get(&self.assigned)
     }
 
     pub(crate) fn bump(counter: &AtomicU64) {
@@ -251,6 +257,9 @@ impl Engine {
             }
             Input::Assignment(partitions) => {
                 self.assigned = partitions.into_iter().collect();
+                self.stats
+                    .assigned
+                    .store(self.assigned.len() as u64, Ordering::Relaxed);
                 // Sensors that just became ours may owe a command (a setpoint changed or was
                 // deleted while no replica owned them).
                 let (now, stale_after) = (Utc::now(), self.stale_after);

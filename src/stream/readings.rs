@@ -11,7 +11,7 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, Stream
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, DeadLetter};
@@ -30,10 +30,11 @@ pub const DEAD_LETTER_DETAIL_HEADER: &str = "thermostat-dead-letter-detail";
 const MAX_IN_FLIGHT: usize = 100_000;
 
 /// Notices rebalances. The callback runs inside librdkafka's poll, where nothing may be awaited,
-/// so it only counts; the readings loop reacts before its next record.
+/// so it only counts and wakes the readings loop, which reacts before its next record.
 #[derive(Default)]
 pub struct RebalanceWatch {
     generation: AtomicU64,
+    changed: Notify,
     last_error: Mutex<Option<String>>,
 }
 
@@ -51,6 +52,7 @@ impl ConsumerContext for RebalanceWatch {
             }
         }
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
     }
 }
 
@@ -102,6 +104,9 @@ impl Readings {
                     }
                 }
                 _ = shutdown.cancelled(), if !stopping => stopping = true,
+                _ = self.consumer.context().changed.notified(), if !stopping => {
+                    self.check_rebalance(&mut seen_generation).await?;
+                }
                 message = self.consumer.recv(), if !stopping && in_flight.len() < MAX_IN_FLIGHT => {
                     let message = match message {
                         Ok(message) => message,
@@ -110,11 +115,7 @@ impl Readings {
                             continue;
                         }
                     };
-                    let generation = self.consumer.context().generation.load(Ordering::SeqCst);
-                    if generation != seen_generation {
-                        seen_generation = generation;
-                        self.on_rebalance().await?;
-                    }
+                    self.check_rebalance(&mut seen_generation).await?;
                     let input = self.input(&message).await?;
                     if self.engine.send(input).await.is_err() {
                         // The engine stopped (shutdown): stop consuming, drain what is in flight.
@@ -129,6 +130,15 @@ impl Readings {
             Err(e) => tracing::debug!(error = %e, "final offset commit"),
         }
         Ok(())
+    }
+
+    async fn check_rebalance(&self, seen_generation: &mut u64) -> Result<(), StreamError> {
+        let generation = self.consumer.context().generation.load(Ordering::SeqCst);
+        if generation == *seen_generation {
+            return Ok(());
+        }
+        *seen_generation = generation;
+        self.on_rebalance().await
     }
 
     /// After a rebalance, catches up with the command topic before deciding anything for newly

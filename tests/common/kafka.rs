@@ -40,6 +40,17 @@ pub struct Topics {
 }
 
 impl Topics {
+    /// The topics a service configuration uses (as made by [`Topics::create`] with 2 partitions).
+    pub fn of(config: &thermostat::config::ServeConfig) -> Self {
+        Topics {
+            sensors: config.kafka.sensor_topic.clone(),
+            commands: config.kafka.command_topic.clone(),
+            dead_letters: config.kafka.dead_letter_topic.clone(),
+            group: config.kafka.consumer_group.clone(),
+            partitions: 2,
+        }
+    }
+
     pub async fn create(partitions: i32) -> Self {
         let topics = Topics {
             sensors: unique_name("sensors"),

@@ -1,0 +1,523 @@
+//! The control loop end to end: readings produced with a Kafka client, commands observed on the
+//! command topic and on gRPC subscriptions, against a real broker and database.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use common::kafka::{by_sensor, header, Commands, Sensors, TopicReader, Topics};
+use common::{put, setpoint, TestApp};
+use thermostat::config::SensorFormat;
+use thermostat::proto::v1 as pb;
+use thermostat::stream::engine::LoopStats;
+use tokio_stream::StreamExt;
+
+const QUIET: Duration = Duration::from_millis(1500);
+
+async fn put_band(app: &TestApp, sensor: &str, desired: f64) -> pb::Setpoint {
+    let mut sp = setpoint(sensor, "hq", desired);
+    sp.up_delta_celsius = 1.0;
+    sp.down_delta_celsius = 1.0;
+    app.setpoints()
+        .await
+        .put_setpoint(put(sp, None))
+        .await
+        .expect("put")
+        .into_inner()
+}
+
+async fn subscribe(
+    app: &TestApp,
+    request: pb::SubscribeHeaterCommandsRequest,
+) -> tonic::Streaming<pb::HeaterCommandEvent> {
+    app.heaters()
+        .await
+        .subscribe_heater_commands(request)
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::HeaterCommandEvent>,
+) -> pb::HeaterCommandEvent {
+    tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("no event within 20 s")
+        .expect("stream ended")
+        .expect("stream error")
+}
+
+fn cmd(e: &pb::HeaterCommandEvent) -> (pb::HeaterCommand, pb::CommandReason) {
+    (e.command(), e.reason())
+}
+
+use pb::CommandReason as R;
+use pb::HeaterCommand as H;
+
+#[tokio::test]
+async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sp = put_band(&app, "room-1", 20.0).await;
+    let mut live = subscribe(
+        &app,
+        pb::SubscribeHeaterCommandsRequest {
+            sensor_ids: vec!["room-1".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let sensors = Sensors::new(&topics.sensors);
+    let t0 = Utc::now();
+
+    // No setpoint, no control.
+    sensors.reading("uncontrolled", 5.0, t0).await;
+    sensors.reading("room-1", 15.0, t0).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        (on.sensor_id.as_str(), cmd(&on)),
+        ("room-1", (H::On, R::TooCold))
+    );
+    assert_eq!(
+        (on.building_id.as_str(), on.sequence, on.setpoint_revision),
+        ("hq", 1, sp.revision)
+    );
+    assert_eq!(on.temperature_celsius, 15.0);
+    assert!(on.decided_at.is_some() && on.reading_time.is_some());
+    let streamed = next_event(&mut live).await;
+    assert_eq!(
+        streamed, on,
+        "the subscriber gets exactly what the topic has"
+    );
+
+    // Still cold and then in the dead band: nothing new.
+    sensors
+        .reading("room-1", 14.0, t0 + TimeDelta::seconds(1))
+        .await;
+    sensors
+        .reading("room-1", 20.0, t0 + TimeDelta::seconds(2))
+        .await;
+    sensors
+        .reading("room-1", 25.0, t0 + TimeDelta::seconds(3))
+        .await;
+    let off = commands.expect().await;
+    assert_eq!(
+        (cmd(&off), off.sequence, off.temperature_celsius),
+        ((H::Off, R::TooHot), 2, 25.0)
+    );
+    assert_eq!(next_event(&mut live).await, off);
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "a command was repeated"
+    );
+
+    // GetSensorState reports all three parts.
+    let state = app
+        .heaters()
+        .await
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "room-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.setpoint.unwrap().desired_celsius, 20.0);
+    assert_eq!(state.last_reading.unwrap().temperature_celsius, 25.0);
+    assert_eq!(state.last_command.unwrap().sequence, 2);
+    let err = app
+        .heaters()
+        .await
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "never-seen".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 20.0, Utc::now()).await;
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "20 is inside the band"
+    );
+
+    // Raising the setpoint makes the last reading too cold: ON without a new reading.
+    let raised = put_band(&app, "s", 23.0).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        (cmd(&on), on.setpoint_revision),
+        ((H::On, R::TooCold), raised.revision)
+    );
+
+    let mut client = app.setpoints().await;
+    client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let off = commands.expect().await;
+    assert_eq!((cmd(&off), off.sequence), ((H::Off, R::SetpointDeleted), 2));
+    // Uncontrolled now.
+    sensors.reading("s", 0.0, Utc::now()).await;
+    assert!(commands.drain(QUIET).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.stale_after = Duration::from_secs(2);
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+
+    let t0 = Utc::now();
+    sensors.reading("s", 10.0, t0).await;
+    assert_eq!(cmd(&commands.expect().await), (H::On, R::TooCold));
+    // An older, hot reading arrives late: ignored, the heater stays ON.
+    sensors.reading("s", 30.0, t0 - TimeDelta::seconds(1)).await;
+    let stale = commands.expect().await;
+    assert_eq!(
+        cmd(&stale),
+        (H::Off, R::SensorStale),
+        "expected the fail-safe, not {stale:?}"
+    );
+    assert!(
+        Utc::now() - t0 >= TimeDelta::seconds(2),
+        "fail-safe fired before STALE_AFTER"
+    );
+    assert_eq!(LoopStats::get(&app.control.stats().out_of_order), 1);
+    assert!(
+        commands.drain(Duration::from_secs(3)).await.is_empty(),
+        "OFF is sent once"
+    );
+}
+
+#[tokio::test]
+async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let dead = TopicReader::new(&topics.dead_letters, 1);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+
+    let now = Utc::now();
+    let nan = pb::SensorReading {
+        sensor_id: "s".into(),
+        temperature_celsius: f64::NAN,
+        reading_time: Some(thermostat::api::convert::timestamp(now)),
+    };
+    sensors.raw(Some("s"), &[0xff, 0xfe, 0x01]).await;
+    sensors
+        .raw(Some("s"), &prost::Message::encode_to_vec(&nan))
+        .await;
+    sensors.reading("bad id!", 10.0, now).await;
+    sensors.reading("s", 10.0, now + TimeDelta::hours(2)).await;
+    sensors.reading("s", 10.0, now).await;
+
+    assert_eq!(
+        cmd(&commands.expect().await),
+        (H::On, R::TooCold),
+        "the loop went on"
+    );
+    let mut reasons = Vec::new();
+    for _ in 0..4 {
+        let record = dead
+            .next(Duration::from_secs(20))
+            .await
+            .expect("a dead letter");
+        reasons.push(header(&record, "thermostat-dead-letter-reason").expect("reason header"));
+        assert!(header(&record, "thermostat-dead-letter-detail").is_some());
+    }
+    // Records of different partitions may be dead-lettered in any order.
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "future_time",
+            "invalid_sensor_id",
+            "non_finite_temperature",
+            "undecodable"
+        ]
+    );
+    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 4);
+}
+
+#[tokio::test]
+async fn json_readings_are_accepted_when_configured() {
+    let mut config = TestApp::fresh_config().await;
+    config.kafka.sensor_format = SensorFormat::Json;
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "gw-7", 20.0).await;
+    let json = format!(
+        r#"{{"sensor_id":"gw-7","temperature_celsius":25.5,"reading_time":"{}"}}"#,
+        Utc::now().to_rfc3339()
+    );
+    sensors.raw(Some("gw-7"), json.as_bytes()).await;
+    let off = commands.expect().await;
+    assert_eq!(
+        (off.sensor_id.as_str(), cmd(&off)),
+        ("gw-7", (H::Off, R::TooHot))
+    );
+}
+
+#[tokio::test]
+async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    let mut client = app.setpoints().await;
+    for (sensor, building) in [("a1", "alpha"), ("a2", "alpha"), ("b1", "beta")] {
+        client
+            .put_setpoint(put(setpoint(sensor, building, 20.0), None))
+            .await
+            .unwrap();
+        sensors.reading(sensor, 10.0, Utc::now()).await;
+    }
+    for _ in 0..3 {
+        commands.expect().await;
+    }
+    // Wait until the loop has read its own commands back.
+    common::eventually(Duration::from_secs(10), || async {
+        app.control
+            .snapshot(Default::default())
+            .await
+            .is_some_and(|s| s.len() == 3)
+    })
+    .await;
+
+    let mut alpha = subscribe(
+        &app,
+        pb::SubscribeHeaterCommandsRequest {
+            building_id: "alpha".into(),
+            send_initial_state: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut initial = vec![next_event(&mut alpha).await, next_event(&mut alpha).await];
+    initial.sort_by(|x, y| x.sensor_id.cmp(&y.sensor_id));
+    assert!(initial.iter().all(|e| e.snapshot && e.command() == H::On));
+    assert_eq!(initial[0].sensor_id, "a1");
+    assert_eq!(initial[1].sensor_id, "a2");
+
+    // Live: a beta command is filtered out, the alpha one arrives, not marked snapshot.
+    sensors.reading("b1", 30.0, Utc::now()).await;
+    sensors.reading("a2", 30.0, Utc::now()).await;
+    let live = next_event(&mut alpha).await;
+    assert_eq!(
+        (live.sensor_id.as_str(), live.command(), live.snapshot),
+        ("a2", H::Off, false)
+    );
+
+    let err = app
+        .heaters()
+        .await
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest {
+            sensor_ids: vec!["bad id".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("sensor_ids"));
+}
+
+#[tokio::test]
+async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.subscriber_buffer = 4;
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+    // A client with a tiny HTTP/2 window that never reads: the server cannot hand it more than
+    // a few events, so it falls behind the shared buffer.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = pb::heater_control_service_client::HeaterControlServiceClient::new(channel)
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let t0 = Utc::now();
+    for i in 0..20 {
+        let t = if i % 2 == 0 { 10.0 } else { 30.0 };
+        sensors
+            .reading("s", t, t0 + TimeDelta::milliseconds(i))
+            .await;
+    }
+    // The loop produced every command regardless of the stalled subscriber.
+    let mut got = 0;
+    while got < 20 {
+        commands.expect().await;
+        got += 1;
+    }
+    // Give the follower time to overrun the subscriber's buffer, then read: the stream ends
+    // with RESOURCE_EXHAUSTED after what was buffered.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut status = None;
+    while let Some(item) = tokio::time::timeout(Duration::from_secs(10), stalled.next())
+        .await
+        .expect("stream neither delivered nor ended")
+    {
+        if let Err(s) = item {
+            status = Some(s);
+            break;
+        }
+    }
+    assert_eq!(
+        status.expect("stream ended with an error").code(),
+        tonic::Code::ResourceExhausted
+    );
+}
+
+#[tokio::test]
+async fn a_crash_and_restart_neither_loses_nor_repeats_commands() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = Commands::new(&topics);
+    let app = TestApp::spawn_with(config.clone()).await;
+    let ids: Vec<String> = (0..6).map(|i| format!("room-{i}")).collect();
+    for id in &ids {
+        put_band(&app, id, 20.0).await;
+    }
+    // Phase 1: every room cold, then each room's heater ON.
+    let t0 = Utc::now();
+    for id in &ids {
+        sensors.reading(id, 10.0, t0).await;
+    }
+    for _ in &ids {
+        commands.expect().await;
+    }
+    // Crash mid-stream: readings keep coming while the service is down, some repeating the
+    // state (must not repeat a command), some changing it (must not be lost).
+    let produce_more = async {
+        for (i, id) in ids.iter().enumerate() {
+            let t = if i % 2 == 0 { 10.0 } else { 30.0 };
+            sensors.reading(id, t, t0 + TimeDelta::seconds(1)).await;
+        }
+    };
+    app.crash().await;
+    produce_more.await;
+    let restarted = TestApp::spawn_with(config).await;
+    for (i, id) in ids.iter().enumerate() {
+        let t = if i % 2 == 0 { 10.0 } else { 30.0 };
+        sensors.reading(id, t, t0 + TimeDelta::seconds(2)).await;
+    }
+    let events = commands.drain(Duration::from_secs(4)).await;
+    let per_sensor = by_sensor(&events);
+    for (i, id) in ids.iter().enumerate() {
+        let history = per_sensor.get(id).cloned().unwrap_or_default();
+        // Consumers drop re-deliveries by sequence; what remains must alternate and be complete.
+        let mut seen = std::collections::BTreeMap::new();
+        for e in &history {
+            if let Some(previous) = seen.insert(e.sequence, e.command()) {
+                assert_eq!(
+                    previous,
+                    e.command(),
+                    "{id}: two different commands with one sequence"
+                );
+            }
+        }
+        let commands: Vec<_> = seen.values().copied().collect();
+        let expected = if i % 2 == 0 { vec![] } else { vec![H::Off] };
+        assert_eq!(commands, expected, "{id}: after the restart, {history:?}");
+    }
+    assert_eq!(
+        LoopStats::get(&restarted.control.stats().commands),
+        3,
+        "the restarted service decided exactly the three changes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_readings_and_both_stream_every_command() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let first = TestApp::spawn_with(config.clone()).await;
+    let second = TestApp::spawn_with(config).await;
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = Commands::new(&topics);
+    let ids: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        put_band(&first, id, 20.0).await;
+    }
+    let mut streams = vec![
+        subscribe(&first, Default::default()).await,
+        subscribe(&second, Default::default()).await,
+    ];
+    // Both replicas own partitions before the readings flow.
+    let both_assigned = common::eventually(Duration::from_secs(30), || async {
+        first.control.stats().assigned_partitions() + second.control.stats().assigned_partitions()
+            == 2
+            && first.control.stats().assigned_partitions() == 1
+    })
+    .await;
+    assert!(
+        both_assigned,
+        "the group did not spread the partitions over both replicas"
+    );
+
+    let t0 = Utc::now();
+    for id in &ids {
+        sensors.reading(id, 10.0, t0).await;
+    }
+    let mut on = Vec::new();
+    for _ in &ids {
+        on.push(commands.expect().await);
+    }
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "a reading was handled twice"
+    );
+    let readings = LoopStats::get(&first.control.stats().readings)
+        + LoopStats::get(&second.control.stats().readings);
+    assert_eq!(
+        readings,
+        ids.len() as u64,
+        "every reading handled exactly once"
+    );
+    assert!(LoopStats::get(&first.control.stats().readings) > 0);
+    assert!(LoopStats::get(&second.control.stats().readings) > 0);
+
+    for stream in &mut streams {
+        let mut got = Vec::new();
+        for _ in &ids {
+            got.push(next_event(stream).await.sensor_id);
+        }
+        got.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(
+            got, expected,
+            "a subscriber missed commands of the other replica"
+        );
+    }
+}
