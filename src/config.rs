@@ -25,6 +25,36 @@ pub enum Command {
     Serve(ServeConfig),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseConfig),
+    /// Create the sensor, command and dead-letter topics (existing ones are kept).
+    CreateTopics(CreateTopicsConfig),
+    /// Produce one sensor reading to the sensor topic, as a building gateway would.
+    SendReading(SendReadingConfig),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateTopicsConfig {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Partitions per topic: the most replicas that can share the readings.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
+    pub partitions: i32,
+    /// Copies of each partition.
+    #[arg(long, env = "TOPIC_REPLICATION", default_value_t = 1)]
+    pub replication: i32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SendReadingConfig {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// The sensor the reading is from.
+    pub sensor_id: String,
+    /// The temperature, in degrees Celsius.
+    #[arg(allow_negative_numbers = true)]
+    pub temperature_celsius: f64,
+    /// When it was measured (RFC 3339); default: now.
+    #[arg(long)]
+    pub reading_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -5,7 +5,9 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use thermostat::config::{Cli, Command};
+use thermostat::domain::SensorId;
 use thermostat::store::Store;
+use thermostat::stream;
 use thermostat::{telemetry, Application};
 
 #[tokio::main]
@@ -17,6 +19,20 @@ async fn main() -> anyhow::Result<()> {
             let store = Store::connect_lazy(&database).context("DATABASE_URL")?;
             store.migrate().await.context("applying migrations")?;
             tracing::info!("migrations applied");
+        }
+        Command::CreateTopics(c) => {
+            let created = stream::admin::create_topics(&c.kafka, c.partitions, c.replication)
+                .await
+                .context("creating topics")?;
+            tracing::info!(?created, "topics ready");
+        }
+        Command::SendReading(c) => {
+            let sensor = SensorId::parse(c.sensor_id)?;
+            let time = c.reading_time.unwrap_or_else(chrono::Utc::now);
+            stream::admin::send_reading(&c.kafka, &sensor, c.temperature_celsius, time)
+                .await
+                .context("sending the reading")?;
+            tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");
         }
         Command::Serve(config) => {
             let app = Application::build(config).await?;

@@ -153,3 +153,57 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 }
+
+/// Runs the `thermostat` binary with the Kafka settings of `topics`.
+fn thermostat(topics: &common::kafka::Topics, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_thermostat"))
+        .args(args)
+        .env("KAFKA_BROKERS", common::kafka::brokers())
+        .env("SENSOR_TOPIC", &topics.sensors)
+        .env("COMMAND_TOPIC", &topics.commands)
+        .env("DEAD_LETTER_TOPIC", &topics.dead_letters)
+        .env("TOPIC_PARTITIONS", topics.partitions.to_string())
+        .output()
+        .expect("run thermostat")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_create_topics_and_send_readings_by_hand() {
+    let topics = common::kafka::Topics {
+        sensors: common::unique_name("sensors"),
+        commands: common::unique_name("commands"),
+        dead_letters: common::unique_name("dlq"),
+        group: common::unique_name("group"),
+        partitions: 2,
+    };
+    let created = thermostat(&topics, &["create-topics"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    // Idempotent.
+    assert!(thermostat(&topics, &["create-topics"]).status.success());
+
+    let database_url = create_database(&common::env("THERMOSTAT_TEST_PG_URL")).await;
+    let app = TestApp::spawn_with(common::serve_config(database_url, &topics)).await;
+    let commands = common::kafka::Commands::new(&topics);
+    app.setpoints()
+        .await
+        .put_setpoint(common::put(common::setpoint("room-1", "hq", 21.0), None))
+        .await
+        .unwrap();
+    let sent = thermostat(&topics, &["send-reading", "room-1", "-3.5"]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let on = commands.expect().await;
+    assert_eq!(on.command(), thermostat::proto::v1::HeaterCommand::On);
+    assert_eq!(on.temperature_celsius, -3.5);
+
+    let bad = thermostat(&topics, &["send-reading", "bad id", "20"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sensor_id"));
+}

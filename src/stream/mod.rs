@@ -6,6 +6,7 @@
 //! the feed of subscribers) and `setpoint_sync` (LISTEN/NOTIFY and resyncs). Domain rules live in
 //! `domain::control`; this module only moves data.
 
+pub mod admin;
 pub mod codec;
 pub mod commands;
 pub mod engine;
@@ -44,6 +45,11 @@ pub enum StreamError {
     Config(#[source] KafkaError),
     #[error("topic {0:?} does not exist (topics are not created automatically)")]
     MissingTopic(String),
+    #[error("creating topic {topic:?}: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("setpoint store")]
     Store(#[source] crate::Error),
     #[error("{0} stopped")]
