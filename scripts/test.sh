@@ -49,6 +49,13 @@ THERMOSTAT_TEST_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
 export THERMOSTAT_TEST_PG_URL THERMOSTAT_TEST_BROKERS THERMOSTAT_TEST_GRPCURL
 echo "test.sh: PG=$THERMOSTAT_TEST_PG_URL BROKERS=$THERMOSTAT_TEST_BROKERS GRPCURL=$THERMOSTAT_TEST_GRPCURL" >&2
 
+# The container's build steps, outside Docker (no engine here): a broken image build fails the
+# suite. A release build from scratch, several minutes; THERMOSTAT_SKIP_IMAGE_BUILD=1 skips it
+# for quick local iterations (CI never sets it).
+if [[ ${THERMOSTAT_SKIP_IMAGE_BUILD:-0} != 1 ]]; then
+  scripts/build-like-docker.sh
+fi
+
 locked=()
 [[ -f Cargo.lock ]] && locked=(--locked)
 # Plain `cargo test` runs every test target: lib, bins, tests/, doctests.

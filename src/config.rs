@@ -118,6 +118,10 @@ pub struct KafkaConfig {
     /// Consumer group shared by all replicas for the sensor topic.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "thermostat")]
     pub consumer_group: String,
+    /// Static group membership (`group.instance.id`): a stable name per replica, e.g. the pod
+    /// name, so that a restart within the session timeout does not rebalance the group.
+    #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
+    pub kafka_group_instance_id: Option<String>,
     /// How long the broker may hold a fetch waiting for data: the latency floor of the loop.
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub kafka_fetch_wait_max: Duration,
@@ -159,6 +163,9 @@ pub struct ServeConfig {
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+    /// Address of the admin HTTP server: `/metrics` (Prometheus) and `/livez`.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    pub admin_addr: SocketAddr,
     /// How often the database is probed for the health service.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub health_check_interval: Duration,

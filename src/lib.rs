@@ -5,6 +5,7 @@
 //! (gRPC), `config`,
 //! `telemetry`, and `startup` which wires them into an [`Application`].
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod domain;

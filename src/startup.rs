@@ -10,11 +10,13 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
+use crate::api::metrics_layer::GrpcMetricsLayer;
 use crate::api::{self, health, HeaterApi, SetpointApi};
 use crate::config::ServeConfig;
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::store::Store;
+use crate::stream::engine::LoopStats;
 use crate::stream::{self, ControlHandle, StreamError};
 
 /// HTTP/2 keepalive: detects vanished clients (and their streams) within about 30 s.
@@ -49,6 +51,7 @@ pub struct Application {
     store: Store,
     incoming: TcpIncoming,
     local_addr: SocketAddr,
+    admin: tokio::net::TcpListener,
     control: ControlHandle,
     tasks: JoinSet<Result<(), StreamError>>,
     /// Stops every task; cancelled when the caller's shutdown token is.
@@ -84,11 +87,20 @@ impl Application {
         };
         let incoming = TcpIncoming::bind(config.grpc_addr).map_err(bind_error)?;
         let local_addr = incoming.local_addr().map_err(bind_error)?;
+        let admin = tokio::net::TcpListener::bind(config.admin_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.admin_addr,
+                source,
+            })?;
+        // Install the recorder before anything counts.
+        crate::telemetry::metrics();
         Ok(Self {
             config,
             store,
             incoming,
             local_addr,
+            admin,
             control,
             tasks,
             stop,
@@ -98,6 +110,11 @@ impl Application {
     /// The bound gRPC address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound admin HTTP address (`/metrics`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr().ok()
     }
 
     /// Counters of the control loop.
@@ -115,6 +132,7 @@ impl Application {
             store,
             incoming,
             local_addr,
+            admin,
             control,
             mut tasks,
             stop,
@@ -122,6 +140,9 @@ impl Application {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not ready until the first database probe succeeds.
         health::set_all(&reporter, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(health::LIVENESS, ServingStatus::Serving)
+            .await;
         let (reflection_v1, reflection_v1alpha) = api::reflection_services()?;
 
         {
@@ -129,6 +150,14 @@ impl Application {
             let interval = config.health_check_interval;
             tasks.spawn(async move {
                 health::monitor_database(reporter, store, interval, stop).await;
+                Ok(())
+            });
+        }
+
+        {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                crate::admin::serve(admin, stop).await;
                 Ok(())
             });
         }
@@ -145,6 +174,7 @@ impl Application {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(TraceLayer::new_for_grpc())
+            .layer(GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -176,28 +206,38 @@ impl Application {
 
         tracing::info!(budget = ?config.shutdown_timeout, "shutting down");
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-        let drained = tokio::time::timeout_at(deadline, async {
-            let served = server.await;
+        // The loop first: it stops consuming, waits for outstanding commands to be acknowledged
+        // and commits their offsets. It does not depend on clients, unlike the server below.
+        let tasks_stopped = tokio::time::timeout_at(deadline, async {
             while let Some(ended) = tasks.join_next().await {
                 if let Ok(Err(e)) = ended {
                     tracing::error!(error = %error_chain(&e), "task failed while stopping");
                 }
             }
-            served
         })
         .await;
-        match drained {
-            Ok(served) => served?,
-            Err(_) => tracing::warn!("shutdown budget exceeded; abandoning what is left"),
+        if tasks_stopped.is_err() {
+            tracing::warn!("the control loop did not stop within the shutdown budget");
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let flushing = control.clone();
         let _ = tokio::task::spawn_blocking(move || flushing.flush(remaining)).await;
-        tracing::info!("stopped");
+        // Subscriber streams have been told UNAVAILABLE; a client that does not read never
+        // receives it and keeps its connection open: give up on those at the deadline.
+        match tokio::time::timeout_at(deadline, server).await {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!("connections still open at the end of the shutdown budget"),
+        }
+        let stats = control.stats();
+        tracing::info!(
+            readings = LoopStats::get(&stats.readings),
+            dead_lettered = LoopStats::get(&stats.dead_lettered),
+            commands = LoopStats::get(&stats.commands),
+            "stopped"
+        );
         Ok(())
     }
 }
-
 /// An error with its causes, for logs.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

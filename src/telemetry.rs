@@ -1,8 +1,34 @@
-//! Logging setup: `tracing` with a text or JSON formatter and an EnvFilter.
+//! Logs and metrics. Logging: `tracing` with a text or JSON formatter and an EnvFilter.
+//! Metrics: the `metrics` facade with a Prometheus recorder, served by `admin` on `/metrics`.
+//! Every metric is named and described here, so call sites cannot misspell one.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::{LogConfig, LogFormat};
+
+pub const READINGS: &str = "thermostat_readings_consumed_total";
+pub const READINGS_OUT_OF_ORDER: &str = "thermostat_readings_out_of_order_total";
+pub const COMMANDS: &str = "thermostat_commands_emitted_total";
+pub const DEAD_LETTERS: &str = "thermostat_dead_letters_total";
+pub const DECISION_LATENCY: &str = "thermostat_decision_latency_seconds";
+pub const CONSUMER_LAG: &str = "thermostat_consumer_lag_records";
+pub const CACHED_SENSORS: &str = "thermostat_cached_sensors";
+pub const CACHED_SETPOINTS: &str = "thermostat_cached_setpoints";
+pub const RESYNC_AGE: &str = "thermostat_setpoint_resync_age_seconds";
+pub const SUBSCRIBERS: &str = "thermostat_subscribers";
+pub const RPCS: &str = "thermostat_grpc_requests_total";
+pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
+pub const DB_POOL: &str = "thermostat_db_pool_connections";
+
+/// Histogram buckets (seconds) for latencies from 10 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
 
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -12,4 +38,81 @@ pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send +
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     }
+}
+
+/// The process-wide Prometheus recorder, installed on first use. A process has one recorder,
+/// so several services in one process (tests) share their metrics.
+pub fn metrics() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new();
+        let builder = match builder.set_buckets(LATENCY_BUCKETS) {
+            Ok(b) => b,
+            Err(_) => PrometheusBuilder::new(),
+        };
+        let handle = match builder.install_recorder() {
+            Ok(handle) => handle,
+            // Another recorder is installed (embedding): ours is then not fed.
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        };
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(READINGS, "Sensor readings decoded and applied");
+    describe_counter!(
+        READINGS_OUT_OF_ORDER,
+        "Readings ignored as older than the newest applied"
+    );
+    describe_counter!(COMMANDS, "Heater commands decided, by command and reason");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Sensor records moved to the dead-letter topic, by reason"
+    );
+    describe_histogram!(
+        DECISION_LATENCY,
+        Unit::Seconds,
+        "From a reading's arrival to its decision"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        "Records behind the end of each assigned sensor partition"
+    );
+    describe_gauge!(CACHED_SENSORS, "Sensors the loop keeps state for");
+    describe_gauge!(CACHED_SETPOINTS, "Setpoints in the cache");
+    describe_gauge!(
+        RESYNC_AGE,
+        Unit::Seconds,
+        "Time since the last full setpoint resync"
+    );
+    describe_gauge!(SUBSCRIBERS, "Open SubscribeHeaterCommands streams");
+    describe_counter!(RPCS, "gRPC calls by method and status code");
+    describe_histogram!(
+        RPC_LATENCY,
+        Unit::Seconds,
+        "gRPC call duration until the response starts"
+    );
+    describe_gauge!(DB_POOL, "Database pool connections by state");
+}
+
+/// Unix time of the last full setpoint resync; 0 before the first.
+static LAST_RESYNC: AtomicI64 = AtomicI64::new(0);
+
+pub fn record_resync() {
+    LAST_RESYNC.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+}
+
+/// The Prometheus text for a scrape.
+pub fn render_metrics() -> String {
+    let handle = metrics();
+    let last = LAST_RESYNC.load(Ordering::Relaxed);
+    if last > 0 {
+        let age = chrono::Utc::now().timestamp().saturating_sub(last);
+        metrics::gauge!(RESYNC_AGE).set(age as f64);
+    }
+    handle.run_upkeep();
+    handle.render()
 }

@@ -207,3 +207,45 @@ async fn operators_create_topics_and_send_readings_by_hand() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("sensor_id"));
 }
+
+#[tokio::test]
+async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
+    use common::kafka::{Commands, Sensors, Topics};
+    use common::{http_get, sample};
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let (status, before) = http_get(app.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_get(app.admin, "/nope").await;
+    assert_eq!(status, 404);
+
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(common::put(common::setpoint("m1", "hq", 20.0), None))
+        .await
+        .unwrap();
+    let _ = client
+        .get_setpoint(thermostat::proto::v1::GetSetpointRequest {
+            sensor_id: "absent".into(),
+        })
+        .await;
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = Commands::new(&topics);
+    sensors.reading("m1", 10.0, chrono::Utc::now()).await;
+    sensors.raw(Some("m1"), b"\xff\xff").await;
+    commands.expect().await;
+    let counted = eventually(Duration::from_secs(10), || async {
+        let (_, now) = http_get(app.admin, "/metrics").await;
+        let grew = |series: &str| sample(&now, series) > sample(&before, series);
+        grew("thermostat_readings_consumed_total")
+            && grew(r#"thermostat_commands_emitted_total{command="On",reason="TooCold"}"#)
+            && grew(r#"thermostat_dead_letters_total{reason="undecodable"}"#)
+            && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/PutSetpoint",code="Ok"}"#)
+            && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/GetSetpoint",code="NotFound"}"#)
+            && now.contains("thermostat_decision_latency_seconds_bucket")
+            && now.contains("thermostat_db_pool_connections")
+    })
+    .await;
+    let (_, now) = http_get(app.admin, "/metrics").await;
+    assert!(counted, "metrics did not move:\n{now}");
+}

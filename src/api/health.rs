@@ -16,6 +16,10 @@ pub const SERVICE_NAMES: &[&str] = &[
     "thermostat.v1.HeaterControlService",
 ];
 
+/// The name Kubernetes' liveness probe asks for: SERVING as long as the process serves gRPC,
+/// whatever the state of PostgreSQL or Kafka (restarting would not fix them).
+pub const LIVENESS: &str = "liveness";
+
 /// Sets every name in [`SERVICE_NAMES`] to `status`.
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
     for name in SERVICE_NAMES {
@@ -38,6 +42,11 @@ pub async fn monitor_database(
         } else {
             ServingStatus::NotServing
         };
+        let pool = store.pool();
+        let idle = pool.num_idle() as f64;
+        metrics::gauge!(crate::telemetry::DB_POOL, "state" => "idle").set(idle);
+        metrics::gauge!(crate::telemetry::DB_POOL, "state" => "in_use")
+            .set(f64::from(pool.size()) - idle);
         if last != Some(status) {
             tracing::info!(?status, "health changed");
             set_all(&reporter, status).await;

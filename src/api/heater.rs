@@ -16,6 +16,7 @@ use crate::proto::v1 as pb;
 use crate::store::Store;
 use crate::stream::engine::Filter;
 use crate::stream::ControlHandle;
+use crate::telemetry;
 
 pub struct HeaterApi {
     control: ControlHandle,
@@ -75,6 +76,9 @@ impl HeaterApi {
             id => Some(BuildingId::parse(id)?),
         };
         let filter = Filter { sensors, building };
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
         // Subscribe before taking the snapshot, so no command falls between the two; the
         // overlap is removed by sequence number.
         let live = self.control.subscribe();
@@ -97,6 +101,7 @@ impl HeaterApi {
             shutdown: self.shutdown.clone(),
             ended: false,
         };
+        metrics::gauge!(telemetry::SUBSCRIBERS).increment(1.0);
         Ok(Box::pin(futures::stream::unfold(
             subscription,
             Subscription::next,
@@ -117,6 +122,12 @@ struct Subscription {
     delivered: HashMap<String, u64>,
     shutdown: CancellationToken,
     ended: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::SUBSCRIBERS).decrement(1.0);
+    }
 }
 
 impl Subscription {

@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod health;
 mod heater;
+pub mod metrics_layer;
 mod page_token;
 mod setpoints;
 mod status;

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use prost::Message;
@@ -25,6 +25,7 @@ use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
+use crate::telemetry;
 
 /// Header on command records naming the sensor-topic partition the deciding replica consumed
 /// the sensor from, so whichever replica owns that partition later knows the sensor is its own
@@ -44,6 +45,8 @@ pub enum Input {
         sensor: SensorId,
         reading: Reading,
         position: Position,
+        /// When the record was taken from the consumer, for the decision-latency metric.
+        received: Instant,
     },
     /// A record that decided nothing by itself (dead-lettered): its offset may be stored once
     /// `delivery` (the dead-letter record) is acknowledged.
@@ -196,14 +199,17 @@ impl Engine {
                 sensor,
                 reading,
                 position,
+                received,
             } => {
                 LoopStats::bump(&self.stats.readings);
+                metrics::counter!(telemetry::READINGS).increment(1);
                 let entry = self.sensors.entry(sensor.clone()).or_default();
                 entry.partition = Some(position.partition);
                 let decision = match entry.control.on_reading(reading) {
                     ReadingOutcome::Applied(decision) => decision,
                     ReadingOutcome::OutOfOrder => {
                         LoopStats::bump(&self.stats.out_of_order);
+                        metrics::counter!(telemetry::READINGS_OUT_OF_ORDER).increment(1);
                         None
                     }
                 };
@@ -211,6 +217,8 @@ impl Engine {
                     Some(decision) => Some(self.send(&sensor, &decision).await?),
                     None => None,
                 };
+                metrics::histogram!(telemetry::DECISION_LATENCY)
+                    .record(received.elapsed().as_secs_f64());
                 self.ack(Some(position), delivery)
             }
             Input::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
@@ -296,6 +304,13 @@ impl Engine {
     }
 
     async fn check_staleness(&mut self) -> Result<(), StreamError> {
+        let setpoints = self
+            .sensors
+            .values()
+            .filter(|e| e.control.setpoint().is_some())
+            .count();
+        metrics::gauge!(telemetry::CACHED_SENSORS).set(self.sensors.len() as f64);
+        metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);
         let now = Utc::now();
         let stale_after = self.stale_after;
         self.decide_for_owned(|control| control.on_tick(now, stale_after))
@@ -330,6 +345,12 @@ impl Engine {
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
         LoopStats::bump(&self.stats.commands);
+        metrics::counter!(
+            telemetry::COMMANDS,
+            "command" => format!("{:?}", decision.command),
+            "reason" => format!("{:?}", decision.reason),
+        )
+        .increment(1);
         let entry = self.sensors.entry(sensor.clone()).or_default();
         let event = Arc::new(command_event(sensor, decision, Utc::now()));
         entry.last_event = Some(event.clone());

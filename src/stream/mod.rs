@@ -169,14 +169,20 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<ControlHandle, StreamError> {
     let producer = producer(kafka)?;
-    let readings_consumer: readings::ReadingsConsumer =
-        consumer_config(kafka, &kafka.consumer_group)
-            // Offsets are stored by hand once a reading's commands are acknowledged, and committed
-            // in the background from what was stored.
-            .set("enable.auto.offset.store", "false")
-            .set("enable.auto.commit", "true")
-            .create_with_context(readings::RebalanceWatch::default())
-            .map_err(StreamError::Config)?;
+    let mut readings_config = consumer_config(kafka, &kafka.consumer_group);
+    readings_config
+        // Offsets are stored by hand once a reading's commands are acknowledged, and committed
+        // in the background from what was stored.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        // Feeds the consumer-lag gauge.
+        .set("statistics.interval.ms", "5000");
+    if let Some(instance) = &kafka.kafka_group_instance_id {
+        readings_config.set("group.instance.id", instance);
+    }
+    let readings_consumer: readings::ReadingsConsumer = readings_config
+        .create_with_context(readings::RebalanceWatch::default())
+        .map_err(StreamError::Config)?;
     check_topics(
         &producer,
         &[

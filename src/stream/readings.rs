@@ -19,6 +19,7 @@ use super::commands::Follower;
 use super::engine::{Ack, Input, LoopStats, Position};
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
+use crate::telemetry;
 
 /// Header of a dead-letter record: the reason code, e.g. `non_finite_temperature`.
 pub const DEAD_LETTER_REASON_HEADER: &str = "thermostat-dead-letter-reason";
@@ -38,7 +39,20 @@ pub struct RebalanceWatch {
     last_error: Mutex<Option<String>>,
 }
 
-impl ClientContext for RebalanceWatch {}
+impl ClientContext for RebalanceWatch {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for topic in statistics.topics.values() {
+            for (partition, p) in &topic.partitions {
+                // librdkafka reports -1 for partitions it does not consume (and the internal
+                // partition -1).
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(telemetry::CONSUMER_LAG, "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceWatch {
     fn post_rebalance(
@@ -171,6 +185,7 @@ impl Readings {
 
     /// Turns a record into the engine's input; bad records are dead-lettered.
     async fn input(&self, message: &BorrowedMessage<'_>) -> Result<Input, StreamError> {
+        let received = std::time::Instant::now();
         let position = Position {
             partition: message.partition(),
             offset: message.offset(),
@@ -191,9 +206,11 @@ impl Readings {
                 sensor,
                 reading,
                 position,
+                received,
             }),
             Err(reason) => {
                 LoopStats::bump(&self.stats.dead_lettered);
+                metrics::counter!(telemetry::DEAD_LETTERS, "reason" => reason.code()).increment(1);
                 tracing::debug!(reason = reason.code(), detail = %reason, ?position, "dead-lettering");
                 let delivery = self.dead_letter(message, &reason).await?;
                 Ok(Input::Skip { position, delivery })

@@ -34,6 +34,7 @@ pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<
             .await
             .map_err(|_| StreamError::Stopped("engine"))?;
     }
+    crate::telemetry::record_resync();
     Ok(())
 }
 

@@ -64,6 +64,7 @@ pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig
             command_topic: topics.commands.clone(),
             dead_letter_topic: topics.dead_letters.clone(),
             consumer_group: topics.group.clone(),
+            kafka_group_instance_id: None,
             kafka_fetch_wait_max: Duration::from_millis(10),
             kafka_batch_num_messages: 1,
             kafka_linger: Duration::from_millis(1),
@@ -75,6 +76,7 @@ pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig
             subscriber_buffer: 1024,
         },
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
         health_check_interval: Duration::from_millis(200),
         shutdown_timeout: Duration::from_secs(5),
     }
@@ -86,6 +88,7 @@ pub struct TestApp {
     pub database_url: String,
     pub config: ServeConfig,
     pub control: ControlHandle,
+    pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), thermostat::StartupError>>,
 }
@@ -107,6 +110,7 @@ impl TestApp {
         let app = Application::build(config.clone()).await.expect("build app");
         let addr = app.local_addr();
         let control = app.control().clone();
+        let admin = app.admin_addr().expect("admin address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
@@ -114,6 +118,7 @@ impl TestApp {
             database_url,
             config,
             control,
+            admin,
             shutdown,
             task,
         }
@@ -228,6 +233,36 @@ fn pg_script(action: &str, dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A plain HTTP/1.1 GET; returns (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, body.to_owned())
+}
+
+/// The value of the Prometheus sample whose line starts with `series` (name and labels as
+/// rendered), or 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
