@@ -173,7 +173,7 @@ impl Application {
         let server = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .layer(TraceLayer::new_for_grpc())
+            .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -238,6 +238,18 @@ impl Application {
         Ok(())
     }
 }
+/// The span of one RPC: its method and a request id (the caller's `x-request-id` if it sent
+/// one, else a fresh random one), so every log line of a call can be found together.
+fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64)
+        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
+    tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
+}
+
 /// An error with its causes, for logs.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

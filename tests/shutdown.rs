@@ -206,6 +206,31 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["message"] == "stopped" && v.get("commands").is_some())
         .unwrap_or_else(|| panic!("no final log line in:\n{log}"));
+    // JSON logs carry the sensor id and the RPC's request id as fields.
+    let written = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "setpoint written")
+        .unwrap_or_else(|| panic!("no 'setpoint written' line in:\n{log}"));
+    assert!(
+        written["sensor_id"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("load-")),
+        "{written}"
+    );
+    assert!(
+        written["span"]["request_id"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{written}"
+    );
+    assert!(
+        !log.lines().any(|l| l.contains("\"level\":\"INFO\"")
+            && l.contains("reading")
+            && l.contains("temperature")),
+        "per-reading info logs"
+    );
+
     let decided = stopped["commands"].as_u64().unwrap();
     let handled =
         stopped["readings"].as_u64().unwrap() + stopped["dead_lettered"].as_u64().unwrap();
