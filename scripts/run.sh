@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: build thermostat, give it a throwaway PostgreSQL database and a
-# Tansu broker (installed on first use), create the topics, and serve gRPC on
-# $GRPC_ADDR until Ctrl-C. Everything started here is stopped on exit.
+# broker (Tansu if installed, else an embedded mock), and run `thermostat demo`:
+# the service on $GRPC_ADDR as the thermostat of a simulated building, with a
+# plot of the rooms in target/thermostat-demo.svg. Ctrl-C stops everything.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -37,46 +38,27 @@ start_postgres() {
   export DATABASE_URL=${admin_url%/postgres}/thermostat
 }
 
+# Tansu when it is installed (scripts/tansu.sh ensure installs it: ~20 min once); otherwise the
+# demo embeds librdkafka's mock cluster, so a newcomer is running in minutes.
 start_broker() {
-  scripts/tansu.sh ensure >/dev/null
-  KAFKA_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
-  export KAFKA_BROKERS
+  if bin_tansu=$(scripts/tansu.sh path 2>/dev/null); then
+    echo "run.sh: broker: Tansu ($bin_tansu)" >&2
+    KAFKA_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
+    export KAFKA_BROKERS
+  else
+    echo "run.sh: Tansu not installed (scripts/tansu.sh ensure installs it); using the embedded mock broker" >&2
+    export DEMO_EMBEDDED_BROKER=true
+  fi
 }
 
-migrate() {
-  "$bin" migrate
-  "$bin" create-topics
-}
-
-print_examples() {
-  cat <<EOF
-
-thermostat serving gRPC on $GRPC_ADDR
-  database: $DATABASE_URL
-  broker:   $KAFKA_BROKERS
-
-In another terminal (README.md explains each):
-
-  grpcurl -plaintext $GRPC_ADDR list
-  grpcurl -plaintext -d '{"setpoint": {"sensorId": "room-1", "buildingId": "hq", "desiredCelsius": 21, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}' $GRPC_ADDR thermostat.v1.SetpointService/PutSetpoint
-  grpcurl -plaintext -d '{"sendInitialState": true}' $GRPC_ADDR thermostat.v1.HeaterControlService/SubscribeHeaterCommands
-
-and in a third, send readings and watch the heater react:
-
-  KAFKA_BROKERS=$KAFKA_BROKERS $bin send-reading room-1 18.0
-  KAFKA_BROKERS=$KAFKA_BROKERS $bin send-reading room-1 23.5
-
-EOF
-}
-
-serve() {
+demo() {
+  export SIM_PLOT=${SIM_PLOT:-$root/target/thermostat-demo.svg}
+  export SIM_CHANGE_AFTER=${SIM_CHANGE_AFTER:-2m}
   # Not exec'd: cleanup must run after it exits.
-  "$bin" serve
+  "$bin" demo
 }
 
 build
 start_postgres
 start_broker
-migrate
-print_examples
-serve
+demo

@@ -2,6 +2,7 @@
 # Tansu, a Kafka-protocol broker, for tests and local runs.
 #
 #   scripts/tansu.sh ensure                    -> prints the tansu binary path
+#   scripts/tansu.sh path                      -> the same, but fails instead of installing
 #   scripts/tansu.sh start DIR [STORAGE_URL]   -> prints 127.0.0.1:PORT
 #   scripts/tansu.sh stop DIR
 #
@@ -141,11 +142,13 @@ stop() {
 cmd=${1:-}
 case $cmd in
   ensure) ensure ;;
+  # The installed binary's path; fails (installing nothing) when there is none.
+  path) tansu_bin ;;
   start | stop)
     [[ $# -ge 2 ]] || die "usage: $0 $cmd DIR"
     DIR=$(realpath -m "$2")
     shift 2
     "$cmd" "$@"
     ;;
-  *) die "usage: $0 ensure | start DIR [STORAGE_URL] | stop DIR" ;;
+  *) die "usage: $0 ensure | path | start DIR [STORAGE_URL] | stop DIR" ;;
 esac

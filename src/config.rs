@@ -29,6 +29,10 @@ pub enum Command {
     CreateTopics(CreateTopicsConfig),
     /// Produce one sensor reading to the sensor topic, as a building gateway would.
     SendReading(SendReadingConfig),
+    /// Run a simulated building whose thermostat is the service.
+    Simulate(crate::sim::SimConfig),
+    /// The service and a simulated building in one process (the main job).
+    Demo(crate::demo::DemoConfig),
 }
 
 #[derive(Debug, Clone, Args)]

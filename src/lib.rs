@@ -8,9 +8,11 @@
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod sim;
 pub mod startup;
 pub mod store;
 pub mod stream;

@@ -14,6 +14,8 @@ use thermostat::{telemetry, Application};
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(&cli.log).map_err(|e| anyhow::anyhow!("RUST_LOG/LOG_FORMAT: {e}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
     match cli.command {
         Command::Migrate(database) => {
             let store = Store::connect_lazy(&database).context("DATABASE_URL")?;
@@ -34,10 +36,19 @@ async fn main() -> anyhow::Result<()> {
                 .context("sending the reading")?;
             tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");
         }
+        Command::Simulate(config) => {
+            let summary = thermostat::sim::run(config, shutdown).await?;
+            tracing::info!(
+                readings = summary.readings_sent,
+                commands = summary.commands_applied,
+                "simulation finished"
+            );
+        }
+        Command::Demo(config) => {
+            thermostat::demo::run(config, shutdown).await?;
+        }
         Command::Serve(config) => {
             let app = Application::build(config).await?;
-            let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
             app.run_until_stopped(shutdown).await?;
         }
     }

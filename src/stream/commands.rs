@@ -88,6 +88,14 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| StreamError::Stopped("blocking Kafka call"))?
 }
 
+/// The partitions of `topic`.
+pub(crate) async fn partition_ids(
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+) -> Result<Vec<i32>, StreamError> {
+    blocking(move || partitions(&consumer, &topic)).await
+}
+
 impl Follower {
     /// Waits until every command written to the topic before this call has been read and
     /// handed to the engine.
@@ -120,8 +128,7 @@ impl Follower {
 
 impl FollowerTask {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StreamError> {
-        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
-        let partitions = blocking(move || partitions(&consumer, &topic)).await?;
+        let partitions = partition_ids(self.consumer.clone(), self.topic.clone()).await?;
         let mut assignment = TopicPartitionList::new();
         for p in partitions {
             assignment

@@ -88,7 +88,7 @@ fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
-fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+pub(crate) fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
     let mut config = client_config(kafka);
     config
         .set("group.id", group)
