@@ -350,20 +350,7 @@ async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
     let commands = Commands::new(&topics);
     let sensors = Sensors::new(&topics.sensors);
     put_band(&app, "s", 20.0).await;
-    // A client with a tiny HTTP/2 window that never reads: the server cannot hand it more than
-    // a few events, so it falls behind the shared buffer.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .initial_connection_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
-    let mut stalled = pb::heater_control_service_client::HeaterControlServiceClient::new(channel)
-        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stalled = common::stalled_subscription(&app.addr.to_string()).await;
 
     let t0 = Utc::now();
     for i in 0..20 {

@@ -123,20 +123,7 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
     }
     let mut stalled = Vec::new();
     for _ in 0..2 {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-            .unwrap()
-            .initial_stream_window_size(Some(1024))
-            .initial_connection_window_size(Some(1024))
-            .connect()
-            .await
-            .unwrap();
-        stalled.push(
-            pb::heater_control_service_client::HeaterControlServiceClient::new(channel)
-                .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
-                .await
-                .unwrap()
-                .into_inner(),
-        );
+        stalled.push(common::stalled_subscription(&grpc).await);
     }
 
     // Load: readings that flip the heaters, until well after SIGTERM.

@@ -5,7 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::kafka::Topics;
 use common::TestApp;
 use thermostat::sim::{self, BuildingConfig, SimConfig};
 use tokio_util::sync::CancellationToken;

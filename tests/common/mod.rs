@@ -235,6 +235,26 @@ fn pg_script(action: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A subscription from a client that never reads, with a tiny HTTP/2 window: the server cannot
+/// hand it more than a few events, so it falls behind the shared buffer.
+pub async fn stalled_subscription(
+    addr: &str,
+) -> tonic::Streaming<thermostat::proto::v1::HeaterCommandEvent> {
+    use thermostat::proto::v1 as pb;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .expect("connect");
+    pb::heater_control_service_client::HeaterControlServiceClient::new(channel)
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
 /// A plain HTTP/1.1 GET; returns (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
