@@ -28,6 +28,8 @@ WORKDIR /src
 #    this layer (the slow part: every crate and librdkafka) is reused while only src/ changes.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+# Cargo.toml declares the benchmark targets: cargo refuses a manifest whose bench files are missing.
+COPY benches ./benches
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -24,9 +24,11 @@ export CARGO_TARGET_DIR=$target_dir
 stage=$(mktemp -d "${TMPDIR:-/tmp}/thermostat-docker-like.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 
-# 1. Dependencies only (Dockerfile: COPY Cargo.toml Cargo.lock build.rs ./ ; COPY proto ./proto).
+# 1. Dependencies only (Dockerfile: COPY Cargo.toml Cargo.lock build.rs ./ ; COPY proto ./proto ;
+#    COPY benches ./benches).
 cp "$root/Cargo.toml" "$root/Cargo.lock" "$root/build.rs" "$stage/"
 cp -R "$root/proto" "$stage/proto"
+cp -R "$root/benches" "$stage/benches"
 cd "$stage"
 mkdir src
 echo 'fn main() {}' > src/main.rs
