@@ -33,9 +33,9 @@ fn sensors(n: usize) -> (Vec<SensorId>, HashMap<SensorId, SensorControl>) {
 /// The temperature of reading `i`: with `change_every` = 1 every reading flips the heater; with
 /// 100, one in a hundred does and the rest stay in the dead band.
 fn temperature(i: u64, change_every: u64) -> Celsius {
-    let value = if i % change_every != 0 {
+    let value = if !i.is_multiple_of(change_every) {
         20.0
-    } else if (i / change_every) % 2 == 0 {
+    } else if (i / change_every).is_multiple_of(2) {
         10.0
     } else {
         30.0

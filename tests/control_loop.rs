@@ -313,7 +313,7 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
         },
     )
     .await;
-    let mut initial = vec![next_event(&mut alpha).await, next_event(&mut alpha).await];
+    let mut initial = [next_event(&mut alpha).await, next_event(&mut alpha).await];
     initial.sort_by(|x, y| x.sensor_id.cmp(&y.sensor_id));
     assert!(initial.iter().all(|e| e.snapshot && e.command() == H::On));
     assert_eq!(initial[0].sensor_id, "a1");

@@ -232,7 +232,8 @@ mod tests {
     #[test]
     fn every_kind_of_bad_record_has_its_reason() {
         let t = Some(now());
-        let cases: Vec<(SensorFormat, Option<&[u8]>, Vec<u8>, &str)> = vec![
+        type Case<'a> = (SensorFormat, Option<&'a [u8]>, Vec<u8>, &'a str);
+        let cases: Vec<Case<'_>> = vec![
             (
                 SensorFormat::Protobuf,
                 None,
