@@ -10,7 +10,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use crate::config::DatabaseConfig;
 use crate::error::Result;
 
-pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion};
+pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
