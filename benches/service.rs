@@ -1,10 +1,10 @@
 //! Service benchmarks against same-run baselines, printed as a markdown table:
 //!
-//! - 3. PutSetpoint throughput and p99 at 8 and 32 concurrent clients against `pgbench -M
-//!   prepared` running the statement the service issues (`store::PUT_SQL`), on the same
-//!   PostgreSQL with the same `synchronous_commit`.
-//! - 5. Resident memory per cached sensor: the service's RSS with 1M setpoints cached minus its
-//!   RSS with none, both started the same way in the same run.
+//! 3. PutSetpoint throughput and p99 at 8 and 32 concurrent clients against `pgbench -M
+//!    prepared` running the statement the service issues (`store::PUT_SQL`), on the same
+//!    PostgreSQL with the same `synchronous_commit`.
+//! 5. Resident memory per cached sensor: the service's RSS with 1M setpoints cached minus its
+//!    RSS with none, both started the same way in the same run.
 //!
 //! Run with `scripts/bench.sh` (it starts PostgreSQL and Tansu and sets the environment).
 
@@ -262,7 +262,6 @@ async fn create_topics(prefix: &str) {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing we need.
     let mut rows = Vec::new();
 
     // 3. PutSetpoint against pgbench.
