@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use sqlx::{Connection, PgConnection};
-use thermostat::config::{ControlConfig, DatabaseConfig, KafkaConfig, SensorFormat, ServeConfig};
+use thermostat::config::ServeConfig;
 use thermostat::proto::v1 as pb;
 use thermostat::Application;
 use tokio_util::sync::CancellationToken;
@@ -41,35 +41,17 @@ async fn fresh_database(name: &str) -> String {
 }
 
 fn config(database_url: String, prefix: &str) -> ServeConfig {
-    ServeConfig {
-        database: DatabaseConfig {
-            database_url,
-            database_max_connections: 32,
-            database_acquire_timeout: Duration::from_secs(5),
-        },
-        kafka: KafkaConfig {
-            kafka_brokers: env("THERMOSTAT_BENCH_BROKERS"),
-            sensor_topic: format!("{prefix}-sensors"),
-            sensor_format: SensorFormat::Protobuf,
-            command_topic: format!("{prefix}-commands"),
-            dead_letter_topic: format!("{prefix}-dlq"),
-            consumer_group: format!("{prefix}-group"),
-            kafka_group_instance_id: None,
-            kafka_fetch_wait_max: Duration::from_millis(10),
-            kafka_batch_num_messages: 1,
-            kafka_linger: Duration::from_millis(1),
-        },
-        control: ControlConfig {
-            stale_after: Duration::from_secs(300),
-            stale_check_interval: Duration::from_secs(5),
-            setpoint_resync_interval: Duration::from_secs(300),
-            subscriber_buffer: 1024,
-        },
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        health_check_interval: Duration::from_secs(2),
-        shutdown_timeout: Duration::from_secs(5),
-    }
+    let mut config = ServeConfig::from_defaults().expect("default configuration");
+    config.database.database_url = database_url;
+    config.database.database_max_connections = 32;
+    config.kafka.kafka_brokers = env("THERMOSTAT_BENCH_BROKERS");
+    config.kafka.sensor_topic = format!("{prefix}-sensors");
+    config.kafka.command_topic = format!("{prefix}-commands");
+    config.kafka.dead_letter_topic = format!("{prefix}-dlq");
+    config.kafka.consumer_group = format!("{prefix}-group");
+    config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    config.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    config
 }
 
 struct Row {

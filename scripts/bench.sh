@@ -9,18 +9,8 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-tmp=$(mktemp -d -t thermostat-bench.XXXXXX)
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  scripts/tansu.sh stop "$tmp/tansu" || true
-  scripts/pg.sh stop "$tmp/pg" || true
-  rm -rf "$tmp"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=scripts/throwaway.sh
+source scripts/throwaway.sh
 
 scripts/tansu.sh ensure >/dev/null
 THERMOSTAT_BENCH_PG_URL=$(scripts/pg.sh start "$tmp/pg")

@@ -8,7 +8,7 @@
 #     Secret validate strictly (unknown fields are errors) against the Kubernetes API schemas
 #     of the oldest supported version (1.30: the preStop `sleep` action) and of the newest one
 #     the validator knows; checkov (kubernetes framework);
-#   - scripts/build-like-docker.sh and this script: shellcheck.
+#   - every script under scripts/ and .ci/run: shellcheck.
 # Exits non-zero if any of them reports anything; every check runs, then a summary is printed.
 #
 # The linters are pinned and installed on first use from PyPI into a virtualenv, by default
@@ -131,7 +131,7 @@ step "kustomization lists every manifest" check_kustomization_files
 step "kustomization renders" render
 step "strict schema validation (Kubernetes ${k8s_versions[*]})" validate
 step "checkov $manifests" "${checkov[@]}" --framework kubernetes -d "$manifests"
-step "shellcheck scripts" "$venv/bin/shellcheck" scripts/build-like-docker.sh scripts/check-deploy.sh
+step "shellcheck scripts" "$venv/bin/shellcheck" -x scripts/*.sh .ci/run
 
 if ((${#failures[@]})); then
   echo "check-deploy: ${#failures[@]} failed: ${failures[*]}"

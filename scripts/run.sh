@@ -10,22 +10,8 @@ cd "$root"
 
 export GRPC_ADDR=${GRPC_ADDR:-127.0.0.1:50051}
 bin=$root/target/release/thermostat
-tmp=$(mktemp -d -t thermostat-run.XXXXXX)
-pids=() # background helpers to stop on exit
-
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  local pid
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  scripts/tansu.sh stop "$tmp/tansu" || true
-  scripts/pg.sh stop "$tmp/pg" || true
-  rm -rf "$tmp"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=scripts/throwaway.sh
+source scripts/throwaway.sh
 
 build() {
   cargo build --release

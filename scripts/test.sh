@@ -29,18 +29,8 @@ find_grpcurl() {
   echo "$bin"
 }
 
-tmp=$(mktemp -d -t thermostat-test.XXXXXX)
-cleanup() {
-  local rc=$?
-  trap - EXIT
-  scripts/tansu.sh stop "$tmp/tansu" || true
-  scripts/pg.sh stop "$tmp/pg" || true
-  rm -rf "$tmp"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=scripts/throwaway.sh
+source scripts/throwaway.sh
 
 THERMOSTAT_TEST_GRPCURL=$(find_grpcurl)
 scripts/tansu.sh ensure >/dev/null

@@ -180,6 +180,16 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
 }
 
+impl ServeConfig {
+    /// The configuration `thermostat serve` has without flags: the defaults, and whatever the
+    /// environment variables set. For embedding (tests, benchmarks) before overriding fields.
+    pub fn from_defaults() -> Result<Self, clap::Error> {
+        use clap::FromArgMatches;
+        let command = Self::augment_args(clap::Command::new("serve"));
+        Self::from_arg_matches(&command.try_get_matches_from(["serve"])?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +203,14 @@ mod tests {
         };
         assert_eq!(serve.grpc_addr.port(), 0);
         assert_eq!(serve.shutdown_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn from_defaults_matches_the_documented_defaults() {
+        let config = ServeConfig::from_defaults().expect("defaults parse");
+        assert_eq!(config.control.stale_after, Duration::from_secs(300));
+        assert_eq!(config.kafka.kafka_batch_num_messages, 1);
+        assert_eq!(config.control.subscriber_buffer, 1024);
     }
 
     #[test]

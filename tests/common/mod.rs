@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use thermostat::config::{ControlConfig, DatabaseConfig, KafkaConfig, SensorFormat, ServeConfig};
+use thermostat::config::ServeConfig;
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
 use thermostat::stream::ControlHandle;
@@ -51,35 +51,21 @@ pub async fn create_database(admin_url: &str) -> String {
 }
 
 pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig {
-    ServeConfig {
-        database: DatabaseConfig {
-            database_url,
-            database_max_connections: 10,
-            database_acquire_timeout: Duration::from_secs(2),
-        },
-        kafka: KafkaConfig {
-            kafka_brokers: kafka::brokers(),
-            sensor_topic: topics.sensors.clone(),
-            sensor_format: SensorFormat::Protobuf,
-            command_topic: topics.commands.clone(),
-            dead_letter_topic: topics.dead_letters.clone(),
-            consumer_group: topics.group.clone(),
-            kafka_group_instance_id: None,
-            kafka_fetch_wait_max: Duration::from_millis(10),
-            kafka_batch_num_messages: 1,
-            kafka_linger: Duration::from_millis(1),
-        },
-        control: ControlConfig {
-            stale_after: Duration::from_secs(300),
-            stale_check_interval: Duration::from_millis(200),
-            setpoint_resync_interval: Duration::from_secs(300),
-            subscriber_buffer: 1024,
-        },
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        health_check_interval: Duration::from_millis(200),
-        shutdown_timeout: Duration::from_secs(5),
-    }
+    let mut config = ServeConfig::from_defaults().expect("default configuration");
+    config.database.database_url = database_url;
+    config.database.database_max_connections = 10;
+    config.database.database_acquire_timeout = Duration::from_secs(2);
+    config.kafka.kafka_brokers = kafka::brokers();
+    config.kafka.sensor_topic = topics.sensors.clone();
+    config.kafka.command_topic = topics.commands.clone();
+    config.kafka.dead_letter_topic = topics.dead_letters.clone();
+    config.kafka.consumer_group = topics.group.clone();
+    config.control.stale_check_interval = Duration::from_millis(200);
+    config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    config.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    config.health_check_interval = Duration::from_millis(200);
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
 }
 
 /// A running service and what a test needs to talk to it.
