@@ -32,14 +32,43 @@ pub struct Reading {
     pub time: DateTime<Utc>,
 }
 
+/// The thresholds of a setpoint: all the rule needs, kept per sensor instead of the whole
+/// setpoint (whose ids would be a second copy of the map key and the building).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Band {
+    /// `desired - down_delta`: below it, ON.
+    lower: f64,
+    /// `desired + up_delta`: above it, OFF.
+    upper: f64,
+}
+
+impl Band {
+    pub fn lower(self) -> f64 {
+        self.lower
+    }
+
+    pub fn upper(self) -> f64 {
+        self.upper
+    }
+}
+
+impl From<&Setpoint> for Band {
+    fn from(setpoint: &Setpoint) -> Self {
+        let desired = setpoint.desired().value();
+        Self {
+            lower: desired - setpoint.down_delta().value(),
+            upper: desired + setpoint.up_delta().value(),
+        }
+    }
+}
+
 /// The reference rule alone: what the heater should do for `temperature`, or `None` inside the
 /// dead band.
-pub fn rule(setpoint: &Setpoint, temperature: Celsius) -> Option<(HeaterCommand, CommandReason)> {
+pub fn rule(band: Band, temperature: Celsius) -> Option<(HeaterCommand, CommandReason)> {
     let t = temperature.value();
-    let desired = setpoint.desired().value();
-    if t > desired + setpoint.up_delta().value() {
+    if t > band.upper {
         Some((HeaterCommand::Off, CommandReason::TooHot))
-    } else if t < desired - setpoint.down_delta().value() {
+    } else if t < band.lower {
         Some((HeaterCommand::On, CommandReason::TooCold))
     } else {
         None
@@ -78,8 +107,8 @@ pub enum ReadingOutcome {
 /// Everything the loop keeps about one sensor.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SensorControl {
-    /// The current setpoint; `None` when the sensor is not controlled.
-    setpoint: Option<Setpoint>,
+    /// The current setpoint's band; `None` when the sensor is not controlled.
+    band: Option<Band>,
     /// The highest setpoint revision applied, deletions included. Never goes backwards.
     revision: i64,
     last_reading: Option<Reading>,
@@ -93,8 +122,9 @@ pub struct SensorControl {
 }
 
 impl SensorControl {
-    pub fn setpoint(&self) -> Option<&Setpoint> {
-        self.setpoint.as_ref()
+    /// The band of the current setpoint; `None` when the sensor is not controlled.
+    pub fn band(&self) -> Option<Band> {
+        self.band
     }
 
     pub fn revision(&self) -> i64 {
@@ -153,14 +183,14 @@ impl SensorControl {
         self.revision = revision;
         match setpoint {
             Some(setpoint) => {
-                if self.setpoint.is_none() {
+                if self.band.is_none() {
                     self.controlled_since = Some(now);
                 }
-                self.building_id = Some(setpoint.building_id.clone());
-                self.setpoint = Some(setpoint);
+                self.band = Some(Band::from(&setpoint));
+                self.building_id = Some(setpoint.building_id);
             }
             None => {
-                self.setpoint = None;
+                self.band = None;
                 self.controlled_since = None;
             }
         }
@@ -170,7 +200,7 @@ impl SensorControl {
     /// Decides on the current setpoint without a new reading: the latest reading is evaluated
     /// if it is fresh, and a heater left ON without a setpoint is released.
     pub fn reevaluate(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
-        if self.setpoint.is_some() {
+        if self.band.is_some() {
             let fresh = self
                 .last_reading
                 .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
@@ -190,7 +220,7 @@ impl SensorControl {
 
     /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
     pub fn on_tick(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
-        let setpoint = self.setpoint.as_ref()?;
+        self.band?;
         let since = self
             .last_reading
             .map(|r| r.time)
@@ -198,7 +228,8 @@ impl SensorControl {
         if now.signed_duration_since(since) <= stale_after {
             return None;
         }
-        let building = setpoint.building_id.clone();
+        // Set together with the band, so present whenever the sensor is controlled.
+        let building = self.building_id.clone()?;
         self.emit(
             HeaterCommand::Off,
             CommandReason::SensorStale,
@@ -236,9 +267,8 @@ impl SensorControl {
     }
 
     fn evaluate(&mut self, reading: Reading) -> Option<Decision> {
-        let setpoint = self.setpoint.as_ref()?;
-        let (command, reason) = rule(setpoint, reading.temperature)?;
-        let building = setpoint.building_id.clone();
+        let (command, reason) = rule(self.band?, reading.temperature)?;
+        let building = self.building_id.clone()?;
         self.emit(command, reason, building, self.revision)
     }
 
@@ -393,7 +423,8 @@ mod tests {
             s.on_setpoint(1, Some(band(10.0, 1.0, 1.0)), at(21), STALE),
             None
         );
-        assert_eq!(s.setpoint().unwrap().desired().value(), 23.0);
+        assert_eq!(s.band().unwrap().upper(), 24.0);
+        assert_eq!(s.band().unwrap().lower(), 22.0);
     }
 
     #[test]

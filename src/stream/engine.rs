@@ -307,7 +307,7 @@ impl Engine {
         let setpoints = self
             .sensors
             .values()
-            .filter(|e| e.control.setpoint().is_some())
+            .filter(|e| e.control.band().is_some())
             .count();
         metrics::gauge!(telemetry::CACHED_SENSORS).set(self.sensors.len() as f64);
         metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);

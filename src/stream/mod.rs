@@ -224,19 +224,24 @@ pub async fn start(
     // Order matters: last commands first, then setpoints, so that re-evaluating a setpoint
     // knows what each heater was last told.
     follower.caught_up().await?;
-    setpoint_sync::full_resync(&store, &engine_tx).await?;
-    let (done, loaded) = oneshot::channel();
-    engine_tx
-        .send(Input::Barrier(done))
-        .await
-        .map_err(|_| StreamError::Stopped("engine"))?;
-    loaded.await.map_err(|_| StreamError::Stopped("engine"))?;
+    let (loaded_tx, loaded) = oneshot::channel();
     tasks.spawn(setpoint_sync::run(
         store,
         engine_tx.clone(),
         control.setpoint_resync_interval,
+        loaded_tx,
         shutdown.clone(),
     ));
+    loaded
+        .await
+        .map_err(|_| StreamError::Stopped("setpoint sync"))?;
+    // Every setpoint is queued for the engine; the barrier returns once it applied them.
+    let (done, applied) = oneshot::channel();
+    engine_tx
+        .send(Input::Barrier(done))
+        .await
+        .map_err(|_| StreamError::Stopped("engine"))?;
+    applied.await.map_err(|_| StreamError::Stopped("engine"))?;
 
     let readings = readings::Readings {
         consumer: readings_consumer,

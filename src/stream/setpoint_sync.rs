@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::Input;
@@ -38,14 +38,18 @@ pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<
     Ok(())
 }
 
+/// Keeps the cache current until `shutdown`. `loaded` is told once the first full read has
+/// been handed to the engine: the cache is complete from then on.
 pub async fn run(
     store: Store,
     engine: mpsc::Sender<Input>,
     resync_interval: Duration,
+    loaded: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
+    let mut loaded = Some(loaded);
     while !shutdown.is_cancelled() {
-        if let Err(e) = listen(&store, &engine, resync_interval, &shutdown).await {
+        if let Err(e) = listen(&store, &engine, resync_interval, &mut loaded, &shutdown).await {
             if matches!(e, StreamError::Stopped(_)) {
                 return Err(e);
             }
@@ -63,6 +67,7 @@ async fn listen(
     store: &Store,
     engine: &mpsc::Sender<Input>,
     resync_interval: Duration,
+    loaded: &mut Option<oneshot::Sender<()>>,
     shutdown: &CancellationToken,
 ) -> Result<(), StreamError> {
     let db = |e| StreamError::Store(crate::Error::from(e));
@@ -70,6 +75,9 @@ async fn listen(
     listener.listen(CHANNEL).await.map_err(db)?;
     // Listening first, then reading everything: no change can fall between the two.
     full_resync(store, engine).await?;
+    if let Some(loaded) = loaded.take() {
+        let _ = loaded.send(());
+    }
     let mut resync = tokio::time::interval(resync_interval);
     resync.reset();
     loop {
