@@ -158,6 +158,89 @@ pub struct ControlConfig {
     pub subscriber_buffer: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientAuth {
+    /// Every connection must present a certificate signed by `TLS_CLIENT_CA_FILE`.
+    Required,
+    /// A certificate is verified when presented; callers without one use a bearer token.
+    Optional,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TlsConfig {
+    /// PEM certificate chain for the gRPC port. With `TLS_KEY_FILE`, turns TLS on; without
+    /// both, the gRPC port is plaintext (local development only; logged as a warning).
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `TLS_CERT_FILE`.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// PEM CA certificates that client certificates are verified against (mTLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
+    /// With `TLS_CLIENT_CA_FILE`: whether a client certificate is required or optional.
+    #[arg(long, env = "TLS_CLIENT_AUTH", value_enum, default_value_t = ClientAuth::Required)]
+    pub tls_client_auth: ClientAuth,
+    /// How long a client gets to complete the TLS handshake before it is disconnected.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthConfig {
+    /// Serve every RPC to anyone, as an admin of all buildings. For local development only;
+    /// the service logs a warning at start and every minute while it runs this way.
+    #[arg(long, env = "AUTH_DISABLED", default_value_t = false)]
+    pub auth_disabled: bool,
+    /// JSON Web Key Set (RS256 and ES256 public keys) that bearer JWTs are verified against.
+    #[arg(long, env = "AUTH_JWKS_FILE", requires_all = ["auth_jwt_issuer", "auth_jwt_audience"])]
+    pub auth_jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss` claim of JWTs.
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+    /// Required `aud` claim of JWTs (one of the token's audiences must match).
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+    /// Clock skew allowed when checking `exp` and `nbf`.
+    #[arg(long, env = "AUTH_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub auth_jwt_leeway: Duration,
+    /// JSON file of static identities: SHA-256 hashes of bearer tokens, and client-certificate
+    /// subjects, each with a role and buildings (see the README).
+    #[arg(long, env = "AUTH_STATIC_FILE")]
+    pub auth_static_file: Option<std::path::PathBuf>,
+    /// How often the TLS, JWKS and static-identity files are checked for changes.
+    #[arg(long, env = "CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub credentials_reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Setpoint writes (Put, Delete) per second allowed to one identity, on each replica.
+    #[arg(long, env = "WRITE_RATE_LIMIT", default_value_t = 20)]
+    pub write_rate_limit: u32,
+    /// Writes one identity may make in a burst above `WRITE_RATE_LIMIT`.
+    #[arg(long, env = "WRITE_BURST", default_value_t = 40)]
+    pub write_burst: u32,
+    /// Largest request or response message, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    #[arg(long, env = "MAX_CONCURRENT_STREAMS", default_value_t = 100)]
+    pub max_concurrent_streams: u32,
+    /// Most open SubscribeHeaterCommands streams per identity, on each replica.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_IDENTITY", default_value_t = 16)]
+    pub max_subscriptions_per_identity: usize,
+    /// Longest a unary call may take; a shorter client deadline (`grpc-timeout`) wins.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// HTTP/2 keepalive ping interval: finds vanished clients and their streams.
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     #[command(flatten)]
@@ -166,9 +249,19 @@ pub struct ServeConfig {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub control: ControlConfig,
+    #[command(flatten)]
+    pub tls: TlsConfig,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    pub limits: LimitsConfig,
     /// Address the gRPC server listens on (port 0 picks a free port).
     #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
+    /// Address of the plaintext gRPC health port for Kubernetes probes: only
+    /// `grpc.health.v1.Health`, no credentials needed, nothing else served.
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:50052")]
+    pub health_addr: SocketAddr,
     /// Address of the admin HTTP server: `/metrics` (Prometheus) and `/livez`.
     #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,

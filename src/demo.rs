@@ -1,6 +1,10 @@
 //! `thermostat demo`: the service and a simulated building in one process — the main job. The
 //! broker is `KAFKA_BROKERS`, or with `--embedded-broker` librdkafka's in-process mock cluster,
 //! so a newcomer without Tansu is running in minutes.
+//!
+//! Authentication stays on: unless the configuration names its own credentials (or disables
+//! them), the demo makes a random token for an operator of the simulated building, writes its
+//! hash to a static-identities file, and prints it with the example commands.
 
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +38,43 @@ pub enum DemoError {
     Service(#[from] crate::StartupError),
     #[error("simulator")]
     Simulator(#[from] sim::SimError),
+    #[error("writing the demo's identities file")]
+    Identities(#[source] std::io::Error),
+}
+
+/// A freshly made token and the static-identities file that admits it, removed on drop.
+struct DemoCredentials {
+    token: String,
+    dir: std::path::PathBuf,
+}
+
+impl DemoCredentials {
+    fn create(building: &str) -> Result<Self, DemoError> {
+        let token = format!("demo-{:032x}", rand::random::<u128>());
+        let dir = std::env::temp_dir().join(format!("thermostat-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(DemoError::Identities)?;
+        let file = serde_json::json!({
+            "tokens": [{
+                "sha256": crate::security::static_file::hash_token(&token),
+                "subject": "demo-operator",
+                "role": "operator",
+                "buildings": [building],
+            }]
+        });
+        std::fs::write(dir.join("identities.json"), file.to_string())
+            .map_err(DemoError::Identities)?;
+        Ok(Self { token, dir })
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.dir.join("identities.json")
+    }
+}
+
+impl Drop for DemoCredentials {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
@@ -57,7 +98,18 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         create_topics(&config.serve.kafka, PARTITIONS, 1).await?;
         None
     };
+    let auth = &config.serve.auth;
+    let credentials =
+        if auth.auth_disabled || auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some() {
+            None
+        } else {
+            let credentials = DemoCredentials::create(&config.building.building_id)?;
+            config.serve.auth.auth_static_file = Some(credentials.file());
+            config.building.api_token = Some(credentials.token.clone());
+            Some(credentials)
+        };
     let kafka = config.serve.kafka.clone();
+    let tls = config.serve.tls.tls_cert_file.is_some();
     let app = Application::build(config.serve).await?;
     let mut building = config.building;
     building.api_addr = Some(app.local_addr().to_string());
@@ -65,6 +117,8 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         &app.local_addr().to_string(),
         &kafka.kafka_brokers,
         &building,
+        credentials.as_ref().map(|c| c.token.as_str()),
+        tls,
     );
     let service_stop = CancellationToken::new();
     let service = tokio::spawn(app.run_until_stopped(service_stop.clone()));
@@ -85,27 +139,47 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     Ok(())
 }
 
-/// What to try while the demo runs, with the addresses of this run.
-fn print_examples(grpc: &str, brokers: &str, building: &BuildingConfig) {
+/// What to try while the demo runs, with the addresses (and token) of this run.
+fn print_examples(
+    grpc: &str,
+    brokers: &str,
+    building: &BuildingConfig,
+    token: Option<&str>,
+    tls: bool,
+) {
     let room = format!("{}/room-00", building.building_id);
     let plot = building.plot.as_ref().map_or_else(
         || "(no plot: set SIM_PLOT)".to_owned(),
         |p| p.display().to_string(),
     );
+    // With its own TLS setup the operator knows which -cacert/-cert flags to add.
+    let transport = if tls { "" } else { "-plaintext " };
+    let (auth_note, auth) = match token {
+        Some(token) => (
+            format!(
+                "  token:  {token} (operator of \"{}\"; made for this run only)\n",
+                building.building_id
+            ),
+            format!("-H 'authorization: Bearer {token}' "),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let call = format!("grpcurl {transport}{auth}");
     println!(
         r#"
 thermostat is the thermostat of a simulated building of {rooms} rooms ("{building_id}").
   gRPC:   {grpc}
   broker: {brokers}
-  plot:   {plot} (rewritten every 30 s and at the end)
+{auth_note}  plot:   {plot} (rewritten every 30 s and at the end)
 
 In another terminal:
-  grpcurl -plaintext {grpc} list
-  grpcurl -plaintext -d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
-  grpcurl -plaintext -d '{{"sendInitialState": true, "buildingId": "{building_id}"}}' {grpc} thermostat.v1.HeaterControlService/SubscribeHeaterCommands
+  grpcurl {transport}{grpc} list
+  {call}-d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
+  {call}-d '{{"sendInitialState": true, "buildingId": "{building_id}"}}' {grpc} thermostat.v1.HeaterControlService/SubscribeHeaterCommands
 Change a setpoint and watch that room's heater react (and the plot):
-  grpcurl -plaintext -d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
-  grpcurl -plaintext -d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
+  {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
+  {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
+Without the token the same calls fail with Unauthenticated.
 Send a reading by hand:
   KAFKA_BROKERS={brokers} target/release/thermostat send-reading {building_id}/room-01 15.0
 Ctrl-C stops the demo and writes the plot.

@@ -21,6 +21,23 @@ pub enum Error {
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
 
+    /// No credentials, or credentials that do not verify. The detail is for the log only: it
+    /// must not help an attacker tell a wrong key from an expired token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+
+    /// The caller is known but its role does not allow the call.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
+    /// Too many writes from one identity; `retry_after` is when the next one would pass.
+    #[error("write rate limit exceeded, retry in {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
+
+    /// Too many open subscription streams for one identity.
+    #[error("at most {limit} concurrent subscriptions per identity")]
+    TooManyStreams { limit: usize },
+
     /// The service is stopping; the caller should retry on another replica.
     #[error("shutting down")]
     ShuttingDown,

@@ -2,8 +2,8 @@
 //! readings and decides heater commands.
 //!
 //! Layout: `domain` (validated values and rules, no I/O), `store` (SQL), `stream` (Kafka), `api`
-//! (gRPC), `config`,
-//! `telemetry`, and `startup` which wires them into an [`Application`].
+//! (gRPC), `security` (TLS and who is calling), `config`, `telemetry`, and `startup` which wires
+//! them into an [`Application`].
 
 pub mod admin;
 pub mod api;
@@ -12,6 +12,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod security;
 pub mod sim;
 pub mod startup;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Wires configuration, storage and the gRPC server into a running [`Application`].
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -11,17 +11,18 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::api::metrics_layer::GrpcMetricsLayer;
-use crate::api::{self, health, HeaterApi, SetpointApi};
+use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
 use crate::config::ServeConfig;
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
+use crate::security::watch::{LoadError, Reloadable};
+use crate::security::{self, Authenticator};
 use crate::store::Store;
 use crate::stream::engine::LoopStats;
 use crate::stream::{self, ControlHandle, StreamError};
 
-/// HTTP/2 keepalive: detects vanished clients (and their streams) within about 30 s.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest total size of one call's metadata (headers): room for a large JWT, no more.
+const MAX_HEADER_LIST_SIZE: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -35,6 +36,10 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("authentication")]
+    Auth(#[from] security::SetupError),
+    #[error("TLS configuration")]
+    Tls(#[source] LoadError),
     #[error("building the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
@@ -51,7 +56,11 @@ pub struct Application {
     store: Store,
     incoming: TcpIncoming,
     local_addr: SocketAddr,
+    health_incoming: TcpIncoming,
+    health_addr: SocketAddr,
     admin: tokio::net::TcpListener,
+    auth: Authenticator,
+    tls: Option<Arc<Reloadable<tokio_rustls::rustls::ServerConfig>>>,
     control: ControlHandle,
     tasks: JoinSet<Result<(), StreamError>>,
     /// Stops every task; cancelled when the caller's shutdown token is.
@@ -62,9 +71,16 @@ impl Application {
     /// Connects to the database, applies migrations, binds the gRPC port and starts the control
     /// loop (which first recovers the last commands and loads the setpoint cache).
     pub async fn build(config: ServeConfig) -> Result<Self, StartupError> {
+        let stop = CancellationToken::new();
+        // Credentials first: a misconfigured security setup should fail in a second, not after
+        // the migrations and the command-topic replay.
+        let auth = Authenticator::load(&config.auth, &config.tls, &stop)?;
+        let tls = security::tls::load(&config.tls).map_err(StartupError::Tls)?;
+        if let Some(tls) = &tls {
+            Arc::clone(tls).watch(config.auth.credentials_reload_interval, stop.clone());
+        }
         let store = Store::connect_lazy(&config.database).map_err(StartupError::DatabaseUrl)?;
         store.migrate().await?;
-        let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let started = stream::start(
             &config.kafka,
@@ -87,6 +103,12 @@ impl Application {
         };
         let incoming = TcpIncoming::bind(config.grpc_addr).map_err(bind_error)?;
         let local_addr = incoming.local_addr().map_err(bind_error)?;
+        let health_bind_error = |source| StartupError::Bind {
+            addr: config.health_addr,
+            source,
+        };
+        let health_incoming = TcpIncoming::bind(config.health_addr).map_err(health_bind_error)?;
+        let health_addr = health_incoming.local_addr().map_err(health_bind_error)?;
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await
             .map_err(|source| StartupError::Bind {
@@ -100,7 +122,11 @@ impl Application {
             store,
             incoming,
             local_addr,
+            health_incoming,
+            health_addr,
             admin,
+            auth,
+            tls,
             control,
             tasks,
             stop,
@@ -110,6 +136,11 @@ impl Application {
     /// The bound gRPC address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound plaintext health-check address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health_addr
     }
 
     /// The bound admin HTTP address (`/metrics`).
@@ -132,7 +163,11 @@ impl Application {
             store,
             incoming,
             local_addr,
+            health_incoming,
+            health_addr,
             admin,
+            auth,
+            tls,
             control,
             mut tasks,
             stop,
@@ -169,19 +204,73 @@ impl Application {
                 health::set_all(&reporter, ServingStatus::NotServing).await;
             }
         };
-        let heater_api = HeaterApi::new(control.clone(), store.clone(), stop.clone());
-        let server = Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        announce_security(&auth, tls.is_some(), &config);
+        let limits = Limits::new(&config.limits);
+        let max_message = config.limits.max_message_size;
+        let setpoints = SetpointServiceServer::new(SetpointApi::new(store.clone(), limits.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let heater = HeaterControlServiceServer::new(HeaterApi::new(
+            control.clone(),
+            store,
+            limits,
+            stop.clone(),
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        // Health and reflection need no token: health says only SERVING or not, and reflection
+        // describes the public API schema, which is in this repository. Both still go through
+        // TLS when it is on. The application services require an identity.
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout))
+            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_concurrent_streams(config.limits.max_concurrent_streams)
+            .timeout(config.limits.request_timeout)
             .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
-            .add_service(health_service)
+            .add_service(health_service.clone())
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(SetpointServiceServer::new(SetpointApi::new(store)))
-            .add_service(HeaterControlServiceServer::new(heater_api))
-            .serve_with_incoming_shutdown(incoming, stop_accepting);
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                setpoints,
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                heater, auth,
+            ));
+        let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                security::tls::incoming(
+                    incoming,
+                    tls,
+                    config.tls.tls_handshake_timeout,
+                    stop.clone(),
+                ),
+                stop_accepting,
+            )),
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop_accepting)),
+        };
         tracing::info!(addr = %local_addr, "serving gRPC");
+
+        // Plaintext and health-only, for Kubernetes probes, which can neither do TLS with our
+        // certificates nor present a token.
+        let health_server = {
+            let stop = stop.clone();
+            Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(
+                    health_incoming,
+                    async move { stop.cancelled().await },
+                )
+        };
+        tracing::info!(addr = %health_addr, "serving gRPC health");
+        tasks.spawn(async move {
+            if let Err(e) = health_server.await {
+                tracing::error!(error = %error_chain(&e), "health server failed");
+            }
+            Ok(())
+        });
 
         let mut server = std::pin::pin!(server);
         let failure = tokio::select! {
@@ -238,6 +327,30 @@ impl Application {
         Ok(())
     }
 }
+/// Says at start how callers are authenticated; loudly when they are not.
+fn announce_security(auth: &Authenticator, tls: bool, config: &ServeConfig) {
+    if auth.is_disabled() {
+        tracing::error!(
+            "AUTHENTICATION IS DISABLED (AUTH_DISABLED=true): every caller may read and change \
+             every building's setpoints. Never run this way outside local development."
+        );
+    } else {
+        tracing::info!(
+            jwks = ?config.auth.auth_jwks_file,
+            static_identities = ?config.auth.auth_static_file,
+            "callers must authenticate"
+        );
+    }
+    if tls {
+        tracing::info!(client_ca = ?config.tls.tls_client_ca_file, client_auth = ?config.tls.tls_client_auth, "TLS on the gRPC port");
+    } else {
+        tracing::warn!(
+            "the gRPC port is PLAINTEXT (no TLS_CERT_FILE/TLS_KEY_FILE): tokens and setpoints \
+             cross the network in the clear; for local development only"
+        );
+    }
+}
+
 /// The span of one RPC: its method and a request id (the caller's `x-request-id` if it sent
 /// one, else a fresh random one), so every log line of a call can be found together.
 fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {

@@ -23,6 +23,9 @@ pub const SUBSCRIBERS: &str = "thermostat_subscribers";
 pub const RPCS: &str = "thermostat_grpc_requests_total";
 pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
+pub const TLS_HANDSHAKE_FAILURES: &str = "thermostat_tls_handshake_failures_total";
+pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
+pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
 
 /// Histogram buckets (seconds) for latencies from 10 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -63,6 +66,18 @@ pub fn metrics() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(READINGS, "Sensor readings decoded and applied");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes that failed or timed out on the gRPC port"
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "Calls refused as unauthenticated or not permitted, by code"
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Calls refused by a per-identity limit, by limit"
+    );
     describe_counter!(
         READINGS_OUT_OF_ORDER,
         "Readings ignored as older than the newest applied"

@@ -52,6 +52,7 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
     let config = TestApp::fresh_config().await;
     let topics = Topics::of(&config);
     let grpc = format!("127.0.0.1:{}", free_port());
+    let health = format!("127.0.0.1:{}", free_port());
     let log = tempfile::NamedTempFile::new().expect("log file");
     let budget = Duration::from_secs(4);
     let mut child = Command::new(env!("CARGO_BIN_EXE_thermostat"))
@@ -63,6 +64,9 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
         .env("DEAD_LETTER_TOPIC", &topics.dead_letters)
         .env("CONSUMER_GROUP", &topics.group)
         .env("GRPC_ADDR", &grpc)
+        .env("HEALTH_ADDR", &health)
+        // This test is about stopping; authentication is tests/security.rs's.
+        .env("AUTH_DISABLED", "true")
         .env("ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("SHUTDOWN_TIMEOUT", "4s")
         .env("LOG_FORMAT", "json")
@@ -73,8 +77,10 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
         .expect("start thermostat");
 
     let endpoint = format!("http://{grpc}");
+    // Readiness as the kubelet asks for it: on the plaintext health port.
+    let health_endpoint = format!("http://{health}");
     let ready = eventually(Duration::from_secs(30), || async {
-        let Ok(channel) = tonic::transport::Channel::from_shared(endpoint.clone())
+        let Ok(channel) = tonic::transport::Channel::from_shared(health_endpoint.clone())
             .unwrap()
             .connect()
             .await

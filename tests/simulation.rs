@@ -28,6 +28,7 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
             heating_per_minute: 0.6,
             loss_per_minute: 0.02,
             api_addr: Some(app.addr.to_string()),
+            api_token: None,
             desired_celsius: 21.0,
             delta_celsius: 0.5,
             change_after: Some(Duration::from_secs(10)),

@@ -9,8 +9,10 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::authorize;
 use super::convert::{setpoint_to_proto, timestamp};
-use crate::domain::{BuildingId, SensorId, ValidationError};
+use super::limits::{Limits, SubscriptionSlot};
+use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::store::Store;
@@ -21,22 +23,39 @@ use crate::telemetry;
 pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
+    limits: Limits,
     shutdown: CancellationToken,
 }
 
 impl HeaterApi {
-    pub fn new(control: ControlHandle, store: Store, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        control: ControlHandle,
+        store: Store,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             control,
             store,
+            limits,
             shutdown,
         }
     }
 
-    async fn state(&self, req: pb::GetSensorStateRequest) -> Result<pb::SensorState> {
+    async fn state(
+        &self,
+        who: &Identity,
+        req: pb::GetSensorStateRequest,
+    ) -> Result<pb::SensorState> {
         let sensor = SensorId::parse(req.sensor_id)?;
-        let setpoint = match self.store.get_setpoint(&sensor).await {
-            Ok(stored) => Some(setpoint_to_proto(&stored)),
+        let not_found = || Error::NotFound {
+            kind: "sensor",
+            id: sensor.to_string(),
+        };
+        // Read without a scope: a setpoint of another building must hide the whole sensor, not
+        // just its setpoint.
+        let setpoint = match self.store.get_setpoint(&sensor, &Scope::All).await {
+            Ok(stored) => Some(stored),
             Err(Error::NotFound { .. }) => None,
             Err(e) => return Err(e),
         };
@@ -45,12 +64,22 @@ impl HeaterApi {
             .sensor(sensor.clone())
             .await
             .ok_or(Error::ShuttingDown)?;
-        if setpoint.is_none() && view.last_reading.is_none() && view.last_command.is_none() {
-            return Err(Error::NotFound {
-                kind: "sensor",
-                id: sensor.to_string(),
-            });
+        // The sensor's building: its setpoint's, else its last command's. A sensor known only
+        // by its readings belongs to no building yet, so only callers with `*` see it.
+        let building = setpoint
+            .as_ref()
+            .map(|s| s.setpoint.building_id.as_str().to_owned())
+            .or_else(|| view.last_command.as_ref().map(|e| e.building_id.clone()));
+        let visible = match &building {
+            Some(building) => who.scope.contains_str(building),
+            None => who.scope == Scope::All,
+        };
+        if !visible
+            || (setpoint.is_none() && view.last_reading.is_none() && view.last_command.is_none())
+        {
+            return Err(not_found());
         }
+        let setpoint = setpoint.as_ref().map(setpoint_to_proto);
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
             setpoint,
@@ -63,7 +92,11 @@ impl HeaterApi {
         })
     }
 
-    async fn subscribe(&self, req: pb::SubscribeHeaterCommandsRequest) -> Result<EventStream> {
+    async fn subscribe(
+        &self,
+        who: Identity,
+        req: pb::SubscribeHeaterCommandsRequest,
+    ) -> Result<EventStream> {
         let sensors = req
             .sensor_ids
             .into_iter()
@@ -79,6 +112,7 @@ impl HeaterApi {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let slot = self.limits.subscription(&who.subject)?;
         // Subscribe before taking the snapshot, so no command falls between the two; the
         // overlap is removed by sequence number.
         let live = self.control.subscribe();
@@ -90,6 +124,11 @@ impl HeaterApi {
         } else {
             Vec::new()
         };
+        let scope = who.scope;
+        let snapshot: Vec<_> = snapshot
+            .into_iter()
+            .filter(|e| scope.contains_str(&e.building_id))
+            .collect();
         let subscription = Subscription {
             delivered: snapshot
                 .iter()
@@ -98,8 +137,10 @@ impl HeaterApi {
             snapshot: snapshot.into_iter(),
             live,
             filter,
+            scope,
             shutdown: self.shutdown.clone(),
             ended: false,
+            _slot: slot,
         };
         metrics::gauge!(telemetry::SUBSCRIBERS).increment(1.0);
         Ok(Box::pin(futures::stream::unfold(
@@ -118,10 +159,14 @@ struct Subscription {
     snapshot: std::vec::IntoIter<Arc<pb::HeaterCommandEvent>>,
     live: broadcast::Receiver<Arc<pb::HeaterCommandEvent>>,
     filter: Filter,
+    /// The caller's buildings: commands of others are never sent, whatever the filter says.
+    scope: Scope,
     /// The highest sequence sent per sensor: drops the snapshot overlap and re-deliveries.
     delivered: HashMap<String, u64>,
     shutdown: CancellationToken,
     ended: bool,
+    /// Counts against the caller's subscription limit while the stream is open.
+    _slot: SubscriptionSlot,
 }
 
 impl Drop for Subscription {
@@ -154,7 +199,8 @@ impl Subscription {
             };
             match received {
                 Ok(event) => {
-                    if !self.filter.matches(&event) {
+                    if !self.filter.matches(&event) || !self.scope.contains_str(&event.building_id)
+                    {
                         continue;
                     }
                     let last = self.delivered.entry(event.sensor_id.clone()).or_default();
@@ -185,13 +231,17 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         &self,
         request: Request<pb::SubscribeHeaterCommandsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        Ok(Response::new(self.subscribe(request.into_inner()).await?))
+        let who = authorize(&request, Action::Read)?;
+        Ok(Response::new(
+            self.subscribe(who, request.into_inner()).await?,
+        ))
     }
 
     async fn get_sensor_state(
         &self,
         request: Request<pb::GetSensorStateRequest>,
     ) -> Result<Response<pb::SensorState>, Status> {
-        Ok(Response::new(self.state(request.into_inner()).await?))
+        let who = authorize(&request, Action::Read)?;
+        Ok(Response::new(self.state(&who, request.into_inner()).await?))
     }
 }

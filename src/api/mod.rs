@@ -5,6 +5,7 @@
 pub mod convert;
 pub mod health;
 mod heater;
+pub mod limits;
 pub mod metrics_layer;
 mod page_token;
 mod setpoints;
@@ -12,13 +13,22 @@ mod status;
 
 use tonic::Request;
 
+use crate::domain::{Action, Identity};
+use crate::error::{Error, Result};
 pub use heater::HeaterApi;
+pub use limits::Limits;
 pub use setpoints::SetpointApi;
 
-/// The identity recorded as `updated_by` and in history. Authentication does not exist yet, so
-/// every caller is `anonymous`.
-fn caller<T>(_request: &Request<T>) -> String {
-    "anonymous".to_owned()
+/// The caller (authenticated by the interceptor in `security`), if its role allows `action`.
+/// Buildings are checked per resource by the handler.
+fn authorize<T>(request: &Request<T>, action: Action) -> Result<Identity> {
+    let who = crate::security::identity(request)?;
+    who.check(action).map_err(|denied| {
+        metrics::counter!(crate::telemetry::AUTH_FAILURES, "code" => "permission_denied")
+            .increment(1);
+        Error::PermissionDenied(denied.to_string())
+    })?;
+    Ok(who)
 }
 
 /// Server reflection, v1 and v1alpha (grpcurl 1.8.6 only speaks v1alpha), describing our

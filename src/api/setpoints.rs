@@ -5,27 +5,44 @@ use tonic::{Request, Response, Status};
 use super::convert::{
     expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values, timestamp,
 };
-use super::{caller, page_token};
-use crate::domain::{BuildingId, Reason, SensorId, ValidationError};
-use crate::error::Result;
+use super::limits::Limits;
+use super::{authorize, page_token};
+use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
+use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::store::{PutOutcome, Store};
 
 pub struct SetpointApi {
     store: Store,
+    limits: Limits,
 }
 
 impl SetpointApi {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(store: Store, limits: Limits) -> Self {
+        Self { store, limits }
     }
 
-    async fn put(&self, actor: &str, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
+    /// The role check and the caller's write budget, before any work.
+    fn writer<T>(&self, request: &tonic::Request<T>) -> Result<Identity> {
+        let who = authorize(request, Action::Write)?;
+        self.limits.write(&who.subject)?;
+        Ok(who)
+    }
+
+    async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
         let expected = expected_revision(req.expected_revision)?;
+        // The caller named this building itself, so refusing it reveals nothing.
+        if !who.sees(&setpoint.building_id) {
+            return Err(Error::PermissionDenied(format!(
+                "setpoint.building_id {:?} is not among the caller's buildings",
+                setpoint.building_id.as_str()
+            )));
+        }
+        let actor = who.subject.as_str();
         let outcome = self
             .store
-            .put_setpoint(&setpoint, expected, actor, &reason)
+            .put_setpoint(&setpoint, expected, actor, &reason, &who.scope)
             .await?;
         if let PutOutcome::Written(stored) = &outcome {
             tracing::info!(sensor_id = %stored.setpoint.sensor_id, revision = stored.revision, actor, "setpoint written");
@@ -33,14 +50,18 @@ impl SetpointApi {
         Ok(setpoint_to_proto(&outcome.into_stored()))
     }
 
-    async fn get(&self, req: pb::GetSetpointRequest) -> Result<pb::Setpoint> {
+    async fn get(&self, who: &Identity, req: pb::GetSetpointRequest) -> Result<pb::Setpoint> {
         let sensor_id = SensorId::parse(req.sensor_id)?;
         Ok(setpoint_to_proto(
-            &self.store.get_setpoint(&sensor_id).await?,
+            &self.store.get_setpoint(&sensor_id, &who.scope).await?,
         ))
     }
 
-    async fn list(&self, req: pb::ListSetpointsRequest) -> Result<pb::ListSetpointsResponse> {
+    async fn list(
+        &self,
+        who: &Identity,
+        req: pb::ListSetpointsRequest,
+    ) -> Result<pb::ListSetpointsResponse> {
         let building = match req.building_id.as_str() {
             "" => None,
             id => Some(BuildingId::parse(id)?),
@@ -51,7 +72,7 @@ impl SetpointApi {
         // One more than asked tells whether another page exists without a second query.
         let rows = self
             .store
-            .list_setpoints(building.as_ref(), after.as_deref(), limit + 1)
+            .list_setpoints(building.as_ref(), &who.scope, after.as_deref(), limit + 1)
             .await?;
         let (rows, next_page_token) = page_token::paginate(rows, limit, &scope, |last| {
             last.setpoint.sensor_id.to_string()
@@ -62,13 +83,14 @@ impl SetpointApi {
         })
     }
 
-    async fn delete(&self, actor: &str, req: pb::DeleteSetpointRequest) -> Result<()> {
+    async fn delete(&self, who: &Identity, req: pb::DeleteSetpointRequest) -> Result<()> {
         let sensor_id = SensorId::parse(req.sensor_id)?;
         let expected = expected_revision(req.expected_revision)?;
         let reason = Reason::parse(req.reason)?;
+        let actor = who.subject.as_str();
         let revision = self
             .store
-            .delete_setpoint(&sensor_id, expected, actor, &reason)
+            .delete_setpoint(&sensor_id, expected, actor, &reason, &who.scope)
             .await?;
         tracing::info!(%sensor_id, revision, actor, "setpoint deleted");
         Ok(())
@@ -76,6 +98,7 @@ impl SetpointApi {
 
     async fn history(
         &self,
+        who: &Identity,
         req: pb::ListSetpointHistoryRequest,
     ) -> Result<pb::ListSetpointHistoryResponse> {
         let sensor_id = SensorId::parse(req.sensor_id)?;
@@ -87,7 +110,7 @@ impl SetpointApi {
             .map_err(|_| ValidationError::new("page_token", "is malformed"))?;
         let rows = self
             .store
-            .setpoint_history(&sensor_id, before, limit + 1)
+            .setpoint_history(&sensor_id, &who.scope, before, limit + 1)
             .await?;
         let (rows, next_page_token) =
             page_token::paginate(rows, limit, &scope, |last| last.revision.to_string());
@@ -121,30 +144,32 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::PutSetpointRequest>,
     ) -> Result<Response<pb::Setpoint>, Status> {
-        let actor = caller(&request);
-        Ok(Response::new(self.put(&actor, request.into_inner()).await?))
+        let who = self.writer(&request)?;
+        Ok(Response::new(self.put(&who, request.into_inner()).await?))
     }
 
     async fn get_setpoint(
         &self,
         request: Request<pb::GetSetpointRequest>,
     ) -> Result<Response<pb::Setpoint>, Status> {
-        Ok(Response::new(self.get(request.into_inner()).await?))
+        let who = authorize(&request, Action::Read)?;
+        Ok(Response::new(self.get(&who, request.into_inner()).await?))
     }
 
     async fn list_setpoints(
         &self,
         request: Request<pb::ListSetpointsRequest>,
     ) -> Result<Response<pb::ListSetpointsResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let who = authorize(&request, Action::Read)?;
+        Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
     async fn delete_setpoint(
         &self,
         request: Request<pb::DeleteSetpointRequest>,
     ) -> Result<Response<pb::DeleteSetpointResponse>, Status> {
-        let actor = caller(&request);
-        self.delete(&actor, request.into_inner()).await?;
+        let who = self.writer(&request)?;
+        self.delete(&who, request.into_inner()).await?;
         Ok(Response::new(pb::DeleteSetpointResponse {}))
     }
 
@@ -152,6 +177,9 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::ListSetpointHistoryRequest>,
     ) -> Result<Response<pb::ListSetpointHistoryResponse>, Status> {
-        Ok(Response::new(self.history(request.into_inner()).await?))
+        let who = authorize(&request, Action::Read)?;
+        Ok(Response::new(
+            self.history(&who, request.into_inner()).await?,
+        ))
     }
 }

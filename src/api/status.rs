@@ -14,6 +14,14 @@ impl From<Error> for Status {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::new(Code::Unavailable, "database unavailable, retry later")
             }
+            Error::Unauthenticated(ref detail) => {
+                tracing::info!(reason = %detail, "unauthenticated call");
+                Status::unauthenticated("missing or invalid credentials")
+            }
+            Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
+            Error::RateLimited { .. } | Error::TooManyStreams { .. } => {
+                Status::resource_exhausted(err.to_string())
+            }
             Error::ShuttingDown => Status::unavailable("server shutting down, retry"),
             // The detail goes to the log, never to the caller: it may contain SQL or internals.
             Error::Internal(detail) => {
@@ -56,6 +64,21 @@ mod tests {
             ),
             (Error::Internal("SELECT secret".into()), Code::Internal),
             (Error::ShuttingDown, Code::Unavailable),
+            (
+                Error::Unauthenticated("expired".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                Error::PermissionDenied("viewer".into()),
+                Code::PermissionDenied,
+            ),
+            (
+                Error::RateLimited {
+                    retry_after: std::time::Duration::from_millis(100),
+                },
+                Code::ResourceExhausted,
+            ),
+            (Error::TooManyStreams { limit: 1 }, Code::ResourceExhausted),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
@@ -71,5 +94,10 @@ mod tests {
         assert!(status.message().contains("setpoint.sensor_id"));
         let status = Status::from(Error::Internal("SELECT secret".into()));
         assert!(!status.message().contains("secret"));
+        // Why a token failed is logged, not told: "expired" vs "bad signature" helps attackers.
+        let status = Status::from(Error::Unauthenticated(
+            "signature invalid for kid k1".into(),
+        ));
+        assert!(!status.message().contains("k1"));
     }
 }

@@ -3,10 +3,12 @@
 //! Everything that enters from the network is converted into these types once, at the edge
 //! (`api`, `stream`), so the rest of the service never sees an unchecked id or a NaN.
 
+pub mod access;
 pub mod control;
 mod ids;
 mod setpoint;
 
+pub use access::{Action, Identity, Role, Scope};
 pub use ids::{BuildingId, SensorId};
 pub use setpoint::{Celsius, Reason, Setpoint, StoredSetpoint};
 

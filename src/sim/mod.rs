@@ -72,6 +72,9 @@ pub struct BuildingConfig {
     /// gRPC address of thermostat: when set, the simulator creates the rooms' setpoints.
     #[arg(long, env = "SIM_API_ADDR")]
     pub api_addr: Option<String>,
+    /// Bearer token for the API calls (a token of role operator or admin for the building).
+    #[arg(long, env = "SIM_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// Desired temperature of the setpoints it creates.
     #[arg(long, env = "SIM_DESIRED_CELSIUS", default_value_t = 21.0)]
     pub desired_celsius: f64,
@@ -183,7 +186,7 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     };
     if let Some(api) = &mut api {
         for room in &rooms {
-            api.put_setpoint(put_request(&config, &room.sensor, config.desired_celsius))
+            api.put_setpoint(put_request(&config, &room.sensor, config.desired_celsius)?)
                 .await?;
         }
     }
@@ -227,7 +230,7 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
             if started.elapsed() >= after {
                 if let (Some(api), Some(room)) = (&mut api, rooms.first_mut()) {
                     let desired = config.desired_celsius + config.change_by;
-                    api.put_setpoint(put_request(&config, &room.sensor, desired))
+                    api.put_setpoint(put_request(&config, &room.sensor, desired)?)
                         .await?;
                     room.band = (
                         desired - config.delta_celsius,
@@ -289,8 +292,13 @@ fn write_plot(config: &BuildingConfig, summary: &Summary) -> Result<(), SimError
     Ok(())
 }
 
-fn put_request(config: &BuildingConfig, sensor: &str, desired: f64) -> pb::PutSetpointRequest {
-    pb::PutSetpointRequest {
+/// A Put of `sensor`'s setpoint, with the configured bearer token.
+fn put_request(
+    config: &BuildingConfig,
+    sensor: &str,
+    desired: f64,
+) -> Result<tonic::Request<pb::PutSetpointRequest>, SimError> {
+    let mut request = tonic::Request::new(pb::PutSetpointRequest {
         setpoint: Some(pb::Setpoint {
             sensor_id: sensor.to_owned(),
             building_id: config.building_id.clone(),
@@ -301,7 +309,14 @@ fn put_request(config: &BuildingConfig, sensor: &str, desired: f64) -> pb::PutSe
             ..Default::default()
         }),
         expected_revision: None,
+    });
+    if let Some(token) = &config.api_token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| SimError::Invalid("SIM_API_TOKEN is not a valid header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
     }
+    Ok(request)
 }
 
 /// A standard normal sample (Box–Muller), so the noise needs no distribution crate.

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::Store;
-use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint};
+use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
 use crate::error::{Error, Result};
 
 /// How often a Put that lost a race (the row changed between its write and its re-read) is
@@ -179,6 +179,8 @@ const SETPOINT_COLUMNS: &str = "sensor_id, building_id, desired_celsius, up_delt
 /// row (maybe a tombstone) exists. On conflict the row is locked and the `WHERE` re-checked
 /// against its latest version, so of two racing writers with the same expected revision exactly
 /// one matches. Rows whose values would not change are left alone (no revision, no history).
+/// `$9` is the caller's buildings (`NULL`: all): an existing row of another building is never
+/// overwritten, checked under the row lock so that a concurrent move cannot slip past.
 /// Returns no row when nothing was written; the caller then finds out why.
 pub const PUT_SQL: &str = r#"
 WITH up AS (
@@ -198,6 +200,7 @@ WITH up AS (
         reason = excluded.reason,
         deleted = false
     WHERE ($8::int8 IS NULL OR $8::int8 = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
+      AND ($9::text[] IS NULL OR s.building_id = ANY($9::text[]))
       AND (s.deleted OR (s.building_id, s.desired_celsius, s.up_delta_celsius, s.down_delta_celsius)
            IS DISTINCT FROM (excluded.building_id, excluded.desired_celsius,
                              excluded.up_delta_celsius, excluded.down_delta_celsius))
@@ -221,6 +224,7 @@ WITH del AS (
     UPDATE setpoints SET deleted = true, revision = revision + 1, update_time = now(),
                          updated_by = $2, reason = $3
     WHERE sensor_id = $1 AND NOT deleted AND ($4::int8 IS NULL OR revision = $4::int8)
+      AND ($5::text[] IS NULL OR building_id = ANY($5::text[]))
     RETURNING *
 ), history AS (
     INSERT INTO setpoint_history (sensor_id, revision, building_id, deleted, change_time,
@@ -233,7 +237,9 @@ FROM del
 "#;
 
 impl Store {
-    /// Creates or replaces `setpoint` on behalf of `actor`.
+    /// Creates or replaces `setpoint` on behalf of `actor`, who may see `scope`. The new
+    /// building must be in `scope` (the caller checks); a sensor that exists in a building
+    /// outside it is NOT_FOUND, as if it did not exist.
     #[tracing::instrument(skip_all, fields(sensor_id = %setpoint.sensor_id))]
     pub async fn put_setpoint(
         &self,
@@ -241,6 +247,7 @@ impl Store {
         expected_revision: Option<i64>,
         actor: &str,
         reason: &Reason,
+        scope: &Scope,
     ) -> Result<PutOutcome> {
         for _ in 0..PUT_ATTEMPTS {
             let written: Option<SetpointRow> = sqlx::query_as(PUT_SQL)
@@ -252,13 +259,21 @@ impl Store {
                 .bind(actor)
                 .bind(reason.as_str())
                 .bind(expected_revision)
+                .bind(scope.as_sql())
                 .fetch_optional(self.pool())
                 .await?;
             if let Some(row) = written {
                 return Ok(PutOutcome::Written(row.into_stored()?));
             }
-            // Nothing written: either the revision did not match, or the values are unchanged.
+            // Nothing written: the row belongs to a building out of scope, the revision did not
+            // match, or the values are unchanged.
             let current = self.setpoint_row(&setpoint.sensor_id).await?;
+            if current
+                .as_ref()
+                .is_some_and(|row| !scope.contains_str(&row.building_id))
+            {
+                return Err(not_found(&setpoint.sensor_id));
+            }
             let actual = current.as_ref().map_or(0, SetpointRow::effective_revision);
             if let Some(expected) = expected_revision {
                 if expected != actual {
@@ -279,23 +294,30 @@ impl Store {
         )))
     }
 
-    pub async fn get_setpoint(&self, sensor_id: &SensorId) -> Result<StoredSetpoint> {
+    /// The live setpoint of `sensor_id`, if its building is in `scope`.
+    pub async fn get_setpoint(
+        &self,
+        sensor_id: &SensorId,
+        scope: &Scope,
+    ) -> Result<StoredSetpoint> {
         match self.setpoint_row(sensor_id).await? {
-            Some(row) if !row.deleted => row.into_stored(),
+            Some(row) if !row.deleted && scope.contains_str(&row.building_id) => row.into_stored(),
             _ => Err(not_found(sensor_id)),
         }
     }
 
-    /// Up to `limit` live setpoints with `sensor_id > after`, in sensor order.
+    /// Up to `limit` live setpoints in `scope` with `sensor_id > after`, in sensor order.
     pub async fn list_setpoints(
         &self,
         building_id: Option<&BuildingId>,
+        scope: &Scope,
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<StoredSetpoint>> {
         let sql = format!(
             "SELECT {SETPOINT_COLUMNS} FROM setpoints \
              WHERE NOT deleted AND ($1::text IS NULL OR building_id = $1) \
+               AND ($4::text[] IS NULL OR building_id = ANY($4::text[])) \
                AND ($2::text IS NULL OR sensor_id > $2) \
              ORDER BY sensor_id LIMIT $3"
         );
@@ -303,12 +325,13 @@ impl Store {
             .bind(building_id.map(BuildingId::as_str))
             .bind(after)
             .bind(limit)
+            .bind(scope.as_sql())
             .fetch_all(self.pool())
             .await?;
         rows.into_iter().map(SetpointRow::into_stored).collect()
     }
 
-    /// Deletes a live setpoint; returns the tombstone's revision.
+    /// Deletes a live setpoint in `scope`; returns the tombstone's revision.
     #[tracing::instrument(skip_all, fields(sensor_id = %sensor_id))]
     pub async fn delete_setpoint(
         &self,
@@ -316,31 +339,37 @@ impl Store {
         expected_revision: Option<i64>,
         actor: &str,
         reason: &Reason,
+        scope: &Scope,
     ) -> Result<i64> {
         let deleted: Option<SetpointRow> = sqlx::query_as(DELETE_SQL)
             .bind(sensor_id.as_str())
             .bind(actor)
             .bind(reason.as_str())
             .bind(expected_revision)
+            .bind(scope.as_sql())
             .fetch_optional(self.pool())
             .await?;
         if let Some(row) = deleted {
             return Ok(row.revision);
         }
         match self.setpoint_row(sensor_id).await? {
-            Some(row) if !row.deleted => Err(Error::RevisionMismatch {
-                expected: expected_revision.unwrap_or_default(),
-                actual: row.revision,
-            }),
+            Some(row) if !row.deleted && scope.contains_str(&row.building_id) => {
+                Err(Error::RevisionMismatch {
+                    expected: expected_revision.unwrap_or_default(),
+                    actual: row.revision,
+                })
+            }
             _ => Err(not_found(sensor_id)),
         }
     }
 
-    /// Up to `limit` history entries with `revision < before`, newest first. NOT_FOUND when the
-    /// sensor never had a setpoint.
+    /// Up to `limit` history entries with `revision < before`, newest first, of the changes
+    /// made while the sensor was in a building of `scope` (a sensor moved between buildings
+    /// shows each side only its own part). NOT_FOUND when there is none.
     pub async fn setpoint_history(
         &self,
         sensor_id: &SensorId,
+        scope: &Scope,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<HistoryEntry>> {
@@ -349,11 +378,13 @@ impl Store {
                     down_delta_celsius, change_time, changed_by, reason \
              FROM setpoint_history \
              WHERE sensor_id = $1 AND ($2::int8 IS NULL OR revision < $2) \
+               AND ($4::text[] IS NULL OR building_id = ANY($4::text[])) \
              ORDER BY revision DESC LIMIT $3",
         )
         .bind(sensor_id.as_str())
         .bind(before)
         .bind(limit)
+        .bind(scope.as_sql())
         .fetch_all(self.pool())
         .await?;
         if rows.is_empty() && before.is_none() {

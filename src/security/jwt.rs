@@ -1,0 +1,123 @@
+//! Bearer JWTs verified against a JSON Web Key Set file.
+//!
+//! Only RS256 (RSA keys) and ES256 (P-256 keys) are accepted, and each key only with its own
+//! algorithm: the algorithm is taken from the key, never from the token, which is what defeats
+//! `alg: none` and the RS256-to-HS256 confusion (an HMAC "signed" with the public key).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::domain::{Identity, Role, Scope};
+
+/// One usable key of the set.
+struct Key {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// The usable keys of a JWKS file.
+pub struct KeySet {
+    keys: Vec<Key>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys of other types or algorithms are skipped with a warning (a
+    /// shared key set may hold keys for other services); a set with no usable key is an error.
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        let set: JwkSet = serde_json::from_slice(json).map_err(|e| format!("not a JWKS: {e}"))?;
+        let mut keys = Vec::new();
+        for jwk in &set.keys {
+            let kid = jwk.common.key_id.clone();
+            let declared = jwk.common.key_algorithm;
+            let algorithm = match (&jwk.algorithm, declared) {
+                (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+                (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                    if ec.curve == EllipticCurve::P256 =>
+                {
+                    Algorithm::ES256
+                }
+                _ => {
+                    tracing::warn!(
+                        ?kid,
+                        ?declared,
+                        "JWKS key skipped: only RS256 and ES256 (P-256) keys are used"
+                    );
+                    continue;
+                }
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid:?}: {e}"))?;
+            keys.push(Key {
+                kid,
+                algorithm,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err("no RS256 or ES256 key in the key set".into());
+        }
+        Ok(Self { keys })
+    }
+
+    /// The key a token names with `kid`; without a `kid`, the only key of a one-key set.
+    fn find(&self, kid: Option<&str>) -> Result<&Key, String> {
+        match kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .ok_or_else(|| format!("no key with kid {kid:?}")),
+            None if self.keys.len() == 1 => Ok(&self.keys[0]),
+            None => Err("token has no kid and the key set has several keys".into()),
+        }
+    }
+}
+
+/// Claims beyond the registered ones that jsonwebtoken checks (`exp`, `nbf`, `iss`, `aud`).
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    role: String,
+    #[serde(default)]
+    buildings: Vec<String>,
+}
+
+/// What a token must satisfy besides a valid signature.
+pub struct Expectations {
+    pub issuer: String,
+    pub audience: String,
+    pub leeway: Duration,
+}
+
+/// Verifies `token` and returns the identity its claims describe. The error explains the
+/// rejection for the log; callers only ever see UNAUTHENTICATED.
+pub fn verify(keys: &KeySet, expect: &Expectations, token: &str) -> Result<Identity, String> {
+    // An unknown `alg` (including "none") fails here, before any key is looked at.
+    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("header: {e}"))?;
+    let key = keys.find(header.kid.as_deref())?;
+    if header.alg != key.algorithm {
+        return Err(format!(
+            "token alg {:?} but key {:?} is {:?}",
+            header.alg, key.kid, key.algorithm
+        ));
+    }
+    let mut validation = Validation::new(key.algorithm);
+    validation.set_issuer(&[&expect.issuer]);
+    validation.set_audience(&[&expect.audience]);
+    validation.leeway = expect.leeway.as_secs();
+    validation.validate_nbf = true;
+    validation.required_spec_claims = ["exp", "iss", "aud", "sub"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<HashSet<_>>();
+    let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+        .map_err(|e| format!("rejected: {e}"))?
+        .claims;
+    let role = Role::parse(&claims.role).map_err(|e| e.to_string())?;
+    let scope = Scope::parse(&claims.buildings).map_err(|e| e.to_string())?;
+    Identity::new(claims.sub, role, scope).map_err(|e| e.to_string())
+}

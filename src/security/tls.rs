@@ -1,0 +1,136 @@
+//! TLS on the gRPC port: a rustls server configuration built from PEM files (re-read when they
+//! change, see [`Reloadable`]), and the accept loop that hands finished handshakes to tonic.
+//!
+//! tonic's own `ServerTlsConfig` reads the certificate once; doing the handshake here lets
+//! every new connection use the newest certificate, and bounds how long a handshake may take.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use super::watch::{LoadError, Reloadable};
+use crate::config::{ClientAuth, TlsConfig};
+
+/// The reloadable server configuration, or `None` when TLS is off.
+pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>, LoadError> {
+    let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
+        return Ok(None);
+    };
+    let mut paths = vec![cert.clone(), key.clone()];
+    paths.extend(config.tls_client_ca_file.clone());
+    let client_auth = config.tls_client_auth;
+    Reloadable::load("TLS certificate", paths, move |files| {
+        server_config(
+            &files[0],
+            &files[1],
+            files.get(2).map(Vec::as_slice),
+            client_auth,
+        )
+    })
+    .map(Some)
+}
+
+/// A rustls configuration for gRPC (HTTP/2 by ALPN) from PEM bytes.
+pub fn server_config(
+    cert_chain: &[u8],
+    key: &[u8],
+    client_ca: Option<&[u8]>,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, String> {
+    let certs = CertificateDer::pem_slice_iter(cert_chain)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in the certificate file".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("private key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                let cert = cert.map_err(|e| format!("client CA: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("client CA certificate: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err("no certificate in the client CA file".into());
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match client_auth {
+                ClientAuth::Required => verifier,
+                ClientAuth::Optional => verifier.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Connections that completed a TLS handshake within `handshake_timeout`, each with the
+/// configuration current when it was accepted. Failed handshakes (plaintext clients, unknown
+/// client CAs, scanners) are logged at debug level and counted, never passed on.
+pub fn incoming(
+    mut tcp: TcpIncoming,
+    tls: Arc<Reloadable<ServerConfig>>,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+    // Handshakes run concurrently, so one slow client cannot hold up the others.
+    let (done, ready) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = tcp.next() => accepted,
+            };
+            let stream = match accepted {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
+                    // Per-connection accept errors (e.g. reset before accept) are not fatal.
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+                None => return,
+            };
+            let acceptor = TlsAcceptor::from(tls.current());
+            let done = done.clone();
+            tokio::spawn(async move {
+                let peer = stream.peer_addr().ok();
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = done.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics::counter!(crate::telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
+                        tracing::debug!(?peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics::counter!(crate::telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
+                        tracing::debug!(?peer, "TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(ready)
+}
