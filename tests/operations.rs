@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_database, eventually, PgCluster, TestApp};
+use common::{create_database, eventually, grpcurl, PgCluster, TestApp};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -89,19 +89,6 @@ async fn shutdown_reports_not_serving_and_exits_cleanly() {
         .status;
     assert_eq!(status, ServingStatus::NotServing as i32);
     app.stop().await;
-}
-
-/// Runs the real grpcurl binary, as an operator would. It blocks, so tests calling it use the
-/// multi-threaded runtime to keep the server running meanwhile.
-fn grpcurl(args: &[&str]) -> String {
-    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
-    let out = Command::new(&bin).args(args).output().expect("run grpcurl");
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod security;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,7 @@ pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig
 /// A running service and what a test needs to talk to it.
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub health_addr: SocketAddr,
     pub database_url: String,
     pub config: ServeConfig,
     pub control: ControlHandle,
@@ -102,12 +104,14 @@ impl TestApp {
         let database_url = config.database.database_url.clone();
         let app = Application::build(config.clone()).await.expect("build app");
         let addr = app.local_addr();
+        let health_addr = app.health_addr();
         let control = app.control().clone();
         let admin = app.admin_addr().expect("admin address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         Self {
             addr,
+            health_addr,
             database_url,
             config,
             control,
@@ -246,6 +250,19 @@ pub async fn stalled_subscription(
         .await
         .expect("subscribe")
         .into_inner()
+}
+
+/// Runs the real grpcurl binary, as an operator would. It blocks, so tests calling it use the
+/// multi-threaded runtime to keep the server running meanwhile.
+pub fn grpcurl(args: &[&str]) -> String {
+    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    let out = Command::new(&bin).args(args).output().expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A plain HTTP/1.1 GET; returns (status code, body).
