@@ -3,8 +3,9 @@
 //! so a newcomer without Tansu is running in minutes.
 //!
 //! Authentication stays on: unless the configuration names its own credentials (or disables
-//! them), the demo makes a random token for an operator of the simulated building, writes its
-//! hash to a static-identities file, and prints it with the example commands.
+//! them), the demo makes a random operator token for this run, writes its hash to a
+//! static-identities file, and prints it with the example commands. The token may change every
+//! building (`*`), so that the README's examples for building `hq` work as written.
 
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +50,7 @@ struct DemoCredentials {
 }
 
 impl DemoCredentials {
-    fn create(building: &str) -> Result<Self, DemoError> {
+    fn create() -> Result<Self, DemoError> {
         let token = format!("demo-{:032x}", rand::random::<u128>());
         let dir = std::env::temp_dir().join(format!("thermostat-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(DemoError::Identities)?;
@@ -58,7 +59,7 @@ impl DemoCredentials {
                 "sha256": crate::security::static_file::hash_token(&token),
                 "subject": "demo-operator",
                 "role": "operator",
-                "buildings": [building],
+                "buildings": ["*"],
             }]
         });
         std::fs::write(dir.join("identities.json"), file.to_string())
@@ -103,7 +104,7 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         if auth.auth_disabled || auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some() {
             None
         } else {
-            let credentials = DemoCredentials::create(&config.building.building_id)?;
+            let credentials = DemoCredentials::create()?;
             config.serve.auth.auth_static_file = Some(credentials.file());
             config.building.api_token = Some(credentials.token.clone());
             Some(credentials)
@@ -157,8 +158,8 @@ fn print_examples(
     let (auth_note, auth) = match token {
         Some(token) => (
             format!(
-                "  token:  {token} (operator of \"{}\"; made for this run only)\n",
-                building.building_id
+                "  token:  {token} (operator of every building, for this run only)\n  \
+                 export TOKEN={token}\n"
             ),
             format!("-H 'authorization: Bearer {token}' "),
         ),

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::api::metrics_layer::GrpcMetricsLayer;
@@ -227,7 +228,7 @@ impl Application {
             .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
             .max_concurrent_streams(config.limits.max_concurrent_streams)
             .timeout(config.limits.request_timeout)
-            .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
+            .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
             .add_service(health_service.clone())
             .add_service(reflection_v1)
@@ -349,6 +350,30 @@ fn announce_security(auth: &Authenticator, tls: bool, config: &ServeConfig) {
              cross the network in the clear; for local development only"
         );
     }
+}
+
+/// Which answers the trace layer logs as failures (at ERROR): server-side faults only. A bad
+/// request or a refused token is the caller's business and an attacker could otherwise fill the
+/// error log at will; those calls are still counted by code in the RPC metrics.
+fn caller_errors_are_not_failures() -> SharedClassifier<GrpcErrorsAsFailures> {
+    let classifier = [
+        GrpcCode::InvalidArgument,
+        GrpcCode::NotFound,
+        GrpcCode::AlreadyExists,
+        GrpcCode::PermissionDenied,
+        GrpcCode::Unauthenticated,
+        GrpcCode::ResourceExhausted,
+        GrpcCode::FailedPrecondition,
+        GrpcCode::Aborted,
+        GrpcCode::OutOfRange,
+        GrpcCode::Cancelled,
+    ]
+    .into_iter()
+    .fold(
+        GrpcErrorsAsFailures::new(),
+        GrpcErrorsAsFailures::with_success,
+    );
+    SharedClassifier::new(classifier)
 }
 
 /// The span of one RPC: its method and a request id (the caller's `x-request-id` if it sent
