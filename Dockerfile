@@ -67,8 +67,9 @@ COPY --from=builder /thermostat /usr/local/bin/thermostat
 
 USER 10001:10001
 
-# 50051: gRPC (API, health, reflection). 9090: admin HTTP (Prometheus metrics).
-EXPOSE 50051 9090
+# 50051: gRPC (API, health, reflection; TLS when configured). 50052: plaintext gRPC health
+# only, for probes. 9090: admin HTTP (Prometheus metrics).
+EXPOSE 50051 50052 9090
 
 ENTRYPOINT ["/usr/local/bin/thermostat"]
 CMD ["serve"]
