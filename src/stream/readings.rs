@@ -10,6 +10,7 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Message};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,8 @@ pub const DEAD_LETTER_DETAIL_HEADER: &str = "thermostat-dead-letter-detail";
 /// At most this many readings wait for their commands' acknowledgement; beyond that, consuming
 /// pauses. Bounds memory when the broker is slow to acknowledge.
 const MAX_IN_FLIGHT: usize = 100_000;
+/// Tries of the commit at shutdown (each waits for the broker's answer).
+const FINAL_COMMIT_ATTEMPTS: u32 = 3;
 
 /// Notices rebalances. The callback runs inside librdkafka's poll, where nothing may be awaited,
 /// so it only counts and wakes the readings loop, which reacts before its next record.
@@ -141,10 +144,19 @@ impl Readings {
                 }
             }
         }
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("sensor offsets committed"),
-            // Nothing stored since the last commit.
-            Err(e) => tracing::debug!(error = %e, "final offset commit"),
+        // A failed final commit means the next owner handles these readings again (their
+        // commands carry the same sequence, so subscribers drop them): retry a transient
+        // failure a few times rather than give up on the first.
+        for attempt in 1..=FINAL_COMMIT_ATTEMPTS {
+            match self.consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => {
+                    tracing::info!("sensor offsets committed");
+                    break;
+                }
+                // Nothing stored since the last commit.
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => break,
+                Err(e) => tracing::warn!(error = %e, attempt, "final offset commit failed"),
+            }
         }
         Ok(())
     }
