@@ -52,8 +52,10 @@ fn static_entries() -> Vec<StaticEntry<'static>> {
 }
 
 /// A service with authentication on: the JWKS of [`keys`], the static tokens of [`STATIC`],
-/// plus whatever `tweak` changes. Credential files live in `dir`.
-async fn secure_app(dir: &Path, tweak: impl FnOnce(&mut ServeConfig, &Path)) -> TestApp {
+/// plus whatever `tweak` changes. Credential files live in the returned directory.
+async fn secure_app(tweak: impl FnOnce(&mut ServeConfig, &Path)) -> (tempfile::TempDir, TestApp) {
+    let tempdir = tempfile::tempdir().expect("tempdir");
+    let dir = tempdir.path();
     let (rsa, ec) = keys();
     let mut config = TestApp::fresh_config().await;
     config.auth.auth_disabled = false;
@@ -67,7 +69,7 @@ async fn secure_app(dir: &Path, tweak: impl FnOnce(&mut ServeConfig, &Path)) -> 
     ));
     config.auth.credentials_reload_interval = Duration::from_millis(100);
     tweak(&mut config, dir);
-    TestApp::spawn_with(config).await
+    (tempdir, TestApp::spawn_with(config).await)
 }
 
 fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
@@ -79,6 +81,43 @@ fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
         );
     }
     request
+}
+
+/// A Put of a setpoint with the usual deltas, as the holder of `token`.
+async fn put_as(
+    client: &mut SetpointServiceClient<Channel>,
+    token: &str,
+    sensor: &str,
+    building: &str,
+    desired: f64,
+) -> Result<pb::Setpoint, tonic::Status> {
+    let request = authorized(put(setpoint(sensor, building, desired), None), Some(token));
+    client
+        .put_setpoint(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The revisions of `sensor`'s history that the holder of `token` sees, and who made them.
+async fn history_as(
+    client: &mut SetpointServiceClient<Channel>,
+    token: &str,
+    sensor: &str,
+) -> Vec<(i64, String)> {
+    let request = pb::ListSetpointHistoryRequest {
+        sensor_id: sensor.into(),
+        ..Default::default()
+    };
+    let history = client
+        .list_setpoint_history(authorized(request, Some(token)))
+        .await;
+    history
+        .expect("history")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| (e.revision, e.changed_by))
+        .collect()
 }
 
 fn code<T>(result: &Result<T, tonic::Status>) -> Code {
@@ -313,8 +352,7 @@ async fn two_buildings(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_and_building_gets_exactly_what_the_rules_allow_on_every_rpc() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (_dir, app) = secure_app(|_, _| {}).await;
     two_buildings(&app).await;
     let channel = app.channel().await;
     let all: BTreeSet<(String, String)> = SENSORS
@@ -358,34 +396,28 @@ async fn every_role_and_building_gets_exactly_what_the_rules_allow_on_every_rpc(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_record_the_identity_and_never_cross_into_another_building() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (_dir, app) = secure_app(|_, _| {}).await;
     two_buildings(&app).await;
     let mut client = app.setpoints().await;
 
     // A real change by the north operator is recorded under its name.
-    let changed = client
-        .put_setpoint(authorized(
-            put(setpoint("north/room-1", "north", 23.0), None),
-            Some("t-operator-north"),
-        ))
-        .await
-        .expect("operator of north changes north")
-        .into_inner();
+    let changed = put_as(
+        &mut client,
+        "t-operator-north",
+        "north/room-1",
+        "north",
+        23.0,
+    )
+    .await
+    .expect("operator of north changes north");
     assert_eq!(changed.updated_by, "operator-north");
-    let history = client
-        .list_setpoint_history(authorized(
-            pb::ListSetpointHistoryRequest {
-                sensor_id: "north/room-1".into(),
-                ..Default::default()
-            },
-            Some("t-viewer-north"),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(history.entries[0].changed_by, "operator-north");
-    assert_eq!(history.entries[1].changed_by, "admin-all");
+    assert_eq!(
+        history_as(&mut client, "t-viewer-north", "north/room-1").await,
+        vec![
+            (2, "operator-north".to_owned()),
+            (1, "admin-all".to_owned())
+        ]
+    );
 
     // Claiming the south sensor for north, with or without its revision: as if it did not
     // exist, and nothing changes.
@@ -423,29 +455,15 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
     assert_eq!(south_history, 1);
 
     // Moving a sensor needs both buildings; an operator of all may.
-    let moved = client
-        .put_setpoint(authorized(
-            put(setpoint("south/room-1", "north", 21.0), None),
-            Some("t-operator-all"),
-        ))
+    let moved = put_as(&mut client, "t-operator-all", "south/room-1", "north", 21.0)
         .await
-        .expect("operator of all moves it")
-        .into_inner();
+        .expect("operator of all moves it");
     assert_eq!((moved.building_id.as_str(), moved.revision), ("north", 2));
     // The north viewer now sees the sensor, but only the part of its history in north.
-    let history = client
-        .list_setpoint_history(authorized(
-            pb::ListSetpointHistoryRequest {
-                sensor_id: "south/room-1".into(),
-                ..Default::default()
-            },
-            Some("t-viewer-north"),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let revisions: Vec<i64> = history.entries.iter().map(|e| e.revision).collect();
-    assert_eq!(revisions, vec![2]);
+    assert_eq!(
+        history_as(&mut client, "t-viewer-north", "south/room-1").await,
+        vec![(2, "operator-all".to_owned())]
+    );
 }
 
 async fn next(stream: &mut tonic::Streaming<pb::HeaterCommandEvent>) -> pb::HeaterCommandEvent {
@@ -458,8 +476,7 @@ async fn next(stream: &mut tonic::Streaming<pb::HeaterCommandEvent>) -> pb::Heat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_commands_of_other_buildings_never_reach_a_subscriber() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (_dir, app) = secure_app(|_, _| {}).await;
     two_buildings(&app).await;
     let channel = app.channel().await;
     let subscribe = |token: &'static str| {
@@ -511,14 +528,9 @@ async fn live_commands_of_other_buildings_never_reach_a_subscriber() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwts_are_verified_and_every_kind_of_bad_token_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (dir, app) = secure_app(|_, _| {}).await;
     let mut client = app.setpoints().await;
-    client
-        .put_setpoint(authorized(
-            put(setpoint("north/room-1", "north", 20.0), None),
-            Some("t-admin-all"),
-        ))
+    put_as(&mut client, "t-admin-all", "north/room-1", "north", 20.0)
         .await
         .unwrap();
     let (rsa, ec) = keys();
@@ -727,13 +739,12 @@ async fn get_north(channel: &Channel, token: Option<&str>) -> Code {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_listed_certificates_and_refuses_everything_else() {
-    let dir = tempfile::tempdir().unwrap();
     let (server_ca, client_ca, other_ca) = (
         Ca::new("server CA"),
         Ca::new("client CA"),
         Ca::new("other CA"),
     );
-    let app = secure_app(dir.path(), |config, dir| {
+    let (dir, app) = secure_app(|config, dir| {
         tls_config(config, dir, &server_ca, &client_ca, ClientAuth::Required);
     })
     .await;
@@ -872,9 +883,8 @@ async fn mutual_tls_admits_listed_certificates_and_refuses_everything_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_certificates_are_reloaded_and_silent_handshakes_time_out() {
-    let dir = tempfile::tempdir().unwrap();
     let (first_ca, second_ca) = (Ca::new("first CA"), Ca::new("second CA"));
-    let app = secure_app(dir.path(), |config, dir| {
+    let (dir, app) = secure_app(|config, dir| {
         tls_config(config, dir, &first_ca, &first_ca, ClientAuth::Optional);
     })
     .await;
@@ -920,8 +930,7 @@ async fn tls_certificates_are_reloaded_and_silent_handshakes_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_and_subscriptions_are_limited_per_identity() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |config, _| {
+    let (_dir, app) = secure_app(|config, _| {
         config.limits.write_rate_limit = 2;
         config.limits.write_burst = 3;
         config.limits.max_subscriptions_per_identity = 2;
@@ -1008,14 +1017,9 @@ async fn writes_and_subscriptions_are_limited_per_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_deadline_ends_the_call_at_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (_dir, app) = secure_app(|_, _| {}).await;
     let mut client = app.setpoints().await;
-    client
-        .put_setpoint(authorized(
-            put(setpoint("north/room-1", "north", 20.0), None),
-            Some("t-admin-all"),
-        ))
+    put_as(&mut client, "t-admin-all", "north/room-1", "north", 20.0)
         .await
         .unwrap();
     // Hold the row lock so that the next Put waits in the database.
@@ -1043,8 +1047,7 @@ async fn a_client_deadline_ends_the_call_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_works_with_a_token_and_reflection_needs_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |_, _| {}).await;
+    let (_dir, app) = secure_app(|_, _| {}).await;
     let addr = app.addr.to_string();
     let services = grpcurl(&["-plaintext", &addr, "list"]);
     assert!(
@@ -1164,8 +1167,7 @@ fn bad_input() -> impl proptest::strategy::Strategy<Value = Bad> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_bad_input_changes_the_database() {
     use proptest::strategy::{Strategy, ValueTree};
-    let dir = tempfile::tempdir().unwrap();
-    let app = secure_app(dir.path(), |config, _| {
+    let (_dir, app) = secure_app(|config, _| {
         config.limits.write_rate_limit = 100_000;
         config.limits.write_burst = 100_000;
     })
