@@ -189,7 +189,7 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Args)]
 pub struct AuthConfig {
     /// Serve every RPC to anyone, as an admin of all buildings. For local development only;
-    /// the service logs a warning at start and every minute while it runs this way.
+    /// the service logs an error saying so at start.
     #[arg(long, env = "AUTH_DISABLED", default_value_t = false)]
     pub auth_disabled: bool,
     /// JSON Web Key Set (RS256 and ES256 public keys) that bearer JWTs are verified against.
@@ -304,6 +304,43 @@ mod tests {
         assert_eq!(config.control.stale_after, Duration::from_secs(300));
         assert_eq!(config.kafka.kafka_batch_num_messages, 1);
         assert_eq!(config.control.subscriber_buffer, 1024);
+    }
+
+    #[test]
+    fn credentials_come_in_complete_sets() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["thermostat", "serve"], args].concat());
+        assert!(
+            parse(&["--tls-cert-file", "c.pem"]).is_err(),
+            "a certificate needs its key"
+        );
+        assert!(parse(&["--tls-key-file", "k.pem"]).is_err());
+        assert!(
+            parse(&["--tls-client-ca-file", "ca.pem"]).is_err(),
+            "mTLS needs TLS"
+        );
+        assert!(parse(&["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"]).is_ok());
+        assert!(
+            parse(&["--auth-jwks-file", "j.json"]).is_err(),
+            "a JWKS needs iss and aud"
+        );
+        assert!(parse(&["--auth-jwks-file", "j.json", "--auth-jwt-issuer", "i"]).is_err());
+        let ok = [
+            "--auth-jwks-file",
+            "j.json",
+            "--auth-jwt-issuer",
+            "i",
+            "--auth-jwt-audience",
+            "a",
+        ];
+        assert!(parse(&ok).is_ok());
+        let Command::Serve(serve) = parse(&[]).expect("parses").command else {
+            panic!("expected serve")
+        };
+        assert!(
+            !serve.auth.auth_disabled,
+            "authentication is on unless switched off"
+        );
+        assert_eq!(serve.tls.tls_client_auth, ClientAuth::Required);
     }
 
     #[test]
