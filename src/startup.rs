@@ -13,7 +13,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::metrics_layer::GrpcMetricsLayer;
 use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
-use crate::config::ServeConfig;
+use crate::config::{LimitsConfig, ServeConfig};
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
@@ -215,6 +215,7 @@ impl Application {
             control.clone(),
             store,
             limits,
+            config.auth.credentials_reload_interval,
             stop.clone(),
         ))
         .max_decoding_message_size(max_message)
@@ -222,12 +223,7 @@ impl Application {
         // Health and reflection need no token: health says only SERVING or not, and reflection
         // describes the public API schema, which is in this repository. Both still go through
         // TLS when it is on. The application services require an identity.
-        let router = Server::builder()
-            .http2_keepalive_interval(Some(config.limits.http2_keepalive_interval))
-            .http2_keepalive_timeout(Some(config.limits.http2_keepalive_timeout))
-            .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
-            .max_concurrent_streams(config.limits.max_concurrent_streams)
-            .timeout(config.limits.request_timeout)
+        let router = server_builder(&config.limits)
             .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
             .add_service(health_service.clone())
@@ -258,7 +254,7 @@ impl Application {
         // certificates nor present a token.
         let health_server = {
             let stop = stop.clone();
-            Server::builder()
+            server_builder(&config.limits)
                 .add_service(health_service)
                 .serve_with_incoming_shutdown(
                     health_incoming,
@@ -281,7 +277,7 @@ impl Application {
             }),
             Some(ended) = tasks.join_next() => Some(match ended {
                 Ok(Err(e)) => StartupError::Stream(e),
-                _ => StartupError::TaskDied("control loop task"),
+                _ => StartupError::TaskDied("a background task (control loop or health server)"),
             }),
             _ = shutdown.cancelled() => None,
             _ = stop.cancelled() => None,
@@ -328,6 +324,16 @@ impl Application {
         Ok(())
     }
 }
+/// A gRPC server with the connection limits of `limits`, for the API and the health port alike.
+fn server_builder(limits: &LimitsConfig) -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .timeout(limits.request_timeout)
+}
+
 /// Says at start how callers are authenticated; loudly when they are not.
 fn announce_security(auth: &Authenticator, tls: bool, config: &ServeConfig) {
     if auth.is_disabled() {

@@ -421,19 +421,34 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
 
     // Claiming the south sensor for north, with or without its revision: as if it did not
     // exist, and nothing changes.
-    for expected_revision in [None, Some(1), Some(0)] {
-        let status = client
-            .put_setpoint(authorized(
-                put(setpoint("south/room-1", "north", 30.0), expected_revision),
-                Some("t-operator-north"),
-            ))
-            .await
-            .unwrap_err();
+    let attempt = |sensor: &'static str, expected_revision: Option<i64>| {
+        let mut client = client.clone();
+        async move {
+            let request = put(setpoint(sensor, "north", 30.0), expected_revision);
+            client
+                .put_setpoint(authorized(request, Some("t-operator-north")))
+                .await
+                .unwrap_err()
+        }
+    };
+    for expected_revision in [None, Some(0)] {
+        let status = attempt("south/room-1", expected_revision).await;
         assert_eq!(
             status.code(),
             Code::NotFound,
             "{expected_revision:?}: {status:?}"
         );
+    }
+    // A conditional write gets exactly the answer a sensor that does not exist gets.
+    for expected_revision in [Some(1), Some(7)] {
+        let foreign = attempt("south/room-1", expected_revision).await;
+        let missing = attempt("north/never-created", expected_revision).await;
+        assert_eq!(
+            (foreign.code(), foreign.message()),
+            (missing.code(), missing.message()),
+            "{expected_revision:?}"
+        );
+        assert_eq!(foreign.code(), Code::Aborted);
     }
     let mut db = app.db().await;
     let (building, revision, updated_by): (String, i64, String) = sqlx::query_as(
@@ -463,6 +478,24 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
     assert_eq!(
         history_as(&mut client, "t-viewer-north", "south/room-1").await,
         vec![(2, "operator-all".to_owned())]
+    );
+    // Its last command was sent while it was in south: not north's to see.
+    let state = HeaterControlServiceClient::new(app.channel().await)
+        .get_sensor_state(authorized(
+            pb::GetSensorStateRequest {
+                sensor_id: "south/room-1".into(),
+            },
+            Some("t-viewer-north"),
+        ))
+        .await
+        .expect("now a north sensor")
+        .into_inner();
+    assert!(
+        state
+            .last_command
+            .as_ref()
+            .is_none_or(|c| c.building_id == "north"),
+        "{state:?}"
     );
 }
 
@@ -1283,4 +1316,59 @@ async fn no_bad_input_changes_the_database() {
         ))
         .await
         .expect("a good Put after the bad ones");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ends_when_its_credentials_expire_or_are_revoked() {
+    let (dir, app) = secure_app(|config, _| {
+        config.auth.auth_jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let channel = app.channel().await;
+    let subscribe = |token: String| {
+        let channel = channel.clone();
+        async move {
+            let request = authorized(pb::SubscribeHeaterCommandsRequest::default(), Some(&token));
+            HeaterControlServiceClient::new(channel)
+                .subscribe_heater_commands(request)
+                .await
+                .expect("subscribe")
+                .into_inner()
+        }
+    };
+    let ended = |mut stream: tonic::Streaming<pb::HeaterCommandEvent>| async move {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Err(status))) => status.code(),
+            other => panic!("expected the stream to end with an error, got {other:?}"),
+        }
+    };
+    let (rsa, _) = keys();
+    let mut short = creds::claims("short-lived", "viewer", &["*"]);
+    short["exp"] = json!(creds::now() + 2);
+    let expiring = subscribe(rsa.sign(&short)).await;
+    let revoked = subscribe("t-viewer-north".to_owned()).await;
+    let kept = subscribe("t-viewer-all".to_owned()).await;
+
+    // Revoke one static token by rewriting the file without it.
+    let remaining: Vec<_> = static_entries()
+        .into_iter()
+        .filter(|e| !matches!(e, StaticEntry::Token { token, .. } if *token == "t-viewer-north"))
+        .collect();
+    creds::write(
+        dir.path(),
+        "identities.json",
+        &creds::static_file(&remaining),
+    );
+    let started = Instant::now();
+    assert_eq!(ended(revoked).await, Code::Unauthenticated);
+    assert_eq!(ended(expiring).await, Code::Unauthenticated);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // A subscriber whose credentials still hold stays subscribed.
+    let mut kept = kept;
+    let still = tokio::time::timeout(Duration::from_millis(500), kept.next()).await;
+    assert!(still.is_err(), "still open and quiet: {still:?}");
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -15,6 +16,7 @@ use super::limits::{Limits, SubscriptionSlot};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
+use crate::security::Credentials;
 use crate::store::Store;
 use crate::stream::engine::Filter;
 use crate::stream::ControlHandle;
@@ -24,6 +26,8 @@ pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
     limits: Limits,
+    /// How often an open subscription checks its caller's credentials again.
+    recheck: Duration,
     shutdown: CancellationToken,
 }
 
@@ -32,12 +36,14 @@ impl HeaterApi {
         control: ControlHandle,
         store: Store,
         limits: Limits,
+        recheck: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             control,
             store,
             limits,
+            recheck,
             shutdown,
         }
     }
@@ -80,6 +86,11 @@ impl HeaterApi {
             return Err(not_found());
         }
         let setpoint = setpoint.as_ref().map(setpoint_to_proto);
+        // A sensor moved between buildings keeps the last command sent while it was elsewhere;
+        // that command belongs to the other building.
+        let last_command = view
+            .last_command
+            .filter(|e| who.scope.contains_str(&e.building_id));
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
             setpoint,
@@ -88,13 +99,14 @@ impl HeaterApi {
                 temperature_celsius: r.temperature.value(),
                 reading_time: Some(timestamp(r.time)),
             }),
-            last_command: view.last_command.map(|e| (*e).clone()),
+            last_command: last_command.map(|e| (*e).clone()),
         })
     }
 
     async fn subscribe(
         &self,
         who: Identity,
+        credentials: Option<Credentials>,
         req: pb::SubscribeHeaterCommandsRequest,
     ) -> Result<EventStream> {
         let sensors = req
@@ -138,6 +150,11 @@ impl HeaterApi {
             live,
             filter,
             scope,
+            credentials,
+            recheck: tokio::time::interval_at(
+                tokio::time::Instant::now() + self.recheck,
+                self.recheck,
+            ),
             shutdown: self.shutdown.clone(),
             ended: false,
             _slot: slot,
@@ -161,6 +178,10 @@ struct Subscription {
     filter: Filter,
     /// The caller's buildings: commands of others are never sent, whatever the filter says.
     scope: Scope,
+    /// Checked again every `recheck`: an expired or revoked credential ends the stream, and a
+    /// narrowed scope applies from then on.
+    credentials: Option<Credentials>,
+    recheck: tokio::time::Interval,
     /// The highest sequence sent per sensor: drops the snapshot overlap and re-deliveries.
     delivered: HashMap<String, u64>,
     shutdown: CancellationToken,
@@ -176,6 +197,18 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
+    /// Authenticates the stream's credentials again; the new scope replaces the old one.
+    fn reauthenticate(&mut self) -> Result<(), Status> {
+        let Some(credentials) = &self.credentials else {
+            return Ok(());
+        };
+        let who = credentials.authenticate()?;
+        who.check(Action::Read)
+            .map_err(|denied| Status::from(Error::PermissionDenied(denied.to_string())))?;
+        self.scope = who.scope;
+        Ok(())
+    }
+
     async fn next(mut self) -> Option<(Result<pb::HeaterCommandEvent, Status>, Self)> {
         if self.ended {
             return None;
@@ -194,6 +227,13 @@ impl Subscription {
                     self.ended = true;
                     let status = Status::unavailable("server shutting down; subscribe again");
                     return Some((Err(status), self));
+                }
+                _ = self.recheck.tick(), if self.credentials.is_some() => {
+                    if let Err(status) = self.reauthenticate() {
+                        self.ended = true;
+                        return Some((Err(status), self));
+                    }
+                    continue;
                 }
                 received = self.live.recv() => received,
             };
@@ -232,8 +272,10 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         request: Request<pb::SubscribeHeaterCommandsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let who = authorize(&request, Action::Read)?;
+        let credentials = request.extensions().get::<Credentials>().cloned();
         Ok(Response::new(
-            self.subscribe(who, request.into_inner()).await?,
+            self.subscribe(who, credentials, request.into_inner())
+                .await?,
         ))
     }
 

@@ -180,13 +180,40 @@ pub fn certificate_subject(cert: &CertificateDer<'_>) -> Option<String> {
     Some(cert.tbs_certificate.subject.to_string())
 }
 
-/// Authenticates every call of the services it wraps and puts the [`Identity`] into the
-/// request's extensions, where handlers find it with [`identity`].
+/// What a call authenticated with, kept so that a long-lived stream can check it again: a
+/// subscription must end when its token expires or is revoked, or its certificate delisted.
+#[derive(Clone)]
+pub struct Credentials {
+    auth: Authenticator,
+    /// Only the `authorization` entry of the call's metadata.
+    metadata: MetadataMap,
+    certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+impl Credentials {
+    /// The identity these credentials give now, with the current keys and identity files.
+    pub fn authenticate(&self) -> Result<Identity, Error> {
+        self.auth
+            .authenticate(&self.metadata, self.certs.as_deref().map(Vec::as_slice))
+    }
+}
+
+/// Authenticates every call of the services it wraps and puts the [`Identity`] (and the
+/// [`Credentials`] it came from) into the request's extensions, where handlers find them.
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let certs = request.peer_certs();
         match self.authenticate(request.metadata(), certs.as_deref().map(Vec::as_slice)) {
             Ok(who) => {
+                let mut metadata = MetadataMap::new();
+                if let Some(value) = request.metadata().get("authorization") {
+                    metadata.insert("authorization", value.clone());
+                }
+                request.extensions_mut().insert(Credentials {
+                    auth: self.clone(),
+                    metadata,
+                    certs,
+                });
                 request.extensions_mut().insert(who);
                 Ok(request)
             }

@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use super::watch::{LoadError, Reloadable};
+
+/// Most TLS handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 1024;
+/// Pause after a failed accept, e.g. when out of file descriptors.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 use crate::config::{ClientAuth, TlsConfig};
 
 /// The reloadable server configuration, or `None` when TLS is off.
@@ -95,19 +100,27 @@ pub fn incoming(
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
-    // Handshakes run concurrently, so one slow client cannot hold up the others.
+    // Handshakes run concurrently, so one slow client cannot hold up the others, but at most
+    // MAX_HANDSHAKES at a time: beyond that, new connections wait in the kernel's backlog
+    // instead of each costing a task and a socket here (a flood of silent clients).
     let (done, ready) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
-                accepted = tcp.next() => accepted,
+                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
+                    Ok(permit) => tcp.next().await.map(|accepted| (permit, accepted)),
+                    Err(_) => return,
+                },
             };
-            let stream = match accepted {
-                Some(Ok(stream)) => stream,
-                Some(Err(e)) => {
-                    // Per-connection accept errors (e.g. reset before accept) are not fatal.
+            let (permit, stream) = match accepted {
+                Some((permit, Ok(stream))) => (permit, stream),
+                Some((_, Err(e))) => {
+                    // Per-connection errors (reset before accept) and resource exhaustion
+                    // (EMFILE): neither is fatal, and pausing keeps the latter from spinning.
                     tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
                 None => return,
@@ -115,6 +128,7 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(tls.current());
             let done = done.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {

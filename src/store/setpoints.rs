@@ -272,7 +272,16 @@ impl Store {
                 .as_ref()
                 .is_some_and(|row| !scope.contains_str(&row.building_id))
             {
-                return Err(not_found(&setpoint.sensor_id));
+                // Answer as for a sensor that does not exist: a conditional write is a revision
+                // mismatch against 0. An unconditional one would have created the sensor, so
+                // its refusal does tell that the id is taken elsewhere (ids are global).
+                return Err(match expected_revision {
+                    Some(expected) if expected != 0 => Error::RevisionMismatch {
+                        expected,
+                        actual: 0,
+                    },
+                    _ => not_found(&setpoint.sensor_id),
+                });
             }
             let actual = current.as_ref().map_or(0, SetpointRow::effective_revision);
             if let Some(expected) = expected_revision {
