@@ -7,6 +7,7 @@
 //! `domain::control`; this module only moves data.
 
 pub mod admin;
+mod cache;
 pub mod codec;
 pub mod commands;
 pub mod engine;
@@ -54,6 +55,8 @@ pub enum StreamError {
     Store(#[source] crate::Error),
     #[error("{0} stopped")]
     Stopped(&'static str),
+    #[error("the sensor cache cannot index more than {0} sensors")]
+    CacheFull(usize),
 }
 
 /// Hands a record to the producer, waiting while its queue is full (back-pressure).
