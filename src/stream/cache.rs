@@ -3,7 +3,7 @@
 //!
 //! Layout: the sensor ids are concatenated in one string (`ids`); each sensor has a fixed-size
 //! [`Slot`] in a vector, in the same order, holding its [`SensorControl`] packed into plain
-//! numbers and flags; a hash table of slot numbers finds a sensor by id. Building ids are
+//! numbers and flags (53 B); a hash table of slot numbers finds a sensor by id. Building ids are
 //! interned (a few thousand at most, shared by their sensors). The last command event of a
 //! sensor is kept whole, in a side table, only for sensors that have one. Sensors are never
 //! removed (a deleted setpoint still needs its tombstone revision), which is what lets a slot's
@@ -37,7 +37,12 @@ mod flags {
     pub const PARTITION: u8 = 1 << 6;
 }
 
-/// One sensor, 61 bytes. Packed (no padding): fields are only ever copied in and out, never
+/// A revision or sequence that does not fit 32 bits: the value is in a side table. Both count
+/// from 1 by one per sensor, so 32 bits last thousands of years; the side table keeps storage
+/// exact for whatever the database or the command topic holds.
+const WIDE: u32 = u32::MAX;
+
+/// One sensor, 53 bytes. Packed (no padding): fields are only ever copied in and out, never
 /// borrowed, so unaligned fields cost nothing on the platforms we run on.
 #[derive(Clone, Copy)]
 #[repr(C, packed)]
@@ -54,8 +59,10 @@ struct Slot {
     temperature: f64,
     lower: f64,
     upper: f64,
-    revision: i64,
-    sequence: u64,
+    /// The setpoint revision, or [`WIDE`].
+    revision: u32,
+    /// The last command's sequence, or [`WIDE`].
+    sequence: u32,
 }
 
 /// Index of a sensor in the cache.
@@ -71,6 +78,8 @@ pub struct Cache {
     hasher: DefaultHashBuilder,
     buildings: Vec<BuildingId>,
     building_index: HashMap<BuildingId, u32>,
+    wide_revisions: HashMap<SensorIndex, i64>,
+    wide_sequences: HashMap<SensorIndex, u64>,
     last_events: HashMap<SensorIndex, Arc<pb::HeaterCommandEvent>>,
 }
 
@@ -150,7 +159,7 @@ impl Cache {
         let time = DateTime::from_timestamp_nanos(slot.time);
         ControlParts {
             band: has(flags::BAND).then(|| Band::from_thresholds(slot.lower, slot.upper)),
-            revision: slot.revision,
+            revision: widen(slot.revision, &self.wide_revisions, i),
             // Stored only from a `Celsius`, so always finite.
             last_reading: Celsius::new(slot.temperature)
                 .filter(|_| has(flags::READING))
@@ -161,7 +170,7 @@ impl Cache {
                 } else {
                     HeaterCommand::Off
                 },
-                sequence: slot.sequence,
+                sequence: widen(slot.sequence, &self.wide_sequences, i),
             }),
             building_id: has(flags::BUILDING)
                 .then(|| self.buildings[slot.building as usize].clone()),
@@ -181,7 +190,7 @@ impl Cache {
             lower: 0.0,
             upper: 0.0,
             sequence: 0,
-            revision: parts.revision,
+            revision: narrow(parts.revision, &mut self.wide_revisions, i),
             building: 0,
             ..old
         };
@@ -202,7 +211,9 @@ impl Cache {
             if last.command == HeaterCommand::On {
                 slot.flags |= flags::COMMAND_ON;
             }
-            slot.sequence = last.sequence;
+            slot.sequence = narrow(last.sequence, &mut self.wide_sequences, i);
+        } else {
+            self.wide_sequences.remove(&i);
         }
         if let Some(building) = parts.building_id {
             slot.flags |= flags::BUILDING;
@@ -240,6 +251,39 @@ impl Cache {
     }
 }
 
+/// `value` as stored in a slot: itself if it fits (recorded as not wide), else [`WIDE`] with
+/// the value in `wide`.
+fn narrow<T: Copy + Default + TryInto<u32>>(
+    value: T,
+    wide: &mut HashMap<SensorIndex, T>,
+    i: SensorIndex,
+) -> u32 {
+    match value.try_into().ok().filter(|&v| v != WIDE) {
+        Some(narrow) => {
+            if !wide.is_empty() {
+                wide.remove(&i);
+            }
+            narrow
+        }
+        None => {
+            wide.insert(i, value);
+            WIDE
+        }
+    }
+}
+
+fn widen<T: Copy + Default + From<u32>>(
+    stored: u32,
+    wide: &HashMap<SensorIndex, T>,
+    i: SensorIndex,
+) -> T {
+    if stored == WIDE {
+        wide.get(&i).copied().unwrap_or_default()
+    } else {
+        T::from(stored)
+    }
+}
+
 fn id_of<'a>(ids: &'a str, slots: &[Slot], i: SensorIndex) -> &'a str {
     let i = i as usize;
     let start = slots[i].id_start as usize;
@@ -264,8 +308,8 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_61_bytes() {
-        assert_eq!(std::mem::size_of::<Slot>(), 61);
+    fn a_slot_is_53_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 53);
     }
 
     #[test]
@@ -330,6 +374,10 @@ mod tests {
             assert_eq!(ControlParts::from(cache.control(i)), parts);
         }
         assert_eq!(cache.buildings.len(), 2, "buildings are interned");
+        assert!(
+            cache.wide_revisions.is_empty() && cache.wide_sequences.is_empty(),
+            "wide values leave the side tables once they are narrow again"
+        );
         assert_eq!(cache.partition(i), None);
         cache.set_partition(i, 3);
         cache.set_control(i, SensorControl::default());
