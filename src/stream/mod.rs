@@ -91,7 +91,8 @@ fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
-pub(crate) fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+/// The settings of every consumer of the service (public so benchmarks' baselines use the same).
+pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
     let mut config = client_config(kafka);
     config
         .set("group.id", group)
