@@ -204,11 +204,6 @@ pub async fn start(
     let follower_consumer: StreamConsumer =
         consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
             .set("enable.auto.commit", "false")
-            // Under load, wait for 64 KB (or `fetch.wait.max.ms`) per fetch rather than fetching
-            // every command on its own: on Tansu, each fetch of the tail costs the broker far
-            // more CPU than the record (benchmark 1, broker CPU per reading). Subscribers and
-            // recovery see commands at most `fetch.wait.max.ms` later.
-            .set("fetch.min.bytes", "65536")
             .create()
             .map_err(StreamError::Config)?;
 
