@@ -110,42 +110,60 @@ async fn send(
     }
 }
 
-fn reading(sensor: u32, celsius: f64, time_nanos: i64) -> (String, Vec<u8>) {
-    let id = sensor_id(sensor);
-    let payload = pb::SensorReading {
-        sensor_id: id.clone(),
-        temperature_celsius: celsius,
-        reading_time: Some(prost_types::Timestamp {
-            seconds: time_nanos.div_euclid(1_000_000_000),
-            nanos: time_nanos.rem_euclid(1_000_000_000) as i32,
-        }),
+/// The load generator's producer and its deliveries still outstanding.
+struct Load {
+    producer: FutureProducer,
+    pending: FuturesUnordered<DeliveryFuture>,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            producer: load_producer(),
+            pending: FuturesUnordered::new(),
+        }
     }
-    .encode_to_vec();
-    (id, payload)
+
+    /// Sends the reading of the `sensor`th sensor, stamped `time_nanos`.
+    async fn reading(&mut self, topic: &str, sensor: u32, celsius: f64, time_nanos: i64) {
+        let id = sensor_id(sensor);
+        let payload = pb::SensorReading {
+            sensor_id: id.clone(),
+            temperature_celsius: celsius,
+            reading_time: Some(prost_types::Timestamp {
+                seconds: time_nanos.div_euclid(1_000_000_000),
+                nanos: time_nanos.rem_euclid(1_000_000_000) as i32,
+            }),
+        }
+        .encode_to_vec();
+        let record = FutureRecord::to(topic)
+            .key(id.as_bytes())
+            .payload(payload.as_slice());
+        send(&self.producer, record, &mut self.pending).await;
+    }
+
+    /// Waits until every reading sent is acknowledged.
+    async fn finish(mut self) {
+        while let Some(done) = self.pending.next().await {
+            done.expect("producer").expect("delivered");
+        }
+    }
 }
 
 /// Produces one reading for each of `sensors`, as fast as the broker takes them.
 async fn preload(topic: &str, sensors: impl Iterator<Item = (u32, f64)>) {
-    let producer = load_producer();
-    let mut pending = FuturesUnordered::new();
+    let mut load = Load::new();
     for (sensor, celsius) in sensors {
-        let (key, payload) = reading(sensor, celsius, epoch_nanos());
-        let record = FutureRecord::to(topic)
-            .key(key.as_bytes())
-            .payload(payload.as_slice());
-        send(&producer, record, &mut pending).await;
+        load.reading(topic, sensor, celsius, epoch_nanos()).await;
     }
-    while let Some(done) = pending.next().await {
-        done.expect("producer").expect("delivered");
-    }
+    load.finish().await;
 }
 
 /// Produces one reading per sensor of `sensors` at `rate` per second, open loop: each is due at
 /// its own time whatever happened to the ones before, and carries that time as its
 /// `reading_time`, so latency is measured from when it was due (no coordinated omission).
 async fn open_loop(topic: &str, sensors: std::ops::Range<u32>, rate: f64) {
-    let producer = load_producer();
-    let mut pending = FuturesUnordered::new();
+    let mut load = Load::new();
     let period = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let start_nanos = epoch_nanos() + 20_000_000;
@@ -156,15 +174,10 @@ async fn open_loop(topic: &str, sensors: std::ops::Range<u32>, rate: f64) {
         if tokio::time::Instant::now() < start + offset {
             tokio::time::sleep_until(start + offset).await;
         }
-        let (key, payload) = reading(sensor, COLD, start_nanos + offset.as_nanos() as i64);
-        let record = FutureRecord::to(topic)
-            .key(key.as_bytes())
-            .payload(payload.as_slice());
-        send(&producer, record, &mut pending).await;
+        load.reading(topic, sensor, COLD, start_nanos + offset.as_nanos() as i64)
+            .await;
     }
-    while let Some(done) = pending.next().await {
-        done.expect("producer").expect("delivered");
-    }
+    load.finish().await;
 }
 
 /// What the observer of an output topic finds in its records.
