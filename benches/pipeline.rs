@@ -340,6 +340,10 @@ async fn drain_service(
         }
     };
     let (t0, r0, c0, b0) = first.expect("first poll");
+    assert!(
+        end_readings > r0,
+        "the drain finished between two polls: raise THERMOSTAT_BENCH_DRAIN"
+    );
     let counted = (end_readings - r0) as f64;
     service.stop();
     drop(subscriber);

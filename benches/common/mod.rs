@@ -169,6 +169,15 @@ impl Service {
     /// Readings consumed so far (the `thermostat_readings_consumed_total` counter), `None`
     /// while the admin port does not answer yet.
     pub async fn readings(&self) -> Option<u64> {
+        // A connection accepted but never answered (the process stopping) must not stall the
+        // poll loop.
+        tokio::time::timeout(Duration::from_secs(2), self.scrape())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn scrape(&self) -> Option<u64> {
         let mut stream = tokio::net::TcpStream::connect(self.admin).await.ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
