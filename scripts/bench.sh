@@ -2,8 +2,9 @@
 # The benchmarks: scripts/bench.sh
 #
 # Starts a throwaway PostgreSQL and Tansu (like scripts/test.sh), then runs the criterion
-# benchmark of the decision function and the service benchmarks, which print markdown tables
-# with their same-run baselines. Results are recorded by hand in BENCHMARKS.md.
+# benchmark of the decision function and the service and pipeline benchmarks, which print
+# markdown tables with their same-run baselines, and ends with one summary table of every goal.
+# Results are recorded by hand in BENCHMARKS.md.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,7 +16,20 @@ source scripts/throwaway.sh
 scripts/tansu.sh ensure >/dev/null
 THERMOSTAT_BENCH_PG_URL=$(scripts/pg.sh start "$tmp/pg")
 THERMOSTAT_BENCH_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
-export THERMOSTAT_BENCH_PG_URL THERMOSTAT_BENCH_BROKERS
+# The broker's CPU time is recorded next to the service's and the baselines'.
+THERMOSTAT_BENCH_BROKER_PID=$(cat "$tmp/tansu/pid")
+# Each benchmark appends its rows of the summary table here.
+THERMOSTAT_BENCH_SUMMARY="$tmp/summary.md"
+export THERMOSTAT_BENCH_PG_URL THERMOSTAT_BENCH_BROKERS THERMOSTAT_BENCH_BROKER_PID THERMOSTAT_BENCH_SUMMARY
+: >"$THERMOSTAT_BENCH_SUMMARY"
 
 cargo bench --locked --bench decision -- --warm-up-time 1 --measurement-time 3
 cargo bench --locked --bench service
+cargo bench --locked --bench pipeline
+
+echo
+echo "## Summary (medians; every baseline measured in the same run)"
+echo
+echo "| # | measurement | thermostat | baseline | ratio | goal |"
+echo "|---|---|---|---|---|---|"
+cat "$THERMOSTAT_BENCH_SUMMARY"

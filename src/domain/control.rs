@@ -43,6 +43,12 @@ pub struct Band {
 }
 
 impl Band {
+    /// The band of thresholds taken from another band (`lower()`, `upper()`): for storage that
+    /// keeps the two numbers apart from the type.
+    pub(crate) fn from_thresholds(lower: f64, upper: f64) -> Self {
+        Self { lower, upper }
+    }
+
     pub fn lower(self) -> f64 {
         self.lower
     }
@@ -107,47 +113,69 @@ pub enum ReadingOutcome {
 /// Everything the loop keeps about one sensor.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SensorControl {
+    parts: ControlParts,
+}
+
+/// The state of a [`SensorControl`], taken apart for storage that packs it tighter than this
+/// struct (the engine keeps a million of them). Putting the same parts back gives the same
+/// behaviour.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControlParts {
     /// The current setpoint's band; `None` when the sensor is not controlled.
-    band: Option<Band>,
+    pub band: Option<Band>,
     /// The highest setpoint revision applied, deletions included. Never goes backwards.
-    revision: i64,
-    last_reading: Option<Reading>,
-    last_command: Option<LastCommand>,
+    pub revision: i64,
+    pub last_reading: Option<Reading>,
+    pub last_command: Option<LastCommand>,
     /// The building of the latest setpoint or observed command, kept after a deletion so the
     /// releasing command can name it.
-    building_id: Option<BuildingId>,
+    pub building_id: Option<BuildingId>,
     /// When the current setpoint was first applied: the staleness clock of a sensor that never
-    /// sent a reading.
-    controlled_since: Option<DateTime<Utc>>,
+    /// sent a reading. Only read while `last_reading` is `None`, so storage may keep one of the
+    /// two times.
+    pub controlled_since: Option<DateTime<Utc>>,
+}
+
+impl From<ControlParts> for SensorControl {
+    fn from(parts: ControlParts) -> Self {
+        Self { parts }
+    }
+}
+
+impl From<SensorControl> for ControlParts {
+    fn from(control: SensorControl) -> Self {
+        control.parts
+    }
 }
 
 impl SensorControl {
     /// The band of the current setpoint; `None` when the sensor is not controlled.
     pub fn band(&self) -> Option<Band> {
-        self.band
+        self.parts.band
     }
 
     pub fn revision(&self) -> i64 {
-        self.revision
+        self.parts.revision
     }
 
     pub fn last_reading(&self) -> Option<Reading> {
-        self.last_reading
+        self.parts.last_reading
     }
 
     pub fn last_command(&self) -> Option<LastCommand> {
-        self.last_command
+        self.parts.last_command
     }
 
     /// Applies a reading and decides.
     pub fn on_reading(&mut self, reading: Reading) -> ReadingOutcome {
         if self
+            .parts
             .last_reading
             .is_some_and(|last| reading.time < last.time)
         {
             return ReadingOutcome::OutOfOrder;
         }
-        self.last_reading = Some(reading);
+        self.parts.last_reading = Some(reading);
         ReadingOutcome::Applied(self.evaluate(reading))
     }
 
@@ -177,21 +205,21 @@ impl SensorControl {
         setpoint: Option<Setpoint>,
         now: DateTime<Utc>,
     ) -> bool {
-        if revision <= self.revision {
+        if revision <= self.parts.revision {
             return false;
         }
-        self.revision = revision;
+        self.parts.revision = revision;
         match setpoint {
             Some(setpoint) => {
-                if self.band.is_none() {
-                    self.controlled_since = Some(now);
+                if self.parts.band.is_none() {
+                    self.parts.controlled_since = Some(now);
                 }
-                self.band = Some(Band::from(&setpoint));
-                self.building_id = Some(setpoint.building_id);
+                self.parts.band = Some(Band::from(&setpoint));
+                self.parts.building_id = Some(setpoint.building_id);
             }
             None => {
-                self.band = None;
-                self.controlled_since = None;
+                self.parts.band = None;
+                self.parts.controlled_since = None;
             }
         }
         true
@@ -200,41 +228,43 @@ impl SensorControl {
     /// Decides on the current setpoint without a new reading: the latest reading is evaluated
     /// if it is fresh, and a heater left ON without a setpoint is released.
     pub fn reevaluate(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
-        if self.band.is_some() {
+        if self.parts.band.is_some() {
             let fresh = self
+                .parts
                 .last_reading
                 .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
             return self.evaluate(fresh);
         }
-        if self.last_command?.command != HeaterCommand::On {
+        if self.parts.last_command?.command != HeaterCommand::On {
             return None;
         }
-        let building = self.building_id.clone()?;
+        let building = self.parts.building_id.clone()?;
         self.emit(
             HeaterCommand::Off,
             CommandReason::SetpointDeleted,
             building,
-            self.revision,
+            self.parts.revision,
         )
     }
 
     /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
     pub fn on_tick(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
-        self.band?;
+        self.parts.band?;
         let since = self
+            .parts
             .last_reading
             .map(|r| r.time)
-            .or(self.controlled_since)?;
+            .or(self.parts.controlled_since)?;
         if now.signed_duration_since(since) <= stale_after {
             return None;
         }
         // Set together with the band, so present whenever the sensor is controlled.
-        let building = self.building_id.clone()?;
+        let building = self.parts.building_id.clone()?;
         self.emit(
             HeaterCommand::Off,
             CommandReason::SensorStale,
             building,
-            self.revision,
+            self.parts.revision,
         )
     }
 
@@ -247,29 +277,31 @@ impl SensorControl {
         building_id: BuildingId,
         reading: Option<Reading>,
     ) {
-        if self.building_id.is_none() {
-            self.building_id = Some(building_id);
+        if self.parts.building_id.is_none() {
+            self.parts.building_id = Some(building_id);
         }
         if self
+            .parts
             .last_command
             .is_none_or(|last| command.sequence > last.sequence)
         {
-            self.last_command = Some(command);
+            self.parts.last_command = Some(command);
         }
         if let Some(reading) = reading {
             if self
+                .parts
                 .last_reading
                 .is_none_or(|last| reading.time > last.time)
             {
-                self.last_reading = Some(reading);
+                self.parts.last_reading = Some(reading);
             }
         }
     }
 
     fn evaluate(&mut self, reading: Reading) -> Option<Decision> {
-        let (command, reason) = rule(self.band?, reading.temperature)?;
-        let building = self.building_id.clone()?;
-        self.emit(command, reason, building, self.revision)
+        let (command, reason) = rule(self.parts.band?, reading.temperature)?;
+        let building = self.parts.building_id.clone()?;
+        self.emit(command, reason, building, self.parts.revision)
     }
 
     /// De-duplication: a command equal to the last one is not emitted.
@@ -281,20 +313,21 @@ impl SensorControl {
         setpoint_revision: i64,
     ) -> Option<Decision> {
         if self
+            .parts
             .last_command
             .is_some_and(|last| last.command == command)
         {
             return None;
         }
-        let sequence = self.last_command.map_or(1, |last| last.sequence + 1);
-        self.last_command = Some(LastCommand { command, sequence });
+        let sequence = self.parts.last_command.map_or(1, |last| last.sequence + 1);
+        self.parts.last_command = Some(LastCommand { command, sequence });
         Some(Decision {
             command,
             reason,
             sequence,
             building_id,
             setpoint_revision,
-            reading: self.last_reading,
+            reading: self.parts.last_reading,
         })
     }
 }

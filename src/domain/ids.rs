@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 use super::ValidationError;
 
@@ -29,10 +30,10 @@ fn check_id(field: &str, value: &str) -> Result<(), ValidationError> {
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+    ($(#[$doc:meta])* $name:ident($repr:ty), $field:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name($repr);
 
         impl $name {
             /// Checks the id rules (1 to 128 characters of `A-Za-z0-9._:/-`); an error names
@@ -40,15 +41,11 @@ macro_rules! id_type {
             pub fn parse(value: impl Into<String>) -> Result<Self, ValidationError> {
                 let value = value.into();
                 check_id($field, &value)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             pub fn as_str(&self) -> &str {
                 &self.0
-            }
-
-            pub fn into_string(self) -> String {
-                self.0
             }
         }
 
@@ -68,12 +65,14 @@ macro_rules! id_type {
 
 id_type!(
     /// Identifies one temperature sensor (and the heater it controls).
-    SensorId,
+    SensorId(String),
     "sensor_id"
 );
 id_type!(
-    /// Identifies a building: the unit of ownership for access control.
-    BuildingId,
+    /// Identifies a building: the unit of ownership for access control. Shared (`Arc`): the
+    /// engine hands the same building to every decision of its sensors, and a clone is then a
+    /// reference count, not a copy of the string.
+    BuildingId(Arc<str>),
     "building_id"
 );
 

@@ -2,7 +2,10 @@
 //! `setpoint_history` together, so no acknowledged change is ever missing from the history, and
 //! row locks taken by `INSERT … ON CONFLICT` / `UPDATE` serialise racing writers to one sensor.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
+use futures::stream::{Stream, StreamExt};
 
 use super::Store;
 use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
@@ -403,10 +406,14 @@ impl Store {
     }
 
     /// Every sensor's current version, deletions included: the control loop's full resync.
-    pub async fn setpoint_versions(&self) -> Result<Vec<SetpointVersion>> {
-        let sql = format!("SELECT {SETPOINT_COLUMNS} FROM setpoints");
-        let rows: Vec<SetpointRow> = sqlx::query_as(&sql).fetch_all(self.pool()).await?;
-        rows.into_iter().map(SetpointRow::into_version).collect()
+    /// Row by row: a million rows are never in memory at once (the allocator would keep those
+    /// pages after they are freed).
+    pub fn setpoint_versions(&self) -> impl Stream<Item = Result<SetpointVersion>> + '_ {
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {SETPOINT_COLUMNS} FROM setpoints"));
+        sqlx::query_as::<_, SetpointRow>(SQL.as_str())
+            .fetch(self.pool())
+            .map(|row| row.map_err(Error::from).and_then(SetpointRow::into_version))
     }
 
     /// One sensor's current version, or `None` if it never had a setpoint.

@@ -103,10 +103,19 @@ pub fn decode_reading(
     }
     let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
     let time = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
+    if !storable(time) {
+        return Err(DeadLetter::Undecodable("reading_time out of range".into()));
+    }
     if time > now + MAX_CLOCK_SKEW {
         return Err(DeadLetter::FutureTime(time));
     }
     Ok((sensor, Reading { temperature, time }))
+}
+
+/// Whether the engine can keep `time`: it stores reading times as nanoseconds since the epoch
+/// in an `i64` (years 1677 to 2262) to keep a million sensors small.
+pub fn storable(time: DateTime<Utc>) -> bool {
+    time.timestamp_nanos_opt().is_some()
 }
 
 fn command_to_proto(command: HeaterCommand) -> pb::HeaterCommand {
@@ -125,14 +134,14 @@ fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
     }
 }
 
-/// The event announcing `decision` for `sensor`.
+/// The event announcing `decision` for `sensor_id`.
 pub fn command_event(
-    sensor: &SensorId,
+    sensor_id: &str,
     decision: &Decision,
     decided_at: DateTime<Utc>,
 ) -> pb::HeaterCommandEvent {
     pb::HeaterCommandEvent {
-        sensor_id: sensor.to_string(),
+        sensor_id: sensor_id.to_owned(),
         building_id: decision.building_id.to_string(),
         command: command_to_proto(decision.command).into(),
         reason: reason_to_proto(decision.reason).into(),
@@ -146,7 +155,8 @@ pub fn command_event(
 }
 
 /// What the loop needs from a command event read back from the topic; `None` for an event that
-/// is not a valid command (never written by thermostat).
+/// is not a valid command (never written by thermostat). A reading time the engine cannot
+/// store (never written by thermostat either) counts as no reading.
 pub fn observed_command(
     event: &pb::HeaterCommandEvent,
 ) -> Option<(SensorId, LastCommand, Option<Reading>)> {
@@ -159,7 +169,8 @@ pub fn observed_command(
     let reading = event.reading_time.as_ref().and_then(|t| {
         Some(Reading {
             temperature: Celsius::new(event.temperature_celsius)?,
-            time: DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)?,
+            time: DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+                .filter(|time| storable(*time))?,
         })
     });
     Some((
@@ -294,6 +305,12 @@ mod tests {
                 proto("s1", 20.0, Some(now() + TimeDelta::hours(1))),
                 "future_time",
             ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto("s1", 20.0, DateTime::from_timestamp(-10_000_000_000, 0)),
+                "undecodable",
+            ),
         ];
         for (format, key, payload, code) in cases {
             let err = decode_reading(format, key, &payload, None, now()).unwrap_err();
@@ -315,7 +332,7 @@ mod tests {
             }),
         };
         let sensor = SensorId::parse("s1").unwrap();
-        let event = command_event(&sensor, &decision, now());
+        let event = command_event(sensor.as_str(), &decision, now());
         assert_eq!(event.command(), pb::HeaterCommand::On);
         assert_eq!(event.reason(), pb::CommandReason::TooCold);
         let (id, last, reading) = observed_command(&event).unwrap();

@@ -7,7 +7,7 @@
 //! to the readings task, which stores a reading's offset only once every command before it is
 //! acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
 use super::{enqueue, StreamError};
 use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
@@ -134,16 +135,8 @@ impl LoopStats {
     }
 }
 
-#[derive(Default)]
-struct Entry {
-    control: SensorControl,
-    /// The sensor-topic partition the sensor's readings arrive on, when known.
-    partition: Option<i32>,
-    last_event: Option<Arc<pb::HeaterCommandEvent>>,
-}
-
 pub struct Engine {
-    sensors: HashMap<SensorId, Entry>,
+    sensors: Cache,
     assigned: HashSet<i32>,
     producer: FutureProducer,
     command_topic: String,
@@ -161,7 +154,7 @@ impl Engine {
         stats: Arc<LoopStats>,
     ) -> Self {
         Self {
-            sensors: HashMap::new(),
+            sensors: Cache::default(),
             assigned: HashSet::new(),
             producer,
             command_topic,
@@ -203,9 +196,9 @@ impl Engine {
             } => {
                 LoopStats::bump(&self.stats.readings);
                 metrics::counter!(telemetry::READINGS).increment(1);
-                let entry = self.sensors.entry(sensor.clone()).or_default();
-                entry.partition = Some(position.partition);
-                let decision = match entry.control.on_reading(reading) {
+                let i = self.sensors.find_or_insert(&sensor)?;
+                self.sensors.set_partition(i, position.partition);
+                let decision = match self.decide(i, |control| control.on_reading(reading)) {
                     ReadingOutcome::Applied(decision) => decision,
                     ReadingOutcome::OutOfOrder => {
                         LoopStats::bump(&self.stats.out_of_order);
@@ -214,7 +207,7 @@ impl Engine {
                     }
                 };
                 let delivery = match decision {
-                    Some(decision) => Some(self.send(&sensor, &decision).await?),
+                    Some(decision) => Some(self.send(i, &decision).await?),
                     None => None,
                 };
                 metrics::histogram!(telemetry::DECISION_LATENCY)
@@ -224,17 +217,19 @@ impl Engine {
             Input::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
             Input::Setpoint(version) => {
                 let now = Utc::now();
-                let entry = self.sensors.entry(version.sensor_id.clone()).or_default();
-                if !entry
-                    .control
-                    .apply_setpoint(version.revision, version.setpoint, now)
-                    || !owned(&self.assigned, entry)
-                {
-                    return Ok(());
-                }
-                match entry.control.reevaluate(now, self.stale_after) {
+                let i = self.sensors.find_or_insert(&version.sensor_id)?;
+                let owned = owned(&self.assigned, &self.sensors, i);
+                let stale_after = self.stale_after;
+                let decision = self.decide(i, |control| {
+                    let newer = control.apply_setpoint(version.revision, version.setpoint, now);
+                    // Sensors another replica owns are only tracked.
+                    (newer && owned)
+                        .then(|| control.reevaluate(now, stale_after))
+                        .flatten()
+                });
+                match decision {
                     Some(decision) => {
-                        let delivery = self.send(&version.sensor_id, &decision).await?;
+                        let delivery = self.send(i, &decision).await?;
                         self.ack(None, Some(delivery))
                     }
                     None => Ok(()),
@@ -248,17 +243,17 @@ impl Engine {
                     let Ok(building) = BuildingId::parse(event.building_id.as_str()) else {
                         return Ok(());
                     };
-                    let entry = self.sensors.entry(sensor).or_default();
-                    entry.control.observe(last, building, reading);
-                    if reading_partition.is_some() {
-                        entry.partition = reading_partition;
+                    let i = self.sensors.find_or_insert(&sensor)?;
+                    self.decide(i, |control| control.observe(last, building, reading));
+                    if let Some(partition) = reading_partition {
+                        self.sensors.set_partition(i, partition);
                     }
-                    if entry
-                        .last_event
-                        .as_ref()
+                    if self
+                        .sensors
+                        .last_event(i)
                         .is_none_or(|e| event.sequence >= e.sequence)
                     {
-                        entry.last_event = Some(event);
+                        self.sensors.set_last_event(i, event);
                     }
                 }
                 Ok(())
@@ -277,10 +272,10 @@ impl Engine {
             Input::Query(Query::Sensor { sensor, reply }) => {
                 let view = self
                     .sensors
-                    .get(&sensor)
-                    .map(|e| SensorView {
-                        last_reading: e.control.last_reading(),
-                        last_command: e.last_event.clone(),
+                    .find(sensor.as_str())
+                    .map(|i| SensorView {
+                        last_reading: self.sensors.control(i).last_reading(),
+                        last_command: self.sensors.last_event(i).cloned(),
                     })
                     .unwrap_or_default();
                 let _ = reply.send(view);
@@ -289,9 +284,9 @@ impl Engine {
             Input::Query(Query::Snapshot { filter, reply }) => {
                 let events = self
                     .sensors
-                    .values()
-                    .filter_map(|e| e.last_event.clone())
+                    .last_events()
                     .filter(|e| filter.matches(e))
+                    .cloned()
                     .collect();
                 let _ = reply.send(events);
                 Ok(())
@@ -306,8 +301,8 @@ impl Engine {
     async fn check_staleness(&mut self) -> Result<(), StreamError> {
         let setpoints = self
             .sensors
-            .values()
-            .filter(|e| e.control.band().is_some())
+            .indexes()
+            .filter(|&i| self.sensors.is_controlled(i))
             .count();
         metrics::gauge!(telemetry::CACHED_SENSORS).set(self.sensors.len() as f64);
         metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);
@@ -317,21 +312,29 @@ impl Engine {
             .await
     }
 
+    /// Runs `f` on the sensor's state, unpacked, and stores the state back.
+    fn decide<T>(&mut self, i: SensorIndex, f: impl FnOnce(&mut SensorControl) -> T) -> T {
+        let mut control = self.sensors.control(i);
+        let result = f(&mut control);
+        self.sensors.set_control(i, control);
+        result
+    }
+
     /// Runs `decide` on every sensor this replica owns and sends what it decides.
     async fn decide_for_owned(
         &mut self,
         mut decide: impl FnMut(&mut SensorControl) -> Option<Decision>,
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
-        for (sensor, entry) in &mut self.sensors {
-            if owned(&self.assigned, entry) {
-                if let Some(decision) = decide(&mut entry.control) {
-                    decided.push((sensor.clone(), decision));
+        for i in self.sensors.indexes() {
+            if owned(&self.assigned, &self.sensors, i) {
+                if let Some(decision) = self.decide(i, &mut decide) {
+                    decided.push((i, decision));
                 }
             }
         }
-        for (sensor, decision) in decided {
-            let delivery = self.send(&sensor, &decision).await?;
+        for (i, decision) in decided {
+            let delivery = self.send(i, &decision).await?;
             self.ack(None, Some(delivery))?;
         }
         Ok(())
@@ -341,7 +344,7 @@ impl Engine {
     /// sent must not be forgotten, and after a restart it is decided again.
     async fn send(
         &mut self,
-        sensor: &SensorId,
+        i: SensorIndex,
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
         LoopStats::bump(&self.stats.commands);
@@ -351,11 +354,10 @@ impl Engine {
             "reason" => format!("{:?}", decision.reason),
         )
         .increment(1);
-        let entry = self.sensors.entry(sensor.clone()).or_default();
-        let event = Arc::new(command_event(sensor, decision, Utc::now()));
-        entry.last_event = Some(event.clone());
+        let event = Arc::new(command_event(self.sensors.id(i), decision, Utc::now()));
+        self.sensors.set_last_event(i, event.clone());
         let payload = event.encode_to_vec();
-        let partition = entry.partition.map(|p| p.to_string());
+        let partition = self.sensors.partition(i).map(|p| p.to_string());
         let headers = partition.as_ref().map(|p| {
             OwnedHeaders::new().insert(Header {
                 key: READING_PARTITION_HEADER,
@@ -363,7 +365,7 @@ impl Engine {
             })
         });
         let mut record = FutureRecord::to(&self.command_topic)
-            .key(sensor.as_str())
+            .key(event.sensor_id.as_str())
             .payload(&payload);
         if let Some(headers) = headers {
             record = record.headers(headers);
@@ -382,6 +384,6 @@ impl Engine {
     }
 }
 
-fn owned(assigned: &HashSet<i32>, entry: &Entry) -> bool {
-    entry.partition.is_some_and(|p| assigned.contains(&p))
+fn owned(assigned: &HashSet<i32>, sensors: &Cache, i: SensorIndex) -> bool {
+    sensors.partition(i).is_some_and(|p| assigned.contains(&p))
 }

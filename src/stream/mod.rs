@@ -7,6 +7,7 @@
 //! `domain::control`; this module only moves data.
 
 pub mod admin;
+mod cache;
 pub mod codec;
 pub mod commands;
 pub mod engine;
@@ -54,6 +55,8 @@ pub enum StreamError {
     Store(#[source] crate::Error),
     #[error("{0} stopped")]
     Stopped(&'static str),
+    #[error("the sensor cache cannot index more than {0} sensors")]
+    CacheFull(usize),
 }
 
 /// Hands a record to the producer, waiting while its queue is full (back-pressure).
@@ -88,12 +91,17 @@ fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     config
 }
 
-pub(crate) fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+/// The settings of every consumer of the service (public so benchmarks' baselines use the same).
+pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
     let mut config = client_config(kafka);
     config
         .set("group.id", group)
         .set("fetch.wait.max.ms", millis(kafka.kafka_fetch_wait_max))
         .set("fetch.min.bytes", "1")
+        // Prefetched records waiting in librdkafka, per consumer: 16 MB instead of the default
+        // 64 MB bounds the service's memory behind a large backlog (issue 4's memory goal is
+        // stated with the queues bounded); still ~100k readings of read-ahead.
+        .set("queued.max.messages.kbytes", "16384")
         .set("auto.offset.reset", "earliest");
     config
 }

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -23,17 +24,16 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 /// Sends every setpoint version to the engine.
 pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<(), StreamError> {
-    let versions = store
-        .setpoint_versions()
-        .await
-        .map_err(StreamError::Store)?;
-    tracing::debug!(count = versions.len(), "setpoint resync");
-    for version in versions {
+    let mut versions = std::pin::pin!(store.setpoint_versions());
+    let mut count = 0u64;
+    while let Some(version) = versions.try_next().await.map_err(StreamError::Store)? {
         engine
             .send(Input::Setpoint(version))
             .await
             .map_err(|_| StreamError::Stopped("engine"))?;
+        count += 1;
     }
+    tracing::debug!(count, "setpoint resync");
     crate::telemetry::record_resync();
     Ok(())
 }

@@ -1,0 +1,286 @@
+//! Helpers shared by the service benchmarks: the throwaway servers' addresses (set by
+//! `scripts/bench.sh`), fresh databases and topics, the release binary as a child process, and
+//! what is measured of a process (CPU time, resident memory).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+use thermostat::config::ServeConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run scripts/bench.sh"))
+}
+
+pub async fn fresh_database(name: &str) -> String {
+    let admin = env("THERMOSTAT_BENCH_PG_URL");
+    let mut conn = PgConnection::connect(&admin).await.expect("connect");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("drop");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    format!("{}/{name}", admin.rsplit_once('/').expect("url").0)
+}
+
+/// The id of the `i`th sensor of [`seed_setpoints`]: 1000 sensors per building.
+pub fn sensor_id(i: u32) -> String {
+    format!("building-{}/sensor-{i}", i / 1000)
+}
+
+/// Migrates the database and gives sensors `1..=count` (see [`sensor_id`]) the setpoint 21 °C
+/// ± 0.5: below 20.5 the heater goes ON.
+pub async fn seed_setpoints(database_url: &str, count: u32) {
+    let mut conn = PgConnection::connect(database_url).await.expect("connect");
+    thermostat::store::MIGRATOR
+        .run(&mut conn)
+        .await
+        .expect("migrate");
+    sqlx::query(
+        "INSERT INTO setpoints (sensor_id, building_id, desired_celsius, up_delta_celsius, \
+         down_delta_celsius, revision, update_time, updated_by) \
+         SELECT 'building-' || (i / 1000) || '/sensor-' || i, 'building-' || (i / 1000), \
+                21, 0.5, 0.5, 1, now(), 'bench' \
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind(count as i32)
+    .execute(&mut conn)
+    .await
+    .expect("insert setpoints");
+}
+
+/// Topic and group names for one service (or baseline) run.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub sensors: String,
+    pub commands: String,
+    pub dead_letters: String,
+    pub group: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            sensors: format!("{prefix}-sensors"),
+            commands: format!("{prefix}-commands"),
+            dead_letters: format!("{prefix}-dlq"),
+            group: format!("{prefix}-group"),
+        }
+    }
+}
+
+pub fn config(database_url: String, names: &Names) -> ServeConfig {
+    let mut config = ServeConfig::from_defaults().expect("default configuration");
+    config.database.database_url = database_url;
+    config.database.database_max_connections = 32;
+    config.kafka.kafka_brokers = env("THERMOSTAT_BENCH_BROKERS");
+    config.kafka.sensor_topic = names.sensors.clone();
+    config.kafka.command_topic = names.commands.clone();
+    config.kafka.dead_letter_topic = names.dead_letters.clone();
+    config.kafka.consumer_group = names.group.clone();
+    config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
+    config.admin_addr = "127.0.0.1:0".parse().expect("addr");
+    config.health_addr = "127.0.0.1:0".parse().expect("addr");
+    // Measured without authentication and without the per-identity write limit, which would
+    // otherwise throttle the Put benchmark to WRITE_RATE_LIMIT.
+    config.auth.auth_disabled = true;
+    config.limits.write_rate_limit = u32::MAX;
+    config.limits.write_burst = u32::MAX;
+    config
+}
+
+/// Creates the sensor, command and dead-letter topics of `names` (kept if they exist).
+pub async fn create_topics(names: &Names, partitions: i32) {
+    let config = config(String::new(), names);
+    thermostat::stream::admin::create_topics(&config.kafka, partitions, 1)
+        .await
+        .expect("topics");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// The release binary, `thermostat serve`, as a child process: its CPU time and memory are its
+/// own, not the load generator's.
+pub struct Service {
+    child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Service {
+    /// Starts the service; returns at once (see [`Service::wait_serving`]).
+    pub fn spawn(database_url: &str, names: &Names) -> Self {
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(env!("CARGO_BIN_EXE_thermostat"))
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("KAFKA_BROKERS", env("THERMOSTAT_BENCH_BROKERS"))
+            .env("SENSOR_TOPIC", &names.sensors)
+            .env("COMMAND_TOPIC", &names.commands)
+            .env("DEAD_LETTER_TOPIC", &names.dead_letters)
+            .env("CONSUMER_GROUP", &names.group)
+            .env("GRPC_ADDR", grpc.to_string())
+            .env("ADMIN_ADDR", admin.to_string())
+            .env("HEALTH_ADDR", health.to_string())
+            .env("AUTH_DISABLED", "true")
+            .env("MAX_SUBSCRIPTIONS_PER_IDENTITY", "100000")
+            // Subscribers cut off at shutdown are logged by tower-http as errors: noise here.
+            .env("RUST_LOG", "warn,tower_http=off")
+            .spawn()
+            .expect("start thermostat");
+        Self { child, grpc, admin }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until health is SERVING: the setpoint cache is loaded and gRPC answers.
+    pub async fn wait_serving(&self) {
+        let endpoint = format!("http://{}", self.grpc);
+        let started = Instant::now();
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "service never became ready"
+            );
+            if let Ok(channel) = tonic::transport::Channel::from_shared(endpoint.clone())
+                .expect("uri")
+                .connect()
+                .await
+            {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                if let Ok(r) = health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                {
+                    if r.into_inner().status == 1 {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Readings consumed so far (the `thermostat_readings_consumed_total` counter), `None`
+    /// while the admin port does not answer yet.
+    pub async fn readings(&self) -> Option<u64> {
+        // A connection accepted but never answered (the process stopping) must not stall the
+        // poll loop.
+        tokio::time::timeout(Duration::from_secs(2), self.scrape())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn scrape(&self) -> Option<u64> {
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        if !body.starts_with("HTTP/1.") {
+            return None;
+        }
+        let counter = body.lines().find_map(|l| {
+            l.strip_prefix(thermostat::telemetry::READINGS)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        // The counter appears with the first reading.
+        Some(counter.unwrap_or(0.0) as u64)
+    }
+
+    /// Stops the service with SIGTERM, as Kubernetes would, and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name; in
+    // clock ticks, which are 1/100 s on Linux (USER_HZ).
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds the broker has used, when `scripts/bench.sh` names its process
+/// (`THERMOSTAT_BENCH_BROKER_PID`); NaN otherwise.
+pub fn broker_cpu_seconds() -> f64 {
+    std::env::var("THERMOSTAT_BENCH_BROKER_PID")
+        .ok()
+        .and_then(|pid| pid.parse().ok())
+        .map_or(f64::NAN, cpu_seconds)
+}
+
+/// Resident set size of process `pid`, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    assert!(n > 0, "median of nothing");
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// `value` against the goal `ok`: "met" or "**missed**", for the tables.
+pub fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+/// Appends a row to the summary table `scripts/bench.sh` prints at the end (columns: #,
+/// measurement, thermostat, baseline, ratio, goal).
+pub fn summary(cells: [&str; 6]) {
+    let Ok(path) = std::env::var("THERMOSTAT_BENCH_SUMMARY") else {
+        return;
+    };
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("summary file");
+    writeln!(file, "| {} |", cells.join(" | ")).expect("summary row");
+}

@@ -1,0 +1,939 @@
+//! Pipeline benchmarks against same-run baselines, printed as markdown tables:
+//!
+//! 1. Throughput with 1M sensors cached: time to drain a preloaded sensor topic, at 100% and 1%
+//!    command-change rate, against a bare rdkafka relay (consume every record, produce one small
+//!    record per record) and a consume-only loop, with the same broker and client settings.
+//! 2. Latency from reading produced to command observed (HDR p50/p99/p99.9), open-loop at half
+//!    the service's median throughput from 1, against a two-hop relay (reading → relay → output
+//!    topic → observer, the same hops as reading → service → command topic → observer).
+//! 4. Subscriber fan-out: the service's CPU time per delivered command with 1 and 1000 gRPC
+//!    subscribers; and (in 1) drain throughput with one stalled subscriber against none.
+//!
+//! The service is the release binary (`thermostat serve`); the baselines are this binary run
+//! again as a child (`pipeline relay …`, `pipeline consume …`). CPU time is read per process
+//! from /proc, so the load generator and the observers in this process are not counted.
+//! Repetitions alternate subjects; the tables give medians. Run with `scripts/bench.sh`.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{broker_cpu_seconds, cpu_seconds, median, sensor_id, verdict, Names, Service};
+use futures::stream::{FuturesUnordered, StreamExt};
+use hdrhistogram::Histogram;
+use prost::Message as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use thermostat::config::KafkaConfig;
+use thermostat::proto::v1 as pb;
+
+/// Sensors with a setpoint: 1M, as the issue asks (`THERMOSTAT_BENCH_SENSORS` for a quick
+/// trial).
+fn sensors() -> u32 {
+    scale("THERMOSTAT_BENCH_SENSORS", 1_000_000)
+}
+
+/// Readings preloaded for a throughput run (`THERMOSTAT_BENCH_DRAIN` for a quick trial).
+fn drain_count() -> u32 {
+    scale("THERMOSTAT_BENCH_DRAIN", 100_000)
+}
+
+/// Repetitions of every run (`THERMOSTAT_BENCH_REPS` for a quick trial).
+fn reps() -> usize {
+    scale("THERMOSTAT_BENCH_REPS", 3) as usize
+}
+
+fn scale(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+const LATENCY_SECONDS: u64 = 10;
+/// Fan-out: commands per run, and the rate they are caused at. Fewer than the subscriber buffer
+/// (1024), so no subscriber is dropped for lagging even if it is not scheduled for the whole run.
+const FANOUT_COMMANDS: u32 = 500;
+const FANOUT_RATE: f64 = 100.0;
+const COLD: f64 = 10.0;
+const IN_BAND: f64 = 21.0;
+
+fn epoch_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos() as i64
+}
+
+fn kafka() -> KafkaConfig {
+    let mut config = common::config(String::new(), &Names::new("unused"));
+    config.kafka.kafka_brokers = common::env("THERMOSTAT_BENCH_BROKERS");
+    config.kafka
+}
+
+/// The readings producer of the load generator: one record per batch (Tansu 0.6, see
+/// `KafkaConfig::kafka_batch_num_messages`), no lingering.
+fn load_producer() -> FutureProducer {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", common::env("THERMOSTAT_BENCH_BROKERS"))
+        .set("batch.num.messages", "1")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer")
+}
+
+/// Hands a record to `producer`, awaiting outstanding deliveries while its queue is full.
+async fn send(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+    pending: &mut FuturesUnordered<DeliveryFuture>,
+) {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return pending.push(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                if let Some(done) = pending.next().await {
+                    done.expect("producer").expect("delivered");
+                }
+            }
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
+}
+
+/// The load generator's producer and its deliveries still outstanding.
+struct Load {
+    producer: FutureProducer,
+    pending: FuturesUnordered<DeliveryFuture>,
+}
+
+impl Load {
+    fn new() -> Self {
+        Self {
+            producer: load_producer(),
+            pending: FuturesUnordered::new(),
+        }
+    }
+
+    /// Sends the reading of the `sensor`th sensor, stamped `time_nanos`.
+    async fn reading(&mut self, topic: &str, sensor: u32, celsius: f64, time_nanos: i64) {
+        let id = sensor_id(sensor);
+        let payload = pb::SensorReading {
+            sensor_id: id.clone(),
+            temperature_celsius: celsius,
+            reading_time: Some(prost_types::Timestamp {
+                seconds: time_nanos.div_euclid(1_000_000_000),
+                nanos: time_nanos.rem_euclid(1_000_000_000) as i32,
+            }),
+        }
+        .encode_to_vec();
+        let record = FutureRecord::to(topic)
+            .key(id.as_bytes())
+            .payload(payload.as_slice());
+        send(&self.producer, record, &mut self.pending).await;
+    }
+
+    /// Waits until every reading sent is acknowledged.
+    async fn finish(mut self) {
+        while let Some(done) = self.pending.next().await {
+            done.expect("producer").expect("delivered");
+        }
+    }
+}
+
+/// Produces one reading for each of `sensors`, as fast as the broker takes them.
+async fn preload(topic: &str, sensors: impl Iterator<Item = (u32, f64)>) {
+    let mut load = Load::new();
+    for (sensor, celsius) in sensors {
+        load.reading(topic, sensor, celsius, epoch_nanos()).await;
+    }
+    load.finish().await;
+}
+
+/// Produces one reading per sensor of `sensors` at `rate` per second, open loop: each is due at
+/// its own time whatever happened to the ones before, and carries that time as its
+/// `reading_time`, so latency is measured from when it was due (no coordinated omission).
+async fn open_loop(topic: &str, sensors: std::ops::Range<u32>, rate: f64) {
+    let mut load = Load::new();
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let start_nanos = epoch_nanos() + 20_000_000;
+    for (i, sensor) in sensors.enumerate() {
+        let offset = period * i as u32;
+        // Only sleep when ahead: the timer's millisecond granularity would otherwise make the
+        // generator fall behind its own schedule, and that lag would count as latency.
+        if tokio::time::Instant::now() < start + offset {
+            tokio::time::sleep_until(start + offset).await;
+        }
+        load.reading(topic, sensor, COLD, start_nanos + offset.as_nanos() as i64)
+            .await;
+    }
+    load.finish().await;
+}
+
+/// What the observer of an output topic finds in its records.
+#[derive(Clone, Copy)]
+enum Output {
+    /// The service's `HeaterCommandEvent`s.
+    Commands,
+    /// The relay's copies of `SensorReading`s.
+    Relayed,
+}
+
+/// Reads an output topic from the beginning, counting records and, when asked, recording the
+/// latency from each record's reading time to now.
+struct Observer {
+    count: Arc<AtomicU64>,
+    last_nanos: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Observer {
+    fn start(topic: &str, output: Output) -> Self {
+        let consumer: StreamConsumer =
+            thermostat::stream::consumer_config(&kafka(), &format!("observer-{}", epoch_nanos()))
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("observer");
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, 0, Offset::Beginning)
+            .expect("partition");
+        consumer.assign(&assignment).expect("assign");
+        let count = Arc::new(AtomicU64::new(0));
+        let last_nanos = Arc::new(AtomicU64::new(0));
+        let latency = Arc::new(Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram"),
+        ));
+        let task = tokio::spawn({
+            let (count, last_nanos, latency) = (count.clone(), last_nanos.clone(), latency.clone());
+            async move {
+                loop {
+                    let message = consumer.recv().await.expect("observe");
+                    let now = epoch_nanos();
+                    let payload = message.payload().unwrap_or_default();
+                    let time = match output {
+                        Output::Commands => pb::HeaterCommandEvent::decode(payload)
+                            .ok()
+                            .and_then(|e| e.reading_time),
+                        Output::Relayed => pb::SensorReading::decode(payload)
+                            .ok()
+                            .and_then(|r| r.reading_time),
+                    };
+                    if let Some(t) = time {
+                        let micros =
+                            (now - (t.seconds * 1_000_000_000 + i64::from(t.nanos))) / 1000;
+                        let _ = latency
+                            .lock()
+                            .expect("histogram")
+                            .record(micros.max(1) as u64);
+                    }
+                    last_nanos.store(now as u64, Ordering::SeqCst);
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Self {
+            count,
+            last_nanos,
+            latency,
+            task,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `count` records have been seen; panics after `timeout`.
+    async fn wait_for(&self, count: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "observed {} of {count} records",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn take_latency(&self) -> Histogram<u64> {
+        let mut h = self.latency.lock().expect("histogram");
+        let taken = h.clone();
+        h.reset();
+        taken
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One throughput run.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    per_second: f64,
+    cpu_us_per_reading: f64,
+    /// The broker's CPU time over the same interval.
+    broker_us_per_reading: f64,
+}
+
+/// The service draining `sensor_topic` (preloaded with `readings` readings causing `commands`
+/// commands), with fresh command topic and group. With `stalled`, a subscriber that never reads
+/// is connected as soon as the gRPC port answers. Measured between the first and the last poll
+/// of the service's readings counter (every 20 ms) that see it move, and until the observer has
+/// every command.
+async fn drain_service(
+    database_url: &str,
+    sensor_topic: &str,
+    run: &str,
+    readings_count: u32,
+    commands: u64,
+    stalled: bool,
+) -> (Drain, Option<u64>) {
+    let names = Names {
+        sensors: sensor_topic.to_owned(),
+        ..Names::new(run)
+    };
+    common::create_topics(&names, 1).await;
+    let observer = Observer::start(&names.commands, Output::Commands);
+    let service = Service::spawn(database_url, &names);
+    let pid = service.pid();
+    let mut first: Option<(Instant, u64, f64, f64)> = None;
+    let mut subscriber = None;
+    let mut subscribed_at = None;
+    let started = Instant::now();
+    let (end_time, end_readings, end_cpu, end_broker) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "drain never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Some(readings) = service.readings().await else {
+            continue;
+        };
+        let (now, cpu, broker) = (Instant::now(), cpu_seconds(pid), broker_cpu_seconds());
+        if stalled && subscriber.is_none() {
+            if let Some(stream) = stall(&service).await {
+                subscriber = Some(stream);
+                subscribed_at = Some(readings);
+            }
+        }
+        if first.is_none() && readings > 0 {
+            first = Some((now, readings, cpu, broker));
+        }
+        if readings >= u64::from(readings_count) && observer.count() >= commands {
+            break (now, readings, cpu, broker);
+        }
+    };
+    let (t0, r0, c0, b0) = first.expect("first poll");
+    assert!(
+        end_readings > r0,
+        "the drain finished between two polls: raise THERMOSTAT_BENCH_DRAIN"
+    );
+    let counted = (end_readings - r0) as f64;
+    service.stop();
+    drop(subscriber);
+    (
+        Drain {
+            per_second: counted / (end_time - t0).as_secs_f64(),
+            cpu_us_per_reading: (end_cpu - c0) * 1e6 / counted,
+            broker_us_per_reading: (end_broker - b0) * 1e6 / counted,
+        },
+        subscribed_at,
+    )
+}
+
+/// Opens a subscription and never reads it.
+async fn stall(service: &Service) -> Option<tonic::Streaming<pb::HeaterCommandEvent>> {
+    let connect = async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client =
+            pb::heater_control_service_client::HeaterControlServiceClient::new(channel);
+        let response = client
+            .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+            .await
+            .ok()?;
+        Some(response.into_inner())
+    };
+    tokio::time::timeout(Duration::from_secs(1), connect)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// What a baseline child reports: epoch nanoseconds and its own CPU seconds at its first record
+/// and at its end.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ChildReport {
+    first_nanos: i64,
+    end_nanos: i64,
+    first_cpu: f64,
+    end_cpu: f64,
+    first_broker_cpu: f64,
+    end_broker_cpu: f64,
+    records: u64,
+}
+
+/// A baseline child: `relay IN OUT GROUP COUNT` or `consume IN - GROUP COUNT`. Prints `ready`
+/// once it has its partitions, then its [`ChildReport`] once `COUNT` records are consumed (and,
+/// relaying, their copies acknowledged).
+async fn baseline_child(args: &[String], relay: bool) {
+    let [input, output, group, count] = args else {
+        panic!("usage: relay|consume IN OUT GROUP COUNT")
+    };
+    let count: u64 = count.parse().expect("count");
+    let kafka = kafka();
+    let consumer: StreamConsumer = thermostat::stream::consumer_config(&kafka, group)
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[input.as_str()]).expect("subscribe");
+    let producer = thermostat::stream::producer(&kafka).expect("producer");
+    let me = std::process::id();
+    let mut pending = FuturesUnordered::new();
+    let mut first = None;
+    let (mut consumed, mut acked) = (0u64, 0u64);
+    let mut ready = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while consumed < count || (relay && acked < consumed) {
+        tokio::select! {
+            message = consumer.recv(), if consumed < count => {
+                let message = message.expect("consume");
+                if first.is_none() {
+                    first = Some((epoch_nanos(), cpu_seconds(me), broker_cpu_seconds()));
+                }
+                consumed += 1;
+                if relay {
+                    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(output)
+                        .payload(message.payload().unwrap_or_default());
+                    if let Some(key) = message.key() {
+                        record = record.key(key);
+                    }
+                    let before = pending.len();
+                    send(&producer, record, &mut pending).await;
+                    // `send` awaited a delivery to make room.
+                    acked += (before + 1 - pending.len()) as u64;
+                }
+            }
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                done.expect("producer").expect("delivered");
+                acked += 1;
+            }
+            _ = tick.tick(), if !ready => {
+                if consumer.assignment().is_ok_and(|a| a.count() > 0) {
+                    println!("ready");
+                    ready = true;
+                }
+            }
+        }
+    }
+    let (first_nanos, first_cpu, first_broker_cpu) = first.expect("a record");
+    let report = ChildReport {
+        first_nanos,
+        end_nanos: epoch_nanos(),
+        first_cpu,
+        end_cpu: cpu_seconds(me),
+        first_broker_cpu,
+        end_broker_cpu: broker_cpu_seconds(),
+        records: consumed,
+    };
+    println!("{}", serde_json::to_string(&report).expect("report"));
+}
+
+/// A baseline child process, its output lines handed over as they come.
+struct Child {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Child {
+    fn spawn(mode: &str, input: &str, output: &str, group: &str, count: u64) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("exe"))
+            .args([mode, input, output, group, &count.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("baseline child");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    async fn line(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(600), self.lines.recv())
+            .await
+            .expect("baseline child timed out")
+            .expect("baseline child ended")
+    }
+
+    async fn report(mut self) -> ChildReport {
+        loop {
+            let line = self.line().await;
+            if line != "ready" {
+                let _ = self.child.wait();
+                return serde_json::from_str(&line).expect("report");
+            }
+        }
+    }
+}
+
+/// A baseline draining `sensor_topic`; relaying, into a fresh output topic, observed like the
+/// service's command topic and finished when the observer has every copy.
+async fn drain_baseline(sensor_topic: &str, run: &str, readings: u32, relay: bool) -> Drain {
+    let names = Names {
+        sensors: sensor_topic.to_owned(),
+        ..Names::new(run)
+    };
+    common::create_topics(&names, 1).await;
+    let observer = relay.then(|| Observer::start(&names.commands, Output::Relayed));
+    let mode = if relay { "relay" } else { "consume" };
+    let child = Child::spawn(
+        mode,
+        sensor_topic,
+        &names.commands,
+        &names.group,
+        u64::from(readings),
+    );
+    let report = child.report().await;
+    let mut end = report.end_nanos;
+    if let Some(observer) = observer {
+        observer
+            .wait_for(u64::from(readings), Duration::from_secs(60))
+            .await;
+        end = end.max(observer.last_nanos.load(Ordering::SeqCst) as i64);
+    }
+    let counted = report.records as f64;
+    Drain {
+        per_second: counted / ((end - report.first_nanos) as f64 / 1e9),
+        cpu_us_per_reading: (report.end_cpu - report.first_cpu) * 1e6 / counted,
+        broker_us_per_reading: (report.end_broker_cpu - report.first_broker_cpu) * 1e6 / counted,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Subject {
+    Service,
+    ServiceStalled,
+    Relay,
+    ConsumeOnly,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Service => "service",
+            Subject::ServiceStalled => "service, 1 stalled subscriber",
+            Subject::Relay => "relay (baseline)",
+            Subject::ConsumeOnly => "consume-only (baseline)",
+        }
+    }
+}
+
+/// Benchmark 1 (and 4's stalled subscriber): returns the service's median throughput at 100%.
+async fn throughput(database_url: &str) -> f64 {
+    let mut service_at_100 = 0.0;
+    let rates: [(&str, u32); 2] = [("100%", 1), ("1%", 100)];
+    println!(
+        "\n### 1. Pipeline throughput, {} sensors cached, preloaded readings: {} at 100%, {} at 1%; {} repetitions\n",
+        sensors(),
+        drain_count() / 10,
+        drain_count(),
+        reps()
+    );
+    println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (label, every) in rates {
+        let topic = format!("tp{every}-sensors");
+        common::create_topics(
+            &Names {
+                sensors: topic.clone(),
+                ..Names::new(&format!("tp{every}"))
+            },
+            1,
+        )
+        .await;
+        // At 100% the service runs at the broker's produce rate: fewer readings keep the run short.
+        let count = if every == 1 {
+            drain_count() / 10
+        } else {
+            drain_count()
+        };
+        // Every `every`th reading is cold (a first command for its sensor), the others in band.
+        preload(
+            &topic,
+            (1..=count).map(|s| (s, if s % every == 0 { COLD } else { IN_BAND })),
+        )
+        .await;
+        let commands = u64::from(count / every);
+        let subjects: Vec<Subject> = if every == 1 {
+            vec![
+                Subject::Relay,
+                Subject::Service,
+                Subject::ServiceStalled,
+                Subject::ConsumeOnly,
+            ]
+        } else {
+            vec![Subject::Relay, Subject::Service, Subject::ConsumeOnly]
+        };
+        let mut runs: Vec<(Subject, Drain)> = Vec::new();
+        let mut subscribed_at = Vec::new();
+        for rep in 0..reps() {
+            for &subject in &subjects {
+                let run = format!("tp{every}-{rep}-{subject:?}").to_lowercase();
+                let drain = match subject {
+                    Subject::Service | Subject::ServiceStalled => {
+                        let (drain, at) = drain_service(
+                            database_url,
+                            &topic,
+                            &run,
+                            count,
+                            commands,
+                            subject == Subject::ServiceStalled,
+                        )
+                        .await;
+                        subscribed_at.extend(at);
+                        drain
+                    }
+                    Subject::Relay => drain_baseline(&topic, &run, count, true).await,
+                    Subject::ConsumeOnly => drain_baseline(&topic, &run, count, false).await,
+                };
+                eprintln!("bench 1 {label} rep {rep} {}: {drain:?}", subject.name());
+                runs.push((subject, drain));
+            }
+        }
+        let of = |s: Subject| -> Vec<Drain> {
+            runs.iter()
+                .filter(|(x, _)| *x == s)
+                .map(|(_, d)| *d)
+                .collect()
+        };
+        let med = |s: Subject| median(&of(s).iter().map(|d| d.per_second).collect::<Vec<_>>());
+        let relay = med(Subject::Relay);
+        let consume = med(Subject::ConsumeOnly);
+        let plain = med(Subject::Service);
+        if every == 1 {
+            service_at_100 = plain;
+        }
+        for &subject in &subjects {
+            let drains = of(subject);
+            let rate = med(subject);
+            let cpu = median(
+                &drains
+                    .iter()
+                    .map(|d| d.cpu_us_per_reading)
+                    .collect::<Vec<_>>(),
+            );
+            let broker = median(
+                &drains
+                    .iter()
+                    .map(|d| d.broker_us_per_reading)
+                    .collect::<Vec<_>>(),
+            );
+            let goal = match (subject, every) {
+                (Subject::Service, 1) => format!(">= 0.8x relay: {}", verdict(rate >= 0.8 * relay)),
+                (Subject::Service, _) => format!(
+                    ">= 1.0x relay: {}; >= 0.8x consume-only: {}",
+                    verdict(rate >= relay),
+                    verdict(rate >= 0.8 * consume)
+                ),
+                (Subject::ServiceStalled, _) => format!(
+                    "<= 5% below no subscriber ({:.2}x): {}",
+                    rate / plain,
+                    verdict(rate >= 0.95 * plain)
+                ),
+                _ => String::new(),
+            };
+            let reps: Vec<String> = drains
+                .iter()
+                .map(|d| format!("{:.0}", d.per_second))
+                .collect();
+            println!(
+                "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} |",
+                subject.name(),
+                rate / relay,
+                rate / consume,
+                reps.join(", ")
+            );
+            let (baseline, ratio) = match subject {
+                Subject::Service if every == 1 => (
+                    format!("{relay:.0}/s relay"),
+                    format!("{:.2}x", rate / relay),
+                ),
+                Subject::Service => (
+                    format!("{relay:.0}/s relay; {consume:.0}/s consume-only"),
+                    format!("{:.2}x; {:.2}x", rate / relay, rate / consume),
+                ),
+                Subject::ServiceStalled => (
+                    format!("{plain:.0}/s no subscriber"),
+                    format!("{:.2}x", rate / plain),
+                ),
+                _ => continue,
+            };
+            common::summary([
+                if subject == Subject::ServiceStalled {
+                    "4"
+                } else {
+                    "1"
+                },
+                &format!(
+                    "readings/s at {label} change, {} (CPU {cpu:.1} µs/reading)",
+                    subject.name()
+                ),
+                &format!("{rate:.0}/s"),
+                &baseline,
+                &ratio,
+                &goal,
+            ]);
+        }
+        if !subscribed_at.is_empty() {
+            println!(
+                "\nThe stalled subscriber was connected after {subscribed_at:?} readings (of {}) had been consumed.\n",
+                count
+            );
+        }
+    }
+    service_at_100
+}
+
+/// Sensors not used yet by a run that needs first readings (each causes a command).
+struct SensorPool {
+    next: u32,
+}
+
+impl SensorPool {
+    fn take(&mut self, count: u32) -> std::ops::Range<u32> {
+        let range = self.next..self.next + count;
+        assert!(range.end <= sensors() + 1, "out of cached sensors");
+        self.next = range.end;
+        range
+    }
+}
+
+fn millis(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Benchmark 2 and 4's fan-out, on one long-running service.
+async fn latency_and_fanout(database_url: &str, max_rate: f64, pool: &mut SensorPool) {
+    let rate = (max_rate / 2.0).max(10.0);
+    let count = (rate * LATENCY_SECONDS as f64) as u32;
+    let names = Names::new("lat");
+    common::create_topics(&names, 1).await;
+    let observer = Observer::start(&names.commands, Output::Commands);
+    let service = Service::spawn(database_url, &names);
+    service.wait_serving().await;
+    // Warm-up, and proof the consumer has its partition.
+    open_loop(&names.sensors, pool.take(1), 10.0).await;
+    observer.wait_for(1, Duration::from_secs(60)).await;
+    let pid = service.pid();
+
+    let mut service_runs = Vec::new();
+    let mut relay_runs = Vec::new();
+    for rep in 0..reps() {
+        // The service.
+        let seen = observer.count();
+        observer.take_latency();
+        let cpu = cpu_seconds(pid);
+        open_loop(&names.sensors, pool.take(count), rate).await;
+        observer
+            .wait_for(seen + u64::from(count), Duration::from_secs(120))
+            .await;
+        let cpu = cpu_seconds(pid) - cpu;
+        service_runs.push((observer.take_latency(), cpu * 1e6 / f64::from(count)));
+
+        // The two-hop relay, on its own topics.
+        let relay_names = Names::new(&format!("latr{rep}"));
+        common::create_topics(&relay_names, 1).await;
+        let relay_observer = Observer::start(&relay_names.commands, Output::Relayed);
+        let mut child = Child::spawn(
+            "relay",
+            &relay_names.sensors,
+            &relay_names.commands,
+            &relay_names.group,
+            u64::from(count) + 1,
+        );
+        assert_eq!(child.line().await, "ready");
+        open_loop(&relay_names.sensors, pool.take(1), 10.0).await;
+        relay_observer.wait_for(1, Duration::from_secs(60)).await;
+        relay_observer.take_latency();
+        open_loop(&relay_names.sensors, pool.take(count), rate).await;
+        relay_observer
+            .wait_for(u64::from(count) + 1, Duration::from_secs(120))
+            .await;
+        let report = child.report().await;
+        let cpu = report.end_cpu - report.first_cpu;
+        relay_runs.push((relay_observer.take_latency(), cpu * 1e6 / f64::from(count)));
+        eprintln!("bench 2 rep {rep} done");
+    }
+    println!(
+        "\n### 2. Latency, reading produced to command observed, open loop at {rate:.0} readings/s (half of {max_rate:.0}), {LATENCY_SECONDS} s, {} repetitions\n",
+        reps()
+    );
+    println!("| path | p50 ms | p99 ms | p99.9 ms | max ms | CPU µs/reading | goal | p99 per repetition |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let quantiles = |runs: &[(Histogram<u64>, f64)]| {
+        let q = |x: f64| median(&runs.iter().map(|(h, _)| millis(h, x)).collect::<Vec<_>>());
+        let cpu = median(&runs.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+        let p99s: Vec<String> = runs
+            .iter()
+            .map(|(h, _)| format!("{:.2}", millis(h, 0.99)))
+            .collect();
+        (q(0.5), q(0.99), q(0.999), q(1.0), cpu, p99s.join(", "))
+    };
+    let base = quantiles(&relay_runs);
+    let ours = quantiles(&service_runs);
+    println!(
+        "| service (reading → service → command topic → observer) | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | p99 <= {:.2} ms: {} | {} |",
+        ours.0, ours.1, ours.2, ours.3, ours.4, base.1 + 2.0, verdict(ours.1 <= base.1 + 2.0), ours.5
+    );
+    println!(
+        "| two-hop relay (baseline) | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | | {} |",
+        base.0, base.1, base.2, base.3, base.4, base.5
+    );
+    common::summary([
+        "2",
+        &format!(
+            "latency p50 / p99 / p99.9 ms at {rate:.0}/s (CPU {:.1} µs/reading; relay {:.1})",
+            ours.4, base.4
+        ),
+        &format!("{:.2} / {:.2} / {:.2}", ours.0, ours.1, ours.2),
+        &format!("{:.2} / {:.2} / {:.2} relay", base.0, base.1, base.2),
+        &format!("p99 +{:.2} ms", ours.1 - base.1),
+        &format!("p99 <= relay + 2 ms: {}", verdict(ours.1 <= base.1 + 2.0)),
+    ]);
+
+    // 4. Fan-out, on the same service.
+    let mut per_delivery: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut per_command: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for rep in 0..reps() {
+        for (k, subscribers) in [1usize, 1000].into_iter().enumerate() {
+            let (delivery, command) = fanout(&service, &names, subscribers, pool).await;
+            eprintln!("bench 4 rep {rep} {subscribers} subscribers: {delivery:.2} µs/delivery");
+            per_delivery[k].push(delivery);
+            per_command[k].push(command);
+        }
+    }
+    service.stop();
+    let (d1, d1000) = (median(&per_delivery[0]), median(&per_delivery[1]));
+    let (c1, c1000) = (median(&per_command[0]), median(&per_command[1]));
+    println!(
+        "\n### 4. Subscriber fan-out: service CPU, {FANOUT_COMMANDS} commands at {FANOUT_RATE:.0}/s, {} repetitions\n",
+        reps()
+    );
+    println!("| subscribers | CPU µs per delivered command (median) | CPU µs per command | goal |");
+    println!("|---|---|---|---|");
+    println!("| 1 (baseline) | {d1:.2} | {c1:.1} | |");
+    println!(
+        "| 1000 | {d1000:.2} | {c1000:.1} | <= 2x one subscriber ({:.2}x): {} |",
+        d1000 / d1,
+        verdict(d1000 <= 2.0 * d1)
+    );
+    common::summary([
+        "4",
+        &format!("service CPU µs per delivered command, 1000 subscribers (per command: {c1000:.0} vs {c1:.0})"),
+        &format!("{d1000:.2}"),
+        &format!("{d1:.2} with 1"),
+        &format!("{:.2}x", d1000 / d1),
+        &format!("<= 2x: {}", verdict(d1000 <= 2.0 * d1)),
+    ]);
+}
+
+/// `subscribers` gRPC subscribers (over channels of 50 streams) receive `FANOUT_COMMANDS`
+/// commands; returns the service's CPU µs per delivery and per command.
+async fn fanout(
+    service: &Service,
+    names: &Names,
+    subscribers: usize,
+    pool: &mut SensorPool,
+) -> (f64, f64) {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let (ready_tx, mut ready) = tokio::sync::mpsc::channel(subscribers);
+    for chunk in 0..subscribers.div_ceil(50) {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        for _ in 0..50.min(subscribers - chunk * 50) {
+            let (channel, delivered, ready) =
+                (channel.clone(), delivered.clone(), ready_tx.clone());
+            tasks.spawn(async move {
+                let mut client =
+                    pb::heater_control_service_client::HeaterControlServiceClient::new(channel);
+                let mut stream = client
+                    .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+                    .await
+                    .expect("subscribe")
+                    .into_inner();
+                ready.send(()).await.expect("ready");
+                while let Ok(Some(_)) = stream.message().await {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+    for _ in 0..subscribers {
+        ready.recv().await.expect("subscribed");
+    }
+    let expected = u64::from(FANOUT_COMMANDS) * subscribers as u64;
+    let cpu = cpu_seconds(service.pid());
+    open_loop(&names.sensors, pool.take(FANOUT_COMMANDS), FANOUT_RATE).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) < expected {
+        assert!(
+            Instant::now() < deadline,
+            "fan-out: {} of {expected} delivered",
+            delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu = (cpu_seconds(service.pid()) - cpu) * 1e6;
+    tasks.shutdown().await;
+    (cpu / expected as f64, cpu / f64::from(FANOUT_COMMANDS))
+}
+
+async fn run() {
+    let database_url = common::fresh_database("bench_pipeline").await;
+    common::seed_setpoints(&database_url, sensors()).await;
+    let max_rate = throughput(&database_url).await;
+    // Bench 1 used sensors 1..=drain_count(), each with a fresh command topic; later runs share one.
+    let mut pool = SensorPool {
+        next: drain_count() + 1,
+    };
+    latency_and_fanout(&database_url, max_rate, &mut pool).await;
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    match args.get(1).map(String::as_str) {
+        Some("relay") => runtime.block_on(baseline_child(&args[2..], true)),
+        Some("consume") => runtime.block_on(baseline_child(&args[2..], false)),
+        _ => runtime.block_on(run()),
+    }
+}
