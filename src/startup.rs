@@ -215,6 +215,7 @@ impl Application {
             control.clone(),
             store,
             limits,
+            auth.clone(),
             config.auth.credentials_reload_interval,
             stop.clone(),
         ))

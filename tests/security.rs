@@ -1099,17 +1099,13 @@ async fn grpcurl_works_with_a_token_and_reflection_needs_none() {
     let put: serde_json::Value = serde_json::from_str(&put).expect("JSON");
     assert_eq!(put["updatedBy"], "operator-north");
     // Without the token grpcurl exits non-zero with Unauthenticated.
-    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
-    let out = std::process::Command::new(bin)
-        .args([
-            "-plaintext",
-            "-d",
-            r#"{"sensorId": "north/room-1"}"#,
-            &addr,
-            "thermostat.v1.SetpointService/GetSetpoint",
-        ])
-        .output()
-        .unwrap();
+    let out = common::grpcurl_output(&[
+        "-plaintext",
+        "-d",
+        r#"{"sensorId": "north/room-1"}"#,
+        &addr,
+        "thermostat.v1.SetpointService/GetSetpoint",
+    ]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),

@@ -16,7 +16,7 @@ use super::limits::{Limits, SubscriptionSlot};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
-use crate::security::Credentials;
+use crate::security::{Authenticator, Credentials};
 use crate::store::Store;
 use crate::stream::engine::Filter;
 use crate::stream::ControlHandle;
@@ -26,7 +26,8 @@ pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
     limits: Limits,
-    /// How often an open subscription checks its caller's credentials again.
+    /// Checks an open subscription's credentials again every `recheck`.
+    auth: Authenticator,
     recheck: Duration,
     shutdown: CancellationToken,
 }
@@ -36,6 +37,7 @@ impl HeaterApi {
         control: ControlHandle,
         store: Store,
         limits: Limits,
+        auth: Authenticator,
         recheck: Duration,
         shutdown: CancellationToken,
     ) -> Self {
@@ -43,6 +45,7 @@ impl HeaterApi {
             control,
             store,
             limits,
+            auth,
             recheck,
             shutdown,
         }
@@ -106,7 +109,7 @@ impl HeaterApi {
     async fn subscribe(
         &self,
         who: Identity,
-        credentials: Option<Credentials>,
+        credentials: Credentials,
         req: pb::SubscribeHeaterCommandsRequest,
     ) -> Result<EventStream> {
         let sensors = req
@@ -180,7 +183,7 @@ struct Subscription {
     scope: Scope,
     /// Checked again every `recheck`: an expired or revoked credential ends the stream, and a
     /// narrowed scope applies from then on.
-    credentials: Option<Credentials>,
+    credentials: Credentials,
     recheck: tokio::time::Interval,
     /// The highest sequence sent per sensor: drops the snapshot overlap and re-deliveries.
     delivered: HashMap<String, u64>,
@@ -199,10 +202,7 @@ impl Drop for Subscription {
 impl Subscription {
     /// Authenticates the stream's credentials again; the new scope replaces the old one.
     fn reauthenticate(&mut self) -> Result<(), Status> {
-        let Some(credentials) = &self.credentials else {
-            return Ok(());
-        };
-        let who = credentials.authenticate()?;
+        let who = self.credentials.authenticate()?;
         who.check(Action::Read)
             .map_err(|denied| Status::from(Error::PermissionDenied(denied.to_string())))?;
         self.scope = who.scope;
@@ -228,7 +228,7 @@ impl Subscription {
                     let status = Status::unavailable("server shutting down; subscribe again");
                     return Some((Err(status), self));
                 }
-                _ = self.recheck.tick(), if self.credentials.is_some() => {
+                _ = self.recheck.tick() => {
                     if let Err(status) = self.reauthenticate() {
                         self.ended = true;
                         return Some((Err(status), self));
@@ -272,7 +272,7 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         request: Request<pb::SubscribeHeaterCommandsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let who = authorize(&request, Action::Read)?;
-        let credentials = request.extensions().get::<Credentials>().cloned();
+        let credentials = Credentials::of(&request, self.auth.clone());
         Ok(Response::new(
             self.subscribe(who, credentials, request.into_inner())
                 .await?,

@@ -191,6 +191,19 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The credentials `request` carries, to be checked with `auth`.
+    pub fn of<T>(request: &Request<T>, auth: Authenticator) -> Self {
+        let mut metadata = MetadataMap::new();
+        if let Some(value) = request.metadata().get("authorization") {
+            metadata.insert("authorization", value.clone());
+        }
+        Self {
+            auth,
+            metadata,
+            certs: request.peer_certs(),
+        }
+    }
+
     /// The identity these credentials give now, with the current keys and identity files.
     pub fn authenticate(&self) -> Result<Identity, Error> {
         self.auth
@@ -198,22 +211,13 @@ impl Credentials {
     }
 }
 
-/// Authenticates every call of the services it wraps and puts the [`Identity`] (and the
-/// [`Credentials`] it came from) into the request's extensions, where handlers find them.
+/// Authenticates every call of the services it wraps and puts the [`Identity`] into the
+/// request's extensions, where handlers find it with [`identity`].
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let certs = request.peer_certs();
         match self.authenticate(request.metadata(), certs.as_deref().map(Vec::as_slice)) {
             Ok(who) => {
-                let mut metadata = MetadataMap::new();
-                if let Some(value) = request.metadata().get("authorization") {
-                    metadata.insert("authorization", value.clone());
-                }
-                request.extensions_mut().insert(Credentials {
-                    auth: self.clone(),
-                    metadata,
-                    certs,
-                });
                 request.extensions_mut().insert(who);
                 Ok(request)
             }

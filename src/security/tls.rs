@@ -107,16 +107,21 @@ pub fn incoming(
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let accepted = tokio::select! {
+            // Both waits watch `stop`: returning drops the listener, which frees the port.
+            let permit = tokio::select! {
                 _ = stop.cancelled() => return,
                 permit = Arc::clone(&handshakes).acquire_owned() => match permit {
-                    Ok(permit) => tcp.next().await.map(|accepted| (permit, accepted)),
+                    Ok(permit) => permit,
                     Err(_) => return,
                 },
             };
-            let (permit, stream) = match accepted {
-                Some((permit, Ok(stream))) => (permit, stream),
-                Some((_, Err(e))) => {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = tcp.next() => accepted,
+            };
+            let stream = match accepted {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
                     // Per-connection errors (reset before accept) and resource exhaustion
                     // (EMFILE): neither is fatal, and pausing keeps the latter from spinning.
                     tracing::debug!(error = %e, "accept failed");

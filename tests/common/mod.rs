@@ -255,14 +255,19 @@ pub async fn stalled_subscription(
 /// Runs the real grpcurl binary, as an operator would. It blocks, so tests calling it use the
 /// multi-threaded runtime to keep the server running meanwhile.
 pub fn grpcurl(args: &[&str]) -> String {
-    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
-    let out = Command::new(&bin).args(args).output().expect("run grpcurl");
+    let out = grpcurl_output(args);
     assert!(
         out.status.success(),
         "grpcurl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs grpcurl and returns whatever it did, for calls that are expected to fail.
+pub fn grpcurl_output(args: &[&str]) -> std::process::Output {
+    let bin = std::env::var("THERMOSTAT_TEST_GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    Command::new(&bin).args(args).output().expect("run grpcurl")
 }
 
 /// A plain HTTP/1.1 GET; returns (status code, body).
