@@ -131,6 +131,13 @@ pub struct KafkaConfig {
     /// How long the broker may hold a fetch waiting for data: the latency floor of the loop.
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub kafka_fetch_wait_max: Duration,
+    /// The same for the reader of the command topic, which always sits at the topic's end. On
+    /// Apache Kafka a fetch returns as soon as a record arrives, so this only bounds idle polls;
+    /// Tansu 0.6 holds every fetch this long and lists the whole partition for each one that
+    /// finds data, so a short wait here made the broker the pipeline's bottleneck (see
+    /// BENCHMARKS.md). It delays what subscribers see of commands by up to this much on Tansu.
+    #[arg(long, env = "KAFKA_FOLLOWER_FETCH_WAIT_MAX", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub kafka_follower_fetch_wait_max: Duration,
     /// Most records per produce batch. 1 works around Tansu 0.6, whose memory storage cannot
     /// serve a fetch that starts inside a batch; raise it (e.g. 10000) on Apache Kafka.
     #[arg(long, env = "KAFKA_BATCH_NUM_MESSAGES", default_value_t = 1)]
@@ -303,6 +310,10 @@ mod tests {
         let config = ServeConfig::from_defaults().expect("defaults parse");
         assert_eq!(config.control.stale_after, Duration::from_secs(300));
         assert_eq!(config.kafka.kafka_batch_num_messages, 1);
+        assert_eq!(
+            config.kafka.kafka_follower_fetch_wait_max,
+            Duration::from_millis(100)
+        );
         assert_eq!(config.control.subscriber_buffer, 1024);
     }
 

@@ -204,6 +204,10 @@ pub async fn start(
     let follower_consumer: StreamConsumer =
         consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
             .set("enable.auto.commit", "false")
+            .set(
+                "fetch.wait.max.ms",
+                millis(kafka.kafka_follower_fetch_wait_max),
+            )
             .create()
             .map_err(StreamError::Config)?;
 
