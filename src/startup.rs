@@ -73,6 +73,9 @@ impl Application {
     /// loop (which first recovers the last commands and loads the setpoint cache).
     pub async fn build(config: ServeConfig) -> Result<Self, StartupError> {
         let stop = CancellationToken::new();
+        // The recorder before anything counts: the control loop registers its metrics once,
+        // when it starts.
+        crate::telemetry::metrics();
         // Credentials first: a misconfigured security setup should fail in a second, not after
         // the migrations and the command-topic replay.
         let auth = Authenticator::load(&config.auth, &config.tls, &stop)?;
@@ -116,8 +119,6 @@ impl Application {
                 addr: config.admin_addr,
                 source,
             })?;
-        // Install the recorder before anything counts.
-        crate::telemetry::metrics();
         Ok(Self {
             config,
             store,
