@@ -463,6 +463,15 @@ struct Child {
     lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
+impl Drop for Child {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Child {
     fn spawn(mode: &str, input: &str, output: &str, group: &str, count: u64) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("exe"))
@@ -567,15 +576,9 @@ async fn throughput(database_url: &str) -> f64 {
     println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for (label, every) in rates {
-        let topic = format!("tp{every}-sensors");
-        common::create_topics(
-            &Names {
-                sensors: topic.clone(),
-                ..Names::new(&format!("tp{every}"))
-            },
-            1,
-        )
-        .await;
+        let names = Names::new(&format!("tp{every}"));
+        common::create_topics(&names, 1).await;
+        let topic = names.sensors;
         // At 100% the service runs at the broker's produce rate: fewer readings keep the run short.
         let count = if every == 1 {
             drain_count() / 10
@@ -602,7 +605,15 @@ async fn throughput(database_url: &str) -> f64 {
         let mut runs: Vec<(Subject, Drain)> = Vec::new();
         let mut subscribed_at = Vec::new();
         for rep in 0..reps() {
-            for &subject in &subjects {
+            // Every other repetition in reverse order: the broker slows down as it fills up
+            // (Tansu lists a partition's batches per fetch), and a fixed order would hand that
+            // drift to whichever subject runs last.
+            let order: Vec<Subject> = if rep % 2 == 0 {
+                subjects.clone()
+            } else {
+                subjects.iter().rev().copied().collect()
+            };
+            for subject in order {
                 let run = format!("tp{every}-{rep}-{subject:?}").to_lowercase();
                 let drain = match subject {
                     Subject::Service | Subject::ServiceStalled => {

@@ -65,7 +65,17 @@ pub struct Names {
 }
 
 impl Names {
+    /// Names unique to this bench process: a broker kept from an earlier run (a trial on a dev
+    /// broker) must not hand it that run's records.
     pub fn new(prefix: &str) -> Self {
+        static RUN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+        let run = RUN.get_or_init(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or_default()
+        });
+        let prefix = format!("{prefix}-{run}");
         Self {
             sensors: format!("{prefix}-sensors"),
             commands: format!("{prefix}-commands"),
@@ -212,6 +222,16 @@ impl Service {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+/// A bench that panics must not leave the service running (and holding its database).
+impl Drop for Service {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
