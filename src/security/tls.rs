@@ -19,12 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use super::watch::{LoadError, Reloadable};
+use crate::config::{ClientAuth, TlsConfig};
 
 /// Most TLS handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 1024;
 /// Pause after a failed accept, e.g. when out of file descriptors.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
-use crate::config::{ClientAuth, TlsConfig};
 
 /// The reloadable server configuration, or `None` when TLS is off.
 pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>, LoadError> {

@@ -213,7 +213,7 @@ impl Cache {
             }
             slot.sequence = narrow(last.sequence, &mut self.wide_sequences, i);
         } else {
-            self.wide_sequences.remove(&i);
+            forget(&mut self.wide_sequences, i);
         }
         if let Some(building) = parts.building_id {
             slot.flags |= flags::BUILDING;
@@ -260,15 +260,21 @@ fn narrow<T: Copy + Default + TryInto<u32>>(
 ) -> u32 {
     match value.try_into().ok().filter(|&v| v != WIDE) {
         Some(narrow) => {
-            if !wide.is_empty() {
-                wide.remove(&i);
-            }
+            forget(wide, i);
             narrow
         }
         None => {
             wide.insert(i, value);
             WIDE
         }
+    }
+}
+
+/// Drops the sensor's wide value, if any. Called for every reading: the side table is almost
+/// always empty, and then not even the key is hashed.
+fn forget<T>(wide: &mut HashMap<SensorIndex, T>, i: SensorIndex) {
+    if !wide.is_empty() {
+        wide.remove(&i);
     }
 }
 

@@ -107,7 +107,7 @@ impl Readings {
             tokio::select! {
                 biased;
                 ack = self.acks.recv(), if acks_open => match ack {
-                    Some(ack) => acks.push_ack(ack),
+                    Some(Ack { position, delivery }) => acks.push(position, delivery),
                     None => acks_open = false,
                 },
                 delivered = oldest_delivery(&mut acks.waiting), if !acks.waiting.is_empty() => {
@@ -263,6 +263,7 @@ impl Readings {
 /// command decided before it is acknowledged; most readings decide nothing and are released at
 /// once, without a future of their own (a future per reading in a `FuturesOrdered` was 11% of
 /// the service's CPU in the 1%-change profile, BENCHMARKS.md).
+///
 /// Generic over the delivery so that the ordering can be tested without a broker.
 struct AckQueue<D> {
     /// Positions with the delivery to wait for before each; starts with one that has a
@@ -278,12 +279,6 @@ impl<D> Default for AckQueue<D> {
             waiting: VecDeque::new(),
             released: Vec::new(),
         }
-    }
-}
-
-impl AckQueue<DeliveryFuture> {
-    fn push_ack(&mut self, ack: Ack) {
-        self.push(ack.position, ack.delivery);
     }
 }
 
