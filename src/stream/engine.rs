@@ -5,7 +5,9 @@
 //!
 //! Decisions are produced to the command topic here; their delivery futures go, in input order,
 //! to the readings task, which stores a reading's offset only once every command before it is
-//! acknowledged.
+//! acknowledged. Readings come, and their acknowledgements go back, in batches: at 1% change
+//! the hand-offs between the two tasks, one wake-up each way per reading, cost more than
+//! deciding (BENCHMARKS.md, benchmark 1).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +18,7 @@ use chrono::{TimeDelta, Utc};
 use prost::Message;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, SensorIndex};
@@ -42,6 +44,30 @@ pub struct Position {
 
 /// Everything the engine reacts to.
 pub enum Input {
+    /// Consecutive records of the sensor topic, in the order consumed.
+    Records(Records),
+    Setpoint(SetpointVersion),
+    /// A command read back from the command topic.
+    Observed {
+        event: Arc<pb::HeaterCommandEvent>,
+        reading_partition: Option<i32>,
+    },
+    /// The sensor-topic partitions this replica now consumes.
+    Assignment(Vec<i32>),
+    Query(Query),
+    /// Answered once every input sent before it has been applied.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// A batch of sensor-topic records.
+pub struct Records {
+    pub records: Vec<Record>,
+    /// The batch's places in the readings task's bound on records queued for the engine,
+    /// given back when the batch has been applied.
+    pub places: OwnedSemaphorePermit,
+}
+
+pub enum Record {
     Reading {
         sensor: SensorId,
         reading: Reading,
@@ -55,17 +81,6 @@ pub enum Input {
         position: Position,
         delivery: DeliveryFuture,
     },
-    Setpoint(SetpointVersion),
-    /// A command read back from the command topic.
-    Observed {
-        event: Arc<pb::HeaterCommandEvent>,
-        reading_partition: Option<i32>,
-    },
-    /// The sensor-topic partitions this replica now consumes.
-    Assignment(Vec<i32>),
-    Query(Query),
-    /// Answered once every input sent before it has been applied.
-    Barrier(oneshot::Sender<()>),
 }
 
 /// Questions the API asks.
@@ -159,7 +174,9 @@ pub struct Engine {
     assigned: HashSet<i32>,
     producer: FutureProducer,
     command_topic: String,
-    acks: mpsc::UnboundedSender<Ack>,
+    acks: mpsc::UnboundedSender<Vec<Ack>>,
+    /// Acknowledgements of the input being applied, sent together once it is.
+    pending_acks: Vec<Ack>,
     stale_after: TimeDelta,
     stats: Arc<LoopStats>,
 }
@@ -168,7 +185,7 @@ impl Engine {
     pub fn new(
         producer: FutureProducer,
         command_topic: String,
-        acks: mpsc::UnboundedSender<Ack>,
+        acks: mpsc::UnboundedSender<Vec<Ack>>,
         stale_after: Duration,
         stats: Arc<LoopStats>,
     ) -> Self {
@@ -179,6 +196,7 @@ impl Engine {
             producer,
             command_topic,
             acks,
+            pending_acks: Vec::new(),
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
             stats,
         }
@@ -203,39 +221,18 @@ impl Engine {
                 },
                 _ = ticks.tick() => self.check_staleness().await?,
             }
+            self.send_acks()?;
         }
     }
 
     async fn apply(&mut self, input: Input) -> Result<(), StreamError> {
         match input {
-            Input::Reading {
-                sensor,
-                reading,
-                position,
-                received,
-            } => {
-                LoopStats::bump(&self.stats.readings);
-                self.meters.readings.increment(1);
-                let i = self.sensors.find_or_insert(&sensor)?;
-                self.sensors.set_partition(i, position.partition);
-                let decision = match self.decide(i, |control| control.on_reading(reading)) {
-                    ReadingOutcome::Applied(decision) => decision,
-                    ReadingOutcome::OutOfOrder => {
-                        LoopStats::bump(&self.stats.out_of_order);
-                        self.meters.out_of_order.increment(1);
-                        None
-                    }
-                };
-                let delivery = match decision {
-                    Some(decision) => Some(self.send(i, &decision).await?),
-                    None => None,
-                };
-                self.meters
-                    .decision_latency
-                    .record(received.elapsed().as_secs_f64());
-                self.ack(Some(position), delivery)
+            Input::Records(batch) => {
+                for record in batch.records {
+                    self.record(record).await?;
+                }
+                Ok(())
             }
-            Input::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
             Input::Setpoint(version) => {
                 let now = Utc::now();
                 let i = self.sensors.find_or_insert(&version.sensor_id)?;
@@ -248,13 +245,11 @@ impl Engine {
                         .then(|| control.reevaluate(now, stale_after))
                         .flatten()
                 });
-                match decision {
-                    Some(decision) => {
-                        let delivery = self.send(i, &decision).await?;
-                        self.ack(None, Some(delivery))
-                    }
-                    None => Ok(()),
+                if let Some(decision) = decision {
+                    let delivery = self.send(i, &decision).await?;
+                    self.ack(None, Some(delivery));
                 }
+                Ok(())
             }
             Input::Observed {
                 event,
@@ -319,6 +314,40 @@ impl Engine {
         }
     }
 
+    async fn record(&mut self, record: Record) -> Result<(), StreamError> {
+        match record {
+            Record::Reading {
+                sensor,
+                reading,
+                position,
+                received,
+            } => {
+                LoopStats::bump(&self.stats.readings);
+                self.meters.readings.increment(1);
+                let i = self.sensors.find_or_insert(&sensor)?;
+                self.sensors.set_partition(i, position.partition);
+                let decision = match self.decide(i, |control| control.on_reading(reading)) {
+                    ReadingOutcome::Applied(decision) => decision,
+                    ReadingOutcome::OutOfOrder => {
+                        LoopStats::bump(&self.stats.out_of_order);
+                        self.meters.out_of_order.increment(1);
+                        None
+                    }
+                };
+                let delivery = match decision {
+                    Some(decision) => Some(self.send(i, &decision).await?),
+                    None => None,
+                };
+                self.meters
+                    .decision_latency
+                    .record(received.elapsed().as_secs_f64());
+                self.ack(Some(position), delivery);
+            }
+            Record::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
+        }
+        Ok(())
+    }
+
     async fn check_staleness(&mut self) -> Result<(), StreamError> {
         let setpoints = self
             .sensors
@@ -356,7 +385,7 @@ impl Engine {
         }
         for (i, decision) in decided {
             let delivery = self.send(i, &decision).await?;
-            self.ack(None, Some(delivery))?;
+            self.ack(None, Some(delivery));
         }
         Ok(())
     }
@@ -394,13 +423,16 @@ impl Engine {
         enqueue(&self.producer, record).await
     }
 
-    fn ack(
-        &self,
-        position: Option<Position>,
-        delivery: Option<DeliveryFuture>,
-    ) -> Result<(), StreamError> {
+    fn ack(&mut self, position: Option<Position>, delivery: Option<DeliveryFuture>) {
+        self.pending_acks.push(Ack { position, delivery });
+    }
+
+    fn send_acks(&mut self) -> Result<(), StreamError> {
+        if self.pending_acks.is_empty() {
+            return Ok(());
+        }
         self.acks
-            .send(Ack { position, delivery })
+            .send(std::mem::take(&mut self.pending_acks))
             .map_err(|_| StreamError::Stopped("readings task"))
     }
 }

@@ -8,17 +8,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, DeadLetter};
 use super::commands::Follower;
-use super::engine::{Ack, Input, LoopStats, Position};
+use super::engine::{Ack, Input, LoopStats, Position, Record, Records};
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
 use crate::telemetry;
@@ -31,6 +32,12 @@ pub const DEAD_LETTER_DETAIL_HEADER: &str = "thermostat-dead-letter-detail";
 /// At most this many readings wait for their commands' acknowledgement; beyond that, consuming
 /// pauses. Bounds memory when the broker is slow to acknowledge.
 const MAX_IN_FLIGHT: usize = 100_000;
+/// At most this many records are handed to the engine in one batch: those the consumer already
+/// holds when the first arrives.
+const BATCH: usize = 256;
+/// At most this many records wait in the engine's queue; beyond that, consuming pauses (the
+/// engine is the bottleneck: back-pressure).
+const QUEUED_RECORDS: usize = 8192;
 /// Tries of the commit at shutdown (each waits for the broker's answer).
 const FINAL_COMMIT_ATTEMPTS: u32 = 3;
 /// How often released offsets are handed to librdkafka, which commits them every
@@ -85,7 +92,7 @@ pub struct Readings {
     pub producer: FutureProducer,
     pub config: KafkaConfig,
     pub engine: mpsc::Sender<Input>,
-    pub acks: mpsc::UnboundedReceiver<Ack>,
+    pub acks: mpsc::UnboundedReceiver<Vec<Ack>>,
     pub follower: Follower,
     pub stats: Arc<LoopStats>,
 }
@@ -98,6 +105,7 @@ impl Readings {
             .subscribe(&[self.config.sensor_topic.as_str()])
             .map_err(StreamError::Consumer)?;
         let mut acks = AckQueue::default();
+        let queued = Arc::new(Semaphore::new(QUEUED_RECORDS));
         let mut store = tokio::time::interval(STORE_INTERVAL);
         store.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen_generation = 0;
@@ -106,8 +114,12 @@ impl Readings {
         while !(stopping && !acks_open && acks.waiting.is_empty()) {
             tokio::select! {
                 biased;
-                ack = self.acks.recv(), if acks_open => match ack {
-                    Some(Ack { position, delivery }) => acks.push(position, delivery),
+                batch = self.acks.recv(), if acks_open => match batch {
+                    Some(batch) => {
+                        for Ack { position, delivery } in batch {
+                            acks.push(position, delivery);
+                        }
+                    }
                     None => acks_open = false,
                 },
                 delivered = oldest_delivery(&mut acks.waiting), if !acks.waiting.is_empty() => {
@@ -120,16 +132,7 @@ impl Readings {
                 }
                 _ = store.tick() => acks.store(&self.consumer, &self.config.sensor_topic),
                 message = self.consumer.recv(), if !stopping && acks.waiting.len() < MAX_IN_FLIGHT => {
-                    let message = match message {
-                        Ok(message) => message,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "sensor topic consumer error");
-                            continue;
-                        }
-                    };
-                    self.check_rebalance(&mut seen_generation).await?;
-                    let input = self.input(&message).await?;
-                    if self.engine.send(input).await.is_err() {
+                    if !self.forward(message, &queued, &mut seen_generation).await? {
                         // The engine stopped (shutdown): stop consuming, drain what is in flight.
                         stopping = true;
                     }
@@ -152,6 +155,58 @@ impl Readings {
             }
         }
         Ok(())
+    }
+
+    /// Hands the engine `first` and the records the consumer already holds behind it (up to
+    /// `BATCH`) in one batch. False when the engine has stopped.
+    async fn forward(
+        &self,
+        first: KafkaResult<BorrowedMessage<'_>>,
+        queued: &Arc<Semaphore>,
+        seen_generation: &mut u64,
+    ) -> Result<bool, StreamError> {
+        let mut records = Vec::with_capacity(BATCH);
+        let mut more = self.consumer.stream();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            let message = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sensor topic consumer error");
+                    break;
+                }
+            };
+            if self.consumer.context().generation.load(Ordering::SeqCst) != *seen_generation {
+                // What was consumed before the rebalance goes to the engine before the new
+                // assignment does.
+                if !self.send(std::mem::take(&mut records), queued).await {
+                    return Ok(false);
+                }
+                self.check_rebalance(seen_generation).await?;
+            }
+            records.push(self.record(&message).await?);
+            if records.len() < BATCH {
+                // Only what is already there: never waits.
+                next = more.next().now_or_never().flatten();
+            }
+        }
+        Ok(self.send(records, queued).await)
+    }
+
+    /// False when the engine has stopped.
+    async fn send(&self, records: Vec<Record>, queued: &Arc<Semaphore>) -> bool {
+        if records.is_empty() {
+            return true;
+        }
+        let Ok(places) = queued
+            .clone()
+            .acquire_many_owned(records.len() as u32)
+            .await
+        else {
+            return false;
+        };
+        let batch = Input::Records(Records { records, places });
+        self.engine.send(batch).await.is_ok()
     }
 
     async fn check_rebalance(&self, seen_generation: &mut u64) -> Result<(), StreamError> {
@@ -192,7 +247,7 @@ impl Readings {
     }
 
     /// Turns a record into the engine's input; bad records are dead-lettered.
-    async fn input(&self, message: &BorrowedMessage<'_>) -> Result<Input, StreamError> {
+    async fn record(&self, message: &BorrowedMessage<'_>) -> Result<Record, StreamError> {
         let received = std::time::Instant::now();
         let position = Position {
             partition: message.partition(),
@@ -210,7 +265,7 @@ impl Readings {
             Utc::now(),
         );
         match decoded {
-            Ok((sensor, reading)) => Ok(Input::Reading {
+            Ok((sensor, reading)) => Ok(Record::Reading {
                 sensor,
                 reading,
                 position,
@@ -221,7 +276,7 @@ impl Readings {
                 metrics::counter!(telemetry::DEAD_LETTERS, "reason" => reason.code()).increment(1);
                 tracing::debug!(reason = reason.code(), detail = %reason, ?position, "dead-lettering");
                 let delivery = self.dead_letter(message, &reason).await?;
-                Ok(Input::Skip { position, delivery })
+                Ok(Record::Skip { position, delivery })
             }
         }
     }
