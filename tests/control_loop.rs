@@ -174,6 +174,64 @@ async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
     assert!(commands.drain(QUIET).await.is_empty());
 }
 
+/// Writes that arrive together are re-read together (stream::setpoint_sync): none may be lost
+/// on the way, and the engine must end at each sensor's newest revision.
+#[tokio::test]
+async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revision() {
+    const SENSORS: usize = 40;
+    let mut config = TestApp::fresh_config().await;
+    // Only notifications may carry the writes to the engine: no full resync during the test.
+    config.control.setpoint_resync_interval = Duration::from_secs(3600);
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    let names: Vec<String> = (0..SENSORS).map(|i| format!("burst-{i}")).collect();
+    for name in &names {
+        put_band(&app, name, 21.0).await;
+        sensors.reading(name, 21.0, Utc::now()).await;
+    }
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "21 is inside every band"
+    );
+
+    // Every sensor at once: four moves that keep 21 inside the band, then one that does not.
+    let writes = names.iter().cloned().map(|name| {
+        let app = &app;
+        async move {
+            for desired in [21.5, 20.5, 21.8, 20.2] {
+                put_band(app, &name, desired).await;
+            }
+            (name.clone(), put_band(app, &name, 25.0).await.revision)
+        }
+    });
+    let last_revisions: std::collections::HashMap<String, i64> = futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .collect();
+
+    let events = commands.drain(QUIET).await;
+    let got = by_sensor(&events);
+    for (name, revision) in &last_revisions {
+        let theirs: Vec<_> = got
+            .get(name)
+            .map(|events| {
+                events
+                    .iter()
+                    .map(|e| (cmd(e), e.setpoint_revision))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            theirs,
+            [((H::On, R::TooCold), *revision)],
+            "{name}: one ON, decided on the last revision"
+        );
+    }
+    assert_eq!(got.len(), SENSORS, "no command for another sensor");
+}
+
 #[tokio::test]
 async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
     let mut config = TestApp::fresh_config().await;

@@ -504,3 +504,69 @@ async fn history(
         .into_inner()
         .entries
 }
+
+/// Replicas apply the version a change notification carries (stream::setpoint_sync), so it must
+/// be the stored one to the last bit, whoever wrote it and however their session prints floats.
+#[tokio::test]
+async fn change_notifications_carry_the_stored_version_exactly() {
+    use sqlx::postgres::PgListener;
+    use thermostat::domain::{BuildingId, SensorId, Setpoint};
+    use thermostat::store::SetpointVersion;
+    use thermostat::stream::setpoint_sync::CHANNEL;
+
+    let app = TestApp::spawn().await;
+    let mut listener = PgListener::connect(&app.database_url).await.unwrap();
+    listener.listen(CHANNEL).await.unwrap();
+    let mut next = async || {
+        let notification =
+            tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+                .await
+                .expect("a notification within 10 s")
+                .unwrap();
+        SetpointVersion::from_notification(notification.payload()).unwrap()
+    };
+    // Needs 17 significant digits: PostgreSQL's text for it at extra_float_digits = 0 has 15.
+    let desired = 21.123_456_789_012_34_f64;
+    let mut client = app.setpoints().await;
+    let mut sp = setpoint("room-n", "hq", desired);
+    sp.up_delta_celsius = 0.1 + 0.2;
+    client.put_setpoint(put(sp, None)).await.unwrap();
+    let expected = |revision, desired: f64| SetpointVersion {
+        sensor_id: SensorId::parse("room-n").unwrap(),
+        revision,
+        setpoint: Some(
+            Setpoint::new(
+                SensorId::parse("room-n").unwrap(),
+                BuildingId::parse("hq").unwrap(),
+                desired,
+                0.1 + 0.2,
+                0.5,
+            )
+            .unwrap(),
+        ),
+    };
+    assert_eq!(next().await, expected(1, desired));
+
+    // A write by SQL from a session that prints floats with 15 digits.
+    let mut db = app.db().await;
+    sqlx::query("SET extra_float_digits = 0")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE setpoints SET desired_celsius = $1, revision = revision + 1")
+        .bind(-desired)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(next().await, expected(2, -desired));
+
+    client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "room-n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let deleted = next().await;
+    assert_eq!((deleted.revision, deleted.setpoint), (3, None));
+}

@@ -78,6 +78,50 @@ impl SetpointRow {
     }
 
     fn into_version(self) -> Result<SetpointVersion> {
+        VersionColumns {
+            sensor_id: self.sensor_id,
+            building_id: self.building_id,
+            desired_celsius: self.desired_celsius,
+            up_delta_celsius: self.up_delta_celsius,
+            down_delta_celsius: self.down_delta_celsius,
+            revision: self.revision,
+            deleted: self.deleted,
+        }
+        .into_version()
+    }
+
+    fn into_stored(self) -> Result<StoredSetpoint> {
+        Ok(StoredSetpoint {
+            setpoint: stored_setpoint(
+                &self.sensor_id,
+                &self.building_id,
+                self.desired_celsius,
+                self.up_delta_celsius,
+                self.down_delta_celsius,
+            )?,
+            revision: self.revision,
+            update_time: self.update_time,
+            updated_by: self.updated_by,
+            reason: self.reason,
+        })
+    }
+}
+
+/// The columns of a `setpoints` row that make a [`SetpointVersion`], as a query reads them or as
+/// the `setpoints_notify` trigger sends them (JSON, see migrations).
+#[derive(serde::Deserialize)]
+struct VersionColumns {
+    sensor_id: String,
+    building_id: String,
+    desired_celsius: f64,
+    up_delta_celsius: f64,
+    down_delta_celsius: f64,
+    revision: i64,
+    deleted: bool,
+}
+
+impl VersionColumns {
+    fn into_version(self) -> Result<SetpointVersion> {
         let setpoint = (!self.deleted)
             .then(|| {
                 stored_setpoint(
@@ -96,21 +140,14 @@ impl SetpointRow {
             setpoint,
         })
     }
+}
 
-    fn into_stored(self) -> Result<StoredSetpoint> {
-        Ok(StoredSetpoint {
-            setpoint: stored_setpoint(
-                &self.sensor_id,
-                &self.building_id,
-                self.desired_celsius,
-                self.up_delta_celsius,
-                self.down_delta_celsius,
-            )?,
-            revision: self.revision,
-            update_time: self.update_time,
-            updated_by: self.updated_by,
-            reason: self.reason,
-        })
+impl SetpointVersion {
+    /// The version a notification on [`crate::stream::setpoint_sync::CHANNEL`] carries.
+    pub fn from_notification(payload: &str) -> Result<Self> {
+        serde_json::from_str::<VersionColumns>(payload)
+            .map_err(|e| Error::Internal(format!("setpoint notification {payload:?}: {e}")))?
+            .into_version()
     }
 }
 
@@ -414,14 +451,6 @@ impl Store {
         sqlx::query_as::<_, SetpointRow>(SQL.as_str())
             .fetch(self.pool())
             .map(|row| row.map_err(Error::from).and_then(SetpointRow::into_version))
-    }
-
-    /// One sensor's current version, or `None` if it never had a setpoint.
-    pub async fn setpoint_version(&self, sensor_id: &SensorId) -> Result<Option<SetpointVersion>> {
-        self.setpoint_row(sensor_id)
-            .await?
-            .map(SetpointRow::into_version)
-            .transpose()
     }
 
     async fn setpoint_row(&self, sensor_id: &SensorId) -> Result<Option<SetpointRow>> {

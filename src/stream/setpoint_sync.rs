@@ -1,8 +1,10 @@
-//! Keeps the engine's setpoint cache current on every replica. A NOTIFY from the database
-//! (sent by a trigger on every change, whoever made it) is only a hint to re-read that row; a
-//! full re-read happens whenever the listener (re)connects, since notifications sent while it
-//! was away are lost, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine ignores
-//! revisions older than the one it has, so a cached revision never goes backwards.
+//! Keeps the engine's setpoint cache current on every replica. A NOTIFY from the database, sent
+//! by a trigger on every committed change whoever made it, carries the new version, which goes
+//! to the engine as it is (PostgreSQL lets any role that can connect to the database notify, so
+//! the database must not be shared with untrusted roles). A full re-read happens whenever the
+//! listener (re)connects, since notifications sent while it was away are lost, after a
+//! notification it cannot read, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine
+//! ignores revisions older than the one it has, so a cached revision never goes backwards.
 
 use std::time::Duration;
 
@@ -13,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::Input;
 use super::StreamError;
-use crate::domain::SensorId;
-use crate::store::Store;
+use crate::store::{SetpointVersion, Store};
 
 /// The NOTIFY channel written by the `setpoints_notify` trigger (see migrations).
 pub const CHANNEL: &str = "thermostat_setpoints";
@@ -85,18 +86,18 @@ async fn listen(
             _ = shutdown.cancelled() => return Ok(()),
             _ = resync.tick() => full_resync(store, engine).await?,
             notification = listener.try_recv() => match notification.map_err(db)? {
-                Some(notification) => {
-                    let Ok(sensor) = SensorId::parse(notification.payload()) else {
-                        continue;
-                    };
-                    let version = store.setpoint_version(&sensor).await.map_err(StreamError::Store)?;
-                    if let Some(version) = version {
-                        engine
-                            .send(Input::Setpoint(version))
-                            .await
-                            .map_err(|_| StreamError::Stopped("engine"))?;
+                // The notification carries the committed version: no need to read it back.
+                Some(notification) => match SetpointVersion::from_notification(notification.payload()) {
+                    Ok(version) => engine
+                        .send(Input::Setpoint(version))
+                        .await
+                        .map_err(|_| StreamError::Stopped("engine"))?,
+                    // Not from our trigger's current version: what changed is unknown.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "unreadable setpoint notification; resyncing");
+                        full_resync(store, engine).await?;
                     }
-                }
+                },
                 // The connection was lost and has been re-established: notifications may have
                 // been missed.
                 None => full_resync(store, engine).await?,
