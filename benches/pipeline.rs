@@ -575,6 +575,9 @@ async fn throughput(database_url: &str) {
     println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for (label, every) in rates {
+        if !common::runs(label) {
+            continue;
+        }
         let names = Names::new(&format!("tp{every}"));
         common::create_topics(&names, 1).await;
         let topic = names.sensors;
@@ -987,7 +990,9 @@ async fn run() {
     let mut pool = SensorPool {
         next: drain_count() + 1,
     };
-    latency_and_fanout(&database_url, &mut pool).await;
+    if common::runs("latency") {
+        latency_and_fanout(&database_url, &mut pool).await;
+    }
 }
 
 fn main() {

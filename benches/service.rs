@@ -30,13 +30,69 @@ struct Row {
     what: String,
     per_second: f64,
     p99_ms: f64,
+    /// PostgreSQL's CPU time per Put, all its processes.
+    postgres_us: f64,
 }
 
-/// `clients` concurrent gRPC clients putting changing setpoints for `PUT_SECONDS`.
+impl Row {
+    fn new(what: String, histogram: &Histogram<u64>) -> Self {
+        Self {
+            what,
+            per_second: histogram.len() as f64 / PUT_SECONDS as f64,
+            p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+            postgres_us: f64::NAN,
+        }
+    }
+
+    /// Records PostgreSQL's CPU time since `before` ([`common::postgres_cpu_seconds`]).
+    fn with_postgres_cpu(mut self, before: f64) -> Self {
+        let puts = self.per_second * PUT_SECONDS as f64;
+        self.postgres_us = (common::postgres_cpu_seconds() - before) * 1e6 / puts;
+        self
+    }
+}
+
+/// Client threads, as `pgbench -j 2`.
+const CLIENT_THREADS: u32 = 2;
+
+/// `clients` concurrent gRPC clients putting changing setpoints for `PUT_SECONDS`. Like pgbench
+/// (`-j 2`), the clients run on two threads of their own, each one event loop, not on the
+/// server's runtime.
 async fn grpc_puts(addr: std::net::SocketAddr, clients: u32) -> Row {
     let deadline = Instant::now() + Duration::from_secs(PUT_SECONDS);
+    let threads: Vec<_> = (0..CLIENT_THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("client runtime")
+                    .block_on(put_clients(
+                        addr,
+                        (t..clients).step_by(CLIENT_THREADS as usize),
+                        deadline,
+                    ))
+            })
+        })
+        .collect();
+    let mut all = Histogram::<u64>::new(3).expect("histogram");
+    for thread in threads {
+        let histogram = tokio::task::spawn_blocking(move || thread.join().expect("client thread"))
+            .await
+            .expect("join");
+        all.add(histogram).expect("merge");
+    }
+    Row::new(format!("PutSetpoint via gRPC, {clients} clients"), &all)
+}
+
+/// The clients numbered `clients`, each on its own connection, until `deadline`.
+async fn put_clients(
+    addr: std::net::SocketAddr,
+    clients: impl Iterator<Item = u32>,
+    deadline: Instant,
+) -> Histogram<u64> {
     let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..clients {
+    for c in clients {
         tasks.spawn(async move {
             let mut client = pb::setpoint_service_client::SetpointServiceClient::connect(format!(
                 "http://{addr}"
@@ -71,11 +127,7 @@ async fn grpc_puts(addr: std::net::SocketAddr, clients: u32) -> Row {
     while let Some(h) = tasks.join_next().await {
         all.add(h.expect("client")).expect("merge");
     }
-    Row {
-        what: format!("PutSetpoint via gRPC, {clients} clients"),
-        per_second: all.len() as f64 / PUT_SECONDS as f64,
-        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
-    }
+    all
 }
 
 /// pgbench running the service's Put statement, parameters bound like the service binds them.
@@ -137,11 +189,10 @@ fn pgbench_puts(database_url: &str, clients: u32) -> Row {
             }
         }
     }
-    Row {
-        what: format!("pgbench -M prepared, same statement, {clients} clients"),
-        per_second: histogram.len() as f64 / PUT_SECONDS as f64,
-        p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
-    }
+    Row::new(
+        format!("pgbench -M prepared, same statement, {clients} clients"),
+        &histogram,
+    )
 }
 
 /// Starts the release binary on `database_url`, waits until its cache is loaded (health
@@ -168,18 +219,17 @@ async fn main() {
     let stop = CancellationToken::new();
     let served = tokio::spawn(app.run_until_stopped(stop.clone()));
     let mut rows = Vec::new();
-    for clients in [8, 32] {
+    for clients in [8, 32].into_iter().filter(|_| common::runs("put")) {
         let (mut ours, mut baseline) = (Vec::new(), Vec::new());
         for _ in 0..PUT_REPS {
-            ours.push(grpc_puts(addr, clients).await);
-            baseline.push(
-                tokio::task::spawn_blocking({
-                    let url = put_db.clone();
-                    move || pgbench_puts(&url, clients)
-                })
+            let before = common::postgres_cpu_seconds();
+            ours.push(grpc_puts(addr, clients).await.with_postgres_cpu(before));
+            let before = common::postgres_cpu_seconds();
+            let url = put_db.clone();
+            let row = tokio::task::spawn_blocking(move || pgbench_puts(&url, clients))
                 .await
-                .expect("pgbench"),
-            );
+                .expect("pgbench");
+            baseline.push(row.with_postgres_cpu(before));
         }
         rows.push((ours, baseline));
     }
@@ -187,12 +237,14 @@ async fn main() {
     let _ = served.await;
 
     println!("\n### 3. PutSetpoint against pgbench, {PUT_SECONDS} s per run, {PUT_REPS} repetitions alternated\n");
-    println!("| benchmark | per second (median) | p99 ms (median) | baseline | baseline per second | baseline p99 ms | ratio (throughput) | goal | repetitions (ours / baseline per second) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | baseline | baseline per second | baseline p99 ms | baseline PostgreSQL CPU µs/Put | ratio (throughput) | goal | repetitions (ours / baseline per second) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (ours, base) in &rows {
         let per_second =
             |rows: &[Row]| median(&rows.iter().map(|r| r.per_second).collect::<Vec<_>>());
         let p99 = |rows: &[Row]| median(&rows.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
+        let postgres =
+            |rows: &[Row]| median(&rows.iter().map(|r| r.postgres_us).collect::<Vec<_>>());
         let ratio = per_second(ours) / per_second(base);
         let reps: Vec<String> = ours
             .iter()
@@ -200,13 +252,15 @@ async fn main() {
             .map(|(o, b)| format!("{:.0} / {:.0}", o.per_second, b.per_second))
             .collect();
         println!(
-            "| {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {:.2}x | >= 0.8x: {} | {} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {:.2}x | >= 0.8x: {} | {} |",
             ours[0].what,
             per_second(ours),
             p99(ours),
+            postgres(ours),
             base[0].what,
             per_second(base),
             p99(base),
+            postgres(base),
             ratio,
             verdict(ratio >= 0.8),
             reps.join(", ")
@@ -226,6 +280,9 @@ async fn main() {
         ]);
     }
 
+    if !common::runs("memory") {
+        return;
+    }
     // 5. Memory per cached sensor.
     let names = Names::new("benchmem");
     common::create_topics(&names, 3).await;

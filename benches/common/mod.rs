@@ -238,14 +238,42 @@ impl Drop for Service {
 /// CPU time (user + system, all threads) process `pid` has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let [user, system, ..] = clock_ticks(&stat);
+    (user + system) as f64 / 100.0
+}
+
+/// utime, stime, cutime and cstime of a `/proc/PID/stat` line (fields 14 to 17), in clock
+/// ticks, which are 1/100 s on Linux (USER_HZ).
+fn clock_ticks(stat: &str) -> [u64; 4] {
     // Fields after the command name, which is in parentheses and may contain spaces.
     let after = &stat[stat.rfind(')').expect("stat format") + 2..];
     let fields: Vec<&str> = after.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name; in
-    // clock ticks, which are 1/100 s on Linux (USER_HZ).
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    std::array::from_fn(|i| fields[11 + i].parse().expect("clock ticks"))
+}
+
+/// CPU seconds used by every `postgres` process on the machine (the bench's cluster is the only
+/// one), counting exited backends too: the postmaster has reaped them into its children's time.
+pub fn postgres_cpu_seconds() -> f64 {
+    let ticks: u64 = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        // A backend may exit between the listing and this read: its time is then the
+        // postmaster's.
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .map(|stat| clock_ticks(&stat).iter().sum::<u64>())
+        .sum();
     ticks as f64 / 100.0
+}
+
+/// Whether a part of a benchmark runs: all by default; `THERMOSTAT_BENCH_ONLY` names one for a
+/// quick trial (`put`, `memory`, `100%`, `1%`, `latency`).
+pub fn runs(part: &str) -> bool {
+    std::env::var("THERMOSTAT_BENCH_ONLY").map_or(true, |only| only == part)
 }
 
 /// CPU seconds the broker has used, when `scripts/bench.sh` names its process
