@@ -286,6 +286,11 @@ impl Drop for Observer {
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     per_second: f64,
+    /// The service only (NaN for the baselines): readings per second until the poll that saw
+    /// the last reading decided, without waiting for its commands to be acknowledged and
+    /// observed: what the drain's rate would be without that fixed tail of produce and fetch
+    /// latency (tens of ms on Tansu, in drains of a fraction of a second).
+    decided_per_second: f64,
     cpu_us_per_reading: f64,
     /// The broker's CPU time over the same interval.
     broker_us_per_reading: f64,
@@ -316,6 +321,7 @@ async fn drain_service(
     let mut subscriber = None;
     let mut subscribed_at = None;
     let started = Instant::now();
+    let mut all_decided = None;
     let (end_time, end_readings, end_cpu, end_broker) = loop {
         assert!(
             started.elapsed() < Duration::from_secs(600),
@@ -335,6 +341,9 @@ async fn drain_service(
         if first.is_none() && readings > 0 {
             first = Some((now, readings, cpu, broker));
         }
+        if readings >= u64::from(readings_count) && all_decided.is_none() {
+            all_decided = Some((now, readings));
+        }
         if readings >= u64::from(readings_count) && observer.count() >= commands {
             break (now, readings, cpu, broker);
         }
@@ -345,11 +354,15 @@ async fn drain_service(
         "the drain finished between two polls: raise THERMOSTAT_BENCH_DRAIN"
     );
     let counted = (end_readings - r0) as f64;
+    let decided_per_second = all_decided.map_or(f64::NAN, |(time, readings)| {
+        (readings - r0) as f64 / (time - t0).as_secs_f64()
+    });
     service.stop();
     drop(subscriber);
     (
         Drain {
             per_second: counted / (end_time - t0).as_secs_f64(),
+            decided_per_second,
             cpu_us_per_reading: (end_cpu - c0) * 1e6 / counted,
             broker_us_per_reading: (end_broker - b0) * 1e6 / counted,
         },
@@ -538,6 +551,7 @@ async fn drain_baseline(sensor_topic: &str, run: &str, readings: u32, relay: boo
     let counted = report.records as f64;
     Drain {
         per_second: counted / ((end - report.first_nanos) as f64 / 1e9),
+        decided_per_second: f64::NAN,
         cpu_us_per_reading: (report.end_cpu - report.first_cpu) * 1e6 / counted,
         broker_us_per_reading: (report.end_broker_cpu - report.first_broker_cpu) * 1e6 / counted,
     }
@@ -572,8 +586,8 @@ async fn throughput(database_url: &str) {
         drain_count(),
         reps()
     );
-    println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) | readings/s to the last reading decided (median; service only) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (label, every) in rates {
         if !common::runs(label) {
             continue;
@@ -681,8 +695,19 @@ async fn throughput(database_url: &str) {
                 .iter()
                 .map(|d| format!("{:.0}", d.per_second))
                 .collect();
+            let decided = median(
+                &drains
+                    .iter()
+                    .map(|d| d.decided_per_second)
+                    .collect::<Vec<_>>(),
+            );
+            let decided = if decided.is_nan() {
+                String::new()
+            } else {
+                format!("{decided:.0} ({:.2}x consume-only)", decided / consume)
+            };
             println!(
-                "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} |",
+                "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} | {decided} |",
                 subject.name(),
                 rate / relay,
                 rate / consume,
