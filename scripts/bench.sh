@@ -5,6 +5,10 @@
 # benchmark of the decision function and the service and pipeline benchmarks, which print
 # markdown tables with their same-run baselines, and ends with one summary table of every goal.
 # Results are recorded by hand in BENCHMARKS.md.
+#
+# For a quick trial (never for the recorded run): THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|latency
+# runs one part; THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
+# repetitions.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
