@@ -2,8 +2,6 @@
 //! `setpoint_history` together, so no acknowledged change is ever missing from the history, and
 //! row locks taken by `INSERT … ON CONFLICT` / `UPDATE` serialise racing writers to one sensor.
 
-use std::sync::LazyLock;
-
 use chrono::{DateTime, Utc};
 use futures::stream::{Stream, StreamExt};
 
@@ -55,51 +53,27 @@ pub struct HistoryEntry {
 /// A row of `setpoints`, live or tombstone.
 #[derive(sqlx::FromRow)]
 struct SetpointRow {
-    sensor_id: String,
-    building_id: String,
-    desired_celsius: f64,
-    up_delta_celsius: f64,
-    down_delta_celsius: f64,
-    revision: i64,
+    #[sqlx(flatten)]
+    version: VersionColumns,
     update_time: DateTime<Utc>,
     updated_by: String,
     reason: String,
-    deleted: bool,
 }
 
 impl SetpointRow {
     /// The revision as seen by `expected_revision`: 0 for a deleted setpoint.
     fn effective_revision(&self) -> i64 {
-        if self.deleted {
+        if self.version.deleted {
             0
         } else {
-            self.revision
+            self.version.revision
         }
-    }
-
-    fn into_version(self) -> Result<SetpointVersion> {
-        VersionColumns {
-            sensor_id: self.sensor_id,
-            building_id: self.building_id,
-            desired_celsius: self.desired_celsius,
-            up_delta_celsius: self.up_delta_celsius,
-            down_delta_celsius: self.down_delta_celsius,
-            revision: self.revision,
-            deleted: self.deleted,
-        }
-        .into_version()
     }
 
     fn into_stored(self) -> Result<StoredSetpoint> {
         Ok(StoredSetpoint {
-            setpoint: stored_setpoint(
-                &self.sensor_id,
-                &self.building_id,
-                self.desired_celsius,
-                self.up_delta_celsius,
-                self.down_delta_celsius,
-            )?,
-            revision: self.revision,
+            setpoint: self.version.setpoint()?,
+            revision: self.version.revision,
             update_time: self.update_time,
             updated_by: self.updated_by,
             reason: self.reason,
@@ -109,7 +83,7 @@ impl SetpointRow {
 
 /// The columns of a `setpoints` row that make a [`SetpointVersion`], as a query reads them or as
 /// the `setpoints_notify` trigger sends them (JSON, see migrations).
-#[derive(serde::Deserialize)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct VersionColumns {
     sensor_id: String,
     building_id: String,
@@ -121,18 +95,19 @@ struct VersionColumns {
 }
 
 impl VersionColumns {
+    /// The values, whether or not the row is a tombstone.
+    fn setpoint(&self) -> Result<Setpoint> {
+        stored_setpoint(
+            &self.sensor_id,
+            &self.building_id,
+            self.desired_celsius,
+            self.up_delta_celsius,
+            self.down_delta_celsius,
+        )
+    }
+
     fn into_version(self) -> Result<SetpointVersion> {
-        let setpoint = (!self.deleted)
-            .then(|| {
-                stored_setpoint(
-                    &self.sensor_id,
-                    &self.building_id,
-                    self.desired_celsius,
-                    self.up_delta_celsius,
-                    self.down_delta_celsius,
-                )
-            })
-            .transpose()?;
+        let setpoint = (!self.deleted).then(|| self.setpoint()).transpose()?;
         Ok(SetpointVersion {
             sensor_id: SensorId::parse(self.sensor_id)
                 .map_err(|e| Error::Internal(format!("stored sensor id: {e}")))?,
@@ -210,8 +185,14 @@ impl HistoryRow {
     }
 }
 
-const SETPOINT_COLUMNS: &str = "sensor_id, building_id, desired_celsius, up_delta_celsius, \
-     down_delta_celsius, revision, update_time, updated_by, reason, deleted";
+/// The columns of [`VersionColumns`].
+macro_rules! version_columns {
+    () => {
+        "sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius, \
+         revision, deleted"
+    };
+}
+const SETPOINT_COLUMNS: &str = concat!(version_columns!(), ", update_time, updated_by, reason");
 
 /// Creates or replaces a setpoint, and appends the change to the history, in one statement.
 ///
@@ -310,7 +291,7 @@ impl Store {
             let current = self.setpoint_row(&setpoint.sensor_id).await?;
             if current
                 .as_ref()
-                .is_some_and(|row| !scope.contains_str(&row.building_id))
+                .is_some_and(|row| !scope.contains_str(&row.version.building_id))
             {
                 // Answer as for a sensor that does not exist: a conditional write is a revision
                 // mismatch against 0. An unconditional one would have created the sensor, so
@@ -329,7 +310,7 @@ impl Store {
                     return Err(Error::RevisionMismatch { expected, actual });
                 }
             }
-            if let Some(row) = current.filter(|row| !row.deleted) {
+            if let Some(row) = current.filter(|row| !row.version.deleted) {
                 let stored = row.into_stored()?;
                 if stored.setpoint == *setpoint {
                     return Ok(PutOutcome::Unchanged(stored));
@@ -350,7 +331,9 @@ impl Store {
         scope: &Scope,
     ) -> Result<StoredSetpoint> {
         match self.setpoint_row(sensor_id).await? {
-            Some(row) if !row.deleted && scope.contains_str(&row.building_id) => row.into_stored(),
+            Some(row) if !row.version.deleted && scope.contains_str(&row.version.building_id) => {
+                row.into_stored()
+            }
             _ => Err(not_found(sensor_id)),
         }
     }
@@ -399,13 +382,13 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         if let Some(row) = deleted {
-            return Ok(row.revision);
+            return Ok(row.version.revision);
         }
         match self.setpoint_row(sensor_id).await? {
-            Some(row) if !row.deleted && scope.contains_str(&row.building_id) => {
+            Some(row) if !row.version.deleted && scope.contains_str(&row.version.building_id) => {
                 Err(Error::RevisionMismatch {
                     expected: expected_revision.unwrap_or_default(),
-                    actual: row.revision,
+                    actual: row.version.revision,
                 })
             }
             _ => Err(not_found(sensor_id)),
@@ -446,11 +429,14 @@ impl Store {
     /// Row by row: a million rows are never in memory at once (the allocator would keep those
     /// pages after they are freed).
     pub fn setpoint_versions(&self) -> impl Stream<Item = Result<SetpointVersion>> + '_ {
-        static SQL: LazyLock<String> =
-            LazyLock::new(|| format!("SELECT {SETPOINT_COLUMNS} FROM setpoints"));
-        sqlx::query_as::<_, SetpointRow>(SQL.as_str())
+        // Only what the cache needs: not the audit columns of a million rows.
+        const SQL: &str = concat!("SELECT ", version_columns!(), " FROM setpoints");
+        sqlx::query_as::<_, VersionColumns>(SQL)
             .fetch(self.pool())
-            .map(|row| row.map_err(Error::from).and_then(SetpointRow::into_version))
+            .map(|row| {
+                row.map_err(Error::from)
+                    .and_then(VersionColumns::into_version)
+            })
     }
 
     async fn setpoint_row(&self, sensor_id: &SensorId) -> Result<Option<SetpointRow>> {
