@@ -232,6 +232,54 @@ async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revi
     assert_eq!(got.len(), SENSORS, "no command for another sensor");
 }
 
+/// A notification the listener cannot read means it no longer knows what changed: it reads
+/// every setpoint again, once for a whole burst of them.
+#[tokio::test]
+async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed() {
+    let mut config = TestApp::fresh_config().await;
+    // Only the forced resync can find the change below.
+    config.control.setpoint_resync_interval = Duration::from_secs(3600);
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 20.0, Utc::now()).await;
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "20 is inside the band"
+    );
+
+    // A change no notification tells of: 20 is now too cold.
+    let mut db = app.db().await;
+    for sql in [
+        "ALTER TABLE setpoints DISABLE TRIGGER setpoints_notify",
+        "UPDATE setpoints SET desired_celsius = 25, revision = revision + 1",
+        "ALTER TABLE setpoints ENABLE TRIGGER setpoints_notify",
+    ] {
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+    assert!(commands.drain(QUIET).await.is_empty(), "nobody was told");
+
+    let resyncs = || LoopStats::get(&app.control.stats().resyncs);
+    let before = resyncs();
+    for i in 0..20 {
+        sqlx::query("SELECT pg_notify('thermostat_setpoints', $1)")
+            .bind(format!("not a version {i}"))
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let on = commands.expect().await;
+    assert_eq!(
+        (cmd(&on), on.setpoint_revision),
+        ((H::On, R::TooCold), 2),
+        "the resync found revision 2"
+    );
+    assert!(commands.drain(QUIET).await.is_empty());
+    assert_eq!(resyncs() - before, 1, "one resync for the burst");
+}
+
 #[tokio::test]
 async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
     let mut config = TestApp::fresh_config().await;

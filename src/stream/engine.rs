@@ -134,6 +134,8 @@ pub struct LoopStats {
     pub commands: AtomicU64,
     /// Sensor-topic partitions currently assigned to this replica.
     pub assigned: AtomicU64,
+    /// Full reads of the setpoint table completed (stream::setpoint_sync).
+    pub resyncs: AtomicU64,
 }
 
 impl LoopStats {

@@ -240,6 +240,7 @@ pub async fn start(
     tasks.spawn(setpoint_sync::run(
         store,
         engine_tx.clone(),
+        stats.clone(),
         control.setpoint_resync_interval,
         loaded_tx,
         shutdown.clone(),

@@ -2,10 +2,11 @@
 //! by a trigger on every committed change whoever made it, carries the new version, which goes
 //! to the engine as it is (PostgreSQL lets any role that can connect to the database notify, so
 //! the database must not be shared with untrusted roles). A full re-read happens whenever the
-//! listener (re)connects, since notifications sent while it was away are lost, after a
-//! notification it cannot read, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine
+//! listener (re)connects, since notifications sent while it was away are lost, shortly after
+//! notifications it cannot read, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine
 //! ignores revisions older than the one it has, so a cached revision never goes backwards.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -13,7 +14,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::Input;
+use super::engine::{Input, LoopStats};
 use super::StreamError;
 use crate::store::{SetpointVersion, Store};
 
@@ -22,9 +23,16 @@ pub const CHANNEL: &str = "thermostat_setpoints";
 
 /// Pause before reconnecting a failed listener.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// After a notification it cannot read, the listener resyncs once this much later, however
+/// many more arrive meanwhile: a burst costs one full read, not one each.
+const UNREADABLE_RESYNC_DELAY: Duration = Duration::from_secs(1);
 
 /// Sends every setpoint version to the engine.
-pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<(), StreamError> {
+async fn full_resync(
+    store: &Store,
+    engine: &mpsc::Sender<Input>,
+    stats: &LoopStats,
+) -> Result<(), StreamError> {
     let mut versions = std::pin::pin!(store.setpoint_versions());
     let mut count = 0u64;
     while let Some(version) = versions.try_next().await.map_err(StreamError::Store)? {
@@ -35,6 +43,7 @@ pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<
         count += 1;
     }
     tracing::debug!(count, "setpoint resync");
+    LoopStats::bump(&stats.resyncs);
     crate::telemetry::record_resync();
     Ok(())
 }
@@ -44,13 +53,23 @@ pub async fn full_resync(store: &Store, engine: &mpsc::Sender<Input>) -> Result<
 pub async fn run(
     store: Store,
     engine: mpsc::Sender<Input>,
+    stats: Arc<LoopStats>,
     resync_interval: Duration,
     loaded: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
     let mut loaded = Some(loaded);
     while !shutdown.is_cancelled() {
-        if let Err(e) = listen(&store, &engine, resync_interval, &mut loaded, &shutdown).await {
+        if let Err(e) = listen(
+            &store,
+            &engine,
+            &stats,
+            resync_interval,
+            &mut loaded,
+            &shutdown,
+        )
+        .await
+        {
             if matches!(e, StreamError::Stopped(_)) {
                 return Err(e);
             }
@@ -67,6 +86,7 @@ pub async fn run(
 async fn listen(
     store: &Store,
     engine: &mpsc::Sender<Input>,
+    stats: &LoopStats,
     resync_interval: Duration,
     loaded: &mut Option<oneshot::Sender<()>>,
     shutdown: &CancellationToken,
@@ -75,16 +95,21 @@ async fn listen(
     let mut listener = PgListener::connect_with(store.pool()).await.map_err(db)?;
     listener.listen(CHANNEL).await.map_err(db)?;
     // Listening first, then reading everything: no change can fall between the two.
-    full_resync(store, engine).await?;
+    full_resync(store, engine, stats).await?;
     if let Some(loaded) = loaded.take() {
         let _ = loaded.send(());
     }
     let mut resync = tokio::time::interval(resync_interval);
     resync.reset();
+    // Whether the next tick was brought forward for an unreadable notification.
+    let mut forced = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = resync.tick() => full_resync(store, engine).await?,
+            _ = resync.tick() => {
+                forced = false;
+                full_resync(store, engine, stats).await?;
+            }
             notification = listener.try_recv() => match notification.map_err(db)? {
                 // The notification carries the committed version: no need to read it back.
                 Some(notification) => match SetpointVersion::from_notification(notification.payload()) {
@@ -95,12 +120,15 @@ async fn listen(
                     // Not from our trigger's current version: what changed is unknown.
                     Err(e) => {
                         tracing::warn!(error = %e, "unreadable setpoint notification; resyncing");
-                        full_resync(store, engine).await?;
+                        if !forced {
+                            forced = true;
+                            resync.reset_at(tokio::time::Instant::now() + UNREADABLE_RESYNC_DELAY);
+                        }
                     }
                 },
                 // The connection was lost and has been re-established: notifications may have
                 // been missed.
-                None => full_resync(store, engine).await?,
+                None => full_resync(store, engine, stats).await?,
             },
         }
     }
