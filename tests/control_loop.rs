@@ -8,12 +8,29 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use common::kafka::{by_sensor, header, Commands, Sensors, TopicReader, Topics};
 use common::{put, setpoint, TestApp};
-use thermostat::config::SensorFormat;
+use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
 use thermostat::stream::engine::LoopStats;
 use tokio_stream::StreamExt;
 
 const QUIET: Duration = Duration::from_millis(1500);
+
+/// A service on `config`, a reader of its command topic and a writer of its readings.
+async fn looped(config: ServeConfig) -> (TestApp, Commands, Sensors) {
+    let app = TestApp::spawn_with(config).await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let sensors = Sensors::new(&topics.sensors);
+    (app, commands, sensors)
+}
+
+/// A fresh configuration without the periodic full resync, so that within a test only
+/// notifications (or a resync they force) carry setpoint changes to the engine.
+async fn without_periodic_resync() -> ServeConfig {
+    let mut config = TestApp::fresh_config().await;
+    config.control.setpoint_resync_interval = Duration::from_secs(3600);
+    config
+}
 
 async fn put_band(app: &TestApp, sensor: &str, desired: f64) -> pb::Setpoint {
     let mut sp = setpoint(sensor, "hq", desired);
@@ -140,10 +157,7 @@ async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
 
 #[tokio::test]
 async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
-    let app = TestApp::spawn().await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let (app, commands, sensors) = looped(TestApp::fresh_config().await).await;
     put_band(&app, "s", 20.0).await;
     sensors.reading("s", 20.0, Utc::now()).await;
     assert!(
@@ -179,13 +193,8 @@ async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
 #[tokio::test]
 async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revision() {
     const SENSORS: usize = 40;
-    let mut config = TestApp::fresh_config().await;
-    // Only notifications may carry the writes to the engine: no full resync during the test.
-    config.control.setpoint_resync_interval = Duration::from_secs(3600);
-    let app = TestApp::spawn_with(config).await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let config = without_periodic_resync().await;
+    let (app, commands, sensors) = looped(config).await;
     let names: Vec<String> = (0..SENSORS).map(|i| format!("burst-{i}")).collect();
     for name in &names {
         put_band(&app, name, 21.0).await;
@@ -236,13 +245,9 @@ async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revi
 /// every setpoint again, once for a whole burst of them.
 #[tokio::test]
 async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed() {
-    let mut config = TestApp::fresh_config().await;
     // Only the forced resync can find the change below.
-    config.control.setpoint_resync_interval = Duration::from_secs(3600);
-    let app = TestApp::spawn_with(config).await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let config = without_periodic_resync().await;
+    let (app, commands, sensors) = looped(config).await;
     put_band(&app, "s", 20.0).await;
     sensors.reading("s", 20.0, Utc::now()).await;
     assert!(
@@ -284,10 +289,7 @@ async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed(
 async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
     let mut config = TestApp::fresh_config().await;
     config.control.stale_after = Duration::from_secs(2);
-    let app = TestApp::spawn_with(config).await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let (app, commands, sensors) = looped(config).await;
     put_band(&app, "s", 20.0).await;
 
     let t0 = Utc::now();
@@ -367,10 +369,7 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
 async fn json_readings_are_accepted_when_configured() {
     let mut config = TestApp::fresh_config().await;
     config.kafka.sensor_format = SensorFormat::Json;
-    let app = TestApp::spawn_with(config).await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let (app, commands, sensors) = looped(config).await;
     put_band(&app, "gw-7", 20.0).await;
     let json = format!(
         r#"{{"sensor_id":"gw-7","temperature_celsius":25.5,"reading_time":"{}"}}"#,
@@ -386,10 +385,7 @@ async fn json_readings_are_accepted_when_configured() {
 
 #[tokio::test]
 async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
-    let app = TestApp::spawn().await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let (app, commands, sensors) = looped(TestApp::fresh_config().await).await;
     let mut client = app.setpoints().await;
     for (sensor, building) in [("a1", "alpha"), ("a2", "alpha"), ("b1", "beta")] {
         client
@@ -451,10 +447,7 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
 async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
     let mut config = TestApp::fresh_config().await;
     config.control.subscriber_buffer = 4;
-    let app = TestApp::spawn_with(config).await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let sensors = Sensors::new(&topics.sensors);
+    let (app, commands, sensors) = looped(config).await;
     put_band(&app, "s", 20.0).await;
     let mut stalled = common::stalled_subscription(&app.addr.to_string()).await;
 
