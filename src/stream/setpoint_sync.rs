@@ -118,13 +118,13 @@ async fn listen(
                         .await
                         .map_err(|_| StreamError::Stopped("engine"))?,
                     // Not from our trigger's current version: what changed is unknown.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "unreadable setpoint notification; resyncing");
-                        if !forced {
-                            forced = true;
-                            resync.reset_at(tokio::time::Instant::now() + UNREADABLE_RESYNC_DELAY);
-                        }
+                    // Logged once per resync, not once per notification of a burst.
+                    Err(e) if !forced => {
+                        tracing::warn!(error = %e, "unreadable setpoint notification; resyncing shortly");
+                        forced = true;
+                        resync.reset_at(tokio::time::Instant::now() + UNREADABLE_RESYNC_DELAY);
                     }
+                    Err(e) => tracing::debug!(error = %e, "unreadable setpoint notification"),
                 },
                 // The connection was lost and has been re-established: notifications may have
                 // been missed.
