@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{broker_cpu_seconds, cpu_seconds, median, sensor_id, verdict, Names, Service};
+use common::{
+    broker_cpu_seconds, cpu_seconds, median, median_by, sensor_id, verdict, Names, Service,
+};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use prost::Message as _;
@@ -658,28 +660,16 @@ async fn throughput(database_url: &str) {
                 .map(|(_, d)| *d)
                 .collect()
         };
-        let med = |s: Subject| median(&of(s).iter().map(|d| d.per_second).collect::<Vec<_>>());
+        let med = |s: Subject| median_by(&of(s), |d| d.per_second);
         let relay = med(Subject::Relay);
         let consume = med(Subject::ConsumeOnly);
         let plain = med(Subject::Service);
-        let cpu_of = |s: Subject| {
-            median(
-                &of(s)
-                    .iter()
-                    .map(|d| d.cpu_us_per_reading)
-                    .collect::<Vec<_>>(),
-            )
-        };
+        let cpu_of = |s: Subject| median_by(&of(s), |d| d.cpu_us_per_reading);
         for &subject in &subjects {
             let drains = of(subject);
             let rate = med(subject);
             let cpu = cpu_of(subject);
-            let broker = median(
-                &drains
-                    .iter()
-                    .map(|d| d.broker_us_per_reading)
-                    .collect::<Vec<_>>(),
-            );
+            let broker = median_by(&drains, |d| d.broker_us_per_reading);
             let goal = match (subject, every) {
                 (Subject::Service, 1) => format!(">= 0.8x relay: {}", verdict(rate >= 0.8 * relay)),
                 (Subject::Service, _) => format!(
@@ -701,12 +691,7 @@ async fn throughput(database_url: &str) {
                 .iter()
                 .map(|d| format!("{:.0}", d.per_second))
                 .collect();
-            let decided = median(
-                &drains
-                    .iter()
-                    .map(|d| d.decided_per_second)
-                    .collect::<Vec<_>>(),
-            );
+            let decided = median_by(&drains, |d| d.decided_per_second);
             let decided = if decided.is_nan() {
                 String::new()
             } else {
@@ -890,8 +875,8 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
     println!("| path | p50 ms | p99 ms | p99.9 ms | max ms | CPU µs/reading | goal | p99 per repetition |");
     println!("|---|---|---|---|---|---|---|---|");
     let quantiles = |runs: &[(Histogram<u64>, f64)]| {
-        let q = |x: f64| median(&runs.iter().map(|(h, _)| millis(h, x)).collect::<Vec<_>>());
-        let cpu = median(&runs.iter().map(|(_, c)| *c).collect::<Vec<_>>());
+        let q = |x: f64| median_by(runs, |(h, _)| millis(h, x));
+        let cpu = median_by(runs, |(_, c)| *c);
         let p99s: Vec<String> = runs
             .iter()
             .map(|(h, _)| format!("{:.2}", millis(h, 0.99)))

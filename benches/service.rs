@@ -15,7 +15,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{median, verdict, Names, Service};
+use common::{median_by, verdict, Names, Service};
 use hdrhistogram::Histogram;
 use thermostat::proto::v1 as pb;
 use thermostat::Application;
@@ -240,11 +240,9 @@ async fn main() {
     println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | baseline | baseline per second | baseline p99 ms | baseline PostgreSQL CPU µs/Put | ratio (throughput) | goal | repetitions (ours / baseline per second) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (ours, base) in &rows {
-        let per_second =
-            |rows: &[Row]| median(&rows.iter().map(|r| r.per_second).collect::<Vec<_>>());
-        let p99 = |rows: &[Row]| median(&rows.iter().map(|r| r.p99_ms).collect::<Vec<_>>());
-        let postgres =
-            |rows: &[Row]| median(&rows.iter().map(|r| r.postgres_us).collect::<Vec<_>>());
+        let per_second = |rows: &[Row]| median_by(rows, |r| r.per_second);
+        let p99 = |rows: &[Row]| median_by(rows, |r| r.p99_ms);
+        let postgres = |rows: &[Row]| median_by(rows, |r| r.postgres_us);
         let ratio = per_second(ours) / per_second(base);
         let reps: Vec<String> = ours
             .iter()

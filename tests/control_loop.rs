@@ -188,8 +188,9 @@ async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
     assert!(commands.drain(QUIET).await.is_empty());
 }
 
-/// Writes that arrive together are re-read together (stream::setpoint_sync): none may be lost
-/// on the way, and the engine must end at each sensor's newest revision.
+/// Writes that arrive together each reach the engine in their own notification
+/// (stream::setpoint_sync): none may be lost on the way, and the engine must end at each
+/// sensor's newest revision.
 #[tokio::test]
 async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revision() {
     const SENSORS: usize = 40;

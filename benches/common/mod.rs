@@ -296,6 +296,11 @@ pub fn rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// The median of `f` over `items`.
+pub fn median_by<T>(items: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    median(&items.iter().map(f).collect::<Vec<_>>())
+}
+
 /// The median of `values` (the mean of the middle two for an even count).
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
