@@ -999,6 +999,14 @@ async fn fanout(
 }
 
 async fn run() {
+    // Bench 1 drains readings of sensors 1..=drain_count(): one without a setpoint decides
+    // nothing, and the drain would wait for commands that never come.
+    assert!(
+        drain_count() <= sensors(),
+        "THERMOSTAT_BENCH_DRAIN ({}) must not exceed THERMOSTAT_BENCH_SENSORS ({})",
+        drain_count(),
+        sensors()
+    );
     let database_url = common::fresh_database("bench_pipeline").await;
     common::seed_setpoints(&database_url, sensors()).await;
     throughput(&database_url).await;
