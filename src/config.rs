@@ -91,9 +91,15 @@ pub struct DatabaseConfig {
     /// Largest number of pooled database connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
-    /// How long a request waits for a database connection before failing with UNAVAILABLE.
+    /// How long a request waits for a database connection, and a Put for a row lock, before
+    /// failing with UNAVAILABLE.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub database_acquire_timeout: Duration,
+    /// Statements writing Puts at once, each on a connection of its own (besides the pool).
+    /// Puts arriving while every writer is busy are written together, up to 64 in one
+    /// statement: more writers make smaller statements, more of them at once.
+    #[arg(long, env = "DATABASE_PUT_WRITERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub database_put_writers: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

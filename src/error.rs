@@ -53,6 +53,13 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Error::Unavailable(err)
             }
+            // lock_not_available (the Put writers' lock_timeout) and deadlock_detected: another
+            // transaction holds the row; retrying later may succeed.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("55P03" | "40P01")) =>
+            {
+                Error::Unavailable(err)
+            }
             // A CHECK constraint is the backstop behind the API's own validation: report it as
             // bad input rather than as a server fault.
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {
@@ -62,6 +69,21 @@ impl From<sqlx::Error> for Error {
                 ))
             }
             _ => Error::Internal(format!("database: {err}")),
+        }
+    }
+}
+
+impl Error {
+    /// The same failure, for another caller of a statement that failed for several (the Puts
+    /// written together, see `store::put_queue`): `sqlx::Error` cannot be cloned.
+    pub(crate) fn for_another_caller(&self) -> Error {
+        match self {
+            Error::Unavailable(source) => Error::Unavailable(match source {
+                sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+                sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+                other => sqlx::Error::Io(std::io::Error::other(other.to_string())),
+            }),
+            other => Error::Internal(other.to_string()),
         }
     }
 }

@@ -23,6 +23,8 @@ pub const SUBSCRIBERS: &str = "thermostat_subscribers";
 pub const RPCS: &str = "thermostat_grpc_requests_total";
 pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
+pub const SETPOINT_WRITES: &str = "thermostat_setpoint_writes_total";
+pub const SETPOINT_WRITE_STATEMENTS: &str = "thermostat_setpoint_write_statements_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "thermostat_tls_handshake_failures_total";
 pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
 pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
@@ -111,6 +113,11 @@ fn describe() {
         "gRPC call duration until the response starts"
     );
     describe_gauge!(DB_POOL, "Database pool connections by state");
+    describe_counter!(SETPOINT_WRITES, "Puts sent to the database");
+    describe_counter!(
+        SETPOINT_WRITE_STATEMENTS,
+        "Statements the Puts were written in (several Puts share one under load)"
+    );
 }
 
 /// Unix time of the last full setpoint resync; 0 before the first.

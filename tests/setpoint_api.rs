@@ -570,3 +570,275 @@ async fn change_notifications_carry_the_stored_version_exactly() {
     let deleted = next().await;
     assert_eq!((deleted.revision, deleted.setpoint), (3, None));
 }
+
+/// Puts that arrive while the writer is busy are written together in one statement (they share
+/// its transaction's `update_time`), and each still gets its own outcome: created, updated,
+/// unchanged, ABORTED on a stale revision, several Puts to one sensor all applied in turn. A
+/// statement error caused by one Put does not fail the others written with it.
+#[tokio::test]
+async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
+    use std::time::Duration;
+
+    let mut config = TestApp::fresh_config().await;
+    config.database.database_put_writers = 1;
+    let app = TestApp::spawn_with(config).await;
+    let mut client = app.setpoints().await;
+    for sensor in ["gate", "c-0", "c-1", "c-2", "c-3", "same", "dup"] {
+        client
+            .put_setpoint(put(setpoint(sensor, "b", 20.0), None))
+            .await
+            .unwrap();
+    }
+    let mut db = app.db().await;
+    let watch = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    #[allow(clippy::async_yields_async)]
+
+    // Holds the only writer: its statement for "gate" waits on the row lock taken here, and the
+    // wave sent after it queues behind it. Returns the gate's Put, still running.
+    let gated = async |db: &mut sqlx::PgConnection, client: &Client, desired: f64| {
+        lock_row(db, "gate").await;
+        let mut client = client.clone();
+        let gate = tokio::spawn(async move {
+            client
+                .put_setpoint(put(setpoint("gate", "b", desired), None))
+                .await
+        });
+        until_a_statement_waits(&watch).await;
+        gate
+    };
+    let base = client.clone();
+    let wave = move |requests: Vec<pb::PutSetpointRequest>| {
+        let mut tasks = Vec::new();
+        for request in requests {
+            let mut client = base.clone();
+            tasks.push(tokio::spawn(async move {
+                client.put_setpoint(request).await.map(|r| r.into_inner())
+            }));
+        }
+        tasks
+    };
+    let gate = gated(&mut db, &client, 21.0).await;
+    let mut requests: Vec<_> = (0..20)
+        .map(|i| put(setpoint(&format!("new-{i}"), "b", 21.0), None))
+        .collect();
+    requests.push(put(setpoint("c-0", "b", 22.0), Some(1)));
+    requests.push(put(setpoint("c-1", "b", 22.0), Some(1)));
+    requests.push(put(setpoint("c-2", "b", 22.0), Some(7)));
+    requests.push(put(setpoint("c-3", "b", 22.0), Some(0)));
+    requests.push(put(setpoint("nowhere", "b", 22.0), Some(5)));
+    requests.push(put(setpoint("same", "b", 20.0), None));
+    for desired in [23.0, 24.0, 25.0] {
+        requests.push(put(setpoint("dup", "b", desired), None));
+    }
+    let tasks = wave(requests);
+    // Long enough for every request to reach the queue over loopback.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    gate.await.unwrap().unwrap();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+
+    let written = |i: usize| outcomes[i].as_ref().expect("written").clone();
+    let coalesced: BTreeSet<_> = (0..22)
+        .map(|i| format!("{:?}", written(i).update_time))
+        .collect();
+    assert_eq!(
+        coalesced.len(),
+        1,
+        "one statement for the wave: {coalesced:?}"
+    );
+    for i in 0..20 {
+        assert_eq!((written(i).revision, written(i).desired_celsius), (1, 21.0));
+    }
+    assert_eq!((written(20).revision, written(21).revision), (2, 2));
+    let code = |i: usize| outcomes[i].as_ref().map(|_| ()).map_err(|s| s.code());
+    assert_eq!(code(22), Err(Code::Aborted));
+    assert!(outcomes[22].as_ref().unwrap_err().message().contains('1'));
+    assert_eq!(code(23), Err(Code::Aborted));
+    assert_eq!(code(24), Err(Code::Aborted));
+    assert_eq!(
+        (written(25).revision, written(25).desired_celsius),
+        (1, 20.0)
+    );
+    let mut dup_revisions: Vec<i64> = (26..29).map(|i| written(i).revision).collect();
+    dup_revisions.sort_unstable();
+    assert_eq!(dup_revisions, vec![2, 3, 4]);
+    assert_eq!(
+        history(&mut client, "dup")
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect::<Vec<_>>(),
+        vec![4, 3, 2, 1]
+    );
+    for sensor in ["c-2", "c-3"] {
+        assert_eq!(get(&mut client, sensor).await.unwrap().revision, 1);
+    }
+    assert_eq!(
+        get(&mut client, "nowhere").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // One Put the database rejects, in a wave with others.
+    sqlx::query(
+        "CREATE FUNCTION reject_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'poisoned'; END $$",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER reject_poison BEFORE INSERT OR UPDATE ON setpoints FOR EACH ROW \
+         WHEN (NEW.sensor_id = 'poison') EXECUTE FUNCTION reject_poison()",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let gate = gated(&mut db, &client, 22.0).await;
+    let mut requests = vec![put(setpoint("poison", "b", 21.0), None)];
+    requests.extend((0..10).map(|i| put(setpoint(&format!("new-{i}"), "b", 19.0), None)));
+    let tasks = wave(requests);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    gate.await.unwrap().unwrap();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    assert_eq!(outcomes[0].as_ref().unwrap_err().code(), Code::Internal);
+    for outcome in &outcomes[1..] {
+        let stored = outcome.as_ref().expect("written despite the poisoned Put");
+        assert_eq!((stored.revision, stored.desired_celsius), (2, 19.0));
+    }
+    assert_eq!(
+        get(&mut client, "poison").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // A row lock held for longer than DATABASE_ACQUIRE_TIMEOUT fails that Put with UNAVAILABLE
+    // and does not hold up the Puts queued behind it any longer.
+    let gate = gated(&mut db, &client, 23.0).await;
+    let behind = wave(vec![put(setpoint("new-0", "b", 18.0), None)]);
+    assert_eq!(gate.await.unwrap().unwrap_err().code(), Code::Unavailable);
+    for task in behind {
+        assert_eq!(task.await.unwrap().expect("written").revision, 3);
+    }
+    sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
+}
+
+type Client = pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>;
+
+/// Puts written in one statement are each checked against their own caller's buildings.
+#[tokio::test]
+async fn puts_written_together_are_each_checked_against_their_own_scope() {
+    use std::collections::BTreeSet;
+    use thermostat::domain::{BuildingId, Reason, Scope, SensorId, Setpoint};
+    use thermostat::store::{PutOutcome, Store};
+    use thermostat::Error;
+
+    let mut config = TestApp::fresh_config().await;
+    config.database.database_put_writers = 1;
+    let app = TestApp::spawn_with(config.clone()).await;
+    let store = Store::connect_lazy(&config.database).unwrap();
+    let value = |sensor: &str, building: &str, desired: f64| {
+        Setpoint::new(
+            SensorId::parse(sensor).unwrap(),
+            BuildingId::parse(building).unwrap(),
+            desired,
+            0.5,
+            0.5,
+        )
+        .unwrap()
+    };
+    let scope = |buildings: &[&str]| {
+        Scope::Buildings(
+            buildings
+                .iter()
+                .map(|b| BuildingId::parse(*b).unwrap())
+                .collect::<BTreeSet<_>>(),
+        )
+    };
+    let put = |setpoint: Setpoint, scope: Scope| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let reason = Reason::parse("").unwrap();
+            store
+                .put_setpoint(&setpoint, None, "test", &reason, &scope)
+                .await
+        })
+    };
+    for sensor in ["gate", "s-1", "s-2", "s-3", "s-4", "s-5"] {
+        put(value(sensor, "south", 20.0), Scope::All)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    let mut db = app.db().await;
+    let watch = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    lock_row(&mut db, "gate").await;
+    let gate = put(value("gate", "south", 21.0), Scope::All);
+    until_a_statement_waits(&watch).await;
+    let tasks = [
+        // Of another building: as if it did not exist.
+        put(value("s-1", "north", 22.0), scope(&["north"])),
+        put(value("s-2", "south", 22.0), scope(&["south"])),
+        put(value("s-3", "north", 22.0), scope(&["north", "south"])),
+        put(value("s-4", "south", 22.0), Scope::All),
+        put(value("s-5", "south", 22.0), scope(&[])),
+    ];
+    // Long enough for every Put to reach the queue.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    gate.await.unwrap().unwrap();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+
+    let written = |i: usize| match &outcomes[i] {
+        Ok(PutOutcome::Written(stored)) => stored.clone(),
+        other => panic!("Put {i} not written: {other:?}"),
+    };
+    assert!(matches!(outcomes[0], Err(Error::NotFound { .. })), "{:?}", outcomes[0]);
+    assert!(matches!(outcomes[4], Err(Error::NotFound { .. })), "{:?}", outcomes[4]);
+    let times: BTreeSet<_> = [1, 2, 3].map(|i| written(i).update_time).into();
+    assert_eq!(times.len(), 1, "one statement: {times:?}");
+    assert_eq!(written(2).setpoint.building_id.as_str(), "north");
+    let unchanged: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT building_id, revision FROM setpoints WHERE sensor_id IN ('s-1', 's-5') \
+         ORDER BY sensor_id",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(unchanged, vec![("south".into(), 1), ("south".into(), 1)]);
+}
+
+/// Locks `sensor`'s row in a transaction on `db` (left open), so that a write to it waits.
+async fn lock_row(db: &mut sqlx::PgConnection, sensor: &str) {
+    sqlx::query("BEGIN").execute(&mut *db).await.unwrap();
+    sqlx::query("SELECT 1 FROM setpoints WHERE sensor_id = $1 FOR UPDATE")
+        .bind(sensor)
+        .execute(&mut *db)
+        .await
+        .unwrap();
+}
+
+/// Returns once a statement on this database waits on a lock.
+async fn until_a_statement_waits(watch: &sqlx::PgPool) {
+    let waiting = common::eventually(std::time::Duration::from_secs(10), async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(watch)
+        .await
+        .unwrap();
+        waiting == 1
+    })
+    .await;
+    assert!(waiting, "a writer waits on the lock");
+}

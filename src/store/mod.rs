@@ -1,6 +1,7 @@
 //! PostgreSQL storage: the connection pool, migrations and every SQL statement the service
 //! issues. Knows nothing of gRPC; returns domain types and [`crate::Error`].
 
+mod put_queue;
 mod setpoints;
 
 use std::time::Duration;
@@ -23,35 +24,63 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    puts: put_queue::PutQueue,
+}
+
+/// The settings both pools share.
+fn pool_options(config: &DatabaseConfig) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .acquire_timeout(config.database_acquire_timeout)
+        // sqlx pings a connection before every use by default: a second round trip per
+        // statement, which made a Put cost the database twice pgbench's (benchmark 3). A
+        // connection is checked only after a pause long enough for the database to have gone
+        // away meanwhile; a busy one fails its statement, and the caller its call, instead.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 impl Store {
     /// Creates the pool without connecting: the service starts (and reports NOT_SERVING) even
-    /// while the database is down, and connects when it comes back.
+    /// while the database is down, and connects when it comes back. Starts the Put writers, so
+    /// it must be called within a Tokio runtime.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self, sqlx::Error> {
         let options: PgConnectOptions = config.database_url.parse()?;
-        let pool = PgPoolOptions::new()
+        let options = options.application_name("thermostat");
+        let pool = pool_options(config)
             .max_connections(config.database_max_connections)
-            .acquire_timeout(config.database_acquire_timeout)
-            // sqlx pings a connection before every use by default: a second round trip per
-            // statement, which made a Put cost the database twice pgbench's (benchmark 3). A
-            // connection is checked only after a pause long enough for the database to have gone
-            // away meanwhile; a busy one fails its statement, and the caller its call, instead.
-            .test_before_acquire(false)
-            .before_acquire(|connection, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= PING_IF_IDLE_FOR {
-                        connection.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_lazy_with(options.application_name("thermostat"));
-        Ok(Self { pool })
+            .connect_lazy_with(options.clone());
+        // The Put writers have connections of their own, with two settings:
+        // - Always the generic plan of the Put statement. PostgreSQL would otherwise plan it anew
+        //   on every execution: the generic plan is estimated for arrays of 10 rows, which looks
+        //   dearer than planning for the few rows at hand, yet the planning costs more than it
+        //   saves (BENCHMARKS.md, benchmark 3). The statement is shaped so that its generic plan
+        //   is right for any number of rows and any table size (`setpoints::PUT_SQL`).
+        // - A bound on waiting for a row lock. The Puts queued behind a statement wait for it,
+        //   so a row locked by a forgotten transaction must not stall every write.
+        let lock_timeout = config.database_acquire_timeout.as_millis().to_string();
+        let writer_pool = pool_options(config)
+            .max_connections(config.database_put_writers)
+            .connect_lazy_with(options.options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("lock_timeout", lock_timeout.as_str()),
+            ]));
+        let puts = put_queue::PutQueue::start(writer_pool, config.database_put_writers as usize);
+        Ok(Self { pool, puts })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    fn puts(&self) -> &put_queue::PutQueue {
+        &self.puts
     }
 
     /// Applies pending migrations. Safe to run concurrently from several replicas: sqlx takes an

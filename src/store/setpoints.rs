@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use futures::stream::{Stream, StreamExt};
 
+use super::put_queue::PutRow;
 use super::Store;
 use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
 use crate::error::{Error, Result};
@@ -52,9 +53,9 @@ pub struct HistoryEntry {
 
 /// A row of `setpoints`, live or tombstone.
 #[derive(sqlx::FromRow)]
-struct SetpointRow {
+pub(super) struct SetpointRow {
     #[sqlx(flatten)]
-    version: VersionColumns,
+    pub(super) version: VersionColumns,
     update_time: DateTime<Utc>,
     updated_by: String,
     reason: String,
@@ -84,8 +85,8 @@ impl SetpointRow {
 /// The columns of a `setpoints` row that make a [`SetpointVersion`], as a query reads them or as
 /// the `setpoints_notify` trigger sends them (JSON, see migrations).
 #[derive(sqlx::FromRow, serde::Deserialize)]
-struct VersionColumns {
-    sensor_id: String,
+pub(super) struct VersionColumns {
+    pub(super) sensor_id: String,
     building_id: String,
     desired_celsius: f64,
     up_delta_celsius: f64,
@@ -194,22 +195,40 @@ macro_rules! version_columns {
 }
 const SETPOINT_COLUMNS: &str = concat!(version_columns!(), ", update_time, updated_by, reason");
 
-/// Creates or replaces a setpoint, and appends the change to the history, in one statement.
+/// Creates or replaces setpoints, and appends the changes to the history, in one statement: the
+/// Puts that `put_queue` writes together, one array element each (no two of one sensor).
 ///
-/// The `INSERT` runs only when it can succeed: without `expected_revision`, with 0, or when a
+/// A Put's `INSERT` runs only when it can succeed: without `expected` revision, with 0, or when a
 /// row (maybe a tombstone) exists. On conflict the row is locked and the `WHERE` re-checked
 /// against its latest version, so of two racing writers with the same expected revision exactly
 /// one matches. Rows whose values would not change are left alone (no revision, no history).
-/// `$9` is the caller's buildings (`NULL`: all): an existing row of another building is never
-/// overwritten, checked under the row lock so that a concurrent move cannot slip past.
-/// Returns no row when nothing was written; the caller then finds out why.
+/// `scope` is the caller's buildings joined by commas (`NULL`: all): an existing row of another
+/// building is never overwritten, checked under the row lock so that a concurrent move cannot
+/// slip past. Returns the rows written; a Put without one wrote nothing, and its caller finds out
+/// why.
+///
+/// Shaped so that its plan cannot depend on the table's statistics: the statement is prepared
+/// once per connection and its generic plan kept, so a plan made while the table was empty would
+/// be kept as it grows. Every access to `setpoints` is by key: the arbiter index of `ON
+/// CONFLICT`, and a lateral lookup with `LIMIT 1` (which PostgreSQL neither flattens into a
+/// join nor turns into a hashed subplan, as it may do with `EXISTS`, either of which would read
+/// the whole table). An `UPDATE … FROM` the input was planned as a hash join over a sequential
+/// scan of `setpoints` when prepared on an empty table (BENCHMARKS.md, benchmark 3).
 pub const PUT_SQL: &str = r#"
-WITH up AS (
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
+                         $6::text[], $7::text[], $8::int8[], $9::text[])
+        AS i(sensor_id, building_id, desired, up_delta, down_delta, actor, reason, expected,
+             scope)
+), up AS (
     INSERT INTO setpoints AS s (sensor_id, building_id, desired_celsius, up_delta_celsius,
                                 down_delta_celsius, revision, update_time, updated_by, reason)
-    SELECT $1, $2, $3, $4, $5, 1, now(), $6, $7
-    WHERE $8::int8 IS NULL OR $8::int8 = 0
-       OR EXISTS (SELECT 1 FROM setpoints WHERE sensor_id = $1)
+    SELECT i.sensor_id, i.building_id, i.desired, i.up_delta, i.down_delta, 1, now(), i.actor,
+           i.reason
+    FROM input i
+    LEFT JOIN LATERAL (SELECT true AS found FROM setpoints WHERE sensor_id = i.sensor_id LIMIT 1)
+        AS stored ON true
+    WHERE i.expected IS NULL OR i.expected = 0 OR stored.found
     ON CONFLICT (sensor_id) DO UPDATE SET
         building_id = excluded.building_id,
         desired_celsius = excluded.desired_celsius,
@@ -220,8 +239,11 @@ WITH up AS (
         updated_by = excluded.updated_by,
         reason = excluded.reason,
         deleted = false
-    WHERE ($8::int8 IS NULL OR $8::int8 = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
-      AND ($9::text[] IS NULL OR s.building_id = ANY($9::text[]))
+    WHERE EXISTS (
+            SELECT 1 FROM input i
+            WHERE i.sensor_id = excluded.sensor_id
+              AND (i.expected IS NULL OR i.expected = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
+              AND (i.scope IS NULL OR s.building_id = ANY(string_to_array(i.scope, ','))))
       AND (s.deleted OR (s.building_id, s.desired_celsius, s.up_delta_celsius, s.down_delta_celsius)
            IS DISTINCT FROM (excluded.building_id, excluded.desired_celsius,
                              excluded.up_delta_celsius, excluded.down_delta_celsius))
@@ -271,18 +293,8 @@ impl Store {
         scope: &Scope,
     ) -> Result<PutOutcome> {
         for _ in 0..PUT_ATTEMPTS {
-            let written: Option<SetpointRow> = sqlx::query_as(PUT_SQL)
-                .bind(setpoint.sensor_id.as_str())
-                .bind(setpoint.building_id.as_str())
-                .bind(setpoint.desired().value())
-                .bind(setpoint.up_delta().value())
-                .bind(setpoint.down_delta().value())
-                .bind(actor)
-                .bind(reason.as_str())
-                .bind(expected_revision)
-                .bind(scope.as_sql())
-                .fetch_optional(self.pool())
-                .await?;
+            let row = PutRow::new(setpoint, expected_revision, actor, reason, scope);
+            let written = self.puts().put(row).await?;
             if let Some(row) = written {
                 return Ok(PutOutcome::Written(row.into_stored()?));
             }

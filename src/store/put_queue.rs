@@ -1,0 +1,303 @@
+//! Coalescing of concurrent Puts into one statement each.
+//!
+//! A Put costs the database far more in statement overhead (protocol round trip, transaction,
+//! executor start, commit, a task switch each way) than in the rows it writes: pgbench running
+//! the Put statement with 8 rows a transaction writes 2.8 times the rows per second of one row a
+//! transaction (BENCHMARKS.md, benchmark 3). So Puts go through a queue served by a few writer
+//! tasks. A writer takes whatever is queued (up to [`MAX_BATCH`]) and writes it in one
+//! statement; while it waits on the database, new Puts queue up for the next free writer. A lone
+//! Put is written at once, so coalescing adds no latency: batches only form under load.
+//!
+//! Each Put keeps its own outcome: the statement checks every row's revision and scope on its
+//! own, and returns the rows it wrote. Two Puts to one sensor never share a statement (a
+//! statement cannot update a row twice); the later one waits for the next round, so Puts to one
+//! sensor are written in the order they were queued.
+
+use std::sync::Arc;
+
+use sqlx::postgres::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::setpoints::{SetpointRow, PUT_SQL};
+use crate::domain::{Reason, Scope, Setpoint};
+use crate::error::{Error, Result};
+use crate::telemetry;
+
+/// Most Puts in one statement. Beyond a few dozen rows a statement saves little more per row,
+/// and holds its row locks longer.
+const MAX_BATCH: usize = 64;
+
+/// Puts waiting for a writer; a Put beyond this waits to be queued (backpressure).
+const QUEUE_CAPACITY: usize = 1024;
+
+/// One Put, owned, as the statement binds it.
+#[derive(Debug)]
+pub(super) struct PutRow {
+    setpoint: Setpoint,
+    expected_revision: Option<i64>,
+    actor: String,
+    reason: String,
+    /// The caller's buildings joined by commas (building ids cannot contain one); `None`: all.
+    scope: Option<String>,
+}
+
+impl PutRow {
+    pub(super) fn new(
+        setpoint: &Setpoint,
+        expected_revision: Option<i64>,
+        actor: &str,
+        reason: &Reason,
+        scope: &Scope,
+    ) -> Self {
+        Self {
+            setpoint: setpoint.clone(),
+            expected_revision,
+            actor: actor.to_owned(),
+            reason: reason.as_str().to_owned(),
+            scope: scope.as_sql().map(|buildings| buildings.join(",")),
+        }
+    }
+
+    fn sensor_id(&self) -> &str {
+        self.setpoint.sensor_id.as_str()
+    }
+}
+
+struct Job {
+    row: PutRow,
+    /// The written row, or `None` when the statement wrote nothing for this Put.
+    reply: oneshot::Sender<Result<Option<SetpointRow>>>,
+}
+
+/// The sending side of the queue; cheap to clone. The writers stop when every clone is dropped.
+#[derive(Clone, Debug)]
+pub(super) struct PutQueue {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl PutQueue {
+    /// Starts `writers` writer tasks on `pool`. Must be called within a Tokio runtime.
+    pub(super) fn start(pool: PgPool, writers: usize) -> Self {
+        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(write_loop(pool.clone(), Arc::clone(&queue)));
+        }
+        Self { jobs }
+    }
+
+    /// Writes `row` with whatever other Puts are queued with it. `Ok(None)`: nothing was written
+    /// (revision, scope or unchanged values; the caller finds out which).
+    pub(super) async fn put(&self, row: PutRow) -> Result<Option<SetpointRow>> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || Error::Internal("setpoint writers stopped".into());
+        self.jobs
+            .send(Job { row, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        // One writer at a time waits on the queue; it takes what is there and lets the next
+        // writer wait while it writes.
+        let batch = {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        write_batch(&pool, batch).await;
+    }
+}
+
+/// Writes `batch` in as few statements as its sensors allow and answers every job.
+async fn write_batch(pool: &PgPool, batch: Vec<Job>) {
+    let mut connection = match pool.acquire().await {
+        Ok(connection) => connection,
+        Err(e) => {
+            let error = Error::from(e);
+            for job in batch {
+                let _ = job.reply.send(Err(error.for_another_caller()));
+            }
+            return;
+        }
+    };
+    for round in rounds(batch) {
+        write_round(&mut connection, round).await;
+    }
+}
+
+/// Splits `batch` into rounds without a repeated sensor, keeping each sensor's Puts in order.
+fn rounds(batch: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut rounds: Vec<Vec<Job>> = Vec::new();
+    for job in batch {
+        // The first round after the last one that has this sensor.
+        let first_free = rounds
+            .iter()
+            .rposition(|round| {
+                round
+                    .iter()
+                    .any(|j| j.row.sensor_id() == job.row.sensor_id())
+            })
+            .map_or(0, |last| last + 1);
+        match rounds.get_mut(first_free) {
+            Some(round) => round.push(job),
+            None => rounds.push(vec![job]),
+        }
+    }
+    rounds
+}
+
+async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) {
+    // Rows in key order, so that two statements lock shared sensors in the same order.
+    round.sort_by(|a, b| a.row.sensor_id().cmp(b.row.sensor_id()));
+    let rows: Vec<&PutRow> = round.iter().map(|job| &job.row).collect();
+    metrics::counter!(telemetry::SETPOINT_WRITE_STATEMENTS).increment(1);
+    metrics::counter!(telemetry::SETPOINT_WRITES).increment(rows.len() as u64);
+    match execute(connection, &rows).await {
+        Ok(mut written) => {
+            for job in round {
+                let row = written
+                    .iter()
+                    .position(|w| w.version.sensor_id == job.row.sensor_id())
+                    .map(|i| written.swap_remove(i));
+                let _ = job.reply.send(Ok(row));
+            }
+        }
+        // A statement error (a deadlock with another replica's statement, a constraint) belongs
+        // to one of the rows or to the combination: write each on its own, so that every Put
+        // gets its own outcome.
+        Err(sqlx::Error::Database(_)) if round.len() > 1 => {
+            for job in round {
+                let result = execute(connection, &[&job.row]).await;
+                metrics::counter!(telemetry::SETPOINT_WRITE_STATEMENTS).increment(1);
+                let _ = job
+                    .reply
+                    .send(result.map(|mut w| w.pop()).map_err(Error::from));
+            }
+        }
+        Err(e) => {
+            let error = Error::from(e);
+            for job in round {
+                let _ = job.reply.send(Err(error.for_another_caller()));
+            }
+        }
+    }
+}
+
+async fn execute(
+    connection: &mut PgConnection,
+    rows: &[&PutRow],
+) -> Result<Vec<SetpointRow>, sqlx::Error> {
+    let column = |f: fn(&PutRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let number = |f: fn(&Setpoint) -> f64| rows.iter().map(|r| f(&r.setpoint)).collect::<Vec<_>>();
+    sqlx::query_as(PUT_SQL)
+        .bind(column(PutRow::sensor_id))
+        .bind(column(|r| r.setpoint.building_id.as_str()))
+        .bind(number(|s| s.desired().value()))
+        .bind(number(|s| s.up_delta().value()))
+        .bind(number(|s| s.down_delta().value()))
+        .bind(column(|r| &r.actor))
+        .bind(column(|r| &r.reason))
+        .bind(rows.iter().map(|r| r.expected_revision).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.scope.as_deref()).collect::<Vec<_>>())
+        .fetch_all(connection)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{BuildingId, SensorId};
+
+    fn job(sensor: &str, desired: f64) -> Job {
+        let setpoint = Setpoint::new(
+            SensorId::parse(sensor).unwrap(),
+            BuildingId::parse("b").unwrap(),
+            desired,
+            0.5,
+            0.5,
+        )
+        .unwrap();
+        let reason = Reason::parse("").unwrap();
+        Job {
+            row: PutRow::new(&setpoint, None, "t", &reason, &Scope::All),
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn shape(rounds: &[Vec<Job>]) -> Vec<Vec<(String, f64)>> {
+        rounds
+            .iter()
+            .map(|round| {
+                round
+                    .iter()
+                    .map(|j| {
+                        (
+                            j.row.sensor_id().to_owned(),
+                            j.row.setpoint.desired().value(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn distinct_sensors_share_one_round() {
+        let batch = vec![job("a", 1.0), job("b", 2.0), job("c", 3.0)];
+        assert_eq!(
+            shape(&rounds(batch)),
+            vec![vec![
+                ("a".into(), 1.0),
+                ("b".into(), 2.0),
+                ("c".into(), 3.0)
+            ]]
+        );
+    }
+
+    #[test]
+    fn a_repeated_sensor_waits_for_a_later_round_in_queue_order() {
+        let batch = vec![
+            job("a", 1.0),
+            job("a", 2.0),
+            job("b", 3.0),
+            job("a", 4.0),
+            job("b", 5.0),
+            job("c", 6.0),
+        ];
+        assert_eq!(
+            shape(&rounds(batch)),
+            vec![
+                vec![("a".into(), 1.0), ("b".into(), 3.0), ("c".into(), 6.0)],
+                vec![("a".into(), 2.0), ("b".into(), 5.0)],
+                vec![("a".into(), 4.0)],
+            ]
+        );
+    }
+
+    #[test]
+    fn scope_is_joined_for_the_statement() {
+        let buildings = ["north", "south"].map(|b| BuildingId::parse(b).unwrap());
+        let scope = Scope::Buildings(buildings.into_iter().collect());
+        let setpoint = job("a", 1.0).row.setpoint;
+        let row = PutRow::new(&setpoint, Some(3), "t", &Reason::parse("").unwrap(), &scope);
+        assert_eq!(row.scope.as_deref(), Some("north,south"));
+        assert_eq!(row.expected_revision, Some(3));
+        // No building at all is an empty list (`string_to_array('', ',')` is `{}`), not "all".
+        let none = Scope::Buildings(Default::default());
+        let row = PutRow::new(&setpoint, None, "t", &Reason::parse("").unwrap(), &none);
+        assert_eq!(row.scope.as_deref(), Some(""));
+    }
+}
