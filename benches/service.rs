@@ -1,8 +1,10 @@
 //! Service benchmarks against same-run baselines, printed as a markdown table:
 //!
 //! 3. PutSetpoint throughput and p99 at 8 and 32 concurrent clients against `pgbench -M
-//!    prepared` running the statement the service issues (`store::PUT_SQL`), on the same
-//!    PostgreSQL with the same `synchronous_commit`.
+//!    prepared` with as many clients, one Put a transaction, on the same PostgreSQL with the same
+//!    `synchronous_commit`: running the statement the service issues (`store::PUT_SQL`, one
+//!    row), and the one-row statement the service issued before it wrote concurrent Puts
+//!    together ([`ONE_ROW_PUT_SQL`]). The faster of the two is the baseline.
 //! 5. Resident memory per cached sensor: the service's RSS with 1M setpoints cached minus its
 //!    RSS with none, both started the same way in the same run.
 //!
@@ -26,12 +28,54 @@ const PUT_REPS: usize = 3;
 const SENSORS: u32 = 10_000;
 const MEMORY_SENSORS: u32 = 1_000_000;
 
+/// The statement the service issued for a Put before it wrote concurrent Puts together (commit
+/// 7767bd1): one row, no arrays. pgbench runs it too, so that the baseline is one Put a
+/// transaction in its cheapest form, not only in the array form the service now uses.
+const ONE_ROW_PUT_SQL: &str = r#"
+WITH up AS (
+    INSERT INTO setpoints AS s (sensor_id, building_id, desired_celsius, up_delta_celsius,
+                                down_delta_celsius, revision, update_time, updated_by, reason)
+    SELECT $1, $2, $3, $4, $5, 1, now(), $6, $7
+    WHERE $8::int8 IS NULL OR $8::int8 = 0
+       OR EXISTS (SELECT 1 FROM setpoints WHERE sensor_id = $1)
+    ON CONFLICT (sensor_id) DO UPDATE SET
+        building_id = excluded.building_id,
+        desired_celsius = excluded.desired_celsius,
+        up_delta_celsius = excluded.up_delta_celsius,
+        down_delta_celsius = excluded.down_delta_celsius,
+        revision = s.revision + 1,
+        update_time = now(),
+        updated_by = excluded.updated_by,
+        reason = excluded.reason,
+        deleted = false
+    WHERE ($8::int8 IS NULL OR $8::int8 = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
+      AND ($9::text[] IS NULL OR s.building_id = ANY($9::text[]))
+      AND (s.deleted OR (s.building_id, s.desired_celsius, s.up_delta_celsius, s.down_delta_celsius)
+           IS DISTINCT FROM (excluded.building_id, excluded.desired_celsius,
+                             excluded.up_delta_celsius, excluded.down_delta_celsius))
+    RETURNING s.*
+), history AS (
+    INSERT INTO setpoint_history (sensor_id, revision, building_id, desired_celsius,
+                                  up_delta_celsius, down_delta_celsius, deleted, change_time,
+                                  changed_by, reason)
+    SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius,
+           down_delta_celsius, false, update_time, updated_by, reason
+    FROM up
+)
+SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius,
+       revision, update_time, updated_by, reason, deleted
+FROM up
+
+"#;
+
 struct Row {
     what: String,
     per_second: f64,
     p99_ms: f64,
     /// PostgreSQL's CPU time per Put, all its processes.
     postgres_us: f64,
+    /// Mean Puts per statement (the service's, from its counters); NaN for pgbench.
+    puts_per_statement: f64,
 }
 
 impl Row {
@@ -41,6 +85,7 @@ impl Row {
             per_second: histogram.len() as f64 / PUT_SECONDS as f64,
             p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
             postgres_us: f64::NAN,
+            puts_per_statement: f64::NAN,
         }
     }
 
@@ -59,6 +104,16 @@ const CLIENT_THREADS: u32 = 2;
 /// (`-j 2`), the clients run on two threads of their own, each one event loop, not on the
 /// server's runtime.
 async fn grpc_puts(addr: std::net::SocketAddr, clients: u32) -> Row {
+    let statements = || {
+        use thermostat::telemetry::{SETPOINT_WRITES, SETPOINT_WRITE_STATEMENTS};
+        [SETPOINT_WRITES, SETPOINT_WRITE_STATEMENTS].map(|name| {
+            thermostat::telemetry::render_metrics()
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+    };
+    let before = statements();
     let deadline = Instant::now() + Duration::from_secs(PUT_SECONDS);
     let threads: Vec<_> = (0..CLIENT_THREADS)
         .map(|t| {
@@ -82,7 +137,10 @@ async fn grpc_puts(addr: std::net::SocketAddr, clients: u32) -> Row {
             .expect("join");
         all.add(histogram).expect("merge");
     }
-    Row::new(format!("PutSetpoint via gRPC, {clients} clients"), &all)
+    let after = statements();
+    let mut row = Row::new(format!("PutSetpoint via gRPC, {clients} clients"), &all);
+    row.puts_per_statement = (after[0] - before[0]) / (after[1] - before[1]);
+    row
 }
 
 /// The clients numbered `clients`, each on its own connection, until `deadline`.
@@ -130,20 +188,48 @@ async fn put_clients(
     all
 }
 
-/// pgbench running the service's Put statement, parameters bound like the service binds them.
-fn pgbench_puts(database_url: &str, clients: u32) -> Row {
+/// What pgbench runs for a Put.
+#[derive(Clone, Copy)]
+enum Statement {
+    /// `store::PUT_SQL` with one row.
+    Service,
+    /// [`ONE_ROW_PUT_SQL`].
+    OneRow,
+}
+
+/// pgbench running `statement`, one Put a transaction, values bound like the service binds them
+/// (the caller's buildings NULL, "all", as for the unauthenticated service here).
+fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sql = thermostat::store::PUT_SQL
-        .replace("$1", "('bench-' || :s)")
-        .replace("$2", "'bench'")
-        .replace("$3", ":d::float8 / 10")
-        .replace("$4", "0.5::float8")
-        .replace("$5", "0.5::float8")
-        .replace("$6", "'pgbench'")
-        .replace("$7", "''")
-        .replace("$8::int8", "NULL::int8")
-        // The caller's buildings: NULL is "all", as for the unauthenticated service here.
-        .replace("$9::text[]", "NULL::text[]");
+    let (sql, label) = match statement {
+        Statement::Service => (
+            thermostat::store::PUT_SQL
+                .replace("$1::text[]", "ARRAY['bench-' || :s]")
+                .replace("$2::text[]", "ARRAY['bench']")
+                .replace("$3::float8[]", "ARRAY[:d::float8 / 10]")
+                .replace("$4::float8[]", "ARRAY[0.5::float8]")
+                .replace("$5::float8[]", "ARRAY[0.5::float8]")
+                .replace("$6::text[]", "ARRAY['pgbench']")
+                .replace("$7::text[]", "ARRAY['']")
+                .replace("$8::int8[]", "ARRAY[NULL::int8]")
+                .replace("$9::text[]", "ARRAY[NULL::text]"),
+            "service's statement",
+        ),
+        Statement::OneRow => (
+            ONE_ROW_PUT_SQL
+                .replace("$1", "('bench-' || :s)")
+                .replace("$2", "'bench'")
+                .replace("$3", ":d::float8 / 10")
+                .replace("$4", "0.5::float8")
+                .replace("$5", "0.5::float8")
+                .replace("$6", "'pgbench'")
+                .replace("$7", "''")
+                .replace("$8::int8", "NULL::int8")
+                .replace("$9::text[]", "NULL::text[]"),
+            "one-row statement",
+        ),
+    };
+    assert!(!sql.contains('$'), "every parameter replaced: {sql}");
     let script = format!(
         "\\set s random(0, {})\n\\set d random(0, 299)\n{};\n",
         SENSORS - 1,
@@ -190,7 +276,7 @@ fn pgbench_puts(database_url: &str, clients: u32) -> Row {
         }
     }
     Row::new(
-        format!("pgbench -M prepared, same statement, {clients} clients"),
+        format!("pgbench -M prepared, {label}, {clients} clients"),
         &histogram,
     )
 }
@@ -220,45 +306,66 @@ async fn main() {
     let served = tokio::spawn(app.run_until_stopped(stop.clone()));
     let mut rows = Vec::new();
     for clients in [8, 32].into_iter().filter(|_| common::runs("put")) {
-        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
+        let (mut ours, mut service_sql, mut one_row_sql) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..PUT_REPS {
             let before = common::postgres_cpu_seconds();
             ours.push(grpc_puts(addr, clients).await.with_postgres_cpu(before));
-            let before = common::postgres_cpu_seconds();
-            let url = put_db.clone();
-            let row = tokio::task::spawn_blocking(move || pgbench_puts(&url, clients))
-                .await
-                .expect("pgbench");
-            baseline.push(row.with_postgres_cpu(before));
+            for (statement, rows) in [
+                (Statement::Service, &mut service_sql),
+                (Statement::OneRow, &mut one_row_sql),
+            ] {
+                let before = common::postgres_cpu_seconds();
+                let url = put_db.clone();
+                let row =
+                    tokio::task::spawn_blocking(move || pgbench_puts(&url, clients, statement))
+                        .await
+                        .expect("pgbench");
+                rows.push(row.with_postgres_cpu(before));
+            }
         }
-        rows.push((ours, baseline));
+        rows.push((ours, service_sql, one_row_sql));
     }
     stop.cancel();
     let _ = served.await;
 
     println!("\n### 3. PutSetpoint against pgbench, {PUT_SECONDS} s per run, {PUT_REPS} repetitions alternated\n");
-    println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | baseline | baseline per second | baseline p99 ms | baseline PostgreSQL CPU µs/Put | ratio (throughput) | goal | repetitions (ours / baseline per second) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (ours, base) in &rows {
-        let per_second = |rows: &[Row]| median_by(rows, |r| r.per_second);
-        let p99 = |rows: &[Row]| median_by(rows, |r| r.p99_ms);
-        let postgres = |rows: &[Row]| median_by(rows, |r| r.postgres_us);
+    println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | Puts per statement (median) | pgbench with the service's statement: per second / p99 ms / PostgreSQL CPU µs/Put | pgbench with the one-row statement: per second / p99 ms / PostgreSQL CPU µs/Put | ratio to the faster pgbench | goal | repetitions per second (ours / service's statement / one-row) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let per_second = |rows: &[Row]| median_by(rows, |r| r.per_second);
+    let p99 = |rows: &[Row]| median_by(rows, |r| r.p99_ms);
+    let postgres = |rows: &[Row]| median_by(rows, |r| r.postgres_us);
+    let cells = |rows: &[Row]| {
+        format!(
+            "{:.0} / {:.2} / {:.0}",
+            per_second(rows),
+            p99(rows),
+            postgres(rows)
+        )
+    };
+    for (ours, service_sql, one_row_sql) in &rows {
+        let base = if per_second(service_sql) >= per_second(one_row_sql) {
+            service_sql
+        } else {
+            one_row_sql
+        };
         let ratio = per_second(ours) / per_second(base);
-        let reps: Vec<String> = ours
-            .iter()
-            .zip(base)
-            .map(|(o, b)| format!("{:.0} / {:.0}", o.per_second, b.per_second))
+        let reps: Vec<String> = (0..ours.len())
+            .map(|i| {
+                format!(
+                    "{:.0} / {:.0} / {:.0}",
+                    ours[i].per_second, service_sql[i].per_second, one_row_sql[i].per_second
+                )
+            })
             .collect();
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {:.2}x | >= 0.8x: {} | {} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.1} | {} | {} | {:.2}x | >= 0.8x: {} | {} |",
             ours[0].what,
             per_second(ours),
             p99(ours),
             postgres(ours),
-            base[0].what,
-            per_second(base),
-            p99(base),
-            postgres(base),
+            median_by(ours, |r| r.puts_per_statement),
+            cells(service_sql),
+            cells(one_row_sql),
             ratio,
             verdict(ratio >= 0.8),
             reps.join(", ")
@@ -272,7 +379,11 @@ async fn main() {
                 p99(base)
             ),
             &format!("{:.0}/s", per_second(ours)),
-            &format!("{:.0}/s pgbench", per_second(base)),
+            &format!(
+                "{:.0}/s pgbench, {}",
+                per_second(base),
+                base[0].what.split(", ").nth(1).unwrap_or_default()
+            ),
             &format!("{ratio:.2}x"),
             &format!(">= 0.8x: {}", verdict(ratio >= 0.8)),
         ]);
