@@ -105,13 +105,19 @@ impl Application {
             addr: config.grpc_addr,
             source,
         };
-        let incoming = TcpIncoming::bind(config.grpc_addr).map_err(bind_error)?;
+        // TCP_NODELAY, as tonic's own `serve(addr)` sets it: without it the kernel may hold a
+        // response's last frames until the client acknowledges the first (Nagle).
+        let incoming = TcpIncoming::bind(config.grpc_addr)
+            .map_err(bind_error)?
+            .with_nodelay(Some(true));
         let local_addr = incoming.local_addr().map_err(bind_error)?;
         let health_bind_error = |source| StartupError::Bind {
             addr: config.health_addr,
             source,
         };
-        let health_incoming = TcpIncoming::bind(config.health_addr).map_err(health_bind_error)?;
+        let health_incoming = TcpIncoming::bind(config.health_addr)
+            .map_err(health_bind_error)?
+            .with_nodelay(Some(true));
         let health_addr = health_incoming.local_addr().map_err(health_bind_error)?;
         let admin = tokio::net::TcpListener::bind(config.admin_addr)
             .await
