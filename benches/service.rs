@@ -74,6 +74,9 @@ struct Row {
     p99_ms: f64,
     /// PostgreSQL's CPU time per Put, all its processes.
     postgres_us: f64,
+    /// This process's CPU time per Put: the service and its gRPC clients (for pgbench's rows,
+    /// the service's handling of the change notifications of pgbench's writes).
+    process_us: f64,
     /// Mean Puts per statement (the service's, from its counters); NaN for pgbench.
     puts_per_statement: f64,
 }
@@ -85,16 +88,27 @@ impl Row {
             per_second: histogram.len() as f64 / PUT_SECONDS as f64,
             p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
             postgres_us: f64::NAN,
+            process_us: f64::NAN,
             puts_per_statement: f64::NAN,
         }
     }
 
-    /// Records PostgreSQL's CPU time since `before` ([`common::postgres_cpu_seconds`]).
-    fn with_postgres_cpu(mut self, before: f64) -> Self {
+    /// Records PostgreSQL's and this process's CPU time since `before` ([`cpu_now`]).
+    fn with_cpu(mut self, before: (f64, f64)) -> Self {
         let puts = self.per_second * PUT_SECONDS as f64;
-        self.postgres_us = (common::postgres_cpu_seconds() - before) * 1e6 / puts;
+        let (postgres, process) = cpu_now();
+        self.postgres_us = (postgres - before.0) * 1e6 / puts;
+        self.process_us = (process - before.1) * 1e6 / puts;
         self
     }
+}
+
+/// CPU seconds so far of PostgreSQL (all its processes) and of this process.
+fn cpu_now() -> (f64, f64) {
+    (
+        common::postgres_cpu_seconds(),
+        common::cpu_seconds(std::process::id()),
+    )
 }
 
 /// Client threads, as `pgbench -j 2`.
@@ -308,19 +322,19 @@ async fn main() {
     for clients in [8, 32].into_iter().filter(|_| common::runs("put")) {
         let (mut ours, mut service_sql, mut one_row_sql) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..PUT_REPS {
-            let before = common::postgres_cpu_seconds();
-            ours.push(grpc_puts(addr, clients).await.with_postgres_cpu(before));
+            let before = cpu_now();
+            ours.push(grpc_puts(addr, clients).await.with_cpu(before));
             for (statement, rows) in [
                 (Statement::Service, &mut service_sql),
                 (Statement::OneRow, &mut one_row_sql),
             ] {
-                let before = common::postgres_cpu_seconds();
+                let before = cpu_now();
                 let url = put_db.clone();
                 let row =
                     tokio::task::spawn_blocking(move || pgbench_puts(&url, clients, statement))
                         .await
                         .expect("pgbench");
-                rows.push(row.with_postgres_cpu(before));
+                rows.push(row.with_cpu(before));
             }
         }
         rows.push((ours, service_sql, one_row_sql));
@@ -329,17 +343,19 @@ async fn main() {
     let _ = served.await;
 
     println!("\n### 3. PutSetpoint against pgbench, {PUT_SECONDS} s per run, {PUT_REPS} repetitions alternated\n");
-    println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | Puts per statement (median) | pgbench with the service's statement: per second / p99 ms / PostgreSQL CPU µs/Put | pgbench with the one-row statement: per second / p99 ms / PostgreSQL CPU µs/Put | ratio to the faster pgbench | goal | repetitions per second (ours / service's statement / one-row) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | service and clients CPU µs/Put (median) | Puts per statement (median) | pgbench with the service's statement: per second / p99 ms / PostgreSQL CPU µs/Put / service CPU µs/Put | pgbench with the one-row statement: per second / p99 ms / PostgreSQL CPU µs/Put / service CPU µs/Put | ratio to the faster pgbench | goal | repetitions per second (ours / service's statement / one-row) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let per_second = |rows: &[Row]| median_by(rows, |r| r.per_second);
     let p99 = |rows: &[Row]| median_by(rows, |r| r.p99_ms);
     let postgres = |rows: &[Row]| median_by(rows, |r| r.postgres_us);
+    let process = |rows: &[Row]| median_by(rows, |r| r.process_us);
     let cells = |rows: &[Row]| {
         format!(
-            "{:.0} / {:.2} / {:.0}",
+            "{:.0} / {:.2} / {:.0} / {:.0}",
             per_second(rows),
             p99(rows),
-            postgres(rows)
+            postgres(rows),
+            process(rows)
         )
     };
     for (ours, service_sql, one_row_sql) in &rows {
@@ -358,11 +374,12 @@ async fn main() {
             })
             .collect();
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.1} | {} | {} | {:.2}x | >= 0.8x: {} | {} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {} | {} | {:.2}x | >= 0.8x: {} | {} |",
             ours[0].what,
             per_second(ours),
             p99(ours),
             postgres(ours),
+            process(ours),
             median_by(ours, |r| r.puts_per_statement),
             cells(service_sql),
             cells(one_row_sql),
