@@ -591,10 +591,9 @@ async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
     }
     let mut db = app.db().await;
     let watch = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-    #[allow(clippy::async_yields_async)]
-
     // Holds the only writer: its statement for "gate" waits on the row lock taken here, and the
     // wave sent after it queues behind it. Returns the gate's Put, still running.
+    #[allow(clippy::async_yields_async)]
     let gated = async |db: &mut sqlx::PgConnection, client: &Client, desired: f64| {
         lock_row(db, "gate").await;
         let mut client = client.clone();
@@ -802,8 +801,16 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
         Ok(PutOutcome::Written(stored)) => stored.clone(),
         other => panic!("Put {i} not written: {other:?}"),
     };
-    assert!(matches!(outcomes[0], Err(Error::NotFound { .. })), "{:?}", outcomes[0]);
-    assert!(matches!(outcomes[4], Err(Error::NotFound { .. })), "{:?}", outcomes[4]);
+    assert!(
+        matches!(outcomes[0], Err(Error::NotFound { .. })),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(outcomes[4], Err(Error::NotFound { .. })),
+        "{:?}",
+        outcomes[4]
+    );
     let times: BTreeSet<_> = [1, 2, 3].map(|i| written(i).update_time).into();
     assert_eq!(times.len(), 1, "one statement: {times:?}");
     assert_eq!(written(2).setpoint.building_id.as_str(), "north");
