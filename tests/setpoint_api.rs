@@ -577,8 +577,6 @@ async fn change_notifications_carry_the_stored_version_exactly() {
 /// statement error caused by one Put does not fail the others written with it.
 #[tokio::test]
 async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
-    use std::time::Duration;
-
     let mut config = TestApp::fresh_config().await;
     config.database.database_put_writers = 1;
     let app = TestApp::spawn_with(config).await;
@@ -629,15 +627,8 @@ async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
     for desired in [23.0, 24.0, 25.0] {
         requests.push(put(setpoint("dup", "b", desired), None));
     }
-    let tasks = wave(requests);
-    // Long enough for every request to reach the queue over loopback.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
-    gate.await.unwrap().unwrap();
-    let mut outcomes = Vec::new();
-    for task in tasks {
-        outcomes.push(task.await.unwrap());
-    }
+    let (gate, outcomes) = release(&mut db, gate, wave(requests)).await;
+    gate.unwrap();
 
     let written = |i: usize| outcomes[i].as_ref().expect("written").clone();
     let coalesced: BTreeSet<_> = (0..22)
@@ -698,14 +689,8 @@ async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
     let gate = gated(&mut db, &client, 22.0).await;
     let mut requests = vec![put(setpoint("poison", "b", 21.0), None)];
     requests.extend((0..10).map(|i| put(setpoint(&format!("new-{i}"), "b", 19.0), None)));
-    let tasks = wave(requests);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
-    gate.await.unwrap().unwrap();
-    let mut outcomes = Vec::new();
-    for task in tasks {
-        outcomes.push(task.await.unwrap());
-    }
+    let (gate, outcomes) = release(&mut db, gate, wave(requests)).await;
+    gate.unwrap();
     assert_eq!(outcomes[0].as_ref().unwrap_err().code(), Code::Internal);
     for outcome in &outcomes[1..] {
         let stored = outcome.as_ref().expect("written despite the poisoned Put");
@@ -780,7 +765,7 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
     lock_row(&mut db, "gate").await;
     let gate = put(value("gate", "south", 21.0), Scope::All);
     until_a_statement_waits(&watch).await;
-    let tasks = [
+    let queued = vec![
         // Of another building: as if it did not exist.
         put(value("s-1", "north", 22.0), scope(&["north"])),
         put(value("s-2", "south", 22.0), scope(&["south"])),
@@ -788,14 +773,8 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
         put(value("s-4", "south", 22.0), Scope::All),
         put(value("s-5", "south", 22.0), scope(&[])),
     ];
-    // Long enough for every Put to reach the queue.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
-    gate.await.unwrap().unwrap();
-    let mut outcomes = Vec::new();
-    for task in tasks {
-        outcomes.push(task.await.unwrap());
-    }
+    let (gate, outcomes) = release(&mut db, gate, queued).await;
+    gate.unwrap();
 
     let written = |i: usize| match &outcomes[i] {
         Ok(PutOutcome::Written(stored)) => stored.clone(),
@@ -832,6 +811,24 @@ async fn lock_row(db: &mut sqlx::PgConnection, sensor: &str) {
         .execute(&mut *db)
         .await
         .unwrap();
+}
+
+/// Gives the `queued` Puts a second to reach the Put queue behind `gate` (long enough over
+/// loopback), commits `db`'s transaction to release the gate's row, and returns the outcome of
+/// the gate and those of `queued`, in order.
+async fn release<G, T>(
+    db: &mut sqlx::PgConnection,
+    gate: tokio::task::JoinHandle<G>,
+    queued: Vec<tokio::task::JoinHandle<T>>,
+) -> (G, Vec<T>) {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    sqlx::query("COMMIT").execute(&mut *db).await.unwrap();
+    let gate = gate.await.unwrap();
+    let mut outcomes = Vec::new();
+    for task in queued {
+        outcomes.push(task.await.unwrap());
+    }
+    (gate, outcomes)
 }
 
 /// Returns once a statement on this database waits on a lock.
