@@ -8,7 +8,9 @@
 #
 # For a quick trial (never for the recorded run): THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|latency
 # runs one part; THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
-# repetitions (_DRAIN at most _SENSORS: every drained sensor needs a setpoint).
+# repetitions (_DRAIN at most _SENSORS: every drained sensor needs a setpoint);
+# THERMOSTAT_BENCH_LATENCY_RATE runs benchmark 2 at that many readings/s instead of half the
+# measured maximum.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
