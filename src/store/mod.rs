@@ -79,10 +79,6 @@ impl Store {
         &self.pool
     }
 
-    fn puts(&self) -> &put_queue::PutQueue {
-        &self.puts
-    }
-
     /// Applies pending migrations. Safe to run concurrently from several replicas: sqlx takes an
     /// advisory lock.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
