@@ -60,6 +60,15 @@ impl From<sqlx::Error> for Error {
             {
                 Error::Unavailable(err)
             }
+            // Classes 08 (connection exception) and 57 (operator intervention: the backend was
+            // terminated, the server is shutting down): the next connection may succeed.
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57")) =>
+            {
+                Error::Unavailable(err)
+            }
             // A CHECK constraint is the backstop behind the API's own validation: report it as
             // bad input rather than as a server fault.
             sqlx::Error::Database(db) if db.code().as_deref() == Some("23514") => {

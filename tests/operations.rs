@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_database, eventually, grpcurl, PgCluster, TestApp};
+use common::{create_database, eventually, grpcurl, put, setpoint, PgCluster, TestApp};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -39,6 +39,12 @@ async fn health_is_not_serving_while_the_database_is_down() {
         becomes(&app, ServingStatus::Serving).await,
         "never became SERVING"
     );
+    // The Put writer now holds a connection, which the restart below ends.
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("before", "b", 20.0), None))
+        .await
+        .unwrap();
 
     cluster.stop();
     assert!(
@@ -46,11 +52,15 @@ async fn health_is_not_serving_while_the_database_is_down() {
         "still SERVING with the database down"
     );
     // Calls fail with UNAVAILABLE rather than hanging.
-    let mut client = app.setpoints().await;
     let err = client
         .get_setpoint(thermostat::proto::v1::GetSetpointRequest {
             sensor_id: "s".into(),
         })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = client
+        .put_setpoint(put(setpoint("down", "b", 20.0), None))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
@@ -60,6 +70,13 @@ async fn health_is_not_serving_while_the_database_is_down() {
         becomes(&app, ServingStatus::Serving).await,
         "did not recover after the database came back"
     );
+    // Writes recover too, on a new connection.
+    let written = client
+        .put_setpoint(put(setpoint("after", "b", 20.0), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(written.revision, 1);
     app.stop().await;
 }
 

@@ -803,6 +803,48 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
     assert_eq!(unchanged, vec![("south".into(), 1), ("south".into(), 1)]);
 }
 
+#[tokio::test]
+async fn a_put_writer_whose_connection_was_terminated_reconnects() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("before", "b", 20.0), None))
+        .await
+        .unwrap();
+    // The writer keeps its connection between statements: end it from the server's side, as an
+    // operator's pg_terminate_backend or a failover would, and wait until it is gone.
+    let mut db = app.db().await;
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+           AND query LIKE '%unnest(%'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(terminated, [true], "the writer's connection, terminated");
+
+    // The next Put may find the connection dead (unless the writer pinged it first, after an
+    // idle second): that Put fails as retryable, never as an internal error.
+    match client
+        .put_setpoint(put(setpoint("during", "b", 20.0), None))
+        .await
+    {
+        Ok(_) => {}
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+    }
+    // The dead connection is not kept: the writer reconnects.
+    for sensor in ["after-1", "after-2"] {
+        let written = client
+            .put_setpoint(put(setpoint(sensor, "b", 20.0), None))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(written.revision, 1);
+    }
+    app.stop().await;
+}
+
 /// Locks `sensor`'s row in a transaction on `db` (left open), so that a write to it waits.
 async fn lock_row(db: &mut sqlx::PgConnection, sensor: &str) {
     sqlx::query("BEGIN").execute(&mut *db).await.unwrap();
