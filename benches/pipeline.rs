@@ -302,8 +302,9 @@ struct Drain {
 /// commands), with fresh command topic and group. With `stalled`, a subscriber that never reads
 /// is connected as soon as the gRPC port answers. Measured, like the relay, from the first
 /// reading consumed to the last command observed, counting every reading: from the last poll of
-/// the service's readings counter (every 20 ms) that still sees none, which errs against the
-/// service by up to one poll, until the observer has every command. (Counting only the readings
+/// the service's readings counter (every 2 ms until it sees readings, then every 20 ms) that
+/// still sees none, which errs against the service by up to one poll, until the observer has
+/// every command. (Counting only the readings
 /// after the first poll that sees some, as before, left out readings whose commands were still
 /// being produced in the window: at 100% change the service decides faster than it can produce,
 /// so that undercounted it by up to half.)
@@ -328,15 +329,20 @@ async fn drain_service(
     let mut subscribed_at = None;
     let started = Instant::now();
     let mut all_decided = None;
+    let mut seen_readings = false;
     let (end_time, end_readings, end_cpu, end_broker) = loop {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "drain never finished"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Until the first reading, poll often: the drain is timed from the last poll that sees
+        // none, so the poll interval is how early that can be.
+        let poll = if seen_readings { 20 } else { 2 };
+        tokio::time::sleep(Duration::from_millis(poll)).await;
         let Some(readings) = service.readings().await else {
             continue;
         };
+        seen_readings |= readings > 0;
         let (now, cpu, broker) = (Instant::now(), cpu_seconds(pid), broker_cpu_seconds());
         if stalled && subscriber.is_none() {
             if let Some(stream) = stall(&service).await {
