@@ -217,6 +217,24 @@ async fn database_check_constraints_back_up_validation() {
         .execute(&mut db)
         .await;
     assert!(result.is_err());
+
+    // A Put the database refuses (here a trigger standing in for a constraint the API does not
+    // check) is answered with the database's reason, as bad input, not as an internal error.
+    for statement in [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         RAISE EXCEPTION 'refused' USING ERRCODE = 'check_violation', \
+         CONSTRAINT = 'desired_celsius'; END $$",
+        "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON setpoints FOR EACH ROW \
+         WHEN (NEW.sensor_id = 'refused') EXECUTE FUNCTION refuse()",
+    ] {
+        sqlx::query(statement).execute(&mut db).await.unwrap();
+    }
+    let err = client
+        .put_setpoint(put(setpoint("refused", "b", 20.0), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("desired_celsius"), "{err:?}");
 }
 
 #[tokio::test]

@@ -247,8 +247,14 @@ async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) -> bool
         Err(e) => {
             let usable = !breaks_connection(&e);
             let error = Error::from(e);
-            for job in round {
+            // One caller gets the error itself (a lone Put, its own status); the others a copy.
+            let mut jobs = round.into_iter();
+            let first = jobs.next();
+            for job in jobs {
                 let _ = job.reply.send(Err(error.for_another_caller()));
+            }
+            if let Some(job) = first {
+                let _ = job.reply.send(Err(error));
             }
             usable
         }
