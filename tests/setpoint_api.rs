@@ -832,15 +832,18 @@ async fn a_put_writer_whose_connection_was_terminated_reconnects() {
     // The writer keeps its connection between statements: end it from the server's side, as an
     // operator's pg_terminate_backend or a failover would, and wait until it is gone.
     let mut db = app.db().await;
-    let terminated: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() \
-           AND query LIKE '%unnest(%'",
-    )
-    .fetch_all(&mut db)
-    .await
-    .unwrap();
-    assert_eq!(terminated, [true], "the writer's connection, terminated");
+    let mut terminate_writer = async || {
+        let terminated: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND query LIKE '%unnest(%'",
+        )
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        assert_eq!(terminated, [true], "the writer's connection, terminated");
+    };
+    terminate_writer().await;
 
     // The next Put may find the connection dead (unless the writer pinged it first, after an
     // idle second): that Put fails as retryable, never as an internal error.
@@ -860,6 +863,17 @@ async fn a_put_writer_whose_connection_was_terminated_reconnects() {
             .into_inner();
         assert_eq!(written.revision, 1);
     }
+
+    // A connection idle for more than a second is pinged before use, so a Put after a pause
+    // does not find out the hard way.
+    terminate_writer().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let written = client
+        .put_setpoint(put(setpoint("after-a-pause", "b", 20.0), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(written.revision, 1);
     app.stop().await;
 }
 
