@@ -180,13 +180,21 @@ async fn write_batch(connection: &mut WriterConnection, batch: Vec<Job>) {
                     connection.discard();
                 }
             }
-            Err(e) => {
-                let error = Error::from(e);
-                for job in round {
-                    let _ = job.reply.send(Err(error.for_another_caller()));
-                }
-            }
+            Err(e) => fail_all(round, Error::from(e)),
         }
+    }
+}
+
+/// Answers every job of `jobs` with `error`: one gets the error itself (a lone Put, its own
+/// status), the others a copy (`sqlx::Error` cannot be cloned).
+fn fail_all(jobs: Vec<Job>, error: Error) {
+    let mut jobs = jobs.into_iter();
+    let first = jobs.next();
+    for job in jobs {
+        let _ = job.reply.send(Err(error.for_another_caller()));
+    }
+    if let Some(job) = first {
+        let _ = job.reply.send(Err(error));
     }
 }
 
@@ -246,16 +254,7 @@ async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) -> bool
         }
         Err(e) => {
             let usable = !breaks_connection(&e);
-            let error = Error::from(e);
-            // One caller gets the error itself (a lone Put, its own status); the others a copy.
-            let mut jobs = round.into_iter();
-            let first = jobs.next();
-            for job in jobs {
-                let _ = job.reply.send(Err(error.for_another_caller()));
-            }
-            if let Some(job) = first {
-                let _ = job.reply.send(Err(error));
-            }
+            fail_all(round, Error::from(e));
             usable
         }
     }
