@@ -24,13 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
-    broker_cpu_seconds, cpu_seconds, median, median_by, sensor_id, verdict, Names, Service,
+    broker_cpu_seconds, cpu_seconds, median, median_by, send, sensor_id, verdict, Names, Service,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use thermostat::config::KafkaConfig;
@@ -90,26 +89,6 @@ fn load_producer() -> FutureProducer {
         .set("linger.ms", "0")
         .create()
         .expect("producer")
-}
-
-/// Hands a record to `producer`, awaiting outstanding deliveries while its queue is full.
-async fn send(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, [u8], [u8]>,
-    pending: &mut FuturesUnordered<DeliveryFuture>,
-) {
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return pending.push(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                if let Some(done) = pending.next().await {
-                    done.expect("producer").expect("delivered");
-                }
-            }
-            Err((e, _)) => panic!("produce: {e}"),
-        }
-    }
 }
 
 /// The load generator's producer and its deliveries still outstanding.

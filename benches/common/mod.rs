@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sqlx::{Connection, PgConnection};
 use thermostat::config::ServeConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,6 +116,26 @@ pub async fn create_topics(names: &Names, partitions: i32) {
         .expect("topics");
 }
 
+/// Hands a record to `producer`, awaiting outstanding deliveries while its queue is full.
+pub async fn send(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+    pending: &mut FuturesUnordered<DeliveryFuture>,
+) {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return pending.push(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                if let Some(done) = pending.next().await {
+                    done.expect("producer").expect("delivered");
+                }
+            }
+            Err((e, _)) => panic!("produce: {e}"),
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -214,6 +237,33 @@ impl Service {
         });
         // The counter appears with the first reading.
         Some(counter.unwrap_or(0.0) as u64)
+    }
+
+    /// Waits until the service knows `sensor`'s last command (GetSensorState).
+    pub async fn wait_for_last_command(&self, sensor: &str) {
+        let started = Instant::now();
+        let mut client = thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient::connect(
+            format!("http://{}", self.grpc),
+        )
+        .await
+        .expect("connect");
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "the service never read {sensor}'s last command"
+            );
+            let state = client
+                .get_sensor_state(thermostat::proto::v1::GetSensorStateRequest {
+                    sensor_id: sensor.to_owned(),
+                })
+                .await
+                .expect("GetSensorState")
+                .into_inner();
+            if state.last_command.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Stops the service with SIGTERM, as Kubernetes would, and waits for it.
