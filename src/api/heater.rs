@@ -102,7 +102,7 @@ impl HeaterApi {
                 temperature_celsius: r.temperature.value(),
                 reading_time: Some(timestamp(r.time)),
             }),
-            last_command: last_command.map(|e| (*e).clone()),
+            last_command,
         })
     }
 
@@ -176,7 +176,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Stat
 /// client costs nothing but its place in the broadcast buffer; once it falls further behind
 /// than the buffer, it is ended with RESOURCE_EXHAUSTED.
 struct Subscription {
-    snapshot: std::vec::IntoIter<Arc<pb::HeaterCommandEvent>>,
+    snapshot: std::vec::IntoIter<pb::HeaterCommandEvent>,
     live: broadcast::Receiver<Arc<pb::HeaterCommandEvent>>,
     filter: Filter,
     /// The caller's buildings: commands of others are never sent, whatever the filter says.
@@ -216,7 +216,7 @@ impl Subscription {
         if let Some(event) = self.snapshot.next() {
             let event = pb::HeaterCommandEvent {
                 snapshot: true,
-                ..(*event).clone()
+                ..event
             };
             return Some((Ok(event), self));
         }

@@ -5,15 +5,17 @@
 //! [`Slot`] in a vector, in the same order, holding its [`SensorControl`] packed into plain
 //! numbers and flags (53 B); a hash table of slot numbers finds a sensor by id. Building ids are
 //! interned (a few thousand at most, shared by their sensors). The last command event of a
-//! sensor is kept whole, in a side table, only for sensors that have one. Sensors are never
+//! sensor (for GetSensorState and subscribers' snapshots) is packed too, into a [`LastEvent`]
+//! of 45 B in a second vector: a running building has one for nearly every sensor, and kept
+//! whole (an `Arc` of the proto with its two id strings) it was 320 B each. Sensors are never
 //! removed (a deleted setpoint still needs its tombstone revision), which is what lets a slot's
 //! id end where the next slot's begins.
 //!
 //! The decision rule is not here: a slot is unpacked into a [`SensorControl`], the domain
 //! decides, and the result is packed back, so the rule's tests cover what runs.
 
+use std::collections::HashSet;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -65,6 +67,33 @@ struct Slot {
     sequence: u32,
 }
 
+/// What a [`LastEvent`] holds besides its numbers.
+mod event_flags {
+    pub const PRESENT: u8 = 1;
+    pub const READING_TIME: u8 = 1 << 1;
+    pub const DECIDED_AT: u8 = 1 << 2;
+    /// Bits 3 and 4: the `HeaterCommand` proto number (0 to 2).
+    pub const COMMAND_SHIFT: u8 = 3;
+    /// Bits 5 to 7: the `CommandReason` proto number (0 to 4).
+    pub const REASON_SHIFT: u8 = 5;
+}
+
+/// A sensor's last command event, 45 bytes: every field of `pb::HeaterCommandEvent` but the
+/// sensor id (the slot's) and `snapshot` (never set on a stored event). Times are nanoseconds
+/// since the epoch, as in [`Slot`]. Its own building and sequence rather than the slot's: a
+/// sensor moved to another building keeps the command it was sent in the old one.
+#[derive(Clone, Copy, Default)]
+#[repr(C, packed)]
+struct LastEvent {
+    revision: i64,
+    sequence: u64,
+    temperature: f64,
+    reading_time: i64,
+    decided_at: i64,
+    building: u32,
+    flags: u8,
+}
+
 /// Index of a sensor in the cache.
 pub type SensorIndex = u32;
 
@@ -80,7 +109,8 @@ pub struct Cache {
     building_index: HashMap<BuildingId, u32>,
     wide_revisions: HashMap<SensorIndex, i64>,
     wide_sequences: HashMap<SensorIndex, u64>,
-    last_events: HashMap<SensorIndex, Arc<pb::HeaterCommandEvent>>,
+    /// By sensor index; ends at the last sensor that has one.
+    last_events: Vec<LastEvent>,
 }
 
 impl Cache {
@@ -217,37 +247,158 @@ impl Cache {
         }
         if let Some(building) = parts.building_id {
             slot.flags |= flags::BUILDING;
-            slot.building = self.intern(old, building);
+            // The slot's previous building is the common case: no lookup.
+            slot.building = if old.flags & flags::BUILDING != 0
+                && self.buildings[old.building as usize] == building
+            {
+                old.building
+            } else {
+                self.intern(&building)
+            };
         }
         self.slots[i as usize] = slot;
     }
 
-    /// The index of `building`, reusing the slot's previous one when it is the same building
-    /// (the common case: no lookup).
-    fn intern(&mut self, old: Slot, building: BuildingId) -> u32 {
-        if old.flags & flags::BUILDING != 0 && self.buildings[old.building as usize] == building {
-            return old.building;
-        }
-        if let Some(&b) = self.building_index.get(&building) {
+    /// The index of `building`, added if it is new. Buildings are few (they come from setpoints
+    /// and command events, and a deployment has a bounded set), so none is ever removed.
+    fn intern(&mut self, building: &BuildingId) -> u32 {
+        if let Some(&b) = self.building_index.get(building) {
             return b;
         }
-        // At most one building per sensor, and sensors are counted in a u32.
         let b = self.buildings.len() as u32;
         self.buildings.push(building.clone());
-        self.building_index.insert(building, b);
+        self.building_index.insert(building.clone(), b);
         b
     }
 
-    pub fn last_event(&self, i: SensorIndex) -> Option<&Arc<pb::HeaterCommandEvent>> {
-        self.last_events.get(&i)
+    /// The sensor's last command event.
+    pub fn last_event(&self, i: SensorIndex) -> Option<pb::HeaterCommandEvent> {
+        let event = self.stored_event(i)?;
+        Some(pb::HeaterCommandEvent {
+            sensor_id: self.id(i).to_owned(),
+            building_id: self.buildings[event.building as usize].to_string(),
+            command: i32::from((event.flags >> event_flags::COMMAND_SHIFT) & 0b11),
+            reason: i32::from(event.flags >> event_flags::REASON_SHIFT),
+            setpoint_revision: event.revision,
+            temperature_celsius: event.temperature,
+            reading_time: (event.flags & event_flags::READING_TIME != 0)
+                .then(|| from_nanos(event.reading_time)),
+            decided_at: (event.flags & event_flags::DECIDED_AT != 0)
+                .then(|| from_nanos(event.decided_at)),
+            sequence: event.sequence,
+            snapshot: false,
+        })
     }
 
-    pub fn set_last_event(&mut self, i: SensorIndex, event: Arc<pb::HeaterCommandEvent>) {
-        self.last_events.insert(i, event);
+    /// The sequence of the sensor's last command event.
+    pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {
+        self.stored_event(i).map(|event| event.sequence)
     }
 
-    pub fn last_events(&self) -> impl Iterator<Item = &Arc<pb::HeaterCommandEvent>> {
-        self.last_events.values()
+    fn stored_event(&self, i: SensorIndex) -> Option<LastEvent> {
+        let event = *self.last_events.get(i as usize)?;
+        (event.flags & event_flags::PRESENT != 0).then_some(event)
+    }
+
+    /// Stores `event` (whose building is `building`) as the sensor's last command event. What
+    /// thermostat never writes is not kept exactly: a command or reason number the proto does
+    /// not define is stored as unspecified, a time outside 1677-2262 or with nanoseconds out of
+    /// range as absent.
+    pub fn set_last_event(
+        &mut self,
+        i: SensorIndex,
+        event: &pb::HeaterCommandEvent,
+        building: &BuildingId,
+    ) {
+        let command = pb::HeaterCommand::try_from(event.command).map_or(0, |c| c as u8);
+        let reason = pb::CommandReason::try_from(event.reason).map_or(0, |r| r as u8);
+        let mut flags = event_flags::PRESENT
+            | command << event_flags::COMMAND_SHIFT
+            | reason << event_flags::REASON_SHIFT;
+        let mut time = |t: &Option<prost_types::Timestamp>, flag| {
+            let nanos = t.as_ref().and_then(to_nanos);
+            if nanos.is_some() {
+                flags |= flag;
+            }
+            nanos.unwrap_or_default()
+        };
+        let reading_time = time(&event.reading_time, event_flags::READING_TIME);
+        let decided_at = time(&event.decided_at, event_flags::DECIDED_AT);
+        let packed = LastEvent {
+            revision: event.setpoint_revision,
+            sequence: event.sequence,
+            temperature: event.temperature_celsius,
+            reading_time,
+            decided_at,
+            building: self.intern(building),
+            flags,
+        };
+        let i = i as usize;
+        if self.last_events.len() <= i {
+            // Room for every sensor cached so far in one allocation, rather than doubling from
+            // small: glibc keeps the buffers a growing vector leaves behind resident when they
+            // were below its mmap threshold (which large frees raise, up to 32 MB), 19 MB at
+            // 1M sensors. Only reserved: pages cost memory once written.
+            self.last_events
+                .reserve(self.slots.len().saturating_sub(self.last_events.len()));
+            self.last_events.resize(i + 1, LastEvent::default());
+        }
+        self.last_events[i] = packed;
+    }
+
+    /// The last command events of `sensors` (every sensor when empty) in `building` (any when
+    /// `None`).
+    pub fn last_events(
+        &self,
+        sensors: &HashSet<SensorId>,
+        building: Option<&BuildingId>,
+    ) -> Vec<pb::HeaterCommandEvent> {
+        let building = match building {
+            Some(b) => match self.building_index.get(b) {
+                Some(&b) => Some(b),
+                // No event is in a building never seen.
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        let wanted = |i: &SensorIndex| {
+            self.stored_event(*i)
+                .is_some_and(|e| building.is_none_or(|b| e.building == b))
+        };
+        let indexes: Vec<SensorIndex> = if sensors.is_empty() {
+            // `last_events` is no longer than `slots`, whose length fits a `SensorIndex`.
+            (0..self.last_events.len() as SensorIndex)
+                .filter(wanted)
+                .collect()
+        } else {
+            sensors
+                .iter()
+                .filter_map(|s| self.find(s.as_str()))
+                .filter(wanted)
+                .collect()
+        };
+        indexes
+            .into_iter()
+            .filter_map(|i| self.last_event(i))
+            .collect()
+    }
+}
+
+/// A protobuf timestamp as nanoseconds since the epoch, if it is a valid one in range.
+fn to_nanos(t: &prost_types::Timestamp) -> Option<i64> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return None;
+    }
+    t.seconds
+        .checked_mul(1_000_000_000)?
+        .checked_add(i64::from(t.nanos))
+}
+
+fn from_nanos(nanos: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000),
+        // Less than 10^9.
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
     }
 }
 
@@ -392,5 +543,179 @@ mod tests {
             Some(3),
             "the partition is not part of the control"
         );
+    }
+
+    fn event(sensor: &str, building: &str, sequence: u64) -> pb::HeaterCommandEvent {
+        pb::HeaterCommandEvent {
+            sensor_id: sensor.into(),
+            building_id: building.into(),
+            command: pb::HeaterCommand::Off.into(),
+            reason: pb::CommandReason::SetpointDeleted.into(),
+            setpoint_revision: -7,
+            temperature_celsius: 23.25,
+            reading_time: Some(prost_types::Timestamp {
+                seconds: -86_400,
+                nanos: 999_999_999,
+            }),
+            decided_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 1,
+            }),
+            sequence,
+            snapshot: false,
+        }
+    }
+
+    fn building(s: &str) -> BuildingId {
+        BuildingId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_last_event_is_45_bytes() {
+        assert_eq!(std::mem::size_of::<LastEvent>(), 45);
+    }
+
+    #[test]
+    fn last_events_round_trip_with_their_own_building() {
+        let mut cache = Cache::default();
+        let (a, b) = (
+            cache.find_or_insert(&id("a/s")).unwrap(),
+            cache.find_or_insert(&id("a/t")).unwrap(),
+        );
+        assert_eq!(cache.last_event(b), None);
+        assert_eq!(cache.last_event_sequence(b), None);
+        // The slot says building "a"; the event was sent while the sensor was in "old".
+        let setpoint = Setpoint::new(id("a/t"), building("a"), 20.0, 0.5, 0.5).unwrap();
+        let mut control = cache.control(b);
+        control.apply_setpoint(1, Some(setpoint), DateTime::from_timestamp(1, 0).unwrap());
+        cache.set_control(b, control);
+        let sent = event("a/t", "old", u64::MAX);
+        cache.set_last_event(b, &sent, &building("old"));
+        assert_eq!(cache.last_event(b), Some(sent));
+        assert_eq!(cache.last_event_sequence(b), Some(u64::MAX));
+        assert_eq!(
+            cache.last_event(a),
+            None,
+            "an earlier sensor gains no event"
+        );
+        let replaced = pb::HeaterCommandEvent {
+            command: pb::HeaterCommand::On.into(),
+            reason: pb::CommandReason::TooCold.into(),
+            reading_time: None,
+            ..event("a/t", "a", 2)
+        };
+        cache.set_last_event(b, &replaced, &building("a"));
+        assert_eq!(cache.last_event(b), Some(replaced));
+        assert_eq!(
+            cache.buildings.len(),
+            2,
+            "event buildings are interned with the slots'"
+        );
+    }
+
+    #[test]
+    fn what_thermostat_never_writes_is_stored_as_unspecified_or_absent() {
+        let mut cache = Cache::default();
+        let i = cache.find_or_insert(&id("s")).unwrap();
+        let foreign = pb::HeaterCommandEvent {
+            command: 3,
+            reason: 99,
+            // Nanoseconds out of range.
+            reading_time: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: 1_000_000_000,
+            }),
+            // After 2262.
+            decided_at: Some(prost_types::Timestamp {
+                seconds: i64::MAX / 1_000_000_000 + 1,
+                nanos: 0,
+            }),
+            ..event("s", "b", 1)
+        };
+        cache.set_last_event(i, &foreign, &building("b"));
+        assert_eq!(
+            cache.last_event(i),
+            Some(pb::HeaterCommandEvent {
+                command: 0,
+                reason: 0,
+                reading_time: None,
+                decided_at: None,
+                ..foreign
+            })
+        );
+    }
+
+    #[test]
+    fn last_events_are_filtered_by_sensor_and_building() {
+        let mut cache = Cache::default();
+        for (sensor, b) in [("x/1", "x"), ("x/2", "x"), ("y/1", "y"), ("y/2", "")] {
+            let i = cache.find_or_insert(&id(sensor)).unwrap();
+            if !b.is_empty() {
+                cache.set_last_event(i, &event(sensor, b, 1), &building(b));
+            }
+        }
+        let sensors = |ids: &[&str]| ids.iter().map(|s| id(s)).collect::<HashSet<_>>();
+        let found = |events: Vec<pb::HeaterCommandEvent>| {
+            let mut ids: Vec<String> = events.into_iter().map(|e| e.sensor_id).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            found(cache.last_events(&sensors(&[]), None)),
+            ["x/1", "x/2", "y/1"]
+        );
+        assert_eq!(
+            found(cache.last_events(&sensors(&[]), Some(&building("x")))),
+            ["x/1", "x/2"]
+        );
+        assert_eq!(
+            found(cache.last_events(&sensors(&["x/2", "y/1", "y/2", "unknown"]), None)),
+            ["x/2", "y/1"]
+        );
+        assert_eq!(
+            found(cache.last_events(&sensors(&["x/2", "y/1"]), Some(&building("y")))),
+            ["y/1"]
+        );
+        assert!(cache
+            .last_events(&sensors(&[]), Some(&building("never-seen")))
+            .is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_event_thermostat_can_write_round_trips(
+            command in 0..=2i32,
+            reason in 0..=4i32,
+            revision: i64,
+            sequence: u64,
+            temperature: f64,
+            times in proptest::option::of((-9_223_372_035i64..=9_223_372_035, 0..1_000_000_000i32)),
+            decided in (-9_223_372_035i64..=9_223_372_035, 0..1_000_000_000i32),
+        ) {
+            let mut cache = Cache::default();
+            let i = cache.find_or_insert(&id("b/s")).unwrap();
+            let stamp = |(seconds, nanos)| prost_types::Timestamp { seconds, nanos };
+            let sent = pb::HeaterCommandEvent {
+                sensor_id: "b/s".into(),
+                building_id: "b".into(),
+                command,
+                reason,
+                setpoint_revision: revision,
+                temperature_celsius: temperature,
+                reading_time: times.map(stamp),
+                decided_at: Some(stamp(decided)),
+                sequence,
+                snapshot: false,
+            };
+            cache.set_last_event(i, &sent, &building("b"));
+            let back = cache.last_event(i).unwrap();
+            // Bit for bit: NaN too.
+            proptest::prop_assert_eq!(back.temperature_celsius.to_bits(), temperature.to_bits());
+            let temperature_celsius = back.temperature_celsius;
+            proptest::prop_assert_eq!(
+                back,
+                pb::HeaterCommandEvent { temperature_celsius, ..sent }
+            );
+        }
     }
 }

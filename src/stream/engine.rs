@@ -91,7 +91,7 @@ pub enum Query {
     },
     Snapshot {
         filter: Filter,
-        reply: oneshot::Sender<Vec<Arc<pb::HeaterCommandEvent>>>,
+        reply: oneshot::Sender<Vec<pb::HeaterCommandEvent>>,
     },
 }
 
@@ -99,7 +99,7 @@ pub enum Query {
 #[derive(Debug, Clone, Default)]
 pub struct SensorView {
     pub last_reading: Option<Reading>,
-    pub last_command: Option<Arc<pb::HeaterCommandEvent>>,
+    pub last_command: Option<pb::HeaterCommandEvent>,
 }
 
 /// Which heaters a subscriber wants: empty sets mean "all".
@@ -262,16 +262,16 @@ impl Engine {
                         return Ok(());
                     };
                     let i = self.sensors.find_or_insert(&sensor)?;
+                    if self
+                        .sensors
+                        .last_event_sequence(i)
+                        .is_none_or(|sequence| event.sequence >= sequence)
+                    {
+                        self.sensors.set_last_event(i, &event, &building);
+                    }
                     self.decide(i, |control| control.observe(last, building, reading));
                     if let Some(partition) = reading_partition {
                         self.sensors.set_partition(i, partition);
-                    }
-                    if self
-                        .sensors
-                        .last_event(i)
-                        .is_none_or(|e| event.sequence >= e.sequence)
-                    {
-                        self.sensors.set_last_event(i, event);
                     }
                 }
                 Ok(())
@@ -293,7 +293,7 @@ impl Engine {
                     .find(sensor.as_str())
                     .map(|i| SensorView {
                         last_reading: self.sensors.control(i).last_reading(),
-                        last_command: self.sensors.last_event(i).cloned(),
+                        last_command: self.sensors.last_event(i),
                     })
                     .unwrap_or_default();
                 let _ = reply.send(view);
@@ -302,10 +302,7 @@ impl Engine {
             Input::Query(Query::Snapshot { filter, reply }) => {
                 let events = self
                     .sensors
-                    .last_events()
-                    .filter(|e| filter.matches(e))
-                    .cloned()
-                    .collect();
+                    .last_events(&filter.sensors, filter.building.as_ref());
                 let _ = reply.send(events);
                 Ok(())
             }
@@ -406,8 +403,9 @@ impl Engine {
             "reason" => format!("{:?}", decision.reason),
         )
         .increment(1);
-        let event = Arc::new(command_event(self.sensors.id(i), decision, Utc::now()));
-        self.sensors.set_last_event(i, event.clone());
+        let event = command_event(self.sensors.id(i), decision, Utc::now());
+        self.sensors
+            .set_last_event(i, &event, &decision.building_id);
         let payload = event.encode_to_vec();
         let partition = self.sensors.partition(i).map(|p| p.to_string());
         let headers = partition.as_ref().map(|p| {

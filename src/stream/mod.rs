@@ -146,7 +146,7 @@ impl ControlHandle {
     }
 
     /// The last command of every heater matching `filter`.
-    pub async fn snapshot(&self, filter: Filter) -> Option<Vec<Arc<pb::HeaterCommandEvent>>> {
+    pub async fn snapshot(&self, filter: Filter) -> Option<Vec<pb::HeaterCommandEvent>> {
         self.ask(|reply| Query::Snapshot { filter, reply }).await
     }
 
