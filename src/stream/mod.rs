@@ -204,6 +204,11 @@ pub async fn start(
     let follower_consumer: StreamConsumer =
         consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
             .set("enable.auto.commit", "false")
+            // Read-ahead of 4 MB (~30k commands) instead of the readings' 16 MB: enough to keep
+            // the engine busy while catching up, and librdkafka's freed fetch buffers stay
+            // resident in its thread's malloc arena (28 MB of them after reading back 1M
+            // commands with 16 MB; BENCHMARKS.md, benchmark 5).
+            .set("queued.max.messages.kbytes", "4096")
             .set(
                 "fetch.wait.max.ms",
                 millis(kafka.kafka_follower_fetch_wait_max),
