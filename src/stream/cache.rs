@@ -465,8 +465,9 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_53_bytes() {
+    fn a_slot_is_53_bytes_and_a_last_event_45() {
         assert_eq!(std::mem::size_of::<Slot>(), 53);
+        assert_eq!(std::mem::size_of::<LastEvent>(), 45);
     }
 
     #[test]
@@ -568,11 +569,6 @@ mod tests {
 
     fn building(s: &str) -> BuildingId {
         BuildingId::parse(s).unwrap()
-    }
-
-    #[test]
-    fn a_last_event_is_45_bytes() {
-        assert_eq!(std::mem::size_of::<LastEvent>(), 45);
     }
 
     #[test]
