@@ -401,9 +401,9 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
     // Wait until the loop has read its own commands back.
     common::eventually(Duration::from_secs(10), || async {
         app.control
-            .snapshot(Default::default())
+            .snapshot(Default::default(), Default::default())
             .await
-            .is_some_and(|s| s.len() == 3)
+            .is_some_and(|s| s.events.len() == 3)
     })
     .await;
 
@@ -442,6 +442,65 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("sensor_ids"));
+}
+
+/// How many last commands the loop knows, counted over every part of its snapshot.
+async fn snapshot_len(app: &TestApp) -> usize {
+    let (mut count, mut from) = (0, Some(Default::default()));
+    while let Some(start) = from {
+        let Some(part) = app.control.snapshot(Default::default(), start).await else {
+            return 0;
+        };
+        count += part.events.len();
+        from = part.next;
+    }
+    count
+}
+
+#[tokio::test]
+async fn a_snapshot_of_more_heaters_than_one_part_is_sent_whole_before_live_commands() {
+    // More than the engine hands out in one part (1024).
+    const HEATERS: usize = 1100;
+    let (app, _commands, sensors) = looped(TestApp::fresh_config().await).await;
+    let mut client = app.setpoints().await;
+    let ids: Vec<String> = (0..HEATERS).map(|n| format!("many-{n}")).collect();
+    for id in &ids {
+        client
+            .put_setpoint(put(setpoint(id, "hq", 20.0), None))
+            .await
+            .unwrap();
+    }
+    futures::future::join_all(ids.iter().map(|id| sensors.reading(id, 10.0, Utc::now()))).await;
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            snapshot_len(&app).await == HEATERS
+        })
+        .await,
+        "the loop read back every command"
+    );
+
+    let mut stream = subscribe(
+        &app,
+        pb::SubscribeHeaterCommandsRequest {
+            send_initial_state: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..HEATERS {
+        let event = next_event(&mut stream).await;
+        assert!(event.snapshot && event.command() == H::On, "{event:?}");
+        seen.insert(event.sensor_id);
+    }
+    assert_eq!(seen.len(), HEATERS, "each heater once");
+
+    sensors.reading("many-0", 30.0, Utc::now()).await;
+    let live = next_event(&mut stream).await;
+    assert_eq!(
+        (live.sensor_id.as_str(), live.command(), live.snapshot),
+        ("many-0", H::Off, false)
+    );
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::security::{Authenticator, Credentials};
 use crate::store::Store;
-use crate::stream::engine::Filter;
+use crate::stream::engine::{Filter, SnapshotCursor, SnapshotPart};
 use crate::stream::ControlHandle;
 use crate::telemetry;
 
@@ -131,28 +131,23 @@ impl HeaterApi {
         // Subscribe before taking the snapshot, so no command falls between the two; the
         // overlap is removed by sequence number.
         let live = self.control.subscribe();
+        // The first part now, so that a loop that is stopping fails the call itself.
         let snapshot = if req.send_initial_state {
             self.control
-                .snapshot(filter.clone())
+                .snapshot(filter.clone(), SnapshotCursor::default())
                 .await
                 .ok_or(Error::ShuttingDown)?
         } else {
-            Vec::new()
+            SnapshotPart::default()
         };
-        let scope = who.scope;
-        let snapshot: Vec<_> = snapshot
-            .into_iter()
-            .filter(|e| scope.contains_str(&e.building_id))
-            .collect();
         let subscription = Subscription {
-            delivered: snapshot
-                .iter()
-                .map(|e| (e.sensor_id.clone(), e.sequence))
-                .collect(),
-            snapshot: snapshot.into_iter(),
+            delivered: HashMap::new(),
+            snapshot: snapshot.events.into_iter(),
+            more: snapshot.next,
+            control: self.control.clone(),
             live,
             filter,
-            scope,
+            scope: who.scope,
             credentials,
             recheck: tokio::time::interval_at(
                 tokio::time::Instant::now() + self.recheck,
@@ -176,7 +171,11 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Stat
 /// client costs nothing but its place in the broadcast buffer; once it falls further behind
 /// than the buffer, it is ended with RESOURCE_EXHAUSTED.
 struct Subscription {
+    /// The part of the snapshot not sent yet, and where the next part starts: parts are taken
+    /// from the engine as the client reads.
     snapshot: std::vec::IntoIter<pb::HeaterCommandEvent>,
+    more: Option<SnapshotCursor>,
+    control: ControlHandle,
     live: broadcast::Receiver<Arc<pb::HeaterCommandEvent>>,
     filter: Filter,
     /// The caller's buildings: commands of others are never sent, whatever the filter says.
@@ -199,6 +198,11 @@ impl Drop for Subscription {
     }
 }
 
+/// How a stream ends when the server stops under it.
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down; subscribe again")
+}
+
 impl Subscription {
     /// Authenticates the stream's credentials again; the new scope replaces the old one.
     fn reauthenticate(&mut self) -> Result<(), Status> {
@@ -213,20 +217,37 @@ impl Subscription {
         if self.ended {
             return None;
         }
-        if let Some(event) = self.snapshot.next() {
-            let event = pb::HeaterCommandEvent {
-                snapshot: true,
-                ..event
-            };
-            return Some((Ok(event), self));
+        loop {
+            if let Some(event) = self.snapshot.next() {
+                if !self.scope.contains_str(&event.building_id) {
+                    continue;
+                }
+                self.delivered
+                    .insert(event.sensor_id.clone(), event.sequence);
+                let event = pb::HeaterCommandEvent {
+                    snapshot: true,
+                    ..event
+                };
+                return Some((Ok(event), self));
+            }
+            let Some(from) = self.more.take() else { break };
+            match self.control.snapshot(self.filter.clone(), from).await {
+                Some(part) => {
+                    self.snapshot = part.events.into_iter();
+                    self.more = part.next;
+                }
+                None => {
+                    self.ended = true;
+                    return Some((Err(shutting_down()), self));
+                }
+            }
         }
         loop {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
                     self.ended = true;
-                    let status = Status::unavailable("server shutting down; subscribe again");
-                    return Some((Err(status), self));
+                    return Some((Err(shutting_down()), self));
                 }
                 _ = self.recheck.tick() => {
                     if let Err(status) = self.reauthenticate() {

@@ -347,17 +347,20 @@ impl Cache {
     }
 
     /// The last command events of `sensors` (every sensor when empty) in `building` (any when
-    /// `None`).
+    /// `None`), of sensors from index `from` on, at most `limit` of them in index order; and
+    /// where the next ones start, if any are left.
     pub fn last_events(
         &self,
         sensors: &HashSet<SensorId>,
         building: Option<&BuildingId>,
-    ) -> Vec<pb::HeaterCommandEvent> {
+        from: SensorIndex,
+        limit: usize,
+    ) -> (Vec<pb::HeaterCommandEvent>, Option<SensorIndex>) {
         let building = match building {
             Some(b) => match self.building_index.get(b) {
                 Some(&b) => Some(b),
                 // No event is in a building never seen.
-                None => return Vec::new(),
+                None => return (Vec::new(), None),
             },
             None => None,
         };
@@ -365,22 +368,31 @@ impl Cache {
             self.stored_event(*i)
                 .is_some_and(|e| building.is_none_or(|b| e.building == b))
         };
-        let indexes: Vec<SensorIndex> = if sensors.is_empty() {
+        // One more than asked for: where the next part starts.
+        let mut indexes: Vec<SensorIndex> = if sensors.is_empty() {
             // `last_events` is no longer than `slots`, whose length fits a `SensorIndex`.
-            (0..self.last_events.len() as SensorIndex)
+            (from..self.last_events.len() as SensorIndex)
                 .filter(wanted)
+                .take(limit + 1)
                 .collect()
         } else {
-            sensors
+            let mut indexes: Vec<SensorIndex> = sensors
                 .iter()
                 .filter_map(|s| self.find(s.as_str()))
+                .filter(|i| *i >= from)
                 .filter(wanted)
-                .collect()
+                .collect();
+            indexes.sort_unstable();
+            indexes.truncate(limit + 1);
+            indexes
         };
-        indexes
+        let next = indexes.get(limit).copied();
+        indexes.truncate(limit);
+        let events = indexes
             .into_iter()
             .filter_map(|i| self.last_event(i))
-            .collect()
+            .collect();
+        (events, next)
     }
 }
 
@@ -651,30 +663,70 @@ mod tests {
             }
         }
         let sensors = |ids: &[&str]| ids.iter().map(|s| id(s)).collect::<HashSet<_>>();
-        let found = |events: Vec<pb::HeaterCommandEvent>| {
+        let found = |(events, next): (Vec<pb::HeaterCommandEvent>, Option<SensorIndex>)| {
+            assert_eq!(next, None, "everything fits one part");
             let mut ids: Vec<String> = events.into_iter().map(|e| e.sensor_id).collect();
             ids.sort();
             ids
         };
+        let all = |sensors: &HashSet<SensorId>, b: Option<&BuildingId>| {
+            cache.last_events(sensors, b, 0, 100)
+        };
+        assert_eq!(found(all(&sensors(&[]), None)), ["x/1", "x/2", "y/1"]);
         assert_eq!(
-            found(cache.last_events(&sensors(&[]), None)),
-            ["x/1", "x/2", "y/1"]
-        );
-        assert_eq!(
-            found(cache.last_events(&sensors(&[]), Some(&building("x")))),
+            found(all(&sensors(&[]), Some(&building("x")))),
             ["x/1", "x/2"]
         );
         assert_eq!(
-            found(cache.last_events(&sensors(&["x/2", "y/1", "y/2", "unknown"]), None)),
+            found(all(&sensors(&["x/2", "y/1", "y/2", "unknown"]), None)),
             ["x/2", "y/1"]
         );
         assert_eq!(
-            found(cache.last_events(&sensors(&["x/2", "y/1"]), Some(&building("y")))),
+            found(all(&sensors(&["x/2", "y/1"]), Some(&building("y")))),
             ["y/1"]
         );
-        assert!(cache
-            .last_events(&sensors(&[]), Some(&building("never-seen")))
-            .is_empty());
+        assert!(found(all(&sensors(&[]), Some(&building("never-seen")))).is_empty());
+    }
+
+    #[test]
+    fn last_events_come_in_parts_that_cover_each_sensor_once() {
+        let mut cache = Cache::default();
+        for n in 0..10 {
+            let sensor = format!("b/s-{n}");
+            let i = cache.find_or_insert(&id(&sensor)).unwrap();
+            // Every third sensor has had no command.
+            if n % 3 != 1 {
+                cache.set_last_event(i, &event(&sensor, "b", 1), &building("b"));
+            }
+        }
+        let with_events: Vec<String> = (0..10)
+            .filter(|n| n % 3 != 1)
+            .map(|n| format!("b/s-{n}"))
+            .collect();
+        let everything = HashSet::new();
+        let some: HashSet<SensorId> = ["b/s-9", "b/s-0", "b/s-5", "b/s-1"]
+            .into_iter()
+            .map(id)
+            .collect();
+        for (sensors, expected) in [
+            (&everything, with_events.clone()),
+            (&some, vec!["b/s-0".into(), "b/s-5".into(), "b/s-9".into()]),
+        ] {
+            for limit in 1..=8 {
+                let (mut got, mut from) = (Vec::new(), Some(0));
+                while let Some(start) = from {
+                    let (events, next) = cache.last_events(sensors, None, start, limit);
+                    assert!(events.len() <= limit);
+                    assert!(
+                        next.is_none() || events.len() == limit,
+                        "only the last part is short"
+                    );
+                    got.extend(events.into_iter().map(|e| e.sensor_id));
+                    from = next;
+                }
+                assert_eq!(got, expected, "limit {limit}");
+            }
+        }
     }
 
     proptest::proptest! {

@@ -91,8 +91,26 @@ pub enum Query {
     },
     Snapshot {
         filter: Filter,
-        reply: oneshot::Sender<Vec<pb::HeaterCommandEvent>>,
+        from: SnapshotCursor,
+        reply: oneshot::Sender<SnapshotPart>,
     },
+}
+
+/// Last command events are handed out this many at a time: a subscriber's snapshot of a million
+/// heaters is built part by part as it is sent, not all at once (it would be some 200 MB, and
+/// the engine would stop deciding while it built it).
+const SNAPSHOT_PART: usize = 1024;
+
+/// Where a part of a snapshot starts; the default is the beginning.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SnapshotCursor(SensorIndex);
+
+/// Part of a snapshot: the last command events of matching heaters, in the cache's order.
+#[derive(Debug, Default)]
+pub struct SnapshotPart {
+    pub events: Vec<pb::HeaterCommandEvent>,
+    /// Where the next part starts; `None` after the last.
+    pub next: Option<SnapshotCursor>,
 }
 
 /// What the engine knows of one sensor.
@@ -299,11 +317,19 @@ impl Engine {
                 let _ = reply.send(view);
                 Ok(())
             }
-            Input::Query(Query::Snapshot { filter, reply }) => {
-                let events = self
-                    .sensors
-                    .last_events(&filter.sensors, filter.building.as_ref());
-                let _ = reply.send(events);
+            Input::Query(Query::Snapshot {
+                filter,
+                from: SnapshotCursor(from),
+                reply,
+            }) => {
+                let (events, next) = self.sensors.last_events(
+                    &filter.sensors,
+                    filter.building.as_ref(),
+                    from,
+                    SNAPSHOT_PART,
+                );
+                let next = next.map(SnapshotCursor);
+                let _ = reply.send(SnapshotPart { events, next });
                 Ok(())
             }
             Input::Barrier(reply) => {

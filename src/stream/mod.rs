@@ -30,7 +30,7 @@ use crate::config::{ControlConfig, KafkaConfig};
 use crate::domain::SensorId;
 use crate::proto::v1 as pb;
 use crate::store::Store;
-use engine::{Engine, Filter, Input, LoopStats, Query, SensorView};
+use engine::{Engine, Filter, Input, LoopStats, Query, SensorView, SnapshotCursor, SnapshotPart};
 
 /// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
 /// (the consumers) wait, which is the back-pressure we want.
@@ -145,9 +145,15 @@ impl ControlHandle {
         self.ask(|reply| Query::Sensor { sensor, reply }).await
     }
 
-    /// The last command of every heater matching `filter`.
-    pub async fn snapshot(&self, filter: Filter) -> Option<Vec<pb::HeaterCommandEvent>> {
-        self.ask(|reply| Query::Snapshot { filter, reply }).await
+    /// The last command of every heater matching `filter`, a part at a time: from the default
+    /// cursor, then from each part's `next`.
+    pub async fn snapshot(&self, filter: Filter, from: SnapshotCursor) -> Option<SnapshotPart> {
+        self.ask(|reply| Query::Snapshot {
+            filter,
+            from,
+            reply,
+        })
+        .await
     }
 
     /// Every command read from the command topic from now on.
