@@ -12,6 +12,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use sqlx::{Connection, PgConnection};
 use thermostat::config::ServeConfig;
+use thermostat::proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub fn env(name: &str) -> String {
@@ -242,7 +243,7 @@ impl Service {
     /// Waits until the service knows `sensor`'s last command (GetSensorState).
     pub async fn wait_for_last_command(&self, sensor: &str) {
         let started = Instant::now();
-        let mut client = thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient::connect(
+        let mut client = pb::heater_control_service_client::HeaterControlServiceClient::connect(
             format!("http://{}", self.grpc),
         )
         .await
@@ -253,7 +254,7 @@ impl Service {
                 "the service never read {sensor}'s last command"
             );
             let state = client
-                .get_sensor_state(thermostat::proto::v1::GetSensorStateRequest {
+                .get_sensor_state(pb::GetSensorStateRequest {
                     sensor_id: sensor.to_owned(),
                 })
                 .await
