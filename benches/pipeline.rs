@@ -281,9 +281,11 @@ struct Drain {
 /// commands), with fresh command topic and group. With `stalled`, a subscriber that never reads
 /// is connected as soon as the gRPC port answers. Measured, like the relay, from the first
 /// reading consumed to the last command observed, counting every reading: from the last poll of
-/// the service's readings counter (every 2 ms until it sees readings, then every 20 ms) that
-/// still sees none, which errs against the service by up to one poll, until the observer has
-/// every command. (Counting only the readings
+/// the service's readings counter that still sees none (polled every 2 ms until it sees
+/// readings), which errs against the service by up to one poll, until the observer's clock when
+/// it saw the last command, as for the relay. The counter is polled every 20 ms in between
+/// (each poll renders the service's metrics) and every 2 ms again from 90% of the readings on,
+/// so that the last reading decided is placed to within 2 ms. (Counting only the readings
 /// after the first poll that sees some, as before, left out readings whose commands were still
 /// being produced in the window: at 100% change the service decides faster than it can produce,
 /// so that undercounted it by up to half.)
@@ -303,26 +305,27 @@ async fn drain_service(
     let observer = Observer::start(&names.commands, Output::Commands);
     let service = Service::spawn(database_url, &names);
     let pid = service.pid();
-    let mut start: Option<(Instant, f64, f64)> = None;
+    let mut start: Option<(i64, f64, f64)> = None;
     let mut subscriber = None;
     let mut subscribed_at = None;
     let started = Instant::now();
     let mut all_decided = None;
-    let mut seen_readings = false;
+    let mut readings_seen = 0u64;
     let (end_time, end_readings, end_cpu, end_broker) = loop {
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "drain never finished"
         );
-        // Until the first reading, poll often: the drain is timed from the last poll that sees
-        // none, so the poll interval is how early that can be.
-        let poll = if seen_readings { 20 } else { 2 };
+        // Poll often where a poll's time is a measurement: until the first reading (the drain
+        // is timed from the last poll that sees none) and near the last one decided.
+        let near_end = all_decided.is_none() && readings_seen * 10 >= u64::from(readings_count) * 9;
+        let poll = if readings_seen == 0 || near_end { 2 } else { 20 };
         tokio::time::sleep(Duration::from_millis(poll)).await;
         let Some(readings) = service.readings().await else {
             continue;
         };
-        seen_readings |= readings > 0;
-        let (now, cpu, broker) = (Instant::now(), cpu_seconds(pid), broker_cpu_seconds());
+        readings_seen = readings;
+        let (now, cpu, broker) = (epoch_nanos(), cpu_seconds(pid), broker_cpu_seconds());
         if stalled && subscriber.is_none() {
             if let Some(stream) = stall(&service).await {
                 subscriber = Some(stream);
@@ -336,19 +339,20 @@ async fn drain_service(
             all_decided = Some((now, readings));
         }
         if readings >= u64::from(readings_count) && observer.count() >= commands {
-            break (now, readings, cpu, broker);
+            let observed = observer.last_nanos.load(Ordering::SeqCst) as i64;
+            break (observed.min(now), readings, cpu, broker);
         }
     };
     let (t0, c0, b0) = start.expect("the service's first poll already saw readings");
     let counted = end_readings as f64;
-    let decided_per_second = all_decided.map_or(f64::NAN, |(time, readings)| {
-        readings as f64 / (time - t0).as_secs_f64()
-    });
+    let seconds = |end: i64| (end - t0) as f64 / 1e9;
+    let decided_per_second =
+        all_decided.map_or(f64::NAN, |(time, readings)| readings as f64 / seconds(time));
     service.stop();
     drop(subscriber);
     (
         Drain {
-            per_second: counted / (end_time - t0).as_secs_f64(),
+            per_second: counted / seconds(end_time.max(all_decided.map_or(0, |(t, _)| t))),
             decided_per_second,
             cpu_us_per_reading: (end_cpu - c0) * 1e6 / counted,
             broker_us_per_reading: (end_broker - b0) * 1e6 / counted,
