@@ -319,7 +319,11 @@ async fn drain_service(
         // Poll often where a poll's time is a measurement: until the first reading (the drain
         // is timed from the last poll that sees none) and near the last one decided.
         let near_end = all_decided.is_none() && readings_seen * 10 >= u64::from(readings_count) * 9;
-        let poll = if readings_seen == 0 || near_end { 2 } else { 20 };
+        let poll = if readings_seen == 0 || near_end {
+            2
+        } else {
+            20
+        };
         tokio::time::sleep(Duration::from_millis(poll)).await;
         let Some(readings) = service.readings().await else {
             continue;

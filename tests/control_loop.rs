@@ -8,9 +8,10 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use common::kafka::{by_sensor, header, Commands, Sensors, TopicReader, Topics};
 use common::{put, setpoint, TestApp};
+use prost::Message as _;
 use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
-use thermostat::stream::engine::LoopStats;
+use thermostat::stream::engine::{LiveEvent, LoopStats, SnapshotCoverage};
 use tokio_stream::StreamExt;
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -501,6 +502,92 @@ async fn a_snapshot_of_more_heaters_than_one_part_is_sent_whole_before_live_comm
         (live.sensor_id.as_str(), live.command(), live.snapshot),
         ("many-0", H::Off, false)
     );
+}
+
+/// A command event as another replica would have written it to the command topic.
+fn written_command(sensor: &str, sequence: u64, command: H) -> pb::HeaterCommandEvent {
+    let time = thermostat::api::convert::timestamp(Utc::now());
+    pb::HeaterCommandEvent {
+        sensor_id: sensor.into(),
+        building_id: "hq".into(),
+        command: command as i32,
+        reason: if command == H::On {
+            R::TooCold
+        } else {
+            R::TooHot
+        } as i32,
+        setpoint_revision: 1,
+        temperature_celsius: 18.0,
+        reading_time: Some(time),
+        decided_at: Some(time),
+        sequence,
+        snapshot: false,
+    }
+}
+
+async fn write_command(topic: &Sensors, event: &pb::HeaterCommandEvent) {
+    topic
+        .raw(Some(&event.sensor_id), &event.encode_to_vec())
+        .await;
+}
+
+#[tokio::test]
+async fn a_command_on_the_topic_again_or_out_of_order_reaches_subscribers_once() {
+    let (app, _commands, _sensors) = looped(TestApp::fresh_config().await).await;
+    let command_topic = Sensors::new(&Topics::of(&app.config).commands);
+    let mut stream = subscribe(&app, pb::SubscribeHeaterCommandsRequest::default()).await;
+    // As after a producer's retry or a rebalance: sequence 1 twice, 1 again after 2.
+    for (sequence, command) in [(1, H::On), (1, H::On), (2, H::Off), (1, H::On), (3, H::On)] {
+        write_command(
+            &command_topic,
+            &written_command("again-1", sequence, command),
+        )
+        .await;
+    }
+    let received: Vec<(u64, H)> = [
+        next_event(&mut stream).await,
+        next_event(&mut stream).await,
+        next_event(&mut stream).await,
+    ]
+    .iter()
+    .map(|e| (e.sequence, e.command()))
+    .collect();
+    assert_eq!(received, [(1, H::On), (2, H::Off), (3, H::On)]);
+    assert!(
+        tokio::time::timeout(QUIET, stream.next()).await.is_err(),
+        "nothing more"
+    );
+}
+
+async fn next_live(live: &mut tokio::sync::broadcast::Receiver<LiveEvent>) -> LiveEvent {
+    tokio::time::timeout(Duration::from_secs(20), live.recv())
+        .await
+        .expect("a live event within 20 s")
+        .expect("live feed open")
+}
+
+#[tokio::test]
+async fn a_snapshot_covers_exactly_the_live_events_applied_before_it() {
+    let (app, _commands, _sensors) = looped(TestApp::fresh_config().await).await;
+    let command_topic = Sensors::new(&Topics::of(&app.config).commands);
+    // What a subscription does: subscribe to the live feed, then take the snapshot.
+    let mut live = app.control.subscribe();
+    write_command(&command_topic, &written_command("cover-1", 1, H::On)).await;
+    let before = next_live(&mut live).await;
+    let part = app
+        .control
+        .snapshot(Default::default(), Default::default())
+        .await
+        .expect("snapshot");
+    assert_eq!(part.events.len(), 1, "the event is in the snapshot");
+    write_command(&command_topic, &written_command("cover-1", 2, H::Off)).await;
+    let after = next_live(&mut live).await;
+    assert_eq!((before.event.sequence, after.event.sequence), (1, 2));
+
+    let mut sent = SnapshotCoverage::default();
+    sent.add(&part);
+    assert!(sent.covers(&before), "sent in the snapshot: not again");
+    assert!(!sent.covers(&after), "newer than the snapshot: sent");
 }
 
 #[tokio::test]

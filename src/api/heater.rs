@@ -1,8 +1,6 @@
 //! `thermostat.v1.HeaterControlService`: live heater commands and per-sensor state.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -18,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::security::{Authenticator, Credentials};
 use crate::store::Store;
-use crate::stream::engine::{Filter, SnapshotCursor, SnapshotPart};
+use crate::stream::engine::{Filter, LiveEvent, SnapshotCoverage, SnapshotCursor, SnapshotPart};
 use crate::stream::ControlHandle;
 use crate::telemetry;
 
@@ -129,19 +127,23 @@ impl HeaterApi {
         }
         let slot = self.limits.subscription(&who.subject)?;
         // Subscribe before taking the snapshot, so no command falls between the two; the
-        // overlap is removed by sequence number.
+        // overlap is told by the live events' numbers (`SnapshotCoverage`).
         let live = self.control.subscribe();
         // The first part now, so that a loop that is stopping fails the call itself.
+        let mut sent = SnapshotCoverage::default();
         let snapshot = if req.send_initial_state {
-            self.control
+            let part = self
+                .control
                 .snapshot(filter.clone(), SnapshotCursor::default())
                 .await
-                .ok_or(Error::ShuttingDown)?
+                .ok_or(Error::ShuttingDown)?;
+            sent.add(&part);
+            part
         } else {
             SnapshotPart::default()
         };
         let subscription = Subscription {
-            delivered: HashMap::new(),
+            sent,
             snapshot: snapshot.events.into_iter(),
             more: snapshot.next,
             control: self.control.clone(),
@@ -176,7 +178,7 @@ struct Subscription {
     snapshot: std::vec::IntoIter<pb::HeaterCommandEvent>,
     more: Option<SnapshotCursor>,
     control: ControlHandle,
-    live: broadcast::Receiver<Arc<pb::HeaterCommandEvent>>,
+    live: broadcast::Receiver<LiveEvent>,
     filter: Filter,
     /// The caller's buildings: commands of others are never sent, whatever the filter says.
     scope: Scope,
@@ -184,8 +186,8 @@ struct Subscription {
     /// narrowed scope applies from then on.
     credentials: Credentials,
     recheck: tokio::time::Interval,
-    /// The highest sequence sent per sensor: drops the snapshot overlap and re-deliveries.
-    delivered: HashMap<String, u64>,
+    /// What the snapshot sent: drops the live events it already reflects.
+    sent: SnapshotCoverage,
     shutdown: CancellationToken,
     ended: bool,
     /// Counts against the caller's subscription limit while the stream is open.
@@ -222,8 +224,6 @@ impl Subscription {
                 if !self.scope.contains_str(&event.building_id) {
                     continue;
                 }
-                self.delivered
-                    .insert(event.sensor_id.clone(), event.sequence);
                 let event = pb::HeaterCommandEvent {
                     snapshot: true,
                     ..event
@@ -233,6 +233,7 @@ impl Subscription {
             let Some(from) = self.more.take() else { break };
             match self.control.snapshot(self.filter.clone(), from).await {
                 Some(part) => {
+                    self.sent.add(&part);
                     self.snapshot = part.events.into_iter();
                     self.more = part.next;
                 }
@@ -259,17 +260,15 @@ impl Subscription {
                 received = self.live.recv() => received,
             };
             match received {
-                Ok(event) => {
-                    if !self.filter.matches(&event) || !self.scope.contains_str(&event.building_id)
+                Ok(live) => {
+                    let event = &live.event;
+                    if !self.filter.matches(event)
+                        || !self.scope.contains_str(&event.building_id)
+                        || self.sent.covers(&live)
                     {
                         continue;
                     }
-                    let last = self.delivered.entry(event.sensor_id.clone()).or_default();
-                    if event.sequence <= *last {
-                        continue;
-                    }
-                    *last = event.sequence;
-                    return Some((Ok((*event).clone()), self));
+                    return Some((Ok((**event).clone()), self));
                 }
                 Err(RecvError::Lagged(missed)) => {
                     self.ended = true;

@@ -11,7 +11,7 @@ use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Input, READING_PARTITION_HEADER};
@@ -36,14 +36,12 @@ pub struct FollowerTask {
     topic: String,
     positions: watch::Sender<Positions>,
     engine: mpsc::Sender<Input>,
-    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
 }
 
 pub fn follower(
     consumer: StreamConsumer,
     topic: String,
     engine: mpsc::Sender<Input>,
-    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
 ) -> (Follower, FollowerTask) {
     let consumer = Arc::new(consumer);
     let (tx, rx) = watch::channel(Positions::new());
@@ -58,7 +56,6 @@ pub fn follower(
             topic,
             positions: tx,
             engine,
-            live,
         },
     )
 }
@@ -161,11 +158,9 @@ impl FollowerTask {
             drop(message);
             match event {
                 Ok(event) => {
-                    let event = Arc::new(event);
-                    // No subscriber is not an error.
-                    let _ = self.live.send(event.clone());
+                    // The engine passes it on to subscribers if it is news.
                     let observed = Input::Observed {
-                        event,
+                        event: Arc::new(event),
                         reading_partition,
                     };
                     if self.engine.send(observed).await.is_err() {

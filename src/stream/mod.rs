@@ -28,9 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ControlConfig, KafkaConfig};
 use crate::domain::SensorId;
-use crate::proto::v1 as pb;
 use crate::store::Store;
-use engine::{Engine, Filter, Input, LoopStats, Query, SensorView, SnapshotCursor, SnapshotPart};
+use engine::{
+    Engine, Filter, Input, LiveEvent, LoopStats, Query, SensorView, SnapshotCursor, SnapshotPart,
+};
 
 /// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
 /// (the consumers) wait, which is the back-pressure we want.
@@ -128,7 +129,7 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
 #[derive(Clone)]
 pub struct ControlHandle {
     engine: mpsc::Sender<Input>,
-    live: broadcast::Sender<Arc<pb::HeaterCommandEvent>>,
+    live: broadcast::Sender<LiveEvent>,
     stats: Arc<LoopStats>,
     producer: FutureProducer,
 }
@@ -156,8 +157,9 @@ impl ControlHandle {
         .await
     }
 
-    /// Every command read from the command topic from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::HeaterCommandEvent>> {
+    /// Every command read from the command topic from now on that is newer than the last one
+    /// known for its sensor.
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.live.subscribe()
     }
 
@@ -234,13 +236,13 @@ pub async fn start(
         acks_tx,
         control.stale_after,
         stats.clone(),
+        live.clone(),
     );
     tasks.spawn(engine.run(engine_rx, control.stale_check_interval, shutdown.clone()));
     let (follower, follower_task) = commands::follower(
         follower_consumer,
         kafka.command_topic.clone(),
         engine_tx.clone(),
-        live.clone(),
     );
     tasks.spawn(follower_task.run(shutdown.clone()));
 
