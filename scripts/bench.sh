@@ -6,8 +6,9 @@
 # markdown tables with their same-run baselines, and ends with one summary table of every goal.
 # Results are recorded by hand in BENCHMARKS.md.
 #
-# For a quick trial (never for the recorded run): THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|latency
-# runs one part; THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
+# For a quick trial (never for the recorded run):
+# THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|'100% batched'|'1% batched'|latency runs one part;
+# THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
 # repetitions (_DRAIN at most _SENSORS: every drained sensor needs a setpoint);
 # THERMOSTAT_BENCH_LATENCY_RATE runs benchmark 2 at that many readings/s instead of half the
 # measured maximum.

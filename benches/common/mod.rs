@@ -155,6 +155,11 @@ pub struct Service {
 impl Service {
     /// Starts the service; returns at once (see [`Service::wait_serving`]).
     pub fn spawn(database_url: &str, names: &Names) -> Self {
+        Self::spawn_with(database_url, names, &[])
+    }
+
+    /// [`Service::spawn`], with more environment variables (configuration) for the service.
+    pub fn spawn_with(database_url: &str, names: &Names, more: &[(&str, &str)]) -> Self {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -173,6 +178,7 @@ impl Service {
             .env("MAX_SUBSCRIPTIONS_PER_IDENTITY", "100000")
             // Subscribers cut off at shutdown are logged by tower-http as errors: noise here.
             .env("RUST_LOG", "warn,tower_http=off")
+            .envs(more.iter().copied())
             .spawn()
             .expect("start thermostat");
         Self { child, grpc, admin }
