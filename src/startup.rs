@@ -204,6 +204,13 @@ impl Application {
                 Ok(())
             });
         }
+        {
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                crate::telemetry::upkeep(stop).await;
+                Ok(())
+            });
+        }
 
         let stop_accepting = {
             let stop = stop.clone();

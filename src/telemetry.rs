@@ -4,8 +4,10 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::{LogConfig, LogFormat};
@@ -125,6 +127,23 @@ static LAST_RESYNC: AtomicI64 = AtomicI64::new(0);
 
 pub fn record_resync() {
     LAST_RESYNC.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
+}
+
+/// How often recorded histogram samples are folded into their buckets between scrapes.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds until `stop`. The
+/// recorder keeps each sample until upkeep runs, and without this task only a scrape runs it:
+/// a service nobody scrapes grew by 8 bytes or more per reading (the decision-latency
+/// histogram), without bound.
+pub async fn upkeep(stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => metrics().run_upkeep(),
+        }
+    }
 }
 
 /// The Prometheus text for a scrape.
