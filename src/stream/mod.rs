@@ -115,17 +115,18 @@ fn millis(d: Duration) -> String {
 const PRODUCER_QUEUE: u32 = 16_384;
 
 /// The producer for commands and dead letters. `acks=all`: a command counts as sent only when
-/// every in-sync replica has it. Idempotent: a request retried after a broker hiccup is neither
-/// duplicated nor reordered behind a later one, so a heater never gets an older command after a
-/// newer one (this also caps requests in flight at 5 per broker; librdkafka's default of a
-/// million let a slow broker pile up a request buffer per unbatched record: 600 MB after 360k
-/// dead letters on Tansu). The queue is bounded too: a backlog waits in the sensor topic, not
-/// in memory.
+/// every in-sync replica has it. One request in flight per broker: a request retried after a
+/// broker hiccup cannot be overtaken by a later one, so a heater never gets a sensor's older
+/// command after its newer one (a retry may duplicate a command; it carries the same sequence).
+/// librdkafka's default of a million let a slow broker pile up a request buffer per unbatched
+/// record: 600 MB after 360k dead letters on Tansu. Not `enable.idempotence`, which orders with
+/// 5 in flight: against Tansu it cost the client 120-220 µs of CPU per unbatched record instead
+/// of about 40 (BENCHMARKS.md). The queue is bounded too: a backlog waits in the sensor topic,
+/// not in memory.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
     client_config(kafka)
         .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("max.in.flight.requests.per.connection", "5")
+        .set("max.in.flight.requests.per.connection", "1")
         .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
         .set("linger.ms", millis(kafka.kafka_linger))
         .set(
