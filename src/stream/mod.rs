@@ -115,18 +115,19 @@ fn millis(d: Duration) -> String {
 const PRODUCER_QUEUE: u32 = 16_384;
 
 /// The producer for commands and dead letters. `acks=all`: a command counts as sent only when
-/// every in-sync replica has it. One request in flight per broker: a request retried after a
-/// broker hiccup cannot be overtaken by a later one, so a heater never gets a sensor's older
-/// command after its newer one (a retry may duplicate a command; it carries the same sequence).
-/// librdkafka's default of a million let a slow broker pile up a request buffer per unbatched
-/// record: 600 MB after 360k dead letters on Tansu. Not `enable.idempotence`, which orders with
-/// 5 in flight: against Tansu it cost the client 120-220 µs of CPU per unbatched record instead
-/// of about 40 (BENCHMARKS.md). The queue is bounded too: a backlog waits in the sensor topic,
-/// not in memory.
+/// every in-sync replica has it. At most 5 requests in flight per broker: librdkafka's default
+/// of a million let a slow broker pile up a request buffer per unbatched record (600 MB after
+/// 360k dead letters on Tansu). Neither 1 nor `enable.idempotence`, which would keep a retried
+/// request from landing after a later one: against Tansu, one request at a time cost 3 ms of p99
+/// latency and a third of the unbatched throughput, and idempotence 120-220 µs of client CPU
+/// per unbatched record (BENCHMARKS.md). Order is the `sequence`'s job: consumers act on a
+/// sensor's event only if its sequence is above the last they acted on, which also drops the
+/// repeats a retry or a crash can cause. The queue is bounded too: a backlog waits in the
+/// sensor topic, not in memory.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
     client_config(kafka)
         .set("acks", "all")
-        .set("max.in.flight.requests.per.connection", "1")
+        .set("max.in.flight.requests.per.connection", "5")
         .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
         .set("linger.ms", millis(kafka.kafka_linger))
         .set(
