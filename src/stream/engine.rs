@@ -9,7 +9,7 @@
 //! the hand-offs between the two tasks, one wake-up each way per reading, cost more than
 //! deciding (BENCHMARKS.md, benchmark 1).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -264,8 +264,8 @@ pub struct Engine {
     /// The number of the last command event kept as a sensor's last (a [`LiveEvent`]'s).
     live_events: u64,
     /// The numbers of this replica's decisions not read back yet, by sensor and sequence: as
-    /// many as are on their way to the topic and back.
-    awaiting_readback: HashMap<(SensorIndex, u64), u64>,
+    /// many as are on their way to the topic and back. Ordered, to drop a sensor's older ones.
+    awaiting_readback: BTreeMap<(SensorIndex, u64), u64>,
 }
 
 impl Engine {
@@ -289,7 +289,7 @@ impl Engine {
             stats,
             live,
             live_events: 0,
-            awaiting_readback: HashMap::new(),
+            awaiting_readback: BTreeMap::new(),
         }
     }
 
@@ -459,7 +459,8 @@ impl Engine {
     /// Keeps a command event read back from the command topic as the sensor's last if it is not
     /// older, and broadcasts it to subscribers if it is news: one of this replica's own
     /// decisions read back (with the number it got when decided and kept, so that a snapshot
-    /// taken in between covers it), or newer than the last one kept.
+    /// taken in between covers it), or newer than the last one kept. What is broadcast for a
+    /// sensor goes up in sequence.
     fn pass_on(
         &mut self,
         i: SensorIndex,
@@ -479,6 +480,16 @@ impl Engine {
             // Already passed on, or older than what was.
             None => return,
         };
+        // Decisions of ours for this sensor still awaited with a lower sequence would now come
+        // out of order (a retried write that lands late): subscribers never get them.
+        let superseded: Vec<_> = self
+            .awaiting_readback
+            .range((i, 0)..(i, event.sequence))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in superseded {
+            self.awaiting_readback.remove(&key);
+        }
         // No subscriber is not an error.
         let _ = self.live.send(LiveEvent {
             number,
@@ -667,6 +678,26 @@ mod tests {
         }
     }
 
+    /// A reading of `sensor` taken now, at `offset` of partition 0.
+    async fn reading(sensor: &SensorId, celsius: f64, offset: i64) -> Input {
+        let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        Input::Records(Records {
+            records: vec![Record::Reading {
+                sensor: sensor.clone(),
+                reading: Reading {
+                    temperature: Celsius::new(celsius).unwrap(),
+                    time: Utc::now(),
+                },
+                position: Position {
+                    partition: 0,
+                    offset,
+                },
+                received: Instant::now(),
+            }],
+            places,
+        })
+    }
+
     #[tokio::test]
     async fn an_own_decision_read_back_is_broadcast_once_with_the_number_it_got_when_decided() {
         let (mut engine, mut live) = engine();
@@ -687,26 +718,7 @@ mod tests {
             }))
             .await
             .unwrap();
-        let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
-        let reading = Record::Reading {
-            sensor,
-            reading: Reading {
-                temperature: Celsius::new(10.0).unwrap(),
-                time: Utc::now(),
-            },
-            position: Position {
-                partition: 0,
-                offset: 0,
-            },
-            received: Instant::now(),
-        };
-        engine
-            .apply(Input::Records(Records {
-                records: vec![reading],
-                places,
-            }))
-            .await
-            .unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
 
         // Decided (ON) and kept, not broadcast before it is read back; a snapshot has it.
         let part = snapshot(&mut engine).await;
@@ -741,5 +753,23 @@ mod tests {
         // And an older one is not.
         engine.apply(observed(decided.clone())).await.unwrap();
         assert!(live.try_recv().is_err());
+
+        // A decision of ours whose write lands after another replica's newer one (a retried
+        // request) is superseded: never broadcast behind it.
+        engine.apply(reading(&sensor, 10.0, 1).await).await.unwrap();
+        let ours = snapshot(&mut engine).await.events[0].clone();
+        assert_eq!((ours.sequence, ours.command()), (3, pb::HeaterCommand::On));
+        let theirs = pb::HeaterCommandEvent {
+            sequence: 4,
+            command: pb::HeaterCommand::Off as i32,
+            ..ours.clone()
+        };
+        engine.apply(observed(theirs)).await.unwrap();
+        assert_eq!(live.try_recv().unwrap().event.sequence, 4);
+        engine.apply(observed(ours)).await.unwrap();
+        assert!(
+            live.try_recv().is_err(),
+            "sequence 3 after 4 is not passed on"
+        );
     }
 }
