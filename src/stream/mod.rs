@@ -170,8 +170,8 @@ impl ControlHandle {
         .await
     }
 
-    /// Every command read from the command topic from now on that is newer than the last one
-    /// known for its sensor.
+    /// Every command read from the command topic from now on that is news for its sensor
+    /// (see [`LiveEvent`]).
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.live.subscribe()
     }
