@@ -173,6 +173,15 @@ enum Output {
     Relayed,
 }
 
+/// Polls `done` every 5 ms until it holds; panics with `what` after `timeout`.
+async fn wait_until(timeout: Duration, done: impl Fn() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Reads an output topic from the beginning, counting records and, when asked, recording the
 /// latency from each record's reading time to now.
 struct Observer {
@@ -260,24 +269,22 @@ impl Observer {
 
     /// Waits until the observer has fetched to the end of its topic once.
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.ready.load(Ordering::SeqCst) {
-            assert!(Instant::now() < deadline, "observer never reached the end");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(
+            Duration::from_secs(60),
+            || self.ready.load(Ordering::SeqCst),
+            || "observer never reached the end".into(),
+        )
+        .await;
     }
 
     /// Waits until `count` records have been seen; panics after `timeout`.
     async fn wait_for(&self, count: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.count() < count {
-            assert!(
-                Instant::now() < deadline,
-                "observed {} of {count} records",
-                self.count()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(
+            timeout,
+            || self.count() >= count,
+            || format!("observed {} of {count} records", self.count()),
+        )
+        .await;
     }
 
     fn take_latency(&self) -> Histogram<u64> {
@@ -1058,15 +1065,17 @@ async fn fanout(
     let expected = u64::from(FANOUT_COMMANDS) * subscribers as u64;
     let cpu = cpu_seconds(service.pid());
     open_loop(&names.sensors, pool.take(FANOUT_COMMANDS), FANOUT_RATE).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while delivered.load(Ordering::Relaxed) < expected {
-        assert!(
-            Instant::now() < deadline,
-            "fan-out: {} of {expected} delivered",
-            delivered.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        Duration::from_secs(120),
+        || delivered.load(Ordering::Relaxed) >= expected,
+        || {
+            format!(
+                "fan-out: {} of {expected} delivered",
+                delivered.load(Ordering::Relaxed)
+            )
+        },
+    )
+    .await;
     let cpu = (cpu_seconds(service.pid()) - cpu) * 1e6;
     tasks.shutdown().await;
     (cpu / expected as f64, cpu / f64::from(FANOUT_COMMANDS))
