@@ -165,8 +165,8 @@ pub struct ControlConfig {
     /// How often the setpoint cache is re-read in full, besides LISTEN/NOTIFY updates.
     #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub setpoint_resync_interval: Duration,
-    /// Commands a subscriber may fall behind by before its stream is ended with
-    /// RESOURCE_EXHAUSTED.
+    /// Commands a subscriber may fall behind by before it is caught up from the engine's state
+    /// (with `send_initial_state`) or its stream is ended with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SUBSCRIBER_BUFFER", default_value_t = 1024)]
     pub subscriber_buffer: usize,
 }

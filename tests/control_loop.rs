@@ -525,7 +525,7 @@ fn written_command(sensor: &str, sequence: u64, command: H) -> pb::HeaterCommand
     }
 }
 
-async fn write_command(topic: &Sensors, event: &pb::HeaterCommandEvent) {
+async fn write_command(topic: &Sensors, event: pb::HeaterCommandEvent) {
     topic
         .raw(Some(&event.sensor_id), &event.encode_to_vec())
         .await;
@@ -540,7 +540,7 @@ async fn a_command_on_the_topic_again_or_out_of_order_reaches_subscribers_once()
     for (sequence, command) in [(1, H::On), (1, H::On), (2, H::Off), (1, H::On), (3, H::On)] {
         write_command(
             &command_topic,
-            &written_command("again-1", sequence, command),
+            written_command("again-1", sequence, command),
         )
         .await;
     }
@@ -572,7 +572,7 @@ async fn a_snapshot_covers_exactly_the_live_events_applied_before_it() {
     let command_topic = Sensors::new(&Topics::of(&app.config).commands);
     // What a subscription does: subscribe to the live feed, then take the snapshot.
     let mut live = app.control.subscribe();
-    write_command(&command_topic, &written_command("cover-1", 1, H::On)).await;
+    write_command(&command_topic, written_command("cover-1", 1, H::On)).await;
     let before = next_live(&mut live).await;
     let part = app
         .control
@@ -580,7 +580,7 @@ async fn a_snapshot_covers_exactly_the_live_events_applied_before_it() {
         .await
         .expect("snapshot");
     assert_eq!(part.events.len(), 1, "the event is in the snapshot");
-    write_command(&command_topic, &written_command("cover-1", 2, H::Off)).await;
+    write_command(&command_topic, written_command("cover-1", 2, H::Off)).await;
     let after = next_live(&mut live).await;
     assert_eq!((before.event.sequence, after.event.sequence), (1, 2));
 
@@ -596,7 +596,7 @@ async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
     config.control.subscriber_buffer = 4;
     let (app, commands, sensors) = looped(config).await;
     put_band(&app, "s", 20.0).await;
-    let mut stalled = common::stalled_subscription(&app.addr.to_string()).await;
+    let mut stalled = common::stalled_subscription(&app.addr.to_string(), Default::default()).await;
 
     let t0 = Utc::now();
     for i in 0..20 {
@@ -627,6 +627,107 @@ async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
     assert_eq!(
         status.expect("stream ended with an error").code(),
         tonic::Code::ResourceExhausted
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_behind_after_a_large_snapshot_is_caught_up_not_dropped() {
+    // Several parts, and more than the server can hand a client that does not read.
+    const HEATERS: usize = 5000;
+    let mut config = TestApp::fresh_config().await;
+    config.control.subscriber_buffer = 4;
+    let (app, _commands, _sensors) = looped(config).await;
+    let command_topic = Sensors::new(&Topics::of(&app.config).commands);
+    let ids: Vec<String> = (0..HEATERS).map(|n| format!("behind-{n}")).collect();
+    futures::future::join_all(
+        ids.iter()
+            .map(|id| write_command(&command_topic, written_command(id, 1, H::On))),
+    )
+    .await;
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            snapshot_len(&app).await == HEATERS
+        })
+        .await,
+        "the loop read every command"
+    );
+    // Heaters of the first part, which the subscription takes before it returns, and of the
+    // last, which it takes only once the client has read the ones before.
+    let first = app
+        .control
+        .snapshot(Default::default(), Default::default())
+        .await
+        .expect("snapshot");
+    let in_first: Vec<String> = first.events[..20]
+        .iter()
+        .map(|e| e.sensor_id.clone())
+        .collect();
+    let in_last: Vec<String> = ids
+        .iter()
+        .filter(|id| !first.events.iter().any(|e| &e.sensor_id == *id))
+        .rev()
+        .take(20)
+        .cloned()
+        .collect();
+
+    let mut stream = common::stalled_subscription(
+        &app.addr.to_string(),
+        pb::SubscribeHeaterCommandsRequest {
+            send_initial_state: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // While it is in its snapshot, far more commands than its buffer of 4.
+    let changed: Vec<&String> = in_first.iter().chain(&in_last).collect();
+    futures::future::join_all(
+        changed
+            .iter()
+            .map(|id| write_command(&command_topic, written_command(id, 2, H::Off))),
+    )
+    .await;
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            let mut applied = 0;
+            for id in &changed {
+                let sensor = thermostat::domain::SensorId::parse(id.as_str()).unwrap();
+                let view = app.control.sensor(sensor).await.unwrap_or_default();
+                applied += usize::from(view.last_command.is_some_and(|c| c.sequence == 2));
+            }
+            applied == changed.len()
+        })
+        .await,
+        "the loop read every change"
+    );
+
+    // Every heater once in the snapshot, then the changes the snapshot did not have (those of
+    // the first part) in the catch-up, marked as state, not as live commands.
+    let mut sent: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let complete = |sent: &std::collections::HashMap<String, Vec<u64>>| {
+        sent.len() == HEATERS && changed.iter().all(|id| sent[*id].last() == Some(&2))
+    };
+    while !complete(&sent) {
+        let event = next_event(&mut stream).await;
+        assert!(event.snapshot, "{event:?}");
+        sent.entry(event.sensor_id)
+            .or_default()
+            .push(event.sequence);
+    }
+    for id in &in_first {
+        assert_eq!(sent[id], [1, 2], "{id}: snapshot, then catch-up");
+    }
+    for id in &in_last {
+        assert_eq!(sent[id], [2], "{id}: its part was taken after the change");
+    }
+    let twice = sent.values().filter(|s| s.len() > 1).count();
+    assert_eq!(twice, in_first.len(), "no other heater again");
+
+    // And live from there.
+    write_command(&command_topic, written_command(&ids[0], 3, H::On)).await;
+    let live = next_event(&mut stream).await;
+    assert_eq!(
+        (live.sensor_id.as_str(), live.sequence, live.snapshot),
+        (ids[0].as_str(), 3, false)
     );
 }
 

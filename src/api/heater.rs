@@ -148,6 +148,7 @@ impl HeaterApi {
             more: snapshot.next,
             control: self.control.clone(),
             live,
+            catches_up: req.send_initial_state,
             filter,
             scope: who.scope,
             credentials,
@@ -170,15 +171,20 @@ impl HeaterApi {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Status>> + Send>>;
 
 /// One subscriber's stream. It reads the shared broadcast only when the client reads, so a slow
-/// client costs nothing but its place in the broadcast buffer; once it falls further behind
-/// than the buffer, it is ended with RESOURCE_EXHAUSTED.
+/// client costs nothing but its place in the broadcast buffer. Once it falls further behind
+/// than the buffer (the live feed is read only after the snapshot, so a large snapshot read
+/// while commands flow does this too), a subscriber that asked for the initial state is caught
+/// up: it is sent the last command of each heater that changed since what it was sent, as a
+/// snapshot, and goes on live from there. Any other is ended with RESOURCE_EXHAUSTED.
 struct Subscription {
-    /// The part of the snapshot not sent yet, and where the next part starts: parts are taken
-    /// from the engine as the client reads.
+    /// The part of the snapshot (or catch-up) not sent yet, and where the next part starts:
+    /// parts are taken from the engine as the client reads.
     snapshot: std::vec::IntoIter<pb::HeaterCommandEvent>,
     more: Option<SnapshotCursor>,
     control: ControlHandle,
     live: broadcast::Receiver<LiveEvent>,
+    /// Whether falling behind is caught up from the engine's state rather than the end.
+    catches_up: bool,
     filter: Filter,
     /// The caller's buildings: commands of others are never sent, whatever the filter says.
     scope: Scope,
@@ -186,7 +192,8 @@ struct Subscription {
     /// narrowed scope applies from then on.
     credentials: Credentials,
     recheck: tokio::time::Interval,
-    /// What the snapshot sent: drops the live events it already reflects.
+    /// What the snapshot (or the last catch-up) sent: drops the live events it already
+    /// reflects, and tells a catch-up what is newer.
     sent: SnapshotCoverage,
     shutdown: CancellationToken,
     ended: bool,
@@ -230,20 +237,20 @@ impl Subscription {
                 };
                 return Some((Ok(event), self));
             }
-            let Some(from) = self.more.take() else { break };
-            match self.control.snapshot(self.filter.clone(), from).await {
-                Some(part) => {
-                    self.sent.add(&part);
-                    self.snapshot = part.events.into_iter();
-                    self.more = part.next;
+            if let Some(from) = self.more.take() {
+                match self.control.snapshot(self.filter.clone(), from).await {
+                    Some(part) => {
+                        self.sent.add(&part);
+                        self.snapshot = part.events.into_iter();
+                        self.more = part.next;
+                    }
+                    None => {
+                        self.ended = true;
+                        return Some((Err(shutting_down()), self));
+                    }
                 }
-                None => {
-                    self.ended = true;
-                    return Some((Err(shutting_down()), self));
-                }
+                continue;
             }
-        }
-        loop {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
@@ -270,7 +277,19 @@ impl Subscription {
                     }
                     return Some((Ok((**event).clone()), self));
                 }
+                Err(RecvError::Lagged(missed)) if self.catches_up => {
+                    metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "caught_up")
+                        .increment(1);
+                    tracing::debug!(missed, "subscriber fell behind; catching up");
+                    // A fresh place in the feed before the catch-up's first part is taken, as
+                    // for the snapshot: what the parts reflect is told by the numbers again.
+                    self.live = self.control.subscribe();
+                    let sent = std::mem::take(&mut self.sent);
+                    self.more = Some(SnapshotCursor::catch_up(sent));
+                }
                 Err(RecvError::Lagged(missed)) => {
+                    metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "ended")
+                        .increment(1);
                     self.ended = true;
                     let status = Status::resource_exhausted(format!(
                         "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"

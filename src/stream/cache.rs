@@ -79,14 +79,18 @@ mod event_flags {
 }
 
 /// A sensor's last command event, 45 bytes: every field of `pb::HeaterCommandEvent` but the
-/// sensor id (the slot's) and `snapshot` (never set on a stored event). Times are nanoseconds
-/// since the epoch, as in [`Slot`]. Its own building and sequence rather than the slot's: a
-/// sensor moved to another building keeps the command it was sent in the old one.
+/// sensor id (the slot's) and `snapshot` (never set on a stored event), and the number the
+/// engine gave it (a [`super::engine::LiveEvent`]'s). Times are nanoseconds since the epoch,
+/// revision and sequence narrowed, as in [`Slot`]. Its own building and sequence rather than the
+/// slot's: a sensor moved to another building keeps the command it was sent in the old one.
 #[derive(Clone, Copy, Default)]
 #[repr(C, packed)]
 struct LastEvent {
-    revision: i64,
-    sequence: u64,
+    /// The setpoint revision, or [`WIDE`].
+    revision: u32,
+    /// The command's sequence, or [`WIDE`].
+    sequence: u32,
+    number: u64,
     temperature: f64,
     reading_time: i64,
     decided_at: i64,
@@ -111,6 +115,8 @@ pub struct Cache {
     wide_sequences: HashMap<SensorIndex, u64>,
     /// By sensor index; ends at the last sensor that has one.
     last_events: Vec<LastEvent>,
+    wide_event_revisions: HashMap<SensorIndex, i64>,
+    wide_event_sequences: HashMap<SensorIndex, u64>,
 }
 
 impl Cache {
@@ -279,20 +285,21 @@ impl Cache {
             building_id: self.buildings[event.building as usize].to_string(),
             command: i32::from((event.flags >> event_flags::COMMAND_SHIFT) & 0b11),
             reason: i32::from(event.flags >> event_flags::REASON_SHIFT),
-            setpoint_revision: event.revision,
+            setpoint_revision: widen(event.revision, &self.wide_event_revisions, i),
             temperature_celsius: event.temperature,
             reading_time: (event.flags & event_flags::READING_TIME != 0)
                 .then(|| from_nanos(event.reading_time)),
             decided_at: (event.flags & event_flags::DECIDED_AT != 0)
                 .then(|| from_nanos(event.decided_at)),
-            sequence: event.sequence,
+            sequence: widen(event.sequence, &self.wide_event_sequences, i),
             snapshot: false,
         })
     }
 
     /// The sequence of the sensor's last command event.
     pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {
-        self.stored_event(i).map(|event| event.sequence)
+        self.stored_event(i)
+            .map(|event| widen(event.sequence, &self.wide_event_sequences, i))
     }
 
     fn stored_event(&self, i: SensorIndex) -> Option<LastEvent> {
@@ -300,15 +307,16 @@ impl Cache {
         (event.flags & event_flags::PRESENT != 0).then_some(event)
     }
 
-    /// Stores `event` (whose building is `building`) as the sensor's last command event. What
-    /// thermostat never writes is not kept exactly: a command or reason number the proto does
-    /// not define is stored as unspecified, a time outside 1677-2262 or with nanoseconds out of
-    /// range as absent.
+    /// Stores `event` (whose building is `building`) as the sensor's last command event, with
+    /// the engine's `number` for it. What thermostat never writes is not kept exactly: a command
+    /// or reason number the proto does not define is stored as unspecified, a time outside
+    /// 1677-2262 or with nanoseconds out of range as absent.
     pub fn set_last_event(
         &mut self,
         i: SensorIndex,
         event: &pb::HeaterCommandEvent,
         building: &BuildingId,
+        number: u64,
     ) {
         let command = pb::HeaterCommand::try_from(event.command).map_or(0, |c| c as u8);
         let reason = pb::CommandReason::try_from(event.reason).map_or(0, |r| r as u8);
@@ -325,8 +333,9 @@ impl Cache {
         let reading_time = time(&event.reading_time, event_flags::READING_TIME);
         let decided_at = time(&event.decided_at, event_flags::DECIDED_AT);
         let packed = LastEvent {
-            revision: event.setpoint_revision,
-            sequence: event.sequence,
+            revision: narrow(event.setpoint_revision, &mut self.wide_event_revisions, i),
+            sequence: narrow(event.sequence, &mut self.wide_event_sequences, i),
+            number,
             temperature: event.temperature_celsius,
             reading_time,
             decided_at,
@@ -347,12 +356,13 @@ impl Cache {
     }
 
     /// The last command events of `sensors` (every sensor when empty) in `building` (any when
-    /// `None`), of sensors from index `from` on, at most `limit` of them in index order; and
-    /// where the next ones start, if any are left.
+    /// `None`) for which `wanted(sensor, number)` holds, of sensors from index `from` on, at most
+    /// `limit` of them in index order; and where the next ones start, if any are left.
     pub fn last_events(
         &self,
         sensors: &HashSet<SensorId>,
         building: Option<&BuildingId>,
+        wanted: impl Fn(SensorIndex, u64) -> bool,
         from: SensorIndex,
         limit: usize,
     ) -> (Vec<pb::HeaterCommandEvent>, Option<SensorIndex>) {
@@ -366,7 +376,7 @@ impl Cache {
         };
         let wanted = |i: &SensorIndex| {
             self.stored_event(*i)
-                .is_some_and(|e| building.is_none_or(|b| e.building == b))
+                .is_some_and(|e| building.is_none_or(|b| e.building == b) && wanted(*i, e.number))
         };
         // One more than asked for: where the next part starts.
         let mut indexes: Vec<SensorIndex> = if sensors.is_empty() {
@@ -477,7 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_is_53_bytes_and_a_last_event_45() {
+    fn a_slot_is_53_bytes_and_a_last_event_45_with_its_number() {
         assert_eq!(std::mem::size_of::<Slot>(), 53);
         assert_eq!(std::mem::size_of::<LastEvent>(), 45);
     }
@@ -598,7 +608,7 @@ mod tests {
         control.apply_setpoint(1, Some(setpoint), DateTime::from_timestamp(1, 0).unwrap());
         cache.set_control(b, control);
         let sent = event("a/t", "old", u64::MAX);
-        cache.set_last_event(b, &sent, &building("old"));
+        cache.set_last_event(b, &sent, &building("old"), 1);
         assert_eq!(cache.last_event(b), Some(sent));
         assert_eq!(cache.last_event_sequence(b), Some(u64::MAX));
         assert_eq!(
@@ -612,8 +622,12 @@ mod tests {
             reading_time: None,
             ..event("a/t", "a", 2)
         };
-        cache.set_last_event(b, &replaced, &building("a"));
+        cache.set_last_event(b, &replaced, &building("a"), 1);
         assert_eq!(cache.last_event(b), Some(replaced));
+        assert!(
+            cache.wide_event_sequences.is_empty(),
+            "a narrow sequence forgets the wide one"
+        );
         assert_eq!(
             cache.buildings.len(),
             2,
@@ -640,7 +654,7 @@ mod tests {
             }),
             ..event("s", "b", 1)
         };
-        cache.set_last_event(i, &foreign, &building("b"));
+        cache.set_last_event(i, &foreign, &building("b"), 1);
         assert_eq!(
             cache.last_event(i),
             Some(pb::HeaterCommandEvent {
@@ -659,7 +673,7 @@ mod tests {
         for (sensor, b) in [("x/1", "x"), ("x/2", "x"), ("y/1", "y"), ("y/2", "")] {
             let i = cache.find_or_insert(&id(sensor)).unwrap();
             if !b.is_empty() {
-                cache.set_last_event(i, &event(sensor, b, 1), &building(b));
+                cache.set_last_event(i, &event(sensor, b, 1), &building(b), 1);
             }
         }
         let sensors = |ids: &[&str]| ids.iter().map(|s| id(s)).collect::<HashSet<_>>();
@@ -670,7 +684,7 @@ mod tests {
             ids
         };
         let all = |sensors: &HashSet<SensorId>, b: Option<&BuildingId>| {
-            cache.last_events(sensors, b, 0, 100)
+            cache.last_events(sensors, b, |_, _| true, 0, 100)
         };
         assert_eq!(found(all(&sensors(&[]), None)), ["x/1", "x/2", "y/1"]);
         assert_eq!(
@@ -689,6 +703,28 @@ mod tests {
     }
 
     #[test]
+    fn last_events_are_filtered_by_the_number_they_were_kept_with() {
+        let mut cache = Cache::default();
+        for n in 0..6u64 {
+            let sensor = format!("b/s-{n}");
+            let i = cache.find_or_insert(&id(&sensor)).unwrap();
+            cache.set_last_event(i, &event(&sensor, "b", 1), &building("b"), 10 * n);
+        }
+        // Kept again with another number: the later one counts.
+        cache.set_last_event(1, &event("b/s-1", "b", 2), &building("b"), 99);
+        let (events, next) = cache.last_events(
+            &HashSet::new(),
+            None,
+            |i, number| number > 10 * u64::from(i) + 5 || i == 4,
+            0,
+            100,
+        );
+        assert_eq!(next, None);
+        let ids: Vec<String> = events.into_iter().map(|e| e.sensor_id).collect();
+        assert_eq!(ids, ["b/s-1", "b/s-4"]);
+    }
+
+    #[test]
     fn last_events_come_in_parts_that_cover_each_sensor_once() {
         let mut cache = Cache::default();
         for n in 0..10 {
@@ -696,7 +732,7 @@ mod tests {
             let i = cache.find_or_insert(&id(&sensor)).unwrap();
             // Every third sensor has had no command.
             if n % 3 != 1 {
-                cache.set_last_event(i, &event(&sensor, "b", 1), &building("b"));
+                cache.set_last_event(i, &event(&sensor, "b", 1), &building("b"), 1);
             }
         }
         let with_events: Vec<String> = (0..10)
@@ -715,7 +751,8 @@ mod tests {
             for limit in 1..=8 {
                 let (mut got, mut from) = (Vec::new(), Some(0));
                 while let Some(start) = from {
-                    let (events, next) = cache.last_events(sensors, None, start, limit);
+                    let (events, next) =
+                        cache.last_events(sensors, None, |_, _| true, start, limit);
                     assert!(events.len() <= limit);
                     assert!(
                         next.is_none() || events.len() == limit,
@@ -755,7 +792,7 @@ mod tests {
                 sequence,
                 snapshot: false,
             };
-            cache.set_last_event(i, &sent, &building("b"));
+            cache.set_last_event(i, &sent, &building("b"), 1);
             let back = cache.last_event(i).unwrap();
             // Bit for bit: NaN too.
             proptest::prop_assert_eq!(back.temperature_celsius.to_bits(), temperature.to_bits());

@@ -103,9 +103,24 @@ pub enum Query {
 /// the engine would stop deciding while it built it).
 const SNAPSHOT_PART: usize = 1024;
 
-/// Where a part of a snapshot starts; the default is the beginning.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SnapshotCursor(SensorIndex);
+/// Where a part of a snapshot starts; the default is the beginning of a whole snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotCursor {
+    from: SensorIndex,
+    /// For a catch-up: only heaters whose last event is newer than what these parts sent.
+    newer_than: Option<Arc<SnapshotCoverage>>,
+}
+
+impl SnapshotCursor {
+    /// The beginning of a catch-up: a snapshot of only the heaters whose last command is newer
+    /// than what `sent` covers, for a subscriber that missed live events after it.
+    pub fn catch_up(sent: SnapshotCoverage) -> Self {
+        Self {
+            from: 0,
+            newer_than: Some(Arc::new(sent)),
+        }
+    }
+}
 
 /// Part of a snapshot: the last command events of matching heaters whose index in the cache is
 /// from `from` up to where the next part starts (or on, for the last part), as they were after
@@ -152,8 +167,13 @@ impl SnapshotCoverage {
 
     /// Whether a part already sent reflects `live` (or a newer event of its sensor).
     pub fn covers(&self, live: &LiveEvent) -> bool {
-        let after = self.parts.partition_point(|&(from, _)| from <= live.sensor);
-        after > 0 && live.number <= self.parts[after - 1].1
+        self.covers_number(live.sensor, live.number)
+    }
+
+    /// Whether a part already sent reflects the sensor's event numbered `number`.
+    fn covers_number(&self, sensor: SensorIndex, number: u64) -> bool {
+        let after = self.parts.partition_point(|&(from, _)| from <= sensor);
+        after > 0 && number <= self.parts[after - 1].1
     }
 }
 
@@ -384,18 +404,23 @@ impl Engine {
             }
             Input::Query(Query::Snapshot {
                 filter,
-                from: SnapshotCursor(from),
+                from: SnapshotCursor { from, newer_than },
                 reply,
             }) => {
                 let (events, next) = self.sensors.last_events(
                     &filter.sensors,
                     filter.building.as_ref(),
+                    |i, number| {
+                        newer_than
+                            .as_ref()
+                            .is_none_or(|sent| !sent.covers_number(i, number))
+                    },
                     from,
                     SNAPSHOT_PART,
                 );
                 let _ = reply.send(SnapshotPart {
                     events,
-                    next: next.map(SnapshotCursor),
+                    next: next.map(|from| SnapshotCursor { from, newer_than }),
                     from,
                     through: self.live_events,
                 });
@@ -468,9 +493,6 @@ impl Engine {
         building: &BuildingId,
     ) {
         let stored = self.sensors.last_event_sequence(i);
-        if stored.is_none_or(|sequence| event.sequence >= sequence) {
-            self.sensors.set_last_event(i, event, building);
-        }
         let number = match self.awaiting_readback.remove(&(i, event.sequence)) {
             Some(number) => number,
             None if stored.is_none_or(|sequence| event.sequence > sequence) => {
@@ -480,6 +502,9 @@ impl Engine {
             // Already passed on, or older than what was.
             None => return,
         };
+        if stored.is_none_or(|sequence| event.sequence >= sequence) {
+            self.sensors.set_last_event(i, event, building, number);
+        }
         // Decisions of ours for this sensor still awaited with a lower sequence would now come
         // out of order (a retried write that lands late): subscribers never get them.
         let superseded: Vec<_> = self
@@ -536,10 +561,10 @@ impl Engine {
         LoopStats::bump(&self.stats.commands);
         self.meters.command(decision.command, decision.reason);
         let event = command_event(self.sensors.id(i), decision, Utc::now());
-        self.sensors
-            .set_last_event(i, &event, &decision.building_id);
         // Subscribers get it once it is read back from the topic, with the number it has now.
         self.live_events += 1;
+        self.sensors
+            .set_last_event(i, &event, &decision.building_id, self.live_events);
         self.awaiting_readback
             .insert((i, event.sequence), self.live_events);
         let payload = event.encode_to_vec();
@@ -659,11 +684,15 @@ mod tests {
     }
 
     async fn snapshot(engine: &mut Engine) -> SnapshotPart {
+        snapshot_from(engine, SnapshotCursor::default()).await
+    }
+
+    async fn snapshot_from(engine: &mut Engine, from: SnapshotCursor) -> SnapshotPart {
         let (reply, part) = oneshot::channel();
         engine
             .apply(Input::Query(Query::Snapshot {
                 filter: Filter::default(),
-                from: SnapshotCursor::default(),
+                from,
                 reply,
             }))
             .await
@@ -771,5 +800,46 @@ mod tests {
             live.try_recv().is_err(),
             "sequence 3 after 4 is not passed on"
         );
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_has_only_the_heaters_whose_last_command_is_newer_than_what_was_sent() {
+        let (mut engine, _live) = engine();
+        let other = |sensor: &str, sequence: u64| pb::HeaterCommandEvent {
+            sensor_id: sensor.into(),
+            building_id: "b".into(),
+            command: pb::HeaterCommand::On as i32,
+            sequence,
+            ..Default::default()
+        };
+        for sensor in ["a", "b", "c"] {
+            engine.apply(observed(other(sensor, 1))).await.unwrap();
+        }
+        let mut sent = SnapshotCoverage::default();
+        sent.add(&snapshot(&mut engine).await);
+        let ids = |part: &SnapshotPart| {
+            part.events
+                .iter()
+                .map(|e| (e.sensor_id.clone(), e.sequence))
+                .collect::<Vec<_>>()
+        };
+
+        // After the snapshot: b changes, c comes again (not news), d is new.
+        for (sensor, sequence) in [("b", 2), ("c", 1), ("d", 1)] {
+            engine
+                .apply(observed(other(sensor, sequence)))
+                .await
+                .unwrap();
+        }
+        let catch_up = snapshot_from(&mut engine, SnapshotCursor::catch_up(sent)).await;
+        assert_eq!(ids(&catch_up), [("b".into(), 2), ("d".into(), 1)]);
+        assert!(catch_up.next.is_none());
+
+        // What a catch-up sent is covered in turn: the next one has only what changed since.
+        let mut sent = SnapshotCoverage::default();
+        sent.add(&catch_up);
+        engine.apply(observed(other("a", 2))).await.unwrap();
+        let again = snapshot_from(&mut engine, SnapshotCursor::catch_up(sent)).await;
+        assert_eq!(ids(&again), [("a".into(), 2)]);
     }
 }

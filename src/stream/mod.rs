@@ -240,7 +240,8 @@ pub async fn start(
     let stats = Arc::new(LoopStats::default());
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
-    // The channel's capacity is how far a subscriber may fall behind before it is dropped.
+    // The channel's capacity is how far a subscriber may fall behind before it is caught up
+    // or dropped (api::heater).
     let (live, _) = broadcast::channel(control.subscriber_buffer.max(1));
 
     let engine = Engine::new(

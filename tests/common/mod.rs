@@ -232,10 +232,12 @@ fn pg_script(action: &str, dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A subscription from a client that never reads, with a tiny HTTP/2 window: the server cannot
-/// hand it more than a few events, so it falls behind the shared buffer.
+/// A subscription from a client that does not read (until a test does), with a tiny HTTP/2
+/// window: the server cannot hand it more than a few events, so it falls behind the shared
+/// buffer.
 pub async fn stalled_subscription(
     addr: &str,
+    request: thermostat::proto::v1::SubscribeHeaterCommandsRequest,
 ) -> tonic::Streaming<thermostat::proto::v1::HeaterCommandEvent> {
     use thermostat::proto::v1 as pb;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -246,7 +248,7 @@ pub async fn stalled_subscription(
         .await
         .expect("connect");
     pb::heater_control_service_client::HeaterControlServiceClient::new(channel)
-        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+        .subscribe_heater_commands(request)
         .await
         .expect("subscribe")
         .into_inner()
