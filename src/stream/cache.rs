@@ -101,6 +101,11 @@ struct LastEvent {
 /// Index of a sensor in the cache.
 pub type SensorIndex = u32;
 
+/// How many sensors one call of [`Cache::last_events`] looks at, at most. Each part of a
+/// snapshot is one turn of the engine: a sparse one (a small building, a catch-up after few
+/// changes) would otherwise walk all of a million sensors while no reading is decided.
+pub const SCAN_LIMIT: SensorIndex = 1 << 16;
+
 #[derive(Default)]
 pub struct Cache {
     ids: String,
@@ -357,7 +362,8 @@ impl Cache {
 
     /// The last command events of `sensors` (every sensor when empty) in `building` (any when
     /// `None`) for which `wanted(sensor, number)` holds, of sensors from index `from` on, at most
-    /// `limit` of them in index order; and where the next ones start, if any are left.
+    /// `limit` of them in index order; and where the next ones start, if any are left. Of every
+    /// sensor, at most [`SCAN_LIMIT`] are looked at: the part may then be short, or empty.
     pub fn last_events(
         &self,
         sensors: &HashSet<SensorId>,
@@ -379,12 +385,12 @@ impl Cache {
                 .is_some_and(|e| building.is_none_or(|b| e.building == b) && wanted(*i, e.number))
         };
         // One more than asked for: where the next part starts.
-        let mut indexes: Vec<SensorIndex> = if sensors.is_empty() {
+        let (mut indexes, scanned_to): (Vec<SensorIndex>, _) = if sensors.is_empty() {
             // `last_events` is no longer than `slots`, whose length fits a `SensorIndex`.
-            (from..self.last_events.len() as SensorIndex)
-                .filter(wanted)
-                .take(limit + 1)
-                .collect()
+            let end = self.last_events.len() as SensorIndex;
+            let to = from.saturating_add(SCAN_LIMIT).min(end);
+            let indexes = (from..to).filter(wanted).take(limit + 1).collect();
+            (indexes, (to < end).then_some(to))
         } else {
             let mut indexes: Vec<SensorIndex> = sensors
                 .iter()
@@ -394,9 +400,9 @@ impl Cache {
                 .collect();
             indexes.sort_unstable();
             indexes.truncate(limit + 1);
-            indexes
+            (indexes, None)
         };
-        let next = indexes.get(limit).copied();
+        let next = indexes.get(limit).copied().or(scanned_to);
         indexes.truncate(limit);
         let events = indexes
             .into_iter()
@@ -722,6 +728,30 @@ mod tests {
         assert_eq!(next, None);
         let ids: Vec<String> = events.into_iter().map(|e| e.sensor_id).collect();
         assert_eq!(ids, ["b/s-1", "b/s-4"]);
+    }
+
+    #[test]
+    fn a_part_looks_at_no_more_sensors_than_the_scan_limit() {
+        let mut cache = Cache::default();
+        let total = 2 * SCAN_LIMIT + 10;
+        for n in 0..total {
+            cache.find_or_insert(&id(&format!("s-{n}"))).unwrap();
+        }
+        let with_events = [5, SCAN_LIMIT + 3, total - 1];
+        for i in with_events {
+            let sensor = cache.id(i).to_owned();
+            cache.set_last_event(i, &event(&sensor, "b", 1), &building("b"), 1);
+        }
+        let (mut parts, mut from) = (Vec::new(), Some(0));
+        while let Some(start) = from {
+            let (events, next) = cache.last_events(&HashSet::new(), None, |_, _| true, start, 1024);
+            assert!(next.is_none_or(|next| next - start <= SCAN_LIMIT));
+            parts.push(events.into_iter().map(|e| e.sensor_id).collect::<Vec<_>>());
+            from = next;
+        }
+        let expected: Vec<Vec<String>> =
+            with_events.iter().map(|i| vec![format!("s-{i}")]).collect();
+        assert_eq!(parts, expected, "one sensor in each scan");
     }
 
     #[test]

@@ -98,9 +98,10 @@ pub enum Query {
     },
 }
 
-/// Last command events are handed out this many at a time: a subscriber's snapshot of a million
-/// heaters is built part by part as it is sent, not all at once (it would be some 200 MB, and
-/// the engine would stop deciding while it built it).
+/// Last command events are handed out at most this many at a time (and from at most
+/// `cache::SCAN_LIMIT` sensors): a subscriber's snapshot of a million heaters is built part by
+/// part as it is sent, not all at once (it would be some 200 MB, and the engine would stop
+/// deciding while it built it).
 const SNAPSHOT_PART: usize = 1024;
 
 /// Where a part of a snapshot starts; the default is the beginning of a whole snapshot.
