@@ -60,6 +60,14 @@ macro_rules! id_type {
                 &self.0
             }
         }
+
+        /// Hashed and compared as the string itself (the derives only forward to it), so sets
+        /// and maps of ids can be looked up by `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

@@ -197,8 +197,7 @@ impl Filter {
         self.building
             .as_ref()
             .is_none_or(|b| b.as_str() == event.building_id)
-            && (self.sensors.is_empty()
-                || self.sensors.iter().any(|s| s.as_str() == event.sensor_id))
+            && (self.sensors.is_empty() || self.sensors.contains(event.sensor_id.as_str()))
     }
 }
 
@@ -623,6 +622,86 @@ mod tests {
             number,
             sensor,
             event: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_filter_matches_its_sensors_in_its_building() {
+        let event = |sensor: &str, building: &str| pb::HeaterCommandEvent {
+            sensor_id: sensor.into(),
+            building_id: building.into(),
+            ..Default::default()
+        };
+        let sensors = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| SensorId::parse(*id).unwrap())
+                .collect::<HashSet<_>>()
+        };
+        let many: Vec<String> = (0..100).map(|n| format!("b/s-{n}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let b = || Some(BuildingId::parse("b").unwrap());
+        for (filter, sensor, building, matches) in [
+            (Filter::default(), "x", "y", true),
+            (
+                Filter {
+                    sensors: sensors(&many),
+                    building: None,
+                },
+                "b/s-57",
+                "y",
+                true,
+            ),
+            (
+                Filter {
+                    sensors: sensors(&many),
+                    building: None,
+                },
+                "b/s-100",
+                "b",
+                false,
+            ),
+            (
+                Filter {
+                    sensors: sensors(&many),
+                    building: b(),
+                },
+                "b/s-0",
+                "b",
+                true,
+            ),
+            (
+                Filter {
+                    sensors: sensors(&many),
+                    building: b(),
+                },
+                "b/s-0",
+                "c",
+                false,
+            ),
+            (
+                Filter {
+                    sensors: HashSet::new(),
+                    building: b(),
+                },
+                "any",
+                "b",
+                true,
+            ),
+            (
+                Filter {
+                    sensors: HashSet::new(),
+                    building: b(),
+                },
+                "any",
+                "bb",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                filter.matches(&event(sensor, building)),
+                matches,
+                "{sensor} in {building}"
+            );
         }
     }
 
