@@ -99,7 +99,7 @@ impl Scope {
     pub fn contains_str(&self, building: &str) -> bool {
         match self {
             Scope::All => true,
-            Scope::Buildings(set) => set.iter().any(|b| b.as_str() == building),
+            Scope::Buildings(set) => set.contains(building),
         }
     }
 
