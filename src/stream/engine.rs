@@ -632,70 +632,22 @@ mod tests {
             building_id: building.into(),
             ..Default::default()
         };
-        let sensors = |ids: &[&str]| {
-            ids.iter()
-                .map(|id| SensorId::parse(*id).unwrap())
-                .collect::<HashSet<_>>()
+        let filter = |sensors: &[String], building: Option<&str>| Filter {
+            sensors: sensors
+                .iter()
+                .map(|id| SensorId::parse(id.as_str()).unwrap())
+                .collect(),
+            building: building.map(|b| BuildingId::parse(b).unwrap()),
         };
         let many: Vec<String> = (0..100).map(|n| format!("b/s-{n}")).collect();
-        let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        let b = || Some(BuildingId::parse("b").unwrap());
         for (filter, sensor, building, matches) in [
-            (Filter::default(), "x", "y", true),
-            (
-                Filter {
-                    sensors: sensors(&many),
-                    building: None,
-                },
-                "b/s-57",
-                "y",
-                true,
-            ),
-            (
-                Filter {
-                    sensors: sensors(&many),
-                    building: None,
-                },
-                "b/s-100",
-                "b",
-                false,
-            ),
-            (
-                Filter {
-                    sensors: sensors(&many),
-                    building: b(),
-                },
-                "b/s-0",
-                "b",
-                true,
-            ),
-            (
-                Filter {
-                    sensors: sensors(&many),
-                    building: b(),
-                },
-                "b/s-0",
-                "c",
-                false,
-            ),
-            (
-                Filter {
-                    sensors: HashSet::new(),
-                    building: b(),
-                },
-                "any",
-                "b",
-                true,
-            ),
-            (
-                Filter {
-                    sensors: HashSet::new(),
-                    building: b(),
-                },
-                "any",
-                "bb",
-                false,
-            ),
+            (filter(&[], None), "x", "y", true),
+            (filter(&many, None), "b/s-57", "y", true),
+            (filter(&many, None), "b/s-100", "b", false),
+            (filter(&many, Some("b")), "b/s-0", "b", true),
+            (filter(&many, Some("b")), "b/s-0", "c", false),
+            (filter(&[], Some("b")), "any", "b", true),
+            (filter(&[], Some("b")), "any", "bb", false),
         ] {
             assert_eq!(
                 filter.matches(&event(sensor, building)),
