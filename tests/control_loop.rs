@@ -651,8 +651,9 @@ async fn a_subscriber_behind_after_a_large_snapshot_is_caught_up_not_dropped() {
         .await,
         "the loop read every command"
     );
-    // Heaters of the first part, which the subscription takes before it returns, and of the
-    // last, which it takes only once the client has read the ones before.
+    // Heaters of the first part, which the subscription takes before it returns, and of later
+    // parts, which it takes only as the client reads (the server holds one encoded chunk of
+    // about 32 KB for a client that reads nothing: some 400 events of the first part).
     let first = app
         .control
         .snapshot(Default::default(), Default::default())
