@@ -6,9 +6,10 @@ mod common;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use common::kafka::{by_sensor, header, Commands, Sensors, TopicReader, Topics};
+use common::kafka::{
+    by_sensor, header, write_command, written_command, Commands, Sensors, TopicReader, Topics,
+};
 use common::{put, setpoint, TestApp};
-use prost::Message as _;
 use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
 use thermostat::stream::engine::{LiveEvent, LoopStats, SnapshotCoverage};
@@ -445,19 +446,6 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
     assert!(err.message().contains("sensor_ids"));
 }
 
-/// How many last commands the loop knows, counted over every part of its snapshot.
-async fn snapshot_len(app: &TestApp) -> usize {
-    let (mut count, mut from) = (0, Some(Default::default()));
-    while let Some(start) = from {
-        let Some(part) = app.control.snapshot(Default::default(), start).await else {
-            return 0;
-        };
-        count += part.events.len();
-        from = part.next;
-    }
-    count
-}
-
 #[tokio::test]
 async fn a_snapshot_of_more_heaters_than_one_part_is_sent_whole_before_live_commands() {
     // More than the engine hands out in one part (1024).
@@ -474,7 +462,7 @@ async fn a_snapshot_of_more_heaters_than_one_part_is_sent_whole_before_live_comm
     futures::future::join_all(ids.iter().map(|id| sensors.reading(id, 10.0, Utc::now()))).await;
     assert!(
         common::eventually(Duration::from_secs(30), || async {
-            snapshot_len(&app).await == HEATERS
+            common::snapshot_len(&app).await == HEATERS
         })
         .await,
         "the loop read back every command"
@@ -504,33 +492,6 @@ async fn a_snapshot_of_more_heaters_than_one_part_is_sent_whole_before_live_comm
     );
 }
 
-/// A command event as another replica would have written it to the command topic.
-fn written_command(sensor: &str, sequence: u64, command: H) -> pb::HeaterCommandEvent {
-    let time = thermostat::api::convert::timestamp(Utc::now());
-    pb::HeaterCommandEvent {
-        sensor_id: sensor.into(),
-        building_id: "hq".into(),
-        command: command as i32,
-        reason: if command == H::On {
-            R::TooCold
-        } else {
-            R::TooHot
-        } as i32,
-        setpoint_revision: 1,
-        temperature_celsius: 18.0,
-        reading_time: Some(time),
-        decided_at: Some(time),
-        sequence,
-        snapshot: false,
-    }
-}
-
-async fn write_command(topic: &Sensors, event: pb::HeaterCommandEvent) {
-    topic
-        .raw(Some(&event.sensor_id), &event.encode_to_vec())
-        .await;
-}
-
 #[tokio::test]
 async fn a_command_on_the_topic_again_or_out_of_order_reaches_subscribers_once() {
     let (app, _commands, _sensors) = looped(TestApp::fresh_config().await).await;
@@ -540,7 +501,7 @@ async fn a_command_on_the_topic_again_or_out_of_order_reaches_subscribers_once()
     for (sequence, command) in [(1, H::On), (1, H::On), (2, H::Off), (1, H::On), (3, H::On)] {
         write_command(
             &command_topic,
-            written_command("again-1", sequence, command),
+            written_command("again-1", "hq", sequence, command),
         )
         .await;
     }
@@ -572,7 +533,7 @@ async fn a_snapshot_covers_exactly_the_live_events_applied_before_it() {
     let command_topic = Sensors::new(&Topics::of(&app.config).commands);
     // What a subscription does: subscribe to the live feed, then take the snapshot.
     let mut live = app.control.subscribe();
-    write_command(&command_topic, written_command("cover-1", 1, H::On)).await;
+    write_command(&command_topic, written_command("cover-1", "hq", 1, H::On)).await;
     let before = next_live(&mut live).await;
     let part = app
         .control
@@ -580,7 +541,7 @@ async fn a_snapshot_covers_exactly_the_live_events_applied_before_it() {
         .await
         .expect("snapshot");
     assert_eq!(part.events.len(), 1, "the event is in the snapshot");
-    write_command(&command_topic, written_command("cover-1", 2, H::Off)).await;
+    write_command(&command_topic, written_command("cover-1", "hq", 2, H::Off)).await;
     let after = next_live(&mut live).await;
     assert_eq!((before.event.sequence, after.event.sequence), (1, 2));
 
@@ -596,7 +557,11 @@ async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
     config.control.subscriber_buffer = 4;
     let (app, commands, sensors) = looped(config).await;
     put_band(&app, "s", 20.0).await;
-    let mut stalled = common::stalled_subscription(&app.addr.to_string(), Default::default()).await;
+    let mut stalled = common::stalled_subscription(
+        &app.addr.to_string(),
+        pb::SubscribeHeaterCommandsRequest::default(),
+    )
+    .await;
 
     let t0 = Utc::now();
     for i in 0..20 {
@@ -641,12 +606,12 @@ async fn a_subscriber_behind_after_a_large_snapshot_is_caught_up_not_dropped() {
     let ids: Vec<String> = (0..HEATERS).map(|n| format!("behind-{n}")).collect();
     futures::future::join_all(
         ids.iter()
-            .map(|id| write_command(&command_topic, written_command(id, 1, H::On))),
+            .map(|id| write_command(&command_topic, written_command(id, "hq", 1, H::On))),
     )
     .await;
     assert!(
         common::eventually(Duration::from_secs(30), || async {
-            snapshot_len(&app).await == HEATERS
+            common::snapshot_len(&app).await == HEATERS
         })
         .await,
         "the loop read every command"
@@ -696,7 +661,7 @@ async fn a_subscriber_behind_after_a_large_snapshot_is_caught_up_not_dropped() {
     futures::future::join_all(
         changed
             .iter()
-            .map(|id| write_command(&command_topic, written_command(id, 2, H::Off))),
+            .map(|id| write_command(&command_topic, written_command(id, "hq", 2, H::Off))),
     )
     .await;
     assert!(
@@ -736,7 +701,7 @@ async fn a_subscriber_behind_after_a_large_snapshot_is_caught_up_not_dropped() {
     assert_eq!(twice, in_first.len(), "no other heater again");
 
     // And live from there.
-    write_command(&command_topic, written_command(&ids[0], 3, H::On)).await;
+    write_command(&command_topic, written_command(&ids[0], "hq", 3, H::On)).await;
     let live = next_event(&mut stream).await;
     assert_eq!(
         (live.sensor_id.as_str(), live.sequence, live.snapshot),

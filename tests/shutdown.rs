@@ -129,7 +129,10 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
     }
     let mut stalled = Vec::new();
     for _ in 0..2 {
-        stalled.push(common::stalled_subscription(&grpc, Default::default()).await);
+        stalled.push(
+            common::stalled_subscription(&grpc, pb::SubscribeHeaterCommandsRequest::default())
+                .await,
+        );
     }
 
     // Load: readings that flip the heaters, until well after SIGTERM.

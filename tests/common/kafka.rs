@@ -120,6 +120,39 @@ impl Sensors {
     }
 }
 
+/// A command event as another replica would have written it to the command topic.
+pub fn written_command(
+    sensor: &str,
+    building: &str,
+    sequence: u64,
+    command: pb::HeaterCommand,
+) -> pb::HeaterCommandEvent {
+    let time = timestamp(Utc::now());
+    pb::HeaterCommandEvent {
+        sensor_id: sensor.into(),
+        building_id: building.into(),
+        command: command as i32,
+        reason: if command == pb::HeaterCommand::On {
+            pb::CommandReason::TooCold
+        } else {
+            pb::CommandReason::TooHot
+        } as i32,
+        setpoint_revision: 1,
+        temperature_celsius: 18.0,
+        reading_time: Some(time),
+        decided_at: Some(time),
+        sequence,
+        snapshot: false,
+    }
+}
+
+/// Writes `event` to `topic` (the command topic) keyed by its sensor, as the service does.
+pub async fn write_command(topic: &Sensors, event: pb::HeaterCommandEvent) {
+    topic
+        .raw(Some(&event.sensor_id), &event.encode_to_vec())
+        .await;
+}
+
 /// Reads a topic from the beginning of every partition, outside any consumer group.
 pub struct TopicReader {
     consumer: StreamConsumer,

@@ -237,7 +237,7 @@ fn pg_script(action: &str, dir: &Path) -> String {
 /// buffer.
 pub async fn stalled_subscription(
     addr: &str,
-    request: thermostat::proto::v1::SubscribeHeaterCommandsRequest,
+    request: impl tonic::IntoRequest<thermostat::proto::v1::SubscribeHeaterCommandsRequest>,
 ) -> tonic::Streaming<thermostat::proto::v1::HeaterCommandEvent> {
     use thermostat::proto::v1 as pb;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -252,6 +252,19 @@ pub async fn stalled_subscription(
         .await
         .expect("subscribe")
         .into_inner()
+}
+
+/// How many last commands the loop knows, counted over every part of its snapshot.
+pub async fn snapshot_len(app: &TestApp) -> usize {
+    let (mut count, mut from) = (0, Some(Default::default()));
+    while let Some(start) = from {
+        let Some(part) = app.control.snapshot(Default::default(), start).await else {
+            return 0;
+        };
+        count += part.events.len();
+        from = part.next;
+    }
+    count
 }
 
 /// Runs the real grpcurl binary, as an operator would. It blocks, so tests calling it use the
