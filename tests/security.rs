@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use common::kafka::{Sensors, Topics};
+use common::kafka::{write_command, written_command, Sensors, Topics};
 use common::security::{self as creds, Ca, SigningKey, StaticEntry};
 use common::{eventually, grpcurl, put, setpoint, TestApp};
 use serde_json::json;
@@ -1320,6 +1320,77 @@ async fn no_bad_input_changes_the_database() {
         ))
         .await
         .expect("a good Put after the bad ones");
+}
+
+async fn next_or_status(
+    stream: &mut tonic::Streaming<pb::HeaterCommandEvent>,
+) -> Result<pb::HeaterCommandEvent, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an event or the end within 10 s")
+        .expect("the stream ended without a status")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_credential_ends_a_subscription_in_the_middle_of_its_snapshot() {
+    // Several parts of the snapshot (1024 heaters each).
+    const HEATERS: usize = 5000;
+    let (dir, app) = secure_app(|_, _| {}).await;
+    let command_topic = Sensors::new(&Topics::of(&app.config).commands);
+    futures::future::join_all((0..HEATERS).map(|n| {
+        write_command(
+            &command_topic,
+            written_command(&format!("north/h-{n}"), "north", 1, pb::HeaterCommand::On),
+        )
+    }))
+    .await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            common::snapshot_len(&app).await == HEATERS
+        })
+        .await,
+        "the loop read every command"
+    );
+    let request = authorized(
+        pb::SubscribeHeaterCommandsRequest {
+            send_initial_state: true,
+            ..Default::default()
+        },
+        Some("t-viewer-north"),
+    );
+    let mut stream = common::stalled_subscription(&app.addr.to_string(), request).await;
+    let mut received = 0;
+    for _ in 0..10 {
+        next_or_status(&mut stream).await.expect("a snapshot event");
+        received += 1;
+    }
+
+    let remaining: Vec<_> = static_entries()
+        .into_iter()
+        .filter(|e| !matches!(e, StaticEntry::Token { token, .. } if *token == "t-viewer-north"))
+        .collect();
+    creds::write(
+        dir.path(),
+        "identities.json",
+        &creds::static_file(&remaining),
+    );
+    // A slow reader: the whole snapshot would take some 5 s; the credentials are checked again
+    // every 100 ms (the reload interval).
+    let status = loop {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        match next_or_status(&mut stream).await {
+            Ok(event) => {
+                assert!(event.snapshot, "{event:?}");
+                received += 1;
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        received < HEATERS,
+        "ended within the snapshot, after {received} of {HEATERS} events"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -238,6 +238,14 @@ impl Subscription {
                 return Some((Ok(event), self));
             }
             if let Some(from) = self.more.take() {
+                // The recheck is otherwise only awaited with the live feed: a snapshot of a
+                // million heaters to a slow client must not outlast a revoked credential.
+                if self.recheck.tick().now_or_never().is_some() {
+                    if let Err(status) = self.reauthenticate() {
+                        self.ended = true;
+                        return Some((Err(status), self));
+                    }
+                }
                 match self.control.snapshot(self.filter.clone(), from).await {
                     Some(part) => {
                         self.sent.add(&part);
