@@ -1322,6 +1322,15 @@ async fn no_bad_input_changes_the_database() {
         .expect("a good Put after the bad ones");
 }
 
+/// Revokes one static token of [`STATIC`] by rewriting the file without it.
+fn revoke(dir: &Path, revoked: &str) {
+    let remaining: Vec<_> = static_entries()
+        .into_iter()
+        .filter(|e| !matches!(e, StaticEntry::Token { token, .. } if *token == revoked))
+        .collect();
+    creds::write(dir, "identities.json", &creds::static_file(&remaining));
+}
+
 async fn next_or_status(
     stream: &mut tonic::Streaming<pb::HeaterCommandEvent>,
 ) -> Result<pb::HeaterCommandEvent, tonic::Status> {
@@ -1365,15 +1374,7 @@ async fn a_revoked_credential_ends_a_subscription_in_the_middle_of_its_snapshot(
         received += 1;
     }
 
-    let remaining: Vec<_> = static_entries()
-        .into_iter()
-        .filter(|e| !matches!(e, StaticEntry::Token { token, .. } if *token == "t-viewer-north"))
-        .collect();
-    creds::write(
-        dir.path(),
-        "identities.json",
-        &creds::static_file(&remaining),
-    );
+    revoke(dir.path(), "t-viewer-north");
     // A slow reader: the whole snapshot would take some 5 s; the credentials are checked again
     // every 100 ms (the reload interval).
     let status = loop {
@@ -1424,16 +1425,7 @@ async fn a_subscription_ends_when_its_credentials_expire_or_are_revoked() {
     let revoked = subscribe("t-viewer-north".to_owned()).await;
     let kept = subscribe("t-viewer-all".to_owned()).await;
 
-    // Revoke one static token by rewriting the file without it.
-    let remaining: Vec<_> = static_entries()
-        .into_iter()
-        .filter(|e| !matches!(e, StaticEntry::Token { token, .. } if *token == "t-viewer-north"))
-        .collect();
-    creds::write(
-        dir.path(),
-        "identities.json",
-        &creds::static_file(&remaining),
-    );
+    revoke(dir.path(), "t-viewer-north");
     let started = Instant::now();
     assert_eq!(ended(revoked).await, Code::Unauthenticated);
     assert_eq!(ended(expiring).await, Code::Unauthenticated);
