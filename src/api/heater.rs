@@ -222,6 +222,12 @@ impl Subscription {
         Ok(())
     }
 
+    /// The stream's last item: `status`; the next call ends the stream.
+    fn end(mut self, status: Status) -> Option<(Result<pb::HeaterCommandEvent, Status>, Self)> {
+        self.ended = true;
+        Some((Err(status), self))
+    }
+
     async fn next(mut self) -> Option<(Result<pb::HeaterCommandEvent, Status>, Self)> {
         if self.ended {
             return None;
@@ -242,33 +248,23 @@ impl Subscription {
                 // million heaters to a slow client must not outlast a revoked credential.
                 if self.recheck.tick().now_or_never().is_some() {
                     if let Err(status) = self.reauthenticate() {
-                        self.ended = true;
-                        return Some((Err(status), self));
+                        return self.end(status);
                     }
                 }
-                match self.control.snapshot(self.filter.clone(), from).await {
-                    Some(part) => {
-                        self.sent.add(&part);
-                        self.snapshot = part.events.into_iter();
-                        self.more = part.next;
-                    }
-                    None => {
-                        self.ended = true;
-                        return Some((Err(shutting_down()), self));
-                    }
-                }
+                let Some(part) = self.control.snapshot(self.filter.clone(), from).await else {
+                    return self.end(shutting_down());
+                };
+                self.sent.add(&part);
+                self.snapshot = part.events.into_iter();
+                self.more = part.next;
                 continue;
             }
             let received = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => {
-                    self.ended = true;
-                    return Some((Err(shutting_down()), self));
-                }
+                _ = self.shutdown.cancelled() => return self.end(shutting_down()),
                 _ = self.recheck.tick() => {
                     if let Err(status) = self.reauthenticate() {
-                        self.ended = true;
-                        return Some((Err(status), self));
+                        return self.end(status);
                     }
                     continue;
                 }
@@ -298,11 +294,9 @@ impl Subscription {
                 Err(RecvError::Lagged(missed)) => {
                     metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "ended")
                         .increment(1);
-                    self.ended = true;
-                    let status = Status::resource_exhausted(format!(
+                    return self.end(Status::resource_exhausted(format!(
                         "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"
-                    ));
-                    return Some((Err(status), self));
+                    )));
                 }
                 Err(RecvError::Closed) => return None,
             }
