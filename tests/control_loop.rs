@@ -3,6 +3,7 @@
 
 mod common;
 
+use rdkafka::Message as _;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
@@ -366,6 +367,48 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         ]
     );
     assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 4);
+}
+
+#[tokio::test]
+async fn a_record_too_large_to_dead_letter_whole_is_cut_and_the_loop_goes_on() {
+    let app = TestApp::spawn().await;
+    let topics = Topics::of(&app.config);
+    let commands = Commands::new(&topics);
+    let dead = TopicReader::new(&topics.dead_letters, 1);
+    let sensors = Sensors::new(&topics.sensors);
+    put_band(&app, "s", 20.0).await;
+
+    // A 600 kB key that is not the reading's sensor: quoted in the detail, the key and the
+    // detail alone were over librdkafka's 1 MB record limit.
+    let now = Utc::now();
+    let reading = pb::SensorReading {
+        sensor_id: "s".into(),
+        temperature_celsius: 10.0,
+        reading_time: Some(thermostat::api::convert::timestamp(now)),
+    };
+    let payload = prost::Message::encode_to_vec(&reading);
+    let key = "k".repeat(600_000);
+    sensors.raw(Some(&key), &payload).await;
+    sensors.reading("s", 10.0, now).await;
+
+    assert_eq!(
+        cmd(&commands.expect().await),
+        (H::On, R::TooCold),
+        "the loop went on"
+    );
+    let record = dead
+        .next(Duration::from_secs(20))
+        .await
+        .expect("a dead letter");
+    let text = |name| header(&record, name).unwrap_or_else(|| panic!("{name} header"));
+    assert_eq!(text("thermostat-dead-letter-reason"), "key_mismatch");
+    assert_eq!(
+        text("thermostat-dead-letter-truncated"),
+        format!("key=600000 payload={}", payload.len())
+    );
+    assert!(text("thermostat-dead-letter-detail").len() <= 1024);
+    assert_eq!(record.key().map(<[u8]>::len), Some(1024));
+    assert_eq!(record.payload(), Some(payload.as_slice()));
 }
 
 #[tokio::test]

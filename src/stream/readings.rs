@@ -28,6 +28,22 @@ use crate::telemetry;
 pub const DEAD_LETTER_REASON_HEADER: &str = "thermostat-dead-letter-reason";
 /// Header of a dead-letter record: the human-readable detail.
 pub const DEAD_LETTER_DETAIL_HEADER: &str = "thermostat-dead-letter-detail";
+/// Header of a dead-letter record whose key or payload was cut ([`DeadLetterLimits`]): the
+/// original sizes, `key=<bytes> payload=<bytes>`.
+pub const DEAD_LETTER_TRUNCATED_HEADER: &str = "thermostat-dead-letter-truncated";
+
+/// The most a dead letter keeps of a record's key and payload, and of its detail (which may quote
+/// the key). Whole, a record near the broker's size limit with a mismatched key made a dead
+/// letter over librdkafka's `message.max.bytes` (1 MB); producing it failed, which stops the
+/// service, and the record was there again at every start. A reading is some 50 bytes, a valid
+/// key at most 128: what is cut is never a reading.
+pub struct DeadLetterLimits;
+
+impl DeadLetterLimits {
+    pub const KEY: usize = 1024;
+    pub const PAYLOAD: usize = 64 * 1024;
+    pub const DETAIL: usize = 1024;
+}
 
 /// At most this many readings wait for their commands' acknowledgement; beyond that, consuming
 /// pauses. Bounds memory when the broker is slow to acknowledge.
@@ -288,29 +304,69 @@ impl Readings {
     ) -> Result<rdkafka::producer::DeliveryFuture, StreamError> {
         let detail = reason.to_string();
         let source = format!("{}/{}", message.partition(), message.offset());
-        let headers = OwnedHeaders::new()
+        let kept = Kept::of(message.key(), message.payload());
+        let mut headers = OwnedHeaders::new()
             .insert(Header {
                 key: DEAD_LETTER_REASON_HEADER,
                 value: Some(reason.code()),
             })
             .insert(Header {
                 key: DEAD_LETTER_DETAIL_HEADER,
-                value: Some(detail.as_str()),
+                value: Some(cut_str(&detail, DeadLetterLimits::DETAIL)),
             })
             .insert(Header {
                 key: "thermostat-source-partition-offset",
                 value: Some(source.as_str()),
             });
+        if let Some(sizes) = &kept.truncated {
+            headers = headers.insert(Header {
+                key: DEAD_LETTER_TRUNCATED_HEADER,
+                value: Some(sizes.as_str()),
+            });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
-        if let Some(key) = message.key() {
+        if let Some(key) = kept.key {
             record = record.key(key);
         }
-        if let Some(payload) = message.payload() {
+        if let Some(payload) = kept.payload {
             record = record.payload(payload);
         }
         enqueue(&self.producer, record).await
     }
+}
+
+/// What a dead letter keeps of a record's key and payload.
+#[derive(Debug, PartialEq)]
+struct Kept<'a> {
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    /// The [`DEAD_LETTER_TRUNCATED_HEADER`] value when anything was cut.
+    truncated: Option<String>,
+}
+
+impl<'a> Kept<'a> {
+    fn of(key: Option<&'a [u8]>, payload: Option<&'a [u8]>) -> Self {
+        let cut = |bytes: Option<&'a [u8]>, max: usize| bytes.map(|b| &b[..b.len().min(max)]);
+        let len = |bytes: Option<&[u8]>| bytes.map_or(0, <[u8]>::len);
+        let kept = Self {
+            key: cut(key, DeadLetterLimits::KEY),
+            payload: cut(payload, DeadLetterLimits::PAYLOAD),
+            truncated: None,
+        };
+        let truncated = (len(kept.key) < len(key) || len(kept.payload) < len(payload))
+            .then(|| format!("key={} payload={}", len(key), len(payload)));
+        Self { truncated, ..kept }
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut_str(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The engine's acknowledgements, in the order it decided, and the offsets they release. Only
@@ -399,6 +455,42 @@ async fn oldest_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_a_small_record_whole_and_cuts_a_large_one() {
+        let (key, payload) = (b"s1".as_slice(), [7u8; 50]);
+        assert_eq!(
+            Kept::of(Some(key), Some(&payload)),
+            Kept {
+                key: Some(key),
+                payload: Some(&payload),
+                truncated: None
+            }
+        );
+        assert_eq!(Kept::of(None, None).truncated, None);
+
+        let (key, payload) = (vec![b'k'; 600_000], vec![1u8; 100_000]);
+        let kept = Kept::of(Some(&key), Some(&payload));
+        assert_eq!(kept.key.map(<[u8]>::len), Some(DeadLetterLimits::KEY));
+        assert_eq!(
+            kept.payload.map(<[u8]>::len),
+            Some(DeadLetterLimits::PAYLOAD)
+        );
+        assert_eq!(kept.truncated.as_deref(), Some("key=600000 payload=100000"));
+        // Either one alone is cut too, and reported with both sizes.
+        let kept = Kept::of(Some(b"k"), Some(&payload));
+        assert_eq!(kept.key, Some(b"k".as_slice()));
+        assert_eq!(kept.truncated.as_deref(), Some("key=1 payload=100000"));
+    }
+
+    #[test]
+    fn a_detail_is_cut_at_a_character_boundary() {
+        assert_eq!(cut_str("short", 1024), "short");
+        assert_eq!(cut_str("abcdef", 3), "abc");
+        // "é" is two bytes: cutting inside it keeps the character out.
+        assert_eq!(cut_str("aéb", 2), "a");
+        assert_eq!(cut_str("aéb", 3), "aé");
+    }
 
     fn at(offset: i64) -> Option<Position> {
         Some(Position {
