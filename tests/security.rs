@@ -1195,7 +1195,7 @@ fn bad_input() -> impl proptest::strategy::Strategy<Value = Bad> {
         bad_desired.prop_map(Bad::Desired),
         bad_delta().prop_map(Bad::UpDelta),
         bad_delta().prop_map(Bad::DownDelta),
-        "[a-z]{257,3000}".prop_map(Bad::Reason),
+        prop_oneof!["[a-z]{257,3000}", "[a-z]{0,8}\\x00[a-z]{0,8}"].prop_map(Bad::Reason),
         (i64::MIN..0).prop_map(Bad::ExpectedRevision),
         (65 * 1024..1024 * 1024usize).prop_map(Bad::Oversized),
     ]

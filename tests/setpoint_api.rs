@@ -2,6 +2,8 @@
 
 mod common;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use std::collections::BTreeSet;
 
 use common::{put, setpoint, TestApp};
@@ -164,6 +166,7 @@ async fn invalid_puts_name_the_field_and_store_nothing() {
             s.down_delta_celsius = 21.0
         }),
         ("setpoint.reason", |s| s.reason = "r".repeat(257)),
+        ("setpoint.reason", |s| s.reason = "nul \0 inside".into()),
     ];
     for (field, edit) in cases {
         let mut sp = base.clone();
@@ -326,6 +329,11 @@ async fn list_pages_through_everything_in_order_and_filters_by_building() {
     assert!(err.message().contains("page_size"));
     let err = list(&mut client, "", 5, "garbage!").await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // A made-up token whose position PostgreSQL cannot compare (text cannot hold a NUL).
+    let forged = URL_SAFE_NO_PAD.encode("setpoints:\nsensor-00\0");
+    let err = list(&mut client, "", 5, &forged).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("page_token"));
 }
 
 #[tokio::test]

@@ -34,7 +34,9 @@ pub fn decode(scope: &str, token: &str) -> Result<Option<String>, ValidationErro
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let (token_scope, position) = text.split_once('\n').ok_or_else(invalid)?;
-    if token_scope != scope {
+    // No position this service issues holds a NUL (PostgreSQL's text cannot): compared with
+    // one, the listing's statement would fail as an internal error.
+    if token_scope != scope || position.contains('\0') {
         return Err(invalid());
     }
     Ok(Some(position.to_owned()))
@@ -75,6 +77,11 @@ mod tests {
         );
         assert_eq!(decode("setpoints:b1", "").unwrap(), None);
         assert!(decode("setpoints:b1", "!!not base64").is_err());
+        let forged = encode("setpoints:b1", "sensor\0");
+        assert_eq!(
+            decode("setpoints:b1", &forged).unwrap_err().field,
+            "page_token"
+        );
     }
 
     #[test]

@@ -56,6 +56,13 @@ impl Reason {
                 format!("must be at most {MAX_REASON_CHARS} characters"),
             ));
         }
+        // PostgreSQL's text cannot hold it: the statement would fail as an internal error.
+        if value.contains('\0') {
+            return Err(ValidationError::new(
+                "reason",
+                "must not contain a NUL character",
+            ));
+        }
         Ok(Self(value))
     }
 
@@ -157,5 +164,7 @@ mod tests {
     fn reason_is_limited_to_256_characters_not_bytes() {
         assert!(Reason::parse("é".repeat(256)).is_ok());
         assert_eq!(Reason::parse("x".repeat(257)).unwrap_err().field, "reason");
+        assert_eq!(Reason::parse("a\0b").unwrap_err().field, "reason");
+        assert!(Reason::parse("two\nlines\tand a tab").is_ok());
     }
 }
