@@ -93,7 +93,7 @@ pub struct DatabaseConfig {
     pub database_max_connections: u32,
     /// How long a request waits for a database connection, and a Put for a row lock, before
     /// failing with UNAVAILABLE.
-    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = positive_duration)]
     pub database_acquire_timeout: Duration,
     /// Statements writing Puts at once, each on a connection of its own (besides the pool).
     /// Puts arriving while every writer is busy are written together, up to 64 in one
@@ -157,13 +157,13 @@ pub struct KafkaConfig {
 pub struct ControlConfig {
     /// A controlled sensor with no reading for this long gets OFF (the fail-safe); also, a
     /// setpoint change re-evaluates only readings younger than this.
-    #[arg(long, env = "STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "STALE_AFTER", default_value = "5m", value_parser = positive_duration)]
     pub stale_after: Duration,
     /// How often sensors are checked for staleness.
-    #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub stale_check_interval: Duration,
     /// How often the setpoint cache is re-read in full, besides LISTEN/NOTIFY updates.
-    #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SETPOINT_RESYNC_INTERVAL", default_value = "5m", value_parser = positive_duration)]
     pub setpoint_resync_interval: Duration,
     /// Commands a subscriber may fall behind by before it is caught up from the engine's state
     /// (with `send_initial_state`) or its stream is ended with RESOURCE_EXHAUSTED.
@@ -195,7 +195,7 @@ pub struct TlsConfig {
     #[arg(long, env = "TLS_CLIENT_AUTH", value_enum, default_value_t = ClientAuth::Required)]
     pub tls_client_auth: ClientAuth,
     /// How long a client gets to complete the TLS handshake before it is disconnected.
-    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub tls_handshake_timeout: Duration,
 }
 
@@ -222,7 +222,7 @@ pub struct AuthConfig {
     #[arg(long, env = "AUTH_STATIC_FILE")]
     pub auth_static_file: Option<std::path::PathBuf>,
     /// How often the TLS, JWKS and static-identity files are checked for changes.
-    #[arg(long, env = "CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CREDENTIALS_RELOAD_INTERVAL", default_value = "10s", value_parser = positive_duration)]
     pub credentials_reload_interval: Duration,
 }
 
@@ -244,13 +244,13 @@ pub struct LimitsConfig {
     #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_IDENTITY", default_value_t = 16)]
     pub max_subscriptions_per_identity: usize,
     /// Longest a unary call may take; a shorter client deadline (`grpc-timeout`) wins.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub request_timeout: Duration,
     /// HTTP/2 keepalive ping interval: finds vanished clients and their streams.
-    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = positive_duration)]
     pub http2_keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub http2_keepalive_timeout: Duration,
 }
 
@@ -279,11 +279,21 @@ pub struct ServeConfig {
     #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
     /// How often the database is probed for the health service.
-    #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub health_check_interval: Duration,
     /// After SIGTERM/SIGINT, how long in-flight calls get to finish before the process exits.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
+/// zero timeout or staleness fails everything at once.
+pub fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl ServeConfig {
@@ -321,6 +331,33 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(config.control.subscriber_buffer, 1024);
+    }
+
+    #[test]
+    fn intervals_and_timeouts_must_not_be_zero() {
+        for flag in [
+            "--database-acquire-timeout",
+            "--stale-after",
+            "--stale-check-interval",
+            "--setpoint-resync-interval",
+            "--tls-handshake-timeout",
+            "--credentials-reload-interval",
+            "--request-timeout",
+            "--http2-keepalive-interval",
+            "--http2-keepalive-timeout",
+            "--health-check-interval",
+        ] {
+            let parse = |value| Cli::try_parse_from(["thermostat", "serve", flag, value]);
+            let err = parse("0s").expect_err(flag).to_string();
+            assert!(
+                err.contains(flag) && err.contains("greater than zero"),
+                "{err}"
+            );
+            assert!(parse("1ms").is_ok(), "{flag} 1ms");
+        }
+        // Zero stays a valid wait or linger.
+        let zero = Cli::try_parse_from(["thermostat", "serve", "--kafka-linger", "0s"]);
+        assert!(zero.is_ok());
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct BuildingConfig {
     #[arg(long, env = "SIM_BUILDING", default_value = "sim")]
     pub building_id: String,
     /// Real time between two readings of a room.
-    #[arg(long, env = "SIM_READING_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SIM_READING_INTERVAL", default_value = "1s", value_parser = crate::config::positive_duration)]
     pub reading_interval: Duration,
     /// Simulated seconds per real second.
     #[arg(long, env = "SIM_TIME_SCALE", default_value_t = 60.0)]
