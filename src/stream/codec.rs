@@ -154,12 +154,21 @@ pub fn command_event(
     }
 }
 
+/// Highest sequence taken from the command topic. A sensor's next command is its last one's
+/// sequence plus one, so a record claiming `u64::MAX` (never written by thermostat: one
+/// command a nanosecond would take 292 years to reach `i64::MAX`) would make it wrap to 0, and
+/// every later command of the sensor would look older than what consumers already have.
+pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
+
 /// What the loop needs from a command event read back from the topic; `None` for an event that
 /// is not a valid command (never written by thermostat). A reading time the engine cannot
 /// store (never written by thermostat either) counts as no reading.
 pub fn observed_command(
     event: &pb::HeaterCommandEvent,
 ) -> Option<(SensorId, LastCommand, Option<Reading>)> {
+    if event.sequence > MAX_SEQUENCE {
+        return None;
+    }
     let sensor = SensorId::parse(event.sensor_id.as_str()).ok()?;
     let command = match event.command() {
         pb::HeaterCommand::On => HeaterCommand::On,
@@ -341,5 +350,19 @@ mod tests {
             (sensor, HeaterCommand::On, 4)
         );
         assert_eq!(reading, decision.reading);
+
+        // A sequence the next command could not follow is not a command of ours.
+        let at = |sequence| {
+            observed_command(&pb::HeaterCommandEvent {
+                sequence,
+                ..event.clone()
+            })
+        };
+        assert_eq!(
+            at(MAX_SEQUENCE).map(|(_, last, _)| last.sequence),
+            Some(MAX_SEQUENCE)
+        );
+        assert!(at(MAX_SEQUENCE + 1).is_none());
+        assert!(at(u64::MAX).is_none());
     }
 }
