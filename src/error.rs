@@ -60,12 +60,18 @@ impl From<sqlx::Error> for Error {
             {
                 Error::Unavailable(err)
             }
-            // Classes 08 (connection exception) and 57 (operator intervention: the backend was
-            // terminated, the server is shutting down): the next connection may succeed.
+            // Classes 08 (connection exception), 53 (insufficient resources: disk full, out of
+            // memory, too many connections) and 57 (operator intervention: the backend was
+            // terminated, the server is shutting down), and read_only_sql_transaction (a
+            // failover left the connection on a standby): the next attempt, or the next
+            // connection, may succeed.
             sqlx::Error::Database(db)
-                if db
-                    .code()
-                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57")) =>
+                if db.code().is_some_and(|code| {
+                    ["08", "53", "57"]
+                        .iter()
+                        .any(|class| code.starts_with(class))
+                        || code == "25006"
+                }) =>
             {
                 Error::Unavailable(err)
             }
@@ -98,3 +104,57 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with only a SQLSTATE, as PostgreSQL reports it.
+    #[derive(Debug, thiserror::Error)]
+    #[error("sqlstate {0}")]
+    struct State(&'static str);
+
+    impl sqlx::error::DatabaseError for State {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn database_failures_that_may_pass_are_unavailable_and_the_rest_internal() {
+        let mapped = |code| Error::from(sqlx::Error::Database(Box::new(State(code))));
+        for code in [
+            "55P03", // lock_not_available
+            "40P01", // deadlock_detected
+            "08006", // connection_failure
+            "53100", // disk_full
+            "53200", // out_of_memory
+            "53300", // too_many_connections
+            "57P01", // admin_shutdown
+            "25006", // read_only_sql_transaction
+        ] {
+            assert!(matches!(mapped(code), Error::Unavailable(_)), "{code}");
+        }
+        assert!(matches!(mapped("23514"), Error::Invalid(_)));
+        for code in ["22021", "42P01", "25001"] {
+            assert!(matches!(mapped(code), Error::Internal(_)), "{code}");
+        }
+    }
+}
