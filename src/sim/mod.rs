@@ -61,6 +61,7 @@ pub struct BuildingConfig {
     /// Standard deviation of the measurement noise, °C.
     #[arg(long, env = "SIM_NOISE_CELSIUS", default_value_t = 0.05)]
     pub noise_celsius: f64,
+    /// Outside temperature, °C: where an unheated room drifts to.
     #[arg(long, env = "SIM_OUTSIDE_CELSIUS", default_value_t = 5.0)]
     pub outside_celsius: f64,
     /// Heater warming, °C per simulated minute.
@@ -84,6 +85,7 @@ pub struct BuildingConfig {
     /// After this long, raise the first room's setpoint by `SIM_CHANGE_BY` (needs SIM_API_ADDR).
     #[arg(long, env = "SIM_CHANGE_AFTER", value_parser = humantime::parse_duration)]
     pub change_after: Option<Duration>,
+    /// How far `SIM_CHANGE_AFTER` raises the first room's setpoint, °C (negative lowers it).
     #[arg(
         long,
         env = "SIM_CHANGE_BY",
