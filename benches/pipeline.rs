@@ -113,7 +113,7 @@ impl Load {
         let id = sensor_id(sensor);
         let payload = pb::SensorReading {
             sensor_id: id.clone(),
-            temperature_celsius: celsius,
+            temperature_celsius: Some(celsius),
             reading_time: Some(prost_types::Timestamp {
                 seconds: time_nanos.div_euclid(1_000_000_000),
                 nanos: time_nanos.rem_euclid(1_000_000_000) as i32,

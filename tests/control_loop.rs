@@ -145,7 +145,7 @@ async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
         .unwrap()
         .into_inner();
     assert_eq!(state.setpoint.unwrap().desired_celsius, 20.0);
-    assert_eq!(state.last_reading.unwrap().temperature_celsius, 25.0);
+    assert_eq!(state.last_reading.unwrap().temperature_celsius, Some(25.0));
     assert_eq!(state.last_command.unwrap().sequence, 2);
     let err = app
         .heaters()
@@ -330,12 +330,20 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
     let now = Utc::now();
     let nan = pb::SensorReading {
         sensor_id: "s".into(),
-        temperature_celsius: f64::NAN,
+        temperature_celsius: Some(f64::NAN),
         reading_time: Some(thermostat::api::convert::timestamp(now)),
     };
     sensors.raw(Some("s"), &[0xff, 0xfe, 0x01]).await;
     sensors
         .raw(Some("s"), &prost::Message::encode_to_vec(&nan))
+        .await;
+    // Without a temperature, not a reading of 0 °C (which would turn the heater on).
+    let missing = pb::SensorReading {
+        temperature_celsius: None,
+        ..nan.clone()
+    };
+    sensors
+        .raw(Some("s"), &prost::Message::encode_to_vec(&missing))
         .await;
     sensors.reading("bad id!", 10.0, now).await;
     sensors.reading("s", 10.0, now + TimeDelta::hours(2)).await;
@@ -347,7 +355,7 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         "the loop went on"
     );
     let mut reasons = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let record = dead
             .next(Duration::from_secs(20))
             .await
@@ -362,11 +370,12 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         [
             "future_time",
             "invalid_sensor_id",
+            "missing_temperature",
             "non_finite_temperature",
             "undecodable"
         ]
     );
-    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 4);
+    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 5);
 }
 
 #[tokio::test]
@@ -383,7 +392,7 @@ async fn a_record_too_large_to_dead_letter_whole_is_cut_and_the_loop_goes_on() {
     let now = Utc::now();
     let reading = pb::SensorReading {
         sensor_id: "s".into(),
-        temperature_celsius: 10.0,
+        temperature_celsius: Some(10.0),
         reading_time: Some(thermostat::api::convert::timestamp(now)),
     };
     let payload = prost::Message::encode_to_vec(&reading);

@@ -97,7 +97,7 @@ impl HeaterApi {
             setpoint,
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
-                temperature_celsius: r.temperature.value(),
+                temperature_celsius: Some(r.temperature.value()),
                 reading_time: Some(timestamp(r.time)),
             }),
             last_command,

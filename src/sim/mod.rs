@@ -337,7 +337,7 @@ async fn send_reading(
 ) -> Result<(), StreamError> {
     let payload = pb::SensorReading {
         sensor_id: sensor.to_owned(),
-        temperature_celsius: celsius,
+        temperature_celsius: Some(celsius),
         reading_time: Some(timestamp(time)),
     }
     .encode_to_vec();

@@ -60,7 +60,7 @@ pub async fn send_reading(
     let payload = match kafka.sensor_format {
         SensorFormat::Protobuf => pb::SensorReading {
             sensor_id: sensor.to_string(),
-            temperature_celsius: celsius,
+            temperature_celsius: Some(celsius),
             reading_time: Some(timestamp(time)),
         }
         .encode_to_vec(),

@@ -26,6 +26,8 @@ pub enum DeadLetter {
     KeyMismatch { key: String, sensor_id: String },
     #[error("temperature_celsius is not a finite number")]
     NonFiniteTemperature,
+    #[error("reading has no temperature_celsius")]
+    MissingTemperature,
     #[error("reading has no reading_time and the record no timestamp")]
     MissingTime,
     #[error("reading_time {0} is in the future")]
@@ -40,6 +42,7 @@ impl DeadLetter {
             DeadLetter::InvalidSensorId(_) => "invalid_sensor_id",
             DeadLetter::KeyMismatch { .. } => "key_mismatch",
             DeadLetter::NonFiniteTemperature => "non_finite_temperature",
+            DeadLetter::MissingTemperature => "missing_temperature",
             DeadLetter::MissingTime => "missing_time",
             DeadLetter::FutureTime(_) => "future_time",
         }
@@ -49,7 +52,7 @@ impl DeadLetter {
 #[derive(Deserialize)]
 struct JsonReading {
     sensor_id: String,
-    temperature_celsius: f64,
+    temperature_celsius: Option<f64>,
     reading_time: Option<String>,
 }
 
@@ -101,6 +104,7 @@ pub fn decode_reading(
             });
         }
     }
+    let temperature = temperature.ok_or(DeadLetter::MissingTemperature)?;
     let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
     let time = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
     if !storable(time) {
@@ -201,6 +205,10 @@ mod tests {
     }
 
     fn proto(sensor: &str, t: f64, time: Option<DateTime<Utc>>) -> Vec<u8> {
+        proto_without(sensor, Some(t), time)
+    }
+
+    fn proto_without(sensor: &str, t: Option<f64>, time: Option<DateTime<Utc>>) -> Vec<u8> {
         pb::SensorReading {
             sensor_id: sensor.into(),
             temperature_celsius: t,
@@ -223,6 +231,16 @@ mod tests {
             (id.as_str(), r.temperature.value(), r.time),
             ("s1", 20.5, now())
         );
+        // 0 °C is a reading, not a missing one.
+        let (_, r) = decode_reading(
+            SensorFormat::Protobuf,
+            None,
+            &proto("s1", 0.0, Some(now())),
+            None,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(r.temperature.value(), 0.0);
         let json = br#"{"sensor_id":"s1","temperature_celsius":21.5,"reading_time":"2027-01-15T08:00:00Z"}"#;
         let (_, r) = decode_reading(SensorFormat::Json, None, json, None, now()).unwrap();
         assert_eq!(r.time.to_rfc3339(), "2027-01-15T08:00:00+00:00");
@@ -307,6 +325,18 @@ mod tests {
                 None,
                 proto("s1", f64::INFINITY, t),
                 "non_finite_temperature",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
+                proto_without("s1", None, t),
+                "missing_temperature",
+            ),
+            (
+                SensorFormat::Json,
+                None,
+                br#"{"sensor_id":"s1","reading_time":"2027-01-15T08:00:00Z"}"#.to_vec(),
+                "missing_temperature",
             ),
             (
                 SensorFormat::Protobuf,

@@ -112,7 +112,7 @@ impl Sensors {
     pub async fn reading(&self, sensor: &str, celsius: f64, time: DateTime<Utc>) {
         let payload = pb::SensorReading {
             sensor_id: sensor.into(),
-            temperature_celsius: celsius,
+            temperature_celsius: Some(celsius),
             reading_time: Some(timestamp(time)),
         }
         .encode_to_vec();
