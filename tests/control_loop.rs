@@ -318,33 +318,38 @@ async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
     );
 }
 
-#[tokio::test]
-async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
+/// A service with sensor "s" held at 20 ± 0.5 °C, readers of its command and dead-letter topics,
+/// and a writer to its sensor topic.
+async fn with_dead_letters() -> (TestApp, Commands, TopicReader, Sensors) {
     let app = TestApp::spawn().await;
     let topics = Topics::of(&app.config);
     let commands = Commands::new(&topics);
     let dead = TopicReader::new(&topics.dead_letters, 1);
     let sensors = Sensors::new(&topics.sensors);
     put_band(&app, "s", 20.0).await;
+    (app, commands, dead, sensors)
+}
+
+/// A protobuf reading of sensor "s" taken at `time`, encoded.
+fn reading_of_s(celsius: Option<f64>, time: chrono::DateTime<Utc>) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::SensorReading {
+        sensor_id: "s".into(),
+        temperature_celsius: celsius,
+        reading_time: Some(thermostat::api::convert::timestamp(time)),
+    })
+}
+
+#[tokio::test]
+async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
+    let (app, commands, dead, sensors) = with_dead_letters().await;
 
     let now = Utc::now();
-    let nan = pb::SensorReading {
-        sensor_id: "s".into(),
-        temperature_celsius: Some(f64::NAN),
-        reading_time: Some(thermostat::api::convert::timestamp(now)),
-    };
     sensors.raw(Some("s"), &[0xff, 0xfe, 0x01]).await;
     sensors
-        .raw(Some("s"), &prost::Message::encode_to_vec(&nan))
+        .raw(Some("s"), &reading_of_s(Some(f64::NAN), now))
         .await;
     // Without a temperature, not a reading of 0 °C (which would turn the heater on).
-    let missing = pb::SensorReading {
-        temperature_celsius: None,
-        ..nan.clone()
-    };
-    sensors
-        .raw(Some("s"), &prost::Message::encode_to_vec(&missing))
-        .await;
+    sensors.raw(Some("s"), &reading_of_s(None, now)).await;
     sensors.reading("bad id!", 10.0, now).await;
     sensors.reading("s", 10.0, now + TimeDelta::hours(2)).await;
     sensors.reading("s", 10.0, now).await;
@@ -380,22 +385,12 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
 
 #[tokio::test]
 async fn a_record_too_large_to_dead_letter_whole_is_cut_and_the_loop_goes_on() {
-    let app = TestApp::spawn().await;
-    let topics = Topics::of(&app.config);
-    let commands = Commands::new(&topics);
-    let dead = TopicReader::new(&topics.dead_letters, 1);
-    let sensors = Sensors::new(&topics.sensors);
-    put_band(&app, "s", 20.0).await;
+    let (_app, commands, dead, sensors) = with_dead_letters().await;
 
     // A 600 kB key that is not the reading's sensor: quoted in the detail, the key and the
     // detail alone were over librdkafka's 1 MB record limit.
     let now = Utc::now();
-    let reading = pb::SensorReading {
-        sensor_id: "s".into(),
-        temperature_celsius: Some(10.0),
-        reading_time: Some(thermostat::api::convert::timestamp(now)),
-    };
-    let payload = prost::Message::encode_to_vec(&reading);
+    let payload = reading_of_s(Some(10.0), now);
     let key = "k".repeat(600_000);
     sensors.raw(Some(&key), &payload).await;
     sensors.reading("s", 10.0, now).await;
