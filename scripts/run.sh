@@ -8,7 +8,10 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
+# Loopback only: a demo has no business on the network (the service's defaults are 0.0.0.0).
 export GRPC_ADDR=${GRPC_ADDR:-127.0.0.1:50051}
+export HEALTH_ADDR=${HEALTH_ADDR:-127.0.0.1:50052}
+export ADMIN_ADDR=${ADMIN_ADDR:-127.0.0.1:9090}
 bin=$root/target/release/thermostat
 # shellcheck source=scripts/throwaway.sh
 source scripts/throwaway.sh

@@ -115,7 +115,7 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     let mut building = config.building;
     building.api_addr = Some(app.local_addr().to_string());
     print_examples(
-        &app.local_addr().to_string(),
+        &app,
         &kafka.kafka_brokers,
         &building,
         credentials.as_ref().map(|c| c.token.as_str()),
@@ -142,7 +142,7 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
 
 /// What to try while the demo runs, with the addresses (and token) of this run.
 fn print_examples(
-    grpc: &str,
+    app: &Application,
     brokers: &str,
     building: &BuildingConfig,
     token: Option<&str>,
@@ -166,13 +166,19 @@ fn print_examples(
         None => (String::new(), String::new()),
     };
     let call = format!("grpcurl {transport}{auth}");
+    let grpc = app.local_addr();
+    let health = app.health_addr();
+    let metrics = app.admin_addr().map_or_else(String::new, |admin| {
+        format!("  metrics: curl -s http://{admin}/metrics\n")
+    });
     println!(
         r#"
 thermostat is the thermostat of a simulated building of {rooms} rooms ("{building_id}").
   gRPC:   {grpc}
   broker: {brokers}
 {auth_note}  plot:   {plot} (rewritten every 30 s and at the end)
-
+  health: grpcurl -plaintext {health} grpc.health.v1.Health/Check
+{metrics}
 In another terminal:
   grpcurl {transport}{grpc} list
   {call}-d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
