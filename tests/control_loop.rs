@@ -318,6 +318,42 @@ async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
     );
 }
 
+#[tokio::test]
+async fn a_restart_is_not_taken_for_silence_by_the_fail_safe() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.stale_after = Duration::from_secs(2);
+    let topics = Topics::of(&config);
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = Commands::new(&topics);
+    let app = TestApp::spawn_with(config.clone()).await;
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 10.0, Utc::now()).await;
+    assert_eq!(cmd(&commands.expect().await), (H::On, R::TooCold));
+    // Then in the band, for longer than STALE_AFTER: no command, and after a clean stop these
+    // readings are behind the committed offset. The restarted service knows only the ON's.
+    for _ in 0..7 {
+        sensors.reading("s", 20.0, Utc::now()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(commands.drain(Duration::from_millis(300)).await.is_empty());
+    app.stop().await;
+    let restarted = TestApp::spawn_with(config).await;
+    let assigned = common::eventually(Duration::from_secs(30), || async {
+        restarted.control.stats().assigned_partitions() > 0
+    })
+    .await;
+    assert!(assigned, "the restarted service owns the partition");
+    let taken_over = Utc::now();
+
+    // Readings of the sensor went elsewhere until now: not silence.
+    let early = commands.drain(Duration::from_secs(1)).await;
+    assert!(early.is_empty(), "fail-safe at takeover: {early:?}");
+    // Silent from the takeover on: the fail-safe, STALE_AFTER later.
+    let stale = commands.expect().await;
+    assert_eq!(cmd(&stale), (H::Off, R::SensorStale));
+    assert!(Utc::now() - taken_over >= TimeDelta::seconds(2));
+}
+
 /// A service with sensor "s" held at 20 ± 0.5 °C, readers of its command and dead-letter topics,
 /// and a writer to its sensor topic.
 async fn with_dead_letters() -> (TestApp, Commands, TopicReader, Sensors) {

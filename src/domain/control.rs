@@ -248,13 +248,25 @@ impl SensorControl {
     }
 
     /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
-    pub fn on_tick(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+    ///
+    /// `watched_since` is when the caller began receiving the sensor's readings (took its
+    /// partition: a start, a rebalance). Before that, readings went to another replica or to
+    /// none, and after a takeover the last one known may be that of the last command, long
+    /// before the readings that followed in the band: staleness counts from the later of the
+    /// two, so a takeover is never taken for a silent sensor.
+    pub fn on_tick(
+        &mut self,
+        now: DateTime<Utc>,
+        stale_after: TimeDelta,
+        watched_since: DateTime<Utc>,
+    ) -> Option<Decision> {
         self.parts.band?;
         let since = self
             .parts
             .last_reading
             .map(|r| r.time)
-            .or(self.parts.controlled_since)?;
+            .or(self.parts.controlled_since)?
+            .max(watched_since);
         if now.signed_duration_since(since) <= stale_after {
             return None;
         }
@@ -423,7 +435,7 @@ mod tests {
         for (i, t) in [-40.0, 0.0, 99.0].into_iter().enumerate() {
             assert_eq!(command_of(s.on_reading(reading(t, i as i64))), None);
         }
-        assert_eq!(s.on_tick(at(100_000), STALE), None);
+        assert_eq!(s.on_tick(at(100_000), STALE, at(0)), None);
         assert_eq!(s.last_reading(), Some(reading(99.0, 2)));
     }
 
@@ -498,13 +510,13 @@ mod tests {
         let mut s = controlled(20.0, 1.0, 1.0);
         s.on_reading(reading(10.0, 0));
         assert_eq!(
-            s.on_tick(at(300), STALE),
+            s.on_tick(at(300), STALE, at(0)),
             None,
             "exactly STALE_AFTER is not stale yet"
         );
-        let d = s.on_tick(at(301), STALE).unwrap();
+        let d = s.on_tick(at(301), STALE, at(0)).unwrap();
         assert_eq!((d.command, d.reason), (Off, CommandReason::SensorStale));
-        assert_eq!(s.on_tick(at(400), STALE), None, "only once");
+        assert_eq!(s.on_tick(at(400), STALE, at(0)), None, "only once");
         // The sensor comes back cold: ON again.
         assert_eq!(command_of(s.on_reading(reading(10.0, 401))), Some(On));
     }
@@ -512,8 +524,40 @@ mod tests {
     #[test]
     fn a_controlled_sensor_that_never_reported_goes_stale_from_when_control_began() {
         let mut s = controlled(20.0, 1.0, 1.0);
-        assert_eq!(s.on_tick(at(300), STALE), None);
-        assert_eq!(s.on_tick(at(301), STALE).map(|d| d.command), Some(Off));
+        assert_eq!(s.on_tick(at(300), STALE, at(0)), None);
+        assert_eq!(
+            s.on_tick(at(301), STALE, at(0)).map(|d| d.command),
+            Some(Off)
+        );
+    }
+
+    #[test]
+    fn a_sensor_taken_over_goes_stale_only_after_being_watched_for_stale_after() {
+        // Heated since a command at 0; its readings since stayed in the band and went to the
+        // previous owner. Taken over at 1000, with only the command's reading known.
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.observe(
+            LastCommand {
+                command: On,
+                sequence: 1,
+            },
+            s.parts.building_id.clone().unwrap(),
+            Some(reading(18.0, 0)),
+        );
+        assert_eq!(
+            s.on_tick(at(1000), STALE, at(1000)),
+            None,
+            "not at takeover"
+        );
+        assert_eq!(s.on_tick(at(1300), STALE, at(1000)), None);
+        // Silent since the takeover: the fail-safe, STALE_AFTER after it.
+        let d = s.on_tick(at(1301), STALE, at(1000)).unwrap();
+        assert_eq!((d.command, d.reason), (Off, CommandReason::SensorStale));
+        // A reading after the takeover counts as before.
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.on_reading(reading(20.0, 1100));
+        assert_eq!(s.on_tick(at(1400), STALE, at(1000)), None);
+        assert!(s.on_tick(at(1401), STALE, at(1000)).is_some());
     }
 
     #[test]
@@ -661,7 +705,7 @@ mod tests {
                         let sp = values.map(|(d, u, w)| band(d, u, w));
                         s.on_setpoint(revision, sp, at(1000), STALE)
                     }
-                    Event::Tick(secs) => s.on_tick(at(secs), STALE),
+                    Event::Tick(secs) => s.on_tick(at(secs), STALE, at(0)),
                 };
                 if let Some(d) = decision {
                     match d.reason {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use prost::Message;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -272,7 +272,9 @@ impl Meters {
 pub struct Engine {
     sensors: Cache,
     meters: Meters,
-    assigned: HashSet<i32>,
+    /// Sensor-topic partitions this replica consumes, with when it began to (for the
+    /// staleness fail-safe: see `SensorControl::on_tick`).
+    assigned: HashMap<i32, DateTime<Utc>>,
     producer: FutureProducer,
     command_topic: String,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
@@ -300,7 +302,7 @@ impl Engine {
         Self {
             sensors: Cache::default(),
             meters: Meters::new(),
-            assigned: HashSet::new(),
+            assigned: HashMap::new(),
             producer,
             command_topic,
             acks,
@@ -347,7 +349,7 @@ impl Engine {
             Input::Setpoint(version) => {
                 let now = Utc::now();
                 let i = self.sensors.find_or_insert(&version.sensor_id)?;
-                let owned = owned(&self.assigned, &self.sensors, i);
+                let owned = owned_since(&self.assigned, &self.sensors, i).is_some();
                 let stale_after = self.stale_after;
                 let decision = self.decide(i, |control| {
                     let newer = control.apply_setpoint(version.revision, version.setpoint, now);
@@ -380,14 +382,19 @@ impl Engine {
                 Ok(())
             }
             Input::Assignment(partitions) => {
-                self.assigned = partitions.into_iter().collect();
+                // Partitions kept keep their time; new ones are watched from now.
+                let now = Utc::now();
+                self.assigned = partitions
+                    .into_iter()
+                    .map(|p| (p, self.assigned.get(&p).copied().unwrap_or(now)))
+                    .collect();
                 self.stats
                     .assigned
                     .store(self.assigned.len() as u64, Ordering::Relaxed);
                 // Sensors that just became ours may owe a command (a setpoint changed or was
                 // deleted while no replica owned them).
-                let (now, stale_after) = (Utc::now(), self.stale_after);
-                self.decide_for_owned(|control| control.reevaluate(now, stale_after))
+                let stale_after = self.stale_after;
+                self.decide_for_owned(|control, _| control.reevaluate(now, stale_after))
                     .await
             }
             Input::Query(Query::Sensor { sensor, reply }) => {
@@ -477,8 +484,10 @@ impl Engine {
         metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);
         let now = Utc::now();
         let stale_after = self.stale_after;
-        self.decide_for_owned(|control| control.on_tick(now, stale_after))
-            .await
+        self.decide_for_owned(|control, watched_since| {
+            control.on_tick(now, stale_after, watched_since)
+        })
+        .await
     }
 
     /// Keeps a command event read back from the command topic as the sensor's last if it is not
@@ -531,15 +540,16 @@ impl Engine {
         result
     }
 
-    /// Runs `decide` on every sensor this replica owns and sends what it decides.
+    /// Runs `decide` on every sensor this replica owns, with when it began to own it, and sends
+    /// what it decides.
     async fn decide_for_owned(
         &mut self,
-        mut decide: impl FnMut(&mut SensorControl) -> Option<Decision>,
+        mut decide: impl FnMut(&mut SensorControl, DateTime<Utc>) -> Option<Decision>,
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
         for i in self.sensors.indexes() {
-            if owned(&self.assigned, &self.sensors, i) {
-                if let Some(decision) = self.decide(i, &mut decide) {
+            if let Some(since) = owned_since(&self.assigned, &self.sensors, i) {
+                if let Some(decision) = self.decide(i, |control| decide(control, since)) {
                     decided.push((i, decision));
                 }
             }
@@ -598,8 +608,13 @@ impl Engine {
     }
 }
 
-fn owned(assigned: &HashSet<i32>, sensors: &Cache, i: SensorIndex) -> bool {
-    sensors.partition(i).is_some_and(|p| assigned.contains(&p))
+/// When this replica began consuming the sensor's partition; `None` when it does not.
+fn owned_since(
+    assigned: &HashMap<i32, DateTime<Utc>>,
+    sensors: &Cache,
+    i: SensorIndex,
+) -> Option<DateTime<Utc>> {
+    assigned.get(&sensors.partition(i)?).copied()
 }
 
 #[cfg(test)]
