@@ -928,3 +928,41 @@ async fn until_a_statement_waits(watch: &sqlx::PgPool) {
     .await;
     assert!(waiting, "a writer waits on the lock");
 }
+
+#[tokio::test]
+async fn setpoint_rows_are_not_deleted_by_sql_but_by_the_api() {
+    let app = TestApp::spawn().await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("s", "b", 20.0), None))
+        .await
+        .unwrap();
+    // A row removed by SQL would go unnoticed by the replicas, and its sensor could not be
+    // created again (revision 1 is in the history).
+    let mut db = app.db().await;
+    for statement in [
+        "DELETE FROM setpoints WHERE sensor_id = 's'",
+        "TRUNCATE setpoints",
+    ] {
+        let err = sqlx::query(statement).execute(&mut db).await.unwrap_err();
+        assert!(
+            err.to_string().contains("DeleteSetpoint"),
+            "{statement}: {err}"
+        );
+    }
+    // The API's deletion (a tombstone) and a new Put go on as before.
+    client
+        .delete_setpoint(pb::DeleteSetpointRequest {
+            sensor_id: "s".into(),
+            expected_revision: None,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let again = client
+        .put_setpoint(put(setpoint("s", "b", 21.0), None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.revision, 3);
+}
