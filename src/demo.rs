@@ -111,7 +111,9 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         };
     let kafka = config.serve.kafka.clone();
     let tls = config.serve.tls.tls_cert_file.is_some();
-    let app = Application::build(config.serve).await?;
+    let Some(app) = Application::build_until(config.serve, &shutdown).await? else {
+        return Ok(());
+    };
     let mut building = config.building;
     building.api_addr = Some(app.local_addr().to_string());
     print_examples(

@@ -10,8 +10,20 @@ use thermostat::store::Store;
 use thermostat::stream;
 use thermostat::{telemetry, Application};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
+    let result = runtime.block_on(run());
+    // A blocking Kafka call (metadata, watermarks: up to 10 s against a broker that does not
+    // answer) can still be running when a start is given up on SIGTERM; the process exits
+    // without waiting for it. Everything else has finished by now.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(&cli.log).map_err(|e| anyhow::anyhow!("RUST_LOG/LOG_FORMAT: {e}"))?;
     let shutdown = CancellationToken::new();
@@ -48,8 +60,9 @@ async fn main() -> anyhow::Result<()> {
             thermostat::demo::run(config, shutdown).await?;
         }
         Command::Serve(config) => {
-            let app = Application::build(config).await?;
-            app.run_until_stopped(shutdown).await?;
+            if let Some(app) = Application::build_until(config, &shutdown).await? {
+                app.run_until_stopped(shutdown).await?;
+            }
         }
     }
     Ok(())

@@ -69,6 +69,25 @@ pub struct Application {
 }
 
 impl Application {
+    /// [`Self::build`], given up when `shutdown` comes first (`None`): a start can be long (the
+    /// command topic read from the beginning, a broker or database that does not answer), and
+    /// a SIGTERM meanwhile must stop the process then, not once the start has ended. What was
+    /// started is dropped with the future, as in a crash before the first decision could be
+    /// committed.
+    pub async fn build_until(
+        config: ServeConfig,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Self>, StartupError> {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                tracing::info!("stopped while starting");
+                Ok(None)
+            }
+            app = Self::build(config) => app.map(Some),
+        }
+    }
+
     /// Connects to the database, applies migrations, binds the gRPC port and starts the control
     /// loop (which first recovers the last commands and loads the setpoint cache).
     pub async fn build(config: ServeConfig) -> Result<Self, StartupError> {

@@ -247,3 +247,50 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
     );
     load.abort();
 }
+
+#[tokio::test]
+async fn sigterm_during_a_start_that_cannot_finish_exits_at_once() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    // A "broker" that accepts connections and never answers: the start waits on it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let silent_addr = silent.local_addr().expect("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thermostat"))
+        .arg("serve")
+        .env("DATABASE_URL", &config.database.database_url)
+        .env("KAFKA_BROKERS", silent_addr.to_string())
+        .env("SENSOR_TOPIC", &topics.sensors)
+        .env("COMMAND_TOPIC", &topics.commands)
+        .env("DEAD_LETTER_TOPIC", &topics.dead_letters)
+        .env("CONSUMER_GROUP", &topics.group)
+        .env("GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("HEALTH_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("AUTH_DISABLED", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start thermostat");
+    // Past the migrations, into the wait for the broker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(child.try_wait().unwrap().is_none(), "still starting");
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("still running 5 s after SIGTERM during its start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(2));
+    drop(silent);
+}
