@@ -43,8 +43,21 @@ start_broker() {
 demo() {
   export SIM_PLOT=${SIM_PLOT:-$root/target/thermostat-demo.svg}
   export SIM_CHANGE_AFTER=${SIM_CHANGE_AFTER:-2m}
-  # Not exec'd: cleanup must run after it exits.
-  "$bin" demo
+  # Not exec'd: cleanup must run after it exits. In the background, because bash runs a trap
+  # only once its foreground child has exited, so a SIGTERM to this script would not reach the
+  # demo; Ctrl-C and SIGTERM are passed on to it as SIGTERM (a graceful stop, plot written).
+  "$bin" demo &
+  demo_pid=$!
+  signalled=0
+  trap 'signalled=130; kill -TERM "$demo_pid" 2>/dev/null || true' INT
+  trap 'signalled=143; kill -TERM "$demo_pid" 2>/dev/null || true' TERM
+  local rc=0
+  # A trapped signal ends a wait early: wait again until the demo has stopped.
+  while kill -0 "$demo_pid" 2>/dev/null; do
+    wait "$demo_pid" || rc=$?
+  done
+  if ((signalled)); then rc=$signalled; fi
+  return "$rc"
 }
 
 build
