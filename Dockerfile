@@ -49,7 +49,8 @@ RUN cargo build --release --locked \
 # ---------------------------------------------------------------------------------------------
 # Runtime: Debian 12 slim. The binary needs glibc, libgcc_s and libz.so.1 (zlib1g), all of
 # which the slim image already has; zlib1g is named to make the dependency explicit.
-# ca-certificates: for TLS to PostgreSQL or Kafka should it be enabled. Nothing is written at
+# ca-certificates: the roots a TLS connection to PostgreSQL is verified against (DATABASE_URL with
+# sslmode=verify-full and no sslrootcert); Kafka connections are plaintext. Nothing is written at
 # run time (works with a read-only root filesystem) and no shell is needed: the entrypoint is
 # the binary itself, in exec form.
 FROM debian:bookworm-slim AS runtime

@@ -5,7 +5,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{create_database, eventually, grpcurl, put, setpoint, PgCluster, TestApp};
+use common::{create_database, eventually, grpcurl, put, security, setpoint, PgCluster, TestApp};
+use sqlx::Connection as _;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -252,4 +253,56 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
     .await;
     let (_, now) = http_get(app.admin, "/metrics").await;
     assert!(counted, "metrics did not move:\n{now}");
+}
+
+#[tokio::test]
+async fn the_database_connection_can_be_tls_with_a_verified_server() {
+    let cluster = PgCluster::start();
+    let ca = security::Ca::new("database CA");
+    cluster.enable_tls(&ca.server()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = security::write(dir.path(), "ca.pem", &ca.pem());
+    let database_url = create_database(&cluster.admin_url).await;
+    let verified = |root: &std::path::Path| {
+        format!(
+            "{database_url}?sslmode=verify-full&sslrootcert={}",
+            root.display()
+        )
+    };
+
+    // A server certificate that does not chain to the given root: the start fails.
+    let stranger = security::write(dir.path(), "other.pem", &security::Ca::new("other").pem());
+    let mut config = TestApp::fresh_config().await;
+    config.database.database_url = verified(&stranger);
+    assert!(
+        thermostat::Application::build(config.clone())
+            .await
+            .is_err(),
+        "connected to a server it could not verify"
+    );
+
+    // The right root: the service runs, and its connections are TLS.
+    config.database.database_url = verified(&ca_file);
+    let app = TestApp::spawn_with(config).await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("s", "b", 20.0), None))
+        .await
+        .unwrap();
+    let mut admin = sqlx::PgConnection::connect(&cluster.admin_url)
+        .await
+        .unwrap();
+    let name = database_url.rsplit('/').next().unwrap();
+    let (tls, plain): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+    )
+    .bind(name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        tls > 0 && plain == 0,
+        "{tls} TLS and {plain} plain connections"
+    );
 }

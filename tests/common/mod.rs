@@ -209,6 +209,35 @@ impl PgCluster {
     pub fn restart(&self) {
         pg_script("start", self.dir.path());
     }
+
+    /// Switches TLS on with `server`'s certificate and key (a reload, no restart).
+    pub async fn enable_tls(&self, server: &security::Pem) {
+        use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+        // The server reads them as the cluster's owner (`postgres` when the tests run as
+        // root), and refuses a key that others may read.
+        let owner = std::fs::metadata(self.dir.path().join("data")).expect("data directory");
+        let mut paths = Vec::new();
+        for (name, contents) in [("server.crt", &server.cert), ("server.key", &server.key)] {
+            let path = security::write(self.dir.path(), name, contents);
+            chown(&path, Some(owner.uid()), Some(owner.gid())).expect("chown");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            paths.push(path);
+        }
+        let mut admin = PgConnection::connect(&self.admin_url)
+            .await
+            .expect("connect admin");
+        for statement in [
+            format!("ALTER SYSTEM SET ssl_cert_file = '{}'", paths[0].display()),
+            format!("ALTER SYSTEM SET ssl_key_file = '{}'", paths[1].display()),
+            "ALTER SYSTEM SET ssl = on".to_owned(),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            sqlx::query(&statement)
+                .execute(&mut admin)
+                .await
+                .expect(&statement);
+        }
+    }
 }
 
 impl Drop for PgCluster {
