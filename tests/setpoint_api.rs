@@ -201,14 +201,23 @@ async fn invalid_puts_name_the_field_and_store_nothing() {
     );
 }
 
-#[tokio::test]
-async fn database_check_constraints_back_up_validation() {
+/// A service whose sensor "s" has a setpoint in building "b", and a client of it.
+async fn with_setpoint_s() -> (
+    TestApp,
+    pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
+) {
     let app = TestApp::spawn().await;
     let mut client = app.setpoints().await;
     client
         .put_setpoint(put(setpoint("s", "b", 20.0), None))
         .await
         .unwrap();
+    (app, client)
+}
+
+#[tokio::test]
+async fn database_check_constraints_back_up_validation() {
+    let (app, mut client) = with_setpoint_s().await;
     let mut db = app.db().await;
     for bad in ["'NaN'::float8", "'Infinity'::float8", "101", "-51"] {
         let result = sqlx::query(&format!("UPDATE setpoints SET desired_celsius = {bad}"))
@@ -931,12 +940,7 @@ async fn until_a_statement_waits(watch: &sqlx::PgPool) {
 
 #[tokio::test]
 async fn setpoint_rows_are_not_deleted_by_sql_but_by_the_api() {
-    let app = TestApp::spawn().await;
-    let mut client = app.setpoints().await;
-    client
-        .put_setpoint(put(setpoint("s", "b", 20.0), None))
-        .await
-        .unwrap();
+    let (app, mut client) = with_setpoint_s().await;
     // A row removed by SQL would go unnoticed by the replicas, and its sensor could not be
     // created again (revision 1 is in the history).
     let mut db = app.db().await;
