@@ -234,6 +234,20 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
             sensor_id: "absent".into(),
         })
         .await;
+    // A made-up method (no credentials needed to call one): counted, under `other`.
+    let mut grpc = tonic::client::Grpc::new(app.channel().await);
+    grpc.ready().await.unwrap();
+    let made_up = grpc
+        .unary(
+            tonic::Request::new(thermostat::proto::v1::GetSetpointRequest::default()),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/thermostat.v1.SetpointService/MadeUp",
+            ),
+            tonic_prost::ProstCodec::<_, thermostat::proto::v1::Setpoint>::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(made_up.code(), tonic::Code::Unimplemented);
     let sensors = Sensors::new(&topics.sensors);
     let commands = Commands::new(&topics);
     sensors.reading("m1", 10.0, chrono::Utc::now()).await;
@@ -247,12 +261,14 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
             && grew(r#"thermostat_dead_letters_total{reason="undecodable"}"#)
             && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/PutSetpoint",code="Ok"}"#)
             && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/GetSetpoint",code="NotFound"}"#)
+            && grew(r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#)
             && now.contains("thermostat_decision_latency_seconds_bucket")
             && now.contains("thermostat_db_pool_connections")
     })
     .await;
     let (_, now) = http_get(app.admin, "/metrics").await;
     assert!(counted, "metrics did not move:\n{now}");
+    assert!(!now.contains("MadeUp"), "a made-up path became a label");
 }
 
 #[tokio::test]

@@ -4,11 +4,14 @@
 //! "trailers-only" responses with `grpc-status` in the headers; a response without it started
 //! successfully (an error later in a stream is not seen here).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use prost::Message as _;
 use tonic::codegen::http;
 use tower::{Layer, Service};
 
@@ -30,15 +33,38 @@ pub struct GrpcMetrics<S> {
     inner: S,
 }
 
-/// The method label: only our own and the standard services' paths, so that a client calling
-/// made-up methods cannot grow the metric without bound.
-fn method_label(path: &str) -> String {
-    let known = ["/thermostat.v1.", "/grpc.health.v1.", "/grpc.reflection."];
-    if path.len() <= 128 && known.iter().any(|prefix| path.starts_with(prefix)) {
-        path.to_owned()
-    } else {
-        "other".to_owned()
-    }
+/// Every method this server serves, as its request path: ours, health, and reflection v1 and
+/// v1alpha, from their descriptor sets.
+static KNOWN_METHODS: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]
+    .into_iter()
+    // Compiled in: they decode (the reflection service is built from the same bytes).
+    .filter_map(|set| prost_types::FileDescriptorSet::decode(set).ok())
+    .flat_map(|set| set.file)
+    .flat_map(|file| {
+        let package = file.package().to_owned();
+        file.service.into_iter().flat_map(move |service| {
+            let prefix = format!("/{package}.{}/", service.name());
+            service
+                .method
+                .into_iter()
+                .map(move |method| format!("{prefix}{}", method.name()))
+        })
+    })
+    .collect()
+});
+
+/// The method label: a method this server serves, or `other`. The layer runs before routing
+/// and authentication, so anyone may call made-up paths; labelled by path (even only those
+/// under our packages' prefixes, as before), each made a new series and `/metrics` grew without
+/// bound.
+fn method_label(path: &str) -> &'static str {
+    KNOWN_METHODS.get(path).map_or("other", String::as_str)
 }
 
 impl<S, B, RB> Service<http::Request<B>> for GrpcMetrics<S>
@@ -70,7 +96,7 @@ where
                 Err(_) => tonic::Code::Unknown,
             };
             let code = format!("{code:?}");
-            metrics::counter!(RPCS, "method" => method.clone(), "code" => code).increment(1);
+            metrics::counter!(RPCS, "method" => method, "code" => code).increment(1);
             metrics::histogram!(RPC_LATENCY, "method" => method)
                 .record(started.elapsed().as_secs_f64());
             response
@@ -83,15 +109,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_paths_share_one_label() {
-        assert_eq!(
-            method_label("/thermostat.v1.SetpointService/GetSetpoint"),
-            "/thermostat.v1.SetpointService/GetSetpoint"
-        );
-        assert_eq!(method_label("/evil.Service/x"), "other");
-        assert_eq!(
-            method_label(&format!("/thermostat.v1.{}", "x".repeat(200))),
-            "other"
-        );
+    fn served_methods_are_labelled_and_every_other_path_is_other() {
+        for served in [
+            "/thermostat.v1.SetpointService/GetSetpoint",
+            "/thermostat.v1.SetpointService/PutSetpoint",
+            "/thermostat.v1.HeaterControlService/SubscribeHeaterCommands",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert_eq!(method_label(served), served);
+        }
+        for made_up in [
+            "/evil.Service/x",
+            "/thermostat.v1.SetpointService/Nope",
+            "/thermostat.v1.Random/x",
+            "/grpc.reflection.anything/x",
+            "/grpc.health.v1.Health/Check/",
+        ] {
+            assert_eq!(method_label(made_up), "other", "{made_up}");
+        }
     }
 }
