@@ -499,6 +499,58 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_moved_and_deleted_belongs_to_the_building_that_deleted_it() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    let mut client = SetpointServiceClient::new(app.channel().await);
+    let heaters = HeaterControlServiceClient::new(app.channel().await);
+    let sensor = "north/room-9";
+    let state_as = |token: &'static str| {
+        let mut heaters = heaters.clone();
+        async move {
+            let request = pb::GetSensorStateRequest {
+                sensor_id: sensor.into(),
+            };
+            heaters
+                .get_sensor_state(authorized(request, Some(token)))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    // In north, its heater told OFF (too hot).
+    put_as(&mut client, "t-admin-all", sensor, "north", 20.0)
+        .await
+        .unwrap();
+    Sensors::new(&Topics::of(&app.config).sensors)
+        .reading(sensor, 30.0, Utc::now())
+        .await;
+    let told_off = eventually(Duration::from_secs(20), || async {
+        state_as("t-admin-all")
+            .await
+            .is_ok_and(|s| s.last_command.is_some_and(|c| c.building_id == "north"))
+    })
+    .await;
+    assert!(told_off, "the heater got its command in north");
+    // Moved to south and deleted there; the heater was OFF, so no command follows.
+    put_as(&mut client, "t-operator-all", sensor, "south", 20.0)
+        .await
+        .unwrap();
+    let request = pb::DeleteSetpointRequest {
+        sensor_id: sensor.into(),
+        ..Default::default()
+    };
+    client
+        .delete_setpoint(authorized(request, Some("t-operator-all")))
+        .await
+        .unwrap();
+
+    // South's now, with its readings: north, which sent its last command, sees none of it.
+    let north = state_as("t-viewer-north").await.unwrap_err();
+    assert_eq!(north.code(), Code::NotFound);
+    let everything = state_as("t-viewer-all").await.unwrap();
+    assert!(everything.setpoint.is_none() && everything.last_reading.is_some());
+}
+
 /// The next OFF command. The ON commands `two_buildings` caused may reach a new subscriber
 /// after it subscribed (the command-topic reader waits up to 100 ms per fetch on Tansu); this
 /// test's own readings cause OFF.

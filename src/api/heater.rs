@@ -61,22 +61,20 @@ impl HeaterApi {
         };
         // Read without a scope: a setpoint of another building must hide the whole sensor, not
         // just its setpoint.
-        let setpoint = match self.store.get_setpoint(&sensor, &Scope::All).await {
-            Ok(stored) => Some(stored),
-            Err(Error::NotFound { .. }) => None,
-            Err(e) => return Err(e),
-        };
+        let row = self.store.sensor_setpoint(&sensor).await?;
         let view = self
             .control
             .sensor(sensor.clone())
             .await
             .ok_or(Error::ShuttingDown)?;
-        // The sensor's building: its setpoint's, else its last command's. A sensor known only
-        // by its readings belongs to no building yet, so only callers with `*` see it.
-        let building = setpoint
-            .as_ref()
-            .map(|s| s.setpoint.building_id.as_str().to_owned())
-            .or_else(|| view.last_command.as_ref().map(|e| e.building_id.clone()));
+        // The sensor's building: its setpoint row's, also a deleted one (moved to another
+        // building and deleted there, it is that building's, not the one of its last command),
+        // else its last command's. A sensor known only by its readings belongs to no building
+        // yet, so only callers with `*` see it.
+        let (row_building, setpoint) = row.unzip();
+        let setpoint = setpoint.flatten();
+        let building =
+            row_building.or_else(|| view.last_command.as_ref().map(|e| e.building_id.clone()));
         let visible = match &building {
             Some(building) => who.scope.contains_str(building),
             None => who.scope == Scope::All,

@@ -351,6 +351,23 @@ impl Store {
         }
     }
 
+    /// The building of `sensor_id`'s setpoint row, deleted or not (a tombstone keeps the
+    /// building that deleted it), and the live setpoint if there is one; `None` without a row.
+    /// Unscoped: the caller decides what that building lets it see.
+    pub async fn sensor_setpoint(
+        &self,
+        sensor_id: &SensorId,
+    ) -> Result<Option<(String, Option<StoredSetpoint>)>> {
+        let Some(row) = self.setpoint_row(sensor_id).await? else {
+            return Ok(None);
+        };
+        let building = row.version.building_id.clone();
+        let live = (!row.version.deleted)
+            .then(|| row.into_stored())
+            .transpose()?;
+        Ok(Some((building, live)))
+    }
+
     /// Up to `limit` live setpoints in `scope` with `sensor_id > after`, in sensor order.
     pub async fn list_setpoints(
         &self,
