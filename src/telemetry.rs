@@ -31,6 +31,7 @@ pub const SETPOINT_WRITE_STATEMENTS: &str = "thermostat_setpoint_write_statement
 pub const TLS_HANDSHAKE_FAILURES: &str = "thermostat_tls_handshake_failures_total";
 pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
 pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
+pub const CREDENTIALS_STALE: &str = "thermostat_credentials_stale";
 
 /// Histogram buckets (seconds) for latencies from 10 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -120,6 +121,10 @@ fn describe() {
         "gRPC call duration until the response starts"
     );
     describe_gauge!(DB_POOL, "Database pool connections by state");
+    describe_gauge!(
+        CREDENTIALS_STALE,
+        "1 while a credential file (TLS certificate, JWKS, static identities) cannot be read or does not load, so the previous version is still in use"
+    );
     describe_counter!(SETPOINT_WRITES, "Puts sent to the database");
     describe_counter!(
         SETPOINT_WRITE_STATEMENTS,

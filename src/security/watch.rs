@@ -4,6 +4,7 @@
 //! contents on an interval works for every way a file can be replaced.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,6 +22,10 @@ pub struct Reloadable<T> {
     /// The contents last read, parsed or not: a change is a difference from these. Taken at
     /// load, so a change made before the watch task first runs is not missed.
     seen: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Whether the files differ from what is in use (unreadable, or changed but invalid):
+    /// logged once, then only visible here and in `thermostat_credentials_stale`. For a token
+    /// file that matters: a revocation written with a typo leaves the revoked token working.
+    stale: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +64,20 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
             parse: Box::new(parse),
             current: RwLock::new(Arc::new(value)),
             seen: std::sync::Mutex::new(contents),
+            stale: AtomicBool::new(false),
         }))
+        .inspect(|loaded| loaded.set_stale(false))
+    }
+
+    /// Whether the files on disk are not what is in use (see [`Self::watch`]).
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    fn set_stale(&self, stale: bool) {
+        self.stale.store(stale, Ordering::Relaxed);
+        metrics::gauge!(crate::telemetry::CREDENTIALS_STALE, "what" => self.what)
+            .set(f64::from(u8::from(stale)));
     }
 
     pub fn current(&self) -> Arc<T> {
@@ -81,7 +99,12 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 let contents = match read_all(&self.paths) {
                     Ok(contents) => contents,
                     Err(e) => {
-                        tracing::warn!(what = self.what, error = %e, "cannot re-read; keeping the loaded version");
+                        if !self.is_stale() {
+                            tracing::warn!(what = self.what, error = %e, "cannot re-read; keeping the loaded version");
+                        }
+                        self.set_stale(true);
+                        // Whatever can be read next is parsed, even the same contents as in use.
+                        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
                         continue;
                     }
                 };
@@ -95,9 +118,11 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                 match (self.parse)(&contents) {
                     Ok(value) => {
                         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+                        self.set_stale(false);
                         tracing::info!(what = self.what, files = %describe(&self.paths), "reloaded");
                     }
                     Err(message) => {
+                        self.set_stale(true);
                         tracing::warn!(what = self.what, files = %describe(&self.paths), error = %message, "changed but invalid; keeping the loaded version");
                     }
                 }
@@ -148,8 +173,9 @@ mod tests {
 
         std::fs::write(&path, "2").expect("write");
         wait_for(|| *value.current() == 2).await;
+        assert!(!value.is_stale());
         std::fs::write(&path, "not a number").expect("write");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_for(|| value.is_stale()).await;
         assert_eq!(
             *value.current(),
             2,
@@ -157,6 +183,14 @@ mod tests {
         );
         std::fs::write(&path, "3").expect("write");
         wait_for(|| *value.current() == 3).await;
+        assert!(!value.is_stale());
+        // A file that cannot be read any more is stale too.
+        std::fs::remove_file(&path).expect("remove");
+        wait_for(|| value.is_stale()).await;
+        assert_eq!(*value.current(), 3);
+        // Back as it was: in use again, not stale.
+        std::fs::write(&path, "3").expect("write");
+        wait_for(|| !value.is_stale()).await;
         stop.cancel();
     }
 
