@@ -11,7 +11,7 @@ CREATE FUNCTION setpoints_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'setpoints are deleted with DeleteSetpoint (a tombstone row), not by SQL'
         USING ERRCODE = 'restrict_violation',
-              HINT = 'UPDATE setpoints SET deleted = true, revision = revision + 1 ... keeps the replicas informed';
+              HINT = 'DeleteSetpoint keeps the replicas and the history informed';
 END;
 $$;
 

@@ -91,8 +91,8 @@ pub struct DatabaseConfig {
     /// Largest number of pooled database connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
-    /// How long a request waits for a database connection, and a Put for a row lock, before
-    /// failing with UNAVAILABLE.
+    /// How long a request waits for a database connection, and a Put or Delete for a row lock,
+    /// before failing with UNAVAILABLE.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = positive_duration)]
     pub database_acquire_timeout: Duration,
     /// Statements writing Puts at once, each on a connection of its own (besides the pool).

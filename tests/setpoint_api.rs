@@ -5,6 +5,7 @@ mod common;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::{put, setpoint, TestApp};
 use thermostat::proto::v1 as pb;
@@ -892,6 +893,34 @@ async fn a_put_writer_whose_connection_was_terminated_reconnects() {
         .into_inner();
     assert_eq!(written.revision, 1);
     app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delete_of_a_row_locked_too_long_is_unavailable_not_stuck() {
+    let (app, mut client) = with_setpoint_s().await;
+    let mut db = app.db().await;
+    lock_row(&mut db, "s").await;
+    // The test service's DATABASE_ACQUIRE_TIMEOUT is 2 s; without a bound the Delete waited
+    // for the lock as long as the transaction stayed open.
+    let request = pb::DeleteSetpointRequest {
+        sensor_id: "s".into(),
+        ..Default::default()
+    };
+    let deleted = tokio::time::timeout(Duration::from_secs(10), client.delete_setpoint(request))
+        .await
+        .expect("a Delete that returns while the row stays locked");
+    assert_eq!(deleted.unwrap_err().code(), Code::Unavailable);
+    sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
+    // And once the lock is gone it goes through.
+    let request = pb::DeleteSetpointRequest {
+        sensor_id: "s".into(),
+        ..Default::default()
+    };
+    client.delete_setpoint(request).await.unwrap();
+    assert_eq!(
+        get(&mut client, "s").await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 /// Locks `sensor`'s row in a transaction on `db` (left open), so that a write to it waits.

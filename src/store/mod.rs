@@ -52,7 +52,13 @@ impl Store {
     /// it must be called within a Tokio runtime.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self, sqlx::Error> {
         let options: PgConnectOptions = config.database_url.parse()?;
-        let options = options.application_name("thermostat");
+        // Every connection bounds its wait for a lock: a row locked by a forgotten transaction
+        // must fail a Delete (or a Put, below) with UNAVAILABLE, not hold its connection for
+        // good (a request's timeout drops the call, not the statement).
+        let lock_timeout = config.database_acquire_timeout.as_millis().to_string();
+        let options = options
+            .application_name("thermostat")
+            .options([("lock_timeout", lock_timeout.as_str())]);
         let pool = pool_options(config)
             .max_connections(config.database_max_connections)
             .connect_lazy_with(options.clone());
@@ -62,15 +68,11 @@ impl Store {
         //   dearer than planning for the few rows at hand, yet the planning costs more than it
         //   saves (BENCHMARKS.md, benchmark 3). The statement is shaped so that its generic plan
         //   is right for any number of rows and any table size (`setpoints::PUT_SQL`).
-        // - A bound on waiting for a row lock. The Puts queued behind a statement wait for it,
-        //   so a row locked by a forgotten transaction must not stall every write.
-        let lock_timeout = config.database_acquire_timeout.as_millis().to_string();
+        // - The lock timeout above matters most here: the Puts queued behind a statement wait
+        //   for it, so a row locked by a forgotten transaction must not stall every write.
         let writer_pool = pool_options(config)
             .max_connections(config.database_put_writers)
-            .connect_lazy_with(options.options([
-                ("plan_cache_mode", "force_generic_plan"),
-                ("lock_timeout", lock_timeout.as_str()),
-            ]));
+            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
         let puts = put_queue::PutQueue::start(writer_pool, config.database_put_writers as usize);
         Ok(Self { pool, puts })
     }
@@ -80,9 +82,16 @@ impl Store {
     }
 
     /// Applies pending migrations. Safe to run concurrently from several replicas: sqlx takes an
-    /// advisory lock.
+    /// advisory lock, which a replica waits for as long as another one's migrations take, so
+    /// not within the pool's lock timeout.
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+        let mut connection = self.pool.acquire().await?;
+        // Changed for this connection only, which is then closed rather than handed back.
+        connection.close_on_drop();
+        sqlx::query("SET lock_timeout = 0")
+            .execute(&mut *connection)
+            .await?;
+        MIGRATOR.run(&mut *connection).await
     }
 
     /// A cheap round trip, for health checks; bounded by `timeout`.
