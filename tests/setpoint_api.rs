@@ -923,6 +923,44 @@ async fn a_delete_of_a_row_locked_too_long_is_unavailable_not_stuck() {
     );
 }
 
+#[tokio::test]
+async fn a_put_whose_caller_gave_up_before_its_turn_is_not_written() {
+    let mut config = TestApp::fresh_config().await;
+    config.database.database_put_writers = 1;
+    let app = TestApp::spawn_with(config).await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint("gate", "b", 20.0), None))
+        .await
+        .unwrap();
+    let mut db = app.db().await;
+    let watch = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    // The only writer waits on the gate's row; a Put queues behind it, and its caller's
+    // deadline passes while it waits.
+    lock_row(&mut db, "gate").await;
+    let mut gate_client = client.clone();
+    let gate = tokio::spawn(async move {
+        gate_client
+            .put_setpoint(put(setpoint("gate", "b", 21.0), None))
+            .await
+    });
+    until_a_statement_waits(&watch).await;
+    let mut late = tonic::Request::new(put(setpoint("late", "b", 21.0), None));
+    late.set_timeout(Duration::from_millis(300));
+    assert!(client.put_setpoint(late).await.is_err(), "deadline passed");
+    let (gate, _) = release(&mut db, gate, Vec::<tokio::task::JoinHandle<()>>::new()).await;
+    gate.unwrap();
+    // A Put after it is written (the writer has been past it), the abandoned one is not.
+    client
+        .put_setpoint(put(setpoint("after", "b", 20.0), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&mut client, "late").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
 /// Locks `sensor`'s row in a transaction on `db` (left open), so that a write to it waits.
 async fn lock_row(db: &mut sqlx::PgConnection, sensor: &str) {
     sqlx::query("BEGIN").execute(&mut *db).await.unwrap();

@@ -9,7 +9,7 @@
 //! Put is written at once, so coalescing adds no latency: batches only form under load.
 //!
 //! Each Put keeps its own outcome: the statement checks every row's revision and scope on its
-//! own, and returns the rows it wrote. Two Puts to one sensor never share a statement (a
+//! own, and returns the rows it wrote. A Put whose caller has gone by its turn is not written. Two Puts to one sensor never share a statement (a
 //! statement cannot update a row twice); the later one waits for the next round, so Puts to one
 //! sensor are written in the order they were queued.
 
@@ -173,7 +173,14 @@ fn breaks_connection(error: &sqlx::Error) -> bool {
 
 /// Writes `batch` in as few statements as its sensors allow and answers every job.
 async fn write_batch(connection: &mut WriterConnection, batch: Vec<Job>) {
-    for round in rounds(batch) {
+    for mut round in rounds(batch) {
+        // A Put whose caller is gone (its deadline passed, it disconnected) while it waited is
+        // not written: it could only land after whatever that caller did next, such as the
+        // same Put again with other values. Its caller learnt nothing either way.
+        round.retain(|job| !job.reply.is_closed());
+        if round.is_empty() {
+            continue;
+        }
         match connection.get().await {
             Ok(c) => {
                 if !write_round(c, round).await {
