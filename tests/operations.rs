@@ -299,12 +299,7 @@ async fn the_database_connection_can_be_tls_with_a_verified_server() {
 
     // The right root: the service runs, and its connections are TLS.
     config.database.database_url = verified(&ca_file);
-    let app = TestApp::spawn_with(config).await;
-    let mut client = app.setpoints().await;
-    client
-        .put_setpoint(put(setpoint("s", "b", 20.0), None))
-        .await
-        .unwrap();
+    let (_app, _client) = common::spawn_with_setpoint(config, "s").await;
     let mut admin = sqlx::PgConnection::connect(&cluster.admin_url)
         .await
         .unwrap();

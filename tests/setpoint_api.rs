@@ -207,13 +207,7 @@ async fn with_setpoint_s() -> (
     TestApp,
     pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
 ) {
-    let app = TestApp::spawn().await;
-    let mut client = app.setpoints().await;
-    client
-        .put_setpoint(put(setpoint("s", "b", 20.0), None))
-        .await
-        .unwrap();
-    (app, client)
+    common::spawn_with_setpoint(TestApp::fresh_config().await, "s").await
 }
 
 #[tokio::test]
@@ -927,12 +921,7 @@ async fn a_delete_of_a_row_locked_too_long_is_unavailable_not_stuck() {
 async fn a_put_whose_caller_gave_up_before_its_turn_is_not_written() {
     let mut config = TestApp::fresh_config().await;
     config.database.database_put_writers = 1;
-    let app = TestApp::spawn_with(config).await;
-    let mut client = app.setpoints().await;
-    client
-        .put_setpoint(put(setpoint("gate", "b", 20.0), None))
-        .await
-        .unwrap();
+    let (app, mut client) = common::spawn_with_setpoint(config, "gate").await;
     let mut db = app.db().await;
     let watch = sqlx::PgPool::connect(&app.database_url).await.unwrap();
     // The only writer waits on the gate's row; a Put queues behind it, and its caller's
@@ -959,6 +948,48 @@ async fn a_put_whose_caller_gave_up_before_its_turn_is_not_written() {
         get(&mut client, "late").await.unwrap_err().code(),
         Code::NotFound
     );
+}
+
+#[tokio::test]
+async fn a_put_to_a_database_that_stopped_answering_is_unavailable_in_bounded_time() {
+    let mut config = TestApp::fresh_config().await;
+    let url = config.database.database_url.clone();
+    let host_port = url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the test URL")
+        .to_owned();
+    let proxy = common::StallingProxy::start(host_port.parse().unwrap()).await;
+    config.database.database_url = url.replace(&host_port, &proxy.addr.to_string());
+    let (_app, mut client) = common::spawn_with_setpoint(config, "s").await;
+
+    // The database stops answering, its connections stay open. The test service's
+    // DATABASE_ACQUIRE_TIMEOUT is 2 s, its REQUEST_TIMEOUT 30 s.
+    proxy.stall(true);
+    let started = std::time::Instant::now();
+    let stalled = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.put_setpoint(put(setpoint("s", "b", 21.0), None)),
+    )
+    .await
+    .expect("a Put that returns while the database does not answer");
+    assert_eq!(stalled.unwrap_err().code(), Code::Unavailable);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Answering again: the next Put goes through on a fresh connection.
+    proxy.stall(false);
+    let written = common::eventually(Duration::from_secs(20), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .put_setpoint(put(setpoint("s", "b", 22.0), None))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(written, "Puts work again once the database answers");
 }
 
 /// Locks `sensor`'s row in a transaction on `db` (left open), so that a write to it waits.

@@ -73,7 +73,12 @@ impl Store {
         let writer_pool = pool_options(config)
             .max_connections(config.database_put_writers)
             .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
-        let puts = put_queue::PutQueue::start(writer_pool, config.database_put_writers as usize);
+        // Twice the lock timeout: a healthy statement waits for a lock at most once that long.
+        let puts = put_queue::PutQueue::start(
+            writer_pool,
+            config.database_put_writers as usize,
+            config.database_acquire_timeout * 2,
+        );
         Ok(Self { pool, puts })
     }
 

@@ -14,7 +14,7 @@
 //! sensor are written in the order they were queued.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
@@ -80,12 +80,13 @@ pub(super) struct PutQueue {
 }
 
 impl PutQueue {
-    /// Starts `writers` writer tasks on `pool`. Must be called within a Tokio runtime.
-    pub(super) fn start(pool: PgPool, writers: usize) -> Self {
+    /// Starts `writers` writer tasks on `pool`, each giving the database `answer_within` to
+    /// answer a statement (see [`WriterConnection`]). Must be called within a Tokio runtime.
+    pub(super) fn start(pool: PgPool, writers: usize, answer_within: Duration) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..writers.max(1) {
-            tokio::spawn(write_loop(pool.clone(), Arc::clone(&queue)));
+            tokio::spawn(write_loop(pool.clone(), Arc::clone(&queue), answer_within));
         }
         Self { jobs }
     }
@@ -103,8 +104,12 @@ impl PutQueue {
     }
 }
 
-async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
-    let mut connection = WriterConnection { pool, held: None };
+async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, answer_within: Duration) {
+    let mut connection = WriterConnection {
+        pool,
+        held: None,
+        answer_within,
+    };
     loop {
         // One writer at a time waits on the queue; it takes what is there and lets the next
         // writer wait while it writes.
@@ -132,15 +137,26 @@ async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
 /// (benchmark 3, trial), and a second round trip to the database per statement. Kept, it is
 /// checked as the pool checks its own (`store::pool_options`): pinged when it has been idle
 /// for a while, and dropped after a failure that may have broken it.
+///
+/// Its statements and pings get `answer_within` (longer than the lock timeout, which is the
+/// longest a healthy statement waits). A connection whose peer vanished without a reset (a
+/// failover, a lost host) otherwise waits for TCP to give up, a quarter of an hour, and with it
+/// every Put queued behind: past the bound it fails as UNAVAILABLE and is dropped.
 struct WriterConnection {
     pool: PgPool,
     held: Option<(PoolConnection<Postgres>, Instant)>,
+    answer_within: Duration,
 }
 
 impl WriterConnection {
     async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         if let Some((connection, last_used)) = &mut self.held {
-            if last_used.elapsed() >= PING_IF_IDLE_FOR && connection.ping().await.is_err() {
+            if last_used.elapsed() >= PING_IF_IDLE_FOR
+                && !matches!(
+                    tokio::time::timeout(self.answer_within, connection.ping()).await,
+                    Ok(Ok(()))
+                )
+            {
                 self.discard();
             }
         }
@@ -181,9 +197,10 @@ async fn write_batch(connection: &mut WriterConnection, batch: Vec<Job>) {
         if round.is_empty() {
             continue;
         }
+        let answer_within = connection.answer_within;
         match connection.get().await {
             Ok(c) => {
-                if !write_round(c, round).await {
+                if !write_round(c, round, answer_within).await {
                     connection.discard();
                 }
             }
@@ -227,13 +244,17 @@ fn rounds(batch: Vec<Job>) -> Vec<Vec<Job>> {
 }
 
 /// Writes one round and answers its jobs. False when the connection may be broken.
-async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) -> bool {
+async fn write_round(
+    connection: &mut PgConnection,
+    mut round: Vec<Job>,
+    answer_within: Duration,
+) -> bool {
     // Rows in key order, so that two statements lock shared sensors in the same order.
     round.sort_by(|a, b| a.row.sensor_id().cmp(b.row.sensor_id()));
     let rows: Vec<&PutRow> = round.iter().map(|job| &job.row).collect();
     metrics::counter!(telemetry::SETPOINT_WRITE_STATEMENTS).increment(1);
     metrics::counter!(telemetry::SETPOINT_WRITES).increment(rows.len() as u64);
-    match execute(connection, &rows).await {
+    match execute(connection, &rows, answer_within).await {
         Ok(mut written) => {
             for job in round {
                 let row = written
@@ -250,7 +271,7 @@ async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) -> bool
         Err(e) if round.len() > 1 && !breaks_connection(&e) => {
             let mut usable = true;
             for job in round {
-                let result = execute(connection, &[&job.row]).await;
+                let result = execute(connection, &[&job.row], answer_within).await;
                 metrics::counter!(telemetry::SETPOINT_WRITE_STATEMENTS).increment(1);
                 usable &= result.as_ref().err().is_none_or(|e| !breaks_connection(e));
                 let _ = job
@@ -267,13 +288,16 @@ async fn write_round(connection: &mut PgConnection, mut round: Vec<Job>) -> bool
     }
 }
 
+/// Runs the Put statement for `rows`; a database that has not answered within `answer_within`
+/// is an I/O error (UNAVAILABLE to the callers, and the connection is dropped).
 async fn execute(
     connection: &mut PgConnection,
     rows: &[&PutRow],
+    answer_within: Duration,
 ) -> Result<Vec<SetpointRow>, sqlx::Error> {
     let column = |f: fn(&PutRow) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
     let number = |f: fn(&Setpoint) -> f64| rows.iter().map(|r| f(&r.setpoint)).collect::<Vec<_>>();
-    sqlx::query_as(PUT_SQL)
+    let statement = sqlx::query_as(PUT_SQL)
         .bind(column(PutRow::sensor_id))
         .bind(column(|r| r.setpoint.building_id.as_str()))
         .bind(number(|s| s.desired().value()))
@@ -283,8 +307,15 @@ async fn execute(
         .bind(column(|r| &r.reason))
         .bind(rows.iter().map(|r| r.expected_revision).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.scope.as_deref()).collect::<Vec<_>>())
-        .fetch_all(connection)
+        .fetch_all(connection);
+    tokio::time::timeout(answer_within, statement)
         .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the database did not answer the Put statement in time",
+            )))
+        })
 }
 
 #[cfg(test)]

@@ -188,6 +188,21 @@ pub fn put(setpoint: pb::Setpoint, expected_revision: Option<i64>) -> pb::PutSet
     }
 }
 
+/// Starts the service with `config` and gives `sensor` a setpoint of 20 °C in building "b";
+/// returns the service and the client that wrote it.
+pub async fn spawn_with_setpoint(
+    config: ServeConfig,
+    sensor: &str,
+) -> (TestApp, SetpointServiceClient<Channel>) {
+    let app = TestApp::spawn_with(config).await;
+    let mut client = app.setpoints().await;
+    client
+        .put_setpoint(put(setpoint(sensor, "b", 20.0), None))
+        .await
+        .expect("the first Put");
+    (app, client)
+}
+
 /// A private PostgreSQL cluster, for tests that stop and restart the database.
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -359,5 +374,72 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy that can stop passing bytes without closing anything: what a client sees of a
+/// peer that vanished without a reset (a failover, a lost host).
+pub struct StallingProxy {
+    pub addr: SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let stalled = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (from_client, to_client) = inbound.into_split();
+                let (from_server, to_server) = outbound.into_split();
+                for (mut from, mut to) in [(from_client, to_server), (from_server, to_client)] {
+                    let stalled = flag.clone();
+                    pipes.spawn(async move {
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buffer).await else {
+                                return;
+                            };
+                            // Bytes read while stalled are held until it is over.
+                            while stalled.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if n == 0 || to.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            stalled,
+            task,
+        }
+    }
+
+    /// Stops (`true`) or resumes passing bytes.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        // The pipes live in the task's JoinSet and end with it.
+        self.task.abort();
     }
 }
