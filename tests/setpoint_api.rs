@@ -896,21 +896,17 @@ async fn a_delete_of_a_row_locked_too_long_is_unavailable_not_stuck() {
     lock_row(&mut db, "s").await;
     // The test service's DATABASE_ACQUIRE_TIMEOUT is 2 s; without a bound the Delete waited
     // for the lock as long as the transaction stayed open.
-    let request = pb::DeleteSetpointRequest {
+    let delete = || pb::DeleteSetpointRequest {
         sensor_id: "s".into(),
         ..Default::default()
     };
-    let deleted = tokio::time::timeout(Duration::from_secs(10), client.delete_setpoint(request))
+    let deleted = tokio::time::timeout(Duration::from_secs(10), client.delete_setpoint(delete()))
         .await
         .expect("a Delete that returns while the row stays locked");
     assert_eq!(deleted.unwrap_err().code(), Code::Unavailable);
     sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
     // And once the lock is gone it goes through.
-    let request = pb::DeleteSetpointRequest {
-        sensor_id: "s".into(),
-        ..Default::default()
-    };
-    client.delete_setpoint(request).await.unwrap();
+    client.delete_setpoint(delete()).await.unwrap();
     assert_eq!(
         get(&mut client, "s").await.unwrap_err().code(),
         Code::NotFound

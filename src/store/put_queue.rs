@@ -9,9 +9,11 @@
 //! Put is written at once, so coalescing adds no latency: batches only form under load.
 //!
 //! Each Put keeps its own outcome: the statement checks every row's revision and scope on its
-//! own, and returns the rows it wrote. A Put whose caller has gone by its turn is not written. Two Puts to one sensor never share a statement (a
-//! statement cannot update a row twice); the later one waits for the next round, so Puts to one
-//! sensor are written in the order they were queued.
+//! own, and returns the rows it wrote. A Put whose caller has gone by its turn is not written.
+//! Two Puts to one sensor never share a statement (a statement cannot update a row twice); the
+//! later one waits for the next round, so a writer writes Puts to one sensor in the order they
+//! were queued (with several writers, two of them taken by different writers may land in
+//! either order).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
