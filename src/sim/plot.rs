@@ -1,11 +1,12 @@
 //! The picture of a run: temperature against the setpoint band, heater-on periods shaded, one
-//! panel per room, and the moment of the setpoint change marked. SVG via plotters.
+//! panel for each of the first rooms, and every change of a room's band marked. SVG via
+//! plotters.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::Summary;
+use super::{Sample, Summary};
 
 const PANEL_HEIGHT: u32 = 260;
 const WIDTH: u32 = 1000;
@@ -19,7 +20,7 @@ pub fn write_svg(path: &Path, summary: &Summary, rooms: usize) -> Result<(), Str
         let (Some(name), Some(samples)) = (summary.rooms.get(i), summary.samples.get(i)) else {
             continue;
         };
-        draw_room(panel, name, samples, summary.change_at_minutes).map_err(|e| e.to_string())?;
+        draw_room(panel, name, samples).map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
 }
@@ -27,14 +28,10 @@ pub fn write_svg(path: &Path, summary: &Summary, rooms: usize) -> Result<(), Str
 fn draw_room<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     name: &str,
-    samples: &[super::Sample],
-    change_at: Option<f64>,
+    samples: &[Sample],
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let end = samples.last().map_or(1.0, |s| s.simulated_minutes).max(1.0);
-    let lows = samples.iter().map(|s| s.celsius.min(s.band.0));
-    let highs = samples.iter().map(|s| s.celsius.max(s.band.1));
-    let low = lows.fold(f64::INFINITY, f64::min).min(15.0) - 0.5;
-    let high = highs.fold(f64::NEG_INFINITY, f64::max) + 0.5;
+    let (low, high) = celsius_range(samples);
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("{name}: temperature, setpoint band, heater on (shaded)"),
@@ -75,12 +72,85 @@ fn draw_room<DB: DrawingBackend>(
         samples.iter().map(|s| (s.simulated_minutes, s.celsius)),
         RED.stroke_width(2),
     ))?;
-    let band_changed = samples.first().map(|s| s.band) != samples.last().map(|s| s.band);
-    if let Some(at) = change_at.filter(|_| band_changed) {
-        chart.draw_series(std::iter::once(PathElement::new(
-            vec![(at, low), (at, high)],
-            BLACK.stroke_width(1),
-        )))?;
-    }
+    chart.draw_series(
+        band_changes(samples)
+            .map(|at| PathElement::new(vec![(at, low), (at, high)], BLACK.stroke_width(1))),
+    )?;
     Ok(())
+}
+
+/// The panel's temperature axis: every finite temperature and band edge, and at least 15 °C
+/// to 16 °C, with a margin. Without samples, or with only non-finite ones, the default range:
+/// an infinite range never finishes placing its tick marks.
+fn celsius_range(samples: &[Sample]) -> (f64, f64) {
+    let values = samples
+        .iter()
+        .flat_map(|s| [s.celsius, s.band.0, s.band.1])
+        .filter(|v| v.is_finite());
+    let (low, high) = values.fold((15.0_f64, 16.0_f64), |(low, high), v| {
+        (low.min(v), high.max(v))
+    });
+    (low - 0.5, high + 0.5)
+}
+
+/// Simulated minutes at which the room's band changed.
+fn band_changes(samples: &[Sample]) -> impl Iterator<Item = f64> + '_ {
+    samples
+        .windows(2)
+        .filter(|w| w[0].band != w[1].band)
+        .map(|w| w[1].simulated_minutes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(minutes: f64, celsius: f64, band: (f64, f64)) -> Sample {
+        Sample {
+            simulated_minutes: minutes,
+            celsius,
+            heater_on: false,
+            band,
+        }
+    }
+
+    #[test]
+    fn the_range_holds_every_value_and_is_finite_whatever_the_samples() {
+        assert_eq!(celsius_range(&[]), (14.5, 16.5));
+        let (low, high) = celsius_range(&[
+            sample(1.0, 12.0, (20.5, 21.5)),
+            sample(2.0, f64::NAN, (f64::NEG_INFINITY, f64::INFINITY)),
+            sample(3.0, 22.0, (23.5, 24.5)),
+        ]);
+        assert_eq!((low, high), (11.5, 25.0));
+    }
+
+    #[test]
+    fn every_band_change_is_marked_once() {
+        let a = (20.5, 21.5);
+        let b = (23.5, 24.5);
+        let samples = [
+            sample(1.0, 18.0, a),
+            sample(2.0, 18.0, a),
+            sample(3.0, 18.0, b),
+            sample(4.0, 18.0, b),
+            sample(5.0, 18.0, a),
+        ];
+        assert_eq!(band_changes(&samples).collect::<Vec<_>>(), [3.0, 5.0]);
+        assert_eq!(band_changes(&samples[..2]).count(), 0);
+    }
+
+    #[test]
+    fn a_run_without_samples_still_makes_a_picture() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.svg");
+        let summary = Summary {
+            rooms: vec!["b/room-00".into()],
+            samples: vec![Vec::new()],
+            ..Summary::default()
+        };
+        write_svg(&path, &summary, 3).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("b/room-00"), "{svg}");
+    }
 }
