@@ -4,6 +4,10 @@
 //!
 //! Time: each tick advances the rooms by `reading_interval × time_scale` of simulated time, but
 //! readings are stamped with the wall clock (the service rejects readings from the future).
+//!
+//! The band a room is plotted against is the service's: with `SIM_API_ADDR` the simulator reads
+//! its building's setpoints every second, so a change made by an operator with grpcurl shows in
+//! the plot like the simulator's own `SIM_CHANGE_AFTER`.
 
 pub mod model;
 mod plot;
@@ -21,6 +25,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::convert::timestamp;
@@ -53,7 +59,7 @@ pub struct BuildingConfig {
     #[arg(long, env = "SIM_TIME_SCALE", default_value_t = 60.0)]
     pub time_scale: f64,
     /// Stop after this long (real time); without it, run until Ctrl-C.
-    #[arg(long, env = "SIM_DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SIM_DURATION", value_parser = crate::config::positive_duration)]
     pub duration: Option<Duration>,
     /// Seed of the random start temperatures and noise, for repeatable runs.
     #[arg(long, env = "SIM_SEED", default_value_t = 42)]
@@ -62,7 +68,12 @@ pub struct BuildingConfig {
     #[arg(long, env = "SIM_NOISE_CELSIUS", default_value_t = 0.05)]
     pub noise_celsius: f64,
     /// Outside temperature, °C: where an unheated room drifts to.
-    #[arg(long, env = "SIM_OUTSIDE_CELSIUS", default_value_t = 5.0)]
+    #[arg(
+        long,
+        env = "SIM_OUTSIDE_CELSIUS",
+        default_value_t = 5.0,
+        allow_negative_numbers = true
+    )]
     pub outside_celsius: f64,
     /// Heater warming, °C per simulated minute.
     #[arg(long, env = "SIM_HEATING_PER_MINUTE", default_value_t = 0.6)]
@@ -113,6 +124,8 @@ pub enum SimError {
     Plot(String),
     #[error("invalid option: {0}")]
     Invalid(String),
+    #[error("the command-topic reader stopped: {0}")]
+    Follower(String),
 }
 
 /// One sample of one room, for the plot and the summary.
@@ -125,6 +138,16 @@ pub struct Sample {
     pub band: (f64, f64),
 }
 
+/// A heater command the building obeyed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedCommand {
+    /// Index into [`Summary::rooms`].
+    pub room: usize,
+    /// Simulated minute at which the heater was switched.
+    pub simulated_minutes: f64,
+    pub event: pb::HeaterCommandEvent,
+}
+
 /// What happened to every room.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
@@ -133,7 +156,9 @@ pub struct Summary {
     pub samples: Vec<Vec<Sample>>,
     pub readings_sent: u64,
     pub commands_applied: u64,
-    /// Simulated minute of the setpoint change, if one was made.
+    /// Every command applied, in order.
+    pub commands: Vec<AppliedCommand>,
+    /// Simulated minute of the simulator's own setpoint change (`SIM_CHANGE_AFTER`), if made.
     pub change_at_minutes: Option<f64>,
 }
 
@@ -141,25 +166,74 @@ struct Room {
     sensor: String,
     celsius: f64,
     heater_on: bool,
+    /// Sequence of the last command applied.
+    sequence: Option<u64>,
     band: (f64, f64),
 }
 
-/// Runs the building until `duration` or `shutdown`.
+impl Room {
+    /// Obeys a command unless one with a higher sequence was already obeyed: the command topic
+    /// may hold a command twice, or an older one after a newer (see `HeaterCommandEvent`), and a
+    /// stale ON obeyed after its OFF would heat the room until the next change. True if obeyed.
+    fn obey(&mut self, sequence: u64, on: bool) -> bool {
+        if Some(sequence) <= self.sequence {
+            return false;
+        }
+        self.sequence = Some(sequence);
+        self.heater_on = on;
+        true
+    }
+}
+
+impl BuildingConfig {
+    /// The thermal model, or why these options describe no building.
+    pub fn check(&self) -> Result<ThermalModel, SimError> {
+        let invalid = |what: &str| Err(SimError::Invalid(what.into()));
+        if self.rooms == 0 || self.plot_rooms == 0 {
+            return invalid("SIM_ROOMS and SIM_PLOT_ROOMS must be at least 1");
+        }
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return invalid("SIM_TIME_SCALE must be a positive number");
+        }
+        if !(self.noise_celsius.is_finite() && self.noise_celsius >= 0.0) {
+            return invalid("SIM_NOISE_CELSIUS must be zero or positive");
+        }
+        if !(self.delta_celsius.is_finite() && self.delta_celsius >= 0.0) {
+            return invalid("SIM_DELTA_CELSIUS must be zero or positive");
+        }
+        if !(self.desired_celsius.is_finite() && self.change_by.is_finite()) {
+            return invalid("SIM_DESIRED_CELSIUS and SIM_CHANGE_BY must be finite numbers");
+        }
+        let model = ThermalModel {
+            outside_celsius: self.outside_celsius,
+            heating_per_minute: self.heating_per_minute,
+            loss_per_minute: self.loss_per_minute,
+        };
+        model.check().map_err(SimError::Invalid)?;
+        Ok(model)
+    }
+}
+
+/// The band a setpoint keeps its room in.
+fn band_of(setpoint: &pb::Setpoint) -> (f64, f64) {
+    (
+        setpoint.desired_celsius - setpoint.down_delta_celsius,
+        setpoint.desired_celsius + setpoint.up_delta_celsius,
+    )
+}
+
+/// How often the simulator reads its building's setpoints from the service.
+const BAND_POLL: Duration = Duration::from_secs(1);
+
+/// Runs the building until `duration` or `shutdown`. The plot is written at the start (so a
+/// path that cannot be written is an error at once), every 30 s, and at the end whatever ended
+/// the run.
 pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary, SimError> {
     let SimConfig {
         kafka,
         building: config,
     } = sim;
-    if !(config.time_scale > 0.0 && config.reading_interval > Duration::ZERO) {
-        return Err(SimError::Invalid(
-            "SIM_TIME_SCALE and SIM_READING_INTERVAL must be positive".into(),
-        ));
-    }
-    let model = ThermalModel {
-        outside_celsius: config.outside_celsius,
-        heating_per_minute: config.heating_per_minute,
-        loss_per_minute: config.loss_per_minute,
-    };
+    let model = config.check()?;
     let mut rng = StdRng::seed_from_u64(config.seed);
     let band = (
         config.desired_celsius - config.delta_celsius,
@@ -170,13 +244,9 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
             sensor: format!("{}/room-{i:02}", config.building_id),
             celsius: rng.random_range(15.0..19.0),
             heater_on: false,
+            sequence: None,
             band,
         })
-        .collect();
-    let index: HashMap<String, usize> = rooms
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.sensor.clone(), i))
         .collect();
 
     let mut api = match &config.api_addr {
@@ -194,92 +264,214 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     }
 
     // Heater states come from the command topic, from its beginning: a heater is in the state of
-    // the last command sent to it, even one sent before this run.
-    let (commands_tx, mut commands) = mpsc::channel(4096);
-    let follower = tokio::spawn(follow_commands(
-        kafka.clone(),
-        commands_tx,
-        shutdown.clone(),
-    ));
+    // the last command sent to it, even one sent before this run. Assigned here, so that a
+    // missing topic stops the run now rather than leaving every heater off unnoticed.
+    let consumer = command_consumer(&kafka).await?;
+    let (commands_tx, commands) = mpsc::channel(4096);
+    let mut follower = tokio::spawn(follow_commands(consumer, commands_tx, shutdown.clone()));
     let producer = stream::producer(&kafka)?;
 
-    let minutes_per_tick = config.reading_interval.as_secs_f64() * config.time_scale / 60.0;
-    let started = tokio::time::Instant::now();
-    let mut ticks = tokio::time::interval(config.reading_interval);
     let mut summary = Summary {
         rooms: rooms.iter().map(|r| r.sensor.clone()).collect(),
         samples: vec![Vec::new(); rooms.len()],
         ..Summary::default()
     };
-    let mut minutes = 0.0;
-    let mut last_progress = started;
-    let mut last_plot = started;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = ticks.tick() => {}
-        }
-        if config.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        while let Ok((sensor, on)) = commands.try_recv() {
-            if let Some(&i) = index.get(&sensor) {
-                rooms[i].heater_on = on;
-                summary.commands_applied += 1;
+    write_plot(&config, &summary)?;
+    let ran = Run {
+        config: &config,
+        model,
+        kafka: &kafka,
+        producer: &producer,
+        rng,
+        api,
+    }
+    .simulate(&mut rooms, &mut summary, commands, &mut follower, &shutdown)
+    .await;
+    follower.abort();
+    let plotted = write_plot(&config, &summary);
+    ran?;
+    plotted?;
+    Ok(summary)
+}
+
+/// What the ticks of a run use.
+struct Run<'a> {
+    config: &'a BuildingConfig,
+    model: ThermalModel,
+    kafka: &'a KafkaConfig,
+    producer: &'a rdkafka::producer::FutureProducer,
+    rng: StdRng,
+    api: Option<pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>>,
+}
+
+impl Run<'_> {
+    async fn simulate(
+        mut self,
+        rooms: &mut [Room],
+        summary: &mut Summary,
+        mut commands: mpsc::Receiver<pb::HeaterCommandEvent>,
+        follower: &mut JoinHandle<Result<(), SimError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SimError> {
+        let config = self.config;
+        let index: HashMap<String, usize> = rooms
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.sensor.clone(), i))
+            .collect();
+        let minutes_per_tick = config.reading_interval.as_secs_f64() * config.time_scale / 60.0;
+        let started = Instant::now();
+        let deadline = config.duration.map(|d| started + d);
+        let mut ticks = tokio::time::interval(config.reading_interval);
+        let mut minutes = 0.0;
+        let mut last_progress = started;
+        let mut last_plot = started;
+        let mut last_poll: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = until(deadline) => break,
+                ended = &mut *follower => {
+                    return Err(match ended {
+                        Ok(Err(e)) => SimError::Follower(crate::startup::error_chain(&e)),
+                        Ok(Ok(())) => SimError::Follower("it ended".into()),
+                        Err(e) => SimError::Follower(e.to_string()),
+                    });
+                }
+                _ = ticks.tick() => {}
             }
-        }
-        if let (Some(after), None) = (config.change_after, summary.change_at_minutes) {
-            if started.elapsed() >= after {
-                if let (Some(api), Some(room)) = (&mut api, rooms.first_mut()) {
-                    let desired = config.desired_celsius + config.change_by;
-                    api.put_setpoint(put_request(&config, &room.sensor, desired)?)
-                        .await?;
-                    room.band = (
-                        desired - config.delta_celsius,
-                        desired + config.delta_celsius,
-                    );
-                    summary.change_at_minutes = Some(minutes);
-                    tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
+            while let Ok(event) = commands.try_recv() {
+                let Some(&i) = index.get(&event.sensor_id) else {
+                    continue;
+                };
+                let on = event.command() == pb::HeaterCommand::On;
+                if rooms[i].obey(event.sequence, on) {
+                    summary.commands_applied += 1;
+                    summary.commands.push(AppliedCommand {
+                        room: i,
+                        simulated_minutes: minutes,
+                        event,
+                    });
                 }
             }
+            if let (Some(after), None) = (config.change_after, summary.change_at_minutes) {
+                if started.elapsed() >= after {
+                    if let (Some(api), Some(room)) = (&mut self.api, rooms.first_mut()) {
+                        let desired = config.desired_celsius + config.change_by;
+                        api.put_setpoint(put_request(config, &room.sensor, desired)?)
+                            .await?;
+                        room.band = (
+                            desired - config.delta_celsius,
+                            desired + config.delta_celsius,
+                        );
+                        summary.change_at_minutes = Some(minutes);
+                        tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
+                    }
+                }
+            }
+            if last_poll.is_none_or(|at| at.elapsed() >= BAND_POLL) {
+                last_poll = Some(Instant::now());
+                self.follow_setpoints(rooms, &index).await;
+            }
+            minutes += minutes_per_tick;
+            let now = Utc::now();
+            for (i, room) in rooms.iter_mut().enumerate() {
+                room.celsius = self
+                    .model
+                    .advance(room.celsius, room.heater_on, minutes_per_tick);
+                let measured = room.celsius + config.noise_celsius * standard_normal(&mut self.rng);
+                send_reading(
+                    self.producer,
+                    &self.kafka.sensor_topic,
+                    &room.sensor,
+                    measured,
+                    now,
+                )
+                .await?;
+                summary.readings_sent += 1;
+                summary.samples[i].push(Sample {
+                    simulated_minutes: minutes,
+                    celsius: room.celsius,
+                    heater_on: room.heater_on,
+                    band: room.band,
+                });
+            }
+            if last_plot.elapsed() >= PLOT_EVERY {
+                last_plot = Instant::now();
+                // The run goes on; the plot is written again at the end.
+                if let Err(e) = write_plot(config, summary) {
+                    tracing::warn!(error = %e, "plot not written");
+                }
+            }
+            if last_progress.elapsed() >= Duration::from_secs(10) {
+                last_progress = Instant::now();
+                let in_band = rooms
+                    .iter()
+                    .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
+                    .count();
+                let heating = rooms.iter().filter(|r| r.heater_on).count();
+                tracing::info!(
+                    simulated_minutes = minutes as u64,
+                    in_band,
+                    heating,
+                    rooms = rooms.len(),
+                    "building"
+                );
+            }
         }
-        minutes += minutes_per_tick;
-        let now = Utc::now();
-        for (i, room) in rooms.iter_mut().enumerate() {
-            room.celsius = model.advance(room.celsius, room.heater_on, minutes_per_tick);
-            let measured = room.celsius + config.noise_celsius * standard_normal(&mut rng);
-            send_reading(&producer, &kafka.sensor_topic, &room.sensor, measured, now).await?;
-            summary.readings_sent += 1;
-            summary.samples[i].push(Sample {
-                simulated_minutes: minutes,
-                celsius: room.celsius,
-                heater_on: room.heater_on,
-                band: room.band,
-            });
-        }
-        if last_plot.elapsed() >= PLOT_EVERY {
-            last_plot = tokio::time::Instant::now();
-            write_plot(&config, &summary)?;
-        }
-        if last_progress.elapsed() >= Duration::from_secs(10) {
-            last_progress = tokio::time::Instant::now();
-            let in_band = rooms
-                .iter()
-                .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
-                .count();
-            let heating = rooms.iter().filter(|r| r.heater_on).count();
-            tracing::info!(
-                simulated_minutes = minutes as u64,
-                in_band,
-                heating,
-                rooms = rooms.len(),
-                "building"
+        Ok(())
+    }
+
+    /// Takes each room's band from the setpoint the service holds for it. A failure only
+    /// leaves the bands as they were: the service may be restarting.
+    async fn follow_setpoints(&mut self, rooms: &mut [Room], index: &HashMap<String, usize>) {
+        let Some(api) = &mut self.api else {
+            return;
+        };
+        let mut page_token = String::new();
+        loop {
+            let request = authorized(
+                self.config,
+                pb::ListSetpointsRequest {
+                    building_id: self.config.building_id.clone(),
+                    page_size: 1000,
+                    page_token,
+                },
             );
+            let page = match request {
+                Ok(request) => api.list_setpoints(request).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "setpoints not read");
+                    return;
+                }
+            };
+            let page = match page {
+                Ok(page) => page.into_inner(),
+                Err(status) => {
+                    tracing::warn!(%status, "setpoints not read");
+                    return;
+                }
+            };
+            for setpoint in &page.setpoints {
+                if let Some(&i) = index.get(&setpoint.sensor_id) {
+                    rooms[i].band = band_of(setpoint);
+                }
+            }
+            if page.next_page_token.is_empty() {
+                return;
+            }
+            page_token = page.next_page_token;
         }
     }
-    follower.abort();
-    write_plot(&config, &summary)?;
-    Ok(summary)
+}
+
+/// Completes at `deadline`; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The plot is rewritten this often during a run (so it can be looked at before the end) and
@@ -300,18 +492,26 @@ fn put_request(
     sensor: &str,
     desired: f64,
 ) -> Result<tonic::Request<pb::PutSetpointRequest>, SimError> {
-    let mut request = tonic::Request::new(pb::PutSetpointRequest {
-        setpoint: Some(pb::Setpoint {
-            sensor_id: sensor.to_owned(),
-            building_id: config.building_id.clone(),
-            desired_celsius: desired,
-            up_delta_celsius: config.delta_celsius,
-            down_delta_celsius: config.delta_celsius,
-            reason: "simulated building".into(),
-            ..Default::default()
-        }),
-        expected_revision: None,
-    });
+    authorized(
+        config,
+        pb::PutSetpointRequest {
+            setpoint: Some(pb::Setpoint {
+                sensor_id: sensor.to_owned(),
+                building_id: config.building_id.clone(),
+                desired_celsius: desired,
+                up_delta_celsius: config.delta_celsius,
+                down_delta_celsius: config.delta_celsius,
+                reason: "simulated building".into(),
+                ..Default::default()
+            }),
+            expected_revision: None,
+        },
+    )
+}
+
+/// `message` as a request with the configured bearer token.
+fn authorized<T>(config: &BuildingConfig, message: T) -> Result<tonic::Request<T>, SimError> {
+    let mut request = tonic::Request::new(message);
     if let Some(token) = &config.api_token {
         let value = format!("Bearer {token}")
             .parse()
@@ -346,13 +546,10 @@ async fn send_reading(
     stream::enqueue(producer, record).await.map(drop)
 }
 
-async fn follow_commands(
-    kafka: KafkaConfig,
-    commands: mpsc::Sender<(String, bool)>,
-    shutdown: CancellationToken,
-) -> Result<(), SimError> {
+/// A consumer of every partition of the command topic, from its beginning.
+async fn command_consumer(kafka: &KafkaConfig) -> Result<Arc<StreamConsumer>, SimError> {
     let consumer: Arc<StreamConsumer> = Arc::new(
-        stream::consumer_config(&kafka, "thermostat-simulator")
+        stream::consumer_config(kafka, "thermostat-simulator")
             .set("enable.auto.commit", "false")
             .create()
             .map_err(StreamError::Config)?,
@@ -368,19 +565,123 @@ async fn follow_commands(
     consumer
         .assign(&assignment)
         .map_err(StreamError::Consumer)?;
+    Ok(consumer)
+}
+
+/// Hands every command event read to the run until `shutdown`. Records that are not command
+/// events are skipped: the simulated heaters obey what they understand.
+async fn follow_commands(
+    consumer: Arc<StreamConsumer>,
+    commands: mpsc::Sender<pb::HeaterCommandEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), SimError> {
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             message = consumer.recv() => message,
         };
-        let Ok(message) = message else { continue };
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(error = %e, "command topic");
+                continue;
+            }
+        };
         let Ok(event) = pb::HeaterCommandEvent::decode(message.payload().unwrap_or_default())
         else {
             continue;
         };
-        let on = event.command() == pb::HeaterCommand::On;
-        if commands.send((event.sensor_id, on)).await.is_err() {
+        if commands.send(event).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        building: BuildingConfig,
+    }
+
+    fn building(args: &[&str]) -> Result<BuildingConfig, clap::Error> {
+        let args = std::iter::once("simulate").chain(args.iter().copied());
+        Cli::try_parse_from(args).map(|cli| cli.building)
+    }
+
+    fn room() -> Room {
+        Room {
+            sensor: "b/room-00".into(),
+            celsius: 18.0,
+            heater_on: false,
+            sequence: None,
+            band: (20.5, 21.5),
+        }
+    }
+
+    #[test]
+    fn a_heater_obeys_only_commands_newer_than_the_last_it_obeyed() {
+        let mut room = room();
+        assert!(room.obey(3, true));
+        assert!(room.heater_on);
+        // A retried write of an older OFF landing late, and the same ON again.
+        assert!(!room.obey(2, false));
+        assert!(!room.obey(3, false));
+        assert!(room.heater_on);
+        assert!(room.obey(4, false));
+        assert!(!room.heater_on);
+        // The first command a heater sees may have any sequence, 0 included.
+        let mut fresh = self::room();
+        assert!(fresh.obey(0, true));
+        assert_eq!(fresh.sequence, Some(0));
+    }
+
+    #[test]
+    fn the_defaults_describe_a_building() {
+        let config = building(&[]).unwrap();
+        assert_eq!(config.rooms, 20);
+        assert_eq!(config.check().unwrap(), ThermalModel::default());
+        // A winter's day.
+        let cold = building(&["--outside-celsius", "-12.5"]).unwrap();
+        assert_eq!(cold.check().unwrap().outside_celsius, -12.5);
+    }
+
+    #[test]
+    fn options_that_describe_no_building_are_refused_before_anything_runs() {
+        for args in [
+            &["--rooms", "0"][..],
+            &["--plot-rooms", "0"],
+            &["--time-scale", "0"],
+            &["--time-scale", "inf"],
+            &["--time-scale", "NaN"],
+            &["--noise-celsius=-1"],
+            &["--delta-celsius=-0.5"],
+            &["--desired-celsius", "inf"],
+            &["--change-by", "NaN"],
+            &["--loss-per-minute", "2"],
+            &["--heating-per-minute=-1"],
+        ] {
+            let config = building(args).unwrap();
+            let refused = config.check().expect_err(&format!("{args:?}"));
+            assert!(matches!(refused, SimError::Invalid(_)), "{args:?}");
+        }
+        // Zero durations are refused by the parser, not discovered by a run that never ticks.
+        assert!(building(&["--duration", "0s"]).is_err());
+        assert!(building(&["--reading-interval", "0s"]).is_err());
+    }
+
+    #[test]
+    fn a_band_is_the_setpoint_s_desired_less_down_to_desired_plus_up() {
+        let setpoint = pb::Setpoint {
+            desired_celsius: 21.0,
+            up_delta_celsius: 0.3,
+            down_delta_celsius: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(band_of(&setpoint), (20.0, 21.3));
     }
 }
