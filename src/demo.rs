@@ -41,6 +41,30 @@ pub enum DemoError {
     Simulator(#[from] sim::SimError),
     #[error("writing the demo's identities file")]
     Identities(#[source] std::io::Error),
+    #[error("the service's task failed: {0}")]
+    ServiceTask(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Why the demo's simulator could not call this service, if it could not: it connects in
+/// plaintext, and with credentials the operator brought it needs one of their tokens.
+fn check_simulator_access(config: &DemoConfig) -> Result<(), DemoError> {
+    if config.serve.tls.tls_cert_file.is_some() {
+        return Err(DemoError::Unsupported(
+            "the demo's simulator connects without TLS: unset TLS_CERT_FILE (or run `serve` \
+             and `simulate` apart)",
+        ));
+    }
+    let auth = &config.serve.auth;
+    let own_credentials = auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some();
+    if own_credentials && !auth.auth_disabled && config.building.api_token.is_none() {
+        return Err(DemoError::Unsupported(
+            "with AUTH_STATIC_FILE or AUTH_JWKS_FILE, set SIM_API_TOKEN to an operator's token \
+             for the simulator's setpoints",
+        ));
+    }
+    Ok(())
 }
 
 /// A freshly made token and the static-identities file that admits it, removed on drop.
@@ -80,6 +104,7 @@ impl Drop for DemoCredentials {
 
 /// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
 pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
+    check_simulator_access(&config)?;
     // Kept alive until the end: dropping it stops the mock brokers.
     let _mock = if config.embedded_broker {
         let mock = MockCluster::new(1).map_err(DemoError::Broker)?;
@@ -110,7 +135,6 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
             Some(credentials)
         };
     let kafka = config.serve.kafka.clone();
-    let tls = config.serve.tls.tls_cert_file.is_some();
     let Some(app) = Application::build_until(config.serve, &shutdown).await? else {
         return Ok(());
     };
@@ -121,17 +145,39 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         &kafka.kafka_brokers,
         &building,
         credentials.as_ref().map(|c| c.token.as_str()),
-        tls,
     );
     let service_stop = CancellationToken::new();
-    let service = tokio::spawn(app.run_until_stopped(service_stop.clone()));
+    let mut service = tokio::spawn(app.run_until_stopped(service_stop.clone()));
 
-    let simulated = sim::run(SimConfig { kafka, building }, shutdown).await;
+    // The simulator stops with the service: a building without its thermostat is no demo.
+    let simulator_stop = shutdown.child_token();
+    let simulator = sim::run(SimConfig { kafka, building }, simulator_stop.clone());
+    tokio::pin!(simulator);
+    let (simulated, service_ended) = tokio::select! {
+        simulated = &mut simulator => (simulated, None),
+        ended = &mut service => {
+            simulator_stop.cancel();
+            (simulator.await, Some(ended))
+        }
+    };
     service_stop.cancel();
-    match service.await {
+    let service_ended = match service_ended {
+        Some(ended) => ended,
+        None => service.await,
+    };
+    match service_ended {
+        // Stopped by the demo, or by itself without an error (e.g. its own signal handling).
         Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %error_chain(&e), "service stopped with an error"),
-        Err(e) => tracing::error!(error = %e, "service task failed"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %error_chain(&e), "service stopped with an error");
+            simulated?;
+            return Err(DemoError::Service(e));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "service task failed");
+            simulated?;
+            return Err(DemoError::ServiceTask(e.to_string()));
+        }
     }
     let summary = simulated?;
     tracing::info!(
@@ -148,15 +194,15 @@ fn print_examples(
     brokers: &str,
     building: &BuildingConfig,
     token: Option<&str>,
-    tls: bool,
 ) {
-    let room = format!("{}/room-00", building.building_id);
+    // Room 00 is the one `SIM_CHANGE_AFTER` changes: the operator's example takes the next.
+    let room = format!("{}/room-01", building.building_id);
     let plot = building.plot.as_ref().map_or_else(
         || "(no plot: set SIM_PLOT)".to_owned(),
         |p| p.display().to_string(),
     );
-    // With its own TLS setup the operator knows which -cacert/-cert flags to add.
-    let transport = if tls { "" } else { "-plaintext " };
+    // TLS is refused above: the demo serves plaintext.
+    let transport = "-plaintext ";
     let (auth_note, auth) = match token {
         Some(token) => (
             format!(
@@ -169,7 +215,6 @@ fn print_examples(
     };
     let call = format!("grpcurl {transport}{auth}");
     let grpc = app.local_addr();
-    let health = app.health_addr();
     let metrics = app.admin_addr().map_or_else(String::new, |admin| {
         format!("  metrics: curl -s http://{admin}/metrics\n")
     });
@@ -179,7 +224,7 @@ thermostat is the thermostat of a simulated building of {rooms} rooms ("{buildin
   gRPC:   {grpc}
   broker: {brokers}
 {auth_note}  plot:   {plot} (rewritten every 30 s and at the end)
-  health: grpcurl -plaintext {health} grpc.health.v1.Health/Check
+  health: grpcurl -plaintext {grpc} grpc.health.v1.Health/Check
 {metrics}
 In another terminal:
   grpcurl {transport}{grpc} list
@@ -196,4 +241,42 @@ Ctrl-C stops the demo and writes the plot.
         rooms = building.rooms,
         building_id = building.building_id,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoConfig,
+    }
+
+    fn demo(args: &[&str]) -> DemoConfig {
+        let args = std::iter::once("demo").chain(args.iter().copied());
+        Cli::try_parse_from(args).unwrap().demo
+    }
+
+    #[test]
+    fn the_demo_refuses_set_ups_its_simulator_cannot_call() {
+        // Its own credentials (made at start), or none at all: the simulator gets in.
+        assert!(check_simulator_access(&demo(&[])).is_ok());
+        assert!(check_simulator_access(&demo(&["--auth-disabled"])).is_ok());
+        // The operator's credentials: only with one of their tokens for the simulator.
+        let own = ["--auth-static-file", "/etc/thermostat/identities.json"];
+        assert!(matches!(
+            check_simulator_access(&demo(&own)),
+            Err(DemoError::Unsupported(why)) if why.contains("SIM_API_TOKEN")
+        ));
+        let with_token = [&own[..], &["--api-token", "t"]].concat();
+        assert!(check_simulator_access(&demo(&with_token)).is_ok());
+        // TLS: the simulator speaks plaintext.
+        let tls = ["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"];
+        assert!(matches!(
+            check_simulator_access(&demo(&tls)),
+            Err(DemoError::Unsupported(why)) if why.contains("TLS_CERT_FILE")
+        ));
+    }
 }
