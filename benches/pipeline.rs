@@ -6,8 +6,10 @@
 //!    once with the service's default of one record per produce batch (Tansu 0.6 needs it), once
 //!    with batches of up to 10 000 records (the README's setting for Apache Kafka).
 //! 2. Latency from reading produced to command observed (HDR p50/p99/p99.9), open-loop at half
-//!    the service's median throughput from 1, against a two-hop relay (reading → relay → output
-//!    topic → observer, the same hops as reading → service → command topic → observer).
+//!    the maximum rate (readings produced as fast as the load generator can for 10 s into a
+//!    service of its own, timed to the last command observed), against a two-hop relay (reading
+//!    → relay → output topic → observer, the same hops as reading → service → command topic →
+//!    observer). Every other repetition runs the relay first.
 //! 4. Subscriber fan-out: the service's CPU time per delivered command with 1 and 1000 gRPC
 //!    subscribers; and (in 1) drain throughput with one stalled subscriber against none.
 //!
@@ -313,6 +315,10 @@ struct Drain {
     cpu_us_per_reading: f64,
     /// The broker's CPU time over the same interval.
     broker_us_per_reading: f64,
+    /// The service only (NaN for the baselines): its resident memory at the end of the drain,
+    /// and the most it had since it started (loading the cache included), MB.
+    rss_mb: f64,
+    peak_rss_mb: f64,
 }
 
 /// The service draining `sensor_topic` (preloaded with `readings` readings causing `commands`
@@ -362,8 +368,10 @@ async fn drain_service(
             "drain never finished"
         );
         // Poll often where a poll's time is a measurement: until the first reading (the drain
-        // is timed from the last poll that sees none) and near the last one decided.
-        let near_end = all_decided.is_none() && readings_seen * 10 >= u64::from(readings_count) * 9;
+        // is timed from the last poll that sees none) and from near the last one decided.
+        // Near the end until the last command is observed: the service's CPU is read at the
+        // poll that ends the drain, and a slower poll would count idle time against it.
+        let near_end = readings_seen * 10 >= u64::from(readings_count) * 9;
         let poll = if readings_seen == 0 || near_end {
             2
         } else {
@@ -397,6 +405,8 @@ async fn drain_service(
     let seconds = |end: i64| (end - t0) as f64 / 1e9;
     let decided_per_second =
         all_decided.map_or(f64::NAN, |(time, readings)| readings as f64 / seconds(time));
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    let (rss_mb, peak_rss_mb) = (mb(common::rss(pid)), mb(common::peak_rss(pid)));
     service.stop();
     drop(subscriber);
     (
@@ -405,6 +415,8 @@ async fn drain_service(
             decided_per_second,
             cpu_us_per_reading: (end_cpu - c0) * 1e6 / counted,
             broker_us_per_reading: (end_broker - b0) * 1e6 / counted,
+            rss_mb,
+            peak_rss_mb,
         },
         subscribed_at,
     )
@@ -606,6 +618,8 @@ async fn drain_baseline(
         decided_per_second: f64::NAN,
         cpu_us_per_reading: (report.end_cpu - report.first_cpu) * 1e6 / counted,
         broker_us_per_reading: (report.end_broker_cpu - report.first_broker_cpu) * 1e6 / counted,
+        rss_mb: f64::NAN,
+        peak_rss_mb: f64::NAN,
     }
 }
 
@@ -638,29 +652,43 @@ async fn throughput(database_url: &str) {
         drain_count(),
         reps()
     );
-    println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) | readings/s to the last reading decided (median; service only) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| change rate | subject | readings/s (median) | CPU µs/reading (median) | broker CPU µs/reading | vs relay | vs consume-only | goal | repetitions (readings/s) | readings/s to the last reading decided (median; service only) | service RSS after the drain / peak, MB (median) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     // The service's default batching (one record per batch, for Tansu), then batches as the
     // README recommends for Apache Kafka: the service and the relay alike in each.
     let batchings = [
         (kafka().kafka_batch_num_messages, ""),
         (BATCHED, " batched"),
     ];
+    let mut peak_mb = f64::NAN;
     for (batch, batched) in batchings {
         for (rate, every) in rates {
             let label = format!("{rate}{batched}");
             if common::runs(&label) {
-                throughput_at(database_url, &label, every, batch).await;
+                peak_mb = peak_mb.max(throughput_at(database_url, &label, every, batch).await);
             }
         }
+    }
+    // Benchmark 5 under load: the cache of 1M setpoints, librdkafka's queues filled by a drain.
+    if !peak_mb.is_nan() {
+        println!("\nPeak RSS of any service above (VmHWM, start to end of its drain): {peak_mb:.0} MB.");
+        common::summary([
+            "5",
+            &format!("peak RSS, {} setpoints cached, during benchmark 1's drains", sensors()),
+            &format!("{peak_mb:.0} MB"),
+            "",
+            "",
+            &format!("<= 200 MB: {}", verdict(peak_mb <= 200.0)),
+        ]);
     }
 }
 
 /// Records per batch in the batched runs of benchmark 1 (`KAFKA_BATCH_NUM_MESSAGES`).
 const BATCHED: u32 = 10_000;
 
-/// Benchmark 1 at one change rate (a command for every `every`th reading) and batching.
-async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) {
+/// Benchmark 1 at one change rate (a command for every `every`th reading) and batching. Returns
+/// the highest peak RSS of its services, MB.
+async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) -> f64 {
     let title = match label.strip_suffix(" batched") {
         Some(rate) => format!("{rate} change, batches of up to {batch}"),
         None => format!("{label} change"),
@@ -770,8 +798,14 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         } else {
             format!("{decided:.0} ({:.2}x consume-only)", decided / consume)
         };
+        let rss = median_by(&drains, |d| d.rss_mb);
+        let memory = if rss.is_nan() {
+            String::new()
+        } else {
+            format!("{rss:.0} / {:.0}", median_by(&drains, |d| d.peak_rss_mb))
+        };
         println!(
-            "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} | {decided} |",
+            "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} | {decided} | {memory} |",
             subject.name(),
             rate / relay,
             rate / consume,
@@ -814,6 +848,9 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
             count
         );
     }
+    runs.iter()
+        .map(|(_, d)| d.peak_rss_mb)
+        .fold(f64::NAN, f64::max)
 }
 
 /// Sensors not used yet by a run that needs first readings (each causes a command).
@@ -884,6 +921,65 @@ async fn observed_service(database_url: &str, run: &str, pool: &mut SensorPool) 
     }
 }
 
+/// One repetition of benchmark 2 on the service: the latency histogram, and the service's CPU
+/// µs per reading.
+async fn latency_of_service(
+    database_url: &str,
+    pool: &mut SensorPool,
+    rep: usize,
+    count: u32,
+    rate: f64,
+) -> (Histogram<u64>, f64) {
+    let running = observed_service(database_url, &format!("lat{rep}"), pool).await;
+    let pid = running.service.pid();
+    let seen = running.observer.count();
+    let cpu = cpu_seconds(pid);
+    open_loop(&running.names.sensors, pool.take(count), rate).await;
+    running
+        .observer
+        .wait_for(seen + u64::from(count), Duration::from_secs(300))
+        .await;
+    let cpu = cpu_seconds(pid) - cpu;
+    let run = (
+        running.observer.take_latency(),
+        cpu * 1e6 / f64::from(count),
+    );
+    running.service.stop();
+    run
+}
+
+/// One repetition of benchmark 2 on the two-hop relay, on its own topics.
+async fn latency_of_relay(
+    pool: &mut SensorPool,
+    rep: usize,
+    count: u32,
+    rate: f64,
+) -> (Histogram<u64>, f64) {
+    let relay_names = Names::new(&format!("latr{rep}"));
+    common::create_topics(&relay_names, 1).await;
+    let relay_observer = Observer::start(&relay_names.commands, Output::Relayed);
+    relay_observer.wait_ready().await;
+    let mut child = Child::spawn(
+        "relay",
+        &relay_names.sensors,
+        &relay_names.commands,
+        &relay_names.group,
+        u64::from(count) + 1,
+        kafka().kafka_batch_num_messages,
+    );
+    assert_eq!(child.line().await, "ready");
+    open_loop(&relay_names.sensors, pool.take(1), 10.0).await;
+    relay_observer.wait_for(1, Duration::from_secs(60)).await;
+    relay_observer.take_latency();
+    open_loop(&relay_names.sensors, pool.take(count), rate).await;
+    relay_observer
+        .wait_for(u64::from(count) + 1, Duration::from_secs(300))
+        .await;
+    let report = child.report().await;
+    let cpu = report.end_cpu - report.first_cpu;
+    (relay_observer.take_latency(), cpu * 1e6 / f64::from(count))
+}
+
 /// Benchmark 2, then 4's fan-out. Every run has a service (or relay) of its own on fresh topics:
 /// on Tansu, a run on a partition that earlier runs filled is slower.
 async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
@@ -906,47 +1002,15 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
     let mut service_runs = Vec::new();
     let mut relay_runs = Vec::new();
     for rep in 0..reps() {
-        // The service.
-        let running = observed_service(database_url, &format!("lat{rep}"), pool).await;
-        let pid = running.service.pid();
-        let seen = running.observer.count();
-        let cpu = cpu_seconds(pid);
-        open_loop(&running.names.sensors, pool.take(count), rate).await;
-        running
-            .observer
-            .wait_for(seen + u64::from(count), Duration::from_secs(300))
-            .await;
-        let cpu = cpu_seconds(pid) - cpu;
-        service_runs.push((
-            running.observer.take_latency(),
-            cpu * 1e6 / f64::from(count),
-        ));
-        running.service.stop();
-
-        // The two-hop relay, on its own topics.
-        let relay_names = Names::new(&format!("latr{rep}"));
-        common::create_topics(&relay_names, 1).await;
-        let relay_observer = Observer::start(&relay_names.commands, Output::Relayed);
-        relay_observer.wait_ready().await;
-        let mut child = Child::spawn(
-            "relay",
-            &relay_names.sensors,
-            &relay_names.commands,
-            &relay_names.group,
-            u64::from(count) + 1,
-            kafka().kafka_batch_num_messages,
-        );
-        assert_eq!(child.line().await, "ready");
-        open_loop(&relay_names.sensors, pool.take(1), 10.0).await;
-        relay_observer.wait_for(1, Duration::from_secs(60)).await;
-        relay_observer.take_latency();
-        open_loop(&relay_names.sensors, pool.take(count), rate).await;
-        relay_observer
-            .wait_for(u64::from(count) + 1, Duration::from_secs(300))
-            .await;
-        let report = child.report().await;
-        let cpu = report.end_cpu - report.first_cpu;
-        relay_runs.push((relay_observer.take_latency(), cpu * 1e6 / f64::from(count)));
+        // Every other repetition the relay first: Tansu slows as it fills, and a fixed order
+        // would hand that drift to whichever path runs second.
+        if rep % 2 == 0 {
+            service_runs.push(latency_of_service(database_url, pool, rep, count, rate).await);
+            relay_runs.push(latency_of_relay(pool, rep, count, rate).await);
+        } else {
+            relay_runs.push(latency_of_relay(pool, rep, count, rate).await);
+            service_runs.push(latency_of_service(database_url, pool, rep, count, rate).await);
+        }
         eprintln!("bench 2 rep {rep} done");
     }
     println!(
@@ -986,37 +1050,45 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
         &format!("p99 <= relay + 2 ms: {}", verdict(ours.1 <= base.1 + 2.0)),
     ]);
 
-    // 4. Fan-out, on one service.
+    // 4. Fan-out, on one service. With no subscriber as well: what one delivery adds to the
+    // cost of deciding, producing and reading back a command shows only against it.
     let running = observed_service(database_url, "fanout", pool).await;
-    let mut per_delivery: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut per_command: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let fans = [0usize, 1, 1000];
+    let mut per_command: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     for rep in 0..reps() {
-        for (k, subscribers) in [1usize, 1000].into_iter().enumerate() {
-            let (delivery, command) =
-                fanout(&running.service, &running.names, subscribers, pool).await;
-            eprintln!("bench 4 rep {rep} {subscribers} subscribers: {delivery:.2} µs/delivery");
-            per_delivery[k].push(delivery);
+        // Every other repetition in reverse order, as in the other benchmarks.
+        let mut order = [0, 1, 2];
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let command = fanout(&running, fans[k], pool).await;
+            eprintln!("bench 4 rep {rep} {} subscribers: {command:.1} µs/command", fans[k]);
             per_command[k].push(command);
         }
     }
     running.service.stop();
-    let (d1, d1000) = (median(&per_delivery[0]), median(&per_delivery[1]));
-    let (c1, c1000) = (median(&per_command[0]), median(&per_command[1]));
+    let [c0, c1, c1000] = per_command.map(|runs| median(&runs));
+    let (d1, d1000) = (c1, c1000 / 1000.0);
+    // Marginal: over the run without subscribers, per delivery.
+    let (m1, m1000) = (c1 - c0, (c1000 - c0) / 1000.0);
     println!(
         "\n### 4. Subscriber fan-out: service CPU, {FANOUT_COMMANDS} commands at {FANOUT_RATE:.0}/s, {} repetitions\n",
         reps()
     );
-    println!("| subscribers | CPU µs per delivered command (median) | CPU µs per command | goal |");
-    println!("|---|---|---|---|");
-    println!("| 1 (baseline) | {d1:.2} | {c1:.1} | |");
+    println!("| subscribers | CPU µs per delivered command (median) | CPU µs per command | CPU µs per delivery over no subscriber | goal |");
+    println!("|---|---|---|---|---|");
+    println!("| 0 | | {c0:.1} | | |");
+    println!("| 1 (baseline) | {d1:.2} | {c1:.1} | {m1:.2} | |");
     println!(
-        "| 1000 | {d1000:.2} | {c1000:.1} | <= 2x one subscriber ({:.2}x): {} |",
+        "| 1000 | {d1000:.2} | {c1000:.1} | {m1000:.2} ({:.2}x one subscriber's) | <= 2x one subscriber ({:.2}x): {} |",
+        m1000 / m1,
         d1000 / d1,
         verdict(d1000 <= 2.0 * d1)
     );
     common::summary([
         "4",
-        &format!("service CPU µs per delivered command, 1000 subscribers (per command: {c1000:.0} vs {c1:.0})"),
+        &format!("service CPU µs per delivered command, 1000 subscribers (per command: {c1000:.0} vs {c1:.0}, {c0:.0} with none; per delivery over none: {m1000:.2} vs {m1:.2})"),
         &format!("{d1000:.2}"),
         &format!("{d1:.2} with 1"),
         &format!("{:.2}x", d1000 / d1),
@@ -1025,16 +1097,14 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
 }
 
 /// `subscribers` gRPC subscribers (over channels of 50 streams) receive `FANOUT_COMMANDS`
-/// commands; returns the service's CPU µs per delivery and per command.
-async fn fanout(
-    service: &Service,
-    names: &Names,
-    subscribers: usize,
-    pool: &mut SensorPool,
-) -> (f64, f64) {
+/// commands, which the observer of the command topic sees too; returns the service's CPU µs
+/// per command.
+async fn fanout(running: &Observed, subscribers: usize, pool: &mut SensorPool) -> f64 {
+    let (service, names) = (&running.service, &running.names);
+    let observed = running.observer.count();
     let delivered = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    let (ready_tx, mut ready) = tokio::sync::mpsc::channel(subscribers);
+    let (ready_tx, mut ready) = tokio::sync::mpsc::channel(subscribers.max(1));
     for chunk in 0..subscribers.div_ceil(50) {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
             .expect("uri")
@@ -1065,20 +1135,24 @@ async fn fanout(
     let expected = u64::from(FANOUT_COMMANDS) * subscribers as u64;
     let cpu = cpu_seconds(service.pid());
     open_loop(&names.sensors, pool.take(FANOUT_COMMANDS), FANOUT_RATE).await;
+    let commands = observed + u64::from(FANOUT_COMMANDS);
     wait_until(
         Duration::from_secs(120),
-        || delivered.load(Ordering::Relaxed) >= expected,
+        || {
+            delivered.load(Ordering::Relaxed) >= expected && running.observer.count() >= commands
+        },
         || {
             format!(
-                "fan-out: {} of {expected} delivered",
-                delivered.load(Ordering::Relaxed)
+                "fan-out: {} of {expected} delivered, {} of {commands} observed",
+                delivered.load(Ordering::Relaxed),
+                running.observer.count()
             )
         },
     )
     .await;
     let cpu = (cpu_seconds(service.pid()) - cpu) * 1e6;
     tasks.shutdown().await;
-    (cpu / expected as f64, cpu / f64::from(FANOUT_COMMANDS))
+    cpu / f64::from(FANOUT_COMMANDS)
 }
 
 async fn run() {

@@ -355,12 +355,22 @@ pub fn broker_cpu_seconds() -> f64 {
 
 /// Resident set size of process `pid`, in bytes.
 pub fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS")
+}
+
+/// The most resident memory process `pid` has had, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A size field of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
+        .expect(field)
         * 1024
 }
 
