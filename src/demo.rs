@@ -47,6 +47,11 @@ pub enum DemoError {
     Unsupported(&'static str),
 }
 
+/// Whether the operator brought credentials of their own (else the demo makes its own).
+fn own_credentials(auth: &crate::config::AuthConfig) -> bool {
+    auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some()
+}
+
 /// Why the demo's simulator could not call this service, if it could not: it connects in
 /// plaintext, and with credentials the operator brought it needs one of their tokens.
 fn check_simulator_access(config: &DemoConfig) -> Result<(), DemoError> {
@@ -57,8 +62,7 @@ fn check_simulator_access(config: &DemoConfig) -> Result<(), DemoError> {
         ));
     }
     let auth = &config.serve.auth;
-    let own_credentials = auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some();
-    if own_credentials && !auth.auth_disabled && config.building.api_token.is_none() {
+    if own_credentials(auth) && !auth.auth_disabled && config.building.api_token.is_none() {
         return Err(DemoError::Unsupported(
             "with AUTH_STATIC_FILE or AUTH_JWKS_FILE, set SIM_API_TOKEN to an operator's token \
              for the simulator's setpoints",
@@ -125,15 +129,14 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         None
     };
     let auth = &config.serve.auth;
-    let credentials =
-        if auth.auth_disabled || auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some() {
-            None
-        } else {
-            let credentials = DemoCredentials::create()?;
-            config.serve.auth.auth_static_file = Some(credentials.file());
-            config.building.api_token = Some(credentials.token.clone());
-            Some(credentials)
-        };
+    let credentials = if auth.auth_disabled || own_credentials(auth) {
+        None
+    } else {
+        let credentials = DemoCredentials::create()?;
+        config.serve.auth.auth_static_file = Some(credentials.file());
+        config.building.api_token = Some(credentials.token.clone());
+        Some(credentials)
+    };
     let kafka = config.serve.kafka.clone();
     let Some(app) = Application::build_until(config.serve, &shutdown).await? else {
         return Ok(());
@@ -168,14 +171,14 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     match service_ended {
         // Stopped by the demo, or by itself without an error (e.g. its own signal handling).
         Ok(Ok(())) => {}
+        // The service's failure is the demo's: the simulator's, if any, is its consequence
+        // (a call refused by a service that is gone).
         Ok(Err(e)) => {
-            tracing::error!(error = %error_chain(&e), "service stopped with an error");
-            simulated?;
+            log_simulator_failure(&simulated);
             return Err(DemoError::Service(e));
         }
         Err(e) => {
-            tracing::error!(error = %e, "service task failed");
-            simulated?;
+            log_simulator_failure(&simulated);
             return Err(DemoError::ServiceTask(e.to_string()));
         }
     }
@@ -186,6 +189,12 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         "demo finished"
     );
     Ok(())
+}
+
+fn log_simulator_failure(simulated: &Result<sim::Summary, sim::SimError>) {
+    if let Err(e) = simulated {
+        tracing::warn!(error = %error_chain(e), "the simulator stopped with the service");
+    }
 }
 
 /// What to try while the demo runs, with the addresses (and token) of this run.
@@ -203,15 +212,16 @@ fn print_examples(
     );
     // TLS is refused above: the demo serves plaintext.
     let transport = "-plaintext ";
-    let (auth_note, auth) = match token {
+    let (auth_note, auth, without) = match token {
         Some(token) => (
             format!(
                 "  token:  {token} (operator of every building, for this run only)\n  \
                  export TOKEN={token}\n"
             ),
             format!("-H 'authorization: Bearer {token}' "),
+            "Without the token the same calls fail with Unauthenticated.\n",
         ),
-        None => (String::new(), String::new()),
+        None => (String::new(), String::new(), ""),
     };
     let call = format!("grpcurl {transport}{auth}");
     let grpc = app.local_addr();
@@ -233,8 +243,7 @@ In another terminal:
 Change a setpoint and watch that room's heater react (and the plot):
   {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
   {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
-Without the token the same calls fail with Unauthenticated.
-Send a reading by hand:
+{without}Send a reading by hand:
   KAFKA_BROKERS={brokers} target/release/thermostat send-reading {building_id}/room-01 15.0
 Ctrl-C stops the demo and writes the plot.
 "#,

@@ -36,14 +36,7 @@ async fn bands_by_revision(app: &TestApp, sensor: &str) -> HashMap<i64, (f64, f6
     history
         .entries
         .iter()
-        .filter_map(|entry| {
-            let s = entry.setpoint.as_ref()?;
-            let band = (
-                s.desired_celsius - s.down_delta_celsius,
-                s.desired_celsius + s.up_delta_celsius,
-            );
-            Some((entry.revision, band))
-        })
+        .filter_map(|entry| Some((entry.revision, sim::band_of(entry.setpoint.as_ref()?))))
         .collect()
 }
 
@@ -110,17 +103,12 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
     for room in &summary.rooms {
         bands.push(bands_by_revision(&app, room).await);
     }
-    for applied in &summary.commands {
-        let e = &applied.event;
-        let (low, high) = bands[applied.room][&e.setpoint_revision];
-        match (e.command(), e.reason()) {
-            (pb::HeaterCommand::On, pb::CommandReason::TooCold) => {
-                assert!(e.temperature_celsius < low, "{e:?} against {low}");
-            }
-            (pb::HeaterCommand::Off, pb::CommandReason::TooHot) => {
-                assert!(e.temperature_celsius > high, "{e:?} against {high}");
-            }
-            _ => panic!("no other command in this run: {e:?}"),
+    for c in &summary.commands {
+        let (low, high) = bands[c.room][&c.setpoint_revision];
+        match (c.heater_on, c.reason) {
+            (true, pb::CommandReason::TooCold) => assert!(c.celsius < low, "{c:?} against {low}"),
+            (false, pb::CommandReason::TooHot) => assert!(c.celsius > high, "{c:?} against {high}"),
+            _ => panic!("no other command in this run: {c:?}"),
         }
     }
 

@@ -138,14 +138,20 @@ pub struct Sample {
     pub band: (f64, f64),
 }
 
-/// A heater command the building obeyed.
-#[derive(Debug, Clone, PartialEq)]
+/// A heater command the building obeyed: what of its event the summary keeps (a few dozen
+/// bytes, like a sample, however long the run).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AppliedCommand {
     /// Index into [`Summary::rooms`].
     pub room: usize,
     /// Simulated minute at which the heater was switched.
     pub simulated_minutes: f64,
-    pub event: pb::HeaterCommandEvent,
+    pub heater_on: bool,
+    pub reason: pb::CommandReason,
+    /// The setpoint revision the service decided with.
+    pub setpoint_revision: i64,
+    /// The reading it decided on.
+    pub celsius: f64,
 }
 
 /// What happened to every room.
@@ -172,9 +178,10 @@ struct Room {
 }
 
 impl Room {
-    /// Obeys a command unless one with a higher sequence was already obeyed: the command topic
-    /// may hold a command twice, or an older one after a newer (see `HeaterCommandEvent`), and a
-    /// stale ON obeyed after its OFF would heat the room until the next change. True if obeyed.
+    /// Obeys a command only if its sequence is above that of the last one obeyed: the command
+    /// topic may hold a command twice, or an older one after a newer (see `HeaterCommandEvent`),
+    /// and a stale ON obeyed after its OFF would heat the room until the next change. True if
+    /// obeyed.
     fn obey(&mut self, sequence: u64, on: bool) -> bool {
         if Some(sequence) <= self.sequence {
             return false;
@@ -215,7 +222,7 @@ impl BuildingConfig {
 }
 
 /// The band a setpoint keeps its room in.
-fn band_of(setpoint: &pb::Setpoint) -> (f64, f64) {
+pub fn band_of(setpoint: &pb::Setpoint) -> (f64, f64) {
     (
         setpoint.desired_celsius - setpoint.down_delta_celsius,
         setpoint.desired_celsius + setpoint.up_delta_celsius,
@@ -224,6 +231,8 @@ fn band_of(setpoint: &pb::Setpoint) -> (f64, f64) {
 
 /// How often the simulator reads its building's setpoints from the service.
 const BAND_POLL: Duration = Duration::from_secs(1);
+/// The longest a call to the service may take, connecting included.
+const API_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the building until `duration` or `shutdown`. The plot is written at the start (so a
 /// path that cannot be written is an error at once), every 30 s, and at the end whatever ended
@@ -235,10 +244,7 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     } = sim;
     let model = config.check()?;
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let band = (
-        config.desired_celsius - config.delta_celsius,
-        config.desired_celsius + config.delta_celsius,
-    );
+    let band = band_of(&own_setpoint(&config, "", config.desired_celsius));
     let mut rooms: Vec<Room> = (0..config.rooms)
         .map(|i| Room {
             sensor: format!("{}/room-{i:02}", config.building_id),
@@ -250,16 +256,25 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
         .collect();
 
     let mut api = match &config.api_addr {
-        Some(addr) => Some(
-            pb::setpoint_service_client::SetpointServiceClient::connect(format!("http://{addr}"))
-                .await?,
-        ),
+        Some(addr) => {
+            // Bounded calls: a tick waits for its poll of the setpoints, and a service that
+            // stopped answering must not stop the building (nor Ctrl-C).
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| SimError::Invalid(format!("SIM_API_ADDR: {e}")))?
+                .connect_timeout(API_TIMEOUT)
+                .timeout(API_TIMEOUT)
+                .connect()
+                .await?;
+            Some(pb::setpoint_service_client::SetpointServiceClient::new(
+                channel,
+            ))
+        }
         None => None,
     };
     if let Some(api) = &mut api {
         for room in &rooms {
-            api.put_setpoint(put_request(&config, &room.sensor, config.desired_celsius)?)
-                .await?;
+            let setpoint = own_setpoint(&config, &room.sensor, config.desired_celsius);
+            api.put_setpoint(put_request(&config, setpoint)?).await?;
         }
     }
 
@@ -267,16 +282,16 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     // the last command sent to it, even one sent before this run. Assigned here, so that a
     // missing topic stops the run now rather than leaving every heater off unnoticed.
     let consumer = command_consumer(&kafka).await?;
-    let (commands_tx, commands) = mpsc::channel(4096);
-    let mut follower = tokio::spawn(follow_commands(consumer, commands_tx, shutdown.clone()));
     let producer = stream::producer(&kafka)?;
-
     let mut summary = Summary {
         rooms: rooms.iter().map(|r| r.sensor.clone()).collect(),
         samples: vec![Vec::new(); rooms.len()],
         ..Summary::default()
     };
     write_plot(&config, &summary)?;
+    // Spawned last: every return from here on goes past its abort below.
+    let (commands_tx, commands) = mpsc::channel(4096);
+    let mut follower = tokio::spawn(follow_commands(consumer, commands_tx, shutdown.clone()));
     let ran = Run {
         config: &config,
         model,
@@ -323,6 +338,9 @@ impl Run<'_> {
         let started = Instant::now();
         let deadline = config.duration.map(|d| started + d);
         let mut ticks = tokio::time::interval(config.reading_interval);
+        // After a stall (a slow call to the service), carry on from now: a burst of the missed
+        // ticks would jump the rooms ahead in simulated time.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut minutes = 0.0;
         let mut last_progress = started;
         let mut last_plot = started;
@@ -351,7 +369,10 @@ impl Run<'_> {
                     summary.commands.push(AppliedCommand {
                         room: i,
                         simulated_minutes: minutes,
-                        event,
+                        heater_on: on,
+                        reason: event.reason(),
+                        setpoint_revision: event.setpoint_revision,
+                        celsius: event.temperature_celsius,
                     });
                 }
             }
@@ -359,12 +380,9 @@ impl Run<'_> {
                 if started.elapsed() >= after {
                     if let (Some(api), Some(room)) = (&mut self.api, rooms.first_mut()) {
                         let desired = config.desired_celsius + config.change_by;
-                        api.put_setpoint(put_request(config, &room.sensor, desired)?)
-                            .await?;
-                        room.band = (
-                            desired - config.delta_celsius,
-                            desired + config.delta_celsius,
-                        );
+                        let setpoint = own_setpoint(config, &room.sensor, desired);
+                        room.band = band_of(&setpoint);
+                        api.put_setpoint(put_request(config, setpoint)?).await?;
                         summary.change_at_minutes = Some(minutes);
                         tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
                     }
@@ -486,24 +504,28 @@ fn write_plot(config: &BuildingConfig, summary: &Summary) -> Result<(), SimError
     Ok(())
 }
 
-/// A Put of `sensor`'s setpoint, with the configured bearer token.
+/// The setpoint the simulator makes for `sensor`: `desired`, with the configured delta.
+fn own_setpoint(config: &BuildingConfig, sensor: &str, desired: f64) -> pb::Setpoint {
+    pb::Setpoint {
+        sensor_id: sensor.to_owned(),
+        building_id: config.building_id.clone(),
+        desired_celsius: desired,
+        up_delta_celsius: config.delta_celsius,
+        down_delta_celsius: config.delta_celsius,
+        reason: "simulated building".into(),
+        ..Default::default()
+    }
+}
+
+/// A Put of `setpoint`, with the configured bearer token.
 fn put_request(
     config: &BuildingConfig,
-    sensor: &str,
-    desired: f64,
+    setpoint: pb::Setpoint,
 ) -> Result<tonic::Request<pb::PutSetpointRequest>, SimError> {
     authorized(
         config,
         pb::PutSetpointRequest {
-            setpoint: Some(pb::Setpoint {
-                sensor_id: sensor.to_owned(),
-                building_id: config.building_id.clone(),
-                desired_celsius: desired,
-                up_delta_celsius: config.delta_celsius,
-                down_delta_celsius: config.delta_celsius,
-                reason: "simulated building".into(),
-                ..Default::default()
-            }),
+            setpoint: Some(setpoint),
             expected_revision: None,
         },
     )
