@@ -276,11 +276,18 @@ async fn sigterm_during_a_start_that_cannot_finish_exits_at_once() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start thermostat");
-    // Past the migrations, into the wait for the broker.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Past the migrations, into the wait for the broker: it has connected to the silent one.
+    silent.set_nonblocking(true).expect("nonblocking");
+    let silent = tokio::net::TcpListener::from_std(silent).expect("listener");
+    let Ok(connected) = tokio::time::timeout(Duration::from_secs(60), silent.accept()).await else {
+        let _ = child.kill();
+        panic!("the service never connected to the broker");
+    };
+    let connected = connected.expect("accept");
     assert!(child.try_wait().unwrap().is_none(), "still starting");
-    let (status, took) = sigterm(&mut child, Duration::from_secs(5)).await;
+    // Before the fix the start's own 10 s wait ran out first, and the exit code was 1.
+    let (status, took) = sigterm(&mut child, Duration::from_secs(8)).await;
     assert!(status.success(), "{status:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
-    drop(silent);
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    drop((connected, silent));
 }

@@ -688,11 +688,14 @@ mod tests {
         }
 
         /// Whatever happens, a command is never emitted twice in a row for a sensor, sequences
-        /// count up by one, and every ON/OFF matches the rule or a fail-safe.
+        /// count up by one, and every ON/OFF matches the rule (its reading beyond the band of
+        /// the setpoint in force, whose revision it carries) or a fail-safe.
         #[test]
         fn commands_alternate_and_sequences_count_up(events in proptest::collection::vec(event(), 1..200)) {
             let mut s = SensorControl::default();
             let mut revision = 0;
+            // The setpoint in force, as (desired, up, down), kept by the test itself.
+            let mut current: Option<(f64, f64, f64)> = None;
             let mut emitted: Vec<Decision> = Vec::new();
             for e in events {
                 let decision = match e {
@@ -702,16 +705,28 @@ mod tests {
                     },
                     Event::Setpoint(values) => {
                         revision += 1;
+                        current = values;
                         let sp = values.map(|(d, u, w)| band(d, u, w));
                         s.on_setpoint(revision, sp, at(1000), STALE)
                     }
                     Event::Tick(secs) => s.on_tick(at(secs), STALE, at(0)),
                 };
                 if let Some(d) = decision {
+                    let celsius = d.reading.map(|r| r.temperature.value());
                     match d.reason {
-                        CommandReason::TooCold => prop_assert_eq!(d.command, On),
+                        CommandReason::TooCold => {
+                            prop_assert_eq!(d.command, On);
+                            let ((desired, _, down), t) = (current.unwrap(), celsius.unwrap());
+                            prop_assert!(t < desired - down, "ON at {} in {:?}", t, current);
+                        }
+                        CommandReason::TooHot => {
+                            prop_assert_eq!(d.command, Off);
+                            let ((desired, up, _), t) = (current.unwrap(), celsius.unwrap());
+                            prop_assert!(t > desired + up, "OFF at {} in {:?}", t, current);
+                        }
                         _ => prop_assert_eq!(d.command, Off),
                     }
+                    prop_assert_eq!(d.setpoint_revision, revision);
                     emitted.push(d);
                 }
             }

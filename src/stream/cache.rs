@@ -492,10 +492,13 @@ mod tests {
         SensorId::parse(s).unwrap()
     }
 
+    /// The memory budget (benchmark 5: about 90 B a cached sensor, 160-170 B once commanded)
+    /// rests on these sizes: a field added without packing, or padding brought in by an aligned
+    /// one, fails here rather than in a benchmark run.
     #[test]
-    fn a_slot_is_53_bytes_and_a_last_event_45_with_its_number() {
-        assert_eq!(std::mem::size_of::<Slot>(), 53);
-        assert_eq!(std::mem::size_of::<LastEvent>(), 45);
+    fn a_slot_stays_within_53_bytes_and_a_last_event_within_45() {
+        assert!(std::mem::size_of::<Slot>() <= 53);
+        assert!(std::mem::size_of::<LastEvent>() <= 45);
     }
 
     #[test]
