@@ -261,24 +261,20 @@ async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed(
 
     // A change no notification tells of: 20 is now too cold.
     let mut db = app.db().await;
-    for sql in [
-        "ALTER TABLE setpoints DISABLE TRIGGER setpoints_notify",
-        "UPDATE setpoints SET desired_celsius = 25, revision = revision + 1",
-        "ALTER TABLE setpoints ENABLE TRIGGER setpoints_notify",
-    ] {
-        sqlx::query(sql).execute(&mut db).await.unwrap();
-    }
+    change_unannounced(&mut db).await;
     assert!(commands.drain(QUIET).await.is_empty(), "nobody was told");
 
     let resyncs = || LoopStats::get(&app.control.stats().resyncs);
     let before = resyncs();
-    for i in 0..20 {
-        sqlx::query("SELECT pg_notify('thermostat_setpoints', $1)")
-            .bind(format!("not a version {i}"))
-            .execute(&mut db)
-            .await
-            .unwrap();
-    }
+    // In one statement: sent one by one, a slow run could spread the burst past the resync
+    // that the first one schedules (1 s later) and count two.
+    sqlx::query(
+        "SELECT pg_notify('thermostat_setpoints', 'not a version ' || i) \
+         FROM generate_series(1, 20) AS i",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
     let on = commands.expect().await;
     assert_eq!(
         (cmd(&on), on.setpoint_revision),
@@ -287,6 +283,72 @@ async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed(
     );
     assert!(commands.drain(QUIET).await.is_empty());
     assert_eq!(resyncs() - before, 1, "one resync for the burst");
+}
+
+/// `s`'s setpoint raised to 25 by SQL with the notification trigger off: nothing tells the
+/// service; only a full read of the setpoints can find it.
+async fn change_unannounced(db: &mut sqlx::PgConnection) {
+    for sql in [
+        "ALTER TABLE setpoints DISABLE TRIGGER setpoints_notify",
+        "UPDATE setpoints SET desired_celsius = 25, revision = revision + 1",
+        "ALTER TABLE setpoints ENABLE TRIGGER setpoints_notify",
+    ] {
+        sqlx::query(sql).execute(&mut *db).await.unwrap();
+    }
+}
+
+/// The safety net: a change no notification told of is found by the periodic full read.
+#[tokio::test]
+async fn the_periodic_resync_finds_a_change_nobody_announced() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.setpoint_resync_interval = Duration::from_secs(1);
+    let (app, commands, sensors) = looped(config).await;
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 20.0, Utc::now()).await;
+    assert!(commands.drain(QUIET).await.is_empty(), "in band");
+
+    change_unannounced(&mut app.db().await).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        (cmd(&on), on.setpoint_revision),
+        ((H::On, R::TooCold), 2),
+        "a resync found revision 2"
+    );
+}
+
+/// Notifications sent while the listener is away are lost: when it reconnects it reads every
+/// setpoint again. Its connection is killed as a failover or an operator would kill it.
+#[tokio::test]
+async fn a_listener_that_lost_its_connection_reads_everything_again_when_back() {
+    // Only the reconnection's full read can find the change below.
+    let config = without_periodic_resync().await;
+    let (app, commands, sensors) = looped(config).await;
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 20.0, Utc::now()).await;
+    assert!(commands.drain(QUIET).await.is_empty(), "in band");
+
+    // Made first, invisible (no notification): only a full read after reconnecting finds it,
+    // whenever that read happens.
+    let mut db = app.db().await;
+    change_unannounced(&mut db).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "one listener, terminated");
+    let on = commands.expect().await;
+    assert_eq!(
+        (cmd(&on), on.setpoint_revision),
+        ((H::On, R::TooCold), 2),
+        "the read after reconnecting found revision 2"
+    );
+    // Reconnected, it hears notifications again.
+    put_band(&app, "s", 5.0).await;
+    let off = commands.expect().await;
+    assert_eq!((cmd(&off), off.setpoint_revision), ((H::Off, R::TooHot), 3));
 }
 
 #[tokio::test]
@@ -484,13 +546,16 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
         commands.expect().await;
     }
     // Wait until the loop has read its own commands back.
-    common::eventually(Duration::from_secs(10), || async {
-        app.control
-            .snapshot(Default::default(), Default::default())
-            .await
-            .is_some_and(|s| s.events.len() == 3)
-    })
-    .await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            app.control
+                .snapshot(Default::default(), Default::default())
+                .await
+                .is_some_and(|s| s.events.len() == 3)
+        })
+        .await,
+        "the three commands read back"
+    );
 
     let mut alpha = subscribe(
         &app,
@@ -508,12 +573,25 @@ async fn subscribers_get_the_current_state_first_and_can_filter_by_building() {
     assert_eq!(initial[1].sensor_id, "a2");
 
     // Live: a beta command is filtered out, the alpha one arrives, not marked snapshot.
+    let mut feed = app.control.subscribe();
     sensors.reading("b1", 30.0, Utc::now()).await;
     sensors.reading("a2", 30.0, Utc::now()).await;
     let live = next_event(&mut alpha).await;
     assert_eq!(
         (live.sensor_id.as_str(), live.command(), live.snapshot),
         ("a2", H::Off, false)
+    );
+    // b1's OFF was broadcast too (perhaps after a2's, the two being on different partitions):
+    // once the feed every subscription reads has had both, nothing more reaches alpha.
+    let mut broadcast: Vec<String> = Vec::new();
+    while broadcast.len() < 2 {
+        broadcast.push(next_live(&mut feed).await.event.sensor_id.clone());
+    }
+    broadcast.sort();
+    assert_eq!(broadcast, ["a2", "b1"]);
+    assert!(
+        tokio::time::timeout(QUIET, alpha.next()).await.is_err(),
+        "nothing but alpha's heaters"
     );
 
     let err = app
@@ -645,23 +723,35 @@ async fn a_subscriber_that_does_not_read_is_dropped_without_slowing_the_loop() {
         pb::SubscribeHeaterCommandsRequest::default(),
     )
     .await;
+    // Ten times the buffer: the stalled stream's 1 KiB window and the buffer hold far fewer.
+    const COMMANDS: u64 = 40;
+    let mut live = app.control.subscribe();
 
     let t0 = Utc::now();
-    for i in 0..20 {
+    for i in 0..COMMANDS as i64 {
         let t = if i % 2 == 0 { 10.0 } else { 30.0 };
         sensors
             .reading("s", t, t0 + TimeDelta::milliseconds(i))
             .await;
     }
     // The loop produced every command regardless of the stalled subscriber.
-    let mut got = 0;
-    while got < 20 {
+    for _ in 0..COMMANDS {
         commands.expect().await;
-        got += 1;
     }
-    // Give the follower time to overrun the subscriber's buffer, then read: the stream ends
-    // with RESOURCE_EXHAUSTED after what was buffered.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Once the last one is broadcast (read back by the follower), the stalled subscriber's place
+    // in the feed has been overrun; reading now, its stream ends with RESOURCE_EXHAUSTED after
+    // what was buffered. This receiver may fall behind as well: it only needs the last event.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match live.recv().await {
+                Ok(e) if e.event.sequence == COMMANDS => break,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("live feed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the last command broadcast");
     let mut status = None;
     while let Some(item) = tokio::time::timeout(Duration::from_secs(10), stalled.next())
         .await
