@@ -27,6 +27,28 @@ async fn looped(config: ServeConfig) -> (TestApp, Commands, Sensors) {
     (app, commands, sensors)
 }
 
+/// `looped`, with sensor `s` in its band (20 ± 1) after a reading of 20, which made no command.
+async fn settled(config: ServeConfig) -> (TestApp, Commands, Sensors) {
+    let (app, commands, sensors) = looped(config).await;
+    put_band(&app, "s", 20.0).await;
+    sensors.reading("s", 20.0, Utc::now()).await;
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "20 is inside the band"
+    );
+    (app, commands, sensors)
+}
+
+/// The ON that `change_unannounced` owes `s` once a full read of the setpoints finds it.
+async fn expect_found(commands: &Commands, how: &str) {
+    let on = commands.expect().await;
+    assert_eq!(
+        (cmd(&on), on.setpoint_revision),
+        ((H::On, R::TooCold), 2),
+        "{how} found revision 2"
+    );
+}
+
 /// A fresh configuration without the periodic full resync, so that within a test only
 /// notifications (or a resync they force) carry setpoint changes to the engine.
 async fn without_periodic_resync() -> ServeConfig {
@@ -160,13 +182,7 @@ async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
 
 #[tokio::test]
 async fn setpoint_changes_act_at_once_and_deletion_releases_the_heater() {
-    let (app, commands, sensors) = looped(TestApp::fresh_config().await).await;
-    put_band(&app, "s", 20.0).await;
-    sensors.reading("s", 20.0, Utc::now()).await;
-    assert!(
-        commands.drain(QUIET).await.is_empty(),
-        "20 is inside the band"
-    );
+    let (app, commands, sensors) = settled(TestApp::fresh_config().await).await;
 
     // Raising the setpoint makes the last reading too cold: ON without a new reading.
     let raised = put_band(&app, "s", 23.0).await;
@@ -250,14 +266,7 @@ async fn a_burst_of_setpoint_writes_reaches_the_engine_at_each_sensors_last_revi
 #[tokio::test]
 async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed() {
     // Only the forced resync can find the change below.
-    let config = without_periodic_resync().await;
-    let (app, commands, sensors) = looped(config).await;
-    put_band(&app, "s", 20.0).await;
-    sensors.reading("s", 20.0, Utc::now()).await;
-    assert!(
-        commands.drain(QUIET).await.is_empty(),
-        "20 is inside the band"
-    );
+    let (app, commands, _sensors) = settled(without_periodic_resync().await).await;
 
     // A change no notification tells of: 20 is now too cold.
     let mut db = app.db().await;
@@ -275,12 +284,7 @@ async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed(
     .execute(&mut db)
     .await
     .unwrap();
-    let on = commands.expect().await;
-    assert_eq!(
-        (cmd(&on), on.setpoint_revision),
-        ((H::On, R::TooCold), 2),
-        "the resync found revision 2"
-    );
+    expect_found(&commands, "the resync").await;
     assert!(commands.drain(QUIET).await.is_empty());
     assert_eq!(resyncs() - before, 1, "one resync for the burst");
 }
@@ -302,18 +306,9 @@ async fn change_unannounced(db: &mut sqlx::PgConnection) {
 async fn the_periodic_resync_finds_a_change_nobody_announced() {
     let mut config = TestApp::fresh_config().await;
     config.control.setpoint_resync_interval = Duration::from_secs(1);
-    let (app, commands, sensors) = looped(config).await;
-    put_band(&app, "s", 20.0).await;
-    sensors.reading("s", 20.0, Utc::now()).await;
-    assert!(commands.drain(QUIET).await.is_empty(), "in band");
-
+    let (app, commands, _sensors) = settled(config).await;
     change_unannounced(&mut app.db().await).await;
-    let on = commands.expect().await;
-    assert_eq!(
-        (cmd(&on), on.setpoint_revision),
-        ((H::On, R::TooCold), 2),
-        "a resync found revision 2"
-    );
+    expect_found(&commands, "a periodic resync").await;
 }
 
 /// Notifications sent while the listener is away are lost: when it reconnects it reads every
@@ -321,11 +316,7 @@ async fn the_periodic_resync_finds_a_change_nobody_announced() {
 #[tokio::test]
 async fn a_listener_that_lost_its_connection_reads_everything_again_when_back() {
     // Only the reconnection's full read can find the change below.
-    let config = without_periodic_resync().await;
-    let (app, commands, sensors) = looped(config).await;
-    put_band(&app, "s", 20.0).await;
-    sensors.reading("s", 20.0, Utc::now()).await;
-    assert!(commands.drain(QUIET).await.is_empty(), "in band");
+    let (app, commands, _sensors) = settled(without_periodic_resync().await).await;
 
     // Made first, invisible (no notification): only a full read after reconnecting finds it,
     // whenever that read happens.
@@ -339,12 +330,7 @@ async fn a_listener_that_lost_its_connection_reads_everything_again_when_back() 
     .await
     .unwrap();
     assert_eq!(killed, [true], "one listener, terminated");
-    let on = commands.expect().await;
-    assert_eq!(
-        (cmd(&on), on.setpoint_revision),
-        ((H::On, R::TooCold), 2),
-        "the read after reconnecting found revision 2"
-    );
+    expect_found(&commands, "the read after reconnecting").await;
     // Reconnected, it hears notifications again.
     put_band(&app, "s", 5.0).await;
     let off = commands.expect().await;

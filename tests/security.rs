@@ -1205,38 +1205,28 @@ async fn grpcurl_works_with_a_token_and_reflection_needs_none() {
     );
 }
 
+/// Why the service refused to start on `config` (it must refuse).
+async fn refusal(config: thermostat::config::ServeConfig) -> String {
+    let err = thermostat::Application::build(config)
+        .await
+        .err()
+        .expect("refused");
+    thermostat::startup::error_chain(&err)
+}
+
 #[tokio::test]
 async fn the_service_refuses_to_start_without_credentials_or_with_contradictory_ones() {
-    {
-        let mut config = TestApp::fresh_config().await;
-        config.auth.auth_disabled = false;
-        let err = thermostat::Application::build(config.clone())
-            .await
-            .err()
-            .expect("refused");
-        assert!(thermostat::startup::error_chain(&err).contains("no authentication configured"));
-        config.auth.auth_disabled = true;
-        config.auth.auth_static_file = Some("/nonexistent".into());
-        let err = thermostat::Application::build(config.clone())
-            .await
-            .err()
-            .expect("refused");
-        assert!(
-            thermostat::startup::error_chain(&err).contains("cannot be combined"),
-            "{}",
-            thermostat::startup::error_chain(&err)
-        );
-        config.auth.auth_disabled = false;
-        let err = thermostat::Application::build(config)
-            .await
-            .err()
-            .expect("refused");
-        assert!(
-            thermostat::startup::error_chain(&err).contains("/nonexistent"),
-            "{}",
-            thermostat::startup::error_chain(&err)
-        );
-    }
+    let mut config = TestApp::fresh_config().await;
+    config.auth.auth_disabled = false;
+    let why = refusal(config.clone()).await;
+    assert!(why.contains("no authentication configured"), "{why}");
+    config.auth.auth_disabled = true;
+    config.auth.auth_static_file = Some("/nonexistent".into());
+    let why = refusal(config.clone()).await;
+    assert!(why.contains("cannot be combined"), "{why}");
+    config.auth.auth_disabled = false;
+    let why = refusal(config).await;
+    assert!(why.contains("/nonexistent"), "{why}");
 }
 
 /// One way to make a Put invalid; the field the error must name.
