@@ -58,12 +58,9 @@ async fn without_periodic_resync() -> ServeConfig {
 }
 
 async fn put_band(app: &TestApp, sensor: &str, desired: f64) -> pb::Setpoint {
-    let mut sp = setpoint(sensor, "hq", desired);
-    sp.up_delta_celsius = 1.0;
-    sp.down_delta_celsius = 1.0;
     app.setpoints()
         .await
-        .put_setpoint(put(sp, None))
+        .put_setpoint(put(common::wide_band(sensor, desired), None))
         .await
         .expect("put")
         .into_inner()

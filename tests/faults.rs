@@ -14,7 +14,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use common::{put, setpoint, TestApp};
+use common::{put, TestApp};
 use thermostat::api::convert::timestamp;
 use thermostat::config::KafkaConfig;
 use thermostat::proto::v1 as pb;
@@ -51,12 +51,9 @@ async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_aft
 
     // The setpoint, written by a first run that sees no reading.
     let app = TestApp::spawn_with(config.clone()).await;
-    let mut band = setpoint("s", "hq", 20.0);
-    band.up_delta_celsius = 1.0;
-    band.down_delta_celsius = 1.0;
     app.setpoints()
         .await
-        .put_setpoint(put(band, None))
+        .put_setpoint(put(common::wide_band("s", 20.0), None))
         .await
         .expect("put");
     app.stop().await;

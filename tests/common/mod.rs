@@ -181,6 +181,15 @@ pub fn setpoint(sensor: &str, building: &str, desired: f64) -> pb::Setpoint {
     }
 }
 
+/// A setpoint of `desired` ± 1 °C in building "hq", for the control-loop tests.
+pub fn wide_band(sensor: &str, desired: f64) -> pb::Setpoint {
+    pb::Setpoint {
+        up_delta_celsius: 1.0,
+        down_delta_celsius: 1.0,
+        ..setpoint(sensor, "hq", desired)
+    }
+}
+
 pub fn put(setpoint: pb::Setpoint, expected_revision: Option<i64>) -> pb::PutSetpointRequest {
     pb::PutSetpointRequest {
         setpoint: Some(setpoint),
