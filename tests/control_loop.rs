@@ -989,3 +989,75 @@ async fn two_replicas_share_the_readings_and_both_stream_every_command() {
         );
     }
 }
+
+/// A rolling update's step: of two replicas one stops, and the other takes its partition over.
+/// It knows the last command of every heater the stopped one drove, so it repeats none, and it
+/// carries each sensor's sequence on.
+#[tokio::test]
+async fn a_replica_that_takes_a_partition_over_neither_repeats_nor_renumbers_commands() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let first = TestApp::spawn_with(config.clone()).await;
+    let second = TestApp::spawn_with(config).await;
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = Commands::new(&topics);
+    let ids: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        put_band(&first, id, 20.0).await;
+    }
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            first.control.stats().assigned_partitions() == 1
+                && second.control.stats().assigned_partitions() == 1
+        })
+        .await,
+        "one partition each"
+    );
+    let t0 = Utc::now();
+    for id in &ids {
+        sensors.reading(id, 10.0, t0).await;
+    }
+    for _ in &ids {
+        assert_eq!(cmd(&commands.expect().await), (H::On, R::TooCold));
+    }
+    assert!(
+        LoopStats::get(&first.control.stats().readings) > 0,
+        "the first replica drove some heaters"
+    );
+
+    first.stop().await;
+    assert!(
+        common::eventually(Duration::from_secs(60), || async {
+            second.control.stats().assigned_partitions() == 2
+        })
+        .await,
+        "the survivor took both partitions"
+    );
+    // Still cold: every heater is already ON, whichever replica turned it on.
+    for id in &ids {
+        sensors.reading(id, 9.0, t0 + TimeDelta::seconds(1)).await;
+    }
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "a command was repeated"
+    );
+    // Hot: one OFF each, numbered after the ON.
+    for id in &ids {
+        sensors.reading(id, 30.0, t0 + TimeDelta::seconds(2)).await;
+    }
+    let mut off = Vec::new();
+    for _ in &ids {
+        let event = commands.expect().await;
+        assert_eq!(
+            (cmd(&event), event.sequence),
+            ((H::Off, R::TooHot), 2),
+            "{event:?}"
+        );
+        off.push(event.sensor_id);
+    }
+    off.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(off, expected);
+    assert!(commands.drain(QUIET).await.is_empty());
+}
