@@ -175,6 +175,11 @@ impl Application {
         self.admin.local_addr().ok()
     }
 
+    /// The database side: setpoints and the Put queue.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Counters of the control loop.
     pub fn control(&self) -> &ControlHandle {
         &self.control

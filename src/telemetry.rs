@@ -28,6 +28,7 @@ pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
 pub const SETPOINT_WRITES: &str = "thermostat_setpoint_writes_total";
 pub const SETPOINT_WRITE_STATEMENTS: &str = "thermostat_setpoint_write_statements_total";
+pub const SETPOINT_WRITES_WAITING: &str = "thermostat_setpoint_writes_waiting";
 pub const TLS_HANDSHAKE_FAILURES: &str = "thermostat_tls_handshake_failures_total";
 pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
 pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
@@ -129,6 +130,10 @@ fn describe() {
     describe_counter!(
         SETPOINT_WRITE_STATEMENTS,
         "Statements the Puts were written in (several Puts share one under load)"
+    );
+    describe_gauge!(
+        SETPOINT_WRITES_WAITING,
+        "Puts queued for a writer, at the last health check"
     );
 }
 

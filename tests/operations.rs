@@ -264,6 +264,7 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
             && grew(r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#)
             && now.contains("thermostat_decision_latency_seconds_bucket")
             && now.contains("thermostat_db_pool_connections")
+            && now.contains("thermostat_setpoint_writes_waiting ")
     })
     .await;
     let (_, now) = http_get(app.admin, "/metrics").await;

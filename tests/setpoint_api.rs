@@ -657,7 +657,7 @@ async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
     for desired in [23.0, 24.0, 25.0] {
         requests.push(put(setpoint("dup", "b", desired), None));
     }
-    let (gate, outcomes) = release(&mut db, gate, wave(requests)).await;
+    let (gate, outcomes) = release(&app.store, &mut db, gate, wave(requests)).await;
     gate.unwrap();
 
     let written = |i: usize| outcomes[i].as_ref().expect("written").clone();
@@ -719,7 +719,7 @@ async fn concurrent_puts_share_a_statement_and_keep_their_own_outcomes() {
     let gate = gated(&mut db, &client, 22.0).await;
     let mut requests = vec![put(setpoint("poison", "b", 21.0), None)];
     requests.extend((0..10).map(|i| put(setpoint(&format!("new-{i}"), "b", 19.0), None)));
-    let (gate, outcomes) = release(&mut db, gate, wave(requests)).await;
+    let (gate, outcomes) = release(&app.store, &mut db, gate, wave(requests)).await;
     gate.unwrap();
     assert_eq!(outcomes[0].as_ref().unwrap_err().code(), Code::Internal);
     for outcome in &outcomes[1..] {
@@ -803,7 +803,7 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
         put(value("s-4", "south", 22.0), Scope::All),
         put(value("s-5", "south", 22.0), scope(&[])),
     ];
-    let (gate, outcomes) = release(&mut db, gate, queued).await;
+    let (gate, outcomes) = release(&store, &mut db, gate, queued).await;
     gate.unwrap();
 
     let written = |i: usize| match &outcomes[i] {
@@ -938,8 +938,15 @@ async fn a_put_whose_caller_gave_up_before_its_turn_is_not_written() {
         matches!(late.code(), Code::DeadlineExceeded | Code::Cancelled),
         "deadline passed: {late:?}"
     );
-    let (gate, _) = release(&mut db, gate, Vec::<tokio::task::JoinHandle<()>>::new()).await;
-    gate.unwrap();
+    // The abandoned Put is still queued: the writer finds its caller gone when it gets to it.
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            app.store.puts_waiting() == 1
+        })
+        .await
+    );
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    gate.await.unwrap().unwrap();
     // A Put after it is written (the writer has been past it), the abandoned one is not.
     client
         .put_setpoint(put(setpoint("after", "b", 20.0), None))
@@ -1003,15 +1010,24 @@ async fn lock_row(db: &mut sqlx::PgConnection, sensor: &str) {
         .unwrap();
 }
 
-/// Gives the `queued` Puts a second to reach the Put queue behind `gate` (long enough over
-/// loopback), commits `db`'s transaction to release the gate's row, and returns the outcome of
-/// the gate and those of `queued`, in order.
+/// Waits until the `queued` Puts are all in `store`'s Put queue behind `gate`, commits `db`'s
+/// transaction to release the gate's row, and returns the outcome of the gate and those of
+/// `queued`, in order.
 async fn release<G, T>(
+    store: &thermostat::store::Store,
     db: &mut sqlx::PgConnection,
     gate: tokio::task::JoinHandle<G>,
     queued: Vec<tokio::task::JoinHandle<T>>,
 ) -> (G, Vec<T>) {
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            store.puts_waiting() == queued.len()
+        })
+        .await,
+        "{} of {} Puts queued",
+        store.puts_waiting(),
+        queued.len()
+    );
     sqlx::query("COMMIT").execute(&mut *db).await.unwrap();
     let gate = gate.await.unwrap();
     let mut outcomes = Vec::new();

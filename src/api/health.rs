@@ -47,6 +47,7 @@ pub async fn monitor_database(
         metrics::gauge!(crate::telemetry::DB_POOL, "state" => "idle").set(idle);
         metrics::gauge!(crate::telemetry::DB_POOL, "state" => "in_use")
             .set(f64::from(pool.size()) - idle);
+        metrics::gauge!(crate::telemetry::SETPOINT_WRITES_WAITING).set(store.puts_waiting() as f64);
         if last != Some(status) {
             tracing::info!(?status, "health changed");
             set_all(&reporter, status).await;

@@ -82,6 +82,12 @@ impl Store {
         Ok(Self { pool, puts })
     }
 
+    /// Puts queued for a writer and not yet taken by one (a backlog means the database is
+    /// slower than the Puts arrive, or a writer waits on a lock).
+    pub fn puts_waiting(&self) -> usize {
+        self.puts.waiting()
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -104,6 +104,11 @@ impl PutQueue {
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
+
+    /// Puts queued and not yet taken by a writer.
+    pub(super) fn waiting(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
 }
 
 async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, answer_within: Duration) {

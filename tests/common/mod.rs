@@ -83,6 +83,7 @@ pub struct TestApp {
     pub database_url: String,
     pub config: ServeConfig,
     pub control: ControlHandle,
+    pub store: thermostat::store::Store,
     pub admin: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), thermostat::StartupError>>,
@@ -106,6 +107,7 @@ impl TestApp {
         let addr = app.local_addr();
         let health_addr = app.health_addr();
         let control = app.control().clone();
+        let store = app.store().clone();
         let admin = app.admin_addr().expect("admin address");
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
@@ -115,6 +117,7 @@ impl TestApp {
             database_url,
             config,
             control,
+            store,
             admin,
             shutdown,
             task,
