@@ -108,6 +108,9 @@ impl Drop for DemoCredentials {
 
 /// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
 pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
+    // Before anything starts: options that describe no building, or a service the simulator
+    // could not call.
+    config.building.check()?;
     check_simulator_access(&config)?;
     // Kept alive until the end: dropping it stops the mock brokers.
     let _mock = if config.embedded_broker {
@@ -204,8 +207,13 @@ fn print_examples(
     building: &BuildingConfig,
     token: Option<&str>,
 ) {
-    // Room 00 is the one `SIM_CHANGE_AFTER` changes: the operator's example takes the next.
-    let room = format!("{}/room-01", building.building_id);
+    // Room 00 is the one `SIM_CHANGE_AFTER` changes: the operator's example takes the next,
+    // if there is one.
+    let room = format!(
+        "{}/room-{:02}",
+        building.building_id,
+        building.rooms.clamp(1, 2) - 1
+    );
     let plot = building.plot.as_ref().map_or_else(
         || "(no plot: set SIM_PLOT)".to_owned(),
         |p| p.display().to_string(),
@@ -244,7 +252,7 @@ Change a setpoint and watch that room's heater react (and the plot):
   {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
   {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
 {without}Send a reading by hand:
-  KAFKA_BROKERS={brokers} target/release/thermostat send-reading {building_id}/room-01 15.0
+  KAFKA_BROKERS={brokers} target/release/thermostat send-reading {room} 15.0
 Ctrl-C stops the demo and writes the plot.
 "#,
         rooms = building.rooms,
