@@ -925,8 +925,9 @@ async fn a_crash_and_restart_neither_loses_nor_repeats_commands() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_share_the_readings_and_both_stream_every_command() {
+/// Two replicas of one service, each owning one of the two sensor partitions, and sensors
+/// `s0`..`s9` with a setpoint of 20 ± 1 °C.
+async fn two_replicas() -> (TestApp, TestApp, Sensors, Commands, Vec<String>) {
     let config = TestApp::fresh_config().await;
     let topics = Topics::of(&config);
     let first = TestApp::spawn_with(config.clone()).await;
@@ -937,21 +938,25 @@ async fn two_replicas_share_the_readings_and_both_stream_every_command() {
     for id in &ids {
         put_band(&first, id, 20.0).await;
     }
+    // Both replicas own partitions before the readings flow.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            first.control.stats().assigned_partitions() == 1
+                && second.control.stats().assigned_partitions() == 1
+        })
+        .await,
+        "the group did not spread the partitions over both replicas"
+    );
+    (first, second, sensors, commands, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_readings_and_both_stream_every_command() {
+    let (first, second, sensors, commands, ids) = two_replicas().await;
     let mut streams = vec![
         subscribe(&first, Default::default()).await,
         subscribe(&second, Default::default()).await,
     ];
-    // Both replicas own partitions before the readings flow.
-    let both_assigned = common::eventually(Duration::from_secs(30), || async {
-        first.control.stats().assigned_partitions() + second.control.stats().assigned_partitions()
-            == 2
-            && first.control.stats().assigned_partitions() == 1
-    })
-    .await;
-    assert!(
-        both_assigned,
-        "the group did not spread the partitions over both replicas"
-    );
 
     let t0 = Utc::now();
     for id in &ids {
@@ -995,24 +1000,7 @@ async fn two_replicas_share_the_readings_and_both_stream_every_command() {
 /// carries each sensor's sequence on.
 #[tokio::test]
 async fn a_replica_that_takes_a_partition_over_neither_repeats_nor_renumbers_commands() {
-    let config = TestApp::fresh_config().await;
-    let topics = Topics::of(&config);
-    let first = TestApp::spawn_with(config.clone()).await;
-    let second = TestApp::spawn_with(config).await;
-    let sensors = Sensors::new(&topics.sensors);
-    let commands = Commands::new(&topics);
-    let ids: Vec<String> = (0..10).map(|i| format!("s{i}")).collect();
-    for id in &ids {
-        put_band(&first, id, 20.0).await;
-    }
-    assert!(
-        common::eventually(Duration::from_secs(30), || async {
-            first.control.stats().assigned_partitions() == 1
-                && second.control.stats().assigned_partitions() == 1
-        })
-        .await,
-        "one partition each"
-    );
+    let (first, second, sensors, commands, ids) = two_replicas().await;
     let t0 = Utc::now();
     for id in &ids {
         sensors.reading(id, 10.0, t0).await;
