@@ -23,6 +23,7 @@ pub const CACHED_SETPOINTS: &str = "thermostat_cached_setpoints";
 pub const RESYNC_AGE: &str = "thermostat_setpoint_resync_age_seconds";
 pub const SUBSCRIBERS: &str = "thermostat_subscribers";
 pub const SUBSCRIBERS_BEHIND: &str = "thermostat_subscribers_fell_behind_total";
+pub const SUBSCRIBER_EVENTS: &str = "thermostat_subscriber_events_sent_total";
 pub const RPCS: &str = "thermostat_grpc_requests_total";
 pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
@@ -111,6 +112,10 @@ fn describe() {
         "Time since the last full setpoint resync"
     );
     describe_gauge!(SUBSCRIBERS, "Open SubscribeHeaterCommands streams");
+    describe_counter!(
+        SUBSCRIBER_EVENTS,
+        "Command events handed to subscribers' streams, snapshots and catch-ups included"
+    );
     describe_counter!(
         SUBSCRIBERS_BEHIND,
         "Subscribers that fell more than SUBSCRIBER_BUFFER commands behind, by outcome"

@@ -248,17 +248,31 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
         .await
         .unwrap_err();
     assert_eq!(made_up.code(), tonic::Code::Unimplemented);
+    let mut subscription = app
+        .heaters()
+        .await
+        .subscribe_heater_commands(thermostat::proto::v1::SubscribeHeaterCommandsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let sensors = Sensors::new(&topics.sensors);
     let commands = Commands::new(&topics);
     sensors.reading("m1", 10.0, chrono::Utc::now()).await;
     sensors.raw(Some("m1"), b"\xff\xff").await;
     commands.expect().await;
+    let delivered = tokio::time::timeout(Duration::from_secs(10), subscription.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivered.sensor_id, "m1");
     let counted = eventually(Duration::from_secs(10), || async {
         let (_, now) = http_get(app.admin, "/metrics").await;
         let grew = |series: &str| sample(&now, series) > sample(&before, series);
         grew("thermostat_readings_consumed_total")
             && grew(r#"thermostat_commands_emitted_total{command="On",reason="TooCold"}"#)
             && grew(r#"thermostat_dead_letters_total{reason="undecodable"}"#)
+            && grew("thermostat_subscriber_events_sent_total")
             && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/PutSetpoint",code="Ok"}"#)
             && grew(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/GetSetpoint",code="NotFound"}"#)
             && grew(r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#)

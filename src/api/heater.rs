@@ -156,6 +156,7 @@ impl HeaterApi {
             ),
             shutdown: self.shutdown.clone(),
             ended: false,
+            events_sent: metrics::counter!(telemetry::SUBSCRIBER_EVENTS),
             _slot: slot,
         };
         metrics::gauge!(telemetry::SUBSCRIBERS).increment(1.0);
@@ -195,6 +196,8 @@ struct Subscription {
     sent: SnapshotCoverage,
     shutdown: CancellationToken,
     ended: bool,
+    /// Events handed to the stream (a handle, so that counting one is an atomic add).
+    events_sent: metrics::Counter,
     /// Counts against the caller's subscription limit while the stream is open.
     _slot: SubscriptionSlot,
 }
@@ -239,6 +242,7 @@ impl Subscription {
                     snapshot: true,
                     ..event
                 };
+                self.events_sent.increment(1);
                 return Some((Ok(event), self));
             }
             if let Some(from) = self.more.take() {
@@ -277,6 +281,7 @@ impl Subscription {
                     {
                         continue;
                     }
+                    self.events_sent.increment(1);
                     return Some((Ok((**event).clone()), self));
                 }
                 Err(RecvError::Lagged(missed)) if self.catches_up => {
