@@ -341,7 +341,7 @@ async fn drain_service(
     commands: u64,
     stalled: bool,
     batch: u32,
-) -> (Drain, Option<u64>) {
+) -> (Drain, Option<(u64, u64)>) {
     let names = Names {
         sensors: sensor_topic.to_owned(),
         ..Names::new(run)
@@ -407,6 +407,18 @@ async fn drain_service(
         all_decided.map_or(f64::NAN, |(time, readings)| readings as f64 / seconds(time));
     let mb = |bytes: u64| bytes as f64 / 1e6;
     let (rss_mb, peak_rss_mb) = (mb(common::rss(pid)), mb(common::peak_rss(pid)));
+    // How many events the stalled subscriber's stream took before it stopped taking any: what
+    // its client's HTTP/2 window let the server send.
+    let stalled_after = match subscribed_at {
+        Some(at) => Some((
+            at,
+            service
+                .counter(thermostat::telemetry::SUBSCRIBER_EVENTS)
+                .await
+                .unwrap_or(0),
+        )),
+        None => None,
+    };
     service.stop();
     drop(subscriber);
     (
@@ -418,7 +430,7 @@ async fn drain_service(
             rss_mb,
             peak_rss_mb,
         },
-        subscribed_at,
+        stalled_after,
     )
 }
 
@@ -848,9 +860,9 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         ]);
     }
     if !subscribed_at.is_empty() {
+        let (at, taken): (Vec<u64>, Vec<u64>) = subscribed_at.into_iter().unzip();
         println!(
-            "\nThe stalled subscriber was connected after {subscribed_at:?} readings (of {}) had been consumed.\n",
-            count
+            "\nThe stalled subscriber was connected after {at:?} readings (of {count}) had been consumed, and its stream was handed {taken:?} events (of {commands}) before it stalled.\n",
         );
     }
     runs.iter()

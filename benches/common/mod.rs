@@ -230,15 +230,21 @@ impl Service {
     /// Readings consumed so far (the `thermostat_readings_consumed_total` counter), `None`
     /// while the admin port does not answer yet.
     pub async fn readings(&self) -> Option<u64> {
+        self.counter(thermostat::telemetry::READINGS).await
+    }
+
+    /// A counter without labels, scraped from the admin port; 0 before it first counts, `None`
+    /// while the admin port does not answer.
+    pub async fn counter(&self, name: &str) -> Option<u64> {
         // A connection accepted but never answered (the process stopping) must not stall the
         // poll loop.
-        tokio::time::timeout(Duration::from_secs(2), self.scrape())
+        tokio::time::timeout(Duration::from_secs(2), self.scrape(name))
             .await
             .ok()
             .flatten()
     }
 
-    async fn scrape(&self) -> Option<u64> {
+    async fn scrape(&self, name: &str) -> Option<u64> {
         let mut stream = tokio::net::TcpStream::connect(self.admin).await.ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
@@ -250,10 +256,10 @@ impl Service {
             return None;
         }
         let counter = body.lines().find_map(|l| {
-            l.strip_prefix(thermostat::telemetry::READINGS)
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
                 .and_then(|v| v.trim().parse::<f64>().ok())
         });
-        // The counter appears with the first reading.
         Some(counter.unwrap_or(0.0) as u64)
     }
 
