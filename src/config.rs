@@ -169,6 +169,12 @@ pub struct ControlConfig {
     /// (with `send_initial_state`) or its stream is ended with RESOURCE_EXHAUSTED.
     #[arg(long, env = "SUBSCRIBER_BUFFER", default_value_t = 1024)]
     pub subscriber_buffer: usize,
+    /// Sensors a reading may add to the in-memory cache (about 160 B each with its last
+    /// command). Once it holds this many, readings of sensors not cached yet are counted as
+    /// untracked and not remembered; setpoints and commands are always cached, so a sensor
+    /// with a setpoint is controlled whatever the limit.
+    #[arg(long, env = "SENSOR_CACHE_LIMIT", default_value_t = 2_000_000)]
+    pub sensor_cache_limit: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -331,6 +337,7 @@ mod tests {
             Duration::from_millis(100)
         );
         assert_eq!(config.control.subscriber_buffer, 1024);
+        assert_eq!(config.control.sensor_cache_limit, 2_000_000);
     }
 
     #[test]

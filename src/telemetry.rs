@@ -14,6 +14,7 @@ use crate::config::{LogConfig, LogFormat};
 
 pub const READINGS: &str = "thermostat_readings_consumed_total";
 pub const READINGS_OUT_OF_ORDER: &str = "thermostat_readings_out_of_order_total";
+pub const READINGS_UNTRACKED: &str = "thermostat_readings_untracked_total";
 pub const COMMANDS: &str = "thermostat_commands_emitted_total";
 pub const DEAD_LETTERS: &str = "thermostat_dead_letters_total";
 pub const DECISION_LATENCY: &str = "thermostat_decision_latency_seconds";
@@ -89,6 +90,10 @@ fn describe() {
     describe_counter!(
         READINGS_OUT_OF_ORDER,
         "Readings ignored as older than the newest applied"
+    );
+    describe_counter!(
+        READINGS_UNTRACKED,
+        "Readings of sensors not cached, not remembered because the cache is at SENSOR_CACHE_LIMIT"
     );
     describe_counter!(COMMANDS, "Heater commands decided, by command and reason");
     describe_counter!(

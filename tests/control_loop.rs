@@ -364,6 +364,59 @@ async fn a_quiet_sensor_gets_off_once_and_late_readings_are_ignored() {
 }
 
 #[tokio::test]
+async fn readings_of_unknown_sensors_stop_growing_the_cache_at_its_limit() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.sensor_cache_limit = 2;
+    let (app, commands, sensors) = settled(config).await;
+    let state = |sensor: &'static str| {
+        let app = &app;
+        async move {
+            app.heaters()
+                .await
+                .get_sensor_state(pb::GetSensorStateRequest {
+                    sensor_id: sensor.into(),
+                })
+                .await
+        }
+    };
+    // `s` is cached; the first unknown sensor fills the cache, the second is not remembered.
+    sensors.reading("junk-1", 10.0, Utc::now()).await;
+    sensors.reading("junk-2", 10.0, Utc::now()).await;
+    let read = common::eventually(Duration::from_secs(20), || async {
+        LoopStats::get(&app.control.stats().readings) >= 3
+    })
+    .await;
+    assert!(read, "the readings were not consumed");
+    let remembered = state("junk-1")
+        .await
+        .expect("junk-1 is cached")
+        .into_inner();
+    assert_eq!(
+        remembered.last_reading.unwrap().temperature_celsius,
+        Some(10.0)
+    );
+    assert_eq!(
+        state("junk-2").await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "no setpoint, no command"
+    );
+
+    // A cached sensor is controlled as before, and a setpoint is cached beyond the limit.
+    sensors.reading("s", 10.0, Utc::now()).await;
+    assert_eq!(cmd(&commands.expect().await), (H::On, R::TooCold));
+    put_band(&app, "junk-2", 20.0).await;
+    sensors.reading("junk-2", 10.0, Utc::now()).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        (on.sensor_id.as_str(), cmd(&on)),
+        ("junk-2", (H::On, R::TooCold))
+    );
+}
+
+#[tokio::test]
 async fn a_restart_is_not_taken_for_silence_by_the_fail_safe() {
     let mut config = TestApp::fresh_config().await;
     config.control.stale_after = Duration::from_secs(2);

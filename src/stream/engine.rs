@@ -239,6 +239,7 @@ impl LoopStats {
 struct Meters {
     readings: metrics::Counter,
     out_of_order: metrics::Counter,
+    untracked: metrics::Counter,
     decision_latency: metrics::Histogram,
     /// By command and reason, registered at first use: formatting the labels and looking the
     /// counter up for every command was a cost of its own at 100% change.
@@ -250,6 +251,7 @@ impl Meters {
         Self {
             readings: metrics::counter!(telemetry::READINGS),
             out_of_order: metrics::counter!(telemetry::READINGS_OUT_OF_ORDER),
+            untracked: metrics::counter!(telemetry::READINGS_UNTRACKED),
             decision_latency: metrics::histogram!(telemetry::DECISION_LATENCY),
             commands: HashMap::new(),
         }
@@ -271,6 +273,10 @@ impl Meters {
 
 pub struct Engine {
     sensors: Cache,
+    /// How many sensors a reading may add to the cache: see [`Engine::reading_slot`].
+    cache_limit: usize,
+    /// Whether the limit was logged as reached.
+    cache_limit_logged: bool,
     meters: Meters,
     /// Sensor-topic partitions this replica consumes, with when it began to (for the
     /// staleness fail-safe: see `SensorControl::on_tick`).
@@ -296,11 +302,14 @@ impl Engine {
         command_topic: String,
         acks: mpsc::UnboundedSender<Vec<Ack>>,
         stale_after: Duration,
+        cache_limit: usize,
         stats: Arc<LoopStats>,
         live: broadcast::Sender<LiveEvent>,
     ) -> Self {
         Self {
             sensors: Cache::default(),
+            cache_limit,
+            cache_limit_logged: false,
             meters: Meters::new(),
             assigned: HashMap::new(),
             producer,
@@ -450,7 +459,11 @@ impl Engine {
             } => {
                 LoopStats::bump(&self.stats.readings);
                 self.meters.readings.increment(1);
-                let i = self.sensors.find_or_insert(&sensor)?;
+                let Some(i) = self.reading_slot(&sensor)? else {
+                    self.meters.untracked.increment(1);
+                    self.ack(Some(position), None);
+                    return Ok(());
+                };
                 self.sensors.set_partition(i, position.partition);
                 let decision = match self.decide(i, |control| control.on_reading(reading)) {
                     ReadingOutcome::Applied(decision) => decision,
@@ -472,6 +485,29 @@ impl Engine {
             Record::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
         }
         Ok(())
+    }
+
+    /// The cached sensor a reading is for. A sensor new to the cache is added only while it
+    /// holds fewer than `cache_limit`: sensors are never removed, and readings of sensors
+    /// without a setpoint (a producer that puts a counter in its ids, a building not set up
+    /// yet) would otherwise grow it without bound. Setpoints and commands read back are always
+    /// added, so a sensor with a setpoint is controlled whatever the limit; an untracked
+    /// reading only goes unremembered (`None`).
+    fn reading_slot(&mut self, sensor: &SensorId) -> Result<Option<SensorIndex>, StreamError> {
+        if let Some(i) = self.sensors.find(sensor.as_str()) {
+            return Ok(Some(i));
+        }
+        if self.sensors.len() < self.cache_limit {
+            return self.sensors.find_or_insert(sensor).map(Some);
+        }
+        if !self.cache_limit_logged {
+            self.cache_limit_logged = true;
+            tracing::warn!(
+                limit = self.cache_limit,
+                "sensor cache full: readings of sensors not cached yet are not tracked until they have a setpoint (see SENSOR_CACHE_LIMIT)"
+            );
+        }
+        Ok(None)
     }
 
     async fn check_staleness(&mut self) -> Result<(), StreamError> {
@@ -713,6 +749,11 @@ mod tests {
     /// An engine whose producer has no broker: what it decides is queued, never delivered, and
     /// read back only when a test hands it in as `Input::Observed`.
     fn engine() -> (Engine, broadcast::Receiver<LiveEvent>) {
+        engine_limited(usize::MAX)
+    }
+
+    /// The same, with `SENSOR_CACHE_LIMIT` at `cache_limit`.
+    fn engine_limited(cache_limit: usize) -> (Engine, broadcast::Receiver<LiveEvent>) {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:9")
             .create()
@@ -724,6 +765,7 @@ mod tests {
             "commands".into(),
             acks,
             Duration::from_secs(3600),
+            cache_limit,
             Arc::default(),
             live,
         );
@@ -754,6 +796,35 @@ mod tests {
         }
     }
 
+    /// Revision 1 of a setpoint for `sensor`: 20 °C ± 0.5 in building `b`.
+    fn setpoint(sensor: &SensorId) -> Input {
+        let setpoint = Setpoint::new(
+            sensor.clone(),
+            BuildingId::parse("b").unwrap(),
+            20.0,
+            0.5,
+            0.5,
+        )
+        .unwrap();
+        Input::Setpoint(SetpointVersion {
+            sensor_id: sensor.clone(),
+            revision: 1,
+            setpoint: Some(setpoint),
+        })
+    }
+
+    async fn view(engine: &mut Engine, sensor: &SensorId) -> SensorView {
+        let (reply, view) = oneshot::channel();
+        engine
+            .apply(Input::Query(Query::Sensor {
+                sensor: sensor.clone(),
+                reply,
+            }))
+            .await
+            .unwrap();
+        view.await.unwrap()
+    }
+
     /// A reading of `sensor` taken now, at `offset` of partition 0.
     async fn reading(sensor: &SensorId, celsius: f64, offset: i64) -> Input {
         let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
@@ -775,25 +846,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn readings_add_sensors_up_to_the_cache_limit_and_setpoints_whatever_it_is() {
+        let (mut engine, _live) = engine_limited(2);
+        let controlled = SensorId::parse("s").unwrap();
+        let (first, second) = (
+            SensorId::parse("u1").unwrap(),
+            SensorId::parse("u2").unwrap(),
+        );
+        engine.apply(setpoint(&controlled)).await.unwrap();
+        engine.apply(reading(&first, 20.0, 0).await).await.unwrap();
+        // The cache is full: the reading is acknowledged and forgotten.
+        engine.apply(reading(&second, 10.0, 1).await).await.unwrap();
+        assert!(view(&mut engine, &first).await.last_reading.is_some());
+        assert!(view(&mut engine, &second).await.last_reading.is_none());
+        assert_eq!(engine.sensors.len(), 2);
+        assert_eq!(
+            engine.pending_acks.len(),
+            2,
+            "every reading is acknowledged"
+        );
+
+        // Cached sensors are decided as before; a setpoint goes beyond the limit, and from then
+        // on its sensor's readings are decided too.
+        engine
+            .apply(reading(&controlled, 10.0, 2).await)
+            .await
+            .unwrap();
+        engine.apply(setpoint(&second)).await.unwrap();
+        engine.apply(reading(&second, 25.0, 3).await).await.unwrap();
+        let commands: Vec<_> = snapshot(&mut engine)
+            .await
+            .events
+            .into_iter()
+            .map(|e| (e.command(), e.sensor_id))
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                (pb::HeaterCommand::On, "s".to_owned()),
+                (pb::HeaterCommand::Off, "u2".to_owned())
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn an_own_decision_read_back_is_broadcast_once_with_the_number_it_got_when_decided() {
         let (mut engine, mut live) = engine();
         let sensor = SensorId::parse("s").unwrap();
-        let setpoint = Setpoint::new(
-            sensor.clone(),
-            BuildingId::parse("b").unwrap(),
-            20.0,
-            0.5,
-            0.5,
-        )
-        .unwrap();
-        engine
-            .apply(Input::Setpoint(SetpointVersion {
-                sensor_id: sensor.clone(),
-                revision: 1,
-                setpoint: Some(setpoint),
-            }))
-            .await
-            .unwrap();
+        engine.apply(setpoint(&sensor)).await.unwrap();
         engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
 
         // Decided (ON) and kept, not broadcast before it is read back; a snapshot has it.

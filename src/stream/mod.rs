@@ -249,6 +249,7 @@ pub async fn start(
         kafka.command_topic.clone(),
         acks_tx,
         control.stale_after,
+        control.sensor_cache_limit,
         stats.clone(),
         live.clone(),
     );
