@@ -121,6 +121,11 @@ pub struct KafkaConfig {
     /// Encoding of the records on the sensor topic.
     #[arg(long, env = "SENSOR_FORMAT", value_enum, default_value_t = SensorFormat::Protobuf)]
     pub sensor_format: SensorFormat,
+    /// Temperatures a sensor can really report, `MIN..MAX` in °C: readings outside are
+    /// dead-lettered as `implausible_temperature` (a faulty sensor's -127 must not switch a
+    /// heater on for good; the staleness fail-safe takes over if nothing plausible comes).
+    #[arg(long, env = "READING_RANGE_CELSIUS", default_value_t = CelsiusRange::PLAUSIBLE, value_parser = celsius_range, allow_hyphen_values = true)]
+    pub reading_range_celsius: CelsiusRange,
     /// Topic heater commands are produced to (key = sensor_id).
     #[arg(long, env = "COMMAND_TOPIC", default_value = "heater-commands")]
     pub command_topic: String,
@@ -294,6 +299,50 @@ pub struct ServeConfig {
 
 /// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
 /// zero timeout or staleness fails everything at once.
+/// An inclusive range of temperatures, written `MIN..MAX`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CelsiusRange {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl CelsiusRange {
+    /// Wider than any room, boiler house or winter's night: only what no sensor in a building
+    /// can read, such as the -127 °C and 327.67 °C common sensors report when they fail.
+    pub const PLAUSIBLE: Self = Self {
+        min: -100.0,
+        max: 150.0,
+    };
+
+    pub fn contains(&self, celsius: f64) -> bool {
+        (self.min..=self.max).contains(&celsius)
+    }
+}
+
+impl std::fmt::Display for CelsiusRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.min, self.max)
+    }
+}
+
+pub fn celsius_range(value: &str) -> Result<CelsiusRange, String> {
+    let (min, max) = value
+        .split_once("..")
+        .ok_or("expected MIN..MAX in °C, such as -100..150")?;
+    let number = |s: &str| {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("{s:?} is not a finite number"))
+    };
+    let (min, max) = (number(min)?, number(max)?);
+    if min >= max {
+        return Err(format!("{min} is not below {max}"));
+    }
+    Ok(CelsiusRange { min, max })
+}
+
 pub fn positive_duration(value: &str) -> Result<Duration, String> {
     match humantime::parse_duration(value) {
         Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),
@@ -338,6 +387,31 @@ mod tests {
         );
         assert_eq!(config.control.subscriber_buffer, 1024);
         assert_eq!(config.control.sensor_cache_limit, 2_000_000);
+        assert_eq!(config.kafka.reading_range_celsius, CelsiusRange::PLAUSIBLE);
+    }
+
+    #[test]
+    fn a_reading_range_is_min_dot_dot_max_and_not_empty() {
+        let parsed = |v: &str| celsius_range(v).map(|r| (r.min, r.max));
+        assert_eq!(parsed("-100..150"), Ok((-100.0, 150.0)));
+        assert_eq!(parsed("-40.5..-10"), Ok((-40.5, -10.0)));
+        assert_eq!(
+            parsed(&CelsiusRange::PLAUSIBLE.to_string()),
+            Ok((-100.0, 150.0))
+        );
+        for bad in [
+            "", "10", "10..10", "20..10", "..5", "a..5", "0..inf", "NaN..5",
+        ] {
+            assert!(celsius_range(bad).is_err(), "{bad:?} was accepted");
+        }
+        let cli =
+            Cli::try_parse_from(["thermostat", "serve", "--reading-range-celsius", "-50..60"])
+                .expect("parses");
+        let Command::Serve(serve) = cli.command else {
+            panic!("expected serve")
+        };
+        assert!(serve.kafka.reading_range_celsius.contains(-50.0));
+        assert!(!serve.kafka.reading_range_celsius.contains(60.5));
     }
 
     #[test]

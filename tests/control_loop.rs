@@ -484,6 +484,8 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         .await;
     // Without a temperature, not a reading of 0 °C (which would turn the heater on).
     sensors.raw(Some("s"), &reading_of_s(None, now)).await;
+    // A failing sensor's -127 °C, which would turn the heater on.
+    sensors.reading("s", -127.0, now).await;
     sensors.reading("bad id!", 10.0, now).await;
     sensors.reading("s", 10.0, now + TimeDelta::hours(2)).await;
     sensors.reading("s", 10.0, now).await;
@@ -494,7 +496,7 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         "the loop went on"
     );
     let mut reasons = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..6 {
         let record = dead
             .next(Duration::from_secs(20))
             .await
@@ -508,13 +510,14 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
         reasons,
         [
             "future_time",
+            "implausible_temperature",
             "invalid_sensor_id",
             "missing_temperature",
             "non_finite_temperature",
             "undecodable"
         ]
     );
-    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 5);
+    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 6);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use prost::Message;
 use serde::Deserialize;
 
 use crate::api::convert::timestamp;
-use crate::config::SensorFormat;
+use crate::config::{CelsiusRange, SensorFormat};
 use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
 use crate::domain::{Celsius, SensorId};
 use crate::proto::v1 as pb;
@@ -26,6 +26,8 @@ pub enum DeadLetter {
     KeyMismatch { key: String, sensor_id: String },
     #[error("temperature_celsius is not a finite number")]
     NonFiniteTemperature,
+    #[error("temperature_celsius {0}")]
+    ImplausibleTemperature(String),
     #[error("reading has no temperature_celsius")]
     MissingTemperature,
     #[error("reading has no reading_time and the record no timestamp")]
@@ -42,6 +44,7 @@ impl DeadLetter {
             DeadLetter::InvalidSensorId(_) => "invalid_sensor_id",
             DeadLetter::KeyMismatch { .. } => "key_mismatch",
             DeadLetter::NonFiniteTemperature => "non_finite_temperature",
+            DeadLetter::ImplausibleTemperature(_) => "implausible_temperature",
             DeadLetter::MissingTemperature => "missing_temperature",
             DeadLetter::MissingTime => "missing_time",
             DeadLetter::FutureTime(_) => "future_time",
@@ -58,9 +61,11 @@ struct JsonReading {
 
 /// Decodes and validates one sensor record.
 ///
-/// `record_time` is the Kafka record timestamp, used when the reading carries no time.
+/// `record_time` is the Kafka record timestamp, used when the reading carries no time;
+/// `plausible`, the temperatures a sensor can really report.
 pub fn decode_reading(
     format: SensorFormat,
+    plausible: CelsiusRange,
     key: Option<&[u8]>,
     payload: &[u8],
     record_time: Option<DateTime<Utc>>,
@@ -106,6 +111,12 @@ pub fn decode_reading(
     }
     let temperature = temperature.ok_or(DeadLetter::MissingTemperature)?;
     let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
+    if !plausible.contains(temperature.value()) {
+        return Err(DeadLetter::ImplausibleTemperature(format!(
+            "{} is outside READING_RANGE_CELSIUS {plausible}",
+            temperature.value()
+        )));
+    }
     let time = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
     if !storable(time) {
         return Err(DeadLetter::Undecodable("reading_time out of range".into()));
@@ -218,9 +229,38 @@ mod tests {
     }
 
     #[test]
+    fn the_plausible_range_includes_its_edges_and_nothing_beyond() {
+        let range = CelsiusRange {
+            min: -10.0,
+            max: 40.0,
+        };
+        for (celsius, accepted) in [(-10.0, true), (40.0, true), (-10.01, false), (40.01, false)] {
+            let decoded = decode_reading(
+                SensorFormat::Protobuf,
+                range,
+                None,
+                &proto("s1", celsius, Some(now())),
+                None,
+                now(),
+            );
+            match decoded {
+                Ok((_, r)) => {
+                    assert!(accepted, "{celsius} was accepted");
+                    assert_eq!(r.temperature.value(), celsius);
+                }
+                Err(e) => {
+                    assert!(!accepted, "{celsius} was refused: {e}");
+                    assert_eq!(e.to_string(), format!("temperature_celsius {celsius} is outside READING_RANGE_CELSIUS -10..40"));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn decodes_protobuf_and_json() {
         let (id, r) = decode_reading(
             SensorFormat::Protobuf,
+            CelsiusRange::PLAUSIBLE,
             Some(b"s1"),
             &proto("s1", 20.5, Some(now())),
             None,
@@ -234,6 +274,7 @@ mod tests {
         // 0 °C is a reading, not a missing one.
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
+            CelsiusRange::PLAUSIBLE,
             None,
             &proto("s1", 0.0, Some(now())),
             None,
@@ -242,7 +283,15 @@ mod tests {
         .unwrap();
         assert_eq!(r.temperature.value(), 0.0);
         let json = br#"{"sensor_id":"s1","temperature_celsius":21.5,"reading_time":"2027-01-15T08:00:00Z"}"#;
-        let (_, r) = decode_reading(SensorFormat::Json, None, json, None, now()).unwrap();
+        let (_, r) = decode_reading(
+            SensorFormat::Json,
+            CelsiusRange::PLAUSIBLE,
+            None,
+            json,
+            None,
+            now(),
+        )
+        .unwrap();
         assert_eq!(r.time.to_rfc3339(), "2027-01-15T08:00:00+00:00");
     }
 
@@ -250,6 +299,7 @@ mod tests {
     fn falls_back_to_the_record_timestamp() {
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
+            CelsiusRange::PLAUSIBLE,
             None,
             &proto("s1", 20.0, None),
             Some(now()),
@@ -259,6 +309,7 @@ mod tests {
         assert_eq!(r.time, now());
         let err = decode_reading(
             SensorFormat::Protobuf,
+            CelsiusRange::PLAUSIBLE,
             None,
             &proto("s1", 20.0, None),
             None,
@@ -323,6 +374,18 @@ mod tests {
             (
                 SensorFormat::Protobuf,
                 None,
+                proto("s1", -127.0, t),
+                "implausible_temperature",
+            ),
+            (
+                SensorFormat::Json,
+                None,
+                br#"{"sensor_id":"s1","temperature_celsius":327.67,"reading_time":"2027-01-15T08:00:00Z"}"#.to_vec(),
+                "implausible_temperature",
+            ),
+            (
+                SensorFormat::Protobuf,
+                None,
                 proto("s1", f64::INFINITY, t),
                 "non_finite_temperature",
             ),
@@ -352,7 +415,8 @@ mod tests {
             ),
         ];
         for (format, key, payload, code) in cases {
-            let err = decode_reading(format, key, &payload, None, now()).unwrap_err();
+            let err = decode_reading(format, CelsiusRange::PLAUSIBLE, key, &payload, None, now())
+                .unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
     }

@@ -275,6 +275,7 @@ impl Readings {
             .and_then(DateTime::from_timestamp_millis);
         let decoded = decode_reading(
             self.config.sensor_format,
+            self.config.reading_range_celsius,
             message.key(),
             message.payload().unwrap_or_default(),
             record_time,
