@@ -297,8 +297,6 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
 }
 
-/// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
-/// zero timeout or staleness fails everything at once.
 /// An inclusive range of temperatures, written `MIN..MAX`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CelsiusRange {
@@ -325,6 +323,7 @@ impl std::fmt::Display for CelsiusRange {
     }
 }
 
+/// Parses `MIN..MAX`: two finite numbers, the first below the second.
 pub fn celsius_range(value: &str) -> Result<CelsiusRange, String> {
     let (min, max) = value
         .split_once("..")
@@ -343,6 +342,8 @@ pub fn celsius_range(value: &str) -> Result<CelsiusRange, String> {
     Ok(CelsiusRange { min, max })
 }
 
+/// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
+/// zero timeout or staleness fails everything at once.
 pub fn positive_duration(value: &str) -> Result<Duration, String> {
     match humantime::parse_duration(value) {
         Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),
