@@ -434,11 +434,19 @@ async fn drain_service(
     )
 }
 
+/// HTTP/2's default flow-control window (RFC 9113, SETTINGS_INITIAL_WINDOW_SIZE), which
+/// grpc-go clients such as grpcurl start with. tonic's client advertises 2 MB: a subscriber
+/// that never reads then still takes about 24 000 commands (nearly all 10 000 unbatched)
+/// before it stalls, and the drain measures a reading subscriber, not a stalled one.
+const STALLED_WINDOW: u32 = 65_535;
+
 /// Opens a subscription and never reads it.
 async fn stall(service: &Service) -> Option<tonic::Streaming<pb::HeaterCommandEvent>> {
     let connect = async {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", service.grpc))
             .ok()?
+            .initial_stream_window_size(STALLED_WINDOW)
+            .initial_connection_window_size(STALLED_WINDOW)
             .connect()
             .await
             .ok()?;
