@@ -273,7 +273,7 @@ impl Meters {
 
 pub struct Engine {
     sensors: Cache,
-    /// How many sensors a reading may add to the cache: see [`Engine::reading_slot`].
+    /// The cache's size below which a reading may add a sensor: see [`Engine::reading_slot`].
     cache_limit: usize,
     /// Whether the limit was logged as reached.
     cache_limit_logged: bool,
