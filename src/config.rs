@@ -289,7 +289,7 @@ pub struct ServeConfig {
     /// Address of the admin HTTP server: `/metrics` (Prometheus) and `/livez`.
     #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,
-    /// How often the database is probed for the health service.
+    /// How often the database and the broker are probed for the health service.
     #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "2s", value_parser = positive_duration)]
     pub health_check_interval: Duration,
     /// After SIGTERM/SIGINT, how long in-flight calls get to finish before the process exits.

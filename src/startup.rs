@@ -214,9 +214,9 @@ impl Application {
 
         {
             let (reporter, store, stop) = (reporter.clone(), store.clone(), stop.clone());
-            let interval = config.health_check_interval;
+            let (control, interval) = (control.clone(), config.health_check_interval);
             tasks.spawn(async move {
-                health::monitor_database(reporter, store, interval, stop).await;
+                health::monitor(reporter, store, control, interval, stop).await;
                 Ok(())
             });
         }

@@ -28,6 +28,7 @@ pub const SUBSCRIBER_EVENTS: &str = "thermostat_subscriber_events_sent_total";
 pub const RPCS: &str = "thermostat_grpc_requests_total";
 pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
+pub const BROKER_REACHABLE: &str = "thermostat_broker_reachable";
 pub const SETPOINT_WRITES: &str = "thermostat_setpoint_writes_total";
 pub const SETPOINT_WRITE_STATEMENTS: &str = "thermostat_setpoint_write_statements_total";
 pub const SETPOINT_WRITES_WAITING: &str = "thermostat_setpoint_writes_waiting";
@@ -132,6 +133,10 @@ fn describe() {
         "gRPC call duration until the response starts"
     );
     describe_gauge!(DB_POOL, "Database pool connections by state");
+    describe_gauge!(
+        BROKER_REACHABLE,
+        "1 while a broker describes the command topic, at the last health check"
+    );
     describe_gauge!(
         CREDENTIALS_STALE,
         "1 while a credential file (TLS certificate, JWKS, static identities) cannot be read or does not load, so the previous version is still in use"

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{create_database, eventually, grpcurl, put, security, setpoint, PgCluster, TestApp};
+use rdkafka::mocking::MockCluster;
 use sqlx::Connection as _;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -78,6 +79,60 @@ async fn health_is_not_serving_while_the_database_is_down() {
         .unwrap()
         .into_inner();
     assert_eq!(written.revision, 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heater_control_is_not_serving_while_the_broker_is_down() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let mut config = TestApp::fresh_config().await;
+    config.kafka.kafka_brokers = mock.bootstrap_servers();
+    for topic in [
+        &config.kafka.sensor_topic,
+        &config.kafka.command_topic,
+        &config.kafka.dead_letter_topic,
+    ] {
+        mock.create_topic(topic, 1, 1).expect("topic");
+    }
+    let app = TestApp::spawn_with(config).await;
+    let statuses = || async {
+        (
+            health(&app, "").await,
+            health(&app, "thermostat.v1.SetpointService").await,
+            health(&app, "thermostat.v1.HeaterControlService").await,
+        )
+    };
+    let serving = Some(ServingStatus::Serving);
+    let not_serving = Some(ServingStatus::NotServing);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            statuses().await == (serving, serving, serving)
+        })
+        .await,
+        "never SERVING: {:?}",
+        statuses().await
+    );
+
+    mock.broker_down(1).expect("broker down");
+    // The setpoint API, and readiness (""), do not depend on the broker.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            statuses().await == (serving, serving, not_serving)
+        })
+        .await,
+        "with the broker down: {:?}",
+        statuses().await
+    );
+
+    mock.broker_up(1).expect("broker up");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            statuses().await == (serving, serving, serving)
+        })
+        .await,
+        "after the broker came back: {:?}",
+        statuses().await
+    );
     app.stop().await;
 }
 
@@ -155,8 +210,18 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     assert_eq!(got["downDeltaCelsius"], 1.0);
     assert_eq!(got["buildingId"], "hq");
 
-    let health = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
-    assert!(health.contains("SERVING"), "{health}");
+    // As the README writes them: the whole server, and the service that needs the broker.
+    for request in ["{}", r#"{"service": "thermostat.v1.HeaterControlService"}"#] {
+        let health = grpcurl(&[
+            "-plaintext",
+            "-d",
+            request,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ]);
+        let health: serde_json::Value = serde_json::from_str(&health).expect("JSON from grpcurl");
+        assert_eq!(health["status"], "SERVING", "{request}");
+    }
 }
 
 /// Runs the `thermostat` binary with the Kafka settings of `topics`.
@@ -278,6 +343,7 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
             && grew(r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#)
             && now.contains("thermostat_decision_latency_seconds_bucket")
             && now.contains("thermostat_db_pool_connections")
+            && now.contains("thermostat_broker_reachable ")
             && now.contains("thermostat_setpoint_writes_waiting ")
     })
     .await;

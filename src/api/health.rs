@@ -1,5 +1,6 @@
 //! The standard `grpc.health.v1.Health` service, driven by what the service can actually do:
-//! SERVING only while the database answers.
+//! SERVING only while the database answers, and for `HeaterControlService` only while the
+//! broker does too.
 
 use std::time::Duration;
 
@@ -8,50 +9,71 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::store::Store;
+use crate::stream::ControlHandle;
 
-/// The names health is reported for: "" (the whole server) and each of our services.
-pub const SERVICE_NAMES: &[&str] = &[
-    "",
-    "thermostat.v1.SetpointService",
-    "thermostat.v1.HeaterControlService",
-];
+/// The service whose calls need the broker as well as the database: its commands are read
+/// from the command topic, and no heater is controlled while the broker cannot be reached.
+const HEATERS: &str = "thermostat.v1.HeaterControlService";
+
+/// The names that follow the database alone: "" (the whole server, which Kubernetes'
+/// readiness asks for: a replica that cannot reach the broker still serves the setpoint API,
+/// and every replica would lose the broker at once) and the setpoint API.
+const DATABASE_ONLY: &[&str] = &["", "thermostat.v1.SetpointService"];
 
 /// The name Kubernetes' liveness probe asks for: SERVING as long as the process serves gRPC,
 /// whatever the state of PostgreSQL or Kafka (restarting would not fix them).
 pub const LIVENESS: &str = "liveness";
 
-/// Sets every name in [`SERVICE_NAMES`] to `status`.
+/// Sets every name but [`LIVENESS`] to `status`.
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    for name in SERVICE_NAMES {
+    for name in DATABASE_ONLY.iter().chain([&HEATERS]) {
         reporter.set_service_status(*name, status).await;
     }
 }
 
-/// Probes the database every `interval` and reports the result, until `shutdown`; then reports
-/// NOT_SERVING so that load balancers stop sending new calls before the server stops.
-pub async fn monitor_database(
+fn serving(up: bool) -> ServingStatus {
+    if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Probes the database and the broker every `interval` and reports the result, until
+/// `shutdown`; then reports NOT_SERVING so that load balancers stop sending new calls before
+/// the server stops.
+pub async fn monitor(
     reporter: HealthReporter,
     store: Store,
+    control: ControlHandle,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    let timeout = interval.max(Duration::from_secs(1));
     let mut last = None;
     loop {
-        let status = if store.ping(interval.max(Duration::from_secs(1))).await {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        // Concurrently, so that a round lasts as long as the slower probe, not both.
+        let probes = async { tokio::join!(store.ping(timeout), control.broker_reachable(timeout)) };
+        let (database, broker) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            both = probes => both,
         };
+        metrics::gauge!(crate::telemetry::BROKER_REACHABLE).set(f64::from(u8::from(broker)));
         let pool = store.pool();
         let idle = pool.num_idle() as f64;
         metrics::gauge!(crate::telemetry::DB_POOL, "state" => "idle").set(idle);
         metrics::gauge!(crate::telemetry::DB_POOL, "state" => "in_use")
             .set(f64::from(pool.size()) - idle);
         metrics::gauge!(crate::telemetry::SETPOINT_WRITES_WAITING).set(store.puts_waiting() as f64);
-        if last != Some(status) {
-            tracing::info!(?status, "health changed");
-            set_all(&reporter, status).await;
-            last = Some(status);
+        if last != Some((database, broker)) {
+            tracing::info!(database, broker, "health changed");
+            for name in DATABASE_ONLY {
+                reporter.set_service_status(*name, serving(database)).await;
+            }
+            reporter
+                .set_service_status(HEATERS, serving(database && broker))
+                .await;
+            last = Some((database, broker));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

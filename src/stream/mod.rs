@@ -145,6 +145,7 @@ pub struct ControlHandle {
     live: broadcast::Sender<LiveEvent>,
     stats: Arc<LoopStats>,
     producer: FutureProducer,
+    command_topic: String,
 }
 
 impl ControlHandle {
@@ -178,6 +179,20 @@ impl ControlHandle {
 
     pub fn stats(&self) -> &LoopStats {
         &self.stats
+    }
+
+    /// Whether a broker describes the command topic, with its partitions, within `timeout`.
+    /// Without that no command goes out or is read back, so no heater is controlled.
+    pub async fn broker_reachable(&self, timeout: Duration) -> bool {
+        let (producer, topic) = (self.producer.clone(), self.command_topic.clone());
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .is_ok_and(|metadata| topic_ready(&metadata, &topic))
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Delivers whatever the producer still holds; blocking, bounded by `timeout`.
@@ -299,6 +314,7 @@ pub async fn start(
         live,
         stats,
         producer,
+        command_topic: kafka.command_topic.clone(),
     })
 }
 
@@ -315,12 +331,17 @@ async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(
     .map_err(|_| StreamError::Stopped("metadata request"))?
     .map_err(StreamError::Consumer)?;
     for topic in topics {
-        let exists = metadata.topics().iter().any(|t| {
-            t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
-        });
-        if !exists {
+        if !topic_ready(&metadata, topic) {
             return Err(StreamError::MissingTopic((*topic).clone()));
         }
     }
     Ok(())
+}
+
+/// Whether `metadata` describes `topic` without an error and with partitions.
+fn topic_ready(metadata: &rdkafka::metadata::Metadata, topic: &str) -> bool {
+    metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
 }
