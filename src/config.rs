@@ -313,7 +313,11 @@ impl CelsiusRange {
     };
 
     pub fn contains(&self, celsius: f64) -> bool {
-        (self.min..=self.max).contains(&celsius)
+        self.range().contains(&celsius)
+    }
+
+    pub fn range(&self) -> std::ops::RangeInclusive<f64> {
+        self.min..=self.max
     }
 }
 
@@ -389,6 +393,29 @@ mod tests {
         assert_eq!(config.control.subscriber_buffer, 1024);
         assert_eq!(config.control.sensor_cache_limit, 2_000_000);
         assert_eq!(config.kafka.reading_range_celsius, CelsiusRange::PLAUSIBLE);
+    }
+
+    /// The default must not refuse a setpoint the API otherwise accepts.
+    #[test]
+    fn every_valid_setpoint_is_switchable_within_the_default_range() {
+        use crate::domain::control::Band;
+        use crate::domain::{BuildingId, SensorId, Setpoint, DELTA_RANGE, DESIRED_RANGE};
+        for desired in [*DESIRED_RANGE.start(), 0.0, *DESIRED_RANGE.end()] {
+            for delta in [*DELTA_RANGE.start(), *DELTA_RANGE.end()] {
+                let setpoint = Setpoint::new(
+                    SensorId::parse("s").unwrap(),
+                    BuildingId::parse("b").unwrap(),
+                    desired,
+                    delta,
+                    delta,
+                )
+                .unwrap();
+                assert!(
+                    Band::from(&setpoint).switchable_within(CelsiusRange::PLAUSIBLE.range()),
+                    "{desired} ± {delta}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -246,9 +246,13 @@ impl Application {
         announce_security(&auth, tls.is_some(), &config);
         let limits = Limits::new(&config.limits);
         let max_message = config.limits.max_message_size;
-        let setpoints = SetpointServiceServer::new(SetpointApi::new(store.clone(), limits.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
+        let setpoints = SetpointServiceServer::new(SetpointApi::new(
+            store.clone(),
+            limits.clone(),
+            config.kafka.reading_range_celsius,
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
         let heater = HeaterControlServiceServer::new(HeaterApi::new(
             control.clone(),
             store,

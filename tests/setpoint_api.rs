@@ -245,6 +245,43 @@ async fn database_check_constraints_back_up_validation() {
 }
 
 #[tokio::test]
+async fn a_band_reaching_past_the_accepted_readings_is_refused() {
+    // An operator narrowed the readings the loop accepts to 0..40 °C.
+    let mut config = TestApp::fresh_config().await;
+    config.kafka.reading_range_celsius = thermostat::config::CelsiusRange {
+        min: 0.0,
+        max: 40.0,
+    };
+    let app = TestApp::spawn_with(config).await;
+    let mut client = app.setpoints().await;
+    // 39.5 ± 0.5: OFF needs a reading above 40, which would be dead-lettered; likewise ON
+    // below 0 for 0.5 ± 0.5.
+    for desired in [39.5, 0.5] {
+        let err = client
+            .put_setpoint(put(setpoint("edge", "b", desired), None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{desired}: {err:?}");
+        assert!(
+            err.message().contains("setpoint.desired_celsius")
+                && err.message().contains("READING_RANGE_CELSIUS 0..40"),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        get(&mut client, "edge").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // Just inside, both ways.
+    for desired in [39.4, 0.6] {
+        client
+            .put_setpoint(put(setpoint("edge", "b", desired), None))
+            .await
+            .unwrap_or_else(|e| panic!("{desired}: {e:?}"));
+    }
+}
+
+#[tokio::test]
 async fn get_and_delete_of_a_missing_sensor_are_not_found() {
     let app = TestApp::spawn().await;
     let mut client = app.setpoints().await;

@@ -7,6 +7,8 @@ use super::convert::{
 };
 use super::limits::Limits;
 use super::{authorize, page_token};
+use crate::config::CelsiusRange;
+use crate::domain::control::Band;
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
@@ -15,11 +17,17 @@ use crate::store::{PutOutcome, Store};
 pub struct SetpointApi {
     store: Store,
     limits: Limits,
+    /// The readings the loop accepts (`READING_RANGE_CELSIUS`).
+    readings: CelsiusRange,
 }
 
 impl SetpointApi {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Store, limits: Limits, readings: CelsiusRange) -> Self {
+        Self {
+            store,
+            limits,
+            readings,
+        }
     }
 
     /// The role check and the caller's write budget, before any work.
@@ -31,6 +39,20 @@ impl SetpointApi {
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
+        let band = Band::from(&setpoint);
+        if !band.switchable_within(self.readings.range()) {
+            return Err(ValidationError::new(
+                "setpoint.desired_celsius",
+                format!(
+                    "the band {}..{} must lie strictly inside READING_RANGE_CELSIUS {}: readings \
+                     outside it are dead-lettered, so none could switch this heater both ways",
+                    band.lower(),
+                    band.upper(),
+                    self.readings
+                ),
+            )
+            .into());
+        }
         let expected = expected_revision(req.expected_revision)?;
         // The caller named this building itself, so refusing it reveals nothing.
         if !who.sees(&setpoint.building_id) {

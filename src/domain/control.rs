@@ -7,6 +7,8 @@
 //! ignored, a setpoint change re-evaluates the latest reading, deleting a setpoint releases the
 //! heater, and a sensor that goes quiet gets OFF once.
 
+use std::ops::RangeInclusive;
+
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{BuildingId, Celsius, Setpoint};
@@ -55,6 +57,16 @@ impl Band {
 
     pub fn upper(self) -> f64 {
         self.upper
+    }
+
+    /// Whether readings inside `accepted` can switch the heater both ways: the warmest must
+    /// turn it OFF and the coldest ON. Readings outside `accepted` are dead-lettered, so with a
+    /// band that reaches past it the heater would stay as it is until the staleness fail-safe
+    /// turns it OFF. The rule is monotonic in the temperature, so the ends decide.
+    pub fn switchable_within(self, accepted: RangeInclusive<f64>) -> bool {
+        let command = |t| Celsius::new(t).and_then(|t| rule(self, t)).map(|(c, _)| c);
+        command(*accepted.end()) == Some(HeaterCommand::Off)
+            && command(*accepted.start()) == Some(HeaterCommand::On)
     }
 }
 
@@ -388,6 +400,38 @@ mod tests {
         match outcome {
             ReadingOutcome::Applied(d) => d.map(|d| d.command),
             ReadingOutcome::OutOfOrder => panic!("unexpected out-of-order"),
+        }
+    }
+
+    #[test]
+    fn a_band_is_switchable_only_with_readings_beyond_both_thresholds() {
+        // desired 20, up 1, down 2: OFF above 21, ON below 18.
+        let b = Band::from(&band(20.0, 1.0, 2.0));
+        assert!(b.switchable_within(-100.0..=150.0));
+        assert!(b.switchable_within(17.9..=21.1));
+        // A reading at a threshold does not cross it (strict comparisons).
+        assert!(!b.switchable_within(18.0..=21.1));
+        assert!(!b.switchable_within(17.9..=21.0));
+        assert!(!b.switchable_within(0.0..=20.5));
+        assert!(!b.switchable_within(19.0..=40.0));
+    }
+
+    proptest! {
+        /// The same as comparing the thresholds with the range's ends, written independently.
+        #[test]
+        fn switchable_means_both_thresholds_inside_the_range(
+            desired in -50.0..=100.0f64,
+            up in 0.0..=20.0f64,
+            down in 0.0..=20.0f64,
+            min in -120.0..=60.0f64,
+            width in 0.0..=200.0f64,
+        ) {
+            let b = Band::from(&band(desired, up, down));
+            let max = min + width;
+            prop_assert_eq!(
+                b.switchable_within(min..=max),
+                min < b.lower() && b.upper() < max
+            );
         }
     }
 

@@ -10,7 +10,7 @@ mod setpoint;
 
 pub use access::{Action, Identity, Role, Scope};
 pub use ids::{BuildingId, SensorId};
-pub use setpoint::{Celsius, Reason, Setpoint, StoredSetpoint};
+pub use setpoint::{Celsius, Reason, Setpoint, StoredSetpoint, DELTA_RANGE, DESIRED_RANGE};
 
 /// A value that failed validation: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
