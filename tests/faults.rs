@@ -9,7 +9,6 @@ use std::time::Duration;
 use chrono::Utc;
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -37,17 +36,9 @@ fn committed(kafka: &KafkaConfig) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_after_a_restart() {
-    let mock = MockCluster::new(1).expect("mock cluster");
     let mut config = TestApp::fresh_config().await;
-    config.kafka.kafka_brokers = mock.bootstrap_servers();
+    let mock = common::kafka::on_mock_cluster(&mut config);
     let kafka = config.kafka.clone();
-    for topic in [
-        &kafka.sensor_topic,
-        &kafka.command_topic,
-        &kafka.dead_letter_topic,
-    ] {
-        mock.create_topic(topic, 1, 1).expect("topic");
-    }
 
     // The setpoint, written by a first run that sees no reading.
     let app = TestApp::spawn_with(config.clone()).await;

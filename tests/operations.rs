@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{create_database, eventually, grpcurl, put, security, setpoint, PgCluster, TestApp};
-use rdkafka::mocking::MockCluster;
 use sqlx::Connection as _;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -23,12 +22,34 @@ async fn health(app: &TestApp, service: &str) -> Option<ServingStatus> {
     ServingStatus::try_from(response.into_inner().status).ok()
 }
 
+/// Waits up to 15 s for each name's health to be as `expected`; otherwise the statuses last
+/// seen.
+async fn reaches(
+    app: &TestApp,
+    expected: &[(&str, ServingStatus)],
+) -> Result<(), Vec<Option<ServingStatus>>> {
+    let now = || async {
+        let mut statuses = Vec::new();
+        for (name, _) in expected {
+            statuses.push(health(app, name).await);
+        }
+        statuses
+    };
+    let wanted: Vec<_> = expected.iter().map(|(_, status)| Some(*status)).collect();
+    if eventually(Duration::from_secs(15), || async { now().await == wanted }).await {
+        Ok(())
+    } else {
+        Err(now().await)
+    }
+}
+
 async fn becomes(app: &TestApp, status: ServingStatus) -> bool {
-    eventually(Duration::from_secs(15), || async {
-        health(app, "").await == Some(status)
-            && health(app, "thermostat.v1.SetpointService").await == Some(status)
-    })
+    reaches(
+        app,
+        &[("", status), ("thermostat.v1.SetpointService", status)],
+    )
     .await
+    .is_ok()
 }
 
 #[tokio::test]
@@ -84,55 +105,31 @@ async fn health_is_not_serving_while_the_database_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heater_control_is_not_serving_while_the_broker_is_down() {
-    let mock = MockCluster::new(1).expect("mock cluster");
     let mut config = TestApp::fresh_config().await;
-    config.kafka.kafka_brokers = mock.bootstrap_servers();
-    for topic in [
-        &config.kafka.sensor_topic,
-        &config.kafka.command_topic,
-        &config.kafka.dead_letter_topic,
-    ] {
-        mock.create_topic(topic, 1, 1).expect("topic");
-    }
+    let mock = common::kafka::on_mock_cluster(&mut config);
     let app = TestApp::spawn_with(config).await;
-    let statuses = || async {
-        (
-            health(&app, "").await,
-            health(&app, "thermostat.v1.SetpointService").await,
-            health(&app, "thermostat.v1.HeaterControlService").await,
-        )
+    use ServingStatus::{NotServing, Serving};
+    let with_heaters = |heaters| {
+        [
+            ("", Serving),
+            ("thermostat.v1.SetpointService", Serving),
+            ("thermostat.v1.HeaterControlService", heaters),
+        ]
     };
-    let serving = Some(ServingStatus::Serving);
-    let not_serving = Some(ServingStatus::NotServing);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            statuses().await == (serving, serving, serving)
-        })
-        .await,
-        "never SERVING: {:?}",
-        statuses().await
-    );
+    reaches(&app, &with_heaters(Serving))
+        .await
+        .expect("never SERVING");
 
     mock.broker_down(1).expect("broker down");
     // The setpoint API, and readiness (""), do not depend on the broker.
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            statuses().await == (serving, serving, not_serving)
-        })
-        .await,
-        "with the broker down: {:?}",
-        statuses().await
-    );
+    reaches(&app, &with_heaters(NotServing))
+        .await
+        .expect("with the broker down");
 
     mock.broker_up(1).expect("broker up");
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            statuses().await == (serving, serving, serving)
-        })
-        .await,
-        "after the broker came back: {:?}",
-        statuses().await
-    );
+    reaches(&app, &with_heaters(Serving))
+        .await
+        .expect("after the broker came back");
     app.stop().await;
 }
 

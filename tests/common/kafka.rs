@@ -11,6 +11,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -75,6 +77,23 @@ impl Topics {
         }
         topics
     }
+}
+
+/// Points `config` at a fresh librdkafka mock cluster of one broker (id 1) that holds its
+/// topics, for tests that take the broker down or make it refuse requests.
+pub fn on_mock_cluster(
+    config: &mut thermostat::config::ServeConfig,
+) -> MockCluster<'static, DefaultProducerContext> {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    config.kafka.kafka_brokers = mock.bootstrap_servers();
+    for topic in [
+        &config.kafka.sensor_topic,
+        &config.kafka.command_topic,
+        &config.kafka.dead_letter_topic,
+    ] {
+        mock.create_topic(topic, 1, 1).expect("topic");
+    }
+    mock
 }
 
 /// Produces sensor records like a building gateway.
