@@ -1077,7 +1077,7 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
         ),
         &format!("{:.2} / {:.2} / {:.2}", ours.0, ours.1, ours.2),
         &format!("{:.2} / {:.2} / {:.2} relay", base.0, base.1, base.2),
-        &format!("p99 +{:.2} ms", ours.1 - base.1),
+        &format!("p99 {:+.2} ms", ours.1 - base.1),
         &format!("p99 <= relay + 2 ms: {}", verdict(ours.1 <= base.1 + 2.0)),
     ]);
 
