@@ -135,7 +135,7 @@ fn describe() {
     describe_gauge!(DB_POOL, "Database pool connections by state");
     describe_gauge!(
         BROKER_REACHABLE,
-        "1 while a broker describes the command topic, at the last health check"
+        "1 while a broker describes the command topic with a leader for every partition, at the last health check"
     );
     describe_gauge!(
         CREDENTIALS_STALE,

@@ -46,7 +46,11 @@ async fn reaches(
 async fn becomes(app: &TestApp, status: ServingStatus) -> bool {
     reaches(
         app,
-        &[("", status), ("thermostat.v1.SetpointService", status)],
+        &[
+            ("", status),
+            ("thermostat.v1.SetpointService", status),
+            ("thermostat.v1.HeaterControlService", status),
+        ],
     )
     .await
     .is_ok()

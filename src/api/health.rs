@@ -11,8 +11,9 @@ use tonic_health::ServingStatus;
 use crate::store::Store;
 use crate::stream::ControlHandle;
 
-/// The service whose calls need the broker as well as the database: its commands are read
-/// from the command topic, and no heater is controlled while the broker cannot be reached.
+/// The service that needs the broker as well as the database: subscriptions get their commands
+/// from the command topic, and no heater is controlled while the broker cannot be reached
+/// (`GetSensorState` still answers from the cache).
 const HEATERS: &str = "thermostat.v1.HeaterControlService";
 
 /// The names that follow the database alone: "" (the whole server, which Kubernetes'
@@ -50,14 +51,32 @@ pub async fn monitor(
     shutdown: CancellationToken,
 ) {
     let timeout = interval.max(Duration::from_secs(1));
+    let probe_broker = || {
+        let control = control.clone();
+        tokio::spawn(async move { control.broker_reachable(timeout).await })
+    };
+    // The broker is probed alongside, not in turn: a broker that does not answer must not
+    // hold back the database's status. Its first answer is awaited, later ones are taken when
+    // they come.
+    let mut broker_probe = probe_broker();
+    let mut broker = None;
     let mut last = None;
     loop {
-        // Concurrently, so that a round lasts as long as the slower probe, not both.
-        let probes = async { tokio::join!(store.ping(timeout), control.broker_reachable(timeout)) };
-        let (database, broker) = tokio::select! {
+        let database = tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
-            both = probes => both,
+            up = store.ping(timeout) => up,
         };
+        if broker.is_none() || broker_probe.is_finished() {
+            let reachable = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                reachable = &mut broker_probe => reachable.unwrap_or(false),
+            };
+            broker = Some(reachable);
+            broker_probe = probe_broker();
+        }
+        let broker = broker.unwrap_or(false);
         metrics::gauge!(crate::telemetry::BROKER_REACHABLE).set(f64::from(u8::from(broker)));
         let pool = store.pool();
         let idle = pool.num_idle() as f64;
@@ -65,7 +84,8 @@ pub async fn monitor(
         metrics::gauge!(crate::telemetry::DB_POOL, "state" => "in_use")
             .set(f64::from(pool.size()) - idle);
         metrics::gauge!(crate::telemetry::SETPOINT_WRITES_WAITING).set(store.puts_waiting() as f64);
-        if last != Some((database, broker)) {
+        // Once shutting down, NOT_SERVING (set by the server) must not be overwritten.
+        if last != Some((database, broker)) && !shutdown.is_cancelled() {
             tracing::info!(database, broker, "health changed");
             for name in DATABASE_ONLY {
                 reporter.set_service_status(*name, serving(database)).await;
@@ -80,5 +100,6 @@ pub async fn monitor(
             _ = tokio::time::sleep(interval) => {}
         }
     }
+    broker_probe.abort();
     set_all(&reporter, ServingStatus::NotServing).await;
 }

@@ -60,21 +60,36 @@ pub fn follower(
     )
 }
 
-/// The partitions of `topic` (blocking: call from `spawn_blocking`).
-fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, StreamError> {
+/// The partitions of `topic`, each with whether it has a leader (blocking: call from
+/// `spawn_blocking`). Asked through a consumer, whose metadata requests never create a topic.
+fn describe(
+    consumer: &StreamConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<(i32, bool)>, StreamError> {
     let metadata = consumer
-        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+        .fetch_metadata(Some(topic), timeout)
         .map_err(StreamError::Consumer)?;
-    let partitions: Vec<i32> = metadata
+    let partitions: Vec<(i32, bool)> = metadata
         .topics()
         .iter()
         .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .flat_map(|t| {
+            t.partitions()
+                .iter()
+                .map(|p| (p.id(), p.error().is_none() && p.leader() >= 0))
+        })
         .collect();
     if partitions.is_empty() {
         return Err(StreamError::MissingTopic(topic.to_owned()));
     }
     Ok(partitions)
+}
+
+/// The partitions of `topic` (blocking: call from `spawn_blocking`).
+fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, StreamError> {
+    let described = describe(consumer, topic, METADATA_TIMEOUT)?;
+    Ok(described.into_iter().map(|(id, _)| id).collect())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -94,6 +109,15 @@ pub(crate) async fn partition_ids(
 }
 
 impl Follower {
+    /// Whether a broker describes the command topic, with a leader for every partition, within
+    /// `timeout`: without that no command is written or read back.
+    pub async fn topic_led(&self, timeout: Duration) -> bool {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        blocking(move || describe(&consumer, &topic, timeout))
+            .await
+            .is_ok_and(|partitions| partitions.iter().all(|(_, led)| *led))
+    }
+
     /// Waits until every command written to the topic before this call has been read and
     /// handed to the engine.
     pub async fn caught_up(&self) -> Result<(), StreamError> {

@@ -145,7 +145,7 @@ pub struct ControlHandle {
     live: broadcast::Sender<LiveEvent>,
     stats: Arc<LoopStats>,
     producer: FutureProducer,
-    command_topic: String,
+    follower: commands::Follower,
 }
 
 impl ControlHandle {
@@ -181,18 +181,10 @@ impl ControlHandle {
         &self.stats
     }
 
-    /// Whether a broker describes the command topic, with its partitions, within `timeout`.
-    /// Without that no command goes out or is read back, so no heater is controlled.
+    /// Whether a broker describes the command topic, with a leader for every partition, within
+    /// `timeout`. Without that no command goes out or is read back, so no heater is controlled.
     pub async fn broker_reachable(&self, timeout: Duration) -> bool {
-        let (producer, topic) = (self.producer.clone(), self.command_topic.clone());
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&topic), timeout)
-                .is_ok_and(|metadata| topic_ready(&metadata, &topic))
-        })
-        .await
-        .unwrap_or(false)
+        self.follower.topic_led(timeout).await
     }
 
     /// Delivers whatever the producer still holds; blocking, bounded by `timeout`.
@@ -305,7 +297,7 @@ pub async fn start(
         config: kafka.clone(),
         engine: engine_tx.clone(),
         acks: acks_rx,
-        follower,
+        follower: follower.clone(),
         stats: stats.clone(),
     };
     tasks.spawn(readings.run(shutdown));
@@ -314,7 +306,7 @@ pub async fn start(
         live,
         stats,
         producer,
-        command_topic: kafka.command_topic.clone(),
+        follower,
     })
 }
 
@@ -331,17 +323,12 @@ async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(
     .map_err(|_| StreamError::Stopped("metadata request"))?
     .map_err(StreamError::Consumer)?;
     for topic in topics {
-        if !topic_ready(&metadata, topic) {
+        let exists = metadata.topics().iter().any(|t| {
+            t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
+        });
+        if !exists {
             return Err(StreamError::MissingTopic((*topic).clone()));
         }
     }
     Ok(())
-}
-
-/// Whether `metadata` describes `topic` without an error and with partitions.
-fn topic_ready(metadata: &rdkafka::metadata::Metadata, topic: &str) -> bool {
-    metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
 }
