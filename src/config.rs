@@ -398,7 +398,7 @@ mod tests {
     /// The default must not refuse a setpoint the API otherwise accepts.
     #[test]
     fn every_valid_setpoint_is_switchable_within_the_default_range() {
-        use crate::domain::control::Band;
+        use crate::domain::control::out_of_reach;
         use crate::domain::{BuildingId, SensorId, Setpoint, DELTA_RANGE, DESIRED_RANGE};
         for desired in [*DESIRED_RANGE.start(), 0.0, *DESIRED_RANGE.end()] {
             for delta in [*DELTA_RANGE.start(), *DELTA_RANGE.end()] {
@@ -410,8 +410,9 @@ mod tests {
                     delta,
                 )
                 .unwrap();
-                assert!(
-                    Band::from(&setpoint).switchable_within(CelsiusRange::PLAUSIBLE.range()),
+                assert_eq!(
+                    out_of_reach(&setpoint, &CelsiusRange::PLAUSIBLE.range()),
+                    None,
                     "{desired} ± {delta}"
                 );
             }

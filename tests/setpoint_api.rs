@@ -255,17 +255,20 @@ async fn a_band_reaching_past_the_accepted_readings_is_refused() {
     let app = TestApp::spawn_with(config).await;
     let mut client = app.setpoints().await;
     // 39.5 ± 0.5: OFF needs a reading above 40, which would be dead-lettered; likewise ON
-    // below 0 for 0.5 ± 0.5.
-    for desired in [39.5, 0.5] {
+    // below 0 for 0.5 ± 0.5. The error names the field that takes the band out of reach.
+    for (desired, field) in [
+        (39.5, "setpoint.up_delta_celsius"),
+        (0.5, "setpoint.down_delta_celsius"),
+        (45.0, "setpoint.desired_celsius"),
+    ] {
         let err = client
             .put_setpoint(put(setpoint("edge", "b", desired), None))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{desired}: {err:?}");
         assert!(
-            err.message().contains("setpoint.desired_celsius")
-                && err.message().contains("READING_RANGE_CELSIUS 0..40"),
-            "{err:?}"
+            err.message().contains(field) && err.message().contains("READING_RANGE_CELSIUS 0..40"),
+            "{desired}: {err:?}"
         );
     }
     assert_eq!(

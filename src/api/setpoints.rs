@@ -8,7 +8,7 @@ use super::convert::{
 use super::limits::Limits;
 use super::{authorize, page_token};
 use crate::config::CelsiusRange;
-use crate::domain::control::Band;
+use crate::domain::control::{self, Band};
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
@@ -39,10 +39,10 @@ impl SetpointApi {
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
-        let band = Band::from(&setpoint);
-        if !band.switchable_within(self.readings.range()) {
+        if let Some(field) = control::out_of_reach(&setpoint, &self.readings.range()) {
+            let band = Band::from(&setpoint);
             return Err(ValidationError::new(
-                "setpoint.desired_celsius",
+                field,
                 format!(
                     "the band {}..{} must lie strictly inside READING_RANGE_CELSIUS {}: readings \
                      outside it are dead-lettered, so none could switch this heater both ways",
@@ -51,6 +51,7 @@ impl SetpointApi {
                     self.readings
                 ),
             )
+            .within("setpoint")
             .into());
         }
         let expected = expected_revision(req.expected_revision)?;

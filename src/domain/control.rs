@@ -58,15 +58,26 @@ impl Band {
     pub fn upper(self) -> f64 {
         self.upper
     }
+}
 
-    /// Whether readings inside `accepted` can switch the heater both ways: the warmest must
-    /// turn it OFF and the coldest ON. Readings outside `accepted` are dead-lettered, so with a
-    /// band that reaches past it the heater would stay as it is until the staleness fail-safe
-    /// turns it OFF. The rule is monotonic in the temperature, so the ends decide.
-    pub fn switchable_within(self, accepted: RangeInclusive<f64>) -> bool {
-        let command = |t| Celsius::new(t).and_then(|t| rule(self, t)).map(|(c, _)| c);
-        command(*accepted.end()) == Some(HeaterCommand::Off)
-            && command(*accepted.start()) == Some(HeaterCommand::On)
+/// Which field of `setpoint` puts its band out of reach of the readings in `accepted`, if one
+/// does: the band must lie strictly inside `accepted` for a reading there to turn the heater
+/// OFF (above `desired + up_delta`) and one to turn it ON (below `desired - down_delta`).
+/// Readings outside `accepted` are dead-lettered, so with such a band the heater would stay as
+/// it is until the staleness fail-safe turns it OFF. The field named is `desired_celsius` when
+/// the desired temperature itself is not strictly inside, else the delta that reaches past.
+pub fn out_of_reach(setpoint: &Setpoint, accepted: &RangeInclusive<f64>) -> Option<&'static str> {
+    let (min, max) = (*accepted.start(), *accepted.end());
+    let desired = setpoint.desired().value();
+    let band = Band::from(setpoint);
+    if !(min < desired && desired < max) {
+        Some("desired_celsius")
+    } else if band.upper >= max {
+        Some("up_delta_celsius")
+    } else if band.lower <= min {
+        Some("down_delta_celsius")
+    } else {
+        None
     }
 }
 
@@ -404,33 +415,37 @@ mod tests {
     }
 
     #[test]
-    fn a_band_is_switchable_only_with_readings_beyond_both_thresholds() {
+    fn a_band_within_reach_lies_strictly_inside_the_accepted_readings() {
         // desired 20, up 1, down 2: OFF above 21, ON below 18.
-        let b = Band::from(&band(20.0, 1.0, 2.0));
-        assert!(b.switchable_within(-100.0..=150.0));
-        assert!(b.switchable_within(17.9..=21.1));
+        let s = band(20.0, 1.0, 2.0);
+        assert_eq!(out_of_reach(&s, &(-100.0..=150.0)), None);
+        assert_eq!(out_of_reach(&s, &(17.9..=21.1)), None);
         // A reading at a threshold does not cross it (strict comparisons).
-        assert!(!b.switchable_within(18.0..=21.1));
-        assert!(!b.switchable_within(17.9..=21.0));
-        assert!(!b.switchable_within(0.0..=20.5));
-        assert!(!b.switchable_within(19.0..=40.0));
+        assert_eq!(out_of_reach(&s, &(18.0..=21.1)), Some("down_delta_celsius"));
+        assert_eq!(out_of_reach(&s, &(17.9..=21.0)), Some("up_delta_celsius"));
+        assert_eq!(out_of_reach(&s, &(0.0..=20.5)), Some("up_delta_celsius"));
+        assert_eq!(out_of_reach(&s, &(19.0..=40.0)), Some("down_delta_celsius"));
+        assert_eq!(out_of_reach(&s, &(0.0..=20.0)), Some("desired_celsius"));
+        assert_eq!(out_of_reach(&s, &(25.0..=40.0)), Some("desired_celsius"));
     }
 
     proptest! {
-        /// The same as comparing the thresholds with the range's ends, written independently.
+        /// Within reach exactly when the rule, at the two ends of the range, turns the heater
+        /// OFF at the warmer and ON at the colder (the rule is monotonic in the temperature).
         #[test]
-        fn switchable_means_both_thresholds_inside_the_range(
+        fn within_reach_means_the_rule_switches_at_both_ends(
             desired in -50.0..=100.0f64,
             up in 0.0..=20.0f64,
             down in 0.0..=20.0f64,
             min in -120.0..=60.0f64,
             width in 0.0..=200.0f64,
         ) {
-            let b = Band::from(&band(desired, up, down));
+            let s = band(desired, up, down);
             let max = min + width;
+            let command = |t| rule(Band::from(&s), Celsius::new(t).unwrap()).map(|(c, _)| c);
             prop_assert_eq!(
-                b.switchable_within(min..=max),
-                min < b.lower() && b.upper() < max
+                out_of_reach(&s, &(min..=max)).is_none(),
+                command(max) == Some(Off) && command(min) == Some(On)
             );
         }
     }
