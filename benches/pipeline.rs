@@ -304,10 +304,10 @@ impl Drop for Observer {
 }
 
 /// In how many repetitions `ours` reached `share` of the baseline drained in the same
-/// repetition, with each repetition's ratio. The verdicts compare medians over all
-/// repetitions, on a broker that drifts over a run; a repetition's subjects ran one after
-/// another (the order alternates), so a goal held in some repetitions and missed in others is
-/// not decided by this run, whatever its median says.
+/// repetition, with each repetition's ratio. The verdict printed beside it compares medians
+/// over all repetitions, on a broker that drifts over a run; a repetition's subjects ran one
+/// after another (the order alternates), so the count tells how far to trust that verdict: a
+/// goal held in some repetitions and missed in others is within this run's noise.
 fn paired(ours: &[Drain], baseline: &[Drain], share: f64) -> String {
     let ratios: Vec<f64> = ours
         .iter()
