@@ -21,6 +21,7 @@ pub const DECISION_LATENCY: &str = "thermostat_decision_latency_seconds";
 pub const CONSUMER_LAG: &str = "thermostat_consumer_lag_records";
 pub const CACHED_SENSORS: &str = "thermostat_cached_sensors";
 pub const CACHED_SETPOINTS: &str = "thermostat_cached_setpoints";
+pub const SETPOINTS_OUT_OF_REACH: &str = "thermostat_setpoints_out_of_reach";
 pub const RESYNC_AGE: &str = "thermostat_setpoint_resync_age_seconds";
 pub const SUBSCRIBERS: &str = "thermostat_subscribers";
 pub const SUBSCRIBERS_BEHIND: &str = "thermostat_subscribers_fell_behind_total";
@@ -112,6 +113,10 @@ fn describe() {
     );
     describe_gauge!(CACHED_SENSORS, "Sensors the loop keeps state for");
     describe_gauge!(CACHED_SETPOINTS, "Setpoints in the cache");
+    describe_gauge!(
+        SETPOINTS_OUT_OF_REACH,
+        "Setpoints, at the last full read, whose band lies outside READING_RANGE_CELSIUS"
+    );
     describe_gauge!(
         RESYNC_AGE,
         Unit::Seconds,

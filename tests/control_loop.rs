@@ -286,6 +286,31 @@ async fn unreadable_notifications_cause_one_full_resync_that_finds_what_changed(
     assert_eq!(resyncs() - before, 1, "one resync for the burst");
 }
 
+#[tokio::test]
+async fn setpoints_stored_before_the_range_was_narrowed_are_counted_at_each_full_read() {
+    let mut config = TestApp::fresh_config().await;
+    let app = TestApp::spawn_with(config.clone()).await;
+    let mut client = app.setpoints().await;
+    for (sensor, desired) in [("warm", 39.5), ("mild", 21.0)] {
+        client
+            .put_setpoint(put(setpoint(sensor, "b", desired), None))
+            .await
+            .unwrap();
+    }
+    assert_eq!(LoopStats::get(&app.control.stats().out_of_reach), 0);
+    app.stop().await;
+
+    // An operator narrows the accepted readings to 0..40: "warm" (39.5 ± 0.5) can no longer
+    // be turned OFF by any reading the loop accepts.
+    config.kafka.reading_range_celsius = thermostat::config::CelsiusRange {
+        min: 0.0,
+        max: 40.0,
+    };
+    let app = TestApp::spawn_with(config).await;
+    assert_eq!(LoopStats::get(&app.control.stats().out_of_reach), 1);
+    app.stop().await;
+}
+
 /// `s`'s setpoint raised to 25 by SQL with the notification trigger off: nothing tells the
 /// service; only a full read of the setpoints can find it.
 async fn change_unannounced(db: &mut sqlx::PgConnection) {

@@ -218,6 +218,9 @@ pub struct LoopStats {
     pub assigned: AtomicU64,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
     pub resyncs: AtomicU64,
+    /// Setpoints, at the last full read, whose band no accepted reading could switch (stored
+    /// before `READING_RANGE_CELSIUS` was narrowed: Puts of such bands are refused).
+    pub out_of_reach: AtomicU64,
 }
 
 impl LoopStats {

@@ -276,6 +276,7 @@ pub async fn start(
         store,
         engine_tx.clone(),
         stats.clone(),
+        kafka.reading_range_celsius,
         control.setpoint_resync_interval,
         loaded_tx,
         shutdown.clone(),

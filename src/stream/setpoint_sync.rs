@@ -6,6 +6,7 @@
 //! notifications it cannot read, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine
 //! ignores revisions older than the one it has, so a cached revision never goes backwards.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Input, LoopStats};
 use super::StreamError;
+use crate::config::CelsiusRange;
+use crate::domain::control;
 use crate::store::{SetpointVersion, Store};
 
 /// The NOTIFY channel written by the `setpoints_notify` trigger (see migrations).
@@ -27,15 +30,26 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// many more arrive meanwhile: a burst costs one full read, not one each.
 const UNREADABLE_RESYNC_DELAY: Duration = Duration::from_secs(1);
 
-/// Sends every setpoint version to the engine.
+/// Sends every setpoint version to the engine, and counts (and names one of) the setpoints
+/// whose band no reading in `accepted` could switch.
 async fn full_resync(
     store: &Store,
     engine: &mpsc::Sender<Input>,
     stats: &LoopStats,
+    accepted: CelsiusRange,
 ) -> Result<(), StreamError> {
     let mut versions = std::pin::pin!(store.setpoint_versions());
     let mut count = 0u64;
+    let (mut out_of_reach, mut example) = (0u64, None);
     while let Some(version) = versions.try_next().await.map_err(StreamError::Store)? {
+        let unreachable = version
+            .setpoint
+            .as_ref()
+            .and_then(|setpoint| control::out_of_reach(setpoint, &accepted.range()));
+        if let Some(field) = unreachable {
+            out_of_reach += 1;
+            example.get_or_insert_with(|| (version.sensor_id.to_string(), field));
+        }
         engine
             .send(Input::Setpoint(version))
             .await
@@ -43,6 +57,18 @@ async fn full_resync(
         count += 1;
     }
     tracing::debug!(count, "setpoint resync");
+    stats.out_of_reach.store(out_of_reach, Ordering::Relaxed);
+    metrics::gauge!(crate::telemetry::SETPOINTS_OUT_OF_REACH).set(out_of_reach as f64);
+    // Every full read, while it lasts: an operator narrowed the range under stored setpoints.
+    if let Some((sensor, field)) = example {
+        tracing::warn!(
+            count = out_of_reach,
+            example = %sensor,
+            field,
+            range = %accepted,
+            "setpoints whose band lies outside READING_RANGE_CELSIUS: no accepted reading can switch their heaters both ways"
+        );
+    }
     LoopStats::bump(&stats.resyncs);
     crate::telemetry::record_resync();
     Ok(())
@@ -54,6 +80,7 @@ pub async fn run(
     store: Store,
     engine: mpsc::Sender<Input>,
     stats: Arc<LoopStats>,
+    accepted: CelsiusRange,
     resync_interval: Duration,
     loaded: oneshot::Sender<()>,
     shutdown: CancellationToken,
@@ -64,6 +91,7 @@ pub async fn run(
             &store,
             &engine,
             &stats,
+            accepted,
             resync_interval,
             &mut loaded,
             &shutdown,
@@ -87,6 +115,7 @@ async fn listen(
     store: &Store,
     engine: &mpsc::Sender<Input>,
     stats: &LoopStats,
+    accepted: CelsiusRange,
     resync_interval: Duration,
     loaded: &mut Option<oneshot::Sender<()>>,
     shutdown: &CancellationToken,
@@ -95,7 +124,7 @@ async fn listen(
     let mut listener = PgListener::connect_with(store.pool()).await.map_err(db)?;
     listener.listen(CHANNEL).await.map_err(db)?;
     // Listening first, then reading everything: no change can fall between the two.
-    full_resync(store, engine, stats).await?;
+    full_resync(store, engine, stats, accepted).await?;
     if let Some(loaded) = loaded.take() {
         let _ = loaded.send(());
     }
@@ -108,7 +137,7 @@ async fn listen(
             _ = shutdown.cancelled() => return Ok(()),
             _ = resync.tick() => {
                 forced = false;
-                full_resync(store, engine, stats).await?;
+                full_resync(store, engine, stats, accepted).await?;
             }
             notification = listener.try_recv() => match notification.map_err(db)? {
                 // The notification carries the committed version: no need to read it back.
@@ -128,7 +157,7 @@ async fn listen(
                 },
                 // The connection was lost and has been re-established: notifications may have
                 // been missed.
-                None => full_resync(store, engine, stats).await?,
+                None => full_resync(store, engine, stats, accepted).await?,
             },
         }
     }
