@@ -59,7 +59,8 @@ pub async fn monitor(
     // hold back the database's status. Its first answer is awaited, later ones are taken when
     // they come.
     let mut broker_probe = probe_broker();
-    let mut broker = None;
+    // The last answer; `None` until the first.
+    let mut broker_answer = None;
     let mut last = None;
     loop {
         let database = tokio::select! {
@@ -67,16 +68,16 @@ pub async fn monitor(
             _ = shutdown.cancelled() => break,
             up = store.ping(timeout) => up,
         };
-        if broker.is_none() || broker_probe.is_finished() {
+        if broker_answer.is_none() || broker_probe.is_finished() {
             let reachable = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 reachable = &mut broker_probe => reachable.unwrap_or(false),
             };
-            broker = Some(reachable);
+            broker_answer = Some(reachable);
             broker_probe = probe_broker();
         }
-        let broker = broker.unwrap_or(false);
+        let broker = broker_answer.unwrap_or(false);
         metrics::gauge!(crate::telemetry::BROKER_REACHABLE).set(f64::from(u8::from(broker)));
         let pool = store.pool();
         let idle = pool.num_idle() as f64;
