@@ -51,9 +51,11 @@ fn reading(i: u64, n: usize, change_every: u64) -> (usize, Reading) {
     } else {
         30.0
     };
+    let time = DateTime::<Utc>::UNIX_EPOCH + TimeDelta::seconds(i as i64);
     let reading = Reading {
         temperature: Celsius::new(value).expect("finite"),
-        time: DateTime::<Utc>::UNIX_EPOCH + TimeDelta::seconds(i as i64),
+        time,
+        received: time,
     };
     (sensor, reading)
 }

@@ -31,7 +31,10 @@ pub enum CommandReason {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reading {
     pub temperature: Celsius,
+    /// The sensor's own stamp: orders its readings, whatever its clock's error.
     pub time: DateTime<Utc>,
+    /// When the service received it, by the service's clock: how fresh it is.
+    pub received: DateTime<Utc>,
 }
 
 /// The thresholds of a setpoint: all the rule needs, kept per sensor instead of the whole
@@ -249,13 +252,14 @@ impl SensorControl {
     }
 
     /// Decides on the current setpoint without a new reading: the latest reading is evaluated
-    /// if it is fresh, and a heater left ON without a setpoint is released.
+    /// if it was received within `stale_after`, and a heater left ON without a setpoint is
+    /// released.
     pub fn reevaluate(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
         if self.parts.band.is_some() {
             let fresh = self
                 .parts
                 .last_reading
-                .filter(|r| now.signed_duration_since(r.time) <= stale_after)?;
+                .filter(|r| now.signed_duration_since(r.received) <= stale_after)?;
             return self.evaluate(fresh);
         }
         if self.parts.last_command?.command != HeaterCommand::On {
@@ -270,16 +274,17 @@ impl SensorControl {
         )
     }
 
-    /// The fail-safe: a controlled sensor with no reading for `stale_after` gets OFF, once.
+    /// The fail-safe: a controlled sensor from which nothing was received for `stale_after`
+    /// gets OFF, once. Times are the service's clock, never the sensor's.
     ///
-    /// `watched_since` is when the caller began receiving the sensor's readings (took its
-    /// partition: a start, a rebalance). Before that, readings went to another replica or to
-    /// none, and after a takeover the last one known may be that of the last command, long
-    /// before the readings that followed in the band: staleness counts from the later of the
-    /// two, so a takeover is never taken for a silent sensor.
+    /// `heard_until` is how far the caller has read the sensor's partition to its end: records
+    /// still waiting there (consumer lag) may be this sensor's, so silence counts only up to
+    /// it. `watched_since` is when the caller began receiving the sensor's readings (a start, a
+    /// rebalance, a resume after the process stalled): before that, readings went to another
+    /// replica or waited, so silence counts only from the later of it and the last reading.
     pub fn on_tick(
         &mut self,
-        now: DateTime<Utc>,
+        heard_until: DateTime<Utc>,
         stale_after: TimeDelta,
         watched_since: DateTime<Utc>,
     ) -> Option<Decision> {
@@ -287,10 +292,10 @@ impl SensorControl {
         let since = self
             .parts
             .last_reading
-            .map(|r| r.time)
+            .map(|r| r.received)
             .or(self.parts.controlled_since)?
             .max(watched_since);
-        if now.signed_duration_since(since) <= stale_after {
+        if heard_until.signed_duration_since(since) <= stale_after {
             return None;
         }
         // Set together with the band, so present whenever the sensor is controlled.
@@ -389,10 +394,12 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + seconds, 0).unwrap()
     }
 
+    /// A reading stamped and received at `seconds`.
     fn reading(temperature: f64, seconds: i64) -> Reading {
         Reading {
             temperature: Celsius::new(temperature).unwrap(),
             time: at(seconds),
+            received: at(seconds),
         }
     }
 
@@ -588,6 +595,39 @@ mod tests {
             s.on_tick(at(301), STALE, at(0)).map(|d| d.command),
             Some(Off)
         );
+    }
+
+    #[test]
+    fn a_sensor_whose_clock_is_wrong_is_judged_by_when_its_readings_arrive() {
+        // Stamped six minutes (more than STALE_AFTER) before they arrive, every 2 s: never
+        // stale, and a setpoint change still acts on the latest reading.
+        for skew in [-360, 360] {
+            let mut s = controlled(20.0, 1.0, 1.0);
+            let mut commands = Vec::new();
+            for t in (1000..1100).step_by(2) {
+                let r = Reading {
+                    received: at(t),
+                    time: at(t + skew),
+                    ..reading(18.0, t)
+                };
+                commands.extend(command_of(s.on_reading(r)));
+                commands.extend(s.on_tick(at(t + 1), STALE, at(0)).map(|d| d.command));
+            }
+            assert_eq!(commands, [On], "clock off by {skew} s");
+            let d = s.on_setpoint(2, Some(band(15.0, 1.0, 1.0)), at(1100), STALE);
+            assert_eq!(d.map(|d| d.command), Some(Off), "clock off by {skew} s");
+        }
+    }
+
+    #[test]
+    fn silence_counts_only_up_to_where_the_partition_was_read_to_its_end() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        s.on_reading(reading(18.0, 0));
+        // The consumer lags: by the clock the sensor is silent, but its partition was last
+        // read to the end at 200, and what came after may be its readings.
+        assert_eq!(s.on_tick(at(200), STALE, at(0)), None);
+        assert_eq!(s.on_tick(at(300), STALE, at(0)), None);
+        assert!(s.on_tick(at(301), STALE, at(0)).is_some());
     }
 
     #[test]

@@ -61,8 +61,10 @@ struct JsonReading {
 
 /// Decodes and validates one sensor record.
 ///
-/// `record_time` is the Kafka record timestamp, used when the reading carries no time;
-/// `plausible`, the temperatures a sensor can really report.
+/// `record_time` is the Kafka record timestamp, used when the reading carries no time, and
+/// with `now` (this replica's clock, the reading's `received`) the bound for a reading from the
+/// future: a replica whose clock runs slow then still takes fresh readings. `plausible` is the
+/// temperatures a sensor can really report.
 pub fn decode_reading(
     format: SensorFormat,
     plausible: CelsiusRange,
@@ -121,10 +123,17 @@ pub fn decode_reading(
     if !storable(time) {
         return Err(DeadLetter::Undecodable("reading_time out of range".into()));
     }
-    if time > now + MAX_CLOCK_SKEW {
+    if time > record_time.map_or(now, |t| t.max(now)) + MAX_CLOCK_SKEW {
         return Err(DeadLetter::FutureTime(time));
     }
-    Ok((sensor, Reading { temperature, time }))
+    Ok((
+        sensor,
+        Reading {
+            temperature,
+            time,
+            received: now,
+        },
+    ))
 }
 
 /// Whether the engine can keep `time`: it stores reading times as nanoseconds since the epoch
@@ -177,7 +186,8 @@ pub const MAX_SEQUENCE: u64 = i64::MAX as u64;
 
 /// What the loop needs from a command event read back from the topic; `None` for an event that
 /// is not a valid command (never written by thermostat). A reading time the engine cannot
-/// store (never written by thermostat either) counts as no reading.
+/// store (never written by thermostat either) counts as no reading. The reading counts as
+/// received when the command was decided.
 pub fn observed_command(
     event: &pb::HeaterCommandEvent,
 ) -> Option<(SensorId, LastCommand, Option<Reading>)> {
@@ -190,11 +200,15 @@ pub fn observed_command(
         pb::HeaterCommand::Off => HeaterCommand::Off,
         pb::HeaterCommand::Unspecified => return None,
     };
+    let to_time = |t: &prost_types::Timestamp| {
+        DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?).filter(|t| storable(*t))
+    };
     let reading = event.reading_time.as_ref().and_then(|t| {
+        let time = to_time(t)?;
         Some(Reading {
             temperature: Celsius::new(event.temperature_celsius)?,
-            time: DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
-                .filter(|time| storable(*time))?,
+            time,
+            received: event.decided_at.as_ref().and_then(to_time).unwrap_or(time),
         })
     });
     Some((
@@ -293,6 +307,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.time.to_rfc3339(), "2027-01-15T08:00:00+00:00");
+    }
+
+    #[test]
+    fn a_reading_from_the_future_is_judged_by_the_later_of_the_record_and_our_clock() {
+        let decode = |time, record_time| {
+            decode_reading(
+                SensorFormat::Protobuf,
+                CelsiusRange::PLAUSIBLE,
+                None,
+                &proto("s1", 20.0, Some(time)),
+                record_time,
+                now(),
+            )
+        };
+        let ahead = now() + TimeDelta::hours(1);
+        // Our clock an hour slow: the broker's timestamp says the reading is not early.
+        let (_, r) = decode(ahead, Some(ahead)).unwrap();
+        assert_eq!((r.time, r.received), (ahead, now()));
+        // A record stamped earlier than our clock does not narrow the bound.
+        assert!(decode(
+            now() + TimeDelta::minutes(4),
+            Some(now() - TimeDelta::hours(1))
+        )
+        .is_ok());
+        for record_time in [None, Some(now())] {
+            assert_eq!(
+                decode(ahead, record_time).unwrap_err().code(),
+                "future_time"
+            );
+        }
     }
 
     #[test]
@@ -431,10 +475,12 @@ mod tests {
             setpoint_revision: 2,
             reading: Some(Reading {
                 temperature: Celsius::new(17.0).unwrap(),
-                time: now(),
+                time: now() - TimeDelta::minutes(6),
+                received: now(),
             }),
         };
         let sensor = SensorId::parse("s1").unwrap();
+        // Decided when received: read back, the reading counts as received then.
         let event = command_event(sensor.as_str(), &decision, now());
         assert_eq!(event.command(), pb::HeaterCommand::On);
         assert_eq!(event.reason(), pb::CommandReason::TooCold);

@@ -83,6 +83,46 @@ pub enum Record {
         position: Position,
         delivery: DeliveryFuture,
     },
+    /// The consumer read `partition` to its end: nothing else waits there.
+    End { partition: i32 },
+}
+
+/// How this replica reads one of its sensor-topic partitions, for the staleness fail-safe.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    /// Silence counts from here: when the partition was taken, or the replica resumed after a
+    /// stall (its readings waited meanwhile).
+    since: DateTime<Utc>,
+    /// When the partition was last read to its end; `None` before the first time.
+    end_reached: Option<DateTime<Utc>>,
+    /// Whether nothing was read from it since: silence then counts up to now.
+    at_end: bool,
+}
+
+impl Watch {
+    fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            since: now,
+            end_reached: None,
+            at_end: false,
+        }
+    }
+
+    /// Up to when silence on the partition is known: after it, readings may still wait there.
+    fn heard_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.at_end {
+            Some(now)
+        } else {
+            self.end_reached
+        }
+    }
+}
+
+/// Partitions the consumer gives up. Applied before any input still queued: the engine decides
+/// nothing more for their sensors, then says so on `done`.
+pub struct Revoke {
+    pub partitions: Vec<i32>,
+    pub done: std::sync::mpsc::Sender<()>,
 }
 
 /// Questions the API asks.
@@ -281,9 +321,9 @@ pub struct Engine {
     /// Whether the limit was logged as reached.
     cache_limit_logged: bool,
     meters: Meters,
-    /// Sensor-topic partitions this replica consumes, with when it began to (for the
+    /// Sensor-topic partitions this replica consumes, with how far it read them (for the
     /// staleness fail-safe: see `SensorControl::on_tick`).
-    assigned: HashMap<i32, DateTime<Utc>>,
+    assigned: HashMap<i32, Watch>,
     producer: FutureProducer,
     command_topic: String,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
@@ -331,20 +371,28 @@ impl Engine {
     pub async fn run(
         mut self,
         mut inputs: mpsc::Receiver<Input>,
+        mut revokes: mpsc::UnboundedReceiver<Revoke>,
         stale_check: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), StreamError> {
         let mut ticks = tokio::time::interval(stale_check);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stall = stale_check + Duration::from_secs(1);
+        let mut last_tick = Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                Some(revoke) = revokes.recv() => self.revoke(revoke),
                 input = inputs.recv() => match input {
                     Some(input) => self.apply(input).await?,
                     None => return Ok(()),
                 },
-                _ = ticks.tick() => self.check_staleness().await?,
+                _ = ticks.tick() => {
+                    let stalled = last_tick.elapsed() > stall;
+                    last_tick = Instant::now();
+                    self.check_staleness(stalled).await?;
+                }
             }
             self.send_acks()?;
         }
@@ -361,7 +409,7 @@ impl Engine {
             Input::Setpoint(version) => {
                 let now = Utc::now();
                 let i = self.sensors.find_or_insert(&version.sensor_id)?;
-                let owned = owned_since(&self.assigned, &self.sensors, i).is_some();
+                let owned = watch_of(&self.assigned, &self.sensors, i).is_some();
                 let stale_after = self.stale_after;
                 let decision = self.decide(i, |control| {
                     let newer = control.apply_setpoint(version.revision, version.setpoint, now);
@@ -394,11 +442,14 @@ impl Engine {
                 Ok(())
             }
             Input::Assignment(partitions) => {
-                // Partitions kept keep their time; new ones are watched from now.
+                // Partitions kept keep their watch; new ones are watched from now.
                 let now = Utc::now();
                 self.assigned = partitions
                     .into_iter()
-                    .map(|p| (p, self.assigned.get(&p).copied().unwrap_or(now)))
+                    .map(|p| {
+                        let watch = self.assigned.get(&p).copied();
+                        (p, watch.unwrap_or_else(|| Watch::new(now)))
+                    })
                     .collect();
                 self.stats
                     .assigned
@@ -452,6 +503,17 @@ impl Engine {
         }
     }
 
+    fn revoke(&mut self, Revoke { partitions, done }: Revoke) {
+        for partition in &partitions {
+            self.assigned.remove(partition);
+        }
+        self.stats
+            .assigned
+            .store(self.assigned.len() as u64, Ordering::Relaxed);
+        tracing::info!(?partitions, "sensor partitions revoked");
+        let _ = done.send(());
+    }
+
     async fn record(&mut self, record: Record) -> Result<(), StreamError> {
         match record {
             Record::Reading {
@@ -460,6 +522,12 @@ impl Engine {
                 position,
                 received,
             } => {
+                // Consumed before its partition was revoked: its next owner decides it. Its
+                // offset is not stored, so it is not lost if the partition comes back.
+                let Some(watch) = self.assigned.get_mut(&position.partition) else {
+                    return Ok(());
+                };
+                watch.at_end = false;
                 LoopStats::bump(&self.stats.readings);
                 self.meters.readings.increment(1);
                 let Some(i) = self.reading_slot(&sensor)? else {
@@ -486,6 +554,12 @@ impl Engine {
                 self.ack(Some(position), delivery);
             }
             Record::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
+            Record::End { partition } => {
+                if let Some(watch) = self.assigned.get_mut(&partition) {
+                    watch.at_end = true;
+                    watch.end_reached = Some(Utc::now());
+                }
+            }
         }
         Ok(())
     }
@@ -513,7 +587,9 @@ impl Engine {
         Ok(None)
     }
 
-    async fn check_staleness(&mut self) -> Result<(), StreamError> {
+    /// The fail-safe's round. After a stall (`stalled`: the process was stopped, or too busy to
+    /// look for longer than a check's interval) silence counts anew: readings waited meanwhile.
+    async fn check_staleness(&mut self, stalled: bool) -> Result<(), StreamError> {
         let setpoints = self
             .sensors
             .indexes()
@@ -522,9 +598,16 @@ impl Engine {
         metrics::gauge!(telemetry::CACHED_SENSORS).set(self.sensors.len() as f64);
         metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);
         let now = Utc::now();
+        if stalled {
+            tracing::info!("the loop stalled: sensor silence counts from now");
+            for watch in self.assigned.values_mut() {
+                watch.since = now;
+            }
+        }
         let stale_after = self.stale_after;
-        self.decide_for_owned(|control, watched_since| {
-            control.on_tick(now, stale_after, watched_since)
+        self.decide_for_owned(|control, watch| {
+            let heard_until = watch.heard_until(now)?;
+            control.on_tick(heard_until, stale_after, watch.since)
         })
         .await
     }
@@ -579,16 +662,16 @@ impl Engine {
         result
     }
 
-    /// Runs `decide` on every sensor this replica owns, with when it began to own it, and sends
-    /// what it decides.
+    /// Runs `decide` on every sensor this replica owns, with the watch of its partition, and
+    /// sends what it decides.
     async fn decide_for_owned(
         &mut self,
-        mut decide: impl FnMut(&mut SensorControl, DateTime<Utc>) -> Option<Decision>,
+        mut decide: impl FnMut(&mut SensorControl, Watch) -> Option<Decision>,
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
         for i in self.sensors.indexes() {
-            if let Some(since) = owned_since(&self.assigned, &self.sensors, i) {
-                if let Some(decision) = self.decide(i, |control| decide(control, since)) {
+            if let Some(watch) = watch_of(&self.assigned, &self.sensors, i) {
+                if let Some(decision) = self.decide(i, |control| decide(control, watch)) {
                     decided.push((i, decision));
                 }
             }
@@ -647,12 +730,8 @@ impl Engine {
     }
 }
 
-/// When this replica began consuming the sensor's partition; `None` when it does not.
-fn owned_since(
-    assigned: &HashMap<i32, DateTime<Utc>>,
-    sensors: &Cache,
-    i: SensorIndex,
-) -> Option<DateTime<Utc>> {
+/// The watch of the sensor's partition; `None` when this replica does not consume it.
+fn watch_of(assigned: &HashMap<i32, Watch>, sensors: &Cache, i: SensorIndex) -> Option<Watch> {
     assigned.get(&sensors.partition(i)?).copied()
 }
 
@@ -757,21 +836,30 @@ mod tests {
 
     /// The same, with `SENSOR_CACHE_LIMIT` at `cache_limit`.
     fn engine_limited(cache_limit: usize) -> (Engine, broadcast::Receiver<LiveEvent>) {
+        engine_with(Duration::from_secs(3600), cache_limit)
+    }
+
+    fn engine_with(
+        stale_after: Duration,
+        cache_limit: usize,
+    ) -> (Engine, broadcast::Receiver<LiveEvent>) {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:9")
             .create()
             .unwrap();
         let (acks, _) = mpsc::unbounded_channel();
         let (live, subscribed) = broadcast::channel(16);
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             producer,
             "commands".into(),
             acks,
-            Duration::from_secs(3600),
+            stale_after,
             cache_limit,
             Arc::default(),
             live,
         );
+        // The readings of these tests come from partition 0.
+        engine.assigned.insert(0, Watch::new(Utc::now()));
         (engine, subscribed)
     }
 
@@ -837,6 +925,7 @@ mod tests {
                 reading: Reading {
                     temperature: Celsius::new(celsius).unwrap(),
                     time: Utc::now(),
+                    received: Utc::now(),
                 },
                 position: Position {
                     partition: 0,
@@ -846,6 +935,80 @@ mod tests {
             }],
             places,
         })
+    }
+
+    async fn end_of_partition_0() -> Input {
+        let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        Input::Records(Records {
+            records: vec![Record::End { partition: 0 }],
+            places,
+        })
+    }
+
+    /// The last command of sensor `s`.
+    async fn last(engine: &mut Engine) -> Option<(pb::HeaterCommand, pb::CommandReason)> {
+        let sensor = SensorId::parse("s").unwrap();
+        let event = view(engine, &sensor).await.last_command?;
+        Some((event.command(), event.reason()))
+    }
+
+    #[tokio::test]
+    async fn a_revoked_partition_is_not_decided_for_until_it_comes_back() {
+        let (mut engine, _live) = engine();
+        let sensor = SensorId::parse("s").unwrap();
+        engine.apply(setpoint(&sensor)).await.unwrap();
+        let (done, stopped) = std::sync::mpsc::channel();
+        engine.revoke(Revoke {
+            partitions: vec![0],
+            done,
+        });
+        assert!(stopped.try_recv().is_ok(), "the revocation is confirmed");
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        assert_eq!(last(&mut engine).await, None);
+        assert!(engine.pending_acks.is_empty(), "its offset is not stored");
+
+        engine.apply(Input::Assignment(vec![0])).await.unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        assert_eq!(
+            last(&mut engine).await,
+            Some((pb::HeaterCommand::On, pb::CommandReason::TooCold))
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_counts_only_while_the_partition_is_read_to_its_end_and_the_loop_runs() {
+        let stale_after = Duration::from_millis(50);
+        let on = Some((pb::HeaterCommand::On, pb::CommandReason::TooCold));
+        let stale = Some((pb::HeaterCommand::Off, pb::CommandReason::SensorStale));
+        let sensor = SensorId::parse("s").unwrap();
+        let (mut engine, _live) = engine_with(stale_after, usize::MAX);
+        engine.apply(setpoint(&sensor)).await.unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        tokio::time::sleep(stale_after * 2).await;
+        // Never read to its end: readings of the sensor may be waiting there.
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on);
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, stale);
+
+        // Read to its end, then the loop stalls: silence counts anew from the stall.
+        let (mut engine, _live) = engine_with(stale_after, usize::MAX);
+        engine.apply(setpoint(&sensor)).await.unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(true).await.unwrap();
+        assert_eq!(last(&mut engine).await, on);
+        // A later record of the partition (another sensor's): read up to before it.
+        let other = SensorId::parse("t").unwrap();
+        engine.apply(reading(&other, 10.0, 1).await).await.unwrap();
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on, "the partition lags");
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, stale);
     }
 
     #[tokio::test]

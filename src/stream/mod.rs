@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -212,7 +212,10 @@ pub async fn start(
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
         // Feeds the consumer-lag gauge.
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Tells the engine when a partition was read to its end: only then can a sensor's
+        // silence be told from readings that wait in the topic (consumer lag).
+        .set("enable.partition.eof", "true");
     if let Some(instance) = &kafka.kafka_group_instance_id {
         readings_config.set("group.instance.id", instance);
     }
@@ -260,7 +263,17 @@ pub async fn start(
         stats.clone(),
         live.clone(),
     );
-    tasks.spawn(engine.run(engine_rx, control.stale_check_interval, shutdown.clone()));
+    let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
+    readings_consumer.context().fence(readings::Fence {
+        revokes: revokes_tx,
+        producer: producer.clone(),
+    });
+    tasks.spawn(engine.run(
+        engine_rx,
+        revokes_rx,
+        control.stale_check_interval,
+        shutdown.clone(),
+    ));
     let (follower, follower_task) = commands::follower(
         follower_consumer,
         kafka.command_topic.clone(),

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,14 +12,15 @@ use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, DeadLetter};
 use super::commands::Follower;
-use super::engine::{Ack, Input, LoopStats, Position, Record, Records};
+use super::engine::{Ack, Input, LoopStats, Position, Record, Records, Revoke};
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
 use crate::telemetry;
@@ -61,13 +62,59 @@ const FINAL_COMMIT_ATTEMPTS: u32 = 3;
 /// topic-handle lookup per reading for nothing.
 const STORE_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Notices rebalances. The callback runs inside librdkafka's poll, where nothing may be awaited,
-/// so it only counts and wakes the readings loop, which reacts before its next record.
+/// How long a revocation waits for the engine to stop deciding, and then for the commands it
+/// decided to be acknowledged, before the partitions are given up anyway.
+const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Notices rebalances. The callbacks run inside librdkafka's poll, where nothing may be awaited:
+/// after one, the readings loop is woken and reacts before its next record. Before partitions
+/// are given up, the [`Fence`] makes sure nothing more is decided for them.
 #[derive(Default)]
 pub struct RebalanceWatch {
     generation: AtomicU64,
     changed: Notify,
     last_error: Mutex<Option<String>>,
+    fence: OnceLock<Fence>,
+}
+
+impl RebalanceWatch {
+    /// Arms the fence: from now on revoked partitions are handed to the engine first.
+    pub fn fence(&self, fence: Fence) {
+        let _ = self.fence.set(fence);
+    }
+}
+
+/// Keeps a replica that gives partitions up from deciding for them once another may own them:
+/// the revocation waits (librdkafka rejoins the group only after it) until the engine has
+/// stopped deciding for them and every command it decided is acknowledged, so the next owner
+/// reads them back before it decides (issue 21: never two commands with one sequence).
+pub struct Fence {
+    pub revokes: mpsc::UnboundedSender<Revoke>,
+    pub producer: FutureProducer,
+}
+
+impl Fence {
+    fn revoke(&self, partitions: Vec<i32>) {
+        let (done, stopped) = std::sync::mpsc::channel();
+        if self.revokes.send(Revoke { partitions, done }).is_err() {
+            return; // The engine has stopped: it decides nothing more.
+        }
+        let wait = || {
+            if stopped.recv_timeout(FENCE_TIMEOUT).is_err() {
+                tracing::warn!("revoked partitions given up before the engine confirmed it stopped deciding for them");
+            }
+            if let Err(e) = self.producer.flush(Timeout::After(FENCE_TIMEOUT)) {
+                tracing::warn!(error = %e, "revoked partitions given up with commands unacknowledged");
+            }
+        };
+        // The poll runs on a runtime thread; the engine may be queued on it. A current-thread
+        // runtime (some tests) cannot wait at all: the engine then stops at its next input.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            Ok(_) => {}
+            Err(_) => wait(),
+        }
+    }
 }
 
 impl ClientContext for RebalanceWatch {
@@ -86,6 +133,16 @@ impl ClientContext for RebalanceWatch {
 }
 
 impl ConsumerContext for RebalanceWatch {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let (Rebalance::Revoke(list), Some(fence)) = (rebalance, self.fence.get()) {
+            fence.revoke(list.elements().iter().map(|e| e.partition()).collect());
+        }
+    }
+
     fn post_rebalance(
         &self,
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
@@ -185,13 +242,6 @@ impl Readings {
         let mut more = self.consumer.stream();
         let mut next = Some(first);
         while let Some(message) = next.take() {
-            let message = match message {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(error = %e, "sensor topic consumer error");
-                    break;
-                }
-            };
             if self.consumer.context().generation.load(Ordering::SeqCst) != *seen_generation {
                 // What was consumed before the rebalance goes to the engine before the new
                 // assignment does.
@@ -200,7 +250,15 @@ impl Readings {
                 }
                 self.check_rebalance(seen_generation).await?;
             }
-            records.push(self.record(&message).await?);
+            match message {
+                Ok(message) => records.push(self.record(&message).await?),
+                // Nothing waits in the partition: the fail-safe may count its silence.
+                Err(KafkaError::PartitionEOF(partition)) => records.push(Record::End { partition }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sensor topic consumer error");
+                    break;
+                }
+            }
             if records.len() < BATCH {
                 // Only what is already there: never waits.
                 next = more.next().now_or_never().flatten();
