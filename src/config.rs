@@ -129,6 +129,11 @@ pub struct KafkaConfig {
     /// Topic heater commands are produced to (key = sensor_id).
     #[arg(long, env = "COMMAND_TOPIC", default_value = "heater-commands")]
     pub command_topic: String,
+    /// Start even if the command topic can delete a sensor's last command (not compacted, with
+    /// a finite retention) or its settings cannot be read: after such a loss the sensor's
+    /// sequence starts again at 1 and consumers that keep the last one ignore its heater.
+    #[arg(long, env = "ALLOW_COMMAND_TOPIC_DELETION", default_value_t = false)]
+    pub allow_command_topic_deletion: bool,
     /// Topic bad sensor records are moved to, with the reason in a header.
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "sensor-readings-dlq")]
     pub dead_letter_topic: String,

@@ -125,6 +125,8 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
                 .map_err(DemoError::Broker)?;
         }
         config.serve.kafka.kafka_brokers = mock.bootstrap_servers();
+        // It does not describe topic settings, and nothing it holds outlives the demo.
+        config.serve.kafka.allow_command_topic_deletion = true;
         tracing::info!(brokers = %config.serve.kafka.kafka_brokers, "embedded mock Kafka cluster");
         Some(mock)
     } else {

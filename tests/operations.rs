@@ -399,3 +399,44 @@ async fn the_database_connection_can_be_tls_with_a_verified_server() {
         "{tls} TLS and {plain} plain connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_topic_that_can_lose_last_commands_is_refused_unless_allowed() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let mut config = TestApp::fresh_config().await;
+    // A command topic made by hand with the broker's defaults: delete after 7 days.
+    let plain = common::unique_name("commands-plain");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka::brokers())
+        .create()
+        .expect("admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&plain, 2, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    assert!(created[0].is_ok(), "{created:?}");
+    config.kafka.command_topic = plain;
+
+    let refused = thermostat::startup::Application::build(config.clone())
+        .await
+        .err()
+        .map(|e| thermostat::startup::error_chain(&e))
+        .expect("the start is refused");
+    for expected in [
+        "cleanup.policy",
+        "last command",
+        "ALLOW_COMMAND_TOPIC_DELETION",
+    ] {
+        assert!(
+            refused.contains(expected),
+            "{expected:?} not in {refused:?}"
+        );
+    }
+
+    config.kafka.allow_command_topic_deletion = true;
+    let app = TestApp::spawn_with(config).await;
+    app.stop().await;
+}

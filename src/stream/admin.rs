@@ -1,10 +1,13 @@
-//! Operator tools on the broker: creating the topics, and producing a reading by hand.
+//! Operator tools on the broker: creating the topics, checking that the command topic keeps
+//! every sensor's last command, and producing a reading by hand.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prost::Message;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigResource, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
@@ -29,9 +32,24 @@ pub async fn create_topics(
         &kafka.command_topic,
         &kafka.dead_letter_topic,
     ];
+    // A majority of the replicas must have a command before it counts as written.
+    let min_insync = (replication / 2 + 1).to_string();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .map(|t| {
+            let topic = NewTopic::new(t, partitions, TopicReplication::Fixed(replication));
+            if *t != &kafka.command_topic {
+                return topic;
+            }
+            // Compacted: a sensor's last command is never deleted by age (see
+            // `command_retention_risk`).
+            let topic = topic.set("cleanup.policy", "compact");
+            if replication > 1 {
+                topic.set("min.insync.replicas", &min_insync)
+            } else {
+                topic
+            }
+        })
         .collect();
     let results = admin
         .create_topics(&new, &AdminOptions::new())
@@ -48,6 +66,58 @@ pub async fn create_topics(
         }
     }
     Ok(created)
+}
+
+/// Why a command topic with these settings can lose a sensor's last command, if it can: its
+/// sequence would then start again at 1 after a restart, below what consumers already have, and
+/// they would ignore the heater. Safe is `cleanup.policy=compact` alone, or no limit on
+/// retention; an unreported setting counts as Apache Kafka's default (delete, 7 days).
+pub fn command_retention_risk(
+    policy: Option<&str>,
+    retention_ms: Option<&str>,
+    retention_bytes: Option<&str>,
+) -> Option<String> {
+    let policy = policy.unwrap_or("delete");
+    let compact_only = policy.split(',').all(|p| p.trim() == "compact");
+    let retention_ms = retention_ms.unwrap_or("604800000");
+    let unlimited = retention_ms.trim() == "-1" && retention_bytes.is_none_or(|b| b.trim() == "-1");
+    (!compact_only && !unlimited).then(|| {
+        format!(
+            "cleanup.policy={policy} with retention.ms={retention_ms} retention.bytes={} deletes old records, a sensor's last command among them",
+            retention_bytes.unwrap_or("-1")
+        )
+    })
+}
+
+/// Refuses a command topic that can delete a sensor's last command ([`command_retention_risk`]),
+/// or whose settings the broker does not report.
+pub async fn check_command_retention(kafka: &KafkaConfig) -> Result<(), StreamError> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka).create().map_err(StreamError::Config)?;
+    let topic = kafka.command_topic.as_str();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let unsafe_topic = |reason: String| StreamError::CommandRetention {
+        topic: topic.to_owned(),
+        reason,
+    };
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .map_err(|e| unsafe_topic(format!("its settings could not be read: {e}")))?;
+    let config: ConfigResource = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| unsafe_topic("the broker did not describe it".into()))?
+        .map_err(|code| unsafe_topic(format!("its settings could not be read: {code}")))?;
+    let value = |name| config.get(name).and_then(|e| e.value.as_deref());
+    match command_retention_risk(
+        value("cleanup.policy"),
+        value("retention.ms"),
+        value("retention.bytes"),
+    ) {
+        Some(reason) => Err(unsafe_topic(reason)),
+        None => Ok(()),
+    }
 }
 
 /// Produces one reading to the sensor topic in the configured format, as a gateway would.
@@ -81,5 +151,34 @@ pub async fn send_reading(
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err((e, _)))) => Err(StreamError::Produce(e)),
         Ok(Err(_)) | Err(_) => Err(StreamError::Stopped("producer")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_retention_risk as risk;
+
+    #[test]
+    fn only_a_topic_that_keeps_every_last_record_is_safe() {
+        for (policy, ms, bytes) in [
+            (Some("compact"), None, None),
+            (Some("compact"), Some("1000"), Some("1000")),
+            (Some("delete"), Some("-1"), Some("-1")),
+            (Some("compact,delete"), Some("-1"), None),
+            (None, Some("-1"), None),
+        ] {
+            assert_eq!(risk(policy, ms, bytes), None, "{policy:?} {ms:?} {bytes:?}");
+        }
+        for (policy, ms, bytes) in [
+            // What Tansu and brokers that report no defaults describe: Kafka's defaults.
+            (None, None, None),
+            (Some("delete"), None, None),
+            (Some("delete"), Some("604800000"), Some("-1")),
+            (Some("compact,delete"), Some("604800000"), None),
+            (Some("delete"), Some("-1"), Some("1073741824")),
+        ] {
+            let reason = risk(policy, ms, bytes).expect("unsafe");
+            assert!(reason.contains("last command"), "{reason}");
+        }
     }
 }

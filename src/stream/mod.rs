@@ -52,6 +52,8 @@ pub enum StreamError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error("command topic {topic:?} can lose a heater's last command ({reason}): create it with cleanup.policy=compact (thermostat create-topics does), or set ALLOW_COMMAND_TOPIC_DELETION=true to accept that risk")]
+    CommandRetention { topic: String, reason: String },
     #[error("setpoint store")]
     Store(#[source] crate::Error),
     #[error("{0} stopped")]
@@ -231,6 +233,11 @@ pub async fn start(
         ],
     )
     .await?;
+    if kafka.allow_command_topic_deletion {
+        tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
+    } else {
+        admin::check_command_retention(kafka).await?;
+    }
     // The follower never commits: it always reads the command topic from the beginning.
     let follower_consumer: StreamConsumer =
         consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))

@@ -65,7 +65,9 @@ impl Topics {
             client_config().create().expect("admin client");
         let new = [
             NewTopic::new(&topics.sensors, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&topics.commands, partitions, TopicReplication::Fixed(1)),
+            // As `thermostat create-topics` makes it: the service refuses any other.
+            NewTopic::new(&topics.commands, partitions, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact"),
             NewTopic::new(&topics.dead_letters, 1, TopicReplication::Fixed(1)),
         ];
         for result in admin
@@ -86,6 +88,8 @@ pub fn on_mock_cluster(
 ) -> MockCluster<'static, DefaultProducerContext> {
     let mock = MockCluster::new(1).expect("mock cluster");
     config.kafka.kafka_brokers = mock.bootstrap_servers();
+    // The mock cluster does not describe topic settings (and keeps nothing past the process).
+    config.kafka.allow_command_topic_deletion = true;
     for topic in [
         &config.kafka.sensor_topic,
         &config.kafka.command_topic,
