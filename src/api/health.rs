@@ -1,6 +1,6 @@
 //! The standard `grpc.health.v1.Health` service, driven by what the service can actually do:
 //! SERVING only while the database answers, and for `HeaterControlService` only while the
-//! broker does too.
+//! broker does too and the replica is not held up reading the command topic after a rebalance.
 
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ pub async fn monitor(
             broker_probe = probe_broker();
         }
         let broker = broker_answer.unwrap_or(false);
+        // A replica that cannot read the command topic to its end decides for none of the
+        // partitions it was given.
+        let heaters = database && broker && !control.catching_up();
         metrics::gauge!(crate::telemetry::BROKER_REACHABLE).set(f64::from(u8::from(broker)));
         let pool = store.pool();
         let idle = pool.num_idle() as f64;
@@ -86,15 +89,13 @@ pub async fn monitor(
             .set(f64::from(pool.size()) - idle);
         metrics::gauge!(crate::telemetry::SETPOINT_WRITES_WAITING).set(store.puts_waiting() as f64);
         // Once shutting down, NOT_SERVING (set by the server) must not be overwritten.
-        if last != Some((database, broker)) && !shutdown.is_cancelled() {
-            tracing::info!(database, broker, "health changed");
+        if last != Some((database, heaters)) && !shutdown.is_cancelled() {
+            tracing::info!(database, broker, heaters, "health changed");
             for name in DATABASE_ONLY {
                 reporter.set_service_status(*name, serving(database)).await;
             }
-            reporter
-                .set_service_status(HEATERS, serving(database && broker))
-                .await;
-            last = Some((database, broker));
+            reporter.set_service_status(HEATERS, serving(heaters)).await;
+            last = Some((database, heaters));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

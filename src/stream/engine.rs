@@ -10,7 +10,7 @@
 //! deciding (BENCHMARKS.md, benchmark 1).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -256,6 +256,9 @@ pub struct LoopStats {
     pub commands: AtomicU64,
     /// Sensor-topic partitions currently assigned to this replica.
     pub assigned: AtomicU64,
+    /// Whether newly assigned partitions have waited longer than a few seconds for the command
+    /// topic to be read (a partition of it without a leader, say): none of them is decided.
+    pub catching_up: AtomicBool,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
     pub resyncs: AtomicU64,
     /// Setpoints, at the last full read, whose band no accepted reading could switch (stored

@@ -115,6 +115,9 @@ fn millis(d: Duration) -> String {
 
 /// Records the producer holds before `enqueue` waits (librdkafka's default is 100 000).
 const PRODUCER_QUEUE: u32 = 16_384;
+/// Bytes the producer holds before `enqueue` waits (librdkafka's default is 1 GiB): 16 384 dead
+/// letters of 64 KiB would be as much, against a pod limit of 512 MiB.
+pub const PRODUCER_QUEUE_KBYTES: u32 = 32 * 1024;
 
 /// The producer for commands and dead letters. `acks=all`: a command counts as sent only when
 /// every in-sync replica has it. At most 5 requests in flight per broker: librdkafka's default
@@ -131,6 +134,10 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
         .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
+        .set(
+            "queue.buffering.max.kbytes",
+            PRODUCER_QUEUE_KBYTES.to_string(),
+        )
         .set("linger.ms", millis(kafka.kafka_linger))
         .set(
             "batch.num.messages",
@@ -187,6 +194,14 @@ impl ControlHandle {
     /// `timeout`. Without that no command goes out or is read back, so no heater is controlled.
     pub async fn broker_reachable(&self, timeout: Duration) -> bool {
         self.follower.topic_led(timeout).await
+    }
+
+    /// Whether partitions newly assigned to this replica have waited for seconds for the command
+    /// topic to be read to its end: they are not decided for meanwhile.
+    pub fn catching_up(&self) -> bool {
+        self.stats
+            .catching_up
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Delivers whatever the producer still holds; blocking, bounded by `timeout`.
@@ -352,4 +367,32 @@ async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServeConfig;
+
+    #[test]
+    fn the_producer_holds_a_bounded_number_of_bytes_not_only_of_records() {
+        let mut kafka = ServeConfig::from_defaults().unwrap().kafka;
+        kafka.kafka_brokers = "127.0.0.1:9".into(); // nothing is ever delivered
+        let producer = producer(&kafka).unwrap();
+        let letter = vec![7u8; 64 * 1024];
+        let mut held = 0usize;
+        loop {
+            let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to("t").payload(&letter);
+            match producer.send_result(record) {
+                Ok(_) => held += letter.len(),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => break,
+                Err((e, _)) => panic!("{e}"),
+            }
+            assert!(held <= 64 << 20, "{held} bytes held and still taking more");
+        }
+        assert!(
+            held >= (PRODUCER_QUEUE_KBYTES as usize) << 9,
+            "only {held} bytes held"
+        );
+    }
 }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message};
@@ -160,6 +160,49 @@ impl ConsumerContext for RebalanceWatch {
 
 pub type ReadingsConsumer = StreamConsumer<RebalanceWatch>;
 
+/// How often a replica waiting to catch up with the command topic after a rebalance says so,
+/// and starts the wait anew (from the topic's ends then).
+const CATCH_UP_WARNING: Duration = Duration::from_secs(10);
+
+/// The wait for the command topic after a rebalance; gives the partitions assigned.
+type CatchUp = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<i32>> + Send>>;
+
+/// What `forward` took from the consumer after a rebalance, to hand on after the assignment.
+enum Held {
+    Message(OwnedMessage),
+    End(i32),
+}
+
+enum Forwarded {
+    Done,
+    EngineStopped,
+    /// The group rebalanced; with what came first after it.
+    Rebalanced(Option<Held>),
+}
+
+/// Reads the command topic up to its end, however long that takes: a partition without a
+/// leader holds the new assignment back (reported by `LoopStats::catching_up` and health),
+/// but never what this replica still has to acknowledge.
+async fn catch_up(follower: Follower, stats: Arc<LoopStats>, partitions: Vec<i32>) -> Vec<i32> {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(CATCH_UP_WARNING, follower.caught_up()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the command topic's ends: retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(_) => tracing::warn!(
+                waited = ?started.elapsed(),
+                "still reading the command topic before deciding for new partitions"
+            ),
+        }
+        stats.catching_up.store(true, Ordering::Relaxed);
+    }
+    stats.catching_up.store(false, Ordering::Relaxed);
+    partitions
+}
+
 pub struct Readings {
     pub consumer: ReadingsConsumer,
     pub producer: FutureProducer,
@@ -184,6 +227,9 @@ impl Readings {
         let mut seen_generation = 0;
         let mut stopping = false;
         let mut acks_open = true;
+        // After a rebalance: the wait for the command topic, and the record that came first.
+        let mut catching_up: Option<CatchUp> = None;
+        let mut held: Option<Held> = None;
         while !(stopping && !acks_open && acks.waiting.is_empty()) {
             tokio::select! {
                 biased;
@@ -201,21 +247,41 @@ impl Readings {
                 }
                 _ = shutdown.cancelled(), if !stopping => stopping = true,
                 _ = self.consumer.context().changed.notified(), if !stopping => {
-                    self.check_rebalance(&mut seen_generation).await?;
+                    if let Some(wait) = self.rebalanced(&mut seen_generation)? {
+                        catching_up = Some(wait);
+                    }
+                }
+                partitions = async { catching_up.as_mut()?.await.into() }, if catching_up.is_some() => {
+                    catching_up = None;
+                    if let Some(partitions) = partitions {
+                        if !self.assign(partitions, held.take(), &queued).await? {
+                            stopping = true;
+                        }
+                    }
                 }
                 _ = store.tick() => acks.store(&self.consumer, &self.config.sensor_topic),
-                message = self.consumer.recv(), if !stopping && acks.waiting.len() < MAX_IN_FLIGHT => {
-                    if !self.forward(message, &queued, &mut seen_generation).await? {
+                message = self.consumer.recv(), if !stopping && catching_up.is_none() && acks.waiting.len() < MAX_IN_FLIGHT => {
+                    match self.forward(message, &queued, seen_generation).await? {
+                        Forwarded::Done => {}
                         // The engine stopped (shutdown): stop consuming, drain what is in flight.
-                        stopping = true;
+                        Forwarded::EngineStopped => stopping = true,
+                        Forwarded::Rebalanced(first) => {
+                            held = first;
+                            catching_up = self.rebalanced(&mut seen_generation)?;
+                        }
                     }
                 }
             }
         }
         acks.store(&self.consumer, &self.config.sensor_topic);
-        // A failed final commit means the next owner handles these readings again (their
-        // commands carry the same sequence, so subscribers drop them): retry a transient
-        // failure a few times rather than give up on the first.
+        self.final_commit();
+        Ok(())
+    }
+
+    /// A failed final commit means the next owner handles these readings again (their commands
+    /// carry the same sequence, so subscribers drop them): a transient failure is retried a few
+    /// times rather than given up on the first.
+    fn final_commit(&self) {
         for attempt in 1..=FINAL_COMMIT_ATTEMPTS {
             match self.consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => {
@@ -227,28 +293,31 @@ impl Readings {
                 Err(e) => tracing::warn!(error = %e, attempt, "final offset commit failed"),
             }
         }
-        Ok(())
     }
 
     /// Hands the engine `first` and the records the consumer already holds behind it (up to
-    /// `BATCH`) in one batch. False when the engine has stopped.
+    /// `BATCH`) in one batch, up to a rebalance: the record after it is handed back.
     async fn forward(
         &self,
         first: KafkaResult<BorrowedMessage<'_>>,
         queued: &Arc<Semaphore>,
-        seen_generation: &mut u64,
-    ) -> Result<bool, StreamError> {
+        seen_generation: u64,
+    ) -> Result<Forwarded, StreamError> {
         let mut records = Vec::with_capacity(BATCH);
         let mut more = self.consumer.stream();
         let mut next = Some(first);
         while let Some(message) = next.take() {
-            if self.consumer.context().generation.load(Ordering::SeqCst) != *seen_generation {
+            if self.consumer.context().generation.load(Ordering::SeqCst) != seen_generation {
                 // What was consumed before the rebalance goes to the engine before the new
-                // assignment does.
-                if !self.send(std::mem::take(&mut records), queued).await {
-                    return Ok(false);
+                // assignment does; what comes after waits for it.
+                if !self.send(records, queued).await {
+                    return Ok(Forwarded::EngineStopped);
                 }
-                self.check_rebalance(seen_generation).await?;
+                return Ok(Forwarded::Rebalanced(match message {
+                    Ok(message) => Some(Held::Message(message.detach())),
+                    Err(KafkaError::PartitionEOF(partition)) => Some(Held::End(partition)),
+                    Err(_) => None,
+                }));
             }
             match message {
                 Ok(message) => records.push(self.record(&message).await?),
@@ -264,7 +333,11 @@ impl Readings {
                 next = more.next().now_or_never().flatten();
             }
         }
-        Ok(self.send(records, queued).await)
+        Ok(if self.send(records, queued).await {
+            Forwarded::Done
+        } else {
+            Forwarded::EngineStopped
+        })
     }
 
     /// False when the engine has stopped.
@@ -283,27 +356,17 @@ impl Readings {
         self.engine.send(batch).await.is_ok()
     }
 
-    async fn check_rebalance(&self, seen_generation: &mut u64) -> Result<(), StreamError> {
+    /// After a rebalance: the wait for the command topic to be read up to its end before the
+    /// newly assigned partitions are decided for (the previous owner's last commands must be
+    /// known, or a command could be lost or repeated). `None` when nothing changed.
+    fn rebalanced(&self, seen_generation: &mut u64) -> Result<Option<CatchUp>, StreamError> {
         let generation = self.consumer.context().generation.load(Ordering::SeqCst);
         if generation == *seen_generation {
-            return Ok(());
+            return Ok(None);
         }
         *seen_generation = generation;
-        self.on_rebalance().await
-    }
-
-    /// After a rebalance, catches up with the command topic before deciding anything for newly
-    /// assigned partitions: the previous owner's last commands must be known, or a command
-    /// could be lost or repeated.
-    async fn on_rebalance(&self) -> Result<(), StreamError> {
-        if let Some(e) = self
-            .consumer
-            .context()
-            .last_error
-            .lock()
-            .ok()
-            .and_then(|mut e| e.take())
-        {
+        let last_error = self.consumer.context().last_error.lock().ok();
+        if let Some(e) = last_error.and_then(|mut e| e.take()) {
             tracing::warn!(error = %e, "rebalance error");
         }
         let assignment = self.consumer.assignment().map_err(StreamError::Consumer)?;
@@ -312,16 +375,40 @@ impl Readings {
             .iter()
             .map(|e| e.partition())
             .collect();
-        self.follower.caught_up().await?;
+        if partitions.is_empty() {
+            return Ok(Some(Box::pin(async { Vec::new() })));
+        }
+        let (follower, stats) = (self.follower.clone(), self.stats.clone());
+        Ok(Some(Box::pin(catch_up(follower, stats, partitions))))
+    }
+
+    /// Hands the engine its new partitions, then the record that came first for them. False
+    /// when the engine has stopped.
+    async fn assign(
+        &self,
+        partitions: Vec<i32>,
+        first: Option<Held>,
+        queued: &Arc<Semaphore>,
+    ) -> Result<bool, StreamError> {
         tracing::info!(?partitions, "sensor partitions assigned");
-        self.engine
+        if self
+            .engine
             .send(Input::Assignment(partitions))
             .await
-            .map_err(|_| StreamError::Stopped("engine"))
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let record = match first {
+            Some(Held::Message(message)) => self.record(&message).await?,
+            Some(Held::End(partition)) => Record::End { partition },
+            None => return Ok(true),
+        };
+        Ok(self.send(vec![record], queued).await)
     }
 
     /// Turns a record into the engine's input; bad records are dead-lettered.
-    async fn record(&self, message: &BorrowedMessage<'_>) -> Result<Record, StreamError> {
+    async fn record(&self, message: &impl Message) -> Result<Record, StreamError> {
         let received = std::time::Instant::now();
         let position = Position {
             partition: message.partition(),
@@ -358,7 +445,7 @@ impl Readings {
 
     async fn dead_letter(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &impl Message,
         reason: &DeadLetter,
     ) -> Result<rdkafka::producer::DeliveryFuture, StreamError> {
         let detail = reason.to_string();
