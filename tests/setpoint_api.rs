@@ -1125,3 +1125,35 @@ async fn setpoint_rows_are_not_deleted_by_sql_but_by_the_api() {
         .into_inner();
     assert_eq!(again.revision, 3);
 }
+
+#[tokio::test]
+async fn a_put_answered_unavailable_is_never_written_afterwards() {
+    let (app, mut client) = common::spawn_with_setpoint(TestApp::fresh_config().await, "s").await;
+    let mut db = app.db().await;
+    // Every write of a setpoint now takes longer than the service waits for its answer (4 s:
+    // twice the test's DATABASE_ACQUIRE_TIMEOUT).
+    for statement in [
+        "CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(7); RETURN NEW; END $$",
+        "CREATE TRIGGER slow_write BEFORE INSERT OR UPDATE ON setpoints \
+         FOR EACH ROW EXECUTE FUNCTION slow_write()",
+    ] {
+        sqlx::query(statement).execute(&mut db).await.unwrap();
+    }
+    let timed_out = client
+        .put_setpoint(put(setpoint("s", "b", 25.0), None))
+        .await;
+    assert_eq!(timed_out.unwrap_err().code(), Code::Unavailable);
+    // Waits for the statement to end, one way or the other.
+    sqlx::query("DROP TRIGGER slow_write ON setpoints")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stored = get(&mut client, "s").await.unwrap();
+    assert_eq!(
+        (stored.desired_celsius, stored.revision),
+        (20.0, 1),
+        "the Put answered UNAVAILABLE was written"
+    );
+}

@@ -70,14 +70,23 @@ impl Store {
         //   is right for any number of rows and any table size (`setpoints::PUT_SQL`).
         // - The lock timeout above matters most here: the Puts queued behind a statement wait
         //   for it, so a row locked by a forgotten transaction must not stall every write.
+        // - A statement timeout below the wait for its answer: a Put answered UNAVAILABLE is
+        //   cancelled by the database, never written after a later Put that succeeded.
+        let answer_within = config.database_acquire_timeout * 2;
+        let statement_timeout = (config.database_acquire_timeout * 3 / 2)
+            .as_millis()
+            .to_string();
         let writer_pool = pool_options(config)
             .max_connections(config.database_put_writers)
-            .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]));
+            .connect_lazy_with(options.options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("statement_timeout", statement_timeout.as_str()),
+            ]));
         // Twice the lock timeout: a healthy statement waits for a lock at most once that long.
         let puts = put_queue::PutQueue::start(
             writer_pool,
             config.database_put_writers as usize,
-            config.database_acquire_timeout * 2,
+            answer_within,
         );
         Ok(Self { pool, puts })
     }
