@@ -24,6 +24,8 @@ pub enum DeadLetter {
     InvalidSensorId(String),
     #[error("record key {key:?} differs from sensor_id {sensor_id:?}")]
     KeyMismatch { key: String, sensor_id: String },
+    #[error("record has no key: it must be the sensor_id, which picks the partition and so the replica that controls the sensor")]
+    MissingKey,
     #[error("temperature_celsius is not a finite number")]
     NonFiniteTemperature,
     #[error("temperature_celsius {0}")]
@@ -43,6 +45,7 @@ impl DeadLetter {
             DeadLetter::Undecodable(_) => "undecodable",
             DeadLetter::InvalidSensorId(_) => "invalid_sensor_id",
             DeadLetter::KeyMismatch { .. } => "key_mismatch",
+            DeadLetter::MissingKey => "missing_key",
             DeadLetter::NonFiniteTemperature => "non_finite_temperature",
             DeadLetter::ImplausibleTemperature(_) => "implausible_temperature",
             DeadLetter::MissingTemperature => "missing_temperature",
@@ -103,13 +106,14 @@ pub fn decode_reading(
         }
     };
     let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
-    if let Some(key) = key {
-        if key != sensor.as_str().as_bytes() {
-            return Err(DeadLetter::KeyMismatch {
-                key: String::from_utf8_lossy(key).into_owned(),
-                sensor_id: sensor.to_string(),
-            });
-        }
+    // A keyless reading lands on any partition: the replica that owns it would decide for a
+    // sensor another replica controls.
+    let key = key.ok_or(DeadLetter::MissingKey)?;
+    if key != sensor.as_str().as_bytes() {
+        return Err(DeadLetter::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            sensor_id: sensor.to_string(),
+        });
     }
     let temperature = temperature.ok_or(DeadLetter::MissingTemperature)?;
     let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
@@ -252,7 +256,7 @@ mod tests {
             let decoded = decode_reading(
                 SensorFormat::Protobuf,
                 range,
-                None,
+                Some(b"s1"),
                 &proto("s1", celsius, Some(now())),
                 None,
                 now(),
@@ -289,7 +293,7 @@ mod tests {
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
-            None,
+            Some(b"s1"),
             &proto("s1", 0.0, Some(now())),
             None,
             now(),
@@ -300,7 +304,7 @@ mod tests {
         let (_, r) = decode_reading(
             SensorFormat::Json,
             CelsiusRange::PLAUSIBLE,
-            None,
+            Some(b"s1"),
             json,
             None,
             now(),
@@ -315,7 +319,7 @@ mod tests {
             decode_reading(
                 SensorFormat::Protobuf,
                 CelsiusRange::PLAUSIBLE,
-                None,
+                Some(b"s1"),
                 &proto("s1", 20.0, Some(time)),
                 record_time,
                 now(),
@@ -340,11 +344,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_without_a_key_is_refused() {
+        let payload = proto("s1", 20.0, Some(now()));
+        let decode = |key| {
+            decode_reading(
+                SensorFormat::Protobuf,
+                CelsiusRange::PLAUSIBLE,
+                key,
+                &payload,
+                None,
+                now(),
+            )
+        };
+        assert_eq!(decode(None).unwrap_err().code(), "missing_key");
+        assert_eq!(decode(Some(b"s2")).unwrap_err().code(), "key_mismatch");
+        assert!(decode(Some(b"s1")).is_ok());
+    }
+
+    #[test]
     fn falls_back_to_the_record_timestamp() {
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
-            None,
+            Some(b"s1"),
             &proto("s1", 20.0, None),
             Some(now()),
             now(),
@@ -354,7 +376,7 @@ mod tests {
         let err = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
-            None,
+            Some(b"s1"),
             &proto("s1", 20.0, None),
             None,
             now(),
@@ -459,8 +481,15 @@ mod tests {
             ),
         ];
         for (format, key, payload, code) in cases {
-            let err = decode_reading(format, CelsiusRange::PLAUSIBLE, key, &payload, None, now())
-                .unwrap_err();
+            let err = decode_reading(
+                format,
+                CelsiusRange::PLAUSIBLE,
+                key.or(Some(b"s1")),
+                &payload,
+                None,
+                now(),
+            )
+            .unwrap_err();
             assert_eq!(err.code(), code, "{err}");
         }
     }
