@@ -49,6 +49,8 @@ echo "test.sh: PG=$THERMOSTAT_TEST_PG_URL BROKERS=$THERMOSTAT_TEST_BROKERS GRPCU
 # for quick local iterations (CI never sets it).
 if [[ ${THERMOSTAT_SKIP_IMAGE_BUILD:-0} != 1 ]]; then
   scripts/build-like-docker.sh
+  # The fault suite (tests/chaos.rs) runs this binary, the one the image ships.
+  export THERMOSTAT_RELEASE_BIN=$root/target/docker-like/release/thermostat
 fi
 
 locked=()

@@ -3,6 +3,7 @@
 //! `scripts/test.sh` (`THERMOSTAT_TEST_PG_URL`, `THERMOSTAT_TEST_BROKERS`).
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod kafka;
 pub mod security;
 
