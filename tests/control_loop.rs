@@ -477,6 +477,37 @@ async fn a_restart_is_not_taken_for_silence_by_the_fail_safe() {
     assert!(Utc::now() - taken_over >= TimeDelta::seconds(2));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_setpoint_change_acts_on_a_reading_received_before_it() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let (sensors, commands) = (Sensors::new(&topics.sensors), Commands::new(&topics));
+    let app = TestApp::spawn_with(config.clone()).await;
+    put_band(&app, "s", 20.0).await;
+    // In the band: nothing to decide, and after a clean stop behind the committed offset. No
+    // command carries it, so only the sensor topic still knows it.
+    sensors.reading("s", 20.5, Utc::now()).await;
+    let consumed = common::eventually(Duration::from_secs(20), || async {
+        LoopStats::get(&app.control.stats().readings) == 1
+    })
+    .await;
+    assert!(consumed, "the reading was consumed");
+    app.stop().await;
+
+    let restarted = TestApp::spawn_with(config).await;
+    let assigned = common::eventually(Duration::from_secs(30), || async {
+        restarted.control.stats().assigned_partitions() > 0
+    })
+    .await;
+    assert!(assigned, "the restarted service owns the partitions");
+    // 20.5 °C against 23 ± 1: too cold, at once, without a new reading.
+    put_band(&restarted, "s", 23.0).await;
+    let on = commands.next(Duration::from_secs(10)).await;
+    let on = on.expect("the setpoint change acted on the reading from before the restart");
+    assert_eq!(cmd(&on), (H::On, R::TooCold));
+    assert_eq!(on.temperature_celsius, 20.5);
+}
+
 /// A service with sensor "s" held at 20 ± 0.5 °C, readers of its command and dead-letter topics,
 /// and a writer to its sensor topic.
 async fn with_dead_letters() -> (TestApp, Commands, TopicReader, Sensors) {

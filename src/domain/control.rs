@@ -205,6 +205,20 @@ impl SensorControl {
         ReadingOutcome::Applied(self.evaluate(reading))
     }
 
+    /// Takes in a reading decided on before (read again after a crash or a takeover, up to
+    /// where the last owner got): it becomes the latest reading if it is newer, and decides
+    /// nothing, since what it decided is on the command topic. The latest reading is what a
+    /// setpoint change acts on, and the last owner may have died before it could.
+    pub fn recall(&mut self, reading: Reading) {
+        if self
+            .parts
+            .last_reading
+            .is_none_or(|last| reading.time > last.time)
+        {
+            self.parts.last_reading = Some(reading);
+        }
+    }
+
     /// Applies setpoint `revision` (`None`: deleted) and decides at once (see [`reevaluate`]).
     /// Revisions not newer than the one applied are ignored.
     ///
@@ -628,6 +642,22 @@ mod tests {
         assert_eq!(s.on_tick(at(200), STALE, at(0)), None);
         assert_eq!(s.on_tick(at(300), STALE, at(0)), None);
         assert!(s.on_tick(at(301), STALE, at(0)).is_some());
+    }
+
+    #[test]
+    fn a_recalled_reading_decides_nothing_but_a_setpoint_change_acts_on_it() {
+        let mut s = controlled(20.0, 1.0, 1.0);
+        assert_eq!(command_of(s.on_reading(reading(10.0, 10))), Some(On));
+        s.recall(reading(30.0, 5));
+        assert_eq!(s.last_reading(), Some(reading(10.0, 10)), "older: ignored");
+        s.recall(reading(20.5, 20));
+        assert_eq!(s.last_command().map(|c| c.command), Some(On));
+        // Desired 18 ± 1: 20.5 is too hot.
+        let d = s.on_setpoint(2, Some(band(18.0, 1.0, 1.0)), at(21), STALE);
+        assert_eq!(
+            d.map(|d| (d.command, d.reason)),
+            Some((Off, CommandReason::TooHot))
+        );
     }
 
     #[test]

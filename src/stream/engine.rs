@@ -54,8 +54,12 @@ pub enum Input {
         event: Arc<pb::HeaterCommandEvent>,
         reading_partition: Option<i32>,
     },
-    /// The sensor-topic partitions this replica now consumes.
-    Assignment(Vec<i32>),
+    /// The sensor-topic partitions this replica now consumes, and those of them whose readings
+    /// decided on before are recalled first (re-evaluated at their `RecallDone`, not now).
+    Assignment {
+        partitions: Vec<i32>,
+        recalling: Vec<i32>,
+    },
     Query(Query),
     /// Answered once every input sent before it has been applied.
     Barrier(oneshot::Sender<()>),
@@ -85,6 +89,15 @@ pub enum Record {
     },
     /// The consumer read `partition` to its end: nothing else waits there.
     End { partition: i32 },
+    /// A reading decided on before, read again after a takeover (see `SensorControl::recall`).
+    Recalled {
+        sensor: SensorId,
+        reading: Reading,
+        partition: i32,
+    },
+    /// The readings decided on before are all recalled: what the partition's sensors owe is
+    /// decided now.
+    RecallDone { partition: i32 },
 }
 
 /// How this replica reads one of its sensor-topic partitions, for the staleness fail-safe.
@@ -444,7 +457,10 @@ impl Engine {
                 }
                 Ok(())
             }
-            Input::Assignment(partitions) => {
+            Input::Assignment {
+                partitions,
+                recalling,
+            } => {
                 // Partitions kept keep their watch; new ones are watched from now.
                 let now = Utc::now();
                 self.assigned = partitions
@@ -458,10 +474,14 @@ impl Engine {
                     .assigned
                     .store(self.assigned.len() as u64, Ordering::Relaxed);
                 // Sensors that just became ours may owe a command (a setpoint changed or was
-                // deleted while no replica owned them).
+                // deleted while no replica owned them, or before their last owner could send it).
                 let stale_after = self.stale_after;
-                self.decide_for_owned(|control, _| control.reevaluate(now, stale_after))
-                    .await
+                self.decide_for_owned(|partition, control, _| {
+                    (!recalling.contains(&partition))
+                        .then(|| control.reevaluate(now, stale_after))
+                        .flatten()
+                })
+                .await
             }
             Input::Query(Query::Sensor { sensor, reply }) => {
                 let view = self
@@ -563,6 +583,25 @@ impl Engine {
                     watch.end_reached = Some(Utc::now());
                 }
             }
+            Record::Recalled {
+                sensor,
+                reading,
+                partition,
+            } => {
+                if let Some(i) = self.reading_slot(&sensor)? {
+                    self.sensors.set_partition(i, partition);
+                    self.decide(i, |control| control.recall(reading));
+                }
+            }
+            Record::RecallDone { partition } => {
+                let (now, stale_after) = (Utc::now(), self.stale_after);
+                self.decide_for_owned(|p, control, _| {
+                    (p == partition)
+                        .then(|| control.reevaluate(now, stale_after))
+                        .flatten()
+                })
+                .await?;
+            }
         }
         Ok(())
     }
@@ -608,7 +647,7 @@ impl Engine {
             }
         }
         let stale_after = self.stale_after;
-        self.decide_for_owned(|control, watch| {
+        self.decide_for_owned(|_, control, watch| {
             let heard_until = watch.heard_until(now)?;
             control.on_tick(heard_until, stale_after, watch.since)
         })
@@ -665,16 +704,20 @@ impl Engine {
         result
     }
 
-    /// Runs `decide` on every sensor this replica owns, with the watch of its partition, and
-    /// sends what it decides.
+    /// Runs `decide` on every sensor this replica owns, with its partition and that partition's
+    /// watch, and sends what it decides.
     async fn decide_for_owned(
         &mut self,
-        mut decide: impl FnMut(&mut SensorControl, Watch) -> Option<Decision>,
+        mut decide: impl FnMut(i32, &mut SensorControl, Watch) -> Option<Decision>,
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
         for i in self.sensors.indexes() {
-            if let Some(watch) = watch_of(&self.assigned, &self.sensors, i) {
-                if let Some(decision) = self.decide(i, |control| decide(control, watch)) {
+            let Some(partition) = self.sensors.partition(i) else {
+                continue;
+            };
+            if let Some(&watch) = self.assigned.get(&partition) {
+                if let Some(decision) = self.decide(i, |control| decide(partition, control, watch))
+                {
                     decided.push((i, decision));
                 }
             }
@@ -970,7 +1013,13 @@ mod tests {
         assert_eq!(last(&mut engine).await, None);
         assert!(engine.pending_acks.is_empty(), "its offset is not stored");
 
-        engine.apply(Input::Assignment(vec![0])).await.unwrap();
+        engine
+            .apply(Input::Assignment {
+                partitions: vec![0],
+                recalling: vec![],
+            })
+            .await
+            .unwrap();
         engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
         assert_eq!(
             last(&mut engine).await,

@@ -11,6 +11,7 @@ mod cache;
 pub mod codec;
 pub mod commands;
 pub mod engine;
+mod handoff;
 pub mod readings;
 pub mod setpoint_sync;
 
@@ -237,7 +238,7 @@ pub async fn start(
         readings_config.set("group.instance.id", instance);
     }
     let readings_consumer: readings::ReadingsConsumer = readings_config
-        .create_with_context(readings::RebalanceWatch::default())
+        .create_with_context(handoff::RebalanceWatch::default())
         .map_err(StreamError::Config)?;
     check_topics(
         &producer,
@@ -286,9 +287,11 @@ pub async fn start(
         live.clone(),
     );
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
-    readings_consumer.context().fence(readings::Fence {
+    readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,
         producer: producer.clone(),
+        topic: kafka.sensor_topic.clone(),
+        recall_window: control.stale_after,
     });
     tasks.spawn(engine.run(
         engine_rx,

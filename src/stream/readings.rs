@@ -2,25 +2,25 @@
 //! bad ones to the dead-letter topic, hands good ones to the engine, and stores each offset only
 //! after every command decided up to it is acknowledged by the broker (at-least-once).
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, Message};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::Message;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, DeadLetter};
 use super::commands::Follower;
-use super::engine::{Ack, Input, LoopStats, Position, Record, Records, Revoke};
+use super::engine::{Ack, Input, LoopStats, Position, Record, Records};
+use super::handoff::RebalanceWatch;
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
 use crate::telemetry;
@@ -62,103 +62,10 @@ const FINAL_COMMIT_ATTEMPTS: u32 = 3;
 /// topic-handle lookup per reading for nothing.
 const STORE_INTERVAL: Duration = Duration::from_millis(50);
 
-/// How long a revocation waits for the engine to stop deciding, and then for the commands it
-/// decided to be acknowledged, before the partitions are given up anyway.
-const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Notices rebalances. The callbacks run inside librdkafka's poll, where nothing may be awaited:
-/// after one, the readings loop is woken and reacts before its next record. Before partitions
-/// are given up, the [`Fence`] makes sure nothing more is decided for them.
-#[derive(Default)]
-pub struct RebalanceWatch {
-    generation: AtomicU64,
-    changed: Notify,
-    last_error: Mutex<Option<String>>,
-    fence: OnceLock<Fence>,
-}
-
-impl RebalanceWatch {
-    /// Arms the fence: from now on revoked partitions are handed to the engine first.
-    pub fn fence(&self, fence: Fence) {
-        let _ = self.fence.set(fence);
-    }
-}
-
-/// Keeps a replica that gives partitions up from deciding for them once another may own them:
-/// the revocation waits (librdkafka rejoins the group only after it) until the engine has
-/// stopped deciding for them and every command it decided is acknowledged, so the next owner
-/// reads them back before it decides (issue 21: never two commands with one sequence).
-pub struct Fence {
-    pub revokes: mpsc::UnboundedSender<Revoke>,
-    pub producer: FutureProducer,
-}
-
-impl Fence {
-    fn revoke(&self, partitions: Vec<i32>) {
-        let (done, stopped) = std::sync::mpsc::channel();
-        if self.revokes.send(Revoke { partitions, done }).is_err() {
-            return; // The engine has stopped: it decides nothing more.
-        }
-        let wait = || {
-            if stopped.recv_timeout(FENCE_TIMEOUT).is_err() {
-                tracing::warn!("revoked partitions given up before the engine confirmed it stopped deciding for them");
-            }
-            if let Err(e) = self.producer.flush(Timeout::After(FENCE_TIMEOUT)) {
-                tracing::warn!(error = %e, "revoked partitions given up with commands unacknowledged");
-            }
-        };
-        // The poll runs on a runtime thread; the engine may be queued on it. A current-thread
-        // runtime (some tests) cannot wait at all: the engine then stops at its next input.
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-            Ok(_) => {}
-            Err(_) => wait(),
-        }
-    }
-}
-
-impl ClientContext for RebalanceWatch {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for topic in statistics.topics.values() {
-            for (partition, p) in &topic.partitions {
-                // librdkafka reports -1 for partitions it does not consume (and the internal
-                // partition -1).
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    metrics::gauge!(telemetry::CONSUMER_LAG, "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-            }
-        }
-    }
-}
-
-impl ConsumerContext for RebalanceWatch {
-    fn pre_rebalance(
-        &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        if let (Rebalance::Revoke(list), Some(fence)) = (rebalance, self.fence.get()) {
-            fence.revoke(list.elements().iter().map(|e| e.partition()).collect());
-        }
-    }
-
-    fn post_rebalance(
-        &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
-    ) {
-        if let Rebalance::Error(e) = rebalance {
-            if let Ok(mut last) = self.last_error.lock() {
-                *last = Some(e.to_string());
-            }
-        }
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_one();
-    }
-}
-
 pub type ReadingsConsumer = StreamConsumer<RebalanceWatch>;
+
+/// Per partition being recalled, the offset where deciding starts again (see `handoff`).
+type Recalls = HashMap<i32, i64>;
 
 /// How often a replica waiting to catch up with the command topic after a rebalance says so,
 /// and starts the wait anew (from the topic's ends then).
@@ -178,6 +85,15 @@ enum Forwarded {
     EngineStopped,
     /// The group rebalanced; with what came first after it.
     Rebalanced(Option<Held>),
+}
+
+/// The partition was read to its end: the fail-safe may count its silence, and a recall that
+/// reached it is over.
+fn end_of(partition: i32, recalls: &mut Recalls, records: &mut Vec<Record>) {
+    if recalls.remove(&partition).is_some() {
+        records.push(Record::RecallDone { partition });
+    }
+    records.push(Record::End { partition });
 }
 
 /// Reads the command topic up to its end, however long that takes: a partition without a
@@ -230,6 +146,7 @@ impl Readings {
         // After a rebalance: the wait for the command topic, and the record that came first.
         let mut catching_up: Option<CatchUp> = None;
         let mut held: Option<Held> = None;
+        let mut recalls = Recalls::new();
         while !(stopping && !acks_open && acks.waiting.is_empty()) {
             tokio::select! {
                 biased;
@@ -247,27 +164,27 @@ impl Readings {
                 }
                 _ = shutdown.cancelled(), if !stopping => stopping = true,
                 _ = self.consumer.context().changed.notified(), if !stopping => {
-                    if let Some(wait) = self.rebalanced(&mut seen_generation)? {
+                    if let Some(wait) = self.rebalanced(&mut seen_generation, &mut recalls)? {
                         catching_up = Some(wait);
                     }
                 }
                 partitions = async { catching_up.as_mut()?.await.into() }, if catching_up.is_some() => {
                     catching_up = None;
                     if let Some(partitions) = partitions {
-                        if !self.assign(partitions, held.take(), &queued).await? {
+                        if !self.assign(partitions, held.take(), &mut recalls, &queued).await? {
                             stopping = true;
                         }
                     }
                 }
                 _ = store.tick() => acks.store(&self.consumer, &self.config.sensor_topic),
                 message = self.consumer.recv(), if !stopping && catching_up.is_none() && acks.waiting.len() < MAX_IN_FLIGHT => {
-                    match self.forward(message, &queued, seen_generation).await? {
+                    match self.forward(message, &queued, seen_generation, &mut recalls).await? {
                         Forwarded::Done => {}
                         // The engine stopped (shutdown): stop consuming, drain what is in flight.
                         Forwarded::EngineStopped => stopping = true,
                         Forwarded::Rebalanced(first) => {
                             held = first;
-                            catching_up = self.rebalanced(&mut seen_generation)?;
+                            catching_up = self.rebalanced(&mut seen_generation, &mut recalls)?;
                         }
                     }
                 }
@@ -302,6 +219,7 @@ impl Readings {
         first: KafkaResult<BorrowedMessage<'_>>,
         queued: &Arc<Semaphore>,
         seen_generation: u64,
+        recalls: &mut Recalls,
     ) -> Result<Forwarded, StreamError> {
         let mut records = Vec::with_capacity(BATCH);
         let mut more = self.consumer.stream();
@@ -320,9 +238,10 @@ impl Readings {
                 }));
             }
             match message {
-                Ok(message) => records.push(self.record(&message).await?),
-                // Nothing waits in the partition: the fail-safe may count its silence.
-                Err(KafkaError::PartitionEOF(partition)) => records.push(Record::End { partition }),
+                Ok(message) => self.take(&message, recalls, &mut records).await?,
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    end_of(partition, recalls, &mut records)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "sensor topic consumer error");
                     break;
@@ -359,12 +278,17 @@ impl Readings {
     /// After a rebalance: the wait for the command topic to be read up to its end before the
     /// newly assigned partitions are decided for (the previous owner's last commands must be
     /// known, or a command could be lost or repeated). `None` when nothing changed.
-    fn rebalanced(&self, seen_generation: &mut u64) -> Result<Option<CatchUp>, StreamError> {
+    fn rebalanced(
+        &self,
+        seen_generation: &mut u64,
+        recalls: &mut Recalls,
+    ) -> Result<Option<CatchUp>, StreamError> {
         let generation = self.consumer.context().generation.load(Ordering::SeqCst);
         if generation == *seen_generation {
             return Ok(None);
         }
         *seen_generation = generation;
+        *recalls = self.consumer.context().take_recalls();
         let last_error = self.consumer.context().last_error.lock().ok();
         if let Some(e) = last_error.and_then(|mut e| e.take()) {
             tracing::warn!(error = %e, "rebalance error");
@@ -388,23 +312,72 @@ impl Readings {
         &self,
         partitions: Vec<i32>,
         first: Option<Held>,
+        recalls: &mut Recalls,
         queued: &Arc<Semaphore>,
     ) -> Result<bool, StreamError> {
-        tracing::info!(?partitions, "sensor partitions assigned");
-        if self
-            .engine
-            .send(Input::Assignment(partitions))
-            .await
-            .is_err()
-        {
+        let recalling: Vec<i32> = recalls.keys().copied().collect();
+        tracing::info!(?partitions, ?recalling, "sensor partitions assigned");
+        let assignment = Input::Assignment {
+            partitions,
+            recalling,
+        };
+        if self.engine.send(assignment).await.is_err() {
             return Ok(false);
         }
-        let record = match first {
-            Some(Held::Message(message)) => self.record(&message).await?,
-            Some(Held::End(partition)) => Record::End { partition },
-            None => return Ok(true),
-        };
-        Ok(self.send(vec![record], queued).await)
+        let mut records = Vec::new();
+        match first {
+            Some(Held::Message(message)) => self.take(&message, recalls, &mut records).await?,
+            Some(Held::End(partition)) => end_of(partition, recalls, &mut records),
+            None => {}
+        }
+        Ok(self.send(records, queued).await)
+    }
+
+    /// Adds what `message` is for the engine to `records`: a reading to recall while its
+    /// partition is recalled (a bad record then was dead-lettered already), else a record to
+    /// decide on, after the end of the recall.
+    async fn take(
+        &self,
+        message: &impl Message,
+        recalls: &mut Recalls,
+        records: &mut Vec<Record>,
+    ) -> Result<(), StreamError> {
+        let partition = message.partition();
+        if let Some(&until) = recalls.get(&partition) {
+            if message.offset() < until {
+                records.extend(self.recalled(message));
+                return Ok(());
+            }
+            recalls.remove(&partition);
+            records.push(Record::RecallDone { partition });
+        }
+        records.push(self.record(message).await?);
+        Ok(())
+    }
+
+    /// A reading decided on before, as it was received then (its record's time, at the latest
+    /// now); `None` for a record that is no reading.
+    fn recalled(&self, message: &impl Message) -> Option<Record> {
+        let now = Utc::now();
+        let record_time = message
+            .timestamp()
+            .to_millis()
+            .and_then(DateTime::from_timestamp_millis);
+        let (sensor, mut reading) = decode_reading(
+            self.config.sensor_format,
+            self.config.reading_range_celsius,
+            message.key(),
+            message.payload().unwrap_or_default(),
+            record_time,
+            now,
+        )
+        .ok()?;
+        reading.received = record_time.map_or(now, |t| t.min(now));
+        Some(Record::Recalled {
+            sensor,
+            reading,
+            partition: message.partition(),
+        })
     }
 
     /// Turns a record into the engine's input; bad records are dead-lettered.
