@@ -259,6 +259,94 @@ async fn slow_gateway_clock() {
     assert_correct(name, &report);
 }
 
+/// Defect 2 of issue 21: a replica joins under load and takes partitions over. The old owners
+/// stop deciding for them, and have their commands acknowledged, before it starts: no two
+/// commands share a sequence, none is missing or repeated with another meaning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_out_under_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let name = "scale_out_under_load";
+    let mut cluster = Cluster::start(2, &[]).await;
+    let load = Load::new("scale", 40, 100, Duration::from_millis(200));
+    cluster.put_setpoints(&load.ids, chaos::DESIRED).await;
+    let (producing, started) = (load.spawn(&cluster.topics.sensors), Instant::now());
+    let mut rng = Rng::from_env();
+    tokio::time::sleep(rng.between(Duration::from_secs(3), Duration::from_secs(8))).await;
+    let at = started.elapsed().as_secs_f64();
+    let joined = cluster.add_replica().await.name.clone();
+    cluster.wait_settled().await;
+    println!("chaos {name}: {joined} joined at {at:.1} s of the load");
+    producing.await.expect("load");
+    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
+    assert_correct(name, &report);
+}
+
+/// Defect 4 of issue 21: commands owed to setpoint changes, with every replica SIGKILLed 20 ms
+/// after the last change, all arrive after the restart without a new reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owed_commands_survive_a_sigkill() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let name = "owed_commands_survive_a_sigkill";
+    // Commands wait a second in the producer, as behind a slow broker: the last ones are lost
+    // (a batch is sent when full, so it must be able to hold more than one).
+    let settings = [
+        ("KAFKA_LINGER", "1s"),
+        ("KAFKA_BATCH_NUM_MESSAGES", "10000"),
+    ];
+    let mut cluster = Cluster::start(2, &settings).await;
+    // 200 sensors at 20 °C, in their band: no command, and their readings committed.
+    let ids: Vec<String> = (0..200).map(|i| format!("owed-{i:03}")).collect();
+    cluster.put_setpoints(&ids, chaos::DESIRED).await;
+    let sensors = Sensors::new(&cluster.topics.sensors);
+    for id in &ids {
+        sensors.reading(id, 20.0, Utc::now()).await;
+    }
+    cluster.wait_idle(Duration::from_secs(60)).await;
+    // 1,000 changes, five per sensor, all sensors at once, ending too warm for 20 °C (ON) or
+    // too cold (OFF): many commands are still on their way when the replicas die.
+    let mut changing = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (mut client, id) = (cluster.replicas[i % 2].setpoints(), id.clone());
+        changing.spawn(async move {
+            for round in 0..5 {
+                let desired = if (i + round) % 2 == 0 { 25.0 } else { 15.0 };
+                client
+                    .put_setpoint(put(setpoint(&id, chaos::BUILDING, desired), None))
+                    .await
+                    .expect("put setpoint");
+            }
+        });
+    }
+    changing.join_all().await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for replica in &mut cluster.replicas {
+        replica.kill9();
+    }
+    // The last change of sensor i is round 4: warm when i is even.
+    let expected: BTreeMap<String, Expected> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let command = if i % 2 == 0 {
+                HeaterCommand::On
+            } else {
+                HeaterCommand::Off
+            };
+            (id.clone(), Expected::Last(command))
+        })
+        .collect();
+    let before = cluster.read_commands().await.len();
+    println!("chaos {name}: SIGKILL 20 ms after 1000 setpoint changes, {before} commands by then");
+    for replica in &mut cluster.replicas {
+        replica.restart();
+        replica.wait_ready().await;
+    }
+    // Nothing new comes: what is owed is decided once the partitions are taken back.
+    cluster.wait_settled().await;
+    let report = verify(name, &cluster, &expected, ids.len()).await;
+    assert_correct(name, &report);
+}
+
 /// The checker itself: it must see each kind of wrong stream.
 #[test]
 fn the_checker_counts_conflicts_gaps_mismatches_missing_and_duplicates() {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaRespErr as RespErr;
 use rdkafka::util::Timeout;
@@ -135,6 +135,16 @@ fn off_the_runtime<T>(f: impl FnOnce() -> T) -> Option<T> {
 }
 
 impl ClientContext for RebalanceWatch {
+    /// librdkafka reports reaching a partition's end here too (`enable.partition.eof`), which
+    /// is no error: the readings loop takes it from the consumer.
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode::PartitionEOF;
+        match error {
+            KafkaError::PartitionEOF(_) | KafkaError::Global(PartitionEOF) => {}
+            error => tracing::error!(%error, reason, "librdkafka"),
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         for topic in statistics.topics.values() {
             for (partition, p) in &topic.partitions {

@@ -33,7 +33,7 @@ use super::{create_database, env, eventually, put, serve_config, setpoint};
 pub const PARTITIONS: i32 = 4;
 /// The band of the sensors whose readings are checked: 20 ± 0.5 °C (building "hq").
 pub const DESIRED: f64 = 20.0;
-const BUILDING: &str = "hq";
+pub const BUILDING: &str = "hq";
 /// A debug binary reads the whole command topic back before it reports ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -301,6 +301,7 @@ fn replica_env(config: &ServeConfig, settings: &[(&str, &str)]) -> Vec<(String, 
 pub struct Cluster {
     pub replicas: Vec<Replica>,
     pub topics: Topics,
+    env: Vec<(String, String)>,
     logs: Option<tempfile::TempDir>,
 }
 
@@ -318,6 +319,7 @@ impl Cluster {
         let mut cluster = Self {
             replicas,
             topics,
+            env,
             logs: Some(logs),
         };
         for replica in &mut cluster.replicas {
@@ -325,6 +327,17 @@ impl Cluster {
         }
         cluster.wait_settled().await;
         cluster
+    }
+
+    /// Starts one more replica in the group (a scale-out: partitions move to it).
+    pub async fn add_replica(&mut self) -> &mut Replica {
+        let name = format!("replica-{}", self.replicas.len());
+        let logs = self.logs.as_ref().expect("log directory").path();
+        self.replicas
+            .push(Replica::start(&name, self.env.clone(), logs));
+        let replica = self.replicas.last_mut().expect("just added");
+        replica.wait_ready().await;
+        replica
     }
 
     pub fn live(&self) -> impl Iterator<Item = &Replica> {
