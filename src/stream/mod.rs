@@ -57,6 +57,8 @@ pub enum StreamError {
     CommandRetention { topic: String, reason: String },
     #[error("setpoint store")]
     Store(#[source] crate::Error),
+    #[error("the setpoint listener's connection was lost")]
+    ListenerLost,
     #[error("{0} stopped")]
     Stopped(&'static str),
     #[error("the sensor cache cannot index more than {0} sensors")]

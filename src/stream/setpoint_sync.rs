@@ -87,7 +87,7 @@ pub async fn run(
 ) -> Result<(), StreamError> {
     let mut loaded = Some(loaded);
     while !shutdown.is_cancelled() {
-        if let Err(e) = listen(
+        let listened = listen(
             &store,
             &engine,
             &stats,
@@ -96,15 +96,18 @@ pub async fn run(
             &mut loaded,
             &shutdown,
         )
-        .await
-        {
-            if matches!(e, StreamError::Stopped(_)) {
-                return Err(e);
-            }
-            tracing::warn!(error = %e, "setpoint listener failed; reconnecting");
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+        .await;
+        match listened {
+            Ok(()) => {}
+            Err(e @ StreamError::Stopped(_)) => return Err(e),
+            // Lost while listening: listen again, then read everything, at once.
+            Err(StreamError::ListenerLost) => tracing::info!("setpoint listener reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, "setpoint listener failed; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+                }
             }
         }
     }
@@ -155,9 +158,10 @@ async fn listen(
                     }
                     Err(e) => tracing::debug!(error = %e, "unreadable setpoint notification"),
                 },
-                // The connection was lost and has been re-established: notifications may have
-                // been missed.
-                None => full_resync(store, engine, stats, accepted).await?,
+                // The connection was lost: notifications may have been missed. PgListener would
+                // listen again only at the next call, after a resync made now: a change between
+                // the two would be missed for good. A new listener listens first, then reads.
+                None => return Err(StreamError::ListenerLost),
             },
         }
     }
