@@ -289,13 +289,9 @@ impl SensorControl {
     }
 
     /// The fail-safe: a controlled sensor from which nothing was received for `stale_after`
-    /// gets OFF, once. Times are the service's clock, never the sensor's.
-    ///
-    /// `heard_until` is how far the caller has read the sensor's partition to its end: records
-    /// still waiting there (consumer lag) may be this sensor's, so silence counts only up to
-    /// it. `watched_since` is when the caller began receiving the sensor's readings (a start, a
-    /// rebalance, a resume after the process stalled): before that, readings went to another
-    /// replica or waited, so silence counts only from the later of it and the last reading.
+    /// gets OFF, once. Silence counts, by the service's clock, from the later of the last
+    /// reading and `watched_since` (a start, a rebalance, a stall: readings went elsewhere or
+    /// waited) up to `heard_until`, when the partition was last read to its end (lag).
     pub fn on_tick(
         &mut self,
         heard_until: DateTime<Utc>,

@@ -460,29 +460,7 @@ impl Engine {
             Input::Assignment {
                 partitions,
                 recalling,
-            } => {
-                // Partitions kept keep their watch; new ones are watched from now.
-                let now = Utc::now();
-                self.assigned = partitions
-                    .into_iter()
-                    .map(|p| {
-                        let watch = self.assigned.get(&p).copied();
-                        (p, watch.unwrap_or_else(|| Watch::new(now)))
-                    })
-                    .collect();
-                self.stats
-                    .assigned
-                    .store(self.assigned.len() as u64, Ordering::Relaxed);
-                // Sensors that just became ours may owe a command (a setpoint changed or was
-                // deleted while no replica owned them, or before their last owner could send it).
-                let stale_after = self.stale_after;
-                self.decide_for_owned(|partition, control, _| {
-                    (!recalling.contains(&partition))
-                        .then(|| control.reevaluate(now, stale_after))
-                        .flatten()
-                })
-                .await
-            }
+            } => self.assign(partitions, recalling).await,
             Input::Query(Query::Sensor { sensor, reply }) => {
                 let view = self
                     .sensors
@@ -524,6 +502,34 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    async fn assign(
+        &mut self,
+        partitions: Vec<i32>,
+        recalling: Vec<i32>,
+    ) -> Result<(), StreamError> {
+        // Partitions kept keep their watch; new ones are watched from now.
+        let now = Utc::now();
+        self.assigned = partitions
+            .into_iter()
+            .map(|p| {
+                let watch = self.assigned.get(&p).copied();
+                (p, watch.unwrap_or_else(|| Watch::new(now)))
+            })
+            .collect();
+        self.stats
+            .assigned
+            .store(self.assigned.len() as u64, Ordering::Relaxed);
+        // Sensors that just became ours may owe a command (a setpoint changed or was deleted
+        // while no replica owned them); those being recalled are decided once they are.
+        let stale_after = self.stale_after;
+        self.decide_for_owned(|partition, control, _| {
+            (!recalling.contains(&partition))
+                .then(|| control.reevaluate(now, stale_after))
+                .flatten()
+        })
+        .await
     }
 
     fn revoke(&mut self, Revoke { partitions, done }: Revoke) {
