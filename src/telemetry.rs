@@ -19,6 +19,7 @@ pub const COMMANDS: &str = "thermostat_commands_emitted_total";
 pub const DEAD_LETTERS: &str = "thermostat_dead_letters_total";
 pub const DECISION_LATENCY: &str = "thermostat_decision_latency_seconds";
 pub const CONSUMER_LAG: &str = "thermostat_consumer_lag_records";
+pub const GROUP_LAG: &str = "thermostat_group_lag_records";
 pub const CACHED_SENSORS: &str = "thermostat_cached_sensors";
 pub const CACHED_SETPOINTS: &str = "thermostat_cached_setpoints";
 pub const SETPOINTS_OUT_OF_REACH: &str = "thermostat_setpoints_out_of_reach";
@@ -110,6 +111,10 @@ fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         "Records behind the end of each assigned sensor partition"
+    );
+    describe_gauge!(
+        GROUP_LAG,
+        "Records behind the consumer group's committed offset on each sensor partition, assigned to this replica or not"
     );
     describe_gauge!(CACHED_SENSORS, "Sensors the loop keeps state for");
     describe_gauge!(CACHED_SETPOINTS, "Setpoints in the cache");

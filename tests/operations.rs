@@ -440,3 +440,82 @@ async fn a_command_topic_that_can_lose_last_commands_is_refused_unless_allowed()
     let app = TestApp::spawn_with(config).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_partition_held_by_a_member_that_never_commits_shows_in_the_group_lag() {
+    use common::kafka::{Sensors, Topics};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let config = TestApp::fresh_config().await; // two sensor partitions
+    let topics = Topics::of(&config);
+    // A member of the group that takes a partition, reads it and never commits: what a member
+    // that died without leaving looks like from the group's offsets.
+    let stuck: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", common::kafka::brokers())
+        .set("group.id", &topics.group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    stuck.subscribe(&[&topics.sensors]).expect("subscribe");
+    let done = Arc::new(AtomicBool::new(false));
+    let polling = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let _ = stuck.poll(Duration::from_millis(100));
+            }
+            let held = stuck.assignment().expect("assignment");
+            // Dropped, it would leave the group, which Tansu 0.6 never lets it finish.
+            std::mem::forget(stuck);
+            held
+        })
+    };
+    let app = TestApp::spawn_with(config).await;
+    let shared = eventually(Duration::from_secs(60), || async {
+        app.control.stats().assigned_partitions() == 1
+    })
+    .await;
+    assert!(
+        shared,
+        "the service and the stuck member share the partitions"
+    );
+
+    let sensors = Sensors::new(&topics.sensors);
+    for i in 0..20 {
+        sensors
+            .reading(&format!("lag-{i}"), 20.0, chrono::Utc::now())
+            .await;
+    }
+    let lags = || async {
+        let (_, metrics) = common::http_get(app.admin, "/metrics").await;
+        let lag = |p: i32| {
+            let series = format!("thermostat_group_lag_records{{partition=\"{p}\"}}");
+            common::sample(&metrics, &series)
+        };
+        [lag(0), lag(1)]
+    };
+    // One partition is consumed and committed to its end, the other falls behind.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut seen = lags().await;
+    while !(seen.contains(&0.0) && seen.iter().sum::<f64>() > 0.0)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        seen = lags().await;
+    }
+    let split = seen.contains(&0.0) && seen.iter().sum::<f64>() > 0.0;
+    done.store(true, Ordering::Relaxed);
+    let held = polling.join().expect("stuck member");
+    let held: Vec<i32> = held.elements().iter().map(|e| e.partition()).collect();
+    assert!(split, "group lag by partition: {seen:?}");
+    let [p] = held.as_slice() else {
+        panic!("the stuck member held {held:?}")
+    };
+    assert!(
+        seen[*p as usize] > 0.0,
+        "the stuck member's partition {p}: {seen:?}"
+    );
+    app.stop().await;
+}

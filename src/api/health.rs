@@ -25,9 +25,13 @@ const DATABASE_ONLY: &[&str] = &["", "thermostat.v1.SetpointService"];
 /// whatever the state of PostgreSQL or Kafka (restarting would not fix them).
 pub const LIVENESS: &str = "liveness";
 
+/// For operators, not probes: NOT_SERVING while a sensor partition has records behind and the
+/// group has committed no progress on it for a minute, whichever replica should consume it.
+pub const SENSOR_PARTITIONS: &str = "sensor-partitions";
+
 /// Sets every name but [`LIVENESS`] to `status`.
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    for name in DATABASE_ONLY.iter().chain([&HEATERS]) {
+    for name in DATABASE_ONLY.iter().chain([&HEATERS, &SENSOR_PARTITIONS]) {
         reporter.set_service_status(*name, status).await;
     }
 }
@@ -81,6 +85,7 @@ pub async fn monitor(
         // A replica that cannot read the command topic to its end decides for none of the
         // partitions it was given.
         let heaters = database && broker && !control.catching_up();
+        let partitions = control.stalled_partitions() == 0;
         metrics::gauge!(crate::telemetry::BROKER_REACHABLE).set(f64::from(u8::from(broker)));
         let pool = store.pool();
         let idle = pool.num_idle() as f64;
@@ -89,13 +94,16 @@ pub async fn monitor(
             .set(f64::from(pool.size()) - idle);
         metrics::gauge!(crate::telemetry::SETPOINT_WRITES_WAITING).set(store.puts_waiting() as f64);
         // Once shutting down, NOT_SERVING (set by the server) must not be overwritten.
-        if last != Some((database, heaters)) && !shutdown.is_cancelled() {
-            tracing::info!(database, broker, heaters, "health changed");
+        if last != Some((database, heaters, partitions)) && !shutdown.is_cancelled() {
+            tracing::info!(database, broker, heaters, partitions, "health changed");
             for name in DATABASE_ONLY {
                 reporter.set_service_status(*name, serving(database)).await;
             }
             reporter.set_service_status(HEATERS, serving(heaters)).await;
-            last = Some((database, heaters));
+            reporter
+                .set_service_status(SENSOR_PARTITIONS, serving(partitions))
+                .await;
+            last = Some((database, heaters, partitions));
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,

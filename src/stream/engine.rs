@@ -272,6 +272,9 @@ pub struct LoopStats {
     /// Whether newly assigned partitions have waited longer than a few seconds for the command
     /// topic to be read (a partition of it without a leader, say): none of them is decided.
     pub catching_up: AtomicBool,
+    /// Sensor partitions with records behind and no committed progress for a minute, group-wide
+    /// (stream::group_lag).
+    pub stalled_partitions: AtomicU64,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
     pub resyncs: AtomicU64,
     /// Setpoints, at the last full read, whose band no accepted reading could switch (stored

@@ -11,6 +11,7 @@ mod cache;
 pub mod codec;
 pub mod commands;
 pub mod engine;
+mod group_lag;
 mod handoff;
 pub mod readings;
 pub mod setpoint_sync;
@@ -207,6 +208,14 @@ impl ControlHandle {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Sensor partitions with records behind and no committed progress for a minute: no replica
+    /// consumes them.
+    pub fn stalled_partitions(&self) -> u64 {
+        self.stats
+            .stalled_partitions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Delivers whatever the producer still holds; blocking, bounded by `timeout`.
     pub fn flush(&self, timeout: Duration) {
         if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
@@ -341,7 +350,18 @@ pub async fn start(
         follower: follower.clone(),
         stats: stats.clone(),
     };
-    tasks.spawn(readings.run(shutdown));
+    tasks.spawn(readings.run(shutdown.clone()));
+    // Never subscribes: reads the group's offsets without joining it.
+    let offsets_reader = consumer_config(kafka, &kafka.consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(StreamError::Config)?;
+    tasks.spawn(group_lag::run(
+        offsets_reader,
+        kafka.sensor_topic.clone(),
+        stats.clone(),
+        shutdown,
+    ));
     Ok(ControlHandle {
         engine: engine_tx,
         live,
