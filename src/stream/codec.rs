@@ -64,9 +64,10 @@ struct JsonReading {
 
 /// Decodes and validates one sensor record.
 ///
-/// `record_time` is the Kafka record timestamp, used when the reading carries no time, and
-/// with `now` (this replica's clock, the reading's `received`) the bound for a reading from the
-/// future: a replica whose clock runs slow then still takes fresh readings. `plausible` is the
+/// `record_time` is the Kafka record timestamp, used when the reading carries no time.
+/// `appended`, when the broker stamped the record (`LogAppendTime`), is with `now` (this
+/// replica's clock, the reading's `received`) the bound for a reading from the future: a
+/// replica whose clock runs slow then still takes fresh readings. `plausible` is the
 /// temperatures a sensor can really report.
 pub fn decode_reading(
     format: SensorFormat,
@@ -74,6 +75,7 @@ pub fn decode_reading(
     key: Option<&[u8]>,
     payload: &[u8],
     record_time: Option<DateTime<Utc>>,
+    appended: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Result<(SensorId, Reading), DeadLetter> {
     let (sensor_id, temperature, time) = match format {
@@ -127,7 +129,11 @@ pub fn decode_reading(
     if !storable(time) {
         return Err(DeadLetter::Undecodable("reading_time out of range".into()));
     }
-    if time > record_time.map_or(now, |t| t.max(now)) + MAX_CLOCK_SKEW {
+    // Checked: a broker's stamp near the end of time must not overflow.
+    let bound = appended
+        .map_or(now, |t| t.max(now))
+        .checked_add_signed(MAX_CLOCK_SKEW);
+    if bound.is_some_and(|bound| time > bound) {
         return Err(DeadLetter::FutureTime(time));
     }
     Ok((
@@ -259,6 +265,7 @@ mod tests {
                 Some(b"s1"),
                 &proto("s1", celsius, Some(now())),
                 None,
+                None,
                 now(),
             );
             match decoded {
@@ -282,6 +289,7 @@ mod tests {
             Some(b"s1"),
             &proto("s1", 20.5, Some(now())),
             None,
+            None,
             now(),
         )
         .unwrap();
@@ -296,6 +304,7 @@ mod tests {
             Some(b"s1"),
             &proto("s1", 0.0, Some(now())),
             None,
+            None,
             now(),
         )
         .unwrap();
@@ -307,6 +316,7 @@ mod tests {
             Some(b"s1"),
             json,
             None,
+            None,
             now(),
         )
         .unwrap();
@@ -314,33 +324,32 @@ mod tests {
     }
 
     #[test]
-    fn a_reading_from_the_future_is_judged_by_the_later_of_the_record_and_our_clock() {
-        let decode = |time, record_time| {
+    fn a_reading_from_the_future_is_judged_by_the_later_of_the_broker_and_our_clock() {
+        let decode = |time, record_time, appended| {
             decode_reading(
                 SensorFormat::Protobuf,
                 CelsiusRange::PLAUSIBLE,
                 Some(b"s1"),
                 &proto("s1", 20.0, Some(time)),
                 record_time,
+                appended,
                 now(),
             )
         };
         let ahead = now() + TimeDelta::hours(1);
-        // Our clock an hour slow: the broker's timestamp says the reading is not early.
-        let (_, r) = decode(ahead, Some(ahead)).unwrap();
+        // Our clock an hour slow: the broker's stamp says the reading is not early.
+        let (_, r) = decode(ahead, Some(ahead), Some(ahead)).unwrap();
         assert_eq!((r.time, r.received), (ahead, now()));
-        // A record stamped earlier than our clock does not narrow the bound.
-        assert!(decode(
-            now() + TimeDelta::minutes(4),
-            Some(now() - TimeDelta::hours(1))
-        )
-        .is_ok());
-        for record_time in [None, Some(now())] {
-            assert_eq!(
-                decode(ahead, record_time).unwrap_err().code(),
-                "future_time"
-            );
+        // A stamp earlier than our clock does not narrow the bound.
+        let early = Some(now() - TimeDelta::hours(1));
+        assert!(decode(now() + TimeDelta::minutes(4), early, early).is_ok());
+        // The producer's own stamp (CreateTime) widens nothing: its clock may be as wrong.
+        for appended in [None, Some(now())] {
+            let err = decode(ahead, Some(ahead), appended).unwrap_err();
+            assert_eq!(err.code(), "future_time");
         }
+        // A broker stamp at the end of time is no overflow.
+        assert!(decode(ahead, None, Some(DateTime::<Utc>::MAX_UTC)).is_ok());
     }
 
     #[test]
@@ -352,6 +361,7 @@ mod tests {
                 CelsiusRange::PLAUSIBLE,
                 key,
                 &payload,
+                None,
                 None,
                 now(),
             )
@@ -369,6 +379,7 @@ mod tests {
             Some(b"s1"),
             &proto("s1", 20.0, None),
             Some(now()),
+            None,
             now(),
         )
         .unwrap();
@@ -378,6 +389,7 @@ mod tests {
             CelsiusRange::PLAUSIBLE,
             Some(b"s1"),
             &proto("s1", 20.0, None),
+            None,
             None,
             now(),
         );
@@ -486,6 +498,7 @@ mod tests {
                 CelsiusRange::PLAUSIBLE,
                 key.or(Some(b"s1")),
                 &payload,
+                None,
                 None,
                 now(),
             )

@@ -59,6 +59,8 @@ pub enum Input {
     Assignment {
         partitions: Vec<i32>,
         recalling: Vec<i32>,
+        /// The consumer's rebalance count it follows (see [`Revoke::generation`]).
+        generation: u64,
     },
     Query(Query),
     /// Answered once every input sent before it has been applied.
@@ -136,6 +138,8 @@ impl Watch {
 pub struct Revoke {
     pub partitions: Vec<i32>,
     pub done: std::sync::mpsc::Sender<()>,
+    /// The consumer's rebalance count when revoked: assignments up to it are outdated.
+    pub generation: u64,
 }
 
 /// Questions the API asks.
@@ -275,6 +279,9 @@ pub struct LoopStats {
     /// Sensor partitions with records behind and no committed progress for a minute, group-wide
     /// (stream::group_lag).
     pub stalled_partitions: AtomicU64,
+    /// Since when (milliseconds since the epoch) the readings task has not been waiting for
+    /// records; 0 while it is.
+    pub deaf_since: std::sync::atomic::AtomicI64,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
     pub resyncs: AtomicU64,
     /// Setpoints, at the last full read, whose band no accepted reading could switch (stored
@@ -289,6 +296,27 @@ impl LoopStats {
 
     pub fn assigned_partitions(&self) -> u64 {
         Self::get(&self.assigned)
+    }
+
+    /// Since when the readings task has not been able to take records, if it cannot now.
+    pub fn deaf_since(&self) -> Option<DateTime<Utc>> {
+        match self.deaf_since.load(Ordering::Relaxed) {
+            0 => None,
+            millis => DateTime::from_timestamp_millis(millis),
+        }
+    }
+
+    /// Whether the readings task is waiting for records now (`false`: busy or held back).
+    pub(crate) fn listening(&self, listening: bool) {
+        let since = if listening {
+            0
+        } else {
+            match self.deaf_since.load(Ordering::Relaxed) {
+                0 => Utc::now().timestamp_millis(),
+                since => since,
+            }
+        };
+        self.deaf_since.store(since, Ordering::Relaxed);
     }
 
     pub(crate) fn bump(counter: &AtomicU64) {
@@ -343,6 +371,10 @@ pub struct Engine {
     /// Sensor-topic partitions this replica consumes, with how far it read them (for the
     /// staleness fail-safe: see `SensorControl::on_tick`).
     assigned: HashMap<i32, Watch>,
+    /// Assigned partitions whose readings are still being recalled: decided for at their end.
+    recalling: HashSet<i32>,
+    /// The generation of the last revocation: an assignment queued before it is outdated.
+    revoked: u64,
     producer: FutureProducer,
     command_topic: String,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
@@ -374,6 +406,8 @@ impl Engine {
             cache_limit_logged: false,
             meters: Meters::new(),
             assigned: HashMap::new(),
+            recalling: HashSet::new(),
+            revoked: 0,
             producer,
             command_topic,
             acks,
@@ -397,22 +431,20 @@ impl Engine {
         let mut ticks = tokio::time::interval(stale_check);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stall = stale_check + Duration::from_secs(1);
-        let mut last_tick = Instant::now();
+        // When the loop last turned: a longer gap than any tick leaves is a stall.
+        let mut turned = Instant::now();
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(revoke) = revokes.recv() => self.revoke(revoke),
+                _ = ticks.tick() => self.check_staleness(turned.elapsed() > stall).await?,
                 input = inputs.recv() => match input {
                     Some(input) => self.apply(input).await?,
                     None => return Ok(()),
                 },
-                _ = ticks.tick() => {
-                    let stalled = last_tick.elapsed() > stall;
-                    last_tick = Instant::now();
-                    self.check_staleness(stalled).await?;
-                }
             }
+            turned = Instant::now();
             self.send_acks()?;
         }
     }
@@ -428,7 +460,10 @@ impl Engine {
             Input::Setpoint(version) => {
                 let now = Utc::now();
                 let i = self.sensors.find_or_insert(&version.sensor_id)?;
-                let owned = watch_of(&self.assigned, &self.sensors, i).is_some();
+                // Sensors being recalled are decided for once they are.
+                let owned = self.sensors.partition(i).is_some_and(|p| {
+                    self.assigned.contains_key(&p) && !self.recalling.contains(&p)
+                });
                 let stale_after = self.stale_after;
                 let decision = self.decide(i, |control| {
                     let newer = control.apply_setpoint(version.revision, version.setpoint, now);
@@ -460,9 +495,12 @@ impl Engine {
                 }
                 Ok(())
             }
+            // Queued before a revocation that overtook it: the partitions may be another's.
+            Input::Assignment { generation, .. } if generation <= self.revoked => Ok(()),
             Input::Assignment {
                 partitions,
                 recalling,
+                ..
             } => self.assign(partitions, recalling).await,
             Input::Query(Query::Sensor { sensor, reply }) => {
                 let view = self
@@ -526,6 +564,7 @@ impl Engine {
             .store(self.assigned.len() as u64, Ordering::Relaxed);
         // Sensors that just became ours may owe a command (a setpoint changed or was deleted
         // while no replica owned them); those being recalled are decided once they are.
+        self.recalling = recalling.iter().copied().collect();
         let stale_after = self.stale_after;
         self.decide_for_owned(|partition, control, _| {
             (!recalling.contains(&partition))
@@ -535,10 +574,19 @@ impl Engine {
         .await
     }
 
-    fn revoke(&mut self, Revoke { partitions, done }: Revoke) {
+    fn revoke(
+        &mut self,
+        Revoke {
+            partitions,
+            done,
+            generation,
+        }: Revoke,
+    ) {
         for partition in &partitions {
             self.assigned.remove(partition);
+            self.recalling.remove(partition);
         }
+        self.revoked = self.revoked.max(generation);
         self.stats
             .assigned
             .store(self.assigned.len() as u64, Ordering::Relaxed);
@@ -585,6 +633,8 @@ impl Engine {
                     .record(received.elapsed().as_secs_f64());
                 self.ack(Some(position), delivery);
             }
+            // Its partition was revoked: the offset must not be stored (see readings above).
+            Record::Skip { position, .. } if !self.assigned.contains_key(&position.partition) => {}
             Record::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
             Record::End { partition } => {
                 if let Some(watch) = self.assigned.get_mut(&partition) {
@@ -603,6 +653,7 @@ impl Engine {
                 }
             }
             Record::RecallDone { partition } => {
+                self.recalling.remove(&partition);
                 let (now, stale_after) = (Utc::now(), self.stale_after);
                 self.decide_for_owned(|p, control, _| {
                     (p == partition)
@@ -655,9 +706,12 @@ impl Engine {
                 watch.since = now;
             }
         }
+        // Readings wait unread while the readings task cannot take them (a full queue, a slow
+        // broker): partition ends are known only up to when it last could.
+        let listened = self.stats.deaf_since().map_or(now, |t| t.min(now));
         let stale_after = self.stale_after;
         self.decide_for_owned(|_, control, watch| {
-            let heard_until = watch.heard_until(now)?;
+            let heard_until = watch.heard_until(listened)?;
             control.on_tick(heard_until, stale_after, watch.since)
         })
         .await
@@ -783,11 +837,6 @@ impl Engine {
             .send(std::mem::take(&mut self.pending_acks))
             .map_err(|_| StreamError::Stopped("readings task"))
     }
-}
-
-/// The watch of the sensor's partition; `None` when this replica does not consume it.
-fn watch_of(assigned: &HashMap<i32, Watch>, sensors: &Cache, i: SensorIndex) -> Option<Watch> {
-    assigned.get(&sensors.partition(i)?).copied()
 }
 
 #[cfg(test)]
@@ -1016,20 +1065,29 @@ mod tests {
         engine.revoke(Revoke {
             partitions: vec![0],
             done,
+            generation: 1,
         });
         assert!(stopped.try_recv().is_ok(), "the revocation is confirmed");
         engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
         assert_eq!(last(&mut engine).await, None);
         assert!(engine.pending_acks.is_empty(), "its offset is not stored");
 
-        engine
-            .apply(Input::Assignment {
-                partitions: vec![0],
-                recalling: vec![],
-            })
-            .await
-            .unwrap();
-        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        // An assignment queued before the revocation overtook it changes nothing; the next
+        // one gives the partition back.
+        for generation in [1, 2] {
+            engine
+                .apply(Input::Assignment {
+                    partitions: vec![0],
+                    recalling: vec![],
+                    generation,
+                })
+                .await
+                .unwrap();
+            engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+            if generation == 1 {
+                assert_eq!(last(&mut engine).await, None, "an outdated assignment");
+            }
+        }
         assert_eq!(
             last(&mut engine).await,
             Some((pb::HeaterCommand::On, pb::CommandReason::TooCold))
@@ -1049,7 +1107,15 @@ mod tests {
         // Never read to its end: readings of the sensor may be waiting there.
         engine.check_staleness(false).await.unwrap();
         assert_eq!(last(&mut engine).await, on);
+        // A fresh reading, the end, then the readings task cannot take records for a while:
+        // they may wait unread.
+        engine.apply(reading(&sensor, 10.0, 1).await).await.unwrap();
         engine.apply(end_of_partition_0().await).await.unwrap();
+        engine.stats.listening(false);
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on, "not listening");
+        engine.stats.listening(true);
         engine.check_staleness(false).await.unwrap();
         assert_eq!(last(&mut engine).await, stale);
 

@@ -65,6 +65,8 @@ pub async fn run(
 /// Per partition: the group's committed offset (the partition's start when it has none) and
 /// the records behind it. Blocking.
 fn lags(consumer: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>, StreamError> {
+    // Serves the consumer's events (errors during a broker outage), which would pile up.
+    let _ = consumer.poll(Duration::ZERO);
     let metadata = consumer
         .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
         .map_err(StreamError::Consumer)?;

@@ -76,9 +76,14 @@ impl RebalanceWatch {
 }
 
 impl Handoff {
-    fn revoke(&self, partitions: Vec<i32>) {
+    fn revoke(&self, partitions: Vec<i32>, generation: u64) {
         let (done, stopped) = std::sync::mpsc::channel();
-        if self.revokes.send(Revoke { partitions, done }).is_err() {
+        let revoke = Revoke {
+            partitions,
+            done,
+            generation,
+        };
+        if self.revokes.send(revoke).is_err() {
             return; // The engine has stopped: it decides nothing more.
         }
         // A current-thread runtime (some tests) runs the engine on this thread: it cannot wait,
@@ -193,7 +198,7 @@ impl ConsumerContext for RebalanceWatch {
             }
             RespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 if let Some(handoff) = self.handoff.get() {
-                    handoff.revoke(partitions());
+                    handoff.revoke(partitions(), self.generation.load(Ordering::SeqCst));
                 }
                 consumer.unassign()
             }

@@ -17,7 +17,7 @@ use rdkafka::Message;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{decode_reading, DeadLetter};
+use super::codec::{decode_reading, storable, DeadLetter};
 use super::commands::Follower;
 use super::engine::{Ack, Input, LoopStats, Position, Record, Records};
 use super::handoff::RebalanceWatch;
@@ -87,6 +87,15 @@ enum Forwarded {
     Rebalanced(Option<Held>),
 }
 
+/// When the broker appended the record, if its topic stamps records so (`LogAppendTime`); a
+/// `CreateTime` is the producer's clock, which may be as wrong as the reading's own.
+fn appended(message: &impl Message) -> Option<DateTime<Utc>> {
+    match message.timestamp() {
+        rdkafka::Timestamp::LogAppendTime(millis) => DateTime::from_timestamp_millis(millis),
+        _ => None,
+    }
+}
+
 /// The partition was read to its end: the fail-safe may count its silence, and a recall that
 /// reached it is over.
 fn end_of(partition: i32, recalls: &mut Recalls, records: &mut Vec<Record>) {
@@ -148,6 +157,9 @@ impl Readings {
         let mut held: Option<Held> = None;
         let mut recalls = Recalls::new();
         while !(stopping && !acks_open && acks.waiting.is_empty()) {
+            let listening =
+                !stopping && catching_up.is_none() && acks.waiting.len() < MAX_IN_FLIGHT;
+            self.stats.listening(listening);
             tokio::select! {
                 biased;
                 batch = self.acks.recv(), if acks_open => match batch {
@@ -171,13 +183,15 @@ impl Readings {
                 partitions = async { catching_up.as_mut()?.await.into() }, if catching_up.is_some() => {
                     catching_up = None;
                     if let Some(partitions) = partitions {
-                        if !self.assign(partitions, held.take(), &mut recalls, &queued).await? {
+                        let first = held.take();
+                        if !self.assign(partitions, seen_generation, first, &mut recalls, &queued).await? {
                             stopping = true;
                         }
                     }
                 }
                 _ = store.tick() => acks.store(&self.consumer, &self.config.sensor_topic),
-                message = self.consumer.recv(), if !stopping && catching_up.is_none() && acks.waiting.len() < MAX_IN_FLIGHT => {
+                message = self.consumer.recv(), if listening => {
+                    self.stats.listening(false);
                     match self.forward(message, &queued, seen_generation, &mut recalls).await? {
                         Forwarded::Done => {}
                         // The engine stopped (shutdown): stop consuming, drain what is in flight.
@@ -311,6 +325,7 @@ impl Readings {
     async fn assign(
         &self,
         partitions: Vec<i32>,
+        generation: u64,
         first: Option<Held>,
         recalls: &mut Recalls,
         queued: &Arc<Semaphore>,
@@ -320,6 +335,7 @@ impl Readings {
         let assignment = Input::Assignment {
             partitions,
             recalling,
+            generation,
         };
         if self.engine.send(assignment).await.is_err() {
             return Ok(false);
@@ -369,10 +385,13 @@ impl Readings {
             message.key(),
             message.payload().unwrap_or_default(),
             record_time,
+            appended(message),
             now,
         )
         .ok()?;
-        reading.received = record_time.map_or(now, |t| t.min(now));
+        reading.received = record_time
+            .filter(|t| storable(*t))
+            .map_or(now, |t| t.min(now));
         Some(Record::Recalled {
             sensor,
             reading,
@@ -397,6 +416,7 @@ impl Readings {
             message.key(),
             message.payload().unwrap_or_default(),
             record_time,
+            appended(message),
             Utc::now(),
         );
         match decoded {
