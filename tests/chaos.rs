@@ -259,6 +259,58 @@ async fn slow_gateway_clock() {
     assert_correct(name, &report);
 }
 
+/// A process stopped with SIGSTOP until this is dropped, whatever happens meanwhile: a broker
+/// left stopped would hang the rest of the suite.
+struct Paused(String);
+
+impl Paused {
+    fn start(pid: &str) -> Self {
+        signal("-STOP", pid);
+        Self(pid.to_owned())
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal("-CONT", &self.0);
+    }
+}
+
+fn signal(signal: &str, pid: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+/// The shared broker stops answering for 10 s under load (SIGSTOP: connections stay open,
+/// nothing moves) and comes back: nothing is lost, repeated differently or decided twice.
+/// Scenarios run one at a time and no other test binary runs meanwhile, so pausing the broker
+/// of the whole suite touches only this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_paused_under_load() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let name = "broker_paused_under_load";
+    let broker = common::env("THERMOSTAT_TEST_BROKER_PID");
+    // Shorter than the pause: a broker that does not answer is no silence of the sensors.
+    let settings = [("STALE_AFTER", "4s"), ("STALE_CHECK_INTERVAL", "200ms")];
+    let cluster = Cluster::start(2, &settings).await;
+    let load = Load::new("broker", 40, 100, Duration::from_millis(200));
+    cluster.put_setpoints(&load.ids, chaos::DESIRED).await;
+    let (producing, started) = (load.spawn(&cluster.topics.sensors), Instant::now());
+    let mut rng = Rng::from_env();
+    tokio::time::sleep(rng.between(Duration::from_secs(3), Duration::from_secs(8))).await;
+    let at = started.elapsed().as_secs_f64();
+    let paused = Paused::start(&broker);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    drop(paused);
+    println!("chaos {name}: broker paused for 10 s at {at:.1} s of the load");
+    producing.await.expect("load");
+    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
+    assert_correct(name, &report);
+}
+
 /// Defect 2 of issue 21: a replica joins under load and takes partitions over. The old owners
 /// stop deciding for them, and have their commands acknowledged, before it starts: no two
 /// commands share a sequence, none is missing or repeated with another meaning.

@@ -282,6 +282,11 @@ pub struct LoopStats {
     /// Since when (milliseconds since the epoch) the readings task has not been waiting for
     /// records; 0 while it is.
     pub deaf_since: std::sync::atomic::AtomicI64,
+    /// Since when (milliseconds since the epoch) the broker has not answered the health
+    /// probe; 0 while it does.
+    pub broker_down_since: std::sync::atomic::AtomicI64,
+    /// How often the broker answered again after not answering.
+    pub broker_returns: AtomicU64,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
     pub resyncs: AtomicU64,
     /// Setpoints, at the last full read, whose band no accepted reading could switch (stored
@@ -303,6 +308,26 @@ impl LoopStats {
         match self.deaf_since.load(Ordering::Relaxed) {
             0 => None,
             millis => DateTime::from_timestamp_millis(millis),
+        }
+    }
+
+    /// Since when the broker has not answered, if it does not.
+    pub fn broker_down_since(&self) -> Option<DateTime<Utc>> {
+        match self.broker_down_since.load(Ordering::Relaxed) {
+            0 => None,
+            millis => DateTime::from_timestamp_millis(millis),
+        }
+    }
+
+    /// Whether the broker answered a probe sent at `asked`.
+    pub(crate) fn broker_answered(&self, reachable: bool, asked: DateTime<Utc>) {
+        let down = self.broker_down_since.load(Ordering::Relaxed);
+        if reachable && down != 0 {
+            self.broker_down_since.store(0, Ordering::Relaxed);
+            self.broker_returns.fetch_add(1, Ordering::Relaxed);
+        } else if !reachable && down == 0 {
+            let asked = asked.timestamp_millis().max(1);
+            self.broker_down_since.store(asked, Ordering::Relaxed);
         }
     }
 
@@ -375,6 +400,8 @@ pub struct Engine {
     recalling: HashSet<i32>,
     /// The generation of the last revocation: an assignment queued before it is outdated.
     revoked: u64,
+    /// `LoopStats::broker_returns` at the last staleness check.
+    broker_returns: u64,
     producer: FutureProducer,
     command_topic: String,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
@@ -408,6 +435,7 @@ impl Engine {
             assigned: HashMap::new(),
             recalling: HashSet::new(),
             revoked: 0,
+            broker_returns: 0,
             producer,
             command_topic,
             acks,
@@ -700,15 +728,23 @@ impl Engine {
         metrics::gauge!(telemetry::CACHED_SENSORS).set(self.sensors.len() as f64);
         metrics::gauge!(telemetry::CACHED_SETPOINTS).set(setpoints as f64);
         let now = Utc::now();
+        // Readings buffered by gateways while the broker was away arrive from now on.
+        let returns = self.stats.broker_returns.load(Ordering::Relaxed);
+        let stalled = stalled || std::mem::replace(&mut self.broker_returns, returns) != returns;
         if stalled {
-            tracing::info!("the loop stalled: sensor silence counts from now");
+            tracing::info!(
+                "the loop stalled or the broker came back: sensor silence counts from now"
+            );
             for watch in self.assigned.values_mut() {
                 watch.since = now;
             }
         }
         // Readings wait unread while the readings task cannot take them (a full queue, a slow
-        // broker): partition ends are known only up to when it last could.
-        let listened = self.stats.deaf_since().map_or(now, |t| t.min(now));
+        // broker) or the broker does not answer: partition ends are known only up to then.
+        let listened = [self.stats.deaf_since(), self.stats.broker_down_since()]
+            .into_iter()
+            .flatten()
+            .fold(now, DateTime::min);
         let stale_after = self.stale_after;
         self.decide_for_owned(|_, control, watch| {
             let heard_until = watch.heard_until(listened)?;
@@ -1116,6 +1152,23 @@ mod tests {
         engine.check_staleness(false).await.unwrap();
         assert_eq!(last(&mut engine).await, on, "not listening");
         engine.stats.listening(true);
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, stale);
+
+        // The broker does not answer: silence counts up to then; once it answers again,
+        // anew from then.
+        let (mut engine, _live) = engine_with(stale_after, usize::MAX);
+        engine.apply(setpoint(&sensor)).await.unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        engine.stats.broker_answered(false, Utc::now());
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on, "the broker does not answer");
+        engine.stats.broker_answered(true, Utc::now());
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on, "it answers again");
+        tokio::time::sleep(stale_after * 2).await;
         engine.check_staleness(false).await.unwrap();
         assert_eq!(last(&mut engine).await, stale);
 

@@ -196,8 +196,12 @@ impl ControlHandle {
 
     /// Whether a broker describes the command topic, with a leader for every partition, within
     /// `timeout`. Without that no command goes out or is read back, so no heater is controlled.
+    /// The staleness fail-safe holds while it does not (see `Engine::check_staleness`).
     pub async fn broker_reachable(&self, timeout: Duration) -> bool {
-        self.follower.topic_led(timeout).await
+        let asked = chrono::Utc::now();
+        let reachable = self.follower.topic_led(timeout).await;
+        self.stats.broker_answered(reachable, asked);
+        reachable
     }
 
     /// Whether partitions newly assigned to this replica have waited for seconds for the command
