@@ -62,13 +62,10 @@ struct JsonReading {
     reading_time: Option<String>,
 }
 
-/// Decodes and validates one sensor record.
-///
-/// `record_time` is the Kafka record timestamp, used when the reading carries no time.
-/// `appended`, when the broker stamped the record (`LogAppendTime`), is with `now` (this
-/// replica's clock, the reading's `received`) the bound for a reading from the future: a
-/// replica whose clock runs slow then still takes fresh readings. `plausible` is the
-/// temperatures a sensor can really report.
+/// Decodes and validates one sensor record. `record_time` (the Kafka timestamp) stands in for a
+/// missing `reading_time`; a reading from the future is one past the later of `now` (also its
+/// `received`) and `appended`, the broker's stamp, so a replica whose clock is slow still
+/// takes fresh readings.
 pub fn decode_reading(
     format: SensorFormat,
     plausible: CelsiusRange,

@@ -23,6 +23,8 @@ use super::engine::{Ack, Input, LoopStats, Position, Record, Records};
 use super::handoff::RebalanceWatch;
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
+use crate::domain::control::Reading;
+use crate::domain::SensorId;
 use crate::telemetry;
 
 /// Header of a dead-letter record: the reason code, e.g. `non_finite_temperature`.
@@ -85,6 +87,14 @@ enum Forwarded {
     EngineStopped,
     /// The group rebalanced; with what came first after it.
     Rebalanced(Option<Held>),
+}
+
+/// The record's Kafka timestamp, whoever set it.
+fn record_time(message: &impl Message) -> Option<DateTime<Utc>> {
+    message
+        .timestamp()
+        .to_millis()
+        .and_then(DateTime::from_timestamp_millis)
 }
 
 /// When the broker appended the record, if its topic stamps records so (`LogAppendTime`); a
@@ -375,21 +385,8 @@ impl Readings {
     /// now); `None` for a record that is no reading.
     fn recalled(&self, message: &impl Message) -> Option<Record> {
         let now = Utc::now();
-        let record_time = message
-            .timestamp()
-            .to_millis()
-            .and_then(DateTime::from_timestamp_millis);
-        let (sensor, mut reading) = decode_reading(
-            self.config.sensor_format,
-            self.config.reading_range_celsius,
-            message.key(),
-            message.payload().unwrap_or_default(),
-            record_time,
-            appended(message),
-            now,
-        )
-        .ok()?;
-        reading.received = record_time
+        let (sensor, mut reading) = self.decode(message, now).ok()?;
+        reading.received = record_time(message)
             .filter(|t| storable(*t))
             .map_or(now, |t| t.min(now));
         Some(Record::Recalled {
@@ -399,6 +396,22 @@ impl Readings {
         })
     }
 
+    fn decode(
+        &self,
+        message: &impl Message,
+        now: DateTime<Utc>,
+    ) -> Result<(SensorId, Reading), DeadLetter> {
+        decode_reading(
+            self.config.sensor_format,
+            self.config.reading_range_celsius,
+            message.key(),
+            message.payload().unwrap_or_default(),
+            record_time(message),
+            appended(message),
+            now,
+        )
+    }
+
     /// Turns a record into the engine's input; bad records are dead-lettered.
     async fn record(&self, message: &impl Message) -> Result<Record, StreamError> {
         let received = std::time::Instant::now();
@@ -406,20 +419,7 @@ impl Readings {
             partition: message.partition(),
             offset: message.offset(),
         };
-        let record_time = message
-            .timestamp()
-            .to_millis()
-            .and_then(DateTime::from_timestamp_millis);
-        let decoded = decode_reading(
-            self.config.sensor_format,
-            self.config.reading_range_celsius,
-            message.key(),
-            message.payload().unwrap_or_default(),
-            record_time,
-            appended(message),
-            Utc::now(),
-        );
-        match decoded {
+        match self.decode(message, Utc::now()) {
             Ok((sensor, reading)) => Ok(Record::Reading {
                 sensor,
                 reading,
