@@ -62,7 +62,7 @@ impl Store {
         let pool = pool_options(config)
             .max_connections(config.database_max_connections)
             .connect_lazy_with(options.clone());
-        // The Put writers have connections of their own, with two settings:
+        // The Put writers have connections of their own, with three settings:
         // - Always the generic plan of the Put statement. PostgreSQL would otherwise plan it anew
         //   on every execution: the generic plan is estimated for arrays of 10 rows, which looks
         //   dearer than planning for the few rows at hand, yet the planning costs more than it
@@ -71,7 +71,7 @@ impl Store {
         // - The lock timeout above matters most here: the Puts queued behind a statement wait
         //   for it, so a row locked by a forgotten transaction must not stall every write.
         // - A statement timeout below the wait for its answer: a Put answered UNAVAILABLE is
-        //   cancelled by the database, never written after a later Put that succeeded.
+        //   never written after a later one.
         let answer_within = config.database_acquire_timeout * 2;
         let statement_timeout = (config.database_acquire_timeout * 3 / 2)
             .as_millis()

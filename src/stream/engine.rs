@@ -279,12 +279,10 @@ pub struct LoopStats {
     /// Sensor partitions with records behind and no committed progress for a minute, group-wide
     /// (stream::group_lag).
     pub stalled_partitions: AtomicU64,
-    /// Since when (milliseconds since the epoch) the readings task has not been waiting for
-    /// records; 0 while it is.
-    pub deaf_since: std::sync::atomic::AtomicI64,
-    /// Since when (milliseconds since the epoch) the broker has not answered the health
-    /// probe; 0 while it does.
-    pub broker_down_since: std::sync::atomic::AtomicI64,
+    /// Since when the readings task has not been waiting for records (none while it is).
+    pub deaf_since: SharedTime,
+    /// Since when the broker has not answered the health probe (none while it does).
+    pub broker_down_since: SharedTime,
     /// How often the broker answered again after not answering.
     pub broker_returns: AtomicU64,
     /// Full reads of the setpoint table completed (stream::setpoint_sync).
@@ -303,49 +301,51 @@ impl LoopStats {
         Self::get(&self.assigned)
     }
 
-    /// Since when the readings task has not been able to take records, if it cannot now.
-    pub fn deaf_since(&self) -> Option<DateTime<Utc>> {
-        match self.deaf_since.load(Ordering::Relaxed) {
-            0 => None,
-            millis => DateTime::from_timestamp_millis(millis),
-        }
-    }
-
-    /// Since when the broker has not answered, if it does not.
-    pub fn broker_down_since(&self) -> Option<DateTime<Utc>> {
-        match self.broker_down_since.load(Ordering::Relaxed) {
-            0 => None,
-            millis => DateTime::from_timestamp_millis(millis),
-        }
-    }
-
     /// Whether the broker answered a probe sent at `asked`.
     pub(crate) fn broker_answered(&self, reachable: bool, asked: DateTime<Utc>) {
-        let down = self.broker_down_since.load(Ordering::Relaxed);
-        if reachable && down != 0 {
-            self.broker_down_since.store(0, Ordering::Relaxed);
+        if !reachable {
+            self.broker_down_since.set_if_none(asked);
+        } else if self.broker_down_since.clear() {
             self.broker_returns.fetch_add(1, Ordering::Relaxed);
-        } else if !reachable && down == 0 {
-            let asked = asked.timestamp_millis().max(1);
-            self.broker_down_since.store(asked, Ordering::Relaxed);
         }
     }
 
     /// Whether the readings task is waiting for records now (`false`: busy or held back).
     pub(crate) fn listening(&self, listening: bool) {
-        let since = if listening {
-            0
+        if listening {
+            self.deaf_since.clear();
         } else {
-            match self.deaf_since.load(Ordering::Relaxed) {
-                0 => Utc::now().timestamp_millis(),
-                since => since,
-            }
-        };
-        self.deaf_since.store(since, Ordering::Relaxed);
+            self.deaf_since.set_if_none(Utc::now());
+        }
     }
 
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A time shared between tasks, or none: milliseconds since the epoch, 0 for none.
+#[derive(Debug, Default)]
+pub struct SharedTime(std::sync::atomic::AtomicI64);
+
+impl SharedTime {
+    pub fn get(&self) -> Option<DateTime<Utc>> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            millis => DateTime::from_timestamp_millis(millis),
+        }
+    }
+
+    fn set_if_none(&self, time: DateTime<Utc>) {
+        let millis = time.timestamp_millis().max(1);
+        let _ = self
+            .0
+            .compare_exchange(0, millis, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Whether there was a time.
+    fn clear(&self) -> bool {
+        self.0.swap(0, Ordering::Relaxed) != 0
     }
 }
 
@@ -485,27 +485,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            Input::Setpoint(version) => {
-                let now = Utc::now();
-                let i = self.sensors.find_or_insert(&version.sensor_id)?;
-                // Sensors being recalled are decided for once they are.
-                let owned = self.sensors.partition(i).is_some_and(|p| {
-                    self.assigned.contains_key(&p) && !self.recalling.contains(&p)
-                });
-                let stale_after = self.stale_after;
-                let decision = self.decide(i, |control| {
-                    let newer = control.apply_setpoint(version.revision, version.setpoint, now);
-                    // Sensors another replica owns are only tracked.
-                    (newer && owned)
-                        .then(|| control.reevaluate(now, stale_after))
-                        .flatten()
-                });
-                if let Some(decision) = decision {
-                    let delivery = self.send(i, &decision).await?;
-                    self.ack(None, Some(delivery));
-                }
-                Ok(())
-            }
+            Input::Setpoint(version) => self.on_setpoint(version).await,
             Input::Observed {
                 event,
                 reading_partition,
@@ -573,6 +553,48 @@ impl Engine {
         }
     }
 
+    async fn on_setpoint(&mut self, version: SetpointVersion) -> Result<(), StreamError> {
+        let now = Utc::now();
+        let i = self.sensors.find_or_insert(&version.sensor_id)?;
+        let decides = self
+            .sensors
+            .partition(i)
+            .is_some_and(|p| self.decides_for(p));
+        let stale_after = self.stale_after;
+        let decision = self.decide(i, |control| {
+            let newer = control.apply_setpoint(version.revision, version.setpoint, now);
+            // Sensors another replica owns are only tracked.
+            (newer && decides)
+                .then(|| control.reevaluate(now, stale_after))
+                .flatten()
+        });
+        if let Some(decision) = decision {
+            let delivery = self.send(i, &decision).await?;
+            self.ack(None, Some(delivery));
+        }
+        Ok(())
+    }
+
+    /// Whether this replica decides for partition `p` now: it consumes it, and the readings
+    /// decided on before are recalled.
+    fn decides_for(&self, p: i32) -> bool {
+        self.assigned.contains_key(&p) && !self.recalling.contains(&p)
+    }
+
+    /// Re-evaluates the sensors of the partitions `which` picks: they may owe a command.
+    async fn reevaluate_partitions(
+        &mut self,
+        which: impl Fn(i32) -> bool,
+    ) -> Result<(), StreamError> {
+        let (now, stale_after) = (Utc::now(), self.stale_after);
+        self.decide_for_owned(|p, control, _| {
+            which(p)
+                .then(|| control.reevaluate(now, stale_after))
+                .flatten()
+        })
+        .await
+    }
+
     async fn assign(
         &mut self,
         partitions: Vec<i32>,
@@ -592,14 +614,10 @@ impl Engine {
             .store(self.assigned.len() as u64, Ordering::Relaxed);
         // Sensors that just became ours may owe a command (a setpoint changed or was deleted
         // while no replica owned them); those being recalled are decided once they are.
-        self.recalling = recalling.iter().copied().collect();
-        let stale_after = self.stale_after;
-        self.decide_for_owned(|partition, control, _| {
-            (!recalling.contains(&partition))
-                .then(|| control.reevaluate(now, stale_after))
-                .flatten()
-        })
-        .await
+        self.recalling = recalling.into_iter().collect();
+        let recalling = self.recalling.clone();
+        self.reevaluate_partitions(|p| !recalling.contains(&p))
+            .await
     }
 
     fn revoke(
@@ -682,13 +700,7 @@ impl Engine {
             }
             Record::RecallDone { partition } => {
                 self.recalling.remove(&partition);
-                let (now, stale_after) = (Utc::now(), self.stale_after);
-                self.decide_for_owned(|p, control, _| {
-                    (p == partition)
-                        .then(|| control.reevaluate(now, stale_after))
-                        .flatten()
-                })
-                .await?;
+                self.reevaluate_partitions(|p| p == partition).await?;
             }
         }
         Ok(())
@@ -741,10 +753,13 @@ impl Engine {
         }
         // Readings wait unread while the readings task cannot take them (a full queue, a slow
         // broker) or the broker does not answer: partition ends are known only up to then.
-        let listened = [self.stats.deaf_since(), self.stats.broker_down_since()]
-            .into_iter()
-            .flatten()
-            .fold(now, DateTime::min);
+        let listened = [
+            self.stats.deaf_since.get(),
+            self.stats.broker_down_since.get(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(now, DateTime::min);
         let stale_after = self.stale_after;
         self.decide_for_owned(|_, control, watch| {
             let heard_until = watch.heard_until(listened)?;

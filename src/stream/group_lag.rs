@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::LoopStats;
-use super::StreamError;
+use super::{consumer_config, StreamError};
+use crate::config::KafkaConfig;
 use crate::telemetry;
 
 /// How often the group's offsets are read (as often as librdkafka's statistics).
@@ -30,10 +32,25 @@ struct Progress {
     since: Instant,
 }
 
+/// Starts reading the group's offsets in `tasks`, with a consumer of the group's id that never
+/// subscribes: it reads offsets without joining the group.
+pub fn start(
+    kafka: &KafkaConfig,
+    stats: Arc<LoopStats>,
+    tasks: &mut JoinSet<Result<(), StreamError>>,
+    shutdown: CancellationToken,
+) -> Result<(), StreamError> {
+    let consumer = consumer_config(kafka, &kafka.consumer_group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(StreamError::Config)?;
+    tasks.spawn(run(consumer, kafka.sensor_topic.clone(), stats, shutdown));
+    Ok(())
+}
+
 /// Reads the group's offsets every `INTERVAL` until `shutdown`, setting
-/// `thermostat_group_lag_records` and `LoopStats::stalled_partitions`. `consumer` has the
-/// group's id and never subscribes: it reads offsets without joining the group.
-pub async fn run(
+/// `thermostat_group_lag_records` and `LoopStats::stalled_partitions`.
+async fn run(
     consumer: BaseConsumer,
     topic: String,
     stats: Arc<LoopStats>,

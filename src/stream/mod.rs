@@ -355,17 +355,7 @@ pub async fn start(
         stats: stats.clone(),
     };
     tasks.spawn(readings.run(shutdown.clone()));
-    // Never subscribes: reads the group's offsets without joining it.
-    let offsets_reader = consumer_config(kafka, &kafka.consumer_group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(StreamError::Config)?;
-    tasks.spawn(group_lag::run(
-        offsets_reader,
-        kafka.sensor_topic.clone(),
-        stats.clone(),
-        shutdown,
-    ));
+    group_lag::start(kafka, stats.clone(), tasks, shutdown)?;
     Ok(ControlHandle {
         engine: engine_tx,
         live,
