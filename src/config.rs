@@ -130,8 +130,8 @@ pub struct KafkaConfig {
     #[arg(long, env = "COMMAND_TOPIC", default_value = "heater-commands")]
     pub command_topic: String,
     /// Start even if the command topic can delete a sensor's last command (not compacted, with
-    /// a finite retention) or its settings cannot be read: after such a loss the sensor's
-    /// sequence starts again at 1 and consumers that keep the last one ignore its heater.
+    /// a finite retention) or its settings cannot be read: after such a loss a replica no longer
+    /// knows what the heater was last told, and may tell it again (with a higher sequence).
     #[arg(long, env = "ALLOW_COMMAND_TOPIC_DELETION", default_value_t = false)]
     pub allow_command_topic_deletion: bool,
     /// Topic bad sensor records are moved to, with the reason in a header.
@@ -144,6 +144,11 @@ pub struct KafkaConfig {
     /// name, so that a restart within the session timeout does not rebalance the group.
     #[arg(long, env = "KAFKA_GROUP_INSTANCE_ID")]
     pub kafka_group_instance_id: Option<String>,
+    /// How long the group waits for a silent replica before handing its partitions to others
+    /// (`session.timeout.ms`; heartbeats go at a third of it, at most every 3 s). Must exceed
+    /// `STALE_CHECK_INTERVAL` + 1 s, so that a replica paused this long notices its stall.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT", default_value = "45s", value_parser = positive_duration)]
+    pub kafka_session_timeout: Duration,
     /// How long the broker may hold a fetch waiting for data: the latency floor of the loop.
     #[arg(long, env = "KAFKA_FETCH_WAIT_MAX", default_value = "10ms", value_parser = humantime::parse_duration)]
     pub kafka_fetch_wait_max: Duration,
@@ -158,6 +163,16 @@ pub struct KafkaConfig {
     /// serve a fetch that starts inside a batch; raise it (e.g. 10000) on Apache Kafka.
     #[arg(long, env = "KAFKA_BATCH_NUM_MESSAGES", default_value_t = 1)]
     pub kafka_batch_num_messages: u32,
+    /// The idempotent producer (`enable.idempotence`): a retried produce request can neither
+    /// duplicate nor reorder commands, nor leave a gap. Turn it off only for a broker without
+    /// InitProducerId; consumers' "only a higher sequence" rule then drops what a retry repeats.
+    #[arg(long, env = "KAFKA_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kafka_idempotence: bool,
+    /// How long a command or dead letter may wait for the broker's acknowledgement
+    /// (`message.timeout.ms`). Past it the service stops with an error, and what was not
+    /// acknowledged is decided again after the restart.
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
+    pub kafka_message_timeout: Duration,
     /// How long the producer waits to batch commands before sending.
     #[arg(long, env = "KAFKA_LINGER", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub kafka_linger: Duration,

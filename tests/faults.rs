@@ -106,6 +106,8 @@ async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_aft
         (event.sensor_id.as_str(), event.command(), event.reason()),
         ("s", pb::HeaterCommand::On, pb::CommandReason::TooCold)
     );
-    assert_eq!(event.sequence, 1, "the first command this sensor ever got");
+    // The first run reserved sequence 1 (and more) before it failed to write it; the topic
+    // knows no command of the sensor, so the restart starts above that reservation.
+    assert!(event.sequence > 1, "sequence {} again", event.sequence);
     app.stop().await;
 }

@@ -140,6 +140,8 @@ pub enum ReadingOutcome {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SensorControl {
     parts: ControlParts,
+    /// A first command (no last command known) gets the sequence above this.
+    sequence_floor: u64,
 }
 
 /// The state of a [`SensorControl`], taken apart for storage that packs it tighter than this
@@ -164,7 +166,10 @@ pub struct ControlParts {
 
 impl From<ControlParts> for SensorControl {
     fn from(parts: ControlParts) -> Self {
-        Self { parts }
+        Self {
+            parts,
+            sequence_floor: 0,
+        }
     }
 }
 
@@ -175,6 +180,13 @@ impl From<SensorControl> for ControlParts {
 }
 
 impl SensorControl {
+    /// Numbers a first command above `floor` instead of from 1: a sensor whose earlier commands
+    /// are unknown (a lost topic) must not get a sequence it had before.
+    pub fn numbering_above(mut self, floor: u64) -> Self {
+        self.sequence_floor = floor;
+        self
+    }
+
     /// The band of the current setpoint; `None` when the sensor is not controlled.
     pub fn band(&self) -> Option<Band> {
         self.parts.band
@@ -369,7 +381,10 @@ impl SensorControl {
         {
             return None;
         }
-        let sequence = self.parts.last_command.map_or(1, |last| last.sequence + 1);
+        let sequence = self
+            .parts
+            .last_command
+            .map_or(self.sequence_floor + 1, |last| last.sequence + 1);
         self.parts.last_command = Some(LastCommand { command, sequence });
         Some(Decision {
             command,
@@ -813,11 +828,14 @@ mod tests {
         }
 
         /// Whatever happens, a command is never emitted twice in a row for a sensor, sequences
-        /// count up by one, and every ON/OFF matches the rule (its reading beyond the band of
+        /// count up by one from above the floor, and every ON/OFF matches the rule (its reading beyond the band of
         /// the setpoint in force, whose revision it carries) or a fail-safe.
         #[test]
-        fn commands_alternate_and_sequences_count_up(events in proptest::collection::vec(event(), 1..200)) {
-            let mut s = SensorControl::default();
+        fn commands_alternate_and_sequences_count_up(
+            events in proptest::collection::vec(event(), 1..200),
+            floor in prop_oneof![Just(0u64), 0..u64::MAX / 2],
+        ) {
+            let mut s = SensorControl::default().numbering_above(floor);
             let mut revision = 0;
             // The setpoint in force, as (desired, up, down), kept by the test itself.
             let mut current: Option<(f64, f64, f64)> = None;
@@ -860,7 +878,7 @@ mod tests {
                 prop_assert_eq!(pair[1].sequence, pair[0].sequence + 1);
             }
             if let Some(first) = emitted.first() {
-                prop_assert_eq!(first.sequence, 1);
+                prop_assert_eq!(first.sequence, floor + 1);
             }
         }
     }

@@ -2,6 +2,7 @@
 //! issues. Knows nothing of gRPC; returns domain types and [`crate::Error`].
 
 mod put_queue;
+mod sequences;
 mod setpoints;
 
 use std::time::Duration;

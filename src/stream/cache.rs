@@ -192,6 +192,13 @@ impl Cache {
         slot.flags |= flags::PARTITION;
     }
 
+    /// Forgets every sensor's partition (the topic's partitions changed).
+    pub fn forget_partitions(&mut self) {
+        for slot in &mut self.slots {
+            slot.flags &= !flags::PARTITION;
+        }
+    }
+
     pub fn is_controlled(&self, i: SensorIndex) -> bool {
         self.slots[i as usize].flags & flags::BAND != 0
     }

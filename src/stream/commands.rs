@@ -14,7 +14,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Input, READING_PARTITION_HEADER};
+use super::engine::{Input, ReadingPartition, READING_PARTITION_HEADER};
 use super::StreamError;
 use crate::proto::v1 as pb;
 
@@ -177,7 +177,7 @@ impl FollowerTask {
                 headers
                     .iter()
                     .find(|h| h.key == READING_PARTITION_HEADER)
-                    .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                    .and_then(|h| ReadingPartition::parse(std::str::from_utf8(h.value?).ok()?))
             });
             drop(message);
             match event {

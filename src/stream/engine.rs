@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
+use super::sequences::Sequences;
 use super::{enqueue, StreamError};
 use crate::domain::control::{
     CommandReason, Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl,
@@ -36,6 +37,42 @@ use crate::telemetry;
 /// the sensor from, so whichever replica owns that partition later knows the sensor is its own
 /// (for the staleness fail-safe) even before the sensor's next reading.
 pub const READING_PARTITION_HEADER: &str = "thermostat-reading-partition";
+
+/// A [`READING_PARTITION_HEADER`]'s value: `p/n`, partition `p` of a sensor topic of `n`
+/// partitions (just `p` in records written before the count was added). Once partitions are
+/// added, sensor keys map to other partitions: a partition of another count names no owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadingPartition {
+    pub partition: i32,
+    pub of: Option<i32>,
+}
+
+impl ReadingPartition {
+    pub fn parse(value: &str) -> Option<Self> {
+        let (partition, of) = match value.split_once('/') {
+            Some((p, n)) => (p, Some(n.parse().ok()?)),
+            None => (value, None),
+        };
+        Some(Self {
+            partition: partition.parse().ok()?,
+            of,
+        })
+    }
+
+    fn value(self) -> String {
+        match self.of {
+            Some(n) => format!("{}/{n}", self.partition),
+            None => self.partition.to_string(),
+        }
+    }
+}
+
+/// Where commands go: the producer, the command topic, and the sequences reserved for them.
+pub struct CommandOut {
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub sequences: Sequences,
+}
 
 /// Where a sensor record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +89,7 @@ pub enum Input {
     /// A command read back from the command topic.
     Observed {
         event: Arc<pb::HeaterCommandEvent>,
-        reading_partition: Option<i32>,
+        reading_partition: Option<ReadingPartition>,
     },
     /// The sensor-topic partitions this replica now consumes, and those of them whose readings
     /// decided on before are recalled first (re-evaluated at their `RecallDone`, not now).
@@ -61,6 +98,8 @@ pub enum Input {
         recalling: Vec<i32>,
         /// The consumer's rebalance count it follows (see [`Revoke::generation`]).
         generation: u64,
+        /// How many partitions the sensor topic has now, if the broker said.
+        topic_partitions: Option<i32>,
     },
     Query(Query),
     /// Answered once every input sent before it has been applied.
@@ -400,10 +439,11 @@ pub struct Engine {
     recalling: HashSet<i32>,
     /// The generation of the last revocation: an assignment queued before it is outdated.
     revoked: u64,
+    /// How many partitions the sensor topic has: sensors' partitions are of this count.
+    topic_partitions: i32,
     /// `LoopStats::broker_returns` at the last staleness check.
     broker_returns: u64,
-    producer: FutureProducer,
-    command_topic: String,
+    out: CommandOut,
     acks: mpsc::UnboundedSender<Vec<Ack>>,
     /// Acknowledgements of the input being applied, sent together once it is.
     pending_acks: Vec<Ack>,
@@ -419,8 +459,8 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(
-        producer: FutureProducer,
-        command_topic: String,
+        out: CommandOut,
+        topic_partitions: i32,
         acks: mpsc::UnboundedSender<Vec<Ack>>,
         stale_after: Duration,
         cache_limit: usize,
@@ -435,9 +475,9 @@ impl Engine {
             assigned: HashMap::new(),
             recalling: HashSet::new(),
             revoked: 0,
+            topic_partitions,
             broker_returns: 0,
-            producer,
-            command_topic,
+            out,
             acks,
             pending_acks: Vec::new(),
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
@@ -448,12 +488,16 @@ impl Engine {
         }
     }
 
-    /// Applies inputs until `shutdown`, checking staleness every `stale_check`.
+    /// Applies inputs until `shutdown`, checking staleness every `stale_check`. After a stall
+    /// (the process was stopped, or too busy to turn) it takes no input for `after_stall`: if
+    /// the group gave its partitions away meanwhile, librdkafka's next heartbeat learns it and
+    /// the revocation comes first, before any decision for them.
     pub async fn run(
         mut self,
         mut inputs: mpsc::Receiver<Input>,
         mut revokes: mpsc::UnboundedReceiver<Revoke>,
         stale_check: Duration,
+        after_stall: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), StreamError> {
         let mut ticks = tokio::time::interval(stale_check);
@@ -461,13 +505,25 @@ impl Engine {
         let stall = stale_check + Duration::from_secs(1);
         // When the loop last turned: a longer gap than any tick leaves is a stall.
         let mut turned = Instant::now();
+        let mut held_until = Instant::now();
         loop {
+            let held = Instant::now() < held_until;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(revoke) = revokes.recv() => self.revoke(revoke),
-                _ = ticks.tick() => self.check_staleness(turned.elapsed() > stall).await?,
-                input = inputs.recv() => match input {
+                _ = ticks.tick() => {
+                    let stalled = turned.elapsed() > stall;
+                    if stalled {
+                        tracing::warn!(?after_stall, "the loop stalled: no decision until the group confirms this replica's partitions");
+                        held_until = Instant::now() + after_stall;
+                    }
+                    if !held || stalled {
+                        self.check_staleness(stalled).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(held_until.into()), if held => {}
+                input = inputs.recv(), if !held => match input {
                     Some(input) => self.apply(input).await?,
                     None => return Ok(()),
                 },
@@ -489,27 +545,18 @@ impl Engine {
             Input::Observed {
                 event,
                 reading_partition,
-            } => {
-                if let Some((sensor, last, reading)) = observed_command(&event) {
-                    let Ok(building) = BuildingId::parse(event.building_id.as_str()) else {
-                        return Ok(());
-                    };
-                    let i = self.sensors.find_or_insert(&sensor)?;
-                    self.pass_on(i, &event, &building);
-                    self.decide(i, |control| control.observe(last, building, reading));
-                    if let Some(partition) = reading_partition {
-                        self.sensors.set_partition(i, partition);
-                    }
-                }
-                Ok(())
-            }
+            } => self.observe(&event, reading_partition),
             // Queued before a revocation that overtook it: the partitions may be another's.
             Input::Assignment { generation, .. } if generation <= self.revoked => Ok(()),
             Input::Assignment {
                 partitions,
                 recalling,
+                topic_partitions,
                 ..
-            } => self.assign(partitions, recalling).await,
+            } => {
+                self.topic_partitions_now(topic_partitions);
+                self.assign(partitions, recalling).await
+            }
             Input::Query(Query::Sensor { sensor, reply }) => {
                 let view = self
                     .sensors
@@ -551,6 +598,45 @@ impl Engine {
                 Ok(())
             }
         }
+    }
+
+    /// A command read back from the command topic.
+    fn observe(
+        &mut self,
+        event: &Arc<pb::HeaterCommandEvent>,
+        reading_partition: Option<ReadingPartition>,
+    ) -> Result<(), StreamError> {
+        let Some((sensor, last, reading)) = observed_command(event) else {
+            return Ok(());
+        };
+        let Ok(building) = BuildingId::parse(event.building_id.as_str()) else {
+            return Ok(());
+        };
+        let i = self.sensors.find_or_insert(&sensor)?;
+        self.pass_on(i, event, &building);
+        self.decide(i, |control| control.observe(last, building, reading));
+        // A partition of another partition count names no owner.
+        match reading_partition {
+            Some(p) if p.of.is_none_or(|n| n == self.topic_partitions) => {
+                self.sensors.set_partition(i, p.partition)
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Once the sensor topic has another number of partitions, no sensor's partition is known.
+    fn topic_partitions_now(&mut self, partitions: Option<i32>) {
+        let Some(n) = partitions.filter(|&n| n != self.topic_partitions) else {
+            return;
+        };
+        tracing::info!(
+            partitions = n,
+            before = self.topic_partitions,
+            "the sensor topic's partitions changed: each sensor's owner is known again from its next reading"
+        );
+        self.sensors.forget_partitions();
+        self.topic_partitions = n;
     }
 
     async fn on_setpoint(&mut self, version: SetpointVersion) -> Result<(), StreamError> {
@@ -612,6 +698,7 @@ impl Engine {
         self.stats
             .assigned
             .store(self.assigned.len() as u64, Ordering::Relaxed);
+        self.out.sequences.raise_floor().await?;
         // Sensors that just became ours may owe a command (a setpoint changed or was deleted
         // while no replica owned them); those being recalled are decided once they are.
         self.recalling = recalling.into_iter().collect();
@@ -812,7 +899,10 @@ impl Engine {
 
     /// Runs `f` on the sensor's state, unpacked, and stores the state back.
     fn decide<T>(&mut self, i: SensorIndex, f: impl FnOnce(&mut SensorControl) -> T) -> T {
-        let mut control = self.sensors.control(i);
+        let mut control = self
+            .sensors
+            .control(i)
+            .numbering_above(self.out.sequences.floor());
         let result = f(&mut control);
         self.sensors.set_control(i, control);
         result
@@ -850,6 +940,7 @@ impl Engine {
         i: SensorIndex,
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
+        self.out.sequences.cover(decision.sequence).await?;
         LoopStats::bump(&self.stats.commands);
         self.meters.command(decision.command, decision.reason);
         let event = command_event(self.sensors.id(i), decision, Utc::now());
@@ -860,20 +951,26 @@ impl Engine {
         self.awaiting_readback
             .insert((i, event.sequence), self.live_events);
         let payload = event.encode_to_vec();
-        let partition = self.sensors.partition(i).map(|p| p.to_string());
+        let partition = self.sensors.partition(i).map(|partition| {
+            ReadingPartition {
+                partition,
+                of: Some(self.topic_partitions),
+            }
+            .value()
+        });
         let headers = partition.as_ref().map(|p| {
             OwnedHeaders::new().insert(Header {
                 key: READING_PARTITION_HEADER,
                 value: Some(p.as_str()),
             })
         });
-        let mut record = FutureRecord::to(&self.command_topic)
+        let mut record = FutureRecord::to(&self.out.topic)
             .key(event.sensor_id.as_str())
             .payload(&payload);
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
-        enqueue(&self.producer, record).await
+        enqueue(&self.out.producer, record).await
     }
 
     fn ack(&mut self, position: Option<Position>, delivery: Option<DeliveryFuture>) {
@@ -1004,15 +1101,12 @@ mod tests {
             .unwrap();
         let (acks, _) = mpsc::unbounded_channel();
         let (live, subscribed) = broadcast::channel(16);
-        let mut engine = Engine::new(
+        let out = CommandOut {
             producer,
-            "commands".into(),
-            acks,
-            stale_after,
-            cache_limit,
-            Arc::default(),
-            live,
-        );
+            topic: "commands".into(),
+            sequences: Sequences::unreserved(),
+        };
+        let mut engine = Engine::new(out, 1, acks, stale_after, cache_limit, Arc::default(), live);
         // The readings of these tests come from partition 0.
         engine.assigned.insert(0, Watch::new(Utc::now()));
         (engine, subscribed)
@@ -1038,7 +1132,7 @@ mod tests {
     fn observed(event: pb::HeaterCommandEvent) -> Input {
         Input::Observed {
             event: Arc::new(event),
-            reading_partition: Some(0),
+            reading_partition: ReadingPartition::parse("0/1"),
         }
     }
 
@@ -1131,6 +1225,7 @@ mod tests {
                     partitions: vec![0],
                     recalling: vec![],
                     generation,
+                    topic_partitions: Some(1),
                 })
                 .await
                 .unwrap();
@@ -1143,6 +1238,50 @@ mod tests {
             last(&mut engine).await,
             Some((pb::HeaterCommand::On, pb::CommandReason::TooCold))
         );
+    }
+
+    #[test]
+    fn a_reading_partition_header_names_the_partition_and_the_count() {
+        let parse = ReadingPartition::parse;
+        let p = |partition, of| Some(ReadingPartition { partition, of });
+        assert_eq!(parse("3"), p(3, None), "as written before the count");
+        assert_eq!(parse("3/6"), p(3, Some(6)));
+        assert_eq!(parse("3/6").unwrap().value(), "3/6");
+        assert_eq!((parse("x"), parse("3/"), parse("/6")), (None, None, None));
+    }
+
+    /// Once the sensor topic has more partitions, a sensor's readings go to another one, maybe
+    /// another replica's: its old partition's owner must not fail it safe for the silence there.
+    #[tokio::test]
+    async fn a_sensor_is_nobodys_after_partitions_are_added_until_it_reports_again() {
+        let stale_after = Duration::from_millis(50);
+        let on = Some((pb::HeaterCommand::On, pb::CommandReason::TooCold));
+        let stale = Some((pb::HeaterCommand::Off, pb::CommandReason::SensorStale));
+        let sensor = SensorId::parse("s").unwrap();
+        let (mut engine, _live) = engine_with(stale_after, usize::MAX);
+        engine.apply(setpoint(&sensor)).await.unwrap();
+        engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
+        let grown = Input::Assignment {
+            partitions: vec![0],
+            recalling: vec![],
+            generation: 1,
+            topic_partitions: Some(2),
+        };
+        engine.apply(grown).await.unwrap();
+        // Its command read back, as written before the partitions were added: still nobody's.
+        let mut event = view(&mut engine, &sensor).await.last_command.unwrap();
+        event.snapshot = false;
+        engine.apply(observed(event)).await.unwrap();
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, on);
+        // It reports in a partition of ours again: ours, and silent from then.
+        engine.apply(reading(&sensor, 10.0, 1).await).await.unwrap();
+        engine.apply(end_of_partition_0().await).await.unwrap();
+        tokio::time::sleep(stale_after * 2).await;
+        engine.check_staleness(false).await.unwrap();
+        assert_eq!(last(&mut engine).await, stale);
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 //! owner died before it could.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub struct RebalanceWatch {
     handoff: OnceLock<Handoff>,
     /// Per partition assigned last, the offset up to which readings are recalled, not decided.
     recalls: Mutex<HashMap<i32, i64>>,
+    /// The sensor topic's partition count at the last assignment; 0 if unknown.
+    topic_partitions: AtomicI32,
 }
 
 /// What the handoff needs: the engine's channel for revocations, the producer to flush, the
@@ -66,6 +68,11 @@ impl RebalanceWatch {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
+    }
+
+    /// How many partitions the sensor topic had at the last assignment, if the broker said.
+    pub fn topic_partitions(&self) -> Option<i32> {
+        Some(self.topic_partitions.load(Ordering::SeqCst)).filter(|&n| n > 0)
     }
 
     fn note_error(&self, error: String) {
@@ -126,6 +133,19 @@ impl Handoff {
         }
         Ok(recalls)
     }
+
+    /// Plans the recall (see [`Self::plan_recall`]) and counts the topic's partitions.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<RebalanceWatch>,
+        assignment: &mut TopicPartitionList,
+    ) -> (KafkaResult<HashMap<i32, i64>>, i32) {
+        let partitions = consumer
+            .fetch_metadata(Some(&self.topic), RECALL_TIMEOUT)
+            .map(|m| m.topics().iter().map(|t| t.partitions().len() as i32).sum())
+            .unwrap_or(0);
+        (self.plan_recall(consumer, assignment), partitions)
+    }
 }
 
 /// Runs `f`, which blocks, without holding up the runtime's other tasks; `None` on a
@@ -182,11 +202,12 @@ impl ConsumerContext for RebalanceWatch {
         };
         let done = match err {
             RespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let planned = match self.handoff.get() {
-                    Some(handoff) => off_the_runtime(|| handoff.plan_recall(consumer, assignment))
-                        .unwrap_or_else(|| handoff.plan_recall(consumer, assignment)),
-                    None => Ok(HashMap::new()),
+                let (planned, partitions) = match self.handoff.get() {
+                    Some(handoff) => off_the_runtime(|| handoff.on_assign(consumer, assignment))
+                        .unwrap_or_else(|| handoff.on_assign(consumer, assignment)),
+                    None => (Ok(HashMap::new()), 0),
                 };
+                self.topic_partitions.store(partitions, Ordering::SeqCst);
                 let recalls = planned.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "cannot recall the readings decided before this assignment");
                     HashMap::new()

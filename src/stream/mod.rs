@@ -14,6 +14,7 @@ pub mod engine;
 mod group_lag;
 mod handoff;
 pub mod readings;
+mod sequences;
 pub mod setpoint_sync;
 
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub enum StreamError {
     ListenerLost,
     #[error("{0} stopped")]
     Stopped(&'static str),
+    #[error("{0}")]
+    Setting(String),
     #[error("the sensor cache cannot index more than {0} sensors")]
     CacheFull(usize),
 }
@@ -113,6 +116,11 @@ pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
     config
 }
 
+/// A third of the session timeout (Kafka's rule of thumb), at most librdkafka's default 3 s.
+fn heartbeat_interval(kafka: &KafkaConfig) -> Duration {
+    (kafka.kafka_session_timeout / 3).min(Duration::from_secs(3))
+}
+
 fn millis(d: Duration) -> String {
     d.as_millis().to_string()
 }
@@ -136,6 +144,7 @@ pub const PRODUCER_QUEUE_KBYTES: u32 = 32 * 1024;
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
     client_config(kafka)
         .set("acks", "all")
+        .set("enable.idempotence", kafka.kafka_idempotence.to_string())
         .set("max.in.flight.requests.per.connection", "5")
         .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
         .set(
@@ -143,6 +152,7 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
             PRODUCER_QUEUE_KBYTES.to_string(),
         )
         .set("linger.ms", millis(kafka.kafka_linger))
+        .set("message.timeout.ms", millis(kafka.kafka_message_timeout))
         .set(
             "batch.num.messages",
             kafka.kafka_batch_num_messages.to_string(),
@@ -252,10 +262,18 @@ pub async fn start(
     if let Some(instance) = &kafka.kafka_group_instance_id {
         readings_config.set("group.instance.id", instance);
     }
+    if kafka.kafka_session_timeout <= control.stale_check_interval + Duration::from_secs(1) {
+        return Err(StreamError::Setting(
+            "KAFKA_SESSION_TIMEOUT must exceed STALE_CHECK_INTERVAL + 1 s: a replica paused for the session timeout must notice its stall".into(),
+        ));
+    }
+    readings_config
+        .set("session.timeout.ms", millis(kafka.kafka_session_timeout))
+        .set("heartbeat.interval.ms", millis(heartbeat_interval(kafka)));
     let readings_consumer: readings::ReadingsConsumer = readings_config
         .create_with_context(handoff::RebalanceWatch::default())
         .map_err(StreamError::Config)?;
-    check_topics(
+    let partition_counts = check_topics(
         &producer,
         &[
             &kafka.sensor_topic,
@@ -292,9 +310,14 @@ pub async fn start(
     // or dropped (api::heater).
     let (live, _) = broadcast::channel(control.subscriber_buffer.max(1));
 
+    let out = engine::CommandOut {
+        producer: producer.clone(),
+        topic: kafka.command_topic.clone(),
+        sequences: sequences::Sequences::new(store.clone()),
+    };
     let engine = Engine::new(
-        producer.clone(),
-        kafka.command_topic.clone(),
+        out,
+        partition_counts[0],
         acks_tx,
         control.stale_after,
         control.sensor_cache_limit,
@@ -312,6 +335,7 @@ pub async fn start(
         engine_rx,
         revokes_rx,
         control.stale_check_interval,
+        heartbeat_interval(kafka) * 2,
         shutdown.clone(),
     ));
     let (follower, follower_task) = commands::follower(
@@ -366,8 +390,12 @@ pub async fn start(
 }
 
 /// Fails with [`StreamError::MissingTopic`] unless every topic exists: topics are not created
-/// automatically, and a missing one is an operator's mistake to report at start.
-async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(), StreamError> {
+/// automatically, and a missing one is an operator's mistake to report at start. Returns their
+/// partition counts.
+async fn check_topics(
+    producer: &FutureProducer,
+    topics: &[&String],
+) -> Result<Vec<i32>, StreamError> {
     let producer = producer.clone();
     let metadata = tokio::task::spawn_blocking(move || {
         producer
@@ -377,15 +405,18 @@ async fn check_topics(producer: &FutureProducer, topics: &[&String]) -> Result<(
     .await
     .map_err(|_| StreamError::Stopped("metadata request"))?
     .map_err(StreamError::Consumer)?;
-    for topic in topics {
-        let exists = metadata.topics().iter().any(|t| {
-            t.name() == topic.as_str() && t.error().is_none() && !t.partitions().is_empty()
-        });
-        if !exists {
-            return Err(StreamError::MissingTopic((*topic).clone()));
-        }
-    }
-    Ok(())
+    let count = |topic: &String| {
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic.as_str())?;
+        let n = t.partitions().len() as i32;
+        (t.error().is_none() && n > 0).then_some(n)
+    };
+    topics
+        .iter()
+        .map(|topic| count(topic).ok_or_else(|| StreamError::MissingTopic((*topic).clone())))
+        .collect()
 }
 
 #[cfg(test)]

@@ -346,6 +346,7 @@ impl Readings {
             partitions,
             recalling,
             generation,
+            topic_partitions: self.consumer.context().topic_partitions(),
         };
         if self.engine.send(assignment).await.is_err() {
             return Ok(false);
