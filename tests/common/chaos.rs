@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::StreamExt as _;
@@ -121,6 +123,12 @@ impl Replica {
         self.child.is_some()
     }
 
+    /// Whether the process was started and has exited on its own since.
+    pub fn exited(&mut self) -> bool {
+        let child = self.child.as_mut();
+        child.is_some_and(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("a running replica").id();
         let sent = Command::new("kill")
@@ -203,6 +211,20 @@ impl Replica {
         }
     }
 
+    /// Whether the health port reports `service` SERVING.
+    pub async fn serves(&self, service: &str) -> bool {
+        serving_service(&format!("http://{}", self.health), service).await
+    }
+
+    /// The process's resident memory, from `/proc`.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.grpc))
             .expect("uri")
@@ -252,6 +274,10 @@ impl Drop for Replica {
 }
 
 async fn serving(endpoint: &str) -> bool {
+    serving_service(endpoint, "").await
+}
+
+async fn serving_service(endpoint: &str, service: &str) -> bool {
     let Ok(channel) = Channel::from_shared(endpoint.to_owned())
         .expect("uri")
         .connect_timeout(Duration::from_secs(1))
@@ -262,7 +288,9 @@ async fn serving(endpoint: &str) -> bool {
         return false;
     };
     let status = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest::default())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
         .await;
     status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32)
 }
@@ -309,8 +337,12 @@ impl Cluster {
     /// Starts `replicas` processes, waits until each is ready and the group has handed out
     /// every sensor partition.
     pub async fn start(replicas: usize, settings: &[(&str, &str)]) -> Self {
+        Self::start_on(Topics::create(PARTITIONS).await, replicas, settings).await
+    }
+
+    /// The same on `topics`, made beforehand (on a mock cluster, say).
+    pub async fn start_on(topics: Topics, replicas: usize, settings: &[(&str, &str)]) -> Self {
         let database_url = create_database(&env("THERMOSTAT_TEST_PG_URL")).await;
-        let topics = Topics::create(PARTITIONS).await;
         let env = replica_env(&serve_config(database_url, &topics), settings);
         let logs = tempfile::tempdir().expect("log directory");
         let replicas = (0..replicas)
@@ -338,6 +370,11 @@ impl Cluster {
         let replica = self.replicas.last_mut().expect("just added");
         replica.wait_ready().await;
         replica
+    }
+
+    pub fn database_url(&self) -> &str {
+        let url = self.env.iter().find(|(key, _)| key == "DATABASE_URL");
+        &url.expect("DATABASE_URL").1
     }
 
     pub fn live(&self) -> impl Iterator<Item = &Replica> {
@@ -392,6 +429,19 @@ impl Cluster {
             .await;
             assert!(cached, "{} never cached the setpoints", replica.name);
         }
+    }
+
+    /// `n` sensors named `prefix-NN` with the band `desired` ± 0.5 °C and one reading of 20 °C
+    /// each, as sensors that keep reporting the same would be.
+    pub async fn steady_sensors(&self, prefix: &str, n: usize, desired: f64) -> Vec<String> {
+        let width = if n > 100 { 3 } else { 2 };
+        let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:0width$}")).collect();
+        self.put_setpoints(&ids, desired).await;
+        let sensors = Sensors::new(&self.topics.sensors);
+        for id in &ids {
+            sensors.reading(id, 20.0, Utc::now()).await;
+        }
+        ids
     }
 
     /// Waits until the group has committed every reading on the topic (all handled, their
@@ -481,8 +531,8 @@ fn admin_consumer(group: &str) -> BaseConsumer {
         .expect("consumer")
 }
 
-/// Readings on the sensor topic the group has not committed yet (blocking).
-fn uncommitted(topics: &Topics) -> i64 {
+/// The group's committed offset of each sensor partition (blocking).
+fn committed(topics: &Topics) -> BTreeMap<i32, i64> {
     let consumer = admin_consumer(&topics.group);
     let mut partitions = TopicPartitionList::new();
     for p in 0..PARTITIONS {
@@ -491,27 +541,101 @@ fn uncommitted(topics: &Topics) -> i64 {
     let committed = consumer
         .committed_offsets(partitions, Duration::from_secs(10))
         .expect("committed offsets");
+    (committed.elements().iter())
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Readings below the group's committed offsets whose commands are not all on the command
+    /// topic, one line per sensor of `expected` (sensors whose setpoint stays at `DESIRED`): an
+    /// offset must be committed only once what its reading decided is acknowledged.
+    pub async fn committed_without_command(
+        &self,
+        expected: &BTreeMap<String, Expected>,
+    ) -> Vec<String> {
+        use prost::Message as _;
+        use rdkafka::Message as _;
+        let topics = self.topics.clone();
+        let committed = tokio::task::spawn_blocking(move || committed(&topics))
+            .await
+            .expect("committed offsets");
+        // Read after the offsets: commands only grow.
+        let commands = self.read_commands().await;
+        let reader = super::kafka::TopicReader::new(&self.topics.sensors, PARTITIONS);
+        // Per sensor, the committed readings' (offset, temperature, time).
+        type Committed = Vec<(i64, f64, (i64, i32))>;
+        let mut readings: BTreeMap<String, Committed> = BTreeMap::new();
+        let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+        for m in reader.drain(Duration::from_secs(2)).await {
+            if committed
+                .get(&m.partition())
+                .is_none_or(|&c| m.offset() >= c)
+            {
+                continue;
+            }
+            let Ok(r) = pb::SensorReading::decode(m.payload().unwrap_or_default()) else {
+                continue;
+            };
+            let (Some(celsius), Some(at)) = (r.temperature_celsius, time(&r.reading_time)) else {
+                continue;
+            };
+            readings
+                .entry(r.sensor_id)
+                .or_default()
+                .push((m.offset(), celsius, at));
+        }
+        let mut problems = Vec::new();
+        for (sensor, readings) in &mut readings {
+            if !matches!(expected.get(sensor), Some(Expected::Stream(_))) {
+                continue;
+            }
+            readings.sort_by_key(|r| r.0);
+            let owed = transitions(readings.iter().map(|r| r.1)).len();
+            let last = readings.iter().map(|r| r.2).max();
+            // Commands decided on those readings: on a reading no later than the last.
+            let written: BTreeSet<u64> = (commands.iter())
+                .filter(|e| e.sensor_id == *sensor && time(&e.reading_time) <= last)
+                .map(|e| e.sequence)
+                .collect();
+            if written.len() < owed {
+                problems.push(format!(
+                    "{sensor}: {} readings committed owe {owed} commands, {} written",
+                    readings.len(),
+                    written.len()
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// Readings on the sensor topic the group has not committed yet (blocking).
+fn uncommitted(topics: &Topics) -> i64 {
+    let done = committed(topics);
+    let consumer = admin_consumer("chaos-watermarks");
     (0..PARTITIONS)
         .map(|p| {
             let (_, high) = consumer
                 .fetch_watermarks(&topics.sensors, p, Duration::from_secs(10))
                 .expect("watermarks");
-            let done = match committed
-                .find_partition(&topics.sensors, p)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            };
-            high - done
+            high - done.get(&p).copied().unwrap_or(0)
         })
         .sum()
 }
 
 /// Records on all partitions of `topic` (blocking).
 fn watermark_total(topic: &str) -> i64 {
+    watermark_total_of(topic, PARTITIONS)
+}
+
+/// Records on `topic`'s first `partitions` partitions (blocking).
+pub fn watermark_total_of(topic: &str, partitions: i32) -> i64 {
     let consumer = admin_consumer("chaos-watermarks");
-    (0..PARTITIONS)
+    (0..partitions)
         .map(|p| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
@@ -639,7 +763,8 @@ pub fn transitions(temperatures: impl IntoIterator<Item = f64>) -> Vec<Transitio
 /// What a sensor's deduplicated command stream must be.
 #[derive(Debug, Clone)]
 pub enum Expected {
-    /// Exactly these commands, with these reasons, sequences 1..=n.
+    /// Exactly these commands, with these reasons, in consecutive sequences (from 1, or from
+    /// above the sequence floor when the sensor was first commanded after a reassignment).
     Stream(Vec<Transition>),
     /// Any alternating stream that ends with this command (setpoints changed at times the
     /// test does not control).
@@ -654,7 +779,7 @@ pub struct Tally {
     pub duplicates: usize,
     /// Two different commands with the same (sensor, sequence).
     pub conflicts: usize,
-    /// Sequences missing below a sensor's highest one.
+    /// Sequences missing between a sensor's lowest and highest one.
     pub gaps: usize,
     /// Commands that differ from the expected one at their sequence (or come beyond it).
     pub mismatches: usize,
@@ -725,7 +850,8 @@ pub fn check(events: &[pb::HeaterCommandEvent], expected: &BTreeMap<String, Expe
     }
     for (sensor, commands) in &seen {
         let (&top, &(command, _)) = commands.last_key_value().expect("one command at least");
-        let gaps = (1..=top).filter(|s| !commands.contains_key(s)).count();
+        let first = *commands.keys().next().expect("one command at least");
+        let gaps = (first..=top).filter(|s| !commands.contains_key(s)).count();
         if gaps > 0 {
             report.tally.gaps += gaps;
             report
@@ -747,8 +873,10 @@ fn judge(report: &mut Report, sensor: &str, got: &BTreeMap<u64, Transition>, wan
     let (tally, problems) = (&mut report.tally, &mut report.problems);
     match want {
         Expected::Stream(want) => {
+            // A lost first command shows as a mismatch: commands alternate.
+            let first = got.keys().next().copied().unwrap_or(1);
             for (&sequence, got) in got {
-                let expected = want.get((sequence as usize).wrapping_sub(1));
+                let expected = want.get((sequence - first) as usize);
                 if expected != Some(got) {
                     tally.mismatches += 1;
                     problems.push(format!(
@@ -756,8 +884,9 @@ fn judge(report: &mut Report, sensor: &str, got: &BTreeMap<u64, Transition>, wan
                     ));
                 }
             }
-            let top = got.keys().last().copied().unwrap_or(0) as usize;
-            let missing = want.len().saturating_sub(top);
+            let top = got.keys().last().copied().unwrap_or(0);
+            let covered = (top + 1).saturating_sub(first) as usize;
+            let missing = want.len().saturating_sub(covered);
             if missing > 0 {
                 tally.missing += missing;
                 problems.push(format!(
@@ -892,3 +1021,43 @@ impl Rng {
         low + Duration::from_millis(self.next() % span.max(1))
     }
 }
+
+/// librdkafka's mock cluster of one broker, listening on a loopback port, in place of the
+/// suite's Tansu while it lives: for faults Tansu 0.6 cannot take (a broker connection cut and
+/// back with its data and groups, a member expired at its session timeout).
+pub struct MockBroker(pub MockCluster<'static, DefaultProducerContext>);
+
+impl MockBroker {
+    pub fn start() -> Self {
+        Self::with_brokers(1)
+    }
+
+    /// `brokers` brokers, ids 1 and up; topics are led by broker 1 unless moved.
+    pub fn with_brokers(brokers: i32) -> Self {
+        let mock = MockCluster::new(brokers).expect("mock cluster");
+        super::kafka::use_brokers(Some(mock.bootstrap_servers()));
+        Self(mock)
+    }
+
+    /// Fresh topics, led by broker 1 like their groups' coordinator.
+    pub fn topics(&self) -> Topics {
+        use rdkafka::mocking::MockCoordinator::Group;
+        let topics = Topics::on_mock(&self.0, PARTITIONS);
+        for group in [
+            topics.group.clone(),
+            format!("{}-command-follower", topics.group),
+        ] {
+            self.0.coordinator(Group(group), 1).expect("coordinator");
+        }
+        topics
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        super::kafka::use_brokers(None);
+    }
+}
+
+/// What replicas on a mock cluster need: it describes no topic settings.
+pub const ON_MOCK: (&str, &str) = ("ALLOW_COMMAND_TOPIC_DELETION", "true");

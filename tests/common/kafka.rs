@@ -21,8 +21,18 @@ use thermostat::proto::v1 as pb;
 
 use super::{env, unique_name};
 
+/// A broker of one test's own in place of the suite's (see [`use_brokers`]).
+static BROKERS: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 pub fn brokers() -> String {
-    env("THERMOSTAT_TEST_BROKERS")
+    let own = BROKERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    own.unwrap_or_else(|| env("THERMOSTAT_TEST_BROKERS"))
+}
+
+/// Points every helper of this test binary at `brokers` (`None`: the suite's broker again).
+/// Only for tests that run alone in their binary, like the fault suite's scenarios.
+pub fn use_brokers(brokers: Option<String>) {
+    *BROKERS.lock().unwrap_or_else(|e| e.into_inner()) = brokers;
 }
 
 fn client_config() -> ClientConfig {
@@ -53,14 +63,31 @@ impl Topics {
         }
     }
 
-    pub async fn create(partitions: i32) -> Self {
-        let topics = Topics {
+    fn named(partitions: i32) -> Self {
+        Topics {
             sensors: unique_name("sensors"),
             commands: unique_name("commands"),
             dead_letters: unique_name("dlq"),
             group: unique_name("group"),
             partitions,
-        };
+        }
+    }
+
+    /// Fresh topics on a librdkafka mock cluster, which takes no CreateTopics request.
+    pub fn on_mock(mock: &MockCluster<'static, DefaultProducerContext>, partitions: i32) -> Self {
+        let topics = Self::named(partitions);
+        for (topic, n) in [
+            (&topics.sensors, partitions),
+            (&topics.commands, partitions),
+            (&topics.dead_letters, 1),
+        ] {
+            mock.create_topic(topic, n, 1).expect("topic");
+        }
+        topics
+    }
+
+    pub async fn create(partitions: i32) -> Self {
+        let topics = Self::named(partitions);
         let admin: AdminClient<DefaultClientContext> =
             client_config().create().expect("admin client");
         let new = [
@@ -79,6 +106,31 @@ impl Topics {
         }
         topics
     }
+}
+
+/// Deletes `topic` with every record and creates it again, empty and compacted, as a lost
+/// broker or an operator's mistake would leave it.
+pub async fn recreate_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
+    let options = AdminOptions::new();
+    for result in admin
+        .delete_topics(&[topic], &options)
+        .await
+        .expect("delete")
+    {
+        result.expect("topic deleted");
+    }
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    // The deletion may take a moment to complete.
+    for _ in 0..50 {
+        let created = admin.create_topics([&new], &options).await.expect("create");
+        if created.iter().all(|r| r.is_ok()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("topic {topic} could not be created again");
 }
 
 /// Points `config` at a fresh librdkafka mock cluster of one broker (id 1) that holds its
@@ -130,6 +182,25 @@ impl Sensors {
             .send(record, Duration::from_secs(10))
             .await
             .expect("reading delivered");
+    }
+
+    /// `count` records of `payload` under `key`, sent together, 16 to a batch (read from the
+    /// start, Tansu serves them whole).
+    pub async fn flood(&self, key: &str, payload: &[u8], count: usize) {
+        let producer: FutureProducer = client_config()
+            .set("batch.num.messages", "16")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let mut deliveries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let record: FutureRecord<'_, str, [u8]> =
+                FutureRecord::to(&self.topic).key(key).payload(payload);
+            deliveries.push(producer.send(record, Duration::from_secs(120)));
+        }
+        for delivered in futures::future::join_all(deliveries).await {
+            delivered.expect("record delivered");
+        }
     }
 
     pub async fn reading(&self, sensor: &str, celsius: f64, time: DateTime<Utc>) {
