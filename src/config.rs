@@ -1,41 +1,11 @@
-//! Configuration: one typed struct per command, parsed once by clap. Every option is a flag
-//! with an environment-variable equivalent and a default that works on a developer machine.
+//! Configuration of the service and its operator commands: one typed struct per command,
+//! parsed once by clap (the binary puts them together). Every option is a flag with an
+//! environment-variable equivalent and a default that works on a developer machine.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "thermostat",
-    version,
-    about = "Keeps buildings at the temperature their operators ask for"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub log: LogConfig,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-// Parsed once at start: the size difference between variants does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the gRPC service (applies pending migrations first).
-    Serve(ServeConfig),
-    /// Apply pending database migrations and exit.
-    Migrate(DatabaseConfig),
-    /// Create the sensor, command and dead-letter topics (existing ones are kept).
-    CreateTopics(CreateTopicsConfig),
-    /// Produce one sensor reading to the sensor topic, as a building gateway would.
-    SendReading(SendReadingConfig),
-    /// Run a simulated building whose thermostat is the service.
-    Simulate(crate::sim::SimConfig),
-    /// The service and a simulated building in one process (the main job).
-    Demo(crate::demo::DemoConfig),
-}
+use clap::{Args, ValueEnum};
 
 #[derive(Debug, Clone, Args)]
 pub struct CreateTopicsConfig {
@@ -389,14 +359,22 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// `thermostat serve` as the binary parses it.
+    #[derive(Debug, Parser)]
+    struct Serve {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeConfig, clap::Error> {
+        Serve::try_parse_from([&["serve"], args].concat()).map(|s| s.serve)
+    }
 
     #[test]
     fn defaults_parse_and_flags_override() {
-        let cli = Cli::try_parse_from(["thermostat", "serve", "--grpc-addr", "127.0.0.1:0"])
-            .expect("parses");
-        let Command::Serve(serve) = cli.command else {
-            panic!("expected serve")
-        };
+        let serve = parse(&["--grpc-addr", "127.0.0.1:0"]).expect("parses");
         assert_eq!(serve.grpc_addr.port(), 0);
         assert_eq!(serve.shutdown_timeout, Duration::from_secs(20));
     }
@@ -453,12 +431,7 @@ mod tests {
         ] {
             assert!(celsius_range(bad).is_err(), "{bad:?} was accepted");
         }
-        let cli =
-            Cli::try_parse_from(["thermostat", "serve", "--reading-range-celsius", "-50..60"])
-                .expect("parses");
-        let Command::Serve(serve) = cli.command else {
-            panic!("expected serve")
-        };
+        let serve = parse(&["--reading-range-celsius", "-50..60"]).expect("parses");
         assert!(serve.kafka.reading_range_celsius.contains(-50.0));
         assert!(!serve.kafka.reading_range_celsius.contains(60.5));
     }
@@ -477,7 +450,7 @@ mod tests {
             "--http2-keepalive-timeout",
             "--health-check-interval",
         ] {
-            let parse = |value| Cli::try_parse_from(["thermostat", "serve", flag, value]);
+            let parse = |value| parse(&[flag, value]);
             let err = parse("0s").expect_err(flag).to_string();
             assert!(
                 err.contains(flag) && err.contains("greater than zero"),
@@ -486,13 +459,12 @@ mod tests {
             assert!(parse("1ms").is_ok(), "{flag} 1ms");
         }
         // Zero stays a valid wait or linger.
-        let zero = Cli::try_parse_from(["thermostat", "serve", "--kafka-linger", "0s"]);
+        let zero = parse(&["--kafka-linger", "0s"]);
         assert!(zero.is_ok());
     }
 
     #[test]
     fn credentials_come_in_complete_sets() {
-        let parse = |args: &[&str]| Cli::try_parse_from([&["thermostat", "serve"], args].concat());
         assert!(
             parse(&["--tls-cert-file", "c.pem"]).is_err(),
             "a certificate needs its key"
@@ -517,9 +489,7 @@ mod tests {
             "a",
         ];
         assert!(parse(&ok).is_ok());
-        let Command::Serve(serve) = parse(&[]).expect("parses").command else {
-            panic!("expected serve")
-        };
+        let serve = parse(&[]).expect("parses");
         assert!(
             !serve.auth.auth_disabled,
             "authentication is on unless switched off"
@@ -529,6 +499,6 @@ mod tests {
 
     #[test]
     fn clap_definition_is_consistent() {
-        <Cli as clap::CommandFactory>::command().debug_assert();
+        <Serve as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -11,9 +11,10 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServeConfig;
+use crate::error::error_chain;
 use crate::sim::{self, BuildingConfig, SimConfig};
-use crate::startup::{error_chain, Application};
-use crate::stream::admin::create_topics;
+use crate::startup::Application;
+use crate::stream::topics::create_topics;
 
 /// Partitions of the demo's topics.
 const PARTITIONS: i32 = 3;

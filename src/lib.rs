@@ -5,7 +5,7 @@
 //! (gRPC), `security` (TLS and who is calling), `config`, `telemetry`, and `startup` which wires
 //! them into an [`Application`].
 
-pub mod admin;
+pub mod admin_port;
 pub mod api;
 pub mod config;
 pub mod demo;

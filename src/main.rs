@@ -1,14 +1,47 @@
 //! The `thermostat` binary: parses configuration and hands it to the library.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use thermostat::config::{Cli, Command};
+use thermostat::config::{
+    CreateTopicsConfig, DatabaseConfig, LogConfig, SendReadingConfig, ServeConfig,
+};
 use thermostat::domain::SensorId;
 use thermostat::store::Store;
 use thermostat::stream;
 use thermostat::{telemetry, Application};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "thermostat",
+    version,
+    about = "Keeps buildings at the temperature their operators ask for"
+)]
+struct Cli {
+    #[command(flatten)]
+    log: LogConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once at start: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC service (applies pending migrations first).
+    Serve(ServeConfig),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseConfig),
+    /// Create the sensor, command and dead-letter topics (existing ones are kept).
+    CreateTopics(CreateTopicsConfig),
+    /// Produce one sensor reading to the sensor topic, as a building gateway would.
+    SendReading(SendReadingConfig),
+    /// Run a simulated building whose thermostat is the service.
+    Simulate(thermostat::sim::SimConfig),
+    /// The service and a simulated building in one process (the main job).
+    Demo(thermostat::demo::DemoConfig),
+}
 
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -35,7 +68,7 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
         }
         Command::CreateTopics(c) => {
-            let created = stream::admin::create_topics(&c.kafka, c.partitions, c.replication)
+            let created = stream::topics::create_topics(&c.kafka, c.partitions, c.replication)
                 .await
                 .context("creating topics")?;
             tracing::info!(?created, "topics ready");
@@ -43,7 +76,7 @@ async fn run() -> anyhow::Result<()> {
         Command::SendReading(c) => {
             let sensor = SensorId::parse(c.sensor_id)?;
             let time = c.reading_time.unwrap_or_else(chrono::Utc::now);
-            stream::admin::send_reading(&c.kafka, &sensor, c.temperature_celsius, time)
+            stream::topics::send_reading(&c.kafka, &sensor, c.temperature_celsius, time)
                 .await
                 .context("sending the reading")?;
             tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");
@@ -87,4 +120,12 @@ async fn cancel_on_signal(token: CancellationToken) {
     }
     tracing::info!("signal received");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

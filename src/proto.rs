@@ -1,5 +1,7 @@
-//! Code generated from `proto/` by `build.rs` (never edited by hand), and the encoded
-//! descriptor set that server reflection serves.
+//! Code generated from `proto/` by `build.rs` (never edited by hand), the encoded descriptor
+//! set that server reflection serves, and the conversion both the API and the Kafka edges need.
+
+use chrono::{DateTime, Utc};
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -9,3 +11,38 @@ pub mod v1 {
 /// Every file of `proto/` and its imports, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/thermostat_descriptor.bin"));
+
+/// A protobuf timestamp of `time`. chrono writes a leap second (a JSON reading at `23:59:60`, a
+/// protobuf one with `nanos` from 1e9 on a :59 second) as nanoseconds past 1e9, which a
+/// protobuf timestamp does not allow and strict clients refuse: it becomes the last nanosecond
+/// of the second before.
+pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
+    const LAST_NANO: u32 = 999_999_999;
+    prost_types::Timestamp {
+        seconds: time.timestamp(),
+        // At most LAST_NANO, so it fits.
+        nanos: time.timestamp_subsec_nanos().min(LAST_NANO) as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leap_second_becomes_the_last_nanosecond_before_it() {
+        let plain = DateTime::from_timestamp(1_800_000_000, 5).unwrap();
+        assert_eq!(
+            timestamp(plain),
+            prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: 5
+            }
+        );
+        let leap = DateTime::parse_from_rfc3339("2016-12-31T23:59:60.5Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let t = timestamp(leap);
+        assert_eq!((t.seconds % 60, t.nanos), (59, 999_999_999));
+    }
+}

@@ -14,6 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::metrics_layer::GrpcMetricsLayer;
 use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
 use crate::config::{LimitsConfig, ServeConfig};
+use crate::error::error_chain;
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
@@ -224,7 +225,7 @@ impl Application {
         {
             let stop = stop.clone();
             tasks.spawn(async move {
-                crate::admin::serve(admin, stop).await;
+                crate::admin_port::serve(admin, stop).await;
                 Ok(())
             });
         }
@@ -435,16 +436,4 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
         .filter(|v| v.len() <= 64)
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
     tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
-}
-
-/// An error with its causes, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -525,7 +525,7 @@ fn reading_of_s(celsius: Option<f64>, time: chrono::DateTime<Utc>) -> Vec<u8> {
     prost::Message::encode_to_vec(&pb::SensorReading {
         sensor_id: "s".into(),
         temperature_celsius: celsius,
-        reading_time: Some(thermostat::api::convert::timestamp(time)),
+        reading_time: Some(thermostat::proto::timestamp(time)),
     })
 }
 

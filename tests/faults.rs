@@ -14,8 +14,8 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use common::{put, TestApp};
-use thermostat::api::convert::timestamp;
 use thermostat::config::KafkaConfig;
+use thermostat::proto::timestamp;
 use thermostat::proto::v1 as pb;
 
 /// The consumer group's committed offset on the sensor topic's only partition, if any.
@@ -76,7 +76,7 @@ async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_aft
         .await
         .expect("the service stops by itself")
         .expect("no panic");
-    let why = thermostat::startup::error_chain(&ended.expect_err("stopped with an error"));
+    let why = thermostat::error::error_chain(&ended.expect_err("stopped with an error"));
     assert!(why.contains("Authorization"), "{why}");
     assert_eq!(
         committed(&kafka),

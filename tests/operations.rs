@@ -376,7 +376,7 @@ async fn the_database_connection_can_be_tls_with_a_verified_server() {
         .await
         .err()
         .expect("connected to a server it could not verify");
-    let chain = thermostat::startup::error_chain(&refused);
+    let chain = thermostat::error::error_chain(&refused);
     assert!(chain.to_lowercase().contains("certificate"), "{chain}");
 
     // The right root: the service runs, and its connections are TLS.
@@ -423,7 +423,7 @@ async fn a_command_topic_that_can_lose_last_commands_is_refused_unless_allowed()
     let refused = thermostat::startup::Application::build(config.clone())
         .await
         .err()
-        .map(|e| thermostat::startup::error_chain(&e))
+        .map(|e| thermostat::error::error_chain(&e))
         .expect("the start is refused");
     for expected in [
         "cleanup.policy",

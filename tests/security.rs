@@ -1211,7 +1211,7 @@ async fn refusal(config: thermostat::config::ServeConfig) -> String {
         .await
         .err()
         .expect("refused");
-    thermostat::startup::error_chain(&err)
+    thermostat::error::error_chain(&err)
 }
 
 #[tokio::test]

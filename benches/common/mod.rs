@@ -112,7 +112,7 @@ pub fn config(database_url: String, names: &Names) -> ServeConfig {
 /// Creates the sensor, command and dead-letter topics of `names` (kept if they exist).
 pub async fn create_topics(names: &Names, partitions: i32) {
     let config = config(String::new(), names);
-    thermostat::stream::admin::create_topics(&config.kafka, partitions, 1)
+    thermostat::stream::topics::create_topics(&config.kafka, partitions, 1)
         .await
         .expect("topics");
 }

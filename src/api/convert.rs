@@ -1,22 +1,8 @@
 //! Conversions between protobuf messages and domain types: validation happens here, once.
 
-use chrono::{DateTime, Utc};
-
 use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError};
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
-
-/// A protobuf timestamp of `time`. chrono writes a leap second (a JSON reading at `23:59:60`, a
-/// protobuf one with `nanos` from 1e9 on a :59 second) as nanoseconds past 1e9, which a
-/// protobuf timestamp does not allow and strict clients refuse: it becomes the last nanosecond
-/// of the second before.
-pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
-    const LAST_NANO: u32 = 999_999_999;
-    prost_types::Timestamp {
-        seconds: time.timestamp(),
-        // At most LAST_NANO, so it fits.
-        nanos: time.timestamp_subsec_nanos().min(LAST_NANO) as i32,
-    }
-}
 
 /// The setpoint and reason of a Put, with errors naming `setpoint.<field>`.
 pub fn setpoint_from_proto(
@@ -65,27 +51,5 @@ pub fn expected_revision(value: Option<i64>) -> Result<Option<i64>, ValidationEr
             "must not be negative",
         )),
         other => Ok(other),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_leap_second_becomes_the_last_nanosecond_before_it() {
-        let plain = DateTime::from_timestamp(1_800_000_000, 5).unwrap();
-        assert_eq!(
-            timestamp(plain),
-            prost_types::Timestamp {
-                seconds: 1_800_000_000,
-                nanos: 5
-            }
-        );
-        let leap = DateTime::parse_from_rfc3339("2016-12-31T23:59:60.5Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let t = timestamp(leap);
-        assert_eq!((t.seconds % 60, t.nanos), (59, 999_999_999));
     }
 }

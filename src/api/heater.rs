@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::authorize;
-use super::convert::{setpoint_to_proto, timestamp};
+use super::convert::setpoint_to_proto;
 use super::limits::{Limits, SubscriptionSlot};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::security::{Authenticator, Credentials};
 use crate::store::Store;

@@ -2,15 +2,14 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{
-    expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values, timestamp,
-};
+use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
 use super::limits::Limits;
 use super::{authorize, page_token};
 use crate::config::CelsiusRange;
 use crate::domain::control::{self, Band};
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::store::{PutOutcome, Store};
 

@@ -29,8 +29,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::convert::timestamp;
 use crate::config::KafkaConfig;
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::stream::{self, StreamError};
 pub use model::ThermalModel;
@@ -352,7 +352,7 @@ impl Run<'_> {
                 _ = until(deadline) => break,
                 ended = &mut *follower => {
                     return Err(match ended {
-                        Ok(Err(e)) => SimError::Follower(crate::startup::error_chain(&e)),
+                        Ok(Err(e)) => SimError::Follower(crate::error::error_chain(&e)),
                         Ok(Ok(())) => SimError::Follower("it ended".into()),
                         Err(e) => SimError::Follower(e.to_string()),
                     });

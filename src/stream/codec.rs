@@ -5,10 +5,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 use prost::Message;
 use serde::Deserialize;
 
-use crate::api::convert::timestamp;
 use crate::config::{CelsiusRange, SensorFormat};
 use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
 use crate::domain::{Celsius, SensorId};
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 
 /// Readings stamped further in the future than this are rejected: accepting one would make every

@@ -109,9 +109,9 @@ pub enum Input {
 /// A batch of sensor-topic records.
 pub struct Records {
     pub records: Vec<Record>,
-    /// The batch's places in the readings task's bound on records queued for the engine,
+    /// The batch's permits of the readings task's bound on records queued for the engine,
     /// given back when the batch has been applied.
-    pub places: OwnedSemaphorePermit,
+    pub queue_permits: OwnedSemaphorePermit,
 }
 
 pub enum Record {
@@ -221,14 +221,14 @@ impl SnapshotCursor {
 
 /// Part of a snapshot: the last command events of matching heaters whose index in the cache is
 /// from `from` up to where the next part starts (or on, for the last part), as they were after
-/// the live event numbered `through`.
+/// the live event numbered `live_through`.
 #[derive(Debug, Default)]
 pub struct SnapshotPart {
     pub events: Vec<pb::HeaterCommandEvent>,
     /// Where the next part starts; `None` after the last.
     pub next: Option<SnapshotCursor>,
     from: SensorIndex,
-    through: u64,
+    live_through: u64,
 }
 
 /// A command event read back from the command topic that is news for its sensor, as
@@ -259,7 +259,7 @@ pub struct SnapshotCoverage {
 impl SnapshotCoverage {
     /// Records a part as sent; parts must be added in the order they were taken.
     pub fn add(&mut self, part: &SnapshotPart) {
-        self.parts.push((part.from, part.through));
+        self.parts.push((part.from, part.live_through));
     }
 
     /// Whether a part already sent reflects `live` (or a newer event of its sensor).
@@ -589,7 +589,7 @@ impl Engine {
                     events,
                     next: next.map(|from| SnapshotCursor { from, newer_than }),
                     from,
-                    through: self.live_events,
+                    live_through: self.live_events,
                 });
                 Ok(())
             }
@@ -613,7 +613,7 @@ impl Engine {
             return Ok(());
         };
         let i = self.sensors.find_or_insert(&sensor)?;
-        self.pass_on(i, event, &building);
+        self.broadcast_if_news(i, event, &building);
         self.decide(i, |control| control.observe(last, building, reading));
         // A partition of another partition count names no owner.
         match reading_partition {
@@ -860,7 +860,7 @@ impl Engine {
     /// decisions read back (with the number it got when decided and kept, so that a snapshot
     /// taken in between covers it), or newer than the last one kept. What is broadcast for a
     /// sensor goes up in sequence.
-    fn pass_on(
+    fn broadcast_if_news(
         &mut self,
         i: SensorIndex,
         event: &Arc<pb::HeaterCommandEvent>,
@@ -994,10 +994,10 @@ mod tests {
     use rdkafka::ClientConfig;
     use tokio::sync::Semaphore;
 
-    fn part(from: SensorIndex, through: u64) -> SnapshotPart {
+    fn part(from: SensorIndex, live_through: u64) -> SnapshotPart {
         SnapshotPart {
             from,
-            through,
+            live_through,
             ..SnapshotPart::default()
         }
     }
@@ -1167,7 +1167,7 @@ mod tests {
 
     /// A reading of `sensor` taken now, at `offset` of partition 0.
     async fn reading(sensor: &SensorId, celsius: f64, offset: i64) -> Input {
-        let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let queue_permits = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         Input::Records(Records {
             records: vec![Record::Reading {
                 sensor: sensor.clone(),
@@ -1182,15 +1182,15 @@ mod tests {
                 },
                 received: Instant::now(),
             }],
-            places,
+            queue_permits,
         })
     }
 
     async fn end_of_partition_0() -> Input {
-        let places = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let queue_permits = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         Input::Records(Records {
             records: vec![Record::End { partition: 0 }],
-            places,
+            queue_permits,
         })
     }
 

@@ -6,7 +6,6 @@
 //! the feed of subscribers) and `setpoint_sync` (LISTEN/NOTIFY and resyncs). Domain rules live in
 //! `domain::control`; this module only moves data.
 
-pub mod admin;
 mod cache;
 pub mod codec;
 pub mod commands;
@@ -16,6 +15,7 @@ mod handoff;
 pub mod readings;
 mod sequences;
 pub mod setpoint_sync;
+pub mod topics;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -285,7 +285,7 @@ pub async fn start(
     if kafka.allow_command_topic_deletion {
         tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
     } else {
-        admin::check_command_retention(kafka).await?;
+        topics::check_command_retention(kafka).await?;
     }
     // The follower never commits: it always reads the command topic from the beginning.
     let follower_consumer: StreamConsumer =

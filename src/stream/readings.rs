@@ -288,14 +288,17 @@ impl Readings {
         if records.is_empty() {
             return true;
         }
-        let Ok(places) = queued
+        let Ok(queue_permits) = queued
             .clone()
             .acquire_many_owned(records.len() as u32)
             .await
         else {
             return false;
         };
-        let batch = Input::Records(Records { records, places });
+        let batch = Input::Records(Records {
+            records,
+            queue_permits,
+        });
         self.engine.send(batch).await.is_ok()
     }
 

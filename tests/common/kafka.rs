@@ -16,7 +16,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use thermostat::api::convert::timestamp;
+use thermostat::proto::timestamp;
 use thermostat::proto::v1 as pb;
 
 use super::{env, unique_name};

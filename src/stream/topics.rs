@@ -13,9 +13,9 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::{client_config, enqueue, producer, StreamError};
-use crate::api::convert::timestamp;
 use crate::config::{KafkaConfig, SensorFormat};
 use crate::domain::SensorId;
+use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 
 /// Creates the sensor, command and dead-letter topics; existing ones are left as they are.
