@@ -5,8 +5,11 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
@@ -64,6 +67,11 @@ pub struct Application {
     auth: Authenticator,
     tls: Option<Arc<Reloadable<tokio_rustls::rustls::ServerConfig>>>,
     control: ControlHandle,
+    /// The application services (behind authentication), health and reflection.
+    api: Routes,
+    /// Health alone, for the plaintext probe port.
+    health: Routes,
+    reporter: HealthReporter,
     tasks: JoinSet<Result<(), StreamError>>,
     /// Stops every task; cancelled when the caller's shutdown token is.
     stop: CancellationToken,
@@ -145,7 +153,13 @@ impl Application {
                 addr: config.admin_addr,
                 source,
             })?;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let api = api_routes(&config, &store, &control, &auth, &stop)?
+            .add_service(health_service.clone());
         Ok(Self {
+            health: Routes::new(health_service),
+            api,
+            reporter,
             config,
             store,
             incoming,
@@ -202,41 +216,21 @@ impl Application {
             auth,
             tls,
             control,
+            api,
+            health,
+            reporter,
             mut tasks,
             stop,
         } = self;
-        let (reporter, health_service) = tonic_health::server::health_reporter();
         // Not ready until the first database probe succeeds.
         health::set_all(&reporter, ServingStatus::NotServing).await;
         reporter
             .set_service_status(health::LIVENESS, ServingStatus::Serving)
             .await;
-        let (reflection_v1, reflection_v1alpha) = api::reflection_services()?;
-
-        {
-            let (reporter, store, stop) = (reporter.clone(), store.clone(), stop.clone());
-            let (control, interval) = (control.clone(), config.health_check_interval);
-            tasks.spawn(async move {
-                health::monitor(reporter, store, control, interval, stop).await;
-                Ok(())
-            });
-        }
-
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                crate::admin_port::serve(admin, stop).await;
-                Ok(())
-            });
-        }
-        {
-            let stop = stop.clone();
-            tasks.spawn(async move {
-                crate::telemetry::upkeep(stop).await;
-                Ok(())
-            });
-        }
-
+        spawn_upkeep(
+            &mut tasks, &reporter, store, &control, admin, &config, &stop,
+        );
+        announce_security(&auth, tls.is_some(), &config);
         let stop_accepting = {
             let stop = stop.clone();
             async move {
@@ -244,43 +238,11 @@ impl Application {
                 health::set_all(&reporter, ServingStatus::NotServing).await;
             }
         };
-        announce_security(&auth, tls.is_some(), &config);
-        let limits = Limits::new(&config.limits);
-        let max_message = config.limits.max_message_size;
-        let setpoints = SetpointServiceServer::new(SetpointApi::new(
-            store.clone(),
-            limits.clone(),
-            config.kafka.reading_range_celsius,
-        ))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-        let heater = HeaterControlServiceServer::new(HeaterApi::new(
-            control.clone(),
-            store,
-            limits,
-            auth.clone(),
-            config.auth.credentials_reload_interval,
-            stop.clone(),
-        ))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
-        // Health and reflection need no token: health says only SERVING or not, and reflection
-        // describes the public API schema, which is in this repository. Both still go through
-        // TLS when it is on. The application services require an identity.
         let router = server_builder(&config.limits)
             .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
-            .add_service(health_service.clone())
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                setpoints,
-                auth.clone(),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                heater, auth,
-            ));
-        let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match tls {
+            .add_routes(api);
+        let server: ServerFuture = match tls {
             Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
                 security::tls::incoming(
                     incoming,
@@ -293,25 +255,8 @@ impl Application {
             None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop_accepting)),
         };
         tracing::info!(addr = %local_addr, "serving gRPC");
-
-        // Plaintext and health-only, for Kubernetes probes, which can neither do TLS with our
-        // certificates nor present a token.
-        let health_server = {
-            let stop = stop.clone();
-            server_builder(&config.limits)
-                .add_service(health_service)
-                .serve_with_incoming_shutdown(
-                    health_incoming,
-                    async move { stop.cancelled().await },
-                )
-        };
+        spawn_health_port(&mut tasks, &config.limits, health, health_incoming, &stop);
         tracing::info!(addr = %health_addr, "serving gRPC health");
-        tasks.spawn(async move {
-            if let Err(e) = health_server.await {
-                tracing::error!(error = %error_chain(&e), "health server failed");
-            }
-            Ok(())
-        });
 
         let mut server = std::pin::pin!(server);
         let failure = tokio::select! {
@@ -333,41 +278,147 @@ impl Application {
             tasks.shutdown().await;
             return Err(failure);
         }
-
-        tracing::info!(budget = ?config.shutdown_timeout, "shutting down");
-        let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-        // The loop first: it stops consuming, waits for outstanding commands to be acknowledged
-        // and commits their offsets. It does not depend on clients, unlike the server below.
-        let tasks_stopped = tokio::time::timeout_at(deadline, async {
-            while let Some(ended) = tasks.join_next().await {
-                if let Ok(Err(e)) = ended {
-                    tracing::error!(error = %error_chain(&e), "task failed while stopping");
-                }
-            }
-        })
-        .await;
-        if tasks_stopped.is_err() {
-            tracing::warn!("the control loop did not stop within the shutdown budget");
-        }
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let flushing = control.clone();
-        let _ = tokio::task::spawn_blocking(move || flushing.flush(remaining)).await;
-        // Subscriber streams have been told UNAVAILABLE; a client that does not read never
-        // receives it and keeps its connection open: give up on those at the deadline.
-        match tokio::time::timeout_at(deadline, server).await {
-            Ok(served) => served?,
-            Err(_) => tracing::warn!("connections still open at the end of the shutdown budget"),
-        }
-        let stats = control.stats();
-        tracing::info!(
-            readings = LoopStats::get(&stats.readings),
-            dead_lettered = LoopStats::get(&stats.dead_lettered),
-            commands = LoopStats::get(&stats.commands),
-            "stopped"
-        );
-        Ok(())
+        shut_down(config.shutdown_timeout, tasks, control, server).await
     }
 }
+
+/// The gRPC server's future, whichever transport it serves.
+type ServerFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+>;
+
+/// The services of the API port: setpoints and heater control behind authentication, and
+/// reflection. Health and reflection need no token: health says only SERVING or not, and
+/// reflection describes the public API schema, which is in this repository. Both still go
+/// through TLS when it is on.
+fn api_routes(
+    config: &ServeConfig,
+    store: &Store,
+    control: &ControlHandle,
+    auth: &Authenticator,
+    stop: &CancellationToken,
+) -> Result<Routes, StartupError> {
+    let limits = Limits::new(&config.limits);
+    let max_message = config.limits.max_message_size;
+    let setpoints = SetpointServiceServer::new(SetpointApi::new(
+        store.clone(),
+        limits.clone(),
+        config.kafka.reading_range_celsius,
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let heater = HeaterControlServiceServer::new(HeaterApi::new(
+        control.clone(),
+        store.clone(),
+        limits,
+        auth.clone(),
+        config.auth.credentials_reload_interval,
+        stop.clone(),
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let (reflection_v1, reflection_v1alpha) = api::reflection_services()?;
+    Ok(Routes::new(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(setpoints, auth.clone()))
+        .add_service(InterceptedService::new(heater, auth.clone())))
+}
+
+/// The tasks that run beside the servers: the health monitor, the admin HTTP port and the
+/// metrics' upkeep.
+fn spawn_upkeep(
+    tasks: &mut JoinSet<Result<(), StreamError>>,
+    reporter: &HealthReporter,
+    store: Store,
+    control: &ControlHandle,
+    admin: tokio::net::TcpListener,
+    config: &ServeConfig,
+    stop: &CancellationToken,
+) {
+    let (reporter, control, interval) = (
+        reporter.clone(),
+        control.clone(),
+        config.health_check_interval,
+    );
+    let monitor_stop = stop.clone();
+    tasks.spawn(async move {
+        health::monitor(reporter, store, control, interval, monitor_stop).await;
+        Ok(())
+    });
+    let admin_stop = stop.clone();
+    tasks.spawn(async move {
+        crate::admin_port::serve(admin, admin_stop).await;
+        Ok(())
+    });
+    let upkeep_stop = stop.clone();
+    tasks.spawn(async move {
+        crate::telemetry::upkeep(upkeep_stop).await;
+        Ok(())
+    });
+}
+
+/// Plaintext and health-only, for Kubernetes probes, which can neither do TLS with our
+/// certificates nor present a token.
+fn spawn_health_port(
+    tasks: &mut JoinSet<Result<(), StreamError>>,
+    limits: &LimitsConfig,
+    health: Routes,
+    incoming: TcpIncoming,
+    stop: &CancellationToken,
+) {
+    let stop = stop.clone();
+    let server = server_builder(limits)
+        .add_routes(health)
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    tasks.spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %error_chain(&e), "health server failed");
+        }
+        Ok(())
+    });
+}
+
+/// The ordered shutdown within `budget`: the control loop first (it stops consuming, waits for
+/// outstanding commands to be acknowledged and commits their offsets; it does not depend on
+/// clients), then the producer's flush, then the server's last connections.
+async fn shut_down(
+    budget: std::time::Duration,
+    mut tasks: JoinSet<Result<(), StreamError>>,
+    control: ControlHandle,
+    server: std::pin::Pin<&mut ServerFuture>,
+) -> Result<(), StartupError> {
+    tracing::info!(?budget, "shutting down");
+    let deadline = tokio::time::Instant::now() + budget;
+    let tasks_stopped = tokio::time::timeout_at(deadline, async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Ok(Err(e)) = ended {
+                tracing::error!(error = %error_chain(&e), "task failed while stopping");
+            }
+        }
+    })
+    .await;
+    if tasks_stopped.is_err() {
+        tracing::warn!("the control loop did not stop within the shutdown budget");
+    }
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let flushing = control.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.flush(remaining)).await;
+    // Subscriber streams have been told UNAVAILABLE; a client that does not read never
+    // receives it and keeps its connection open: give up on those at the deadline.
+    match tokio::time::timeout_at(deadline, server).await {
+        Ok(served) => served?,
+        Err(_) => tracing::warn!("connections still open at the end of the shutdown budget"),
+    }
+    let stats = control.stats();
+    tracing::info!(
+        readings = LoopStats::get(&stats.readings),
+        dead_lettered = LoopStats::get(&stats.dead_lettered),
+        commands = LoopStats::get(&stats.commands),
+        "stopped"
+    );
+    Ok(())
+}
+
 /// A gRPC server with the connection limits of `limits`, for the API and the health port alike.
 fn server_builder(limits: &LimitsConfig) -> Server {
     Server::builder()
