@@ -248,60 +248,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<ControlHandle, StreamError> {
     let producer = producer(kafka)?;
-    let mut readings_config = consumer_config(kafka, &kafka.consumer_group);
-    readings_config
-        // Offsets are stored by hand once a reading's commands are acknowledged, and committed
-        // in the background from what was stored.
-        .set("enable.auto.offset.store", "false")
-        .set("enable.auto.commit", "true")
-        // Feeds the consumer-lag gauge.
-        .set("statistics.interval.ms", "5000")
-        // Tells the engine when a partition was read to its end: only then can a sensor's
-        // silence be told from readings that wait in the topic (consumer lag).
-        .set("enable.partition.eof", "true");
-    if let Some(instance) = &kafka.kafka_group_instance_id {
-        readings_config.set("group.instance.id", instance);
-    }
-    if kafka.kafka_session_timeout <= control.stale_check_interval + Duration::from_secs(1) {
-        return Err(StreamError::Setting(
-            "KAFKA_SESSION_TIMEOUT must exceed STALE_CHECK_INTERVAL + 1 s: a replica paused for the session timeout must notice its stall".into(),
-        ));
-    }
-    readings_config
-        .set("session.timeout.ms", millis(kafka.kafka_session_timeout))
-        .set("heartbeat.interval.ms", millis(heartbeat_interval(kafka)));
-    let readings_consumer: readings::ReadingsConsumer = readings_config
-        .create_with_context(handoff::RebalanceWatch::default())
-        .map_err(StreamError::Config)?;
-    let partition_counts = check_topics(
-        &producer,
-        &[
-            &kafka.sensor_topic,
-            &kafka.command_topic,
-            &kafka.dead_letter_topic,
-        ],
-    )
-    .await?;
-    if kafka.allow_command_topic_deletion {
-        tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
-    } else {
-        topics::check_command_retention(kafka).await?;
-    }
-    // The follower never commits: it always reads the command topic from the beginning.
-    let follower_consumer: StreamConsumer =
-        consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
-            .set("enable.auto.commit", "false")
-            // Read-ahead of 4 MB (~30k commands) instead of the readings' 16 MB: enough to keep
-            // the engine busy while catching up, and librdkafka's freed fetch buffers stay
-            // resident in its thread's malloc arena (28 MB of them after reading back 1M
-            // commands with 16 MB; BENCHMARKS.md, benchmark 5).
-            .set("queued.max.messages.kbytes", "4096")
-            .set(
-                "fetch.wait.max.ms",
-                millis(kafka.kafka_follower_fetch_wait_max),
-            )
-            .create()
-            .map_err(StreamError::Config)?;
+    let readings_consumer = readings_consumer(kafka, control)?;
+    let sensor_partitions = check_broker(kafka, &producer).await?;
 
     let stats = Arc::new(LoopStats::default());
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
@@ -309,7 +257,6 @@ pub async fn start(
     // The channel's capacity is how far a subscriber may fall behind before it is caught up
     // or dropped (api::heater).
     let (live, _) = broadcast::channel(control.subscriber_buffer.max(1));
-
     let out = engine::CommandOut {
         producer: producer.clone(),
         topic: kafka.command_topic.clone(),
@@ -317,7 +264,7 @@ pub async fn start(
     };
     let engine = Engine::new(
         out,
-        partition_counts[0],
+        sensor_partitions,
         acks_tx,
         control.stale_after,
         control.sensor_cache_limit,
@@ -339,35 +286,19 @@ pub async fn start(
         shutdown.clone(),
     ));
     let (follower, follower_task) = commands::follower(
-        follower_consumer,
+        follower_consumer(kafka)?,
         kafka.command_topic.clone(),
         engine_tx.clone(),
     );
     tasks.spawn(follower_task.run(shutdown.clone()));
-
-    // Order matters: last commands first, then setpoints, so that re-evaluating a setpoint
-    // knows what each heater was last told.
-    follower.caught_up().await?;
-    let (loaded_tx, loaded) = oneshot::channel();
-    tasks.spawn(setpoint_sync::run(
+    let sync = setpoint_sync::Sync {
         store,
-        engine_tx.clone(),
-        stats.clone(),
-        kafka.reading_range_celsius,
-        control.setpoint_resync_interval,
-        loaded_tx,
-        shutdown.clone(),
-    ));
-    loaded
-        .await
-        .map_err(|_| StreamError::Stopped("setpoint sync"))?;
-    // Every setpoint is queued for the engine; the barrier returns once it applied them.
-    let (done, applied) = oneshot::channel();
-    engine_tx
-        .send(Input::Barrier(done))
-        .await
-        .map_err(|_| StreamError::Stopped("engine"))?;
-    applied.await.map_err(|_| StreamError::Stopped("engine"))?;
+        engine: engine_tx.clone(),
+        stats: stats.clone(),
+        reading_range: kafka.reading_range_celsius,
+        resync_interval: control.setpoint_resync_interval,
+    };
+    recover(&follower, sync, &engine_tx, tasks, &shutdown).await?;
 
     let readings = readings::Readings {
         consumer: readings_consumer,
@@ -387,6 +318,94 @@ pub async fn start(
         producer,
         follower,
     })
+}
+
+/// Fails unless the three topics exist and the command topic keeps every sensor's last
+/// command (or the operator accepted the risk); returns the sensor topic's partition count.
+async fn check_broker(kafka: &KafkaConfig, producer: &FutureProducer) -> Result<i32, StreamError> {
+    let topics = [
+        &kafka.sensor_topic,
+        &kafka.command_topic,
+        &kafka.dead_letter_topic,
+    ];
+    let partitions = check_topics(producer, &topics).await?;
+    if kafka.allow_command_topic_deletion {
+        tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
+    } else {
+        topics::check_command_retention(kafka).await?;
+    }
+    Ok(partitions[0])
+}
+
+/// Brings the engine up to date before readings are consumed. Order matters: last commands
+/// first, then setpoints, so that re-evaluating a setpoint knows what each heater was last
+/// told.
+async fn recover(
+    follower: &commands::Follower,
+    sync: setpoint_sync::Sync,
+    engine: &mpsc::Sender<Input>,
+    tasks: &mut JoinSet<Result<(), StreamError>>,
+    shutdown: &CancellationToken,
+) -> Result<(), StreamError> {
+    follower.caught_up().await?;
+    let (loaded_tx, loaded) = oneshot::channel();
+    tasks.spawn(sync.run(loaded_tx, shutdown.clone()));
+    loaded
+        .await
+        .map_err(|_| StreamError::Stopped("setpoint sync"))?;
+    // Every setpoint is queued for the engine; the barrier returns once it applied them.
+    let (done, applied) = oneshot::channel();
+    engine
+        .send(Input::Barrier(done))
+        .await
+        .map_err(|_| StreamError::Stopped("engine"))?;
+    applied.await.map_err(|_| StreamError::Stopped("engine"))
+}
+
+/// The consumer group's member on the sensor topic.
+fn readings_consumer(
+    kafka: &KafkaConfig,
+    control: &ControlConfig,
+) -> Result<readings::ReadingsConsumer, StreamError> {
+    if kafka.kafka_session_timeout <= control.stale_check_interval + Duration::from_secs(1) {
+        return Err(StreamError::Setting(
+            "KAFKA_SESSION_TIMEOUT must exceed STALE_CHECK_INTERVAL + 1 s: a replica paused for the session timeout must notice its stall".into(),
+        ));
+    }
+    let mut config = consumer_config(kafka, &kafka.consumer_group);
+    config
+        // Offsets are stored by hand once a reading's commands are acknowledged, and committed
+        // in the background from what was stored.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        // Feeds the consumer-lag gauge.
+        .set("statistics.interval.ms", "5000")
+        // Tells the engine when a partition was read to its end: only then can a sensor's
+        // silence be told from readings that wait in the topic (consumer lag).
+        .set("enable.partition.eof", "true")
+        .set("session.timeout.ms", millis(kafka.kafka_session_timeout))
+        .set("heartbeat.interval.ms", millis(heartbeat_interval(kafka)));
+    if let Some(instance) = &kafka.kafka_group_instance_id {
+        config.set("group.instance.id", instance);
+    }
+    config
+        .create_with_context(handoff::RebalanceWatch::default())
+        .map_err(StreamError::Config)
+}
+
+/// The reader of the command topic. It never commits: it always reads from the beginning.
+fn follower_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
+    consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
+        .set("enable.auto.commit", "false")
+        // Read-ahead of 4 MB (~30k commands) instead of the readings' 16 MB: librdkafka's
+        // freed fetch buffers stay resident in its thread's malloc arena (BENCHMARKS.md).
+        .set("queued.max.messages.kbytes", "4096")
+        .set(
+            "fetch.wait.max.ms",
+            millis(kafka.kafka_follower_fetch_wait_max),
+        )
+        .create()
+        .map_err(StreamError::Config)
 }
 
 /// Fails with [`StreamError::MissingTopic`] unless every topic exists: topics are not created

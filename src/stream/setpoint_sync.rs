@@ -74,95 +74,96 @@ async fn full_resync(
     Ok(())
 }
 
-/// Keeps the cache current until `shutdown`. `loaded` is told once the first full read has
-/// been handed to the engine: the cache is complete from then on.
-pub async fn run(
-    store: Store,
-    engine: mpsc::Sender<Input>,
-    stats: Arc<LoopStats>,
-    accepted: CelsiusRange,
-    resync_interval: Duration,
-    loaded: oneshot::Sender<()>,
-    shutdown: CancellationToken,
-) -> Result<(), StreamError> {
-    let mut loaded = Some(loaded);
-    while !shutdown.is_cancelled() {
-        let listened = listen(
-            &store,
-            &engine,
-            &stats,
-            accepted,
-            resync_interval,
-            &mut loaded,
-            &shutdown,
-        )
-        .await;
-        match listened {
-            Ok(()) => {}
-            Err(e @ StreamError::Stopped(_)) => return Err(e),
-            // Lost while listening: listen again, then read everything, at once.
-            Err(StreamError::ListenerLost) => tracing::info!("setpoint listener reconnecting"),
-            Err(e) => {
-                tracing::warn!(error = %e, "setpoint listener failed; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+/// What keeps the engine's setpoint cache current: the database, the engine, and how
+/// readings are judged and how often everything is read again.
+pub struct Sync {
+    pub store: Store,
+    pub engine: mpsc::Sender<Input>,
+    pub stats: Arc<LoopStats>,
+    pub reading_range: CelsiusRange,
+    pub resync_interval: Duration,
+}
+
+impl Sync {
+    /// Keeps the cache current until `shutdown`. `loaded` is told once the first full read has
+    /// been handed to the engine: the cache is complete from then on.
+    pub async fn run(
+        self,
+        loaded: oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StreamError> {
+        let mut loaded = Some(loaded);
+        while !shutdown.is_cancelled() {
+            match self.listen(&mut loaded, &shutdown).await {
+                Ok(()) => {}
+                Err(e @ StreamError::Stopped(_)) => return Err(e),
+                // Lost while listening: listen again, then read everything, at once.
+                Err(StreamError::ListenerLost) => tracing::info!("setpoint listener reconnecting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "setpoint listener failed; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(RECONNECT_DELAY) => {}
+                    }
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn listen(
-    store: &Store,
-    engine: &mpsc::Sender<Input>,
-    stats: &LoopStats,
-    accepted: CelsiusRange,
-    resync_interval: Duration,
-    loaded: &mut Option<oneshot::Sender<()>>,
-    shutdown: &CancellationToken,
-) -> Result<(), StreamError> {
-    let db = |e| StreamError::Store(crate::Error::from(e));
-    let mut listener = PgListener::connect_with(store.pool()).await.map_err(db)?;
-    listener.listen(CHANNEL).await.map_err(db)?;
-    // Listening first, then reading everything: no change can fall between the two.
-    full_resync(store, engine, stats, accepted).await?;
-    if let Some(loaded) = loaded.take() {
-        let _ = loaded.send(());
+    async fn resync(&self) -> Result<(), StreamError> {
+        full_resync(&self.store, &self.engine, &self.stats, self.reading_range).await
     }
-    let mut resync = tokio::time::interval(resync_interval);
-    resync.reset();
-    // Whether the next tick was brought forward for an unreadable notification.
-    let mut forced = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = resync.tick() => {
-                forced = false;
-                full_resync(store, engine, stats, accepted).await?;
-            }
-            notification = listener.try_recv() => match notification.map_err(db)? {
-                // The notification carries the committed version: no need to read it back.
-                Some(notification) => match SetpointVersion::from_notification(notification.payload()) {
-                    Ok(version) => engine
-                        .send(Input::Setpoint(version))
-                        .await
-                        .map_err(|_| StreamError::Stopped("engine"))?,
-                    // Not from our trigger's current version: what changed is unknown.
-                    // Logged once per resync, not once per notification of a burst.
-                    Err(e) if !forced => {
-                        tracing::warn!(error = %e, "unreadable setpoint notification; resyncing shortly");
-                        forced = true;
-                        resync.reset_at(tokio::time::Instant::now() + UNREADABLE_RESYNC_DELAY);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "unreadable setpoint notification"),
+
+    async fn listen(
+        &self,
+        loaded: &mut Option<oneshot::Sender<()>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StreamError> {
+        let db = |e| StreamError::Store(crate::Error::from(e));
+        let mut listener = PgListener::connect_with(self.store.pool())
+            .await
+            .map_err(db)?;
+        listener.listen(CHANNEL).await.map_err(db)?;
+        // Listening first, then reading everything: no change can fall between the two.
+        self.resync().await?;
+        if let Some(loaded) = loaded.take() {
+            let _ = loaded.send(());
+        }
+        let mut resync = tokio::time::interval(self.resync_interval);
+        resync.reset();
+        // Whether the next tick was brought forward for an unreadable notification.
+        let mut forced = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = resync.tick() => {
+                    forced = false;
+                    self.resync().await?;
+                }
+                notification = listener.try_recv() => match notification.map_err(db)? {
+                    // The notification carries the committed version: no need to read it back.
+                    Some(notification) => match SetpointVersion::from_notification(notification.payload()) {
+                        Ok(version) => self.engine
+                            .send(Input::Setpoint(version))
+                            .await
+                            .map_err(|_| StreamError::Stopped("engine"))?,
+                        // Not from our trigger's current version: what changed is unknown.
+                        // Logged once per resync, not once per notification of a burst.
+                        Err(e) if !forced => {
+                            tracing::warn!(error = %e, "unreadable setpoint notification; resyncing shortly");
+                            forced = true;
+                            resync.reset_at(tokio::time::Instant::now() + UNREADABLE_RESYNC_DELAY);
+                        }
+                        Err(e) => tracing::debug!(error = %e, "unreadable setpoint notification"),
+                    },
+                    // The connection was lost: notifications may have been missed. PgListener
+                    // would listen again only at the next call, after a resync made now: a
+                    // change between the two would be missed for good. A new listener listens
+                    // first, then reads.
+                    None => return Err(StreamError::ListenerLost),
                 },
-                // The connection was lost: notifications may have been missed. PgListener would
-                // listen again only at the next call, after a resync made now: a change between
-                // the two would be missed for good. A new listener listens first, then reads.
-                None => return Err(StreamError::ListenerLost),
-            },
+            }
         }
     }
 }
