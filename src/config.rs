@@ -219,7 +219,7 @@ pub struct AuthConfig {
     #[arg(long, env = "AUTH_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub auth_jwt_leeway: Duration,
     /// JSON file of static identities: SHA-256 hashes of bearer tokens, and client-certificate
-    /// subjects, each with a role and buildings (see the README).
+    /// subjects, each with a role and buildings (see docs/security.md).
     #[arg(long, env = "AUTH_STATIC_FILE")]
     pub auth_static_file: Option<std::path::PathBuf>,
     /// How often the TLS, JWKS and static-identity files are checked for changes.

@@ -211,7 +211,7 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     assert_eq!(got["downDeltaCelsius"], 1.0);
     assert_eq!(got["buildingId"], "hq");
 
-    // As the README writes them: the whole server, and the service that needs the broker.
+    // As docs/operations.md writes them: the whole server, and the service that needs the broker.
     for request in ["{}", r#"{"service": "thermostat.v1.HeaterControlService"}"#] {
         let health = grpcurl(&[
             "-plaintext",

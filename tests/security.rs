@@ -286,7 +286,7 @@ async fn snapshot(mut stream: tonic::Streaming<pb::HeaterCommandEvent>) -> BTree
     }
 }
 
-/// The answer the rules in the README promise, derived independently of the service's code.
+/// The answer the rules in docs/security.md promise, derived independently of the service's code.
 fn expected(
     role: &str,
     buildings: &[&str],
@@ -939,7 +939,7 @@ async fn mutual_tls_admits_listed_certificates_and_refuses_everything_else() {
     let plaintext = get_north_raw(app.channel().await).await;
     assert!(transport_failure(plaintext), "plaintext");
 
-    // The README's grpcurl calls with client certificates.
+    // docs/security.md's grpcurl calls with client certificates.
     let files = |name: &str, contents: &str| {
         creds::write(dir.path(), name, contents)
             .display()
