@@ -107,14 +107,12 @@ impl Drop for DemoCredentials {
     }
 }
 
-/// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
-pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
-    // Before anything starts: options that describe no building, or a service the simulator
-    // could not call.
-    config.building.check()?;
-    check_simulator_access(&config)?;
-    // Kept alive until the end: dropping it stops the mock brokers.
-    let _mock = if config.embedded_broker {
+/// The embedded mock cluster with the demo's topics (returned: dropping it stops it), or the
+/// topics created on the configured broker.
+async fn prepare_broker(
+    config: &mut DemoConfig,
+) -> Result<Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>, DemoError> {
+    if config.embedded_broker {
         let mock = MockCluster::new(1).map_err(DemoError::Broker)?;
         let kafka = &config.serve.kafka;
         for (topic, partitions) in [
@@ -129,11 +127,21 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
         // It does not describe topic settings, and nothing it holds outlives the demo.
         config.serve.kafka.allow_command_topic_deletion = true;
         tracing::info!(brokers = %config.serve.kafka.kafka_brokers, "embedded mock Kafka cluster");
-        Some(mock)
+        Ok(Some(mock))
     } else {
         create_topics(&config.serve.kafka, PARTITIONS, 1).await?;
-        None
-    };
+        Ok(None)
+    }
+}
+
+/// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
+pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
+    // Before anything starts: options that describe no building, or a service the simulator
+    // could not call.
+    config.building.check()?;
+    check_simulator_access(&config)?;
+    // Kept alive until the end: dropping it stops the mock brokers.
+    let _mock = prepare_broker(&mut config).await?;
     let auth = &config.serve.auth;
     let credentials = if auth.auth_disabled || own_credentials(auth) {
         None

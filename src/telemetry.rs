@@ -75,6 +75,7 @@ pub fn metrics() -> &'static PrometheusHandle {
     })
 }
 
+/// One line per metric: a table, long because the metrics are many.
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(READINGS, "Sensor readings decoded and applied");

@@ -170,12 +170,9 @@ impl HeaterApi {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Status>> + Send>>;
 
-/// One subscriber's stream. It reads the shared broadcast only when the client reads, so a slow
-/// client costs nothing but its place in the broadcast buffer. Once it falls further behind
-/// than the buffer (the live feed is read only after the snapshot, so a large snapshot read
-/// while commands flow does this too), a subscriber that asked for the initial state is caught
-/// up: it is sent the last command of each heater that changed since what it was sent, as a
-/// snapshot, and goes on live from there. Any other is ended with RESOURCE_EXHAUSTED.
+/// One subscriber's stream, reading the shared broadcast only when the client reads. One that
+/// falls behind the buffer is caught up from the heaters' last commands if it asked for the
+/// initial state (sent as a snapshot, then live again), else ended with RESOURCE_EXHAUSTED.
 struct Subscription {
     /// The part of the snapshot (or catch-up) not sent yet, and where the next part starts:
     /// parts are taken from the engine as the client reads.

@@ -63,12 +63,9 @@ impl Band {
     }
 }
 
-/// Which field of `setpoint` puts its band out of reach of the readings in `accepted`, if one
-/// does: the band must lie strictly inside `accepted` for a reading there to turn the heater
-/// OFF (above `desired + up_delta`) and one to turn it ON (below `desired - down_delta`).
-/// Readings outside `accepted` are dead-lettered, so with such a band the heater would stay as
-/// it is until the staleness fail-safe turns it OFF. The field named is `desired_celsius` when
-/// the desired temperature itself is not strictly inside, else the delta that reaches past.
+/// Which field of `setpoint` puts its band out of reach of the readings in `accepted` (which
+/// alone are not dead-lettered): the band must lie strictly inside for readings to switch the
+/// heater both ways. `desired_celsius` if it is outside itself, else the delta reaching past.
 pub fn out_of_reach(setpoint: &Setpoint, accepted: &RangeInclusive<f64>) -> Option<&'static str> {
     let (min, max) = (*accepted.start(), *accepted.end());
     let desired = setpoint.desired().value();

@@ -319,6 +319,49 @@ struct Run<'a> {
     api: Option<pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>>,
 }
 
+/// Applies the heater commands that arrived, as the rooms' heaters would.
+fn obey_commands(
+    commands: &mut mpsc::Receiver<pb::HeaterCommandEvent>,
+    index: &HashMap<String, usize>,
+    rooms: &mut [Room],
+    summary: &mut Summary,
+    minutes: f64,
+) {
+    while let Ok(event) = commands.try_recv() {
+        let Some(&i) = index.get(&event.sensor_id) else {
+            continue;
+        };
+        let on = event.command() == pb::HeaterCommand::On;
+        if rooms[i].obey(event.sequence, on) {
+            summary.commands_applied += 1;
+            summary.commands.push(AppliedCommand {
+                room: i,
+                simulated_minutes: minutes,
+                heater_on: on,
+                reason: event.reason(),
+                setpoint_revision: event.setpoint_revision,
+                celsius: event.temperature_celsius,
+            });
+        }
+    }
+}
+
+/// The building's state, every 10 s of the run.
+fn log_progress(rooms: &[Room], minutes: f64) {
+    let in_band = rooms
+        .iter()
+        .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
+        .count();
+    let heating = rooms.iter().filter(|r| r.heater_on).count();
+    tracing::info!(
+        simulated_minutes = minutes as u64,
+        in_band,
+        heating,
+        rooms = rooms.len(),
+        "building"
+    );
+}
+
 impl Run<'_> {
     async fn simulate(
         mut self,
@@ -359,62 +402,16 @@ impl Run<'_> {
                 }
                 _ = ticks.tick() => {}
             }
-            while let Ok(event) = commands.try_recv() {
-                let Some(&i) = index.get(&event.sensor_id) else {
-                    continue;
-                };
-                let on = event.command() == pb::HeaterCommand::On;
-                if rooms[i].obey(event.sequence, on) {
-                    summary.commands_applied += 1;
-                    summary.commands.push(AppliedCommand {
-                        room: i,
-                        simulated_minutes: minutes,
-                        heater_on: on,
-                        reason: event.reason(),
-                        setpoint_revision: event.setpoint_revision,
-                        celsius: event.temperature_celsius,
-                    });
-                }
-            }
-            if let (Some(after), None) = (config.change_after, summary.change_at_minutes) {
-                if started.elapsed() >= after {
-                    if let (Some(api), Some(room)) = (&mut self.api, rooms.first_mut()) {
-                        let desired = config.desired_celsius + config.change_by;
-                        let setpoint = own_setpoint(config, &room.sensor, desired);
-                        room.band = band_of(&setpoint);
-                        api.put_setpoint(put_request(config, setpoint)?).await?;
-                        summary.change_at_minutes = Some(minutes);
-                        tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
-                    }
-                }
-            }
+            obey_commands(&mut commands, &index, rooms, summary, minutes);
+            self.change_setpoint_once(rooms, summary, started, minutes)
+                .await?;
             if last_poll.is_none_or(|at| at.elapsed() >= BAND_POLL) {
                 last_poll = Some(Instant::now());
                 self.follow_setpoints(rooms, &index).await;
             }
             minutes += minutes_per_tick;
-            let now = Utc::now();
-            for (i, room) in rooms.iter_mut().enumerate() {
-                room.celsius = self
-                    .model
-                    .advance(room.celsius, room.heater_on, minutes_per_tick);
-                let measured = room.celsius + config.noise_celsius * standard_normal(&mut self.rng);
-                send_reading(
-                    self.producer,
-                    &self.kafka.sensor_topic,
-                    &room.sensor,
-                    measured,
-                    now,
-                )
+            self.tick_rooms(rooms, summary, minutes, minutes_per_tick)
                 .await?;
-                summary.readings_sent += 1;
-                summary.samples[i].push(Sample {
-                    simulated_minutes: minutes,
-                    celsius: room.celsius,
-                    heater_on: room.heater_on,
-                    band: room.band,
-                });
-            }
             if last_plot.elapsed() >= PLOT_EVERY {
                 last_plot = Instant::now();
                 // The run goes on; the plot is written again at the end.
@@ -424,19 +421,68 @@ impl Run<'_> {
             }
             if last_progress.elapsed() >= Duration::from_secs(10) {
                 last_progress = Instant::now();
-                let in_band = rooms
-                    .iter()
-                    .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
-                    .count();
-                let heating = rooms.iter().filter(|r| r.heater_on).count();
-                tracing::info!(
-                    simulated_minutes = minutes as u64,
-                    in_band,
-                    heating,
-                    rooms = rooms.len(),
-                    "building"
-                );
+                log_progress(rooms, minutes);
             }
+        }
+        Ok(())
+    }
+
+    /// The operator's change the run was asked for (`change_after`), once.
+    async fn change_setpoint_once(
+        &mut self,
+        rooms: &mut [Room],
+        summary: &mut Summary,
+        started: Instant,
+        minutes: f64,
+    ) -> Result<(), SimError> {
+        let config = self.config;
+        let (Some(after), None) = (config.change_after, summary.change_at_minutes) else {
+            return Ok(());
+        };
+        if started.elapsed() < after {
+            return Ok(());
+        }
+        if let (Some(api), Some(room)) = (&mut self.api, rooms.first_mut()) {
+            let desired = config.desired_celsius + config.change_by;
+            let setpoint = own_setpoint(config, &room.sensor, desired);
+            room.band = band_of(&setpoint);
+            api.put_setpoint(put_request(config, setpoint)?).await?;
+            summary.change_at_minutes = Some(minutes);
+            tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
+        }
+        Ok(())
+    }
+
+    /// Advances every room by one tick and sends its (noisy) reading.
+    async fn tick_rooms(
+        &mut self,
+        rooms: &mut [Room],
+        summary: &mut Summary,
+        minutes: f64,
+        minutes_per_tick: f64,
+    ) -> Result<(), SimError> {
+        let config = self.config;
+        let now = Utc::now();
+        for (i, room) in rooms.iter_mut().enumerate() {
+            room.celsius = self
+                .model
+                .advance(room.celsius, room.heater_on, minutes_per_tick);
+            let measured = room.celsius + config.noise_celsius * standard_normal(&mut self.rng);
+            send_reading(
+                self.producer,
+                &self.kafka.sensor_topic,
+                &room.sensor,
+                measured,
+                now,
+            )
+            .await?;
+            summary.readings_sent += 1;
+            summary.samples[i].push(Sample {
+                simulated_minutes: minutes,
+                celsius: room.celsius,
+                heater_on: room.heater_on,
+                band: room.band,
+            });
         }
         Ok(())
     }

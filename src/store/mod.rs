@@ -63,16 +63,9 @@ impl Store {
         let pool = pool_options(config)
             .max_connections(config.database_max_connections)
             .connect_lazy_with(options.clone());
-        // The Put writers have connections of their own, with three settings:
-        // - Always the generic plan of the Put statement. PostgreSQL would otherwise plan it anew
-        //   on every execution: the generic plan is estimated for arrays of 10 rows, which looks
-        //   dearer than planning for the few rows at hand, yet the planning costs more than it
-        //   saves (BENCHMARKS.md, benchmark 3). The statement is shaped so that its generic plan
-        //   is right for any number of rows and any table size (`setpoints::PUT_SQL`).
-        // - The lock timeout above matters most here: the Puts queued behind a statement wait
-        //   for it, so a row locked by a forgotten transaction must not stall every write.
-        // - A statement timeout below the wait for its answer: a Put answered UNAVAILABLE is
-        //   never written after a later one.
+        // The Put writers' own connections: the Put statement's generic plan always (planning
+        // anew costs more than it saves, BENCHMARKS.md), and a statement timeout below the wait
+        // for the answer, so a Put answered UNAVAILABLE is never written after a later one.
         let answer_within = config.database_acquire_timeout * 2;
         let statement_timeout = (config.database_acquire_timeout * 3 / 2)
             .as_millis()

@@ -138,17 +138,9 @@ async fn write_loop(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Job>>>, answer
     }
 }
 
-/// A writer's connection, kept from one statement to the next. Handed back to the pool, a
-/// connection goes through a task that sqlx spawns and that pings the database first, and the
-/// writer's next acquire waits for that task: 100 µs of a 500 µs statement cycle at 8 clients
-/// (benchmark 3, trial), and a second round trip to the database per statement. Kept, it is
-/// checked as the pool checks its own (`store::pool_options`): pinged when it has been idle
-/// for a while, and dropped after a failure that may have broken it.
-///
-/// Its statements and pings get `answer_within` (longer than the lock timeout, which is the
-/// longest a healthy statement waits). A connection whose peer vanished without a reset (a
-/// failover, a lost host) otherwise waits for TCP to give up, a quarter of an hour, and with it
-/// every Put queued behind: past the bound it fails as UNAVAILABLE and is dropped.
+/// A writer's connection, kept between statements: handed back to the pool it would be pinged
+/// on every return (a second round trip per statement). Its statements get `answer_within`, so
+/// a peer gone without a reset fails the Puts behind it as UNAVAILABLE, not after TCP gives up.
 struct WriterConnection {
     pool: PgPool,
     held: Option<(PoolConnection<Postgres>, Instant)>,

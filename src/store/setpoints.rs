@@ -195,26 +195,11 @@ macro_rules! version_columns {
 }
 const SETPOINT_COLUMNS: &str = concat!(version_columns!(), ", update_time, updated_by, reason");
 
-/// Creates or replaces setpoints, and appends the changes to the history, in one statement: the
-/// Puts that `put_queue` writes together, one array element each (no two of one sensor).
-///
-/// A Put's `INSERT` runs only when it can succeed: without `expected` revision, with 0, or when a
-/// row (maybe a tombstone) exists. On conflict the row is locked and the `WHERE` re-checked
-/// against its latest version, so of two racing writers with the same expected revision exactly
-/// one matches. Rows whose values would not change are left alone (no revision, no history).
-/// `scope` is the caller's buildings joined by commas (`NULL`: all): an existing row of another
-/// building is never overwritten, checked under the row lock so that a concurrent move cannot
-/// slip past. Returns the rows written; a Put without one wrote nothing, and its caller finds out
-/// why.
-///
-/// Shaped so that its plan cannot depend on the table's statistics: the statement is prepared
-/// once per connection and its generic plan kept, so a plan made while the table was empty would
-/// be kept as it grows. Every access to `setpoints` is by key: the arbiter index of `ON
-/// CONFLICT`, and a lateral lookup with `LIMIT 1`, which PostgreSQL does not flatten into a
-/// join, so it stays a lookup per row. (An `UPDATE … FROM` the input was planned as a hash join
-/// over a sequential scan of `setpoints` when prepared on an empty table: BENCHMARKS.md,
-/// benchmark 3. `EXPLAIN` of this statement's generic plan is the same on an empty table and on
-/// one of 100 000 rows.)
+/// The Puts that `put_queue` writes together (one array element each, no two of one sensor):
+/// rows created or replaced and their history appended in one statement. On conflict the row is
+/// locked and the expected revision and the caller's `scope` re-checked under the lock; a Put
+/// that would change nothing writes nothing. Returns the rows written. Every access to `setpoints` is by key (the `ON CONFLICT` arbiter, a lateral `LIMIT 1`
+/// lookup), so the generic plan kept per connection stays right as the table grows.
 pub const PUT_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],

@@ -231,14 +231,10 @@ pub struct SnapshotPart {
     live_through: u64,
 }
 
-/// A command event read back from the command topic that is news for its sensor, as
-/// subscribers receive it. Every event the engine keeps as a sensor's last is numbered from 1
-/// in the order kept: one from another replica as it is read, one of this replica's own as it
-/// is decided (it is broadcast later, when read back, with that number). A snapshot part taken
-/// after the number reflects the event, which is how a subscription tells what it already sent
-/// (see [`SnapshotCoverage`]). A record read again (the same sequence written twice) or an
-/// older one is never broadcast, so the live feed needs no per-sensor bookkeeping in each
-/// subscription.
+/// A command event that is news for its sensor, as subscribers receive it, numbered in the
+/// order the engine kept it as the sensor's last (ours when decided, others' when read): a
+/// snapshot part taken after the number reflects it ([`SnapshotCoverage`]). Repeats and older
+/// events are never broadcast.
 #[derive(Debug, Clone)]
 pub struct LiveEvent {
     pub number: u64,
@@ -793,12 +789,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The cached sensor a reading is for. A sensor new to the cache is added only while it
-    /// holds fewer than `cache_limit`: sensors are never removed, and readings of sensors
-    /// without a setpoint (a producer that puts a counter in its ids, a building not set up
-    /// yet) would otherwise grow it without bound. Setpoints and commands read back are always
-    /// added, so a sensor with a setpoint is controlled whatever the limit; an untracked
-    /// reading only goes unremembered (`None`).
+    /// The cached sensor a reading is for; a new one only while the cache holds fewer than
+    /// `cache_limit` (sensors are never removed, and readings of unknown ids would grow it
+    /// without bound). Setpoints and commands are always cached; `None`: untracked.
     fn reading_slot(&mut self, sensor: &SensorId) -> Result<Option<SensorIndex>, StreamError> {
         if let Some(i) = self.sensors.find(sensor.as_str()) {
             return Ok(Some(i));

@@ -131,16 +131,9 @@ const PRODUCER_QUEUE: u32 = 16_384;
 /// letters of 64 KiB would be as much, against a pod limit of 512 MiB.
 pub const PRODUCER_QUEUE_KBYTES: u32 = 32 * 1024;
 
-/// The producer for commands and dead letters. `acks=all`: a command counts as sent only when
-/// every in-sync replica has it. At most 5 requests in flight per broker: librdkafka's default
-/// of a million let a slow broker pile up a request buffer per unbatched record (600 MB after
-/// 360k dead letters on Tansu). Neither 1 nor `enable.idempotence`, which would keep a retried
-/// request from landing after a later one: against Tansu, one request at a time cost 3 ms of p99
-/// latency and a third of the unbatched throughput, and idempotence 120-220 µs of client CPU
-/// per unbatched record (BENCHMARKS.md). Order is the `sequence`'s job: consumers act on a
-/// sensor's event only if its sequence is above the last they acted on, which also drops the
-/// repeats a retry or a crash can cause. The queue is bounded too: a backlog waits in the
-/// sensor topic, not in memory.
+/// The producer for commands and dead letters: `acks=all`, idempotent unless turned off (a
+/// retry neither repeats, reorders nor skips), at most 5 requests in flight (librdkafka's
+/// million let a slow broker pile up a buffer per record), and a bounded queue.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
     client_config(kafka)
         .set("acks", "all")

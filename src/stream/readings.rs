@@ -512,13 +512,9 @@ fn cut_str(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// The engine's acknowledgements, in the order it decided, and the offsets they release. Only
-/// the oldest outstanding delivery is awaited, because an offset may be stored only once every
-/// command decided before it is acknowledged; most readings decide nothing and are released at
-/// once, without a future of their own (a future per reading in a `FuturesOrdered` was 11% of
-/// the service's CPU in the 1%-change profile, BENCHMARKS.md).
-///
-/// Generic over the delivery so that the ordering can be tested without a broker.
+/// The engine's acknowledgements, in the order it decided, and the offsets they release: an
+/// offset is stored only once every command decided before it is acknowledged, so only the
+/// oldest delivery is awaited. Generic over the delivery, to test the order without a broker.
 struct AckQueue<D> {
     /// Positions with the delivery to wait for before each; starts with one that has a
     /// delivery (or is empty).
