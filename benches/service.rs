@@ -535,7 +535,7 @@ async fn preload_commands(topic: &str, count: u32) -> String {
         };
         let payload = event.encode_to_vec();
         let headers = OwnedHeaders::new().insert(Header {
-            key: thermostat::stream::engine::READING_PARTITION_HEADER,
+            key: thermostat::stream::output::READING_PARTITION_HEADER,
             value: Some("0"),
         });
         let record = FutureRecord::to(topic)

@@ -14,7 +14,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Input, ReadingPartition, READING_PARTITION_HEADER};
+use super::engine::Input;
+use super::output::{ReadingPartition, READING_PARTITION_HEADER};
 use super::StreamError;
 use crate::proto::v1 as pb;
 

@@ -15,16 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use prost::Message;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::DeliveryFuture;
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
-use super::sequences::Sequences;
-use super::{enqueue, StreamError};
+use super::output::{Ack, Acks, CommandOut, ReadingPartition};
+use super::StreamError;
 use crate::domain::control::{
     CommandReason, Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl,
 };
@@ -32,47 +30,6 @@ use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
 use crate::telemetry;
-
-/// Header on command records naming the sensor-topic partition the deciding replica consumed
-/// the sensor from, so whichever replica owns that partition later knows the sensor is its own
-/// (for the staleness fail-safe) even before the sensor's next reading.
-pub const READING_PARTITION_HEADER: &str = "thermostat-reading-partition";
-
-/// A [`READING_PARTITION_HEADER`]'s value: `p/n`, partition `p` of a sensor topic of `n`
-/// partitions (just `p` in records written before the count was added). Once partitions are
-/// added, sensor keys map to other partitions: a partition of another count names no owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadingPartition {
-    pub partition: i32,
-    pub of: Option<i32>,
-}
-
-impl ReadingPartition {
-    pub fn parse(value: &str) -> Option<Self> {
-        let (partition, of) = match value.split_once('/') {
-            Some((p, n)) => (p, Some(n.parse().ok()?)),
-            None => (value, None),
-        };
-        Some(Self {
-            partition: partition.parse().ok()?,
-            of,
-        })
-    }
-
-    fn value(self) -> String {
-        match self.of {
-            Some(n) => format!("{}/{n}", self.partition),
-            None => self.partition.to_string(),
-        }
-    }
-}
-
-/// Where commands go: the producer, the command topic, and the sequences reserved for them.
-pub struct CommandOut {
-    pub producer: FutureProducer,
-    pub topic: String,
-    pub sequences: Sequences,
-}
 
 /// Where a sensor record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,12 +250,6 @@ impl Filter {
     }
 }
 
-/// A delivery to wait for before an offset (if any) may be stored.
-pub struct Ack {
-    pub position: Option<Position>,
-    pub delivery: Option<DeliveryFuture>,
-}
-
 /// Counters of what the loop did, for tests and metrics.
 #[derive(Debug, Default)]
 pub struct LoopStats {
@@ -440,9 +391,7 @@ pub struct Engine {
     /// `LoopStats::broker_returns` at the last staleness check.
     broker_returns: u64,
     out: CommandOut,
-    acks: mpsc::UnboundedSender<Vec<Ack>>,
-    /// Acknowledgements of the input being applied, sent together once it is.
-    pending_acks: Vec<Ack>,
+    acks: Acks,
     stale_after: TimeDelta,
     stats: Arc<LoopStats>,
     live: broadcast::Sender<LiveEvent>,
@@ -474,8 +423,7 @@ impl Engine {
             topic_partitions,
             broker_returns: 0,
             out,
-            acks,
-            pending_acks: Vec::new(),
+            acks: Acks::new(acks),
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
             stats,
             live,
@@ -525,7 +473,7 @@ impl Engine {
                 },
             }
             turned = Instant::now();
-            self.send_acks()?;
+            self.acks.flush()?;
         }
     }
 
@@ -652,7 +600,7 @@ impl Engine {
         });
         if let Some(decision) = decision {
             let delivery = self.send(i, &decision).await?;
-            self.ack(None, Some(delivery));
+            self.acks.push(None, Some(delivery));
         }
         Ok(())
     }
@@ -694,7 +642,7 @@ impl Engine {
         self.stats
             .assigned
             .store(self.assigned.len() as u64, Ordering::Relaxed);
-        self.out.sequences.raise_floor().await?;
+        self.out.raise_sequence_floor().await?;
         // Sensors that just became ours may owe a command (a setpoint changed or was deleted
         // while no replica owned them); those being recalled are decided once they are.
         self.recalling = recalling.into_iter().collect();
@@ -741,7 +689,7 @@ impl Engine {
                 self.meters.readings.increment(1);
                 let Some(i) = self.reading_slot(&sensor)? else {
                     self.meters.untracked.increment(1);
-                    self.ack(Some(position), None);
+                    self.acks.push(Some(position), None);
                     return Ok(());
                 };
                 self.sensors.set_partition(i, position.partition);
@@ -760,11 +708,11 @@ impl Engine {
                 self.meters
                     .decision_latency
                     .record(received.elapsed().as_secs_f64());
-                self.ack(Some(position), delivery);
+                self.acks.push(Some(position), delivery);
             }
             // Its partition was revoked: the offset must not be stored (see readings above).
             Record::Skip { position, .. } if !self.assigned.contains_key(&position.partition) => {}
-            Record::Skip { position, delivery } => self.ack(Some(position), Some(delivery)),
+            Record::Skip { position, delivery } => self.acks.push(Some(position), Some(delivery)),
             Record::End { partition } => {
                 if let Some(watch) = self.assigned.get_mut(&partition) {
                     watch.at_end = true;
@@ -895,7 +843,7 @@ impl Engine {
         let mut control = self
             .sensors
             .control(i)
-            .numbering_above(self.out.sequences.floor());
+            .numbering_above(self.out.sequence_floor());
         let result = f(&mut control);
         self.sensors.set_control(i, control);
         result
@@ -921,7 +869,7 @@ impl Engine {
         }
         for (i, decision) in decided {
             let delivery = self.send(i, &decision).await?;
-            self.ack(None, Some(delivery));
+            self.acks.push(None, Some(delivery));
         }
         Ok(())
     }
@@ -933,7 +881,6 @@ impl Engine {
         i: SensorIndex,
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
-        self.out.sequences.cover(decision.sequence).await?;
         LoopStats::bump(&self.stats.commands);
         self.meters.command(decision.command, decision.reason);
         let event = command_event(self.sensors.id(i), decision, Utc::now());
@@ -943,47 +890,20 @@ impl Engine {
             .set_last_event(i, &event, &decision.building_id, self.live_events);
         self.awaiting_readback
             .insert((i, event.sequence), self.live_events);
-        let payload = event.encode_to_vec();
-        let partition = self.sensors.partition(i).map(|partition| {
-            ReadingPartition {
-                partition,
-                of: Some(self.topic_partitions),
-            }
-            .value()
+        let partition = self.sensors.partition(i).map(|partition| ReadingPartition {
+            partition,
+            of: Some(self.topic_partitions),
         });
-        let headers = partition.as_ref().map(|p| {
-            OwnedHeaders::new().insert(Header {
-                key: READING_PARTITION_HEADER,
-                value: Some(p.as_str()),
-            })
-        });
-        let mut record = FutureRecord::to(&self.out.topic)
-            .key(event.sensor_id.as_str())
-            .payload(&payload);
-        if let Some(headers) = headers {
-            record = record.headers(headers);
-        }
-        enqueue(&self.out.producer, record).await
-    }
-
-    fn ack(&mut self, position: Option<Position>, delivery: Option<DeliveryFuture>) {
-        self.pending_acks.push(Ack { position, delivery });
-    }
-
-    fn send_acks(&mut self) -> Result<(), StreamError> {
-        if self.pending_acks.is_empty() {
-            return Ok(());
-        }
-        self.acks
-            .send(std::mem::take(&mut self.pending_acks))
-            .map_err(|_| StreamError::Stopped("readings task"))
+        self.out.produce(&event, partition).await
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::sequences::Sequences;
     use super::*;
     use crate::domain::{Celsius, Setpoint};
+    use rdkafka::producer::FutureProducer;
     use rdkafka::ClientConfig;
     use tokio::sync::Semaphore;
 
@@ -1208,7 +1128,7 @@ mod tests {
         assert!(stopped.try_recv().is_ok(), "the revocation is confirmed");
         engine.apply(reading(&sensor, 10.0, 0).await).await.unwrap();
         assert_eq!(last(&mut engine).await, None);
-        assert!(engine.pending_acks.is_empty(), "its offset is not stored");
+        assert!(engine.acks.is_empty(), "its offset is not stored");
 
         // An assignment queued before the revocation overtook it changes nothing; the next
         // one gives the partition back.
@@ -1353,11 +1273,7 @@ mod tests {
         assert!(view(&mut engine, &first).await.last_reading.is_some());
         assert!(view(&mut engine, &second).await.last_reading.is_none());
         assert_eq!(engine.sensors.len(), 2);
-        assert_eq!(
-            engine.pending_acks.len(),
-            2,
-            "every reading is acknowledged"
-        );
+        assert_eq!(engine.acks.len(), 2, "every reading is acknowledged");
 
         // Cached sensors are decided as before; a setpoint goes beyond the limit, and from then
         // on its sensor's readings are decided too.

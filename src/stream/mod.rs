@@ -12,6 +12,7 @@ pub mod commands;
 pub mod engine;
 mod group_lag;
 mod handoff;
+pub mod output;
 pub mod readings;
 mod sequences;
 pub mod setpoint_sync;
@@ -250,7 +251,7 @@ pub async fn start(
     // The channel's capacity is how far a subscriber may fall behind before it is caught up
     // or dropped (api::heater).
     let (live, _) = broadcast::channel(control.subscriber_buffer.max(1));
-    let out = engine::CommandOut {
+    let out = output::CommandOut {
         producer: producer.clone(),
         topic: kafka.command_topic.clone(),
         sequences: sequences::Sequences::new(store.clone()),
