@@ -86,7 +86,7 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
         .env("CONSUMER_GROUP", &topics.group)
         .env("GRPC_ADDR", &grpc)
         .env("HEALTH_ADDR", &health)
-        // This test is about stopping; authentication is tests/security.rs's.
+        // This test is about stopping; authentication is tested in tests/security_*.rs.
         .env("AUTH_DISABLED", "true")
         .env("ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("SHUTDOWN_TIMEOUT", "4s")

@@ -66,10 +66,10 @@ pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig
     config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
     config.admin_addr = "127.0.0.1:0".parse().expect("addr");
     config.health_addr = "127.0.0.1:0".parse().expect("addr");
-    // These tests are about everything but security (tests/security.rs); they call as the
+    // These tests are about everything but security (tests/security_*.rs); they call as the
     // anonymous admin that AUTH_DISABLED makes of every caller.
     config.auth.auth_disabled = true;
-    // Some tests write in bursts; the limit itself is tested in tests/security.rs.
+    // Some tests write in bursts; the limit itself is tested in tests/security_limits.rs.
     config.limits.write_rate_limit = 100_000;
     config.limits.write_burst = 100_000;
     config.health_check_interval = Duration::from_millis(200);

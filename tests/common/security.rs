@@ -1,9 +1,11 @@
 //! Credentials made by the tests: RSA and EC signing keys with their JWKS, JWTs, a private CA
 //! with server and client certificates (rcgen), and static-identity files. Nothing is read from
-//! the repository: every key exists only for one test run.
+//! the repository: every key exists only for one test run. Also what the `security_*` tests
+//! share: a service with authentication on, its static tokens, and calls that carry a token.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -14,6 +16,13 @@ use rcgen::{
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde_json::{json, Value};
+use thermostat::config::ServeConfig;
+use thermostat::proto::v1 as pb;
+use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use super::{put, setpoint, TestApp};
 
 pub const ISSUER: &str = "https://issuer.test";
 pub const AUDIENCE: &str = "thermostat";
@@ -227,4 +236,88 @@ pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).expect("write credential file");
     path
+}
+
+/// The signing keys, made once per test binary: RSA key generation is the slow part.
+pub fn keys() -> &'static (SigningKey, SigningKey) {
+    static KEYS: OnceLock<(SigningKey, SigningKey)> = OnceLock::new();
+    KEYS.get_or_init(|| (SigningKey::rsa("rsa-1"), SigningKey::ec("ec-1")))
+}
+
+/// The static tokens of the matrix: (token, subject, role, buildings).
+pub const STATIC: &[(&str, &str, &str, &[&str])] = &[
+    ("t-viewer-north", "viewer-north", "viewer", &["north"]),
+    ("t-operator-north", "operator-north", "operator", &["north"]),
+    ("t-admin-north", "admin-north", "admin", &["north"]),
+    ("t-viewer-all", "viewer-all", "viewer", &["*"]),
+    ("t-operator-all", "operator-all", "operator", &["*"]),
+    ("t-admin-all", "admin-all", "admin", &["*"]),
+    ("t-operator-none", "operator-none", "operator", &[]),
+];
+
+pub fn static_entries() -> Vec<StaticEntry<'static>> {
+    STATIC
+        .iter()
+        .map(|(token, subject, role, buildings)| StaticEntry::Token {
+            token,
+            subject,
+            role,
+            buildings,
+        })
+        .collect()
+}
+
+/// A service with authentication on: the JWKS of [`keys`], the static tokens of [`STATIC`],
+/// plus whatever `tweak` changes. Credential files live in the returned directory.
+pub async fn secure_app(
+    tweak: impl FnOnce(&mut ServeConfig, &Path),
+) -> (tempfile::TempDir, TestApp) {
+    let tempdir = tempfile::tempdir().expect("tempdir");
+    let dir = tempdir.path();
+    let (rsa, ec) = keys();
+    let mut config = TestApp::fresh_config().await;
+    config.auth.auth_disabled = false;
+    config.auth.auth_jwks_file = Some(write(dir, "jwks.json", &jwks(&[rsa, ec])));
+    config.auth.auth_jwt_issuer = Some(ISSUER.into());
+    config.auth.auth_jwt_audience = Some(AUDIENCE.into());
+    config.auth.auth_static_file = Some(write(
+        dir,
+        "identities.json",
+        &static_file(&static_entries()),
+    ));
+    config.auth.credentials_reload_interval = Duration::from_millis(100);
+    tweak(&mut config, dir);
+    (tempdir, TestApp::spawn_with(config).await)
+}
+
+pub fn authorized<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header value"),
+        );
+    }
+    request
+}
+
+/// A Put of a setpoint with the usual deltas, as the holder of `token`.
+pub async fn put_as(
+    client: &mut SetpointServiceClient<Channel>,
+    token: &str,
+    sensor: &str,
+    building: &str,
+    desired: f64,
+) -> Result<pb::Setpoint, tonic::Status> {
+    let request = authorized(put(setpoint(sensor, building, desired), None), Some(token));
+    client
+        .put_setpoint(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub fn code<T>(result: &Result<T, tonic::Status>) -> Code {
+    result
+        .as_ref()
+        .map_or_else(tonic::Status::code, |_| Code::Ok)
 }
