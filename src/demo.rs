@@ -10,11 +10,11 @@
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServeConfig;
-use crate::error::error_chain;
 use crate::sim::{self, BuildingConfig, SimConfig};
-use crate::startup::Application;
-use crate::stream::topics::create_topics;
+use thermostat::config::ServeConfig;
+use thermostat::error::error_chain;
+use thermostat::startup::Application;
+use thermostat::stream::topics::create_topics;
 
 /// Partitions of the demo's topics.
 const PARTITIONS: i32 = 3;
@@ -35,9 +35,9 @@ pub enum DemoError {
     #[error("embedded broker")]
     Broker(#[source] rdkafka::error::KafkaError),
     #[error("topics")]
-    Topics(#[from] crate::stream::StreamError),
+    Topics(#[from] thermostat::stream::StreamError),
     #[error("service")]
-    Service(#[from] crate::StartupError),
+    Service(#[from] thermostat::StartupError),
     #[error("simulator")]
     Simulator(#[from] sim::SimError),
     #[error("writing the demo's identities file")]
@@ -49,7 +49,7 @@ pub enum DemoError {
 }
 
 /// Whether the operator brought credentials of their own (else the demo makes its own).
-fn own_credentials(auth: &crate::config::AuthConfig) -> bool {
+fn own_credentials(auth: &thermostat::config::AuthConfig) -> bool {
     auth.auth_jwks_file.is_some() || auth.auth_static_file.is_some()
 }
 
@@ -85,7 +85,7 @@ impl DemoCredentials {
         std::fs::create_dir_all(&dir).map_err(DemoError::Identities)?;
         let file = serde_json::json!({
             "tokens": [{
-                "sha256": crate::security::static_file::hash_token(&token),
+                "sha256": thermostat::security::static_file::hash_token(&token),
                 "subject": "demo-operator",
                 "role": "operator",
                 "buildings": ["*"],

@@ -8,12 +8,10 @@
 pub mod admin_port;
 pub mod api;
 pub mod config;
-pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod proto;
 pub mod security;
-pub mod sim;
 pub mod startup;
 pub mod store;
 pub mod stream;

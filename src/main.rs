@@ -1,4 +1,8 @@
-//! The `thermostat` binary: parses configuration and hands it to the library.
+//! The `thermostat` binary: parses configuration and hands it to the library, or to the
+//! simulated building and the demo, which are tools of the binary, not part of the service.
+
+mod demo;
+mod sim;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -38,9 +42,9 @@ enum Command {
     /// Produce one sensor reading to the sensor topic, as a building gateway would.
     SendReading(SendReadingConfig),
     /// Run a simulated building whose thermostat is the service.
-    Simulate(thermostat::sim::SimConfig),
+    Simulate(sim::SimConfig),
     /// The service and a simulated building in one process (the main job).
-    Demo(thermostat::demo::DemoConfig),
+    Demo(demo::DemoConfig),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,7 +86,7 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");
         }
         Command::Simulate(config) => {
-            let summary = thermostat::sim::run(config, shutdown).await?;
+            let summary = sim::run(config, shutdown).await?;
             tracing::info!(
                 readings = summary.readings_sent,
                 commands = summary.commands_applied,
@@ -90,7 +94,7 @@ async fn run() -> anyhow::Result<()> {
             );
         }
         Command::Demo(config) => {
-            thermostat::demo::run(config, shutdown).await?;
+            demo::run(config, shutdown).await?;
         }
         Command::Serve(config) => {
             if let Some(app) = Application::build_until(config, &shutdown).await? {

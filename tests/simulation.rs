@@ -4,13 +4,17 @@
 //! run) move their rooms to the new band and show in the bands the simulator records.
 
 mod common;
+// The simulator belongs to the binary, not to the service's library: compiled in here too.
+#[allow(dead_code)]
+#[path = "../src/sim/mod.rs"]
+mod sim;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use common::TestApp;
+use sim::{BuildingConfig, SimConfig};
 use thermostat::proto::v1 as pb;
-use thermostat::sim::{self, BuildingConfig, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 /// The operator's change of room 01, mid-run: an asymmetric band, so that a controller that

@@ -29,11 +29,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::KafkaConfig;
-use crate::proto::timestamp;
-use crate::proto::v1 as pb;
-use crate::stream::{self, StreamError};
 pub use model::ThermalModel;
+use thermostat::config::KafkaConfig;
+use thermostat::proto::timestamp;
+use thermostat::proto::v1 as pb;
+use thermostat::stream::{self, StreamError};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimConfig {
@@ -53,13 +53,13 @@ pub struct BuildingConfig {
     #[arg(long, env = "SIM_BUILDING", default_value = "sim")]
     pub building_id: String,
     /// Real time between two readings of a room.
-    #[arg(long, env = "SIM_READING_INTERVAL", default_value = "1s", value_parser = crate::config::positive_duration)]
+    #[arg(long, env = "SIM_READING_INTERVAL", default_value = "1s", value_parser = thermostat::config::positive_duration)]
     pub reading_interval: Duration,
     /// Simulated seconds per real second.
     #[arg(long, env = "SIM_TIME_SCALE", default_value_t = 60.0)]
     pub time_scale: f64,
     /// Stop after this long (real time); without it, run until Ctrl-C.
-    #[arg(long, env = "SIM_DURATION", value_parser = crate::config::positive_duration)]
+    #[arg(long, env = "SIM_DURATION", value_parser = thermostat::config::positive_duration)]
     pub duration: Option<Duration>,
     /// Seed of the random start temperatures and noise, for repeatable runs.
     #[arg(long, env = "SIM_SEED", default_value_t = 42)]
@@ -395,7 +395,7 @@ impl Run<'_> {
                 _ = until(deadline) => break,
                 ended = &mut *follower => {
                     return Err(match ended {
-                        Ok(Err(e)) => SimError::Follower(crate::error::error_chain(&e)),
+                        Ok(Err(e)) => SimError::Follower(thermostat::error::error_chain(&e)),
                         Ok(Ok(())) => SimError::Follower("it ended".into()),
                         Err(e) => SimError::Follower(e.to_string()),
                     });

@@ -102,7 +102,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The partitions of `topic`.
-pub(crate) async fn partition_ids(
+pub async fn partition_ids(
     consumer: Arc<StreamConsumer>,
     topic: String,
 ) -> Result<Vec<i32>, StreamError> {

@@ -71,7 +71,7 @@ pub enum StreamError {
 }
 
 /// Hands a record to the producer, waiting while its queue is full (back-pressure).
-pub(crate) async fn enqueue<K, P>(
+pub async fn enqueue<K, P>(
     producer: &FutureProducer,
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<DeliveryFuture, StreamError>
