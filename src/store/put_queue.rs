@@ -23,9 +23,9 @@ use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
 use sqlx::{Connection, Postgres};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::setpoints::{SetpointRow, PUT_SQL};
+use super::setpoints::{PutRow, SetpointRow, PUT_SQL};
 use super::PING_IF_IDLE_FOR;
-use crate::domain::{Reason, Scope, Setpoint};
+use crate::domain::Setpoint;
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -35,39 +35,6 @@ const MAX_BATCH: usize = 64;
 
 /// Puts waiting for a writer; a Put beyond this waits to be queued (backpressure).
 const QUEUE_CAPACITY: usize = 1024;
-
-/// One Put, owned, as the statement binds it.
-#[derive(Debug)]
-pub(super) struct PutRow {
-    setpoint: Setpoint,
-    expected_revision: Option<i64>,
-    actor: String,
-    reason: String,
-    /// The caller's buildings joined by commas (building ids cannot contain one); `None`: all.
-    scope: Option<String>,
-}
-
-impl PutRow {
-    pub(super) fn new(
-        setpoint: &Setpoint,
-        expected_revision: Option<i64>,
-        actor: &str,
-        reason: &Reason,
-        scope: &Scope,
-    ) -> Self {
-        Self {
-            setpoint: setpoint.clone(),
-            expected_revision,
-            actor: actor.to_owned(),
-            reason: reason.as_str().to_owned(),
-            scope: scope.as_sql().map(|buildings| buildings.join(",")),
-        }
-    }
-
-    fn sensor_id(&self) -> &str {
-        self.setpoint.sensor_id.as_str()
-    }
-}
 
 struct Job {
     row: PutRow,
@@ -320,7 +287,7 @@ async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{BuildingId, SensorId};
+    use crate::domain::{BuildingId, Reason, Scope, SensorId};
 
     fn job(sensor: &str, desired: f64) -> Job {
         let setpoint = Setpoint::new(

@@ -5,7 +5,6 @@
 use chrono::{DateTime, Utc};
 use futures::stream::{Stream, StreamExt};
 
-use super::put_queue::PutRow;
 use super::Store;
 use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
 use crate::error::{Error, Result};
@@ -194,6 +193,39 @@ macro_rules! version_columns {
     };
 }
 const SETPOINT_COLUMNS: &str = concat!(version_columns!(), ", update_time, updated_by, reason");
+
+/// One Put, owned, as the statement binds it.
+#[derive(Debug)]
+pub(super) struct PutRow {
+    pub(super) setpoint: Setpoint,
+    pub(super) expected_revision: Option<i64>,
+    pub(super) actor: String,
+    pub(super) reason: String,
+    /// The caller's buildings joined by commas (building ids cannot contain one); `None`: all.
+    pub(super) scope: Option<String>,
+}
+
+impl PutRow {
+    pub(super) fn new(
+        setpoint: &Setpoint,
+        expected_revision: Option<i64>,
+        actor: &str,
+        reason: &Reason,
+        scope: &Scope,
+    ) -> Self {
+        Self {
+            setpoint: setpoint.clone(),
+            expected_revision,
+            actor: actor.to_owned(),
+            reason: reason.as_str().to_owned(),
+            scope: scope.as_sql().map(|buildings| buildings.join(",")),
+        }
+    }
+
+    pub(super) fn sensor_id(&self) -> &str {
+        self.setpoint.sensor_id.as_str()
+    }
+}
 
 /// The Puts that `put_queue` writes together (one array element each, no two of one sensor):
 /// rows created or replaced and their history appended in one statement. On conflict the row is

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
-use super::output::{Ack, Acks, CommandOut, ReadingPartition};
+use super::output::{Ack, Acks, CommandOut, Position, ReadingPartition};
 use super::StreamError;
 use crate::domain::control::{
     CommandReason, Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl,
@@ -30,13 +30,6 @@ use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
 use crate::telemetry;
-
-/// Where a sensor record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position {
-    pub partition: i32,
-    pub offset: i64,
-}
 
 /// Everything the engine reacts to.
 pub enum Input {

@@ -7,10 +7,16 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
-use super::engine::Position;
 use super::sequences::Sequences;
 use super::{enqueue, StreamError};
 use crate::proto::v1 as pb;
+
+/// Where a sensor record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
 
 /// Header on command records naming the sensor-topic partition the deciding replica consumed
 /// the sensor from, so whichever replica owns that partition later knows the sensor is its own

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, storable, DeadLetter};
 use super::commands::Follower;
-use super::engine::{Input, LoopStats, Position, Record, Records};
+use super::engine::{Input, LoopStats, Record, Records};
 use super::handoff::RebalanceWatch;
-use super::output::Ack;
+use super::output::{Ack, Position};
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
 use crate::domain::control::Reading;
