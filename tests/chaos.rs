@@ -81,6 +81,19 @@ async fn load_until_fault(cluster: &Cluster, load: &Load) -> (tokio::task::JoinH
     (producing, started.elapsed().as_secs_f64())
 }
 
+/// Waits for `load` to be produced, then checks the cluster against what it must give. (Locals
+/// drop in reverse order: a scenario's cluster stops before the mock broker it runs on.)
+async fn load_done_and_correct(
+    name: &str,
+    cluster: &Cluster,
+    load: &Load,
+    producing: tokio::task::JoinHandle<()>,
+) {
+    producing.await.expect("load");
+    let report = verify(name, cluster, &load.expected(), load.readings()).await;
+    assert_correct(name, &report);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_rounds() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -245,9 +258,7 @@ async fn sigstop_longer_than_stale_after() {
     println!("chaos {name}: SIGSTOP {} for 8 s", paused.name);
     tokio::time::sleep(Duration::from_secs(8)).await;
     paused.sigcont();
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// Defect 2 of issue 21, the zombie: a replica SIGSTOPped under load for longer than the group's
@@ -290,8 +301,6 @@ async fn sigstop_past_the_session_timeout() {
     expected.extend(churned_expectations(&cluster, &churned).await);
     let readings = load.readings() + churned.len();
     let report = verify(name, &cluster, &expected, readings).await;
-    drop(cluster);
-    drop(broker);
     assert_correct(name, &report);
 }
 
@@ -400,11 +409,7 @@ async fn command_partition_without_leader_during_a_takeover() {
         back,
         "{service} not SERVING again once the leader came back"
     );
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    drop(cluster);
-    drop(broker);
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// The broker goes away under load and comes back 3 s later with what it had acknowledged:
@@ -424,11 +429,7 @@ async fn broker_down_and_back_under_load() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.0.broker_up(1).expect("broker up");
     println!("chaos {name}: broker down for 3 s at {at:.1} s of the load");
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    drop(cluster);
-    drop(broker);
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// Defect 3 of issue 21: consumer lag longer than `STALE_AFTER`. Every replica is stopped under
@@ -458,9 +459,7 @@ async fn lag_longer_than_stale_after() {
     }
     let lag = stopped.elapsed().as_secs_f64();
     println!("chaos {name}: every replica down for {lag:.1} s under load (STALE_AFTER 3 s)");
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// Defect 3 of issue 21: a gateway whose clock is a minute slow, reporting every 500 ms, is not
@@ -525,9 +524,7 @@ async fn broker_paused_under_load() {
     tokio::time::sleep(Duration::from_secs(10)).await;
     drop(paused);
     println!("chaos {name}: broker paused for 10 s at {at:.1} s of the load");
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// The shared broker SIGSTOPped for 8 s, longer than the producer's message timeout (4 s here),
@@ -595,9 +592,7 @@ async fn scale_out_under_load() {
     let joined = cluster.add_replica().await.name.clone();
     cluster.wait_settled().await;
     println!("chaos {name}: {joined} joined at {at:.1} s of the load");
-    producing.await.expect("load");
-    let report = verify(name, &cluster, &load.expected(), load.readings()).await;
-    assert_correct(name, &report);
+    load_done_and_correct(name, &cluster, &load, producing).await;
 }
 
 /// Defect 4 of issue 21: commands owed to setpoint changes, with every replica SIGKILLed 20 ms

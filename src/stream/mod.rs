@@ -58,7 +58,7 @@ pub enum StreamError {
     },
     #[error("command topic {topic:?} can lose a heater's last command ({reason}): create it with cleanup.policy=compact (thermostat create-topics does), or set ALLOW_COMMAND_TOPIC_DELETION=true to accept that risk")]
     CommandRetention { topic: String, reason: String },
-    #[error("setpoint store")]
+    #[error("database")]
     Store(#[source] crate::Error),
     #[error("the setpoint listener's connection was lost")]
     ListenerLost,
