@@ -13,7 +13,8 @@ use common::kafka::{
 use common::{put, setpoint, TestApp};
 use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
-use thermostat::stream::engine::{LiveEvent, LoopStats, SnapshotCoverage};
+use thermostat::stream::engine::LoopStats;
+use thermostat::stream::feed::{LiveEvent, SnapshotCoverage};
 use tokio_stream::StreamExt;
 
 const QUIET: Duration = Duration::from_millis(1500);

@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::error::Error;
+use crate::stream::feed::FeedEnd;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
@@ -28,6 +29,18 @@ impl From<Error> for Status {
                 tracing::error!(error = %detail, "internal error");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+impl From<FeedEnd> for Status {
+    fn from(end: FeedEnd) -> Self {
+        match end {
+            FeedEnd::Stopping => Status::unavailable("server shutting down; subscribe again"),
+            FeedEnd::FellBehind { missed } => Status::resource_exhausted(format!(
+                "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"
+            )),
+            FeedEnd::Refused(e) => e.into(),
         }
     }
 }

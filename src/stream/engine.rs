@@ -9,7 +9,7 @@
 //! the hand-offs between the two tasks, one wake-up each way per reading, cost more than
 //! deciding (BENCHMARKS.md, benchmark 1).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
+use super::feed::{self, Filter, LiveEvent, Numbering, SnapshotCursor, SnapshotPart};
 use super::output::{Ack, Acks, CommandOut, Position, ReadingPartition};
 use super::StreamError;
 use crate::domain::control::{
@@ -144,103 +145,11 @@ pub enum Query {
     },
 }
 
-/// Last command events are handed out at most this many at a time (and from at most
-/// `cache::SCAN_LIMIT` sensors): a subscriber's snapshot of a million heaters is built part by
-/// part as it is sent, not all at once (it would be some 200 MB, and the engine would stop
-/// deciding while it built it).
-const SNAPSHOT_PART: usize = 1024;
-
-/// Where a part of a snapshot starts; the default is the beginning of a whole snapshot.
-#[derive(Debug, Clone, Default)]
-pub struct SnapshotCursor {
-    from: SensorIndex,
-    /// For a catch-up: only heaters whose last event is newer than what these parts sent.
-    newer_than: Option<Arc<SnapshotCoverage>>,
-}
-
-impl SnapshotCursor {
-    /// The beginning of a catch-up: a snapshot of only the heaters whose last command is newer
-    /// than what `sent` covers, for a subscriber that missed live events after it.
-    pub fn catch_up(sent: SnapshotCoverage) -> Self {
-        Self {
-            from: 0,
-            newer_than: Some(Arc::new(sent)),
-        }
-    }
-}
-
-/// Part of a snapshot: the last command events of matching heaters whose index in the cache is
-/// from `from` up to where the next part starts (or on, for the last part), as they were after
-/// the live event numbered `live_through`.
-#[derive(Debug, Default)]
-pub struct SnapshotPart {
-    pub events: Vec<pb::HeaterCommandEvent>,
-    /// Where the next part starts; `None` after the last.
-    pub next: Option<SnapshotCursor>,
-    from: SensorIndex,
-    live_through: u64,
-}
-
-/// A command event that is news for its sensor, as subscribers receive it, numbered in the
-/// order the engine kept it as the sensor's last (ours when decided, others' when read): a
-/// snapshot part taken after the number reflects it ([`SnapshotCoverage`]). Repeats and older
-/// events are never broadcast.
-#[derive(Debug, Clone)]
-pub struct LiveEvent {
-    pub number: u64,
-    pub sensor: SensorIndex,
-    pub event: Arc<pb::HeaterCommandEvent>,
-}
-
-/// What the snapshot parts a subscription has sent cover: per part, where it starts and the
-/// number of the last event it reflects. A live event is already covered when the part its
-/// sensor falls in was taken after the event was numbered; otherwise it is newer than what was
-/// sent. Parts cover consecutive ranges of sensor indexes from 0, the last one open-ended. 12
-/// bytes per 1024 heaters sent: a subscription no longer keeps a map of every heater it sent.
-#[derive(Debug, Default)]
-pub struct SnapshotCoverage {
-    parts: Vec<(SensorIndex, u64)>,
-}
-
-impl SnapshotCoverage {
-    /// Records a part as sent; parts must be added in the order they were taken.
-    pub fn add(&mut self, part: &SnapshotPart) {
-        self.parts.push((part.from, part.live_through));
-    }
-
-    /// Whether a part already sent reflects `live` (or a newer event of its sensor).
-    pub fn covers(&self, live: &LiveEvent) -> bool {
-        self.covers_number(live.sensor, live.number)
-    }
-
-    /// Whether a part already sent reflects the sensor's event numbered `number`.
-    fn covers_number(&self, sensor: SensorIndex, number: u64) -> bool {
-        let after = self.parts.partition_point(|&(from, _)| from <= sensor);
-        after > 0 && number <= self.parts[after - 1].1
-    }
-}
-
 /// What the engine knows of one sensor.
 #[derive(Debug, Clone, Default)]
 pub struct SensorView {
     pub last_reading: Option<Reading>,
     pub last_command: Option<pb::HeaterCommandEvent>,
-}
-
-/// Which heaters a subscriber wants: empty sets mean "all".
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub sensors: HashSet<SensorId>,
-    pub building: Option<BuildingId>,
-}
-
-impl Filter {
-    pub fn matches(&self, event: &pb::HeaterCommandEvent) -> bool {
-        self.building
-            .as_ref()
-            .is_none_or(|b| b.as_str() == event.building_id)
-            && (self.sensors.is_empty() || self.sensors.contains(event.sensor_id.as_str()))
-    }
 }
 
 /// Counters of what the loop did, for tests and metrics.
@@ -387,12 +296,7 @@ pub struct Engine {
     acks: Acks,
     stale_after: TimeDelta,
     stats: Arc<LoopStats>,
-    live: broadcast::Sender<LiveEvent>,
-    /// The number of the last command event kept as a sensor's last (a [`LiveEvent`]'s).
-    live_events: u64,
-    /// The numbers of this replica's decisions not read back yet, by sensor and sequence: as
-    /// many as are on their way to the topic and back. Ordered, to drop a sensor's older ones.
-    awaiting_readback: BTreeMap<(SensorIndex, u64), u64>,
+    feed: Numbering,
 }
 
 impl Engine {
@@ -419,9 +323,7 @@ impl Engine {
             acks: Acks::new(acks),
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
             stats,
-            live,
-            live_events: 0,
-            awaiting_readback: BTreeMap::new(),
+            feed: Numbering::new(live),
         }
     }
 
@@ -508,26 +410,15 @@ impl Engine {
             }
             Input::Query(Query::Snapshot {
                 filter,
-                from: SnapshotCursor { from, newer_than },
+                from,
                 reply,
             }) => {
-                let (events, next) = self.sensors.last_events(
-                    &filter.sensors,
-                    filter.building.as_ref(),
-                    |i, number| {
-                        newer_than
-                            .as_ref()
-                            .is_none_or(|sent| !sent.covers_number(i, number))
-                    },
+                let _ = reply.send(feed::answer(
+                    &self.sensors,
+                    &filter,
                     from,
-                    SNAPSHOT_PART,
-                );
-                let _ = reply.send(SnapshotPart {
-                    events,
-                    next: next.map(|from| SnapshotCursor { from, newer_than }),
-                    from,
-                    live_through: self.live_events,
-                });
+                    self.feed.through(),
+                ));
                 Ok(())
             }
             Input::Barrier(reply) => {
@@ -790,10 +681,7 @@ impl Engine {
     }
 
     /// Keeps a command event read back from the command topic as the sensor's last if it is not
-    /// older, and broadcasts it to subscribers if it is news: one of this replica's own
-    /// decisions read back (with the number it got when decided and kept, so that a snapshot
-    /// taken in between covers it), or newer than the last one kept. What is broadcast for a
-    /// sensor goes up in sequence.
+    /// older, and broadcasts it to subscribers if it is news (see [`Numbering::read_back`]).
     fn broadcast_if_news(
         &mut self,
         i: SensorIndex,
@@ -801,34 +689,13 @@ impl Engine {
         building: &BuildingId,
     ) {
         let stored = self.sensors.last_event_sequence(i);
-        let number = match self.awaiting_readback.remove(&(i, event.sequence)) {
-            Some(number) => number,
-            None if stored.is_none_or(|sequence| event.sequence > sequence) => {
-                self.live_events += 1;
-                self.live_events
-            }
-            // Already passed on, or older than what was.
-            None => return,
+        let Some(number) = self.feed.read_back(i, event.sequence, stored) else {
+            return;
         };
         if stored.is_none_or(|sequence| event.sequence >= sequence) {
             self.sensors.set_last_event(i, event, building, number);
         }
-        // Decisions of ours for this sensor still awaited with a lower sequence would now come
-        // out of order (a retried write that lands late): subscribers never get them.
-        let superseded: Vec<_> = self
-            .awaiting_readback
-            .range((i, 0)..(i, event.sequence))
-            .map(|(key, _)| *key)
-            .collect();
-        for key in superseded {
-            self.awaiting_readback.remove(&key);
-        }
-        // No subscriber is not an error.
-        let _ = self.live.send(LiveEvent {
-            number,
-            sensor: i,
-            event: event.clone(),
-        });
+        self.feed.publish(number, i, event.clone());
     }
 
     /// Runs `f` on the sensor's state, unpacked, and stores the state back.
@@ -877,12 +744,9 @@ impl Engine {
         LoopStats::bump(&self.stats.commands);
         self.meters.command(decision.command, decision.reason);
         let event = command_event(self.sensors.id(i), decision, Utc::now());
-        // Subscribers get it once it is read back from the topic, with the number it has now.
-        self.live_events += 1;
+        let number = self.feed.own(i, event.sequence);
         self.sensors
-            .set_last_event(i, &event, &decision.building_id, self.live_events);
-        self.awaiting_readback
-            .insert((i, event.sequence), self.live_events);
+            .set_last_event(i, &event, &decision.building_id, number);
         let partition = self.sensors.partition(i).map(|partition| ReadingPartition {
             partition,
             of: Some(self.topic_partitions),
@@ -893,98 +757,13 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    use super::super::feed::SnapshotCoverage;
     use super::super::sequences::Sequences;
     use super::*;
     use crate::domain::{Celsius, Setpoint};
     use rdkafka::producer::FutureProducer;
     use rdkafka::ClientConfig;
     use tokio::sync::Semaphore;
-
-    fn part(from: SensorIndex, live_through: u64) -> SnapshotPart {
-        SnapshotPart {
-            from,
-            live_through,
-            ..SnapshotPart::default()
-        }
-    }
-
-    fn live(sensor: SensorIndex, number: u64) -> LiveEvent {
-        LiveEvent {
-            number,
-            sensor,
-            event: Arc::default(),
-        }
-    }
-
-    #[test]
-    fn a_filter_matches_its_sensors_in_its_building() {
-        let event = |sensor: &str, building: &str| pb::HeaterCommandEvent {
-            sensor_id: sensor.into(),
-            building_id: building.into(),
-            ..Default::default()
-        };
-        let filter = |sensors: &[String], building: Option<&str>| Filter {
-            sensors: sensors
-                .iter()
-                .map(|id| SensorId::parse(id.as_str()).unwrap())
-                .collect(),
-            building: building.map(|b| BuildingId::parse(b).unwrap()),
-        };
-        let many: Vec<String> = (0..100).map(|n| format!("b/s-{n}")).collect();
-        for (filter, sensor, building, matches) in [
-            (filter(&[], None), "x", "y", true),
-            (filter(&many, None), "b/s-57", "y", true),
-            (filter(&many, None), "b/s-100", "b", false),
-            (filter(&many, Some("b")), "b/s-0", "b", true),
-            (filter(&many, Some("b")), "b/s-0", "c", false),
-            (filter(&[], Some("b")), "any", "b", true),
-            (filter(&[], Some("b")), "any", "bb", false),
-        ] {
-            assert_eq!(
-                filter.matches(&event(sensor, building)),
-                matches,
-                "{sensor} in {building}"
-            );
-        }
-    }
-
-    #[test]
-    fn nothing_is_covered_without_a_snapshot() {
-        let sent = SnapshotCoverage::default();
-        assert!(!sent.covers(&live(0, 1)));
-        assert!(!sent.covers(&live(7, 1)));
-    }
-
-    #[test]
-    fn a_live_event_is_covered_by_the_part_of_its_sensor_taken_after_it() {
-        let mut sent = SnapshotCoverage::default();
-        // Sensors 0..10 as of event 5, 10..20 as of 8, 20.. as of 12.
-        for (from, through) in [(0, 5), (10, 8), (20, 12)] {
-            sent.add(&part(from, through));
-        }
-        for (sensor, number, covered) in [
-            (0, 5, true),
-            (9, 5, true),
-            (9, 6, false),
-            (10, 8, true),
-            (19, 8, true),
-            (19, 9, false),
-            (20, 12, true),
-            // A sensor cached after the last part was taken: the last part is open-ended.
-            (1_000_000, 12, true),
-            (20, 1, true),
-        ] {
-            assert_eq!(
-                sent.covers(&live(sensor, number)),
-                covered,
-                "sensor {sensor}, event {number}"
-            );
-        }
-        assert!(!sent.covers(&live(0, 13)));
-        // Numbered before the part was taken, broadcast after the newer ones (this replica's
-        // own decision read back): still covered.
-        assert!(sent.covers(&live(3, 2)));
-    }
 
     /// An engine whose producer has no broker: what it decides is queued, never delivered, and
     /// read back only when a test hands it in as `Input::Observed`.

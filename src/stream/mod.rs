@@ -10,6 +10,7 @@ mod cache;
 pub mod codec;
 pub mod commands;
 pub mod engine;
+pub mod feed;
 mod group_lag;
 mod handoff;
 pub mod output;
@@ -33,9 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ControlConfig, KafkaConfig};
 use crate::domain::SensorId;
 use crate::store::Store;
-use engine::{
-    Engine, Filter, Input, LiveEvent, LoopStats, Query, SensorView, SnapshotCursor, SnapshotPart,
-};
+use engine::{Engine, Input, LoopStats, Query, SensorView};
+use feed::{Caller, Filter, LiveEvent, SnapshotCursor, SnapshotPart, Subscription};
 
 /// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
 /// (the consumers) wait, which is the back-pressure we want.
@@ -192,6 +192,18 @@ impl ControlHandle {
     /// (see [`LiveEvent`]).
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.live.subscribe()
+    }
+
+    /// A subscriber's stream of the heaters `filter` picks, from their last commands on if
+    /// `initial_state`; `None` when the loop is stopping.
+    pub async fn open_feed(
+        &self,
+        filter: Filter,
+        initial_state: bool,
+        caller: Caller,
+        shutdown: CancellationToken,
+    ) -> Option<Subscription> {
+        Subscription::open(self.clone(), filter, initial_state, caller, shutdown).await
     }
 
     pub fn stats(&self) -> &LoopStats {

@@ -1,0 +1,205 @@
+//! One subscriber's stream, reading the shared broadcast only when the client reads.
+
+use std::time::Duration;
+
+use futures::{FutureExt, Stream};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
+
+use super::{Filter, LiveEvent, SnapshotCoverage, SnapshotCursor, SnapshotPart};
+use crate::domain::Scope;
+use crate::error::Error;
+use crate::proto::v1 as pb;
+use crate::stream::ControlHandle;
+use crate::telemetry;
+
+/// Who reads a subscription, checked again while it is open.
+pub struct Caller {
+    /// The caller's buildings: commands of others are never sent, whatever the filter says.
+    pub scope: Scope,
+    /// Called every `every`: the caller's scope now, or why the stream must end (an expired or
+    /// revoked credential). A narrowed scope applies from then on.
+    pub recheck: Box<dyn FnMut() -> Result<Scope, Error> + Send>,
+    pub every: Duration,
+}
+
+/// Why a subscription ended.
+#[derive(Debug)]
+pub enum FeedEnd {
+    /// The server is stopping.
+    Stopping,
+    /// The subscriber read too slowly and did not ask for the initial state, so it cannot be
+    /// caught up.
+    FellBehind { missed: u64 },
+    /// The caller's credentials no longer allow reading.
+    Refused(Error),
+}
+
+/// One subscriber's stream. One that falls behind the buffer is caught up from the heaters'
+/// last commands if it asked for the initial state (sent as a snapshot, then live again), else
+/// ended with [`FeedEnd::FellBehind`].
+pub struct Subscription {
+    /// The part of the snapshot (or catch-up) not sent yet, and where the next part starts:
+    /// parts are taken from the engine as the client reads.
+    snapshot: std::vec::IntoIter<pb::HeaterCommandEvent>,
+    more: Option<SnapshotCursor>,
+    control: ControlHandle,
+    live: broadcast::Receiver<LiveEvent>,
+    /// Whether falling behind is caught up from the engine's state rather than the end.
+    catches_up: bool,
+    filter: Filter,
+    caller: Caller,
+    recheck: tokio::time::Interval,
+    /// What the snapshot (or the last catch-up) sent: drops the live events it already
+    /// reflects, and tells a catch-up what is newer.
+    sent: SnapshotCoverage,
+    shutdown: CancellationToken,
+    ended: bool,
+    /// Events handed to the stream (a handle, so that counting one is an atomic add).
+    events_sent: metrics::Counter,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        metrics::gauge!(telemetry::SUBSCRIBERS).decrement(1.0);
+    }
+}
+
+type Item = Result<pb::HeaterCommandEvent, FeedEnd>;
+
+impl Subscription {
+    /// Subscribes, then takes the snapshot's first part if `initial_state`: a loop that is
+    /// stopping fails here (`None`) rather than in the stream.
+    pub(in crate::stream) async fn open(
+        control: ControlHandle,
+        filter: Filter,
+        initial_state: bool,
+        caller: Caller,
+        shutdown: CancellationToken,
+    ) -> Option<Self> {
+        // Subscribe before taking the snapshot, so no command falls between the two; the
+        // overlap is told by the live events' numbers (`SnapshotCoverage`).
+        let live = control.subscribe();
+        let mut sent = SnapshotCoverage::default();
+        let snapshot = if initial_state {
+            let part = control
+                .snapshot(filter.clone(), SnapshotCursor::default())
+                .await?;
+            sent.add(&part);
+            part
+        } else {
+            SnapshotPart::default()
+        };
+        metrics::gauge!(telemetry::SUBSCRIBERS).increment(1.0);
+        let every = caller.every;
+        Some(Self {
+            sent,
+            snapshot: snapshot.events.into_iter(),
+            more: snapshot.next,
+            control,
+            live,
+            catches_up: initial_state,
+            filter,
+            caller,
+            recheck: tokio::time::interval_at(tokio::time::Instant::now() + every, every),
+            shutdown,
+            ended: false,
+            events_sent: metrics::counter!(telemetry::SUBSCRIBER_EVENTS),
+        })
+    }
+
+    /// The events, ending with the reason when the feed ends them.
+    pub fn into_stream(self) -> impl Stream<Item = Item> + Send {
+        futures::stream::unfold(self, Self::next)
+    }
+
+    /// Checks the caller's credentials again; the new scope replaces the old one.
+    fn reauthenticate(&mut self) -> Result<(), FeedEnd> {
+        self.caller.scope = (self.caller.recheck)().map_err(FeedEnd::Refused)?;
+        Ok(())
+    }
+
+    /// The stream's last item: `end`; the next call ends the stream.
+    fn end(mut self, end: FeedEnd) -> Option<(Item, Self)> {
+        self.ended = true;
+        Some((Err(end), self))
+    }
+
+    fn send(self, event: pb::HeaterCommandEvent) -> Option<(Item, Self)> {
+        self.events_sent.increment(1);
+        Some((Ok(event), self))
+    }
+
+    async fn next(mut self) -> Option<(Item, Self)> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if let Some(event) = self.snapshot.next() {
+                if !self.caller.scope.contains_str(&event.building_id) {
+                    continue;
+                }
+                return self.send(pb::HeaterCommandEvent {
+                    snapshot: true,
+                    ..event
+                });
+            }
+            if let Some(from) = self.more.take() {
+                // The recheck is otherwise only awaited with the live feed: a snapshot of a
+                // million heaters to a slow client must not outlast a revoked credential.
+                if self.recheck.tick().now_or_never().is_some() {
+                    if let Err(end) = self.reauthenticate() {
+                        return self.end(end);
+                    }
+                }
+                let Some(part) = self.control.snapshot(self.filter.clone(), from).await else {
+                    return self.end(FeedEnd::Stopping);
+                };
+                self.sent.add(&part);
+                self.snapshot = part.events.into_iter();
+                self.more = part.next;
+                continue;
+            }
+            let received = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return self.end(FeedEnd::Stopping),
+                _ = self.recheck.tick() => {
+                    if let Err(end) = self.reauthenticate() {
+                        return self.end(end);
+                    }
+                    continue;
+                }
+                received = self.live.recv() => received,
+            };
+            match received {
+                Ok(live) => {
+                    let event = &live.event;
+                    if !self.filter.matches(event)
+                        || !self.caller.scope.contains_str(&event.building_id)
+                        || self.sent.covers(&live)
+                    {
+                        continue;
+                    }
+                    let event = (**event).clone();
+                    return self.send(event);
+                }
+                Err(RecvError::Lagged(missed)) if self.catches_up => {
+                    metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "caught_up")
+                        .increment(1);
+                    tracing::debug!(missed, "subscriber fell behind; catching up");
+                    // A fresh place in the feed before the catch-up's first part is taken, as
+                    // for the snapshot: what the parts reflect is told by the numbers again.
+                    self.live = self.control.subscribe();
+                    let sent = std::mem::take(&mut self.sent);
+                    self.more = Some(SnapshotCursor::catch_up(sent));
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "ended")
+                        .increment(1);
+                    return self.end(FeedEnd::FellBehind { missed });
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
