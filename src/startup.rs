@@ -23,7 +23,7 @@ use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
 use crate::security::{self, Authenticator};
 use crate::store::Store;
-use crate::stream::engine::LoopStats;
+use crate::stream::stats::LoopStats;
 use crate::stream::{self, ControlHandle, StreamError};
 
 /// Largest total size of one call's metadata (headers): room for a large JWT, no more.
@@ -412,8 +412,8 @@ async fn shut_down(
     let stats = control.stats();
     tracing::info!(
         readings = LoopStats::get(&stats.readings),
-        dead_lettered = LoopStats::get(&stats.dead_lettered),
-        commands = LoopStats::get(&stats.commands),
+        dead_lettered = stats.dead_lettered(),
+        commands = stats.commands(),
         "stopped"
     );
     Ok(())

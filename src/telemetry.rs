@@ -2,8 +2,9 @@
 //! Metrics: the `metrics` facade with a Prometheus recorder, served by `admin` on `/metrics`.
 //! Every metric is named and described here, so call sites cannot misspell one.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -187,9 +188,80 @@ pub async fn upkeep(stop: CancellationToken) {
     }
 }
 
+/// Counts kept where they happen and read at each scrape, as a Prometheus collector is: a
+/// count is kept once, and its owner can read its exact total (the stopped log line does).
+pub trait Counts: Send + Sync {
+    fn counts(&self, out: &mut Vec<Count>);
+}
+
+/// One counter's total, with its labels.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Count {
+    name: &'static str,
+    labels: Vec<(&'static str, &'static str)>,
+    total: u64,
+}
+
+impl Count {
+    pub fn new(name: &'static str, total: u64) -> Self {
+        Self {
+            name,
+            labels: Vec::new(),
+            total,
+        }
+    }
+
+    pub fn label(mut self, key: &'static str, value: &'static str) -> Self {
+        self.labels.push((key, value));
+        self
+    }
+}
+
+type Sources = Mutex<Vec<Arc<dyn Counts>>>;
+
+fn sources() -> &'static Sources {
+    static SOURCES: OnceLock<Sources> = OnceLock::new();
+    SOURCES.get_or_init(Sources::default)
+}
+
+/// Exports `source`'s counts from now on. Several sources (services in one process: tests) add
+/// up, and one that stopped stays counted, as a process-wide counter's increments would.
+pub fn export_counts(source: &Arc<impl Counts + 'static>) {
+    if let Ok(mut sources) = sources().lock() {
+        sources.push(source.clone());
+    }
+}
+
+/// Sets every exported counter to the sum of its sources' totals.
+fn collect() {
+    let mut counts = Vec::new();
+    if let Ok(sources) = sources().lock() {
+        for source in sources.iter() {
+            source.counts(&mut counts);
+        }
+    }
+    let mut totals: BTreeMap<_, u64> = BTreeMap::new();
+    for Count {
+        name,
+        labels,
+        total,
+    } in counts
+    {
+        *totals.entry((name, labels)).or_default() += total;
+    }
+    for ((name, labels), total) in totals {
+        let labels: Vec<metrics::Label> = labels
+            .into_iter()
+            .map(|(k, v)| metrics::Label::new(k, v))
+            .collect();
+        metrics::counter!(name, labels).absolute(total);
+    }
+}
+
 /// The Prometheus text for a scrape.
 pub fn render_metrics() -> String {
     let handle = metrics();
+    collect();
     let last = LAST_RESYNC.load(Ordering::Relaxed);
     if last > 0 {
         let age = chrono::Utc::now().timestamp().saturating_sub(last);

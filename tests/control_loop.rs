@@ -13,8 +13,8 @@ use common::kafka::{
 use common::{put, setpoint, TestApp};
 use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
-use thermostat::stream::engine::LoopStats;
 use thermostat::stream::feed::{LiveEvent, SnapshotCoverage};
+use thermostat::stream::stats::LoopStats;
 use tokio_stream::StreamExt;
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -577,7 +577,7 @@ async fn bad_records_go_to_the_dead_letter_topic_and_the_loop_goes_on() {
             "undecodable"
         ]
     );
-    assert_eq!(LoopStats::get(&app.control.stats().dead_lettered), 7);
+    assert_eq!(app.control.stats().dead_lettered(), 7);
 }
 
 #[tokio::test]
@@ -1035,7 +1035,7 @@ async fn a_crash_and_restart_neither_loses_nor_repeats_commands() {
         assert_eq!(commands, expected, "{id}: after the restart, {history:?}");
     }
     assert_eq!(
-        LoopStats::get(&restarted.control.stats().commands),
+        restarted.control.stats().commands(),
         3,
         "the restarted service decided exactly the three changes"
     );

@@ -82,7 +82,7 @@ mod event_flags {
 
 /// A sensor's last command event, 45 bytes: every field of `pb::HeaterCommandEvent` but the
 /// sensor id (the slot's) and `snapshot` (never set on a stored event), and the number the
-/// engine gave it (a [`super::engine::LiveEvent`]'s). Times are nanoseconds since the epoch,
+/// engine gave it (a [`super::feed::LiveEvent`]'s). Times are nanoseconds since the epoch,
 /// revision and sequence narrowed, as in [`Slot`]. Its own building and sequence rather than the
 /// slot's: a sensor moved to another building keeps the command it was sent in the old one.
 #[derive(Clone, Copy, Default)]

@@ -39,19 +39,37 @@ pub enum DeadLetter {
 }
 
 impl DeadLetter {
+    /// Every [`DeadLetter::code`], in the order of [`DeadLetter::kind`].
+    pub const KINDS: [&'static str; 9] = [
+        "undecodable",
+        "invalid_sensor_id",
+        "key_mismatch",
+        "missing_key",
+        "non_finite_temperature",
+        "implausible_temperature",
+        "missing_temperature",
+        "missing_time",
+        "future_time",
+    ];
+
+    /// The reason's place in [`DeadLetter::KINDS`].
+    pub fn kind(&self) -> usize {
+        match self {
+            DeadLetter::Undecodable(_) => 0,
+            DeadLetter::InvalidSensorId(_) => 1,
+            DeadLetter::KeyMismatch { .. } => 2,
+            DeadLetter::MissingKey => 3,
+            DeadLetter::NonFiniteTemperature => 4,
+            DeadLetter::ImplausibleTemperature(_) => 5,
+            DeadLetter::MissingTemperature => 6,
+            DeadLetter::MissingTime => 7,
+            DeadLetter::FutureTime(_) => 8,
+        }
+    }
+
     /// A stable, low-cardinality code: the header value and the metric label.
     pub fn code(&self) -> &'static str {
-        match self {
-            DeadLetter::Undecodable(_) => "undecodable",
-            DeadLetter::InvalidSensorId(_) => "invalid_sensor_id",
-            DeadLetter::KeyMismatch { .. } => "key_mismatch",
-            DeadLetter::MissingKey => "missing_key",
-            DeadLetter::NonFiniteTemperature => "non_finite_temperature",
-            DeadLetter::ImplausibleTemperature(_) => "implausible_temperature",
-            DeadLetter::MissingTemperature => "missing_temperature",
-            DeadLetter::MissingTime => "missing_time",
-            DeadLetter::FutureTime(_) => "future_time",
-        }
+        Self::KINDS[self.kind()]
     }
 }
 

@@ -10,7 +10,7 @@
 //! deciding (BENCHMARKS.md, benchmark 1).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,10 +23,9 @@ use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
 use super::feed::{self, Filter, LiveEvent, Numbering, SnapshotCursor, SnapshotPart};
 use super::output::{Ack, Acks, CommandOut, Position, ReadingPartition};
+use super::stats::LoopStats;
 use super::StreamError;
-use crate::domain::control::{
-    CommandReason, Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl,
-};
+use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
@@ -152,135 +151,14 @@ pub struct SensorView {
     pub last_command: Option<pb::HeaterCommandEvent>,
 }
 
-/// Counters of what the loop did, for tests and metrics.
-#[derive(Debug, Default)]
-pub struct LoopStats {
-    pub readings: AtomicU64,
-    pub out_of_order: AtomicU64,
-    pub dead_lettered: AtomicU64,
-    pub commands: AtomicU64,
-    /// Sensor-topic partitions currently assigned to this replica.
-    pub assigned: AtomicU64,
-    /// Whether newly assigned partitions have waited longer than a few seconds for the command
-    /// topic to be read (a partition of it without a leader, say): none of them is decided.
-    pub catching_up: AtomicBool,
-    /// Sensor partitions with records behind and no committed progress for a minute, group-wide
-    /// (stream::group_lag).
-    pub stalled_partitions: AtomicU64,
-    /// Since when the readings task has not been waiting for records (none while it is).
-    pub deaf_since: SharedTime,
-    /// Since when the broker has not answered the health probe (none while it does).
-    pub broker_down_since: SharedTime,
-    /// How often the broker answered again after not answering.
-    pub broker_returns: AtomicU64,
-    /// Full reads of the setpoint table completed (stream::setpoint_sync).
-    pub resyncs: AtomicU64,
-    /// Setpoints, at the last full read, whose band no accepted reading could switch (stored
-    /// before `READING_RANGE_CELSIUS` was narrowed: Puts of such bands are refused).
-    pub out_of_reach: AtomicU64,
-}
-
-impl LoopStats {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    pub fn assigned_partitions(&self) -> u64 {
-        Self::get(&self.assigned)
-    }
-
-    /// Whether the broker answered a probe sent at `asked`.
-    pub(crate) fn broker_answered(&self, reachable: bool, asked: DateTime<Utc>) {
-        if !reachable {
-            self.broker_down_since.set_if_none(asked);
-        } else if self.broker_down_since.clear() {
-            self.broker_returns.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether the readings task is waiting for records now (`false`: busy or held back).
-    pub(crate) fn listening(&self, listening: bool) {
-        if listening {
-            self.deaf_since.clear();
-        } else {
-            self.deaf_since.set_if_none(Utc::now());
-        }
-    }
-
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// A time shared between tasks, or none: milliseconds since the epoch, 0 for none.
-#[derive(Debug, Default)]
-pub struct SharedTime(std::sync::atomic::AtomicI64);
-
-impl SharedTime {
-    pub fn get(&self) -> Option<DateTime<Utc>> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            millis => DateTime::from_timestamp_millis(millis),
-        }
-    }
-
-    fn set_if_none(&self, time: DateTime<Utc>) {
-        let millis = time.timestamp_millis().max(1);
-        let _ = self
-            .0
-            .compare_exchange(0, millis, Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    /// Whether there was a time.
-    fn clear(&self) -> bool {
-        self.0.swap(0, Ordering::Relaxed) != 0
-    }
-}
-
-/// The per-reading metrics, registered once: looking a metric up by name for every reading
-/// showed in the profile of the 1%-change drain (BENCHMARKS.md).
-struct Meters {
-    readings: metrics::Counter,
-    out_of_order: metrics::Counter,
-    untracked: metrics::Counter,
-    decision_latency: metrics::Histogram,
-    /// By command and reason, registered at first use: formatting the labels and looking the
-    /// counter up for every command was a cost of its own at 100% change.
-    commands: HashMap<(HeaterCommand, CommandReason), metrics::Counter>,
-}
-
-impl Meters {
-    fn new() -> Self {
-        Self {
-            readings: metrics::counter!(telemetry::READINGS),
-            out_of_order: metrics::counter!(telemetry::READINGS_OUT_OF_ORDER),
-            untracked: metrics::counter!(telemetry::READINGS_UNTRACKED),
-            decision_latency: metrics::histogram!(telemetry::DECISION_LATENCY),
-            commands: HashMap::new(),
-        }
-    }
-
-    fn command(&mut self, command: HeaterCommand, reason: CommandReason) {
-        self.commands
-            .entry((command, reason))
-            .or_insert_with(|| {
-                metrics::counter!(
-                    telemetry::COMMANDS,
-                    "command" => format!("{command:?}"),
-                    "reason" => format!("{reason:?}"),
-                )
-            })
-            .increment(1);
-    }
-}
-
 pub struct Engine {
     sensors: Cache,
     /// The cache's size below which a reading may add a sensor: see [`Engine::reading_slot`].
     cache_limit: usize,
     /// Whether the limit was logged as reached.
     cache_limit_logged: bool,
-    meters: Meters,
+    /// Registered once: looking a metric up by name for every reading showed in profiles.
+    decision_latency: metrics::Histogram,
     /// Sensor-topic partitions this replica consumes, with how far it read them (for the
     /// staleness fail-safe: see `SensorControl::on_tick`).
     assigned: HashMap<i32, Watch>,
@@ -313,7 +191,7 @@ impl Engine {
             sensors: Cache::default(),
             cache_limit,
             cache_limit_logged: false,
-            meters: Meters::new(),
+            decision_latency: metrics::histogram!(telemetry::DECISION_LATENCY),
             assigned: HashMap::new(),
             recalling: HashSet::new(),
             revoked: 0,
@@ -570,9 +448,8 @@ impl Engine {
                 };
                 watch.at_end = false;
                 LoopStats::bump(&self.stats.readings);
-                self.meters.readings.increment(1);
                 let Some(i) = self.reading_slot(&sensor)? else {
-                    self.meters.untracked.increment(1);
+                    LoopStats::bump(&self.stats.untracked);
                     self.acks.push(Some(position), None);
                     return Ok(());
                 };
@@ -581,7 +458,6 @@ impl Engine {
                     ReadingOutcome::Applied(decision) => decision,
                     ReadingOutcome::OutOfOrder => {
                         LoopStats::bump(&self.stats.out_of_order);
-                        self.meters.out_of_order.increment(1);
                         None
                     }
                 };
@@ -589,8 +465,7 @@ impl Engine {
                     Some(decision) => Some(self.send(i, &decision).await?),
                     None => None,
                 };
-                self.meters
-                    .decision_latency
+                self.decision_latency
                     .record(received.elapsed().as_secs_f64());
                 self.acks.push(Some(position), delivery);
             }
@@ -741,8 +616,7 @@ impl Engine {
         i: SensorIndex,
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
-        LoopStats::bump(&self.stats.commands);
-        self.meters.command(decision.command, decision.reason);
+        self.stats.command(decision.command, decision.reason);
         let event = command_event(self.sensors.id(i), decision, Utc::now());
         let number = self.feed.own(i, event.sequence);
         self.sensors

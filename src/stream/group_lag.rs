@@ -14,7 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::engine::LoopStats;
+use super::stats::LoopStats;
 use super::{consumer_config, StreamError};
 use crate::config::KafkaConfig;
 use crate::telemetry;

@@ -17,6 +17,7 @@ pub mod output;
 pub mod readings;
 mod sequences;
 pub mod setpoint_sync;
+pub mod stats;
 pub mod topics;
 
 use std::sync::Arc;
@@ -34,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ControlConfig, KafkaConfig};
 use crate::domain::SensorId;
 use crate::store::Store;
-use engine::{Engine, Input, LoopStats, Query, SensorView};
+use engine::{Engine, Input, Query, SensorView};
 use feed::{Caller, Filter, LiveEvent, SnapshotCursor, SnapshotPart, Subscription};
+use stats::LoopStats;
 
 /// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
 /// (the consumers) wait, which is the back-pressure we want.
@@ -258,6 +260,7 @@ pub async fn start(
     let sensor_partitions = check_broker(kafka, &producer).await?;
 
     let stats = Arc::new(LoopStats::default());
+    crate::telemetry::export_counts(&stats);
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE);
     let (acks_tx, acks_rx) = mpsc::unbounded_channel();
     // The channel's capacity is how far a subscriber may fall behind before it is caught up

@@ -19,14 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::codec::{decode_reading, storable, DeadLetter};
 use super::commands::Follower;
-use super::engine::{Input, LoopStats, Record, Records};
+use super::engine::{Input, Record, Records};
 use super::handoff::RebalanceWatch;
 use super::output::{Ack, Position};
+use super::stats::LoopStats;
 use super::{enqueue, StreamError};
 use crate::config::KafkaConfig;
 use crate::domain::control::Reading;
 use crate::domain::SensorId;
-use crate::telemetry;
 
 /// Header of a dead-letter record: the reason code, e.g. `non_finite_temperature`.
 pub const DEAD_LETTER_REASON_HEADER: &str = "thermostat-dead-letter-reason";
@@ -432,8 +432,7 @@ impl Readings {
                 received,
             }),
             Err(reason) => {
-                LoopStats::bump(&self.stats.dead_lettered);
-                metrics::counter!(telemetry::DEAD_LETTERS, "reason" => reason.code()).increment(1);
+                self.stats.dead_lettered_for(&reason);
                 tracing::debug!(reason = reason.code(), detail = %reason, ?position, "dead-lettering");
                 let delivery = self.dead_letter(message, &reason).await?;
                 Ok(Record::Skip { position, delivery })

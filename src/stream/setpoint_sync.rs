@@ -15,7 +15,8 @@ use sqlx::postgres::PgListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::{Input, LoopStats};
+use super::engine::Input;
+use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::CelsiusRange;
 use crate::domain::control;
