@@ -335,8 +335,8 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
         ]
     );
 
-    // Claiming the south sensor for north, with or without its revision: as if it did not
-    // exist, and nothing changes.
+    // Claiming the south sensor for north, with or without its revision: refused, with the
+    // answer a south id that does not exist gets, and nothing changes.
     let attempt = |sensor: &'static str, expected_revision: Option<i64>| {
         let mut client = client.clone();
         async move {
@@ -347,24 +347,21 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
                 .unwrap_err()
         }
     };
-    for expected_revision in [None, Some(0)] {
-        let status = attempt("south/room-1", expected_revision).await;
-        assert_eq!(
-            status.code(),
-            Code::NotFound,
-            "{expected_revision:?}: {status:?}"
-        );
-    }
-    // A conditional write gets exactly the answer a sensor that does not exist gets.
-    for expected_revision in [Some(1), Some(7)] {
+    for expected_revision in [None, Some(0), Some(1), Some(7)] {
         let foreign = attempt("south/room-1", expected_revision).await;
-        let missing = attempt("north/never-created", expected_revision).await;
+        let missing = attempt("south/never-made", expected_revision).await;
         assert_eq!(
-            (foreign.code(), foreign.message()),
-            (missing.code(), missing.message()),
+            (
+                foreign.code(),
+                foreign.message().replace("south/room-1", "ID")
+            ),
+            (
+                missing.code(),
+                missing.message().replace("south/never-made", "ID")
+            ),
             "{expected_revision:?}"
         );
-        assert_eq!(foreign.code(), Code::Aborted);
+        assert_eq!(foreign.code(), Code::PermissionDenied, "{foreign:?}");
     }
     let mut db = app.db().await;
     let (building, revision, updated_by): (String, i64, String) = sqlx::query_as(
@@ -413,6 +410,93 @@ async fn writes_record_the_identity_and_never_cross_into_another_building() {
             .is_none_or(|c| c.building_id == "north"),
         "{state:?}"
     );
+}
+
+/// Issue 23 (1): sensor ids are global, so the first Put used to own one. A building's operator
+/// now binds only ids named under its building; others only a caller of every building binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_building_takes_blocks_reads_or_drives_a_sensor_of_another() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    let mut client = app.setpoints().await;
+
+    // North squats on south's future sensor, and on an id named under no building.
+    for sensor in ["south/room-7", "room-9"] {
+        let squat = put_as(&mut client, "t-operator-north", sensor, "north", 30.0).await;
+        assert_eq!(code(&squat), Code::PermissionDenied, "{sensor}: {squat:?}");
+    }
+    let mut db = app.db().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM setpoints")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a refused Put wrote a row");
+
+    // South is not blocked: its operator creates its sensor, which drives south's heater.
+    let south = put_as(
+        &mut client,
+        "t-operator-south",
+        "south/room-7",
+        "south",
+        21.0,
+    )
+    .await
+    .expect("south creates its own sensor");
+    assert_eq!((south.building_id.as_str(), south.revision), ("south", 1));
+    Sensors::new(&Topics::of(&app.config).sensors)
+        .reading("south/room-7", 10.0, Utc::now())
+        .await;
+    let heaters = HeaterControlServiceClient::new(app.channel().await);
+    let state_as = |token: &'static str| {
+        let mut heaters = heaters.clone();
+        async move {
+            let request = pb::GetSensorStateRequest {
+                sensor_id: "south/room-7".into(),
+            };
+            heaters
+                .get_sensor_state(authorized(request, Some(token)))
+                .await
+        }
+    };
+    let commanded = eventually(Duration::from_secs(20), || async {
+        state_as("t-operator-south").await.is_ok_and(|s| {
+            s.into_inner()
+                .last_command
+                .is_some_and(|c| c.building_id == "south")
+        })
+    })
+    .await;
+    assert!(commanded, "south's reading drives south's heater");
+    // North reads nothing of it, and cannot change or delete it.
+    assert_eq!(code(&state_as("t-operator-north").await), Code::NotFound);
+    let change = put_as(
+        &mut client,
+        "t-operator-north",
+        "south/room-7",
+        "north",
+        30.0,
+    )
+    .await;
+    assert_eq!(code(&change), Code::PermissionDenied);
+    let delete = client
+        .delete_setpoint(authorized(
+            pb::DeleteSetpointRequest {
+                sensor_id: "south/room-7".into(),
+                ..Default::default()
+            },
+            Some("t-operator-north"),
+        ))
+        .await;
+    assert_eq!(code(&delete), Code::NotFound);
+
+    // An id named under no building is bound by a caller of every building; the building's
+    // operator then keeps it.
+    put_as(&mut client, "t-admin-all", "room-9", "north", 20.0)
+        .await
+        .expect("an admin of all binds room-9 to north");
+    let kept = put_as(&mut client, "t-operator-north", "room-9", "north", 22.0)
+        .await
+        .expect("north changes its bound sensor");
+    assert_eq!(kept.revision, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

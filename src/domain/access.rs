@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use super::{BuildingId, ValidationError};
+use super::{BuildingId, SensorId, ValidationError};
 
 /// What a caller may do, each role including the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -100,6 +100,18 @@ impl Scope {
         match self {
             Scope::All => true,
             Scope::Buildings(set) => set.contains(building),
+        }
+    }
+
+    /// Whether a caller of this scope may bind `sensor` to `building`, creating it there or
+    /// moving it there. Callers of every building bind any id; others only ids named under the
+    /// building (`{building}/…`), so that no building can take or block another's sensor.
+    pub fn may_bind(&self, sensor: &SensorId, building: &BuildingId) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Buildings(set) => {
+                set.contains(building) && sensor.named_under() == Some(building.as_str())
+            }
         }
     }
 

@@ -76,6 +76,13 @@ id_type!(
     SensorId(String),
     "sensor_id"
 );
+impl SensorId {
+    /// The building the id is named under: what comes before its first `/`, if anything does.
+    pub fn named_under(&self) -> Option<&str> {
+        self.0.split_once('/').map(|(building, _)| building)
+    }
+}
+
 id_type!(
     /// Identifies a building: the unit of ownership for access control. Shared (`Arc`): the
     /// engine hands the same building to every decision of its sensors, and a clone is then a
@@ -102,6 +109,18 @@ mod tests {
             assert_eq!(err.field, "sensor_id", "{bad:?}");
         }
         assert_eq!(BuildingId::parse("").unwrap_err().field, "building_id");
+    }
+
+    #[test]
+    fn a_sensor_is_named_under_what_precedes_its_first_slash() {
+        for (id, under) in [
+            ("south/room-7", Some("south")),
+            ("north/annex/r1", Some("north")),
+            ("room-7", None),
+            ("/x", Some("")),
+        ] {
+            assert_eq!(SensorId::parse(id).unwrap().named_under(), under, "{id}");
+        }
     }
 
     #[test]

@@ -273,6 +273,7 @@ async fn execute(
         .bind(column(|r| &r.reason))
         .bind(rows.iter().map(|r| r.expected_revision).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.scope.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.may_bind).collect::<Vec<_>>())
         .fetch_all(connection);
     tokio::time::timeout(answer_within, statement)
         .await

@@ -203,6 +203,9 @@ pub(super) struct PutRow {
     pub(super) reason: String,
     /// The caller's buildings joined by commas (building ids cannot contain one); `None`: all.
     pub(super) scope: Option<String>,
+    /// Whether the caller may bind the sensor to the setpoint's building ([`Scope::may_bind`]);
+    /// if not, only a sensor already in that building is written.
+    pub(super) may_bind: bool,
 }
 
 impl PutRow {
@@ -219,6 +222,7 @@ impl PutRow {
             actor: actor.to_owned(),
             reason: reason.as_str().to_owned(),
             scope: scope.as_sql().map(|buildings| buildings.join(",")),
+            may_bind: scope.may_bind(&setpoint.sensor_id, &setpoint.building_id),
         }
     }
 
@@ -235,9 +239,9 @@ impl PutRow {
 pub const PUT_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
-                         $6::text[], $7::text[], $8::int8[], $9::text[])
+                         $6::text[], $7::text[], $8::int8[], $9::text[], $10::bool[])
         AS i(sensor_id, building_id, desired, up_delta, down_delta, actor, reason, expected,
-             scope)
+             scope, may_bind)
 ), up AS (
     INSERT INTO setpoints AS s (sensor_id, building_id, desired_celsius, up_delta_celsius,
                                 down_delta_celsius, revision, update_time, updated_by, reason)
@@ -246,7 +250,7 @@ WITH input AS (
     FROM input i
     LEFT JOIN LATERAL (SELECT true AS found FROM setpoints WHERE sensor_id = i.sensor_id LIMIT 1)
         AS stored ON true
-    WHERE i.expected IS NULL OR i.expected = 0 OR stored.found
+    WHERE (i.expected IS NULL OR i.expected = 0 OR stored.found) AND (i.may_bind OR stored.found)
     ON CONFLICT (sensor_id) DO UPDATE SET
         building_id = excluded.building_id,
         desired_celsius = excluded.desired_celsius,
@@ -261,7 +265,8 @@ WITH input AS (
             SELECT 1 FROM input i
             WHERE i.sensor_id = excluded.sensor_id
               AND (i.expected IS NULL OR i.expected = CASE WHEN s.deleted THEN 0 ELSE s.revision END)
-              AND (i.scope IS NULL OR s.building_id = ANY(string_to_array(i.scope, ','))))
+              AND (i.scope IS NULL OR s.building_id = ANY(string_to_array(i.scope, ',')))
+              AND (i.may_bind OR s.building_id = excluded.building_id))
       AND (s.deleted OR (s.building_id, s.desired_celsius, s.up_delta_celsius, s.down_delta_celsius)
            IS DISTINCT FROM (excluded.building_id, excluded.desired_celsius,
                              excluded.up_delta_celsius, excluded.down_delta_celsius))
@@ -316,9 +321,22 @@ impl Store {
             if let Some(row) = written {
                 return Ok(PutOutcome::Written(row.into_stored()?));
             }
-            // Nothing written: the row belongs to a building out of scope, the revision did not
-            // match, or the values are unchanged.
+            // Nothing written: the row belongs to a building out of scope, the caller may not
+            // bind the sensor to the building, the revision did not match, or the values are
+            // unchanged.
             let current = self.setpoint_row(&setpoint.sensor_id).await?;
+            let bound_here = current
+                .as_ref()
+                .is_some_and(|row| row.version.building_id == setpoint.building_id.as_str());
+            if !bound_here && !scope.may_bind(&setpoint.sensor_id, &setpoint.building_id) {
+                // The same answer whether the id is free or taken elsewhere.
+                return Err(Error::PermissionDenied(format!(
+                    "sensor_id {:?} is not named under building {:?} (\"{}/...\"): only a caller of every building (\"*\") binds it there",
+                    setpoint.sensor_id.as_str(),
+                    setpoint.building_id.as_str(),
+                    setpoint.building_id.as_str(),
+                )));
+            }
             if current
                 .as_ref()
                 .is_some_and(|row| !scope.contains_str(&row.version.building_id))

@@ -248,6 +248,7 @@ pub fn keys() -> &'static (SigningKey, SigningKey) {
 pub const STATIC: &[(&str, &str, &str, &[&str])] = &[
     ("t-viewer-north", "viewer-north", "viewer", &["north"]),
     ("t-operator-north", "operator-north", "operator", &["north"]),
+    ("t-operator-south", "operator-south", "operator", &["south"]),
     ("t-admin-north", "admin-north", "admin", &["north"]),
     ("t-viewer-all", "viewer-all", "viewer", &["*"]),
     ("t-operator-all", "operator-all", "operator", &["*"]),
