@@ -244,6 +244,12 @@ pub struct LimitsConfig {
     /// Most open SubscribeHeaterCommands streams per identity, on each replica.
     #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_IDENTITY", default_value_t = 16)]
     pub max_subscriptions_per_identity: usize,
+    /// SubscribeHeaterCommands calls per second allowed to one identity, on each replica.
+    #[arg(long, env = "SUBSCRIBE_RATE_LIMIT", default_value_t = 1)]
+    pub subscribe_rate_limit: u32,
+    /// Subscribes one identity may make in a burst above `SUBSCRIBE_RATE_LIMIT`.
+    #[arg(long, env = "SUBSCRIBE_BURST", default_value_t = 16)]
+    pub subscribe_burst: u32,
     /// Longest a unary call may take; a shorter client deadline (`grpc-timeout`) wins.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub request_timeout: Duration,

@@ -28,6 +28,7 @@ pub const RESYNC_AGE: &str = "thermostat_setpoint_resync_age_seconds";
 pub const SUBSCRIBERS: &str = "thermostat_subscribers";
 pub const SUBSCRIBERS_BEHIND: &str = "thermostat_subscribers_fell_behind_total";
 pub const SUBSCRIBER_EVENTS: &str = "thermostat_subscriber_events_sent_total";
+pub const SNAPSHOT_EXAMINED: &str = "thermostat_snapshot_sensors_examined_total";
 pub const RPCS: &str = "thermostat_grpc_requests_total";
 pub const RPC_LATENCY: &str = "thermostat_grpc_request_duration_seconds";
 pub const DB_POOL: &str = "thermostat_db_pool_connections";
@@ -133,6 +134,10 @@ fn describe() {
     describe_counter!(
         SUBSCRIBER_EVENTS,
         "Command events handed to subscribers' streams, snapshots and catch-ups included"
+    );
+    describe_counter!(
+        SNAPSHOT_EXAMINED,
+        "Cached sensors looked at to answer subscribers' snapshots and catch-ups"
     );
     describe_counter!(
         SUBSCRIBERS_BEHIND,

@@ -19,6 +19,9 @@ use crate::store::Store;
 use crate::stream::feed::{Caller, Filter};
 use crate::stream::ControlHandle;
 
+/// The longest `sensor_ids` filter: each snapshot part looks every id up.
+pub const MAX_FILTER_SENSORS: usize = 1000;
+
 pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
@@ -107,6 +110,13 @@ impl HeaterApi {
         credentials: Credentials,
         req: pb::SubscribeHeaterCommandsRequest,
     ) -> Result<EventStream> {
+        if req.sensor_ids.len() > MAX_FILTER_SENSORS {
+            return Err(ValidationError::new(
+                "sensor_ids",
+                format!("at most {MAX_FILTER_SENSORS} ids; subscribe by building_id for more"),
+            )
+            .into());
+        }
         let sensors = req
             .sensor_ids
             .into_iter()
@@ -118,13 +128,16 @@ impl HeaterApi {
             "" => None,
             id => Some(BuildingId::parse(id)?),
         };
-        let filter = Filter { sensors, building };
+        let filter = Filter {
+            sensors,
+            building,
+            scope: who.scope,
+        };
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
         let slot = self.limits.subscription(&who.subject)?;
         let caller = Caller {
-            scope: who.scope,
             recheck: Box::new(move || {
                 let who = credentials.authenticate()?;
                 who.check(Action::Read)

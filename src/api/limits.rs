@@ -1,4 +1,5 @@
-//! Per-identity limits: a rate limit on setpoint writes, and a cap on open subscriptions.
+//! Per-identity limits: rate limits on setpoint writes, reads and subscribes, and caps on open
+//! subscriptions and concurrent reads.
 //! Both are per replica; behind a load balancer the effective limit is the replica count times
 //! these.
 
@@ -17,26 +18,66 @@ use crate::telemetry;
 /// How many checks between sweeps of idle identities out of the rate limiter's map.
 const SWEEP_EVERY: u64 = 4096;
 
+/// A rate per identity: a token bucket for each, from `governor`.
 #[derive(Clone)]
-pub struct Limits {
-    writes: Arc<DefaultKeyedRateLimiter<String>>,
+struct Rate {
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
     checks: Arc<AtomicU64>,
     clock: DefaultClock,
+    /// The metric's `limit` label.
+    what: &'static str,
+}
+
+impl Rate {
+    fn new(per_second: u32, burst: u32, what: &'static str) -> Self {
+        // Zero would mean "never", which nobody wants to configure by accident.
+        let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(rate);
+        Self {
+            limiter: Arc::new(DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            )),
+            checks: Arc::default(),
+            clock: DefaultClock::default(),
+            what,
+        }
+    }
+
+    /// Takes one from `subject`'s budget, or says when the next one would pass.
+    fn take(&self, subject: &str) -> Result<()> {
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            // Identities whose budget is full again carry no state worth keeping.
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+        self.limiter
+            .check_key(&subject.to_owned())
+            .map_err(|not_until| {
+                metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
+                Error::RateLimited {
+                    retry_after: not_until.wait_time_from(self.clock.now()),
+                }
+            })
+    }
+}
+
+#[derive(Clone)]
+pub struct Limits {
+    writes: Rate,
+    subscribes: Rate,
     subscriptions: Arc<Mutex<HashMap<String, usize>>>,
     max_subscriptions: usize,
 }
 
 impl Limits {
     pub fn new(config: &LimitsConfig) -> Self {
-        // Zero would mean "no writes at all", which nobody wants to configure by accident.
-        let rate = NonZeroU32::new(config.write_rate_limit).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.write_burst).unwrap_or(rate);
         Self {
-            writes: Arc::new(DefaultKeyedRateLimiter::keyed(
-                Quota::per_second(rate).allow_burst(burst),
-            )),
-            checks: Arc::default(),
-            clock: DefaultClock::default(),
+            writes: Rate::new(config.write_rate_limit, config.write_burst, "writes"),
+            subscribes: Rate::new(
+                config.subscribe_rate_limit,
+                config.subscribe_burst,
+                "subscribes",
+            ),
             subscriptions: Arc::default(),
             max_subscriptions: config.max_subscriptions_per_identity,
         }
@@ -44,23 +85,13 @@ impl Limits {
 
     /// Takes one write from `subject`'s budget, or says when the next one would pass.
     pub fn write(&self, subject: &str) -> Result<()> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            // Identities whose budget is full again carry no state worth keeping.
-            self.writes.retain_recent();
-            self.writes.shrink_to_fit();
-        }
-        self.writes
-            .check_key(&subject.to_owned())
-            .map_err(|not_until| {
-                metrics::counter!(telemetry::RATE_LIMITED, "limit" => "writes").increment(1);
-                Error::RateLimited {
-                    retry_after: not_until.wait_time_from(self.clock.now()),
-                }
-            })
+        self.writes.take(subject)
     }
 
-    /// Counts an open subscription of `subject` until the returned guard is dropped.
+    /// Counts an open subscription of `subject` until the returned guard is dropped. Opening
+    /// one takes from a budget of its own too: each may send a whole snapshot.
     pub fn subscription(&self, subject: &str) -> Result<SubscriptionSlot> {
+        self.subscribes.take(subject)?;
         let mut open = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(subject.to_owned()).or_default();
         if *count >= self.max_subscriptions {

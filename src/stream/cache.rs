@@ -14,7 +14,7 @@
 //! The decision rule is not here: a slot is unpacked into a [`SensorControl`], the domain
 //! decides, and the result is packed back, so the rule's tests cover what runs.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::hash::BuildHasher;
 
 use chrono::{DateTime, Utc};
@@ -118,6 +118,9 @@ pub struct Cache {
     hasher: DefaultHashBuilder,
     buildings: Vec<BuildingId>,
     building_index: HashMap<BuildingId, u32>,
+    /// By building, the sensors whose last command event is in it: a snapshot of one building
+    /// walks its own sensors only. About 10 B a sensor.
+    by_building: Vec<BTreeSet<SensorIndex>>,
     wide_revisions: HashMap<SensorIndex, i64>,
     wide_sequences: HashMap<SensorIndex, u64>,
     /// By sensor index; ends at the last sensor that has one.
@@ -294,6 +297,7 @@ impl Cache {
         }
         let b = self.buildings.len() as u32;
         self.buildings.push(building.clone());
+        self.by_building.push(BTreeSet::new());
         self.building_index.insert(building.clone(), b);
         b
     }
@@ -363,6 +367,15 @@ impl Cache {
             building: self.intern(building),
             flags,
         };
+        match self.stored_event(i) {
+            Some(old) if { old.building } == { packed.building } => {}
+            old => {
+                if let Some(old) = old {
+                    self.by_building[{ old.building } as usize].remove(&i);
+                }
+                self.by_building[{ packed.building } as usize].insert(i);
+            }
+        }
         let i = i as usize;
         if self.last_events.len() <= i {
             // Room for every sensor cached so far in one allocation, rather than doubling from
@@ -376,47 +389,78 @@ impl Cache {
         self.last_events[i] = packed;
     }
 
-    /// The last command events of `sensors` (every sensor when empty) in `building` (any when
+    /// The last command events of `sensors` (every sensor when empty) in `buildings` (any when
     /// `None`) for which `wanted(sensor, number)` holds, of sensors from index `from` on, at most
-    /// `limit` of them in index order; and where the next ones start, if any are left. Of every
-    /// sensor, at most [`SCAN_LIMIT`] are looked at: the part may then be short, or empty.
+    /// `limit` of them in index order, and where the next ones start, if any are left. At most
+    /// [`SCAN_LIMIT`] sensors are looked at (per building, when buildings are named): the part
+    /// may then be short, or empty. Named buildings are walked through their own sensors, so
+    /// the cost follows the buildings' size, not the cache's.
     pub fn last_events(
         &self,
         sensors: &HashSet<SensorId>,
-        building: Option<&BuildingId>,
+        buildings: Option<&[&BuildingId]>,
         wanted: impl Fn(SensorIndex, u64) -> bool,
         from: SensorIndex,
         limit: usize,
-    ) -> (Vec<pb::HeaterCommandEvent>, Option<SensorIndex>) {
-        let building = match building {
-            Some(b) => match self.building_index.get(b) {
-                Some(&b) => Some(b),
-                // No event is in a building never seen.
-                None => return (Vec::new(), None),
-            },
-            None => None,
+    ) -> Scan {
+        // Buildings never seen have no events.
+        let buildings: Option<Vec<u32>> = buildings.map(|named| {
+            named
+                .iter()
+                .filter_map(|b| self.building_index.get(*b).copied())
+                .collect()
+        });
+        let wanted = |i: SensorIndex| {
+            self.stored_event(i).is_some_and(|e| {
+                let building = e.building;
+                buildings.as_ref().is_none_or(|b| b.contains(&building)) && wanted(i, e.number)
+            })
         };
-        let wanted = |i: &SensorIndex| {
-            self.stored_event(*i)
-                .is_some_and(|e| building.is_none_or(|b| e.building == b) && wanted(*i, e.number))
-        };
+        let mut examined = 0u64;
         // One more than asked for: where the next part starts.
-        let (mut indexes, scanned_to): (Vec<SensorIndex>, _) = if sensors.is_empty() {
-            // `last_events` is no longer than `slots`, whose length fits a `SensorIndex`.
-            let end = self.last_events.len() as SensorIndex;
-            let to = from.saturating_add(SCAN_LIMIT).min(end);
-            let indexes = (from..to).filter(wanted).take(limit + 1).collect();
-            (indexes, (to < end).then_some(to))
-        } else {
+        let (mut indexes, scanned_to): (Vec<SensorIndex>, _) = if !sensors.is_empty() {
             let mut indexes: Vec<SensorIndex> = sensors
                 .iter()
                 .filter_map(|s| self.find(s.as_str()))
                 .filter(|i| *i >= from)
-                .filter(wanted)
+                .inspect(|_| examined += 1)
+                .filter(|&i| wanted(i))
                 .collect();
             indexes.sort_unstable();
             indexes.truncate(limit + 1);
             (indexes, None)
+        } else if let Some(buildings) = &buildings {
+            let mut indexes = Vec::new();
+            // The first sensor some building did not look at: below it, all were looked at.
+            let mut stop: Option<SensorIndex> = None;
+            for &b in buildings {
+                let (mut looked, mut found) = (0, 0);
+                for &i in self.by_building[b as usize].range(from..) {
+                    if looked == SCAN_LIMIT || found > limit {
+                        stop = Some(stop.map_or(i, |s| s.min(i)));
+                        break;
+                    }
+                    looked += 1;
+                    if wanted(i) {
+                        indexes.push(i);
+                        found += 1;
+                    }
+                }
+                examined += u64::from(looked);
+            }
+            indexes.sort_unstable();
+            if let Some(stop) = stop {
+                indexes.retain(|&i| i < stop);
+            }
+            indexes.truncate(limit + 1);
+            (indexes, stop)
+        } else {
+            // `last_events` is no longer than `slots`, whose length fits a `SensorIndex`.
+            let end = self.last_events.len() as SensorIndex;
+            let to = from.saturating_add(SCAN_LIMIT).min(end);
+            examined += u64::from(to.saturating_sub(from));
+            let indexes = (from..to).filter(|&i| wanted(i)).take(limit + 1).collect();
+            (indexes, (to < end).then_some(to))
         };
         let next = indexes.get(limit).copied().or(scanned_to);
         indexes.truncate(limit);
@@ -424,8 +468,22 @@ impl Cache {
             .into_iter()
             .filter_map(|i| self.last_event(i))
             .collect();
-        (events, next)
+        Scan {
+            events,
+            next,
+            examined,
+        }
     }
+}
+
+/// A part of the last command events ([`Cache::last_events`]).
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub events: Vec<pb::HeaterCommandEvent>,
+    /// Where the next part starts; `None` after the last.
+    pub next: Option<SensorIndex>,
+    /// How many sensors were looked at.
+    pub examined: u64,
 }
 
 /// A protobuf timestamp as nanoseconds since the epoch, if it is a valid one in range.
@@ -703,14 +761,15 @@ mod tests {
             }
         }
         let sensors = |ids: &[&str]| ids.iter().map(|s| id(s)).collect::<HashSet<_>>();
-        let found = |(events, next): (Vec<pb::HeaterCommandEvent>, Option<SensorIndex>)| {
+        let found = |Scan { events, next, .. }: Scan| {
             assert_eq!(next, None, "everything fits one part");
             let mut ids: Vec<String> = events.into_iter().map(|e| e.sensor_id).collect();
             ids.sort();
             ids
         };
         let all = |sensors: &HashSet<SensorId>, b: Option<&BuildingId>| {
-            cache.last_events(sensors, b, |_, _| true, 0, 100)
+            let named = b.map(|b| vec![b]);
+            cache.last_events(sensors, named.as_deref(), |_, _| true, 0, 100)
         };
         assert_eq!(found(all(&sensors(&[]), None)), ["x/1", "x/2", "y/1"]);
         assert_eq!(
@@ -738,7 +797,7 @@ mod tests {
         }
         // Kept again with another number: the later one counts.
         cache.set_last_event(1, &event("b/s-1", "b", 2), &building("b"), 99);
-        let (events, next) = cache.last_events(
+        let Scan { events, next, .. } = cache.last_events(
             &HashSet::new(),
             None,
             |i, number| number > 10 * u64::from(i) + 5 || i == 4,
@@ -764,7 +823,8 @@ mod tests {
         }
         let (mut parts, mut from) = (Vec::new(), Some(0));
         while let Some(start) = from {
-            let (events, next) = cache.last_events(&HashSet::new(), None, |_, _| true, start, 1024);
+            let Scan { events, next, .. } =
+                cache.last_events(&HashSet::new(), None, |_, _| true, start, 1024);
             assert!(next.is_none_or(|next| next - start <= SCAN_LIMIT));
             parts.push(events.into_iter().map(|e| e.sensor_id).collect::<Vec<_>>());
             from = next;
@@ -772,6 +832,66 @@ mod tests {
         let expected: Vec<Vec<String>> =
             with_events.iter().map(|i| vec![format!("s-{i}")]).collect();
         assert_eq!(parts, expected, "one sensor in each scan");
+    }
+
+    #[test]
+    fn named_buildings_come_in_parts_that_cover_each_of_their_sensors_once() {
+        let mut cache = Cache::default();
+        let names = ["b0", "b1", "b2"].map(building);
+        for n in 0..30 {
+            let sensor = format!("s-{n}");
+            let i = cache.find_or_insert(&id(&sensor)).unwrap();
+            let b = &names[n % 3];
+            cache.set_last_event(i, &event(&sensor, b.as_str(), 1), b, 1);
+        }
+        // One moves from b1 into b0.
+        cache.set_last_event(4, &event("s-4", "b0", 2), &names[0], 2);
+        let expected: Vec<String> = (0..30)
+            .filter(|n| n % 3 != 1 || *n == 4)
+            .map(|n| format!("s-{n}"))
+            .collect();
+        for limit in 1..=8 {
+            let (mut got, mut from) = (Vec::new(), Some(0));
+            while let Some(start) = from {
+                let part = cache.last_events(
+                    &HashSet::new(),
+                    Some(&[&names[0], &names[2]]),
+                    |_, _| true,
+                    start,
+                    limit,
+                );
+                assert!(part.events.len() <= limit);
+                // At most limit + 2 looked at in each of the two buildings, whatever the cache.
+                assert!(part.examined <= 2 * (limit as u64 + 2), "{}", part.examined);
+                got.extend(part.events.into_iter().map(|e| e.sensor_id));
+                from = part.next;
+            }
+            assert_eq!(got, expected, "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn a_small_building_is_answered_without_walking_a_large_one() {
+        let mut cache = Cache::default();
+        let (big, small) = (building("big"), building("small"));
+        for n in 0..20_000 {
+            let sensor = format!("big/{n}");
+            let i = cache.find_or_insert(&id(&sensor)).unwrap();
+            cache.set_last_event(i, &event(&sensor, "big", 1), &big, 1);
+        }
+        let i = cache.find_or_insert(&id("small/1")).unwrap();
+        cache.set_last_event(i, &event("small/1", "small", 1), &small, 1);
+        let scan = |named: &[&BuildingId]| {
+            cache.last_events(&HashSet::new(), Some(named), |_, _| true, 0, 1024)
+        };
+        let part = scan(&[&small]);
+        assert_eq!((part.events.len(), part.next, part.examined), (1, None, 1));
+        let nowhere = scan(&[&building("empty")]);
+        assert_eq!(
+            (nowhere.events.len(), nowhere.next, nowhere.examined),
+            (0, None, 0)
+        );
+        assert_eq!(scan(&[]).examined, 0);
     }
 
     #[test]
@@ -801,7 +921,7 @@ mod tests {
             for limit in 1..=8 {
                 let (mut got, mut from) = (Vec::new(), Some(0));
                 while let Some(start) = from {
-                    let (events, next) =
+                    let Scan { events, next, .. } =
                         cache.last_events(sensors, None, |_, _| true, start, limit);
                     assert!(events.len() <= limit);
                     assert!(

@@ -291,12 +291,12 @@ impl Engine {
                 from,
                 reply,
             }) => {
-                let _ = reply.send(feed::answer(
-                    &self.sensors,
-                    &filter,
-                    from,
-                    self.feed.through(),
-                ));
+                let (part, examined) =
+                    feed::answer(&self.sensors, &filter, from, self.feed.through());
+                self.stats
+                    .snapshot_examined
+                    .fetch_add(examined, Ordering::Relaxed);
+                let _ = reply.send(part);
                 Ok(())
             }
             Input::Barrier(reply) => {

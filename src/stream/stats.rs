@@ -17,6 +17,8 @@ pub struct LoopStats {
     pub out_of_order: AtomicU64,
     /// Readings of sensors the cache had no room for.
     pub untracked: AtomicU64,
+    /// Sensors looked at to answer subscribers' snapshots.
+    pub snapshot_examined: AtomicU64,
     /// By [`DeadLetter::KINDS`].
     dead_letters: [AtomicU64; DeadLetter::KINDS.len()],
     /// By command and reason, as [`COMMANDS`] and [`REASONS`] list them.
@@ -107,6 +109,7 @@ impl telemetry::Counts for LoopStats {
             (telemetry::READINGS, &self.readings),
             (telemetry::READINGS_OUT_OF_ORDER, &self.out_of_order),
             (telemetry::READINGS_UNTRACKED, &self.untracked),
+            (telemetry::SNAPSHOT_EXAMINED, &self.snapshot_examined),
         ] {
             out.push(telemetry::Count::new(name, Self::get(counter)));
         }
@@ -195,6 +198,7 @@ mod tests {
             Count::new(telemetry::READINGS, 1),
             Count::new(telemetry::READINGS_OUT_OF_ORDER, 0),
             Count::new(telemetry::READINGS_UNTRACKED, 0),
+            Count::new(telemetry::SNAPSHOT_EXAMINED, 0),
             Count::new(telemetry::DEAD_LETTERS, 1).label("reason", "missing_key"),
             Count::new(telemetry::COMMANDS, 2)
                 .label("command", "Off")

@@ -14,8 +14,8 @@ use tokio::sync::broadcast;
 
 pub use subscription::{Caller, FeedEnd, Subscription};
 
-use super::cache::{Cache, SensorIndex};
-use crate::domain::{BuildingId, SensorId};
+use super::cache::{Cache, Scan, SensorIndex};
+use crate::domain::{BuildingId, Scope, SensorId};
 use crate::proto::v1 as pb;
 
 /// Last command events are handed out at most this many at a time (and from at most
@@ -24,11 +24,23 @@ use crate::proto::v1 as pb;
 /// deciding while it built it).
 const SNAPSHOT_PART: usize = 1024;
 
-/// Which heaters a subscriber wants: empty sets mean "all".
-#[derive(Debug, Clone, Default)]
+/// Which heaters a subscriber wants and may see: empty sets mean "all".
+#[derive(Debug, Clone)]
 pub struct Filter {
     pub sensors: HashSet<SensorId>,
     pub building: Option<BuildingId>,
+    /// The caller's buildings: commands of others never match, whatever the rest says.
+    pub scope: Scope,
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Self {
+            sensors: HashSet::new(),
+            building: None,
+            scope: Scope::All,
+        }
+    }
 }
 
 impl Filter {
@@ -37,6 +49,16 @@ impl Filter {
             .as_ref()
             .is_none_or(|b| b.as_str() == event.building_id)
             && (self.sensors.is_empty() || self.sensors.contains(event.sensor_id.as_str()))
+            && self.scope.contains_str(&event.building_id)
+    }
+
+    /// The buildings whose heaters can match; `None`: any.
+    fn buildings(&self) -> Option<Vec<&BuildingId>> {
+        match (&self.building, &self.scope) {
+            (Some(b), scope) => Some(if scope.contains(b) { vec![b] } else { vec![] }),
+            (None, Scope::All) => None,
+            (None, Scope::Buildings(set)) => Some(set.iter().collect()),
+        }
     }
 }
 
@@ -111,16 +133,21 @@ impl SnapshotCoverage {
 }
 
 /// The part of a snapshot that starts at `from`, from the engine's cache as it is after the
-/// live event numbered `live_through`.
+/// live event numbered `live_through`; and how many sensors it looked at.
 pub fn answer(
     cache: &Cache,
     filter: &Filter,
     SnapshotCursor { from, newer_than }: SnapshotCursor,
     live_through: u64,
-) -> SnapshotPart {
-    let (events, next) = cache.last_events(
+) -> (SnapshotPart, u64) {
+    let buildings = filter.buildings();
+    let Scan {
+        events,
+        next,
+        examined,
+    } = cache.last_events(
         &filter.sensors,
-        filter.building.as_ref(),
+        buildings.as_deref(),
         |i, number| {
             newer_than
                 .as_ref()
@@ -129,12 +156,13 @@ pub fn answer(
         from,
         SNAPSHOT_PART,
     );
-    SnapshotPart {
+    let part = SnapshotPart {
         events,
         next: next.map(|from| SnapshotCursor { from, newer_than }),
         from,
         live_through,
-    }
+    };
+    (part, examined)
 }
 
 /// The engine's side of the feed: numbers the events it keeps as sensors' last, and broadcasts
@@ -245,6 +273,7 @@ mod tests {
                 .map(|id| SensorId::parse(id.as_str()).unwrap())
                 .collect(),
             building: building.map(|b| BuildingId::parse(b).unwrap()),
+            ..Filter::default()
         };
         let many: Vec<String> = (0..100).map(|n| format!("b/s-{n}")).collect();
         for (filter, sensor, building, matches) in [

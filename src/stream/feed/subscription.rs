@@ -15,8 +15,6 @@ use crate::telemetry;
 
 /// Who reads a subscription, checked again while it is open.
 pub struct Caller {
-    /// The caller's buildings: commands of others are never sent, whatever the filter says.
-    pub scope: Scope,
     /// Called every `every`: the caller's scope now, or why the stream must end (an expired or
     /// revoked credential). A narrowed scope applies from then on.
     pub recheck: Box<dyn FnMut() -> Result<Scope, Error> + Send>,
@@ -115,7 +113,7 @@ impl Subscription {
 
     /// Checks the caller's credentials again; the new scope replaces the old one.
     fn reauthenticate(&mut self) -> Result<(), FeedEnd> {
-        self.caller.scope = (self.caller.recheck)().map_err(FeedEnd::Refused)?;
+        self.filter.scope = (self.caller.recheck)().map_err(FeedEnd::Refused)?;
         Ok(())
     }
 
@@ -136,7 +134,13 @@ impl Subscription {
         }
         loop {
             if let Some(event) = self.snapshot.next() {
-                if !self.caller.scope.contains_str(&event.building_id) {
+                // A part fetched before a revocation must not outlive it.
+                if self.recheck.tick().now_or_never().is_some() {
+                    if let Err(end) = self.reauthenticate() {
+                        return self.end(end);
+                    }
+                }
+                if !self.filter.scope.contains_str(&event.building_id) {
                     continue;
                 }
                 return self.send(pb::HeaterCommandEvent {
@@ -174,10 +178,7 @@ impl Subscription {
             match received {
                 Ok(live) => {
                     let event = &live.event;
-                    if !self.filter.matches(event)
-                        || !self.caller.scope.contains_str(&event.building_id)
-                        || self.sent.covers(&live)
-                    {
+                    if !self.filter.matches(event) || self.sent.covers(&live) {
                         continue;
                     }
                     let event = (**event).clone();
