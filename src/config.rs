@@ -61,6 +61,11 @@ pub struct DatabaseConfig {
     /// Largest number of pooled database connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
+    /// API reads running on the database at once, fewer than `DATABASE_MAX_CONNECTIONS` (by
+    /// default three quarters of it): the rest stay free for writes, the control loop and
+    /// health checks.
+    #[arg(long, env = "DATABASE_MAX_READS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_max_reads: Option<u32>,
     /// How long a request waits for a database connection, and a Put or Delete for a row lock,
     /// before failing with UNAVAILABLE.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "3s", value_parser = positive_duration)]
@@ -235,6 +240,16 @@ pub struct LimitsConfig {
     /// Writes one identity may make in a burst above `WRITE_RATE_LIMIT`.
     #[arg(long, env = "WRITE_BURST", default_value_t = 40)]
     pub write_burst: u32,
+    /// Reads (Get, List, history, sensor state) per second allowed to one identity, on each
+    /// replica.
+    #[arg(long, env = "READ_RATE_LIMIT", default_value_t = 50)]
+    pub read_rate_limit: u32,
+    /// Reads one identity may make in a burst above `READ_RATE_LIMIT`.
+    #[arg(long, env = "READ_BURST", default_value_t = 100)]
+    pub read_burst: u32,
+    /// Reads of one identity running at once, on each replica.
+    #[arg(long, env = "MAX_READS_PER_IDENTITY", default_value_t = 4)]
+    pub max_reads_per_identity: usize,
     /// Largest request or response message, in bytes.
     #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     pub max_message_size: usize,

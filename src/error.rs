@@ -34,6 +34,10 @@ pub enum Error {
     #[error("write rate limit exceeded, retry in {retry_after:?}")]
     RateLimited { retry_after: std::time::Duration },
 
+    /// Too many reads running at once for one identity.
+    #[error("at most {limit} concurrent reads per identity")]
+    TooManyReads { limit: usize },
+
     /// Too many open subscription streams for one identity.
     #[error("at most {limit} concurrent subscriptions per identity")]
     TooManyStreams { limit: usize },

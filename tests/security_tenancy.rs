@@ -123,3 +123,90 @@ async fn a_snapshot_costs_what_the_callers_buildings_hold_and_subscribes_are_lim
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("sensor_ids"), "{status:?}");
 }
+
+/// Issue 23 (3): reads were unlimited and shared the pool with everything else, so one viewer
+/// could hold every connection: other tenants' calls, the control loop's statements and the
+/// health check's ping then failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_cannot_take_the_databases_connections_from_other_tenants() {
+    let (_dir, app) = secure_app(|config, _| {
+        config.database.database_max_connections = 6;
+        config.database.database_max_reads = Some(4);
+        config.database.database_acquire_timeout = Duration::from_secs(2);
+        config.limits.max_reads_per_identity = 2;
+    })
+    .await;
+    let mut admin = app.setpoints().await;
+    for (sensor, building) in [("north/room-1", "north"), ("south/room-1", "south")] {
+        common::security::put_as(&mut admin, "t-admin-all", sensor, building, 20.0)
+            .await
+            .expect("admin puts");
+    }
+    // Every read of the setpoints table waits behind a lock of ours, holding its connection.
+    let mut db = app.db().await;
+    sqlx::query("BEGIN").execute(&mut db).await.unwrap();
+    sqlx::query("LOCK TABLE setpoints IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let read = |token: &'static str, sensor: &'static str| {
+        let mut client = admin.clone();
+        tokio::spawn(async move {
+            let request = pb::GetSetpointRequest {
+                sensor_id: sensor.into(),
+            };
+            client.get_setpoint(authorized(request, Some(token))).await
+        })
+    };
+    // North's viewer floods; so do three more identities.
+    let north: Vec<_> = (0..20)
+        .map(|_| read("t-viewer-north", "north/room-1"))
+        .collect();
+    let others: Vec<_> = [
+        ("t-viewer-all", "south/room-1"),
+        ("t-admin-north", "north/room-1"),
+        ("t-operator-all", "south/room-1"),
+    ]
+    .into_iter()
+    .flat_map(|(token, sensor)| (0..4).map(move |_| (token, sensor)))
+    .map(|(token, sensor)| read(token, sensor))
+    .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The connections beyond the reads' share stay free: the health check's ping answers.
+    assert!(
+        app.store.ping(Duration::from_secs(1)).await,
+        "reads took every connection"
+    );
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    let codes = |calls: Vec<tokio::task::JoinHandle<Result<_, tonic::Status>>>| async move {
+        let mut codes = Vec::new();
+        for call in calls {
+            codes.push(common::security::code(&call.await.unwrap()));
+        }
+        codes
+    };
+    let north = codes(north).await;
+    let refused = north
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert!(
+        refused >= 18,
+        "north ran more than 2 reads at once: {north:?}"
+    );
+    assert!(
+        north
+            .iter()
+            .all(|c| [Code::Ok, Code::ResourceExhausted].contains(c)),
+        "{north:?}"
+    );
+    // The others waited for a turn, at most the acquire timeout, and were answered.
+    let others = codes(others).await;
+    assert!(
+        others
+            .iter()
+            .all(|c| [Code::Ok, Code::ResourceExhausted].contains(c)),
+        "{others:?}"
+    );
+    assert!(others.contains(&Code::Ok), "{others:?}");
+}

@@ -187,6 +187,7 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         request: Request<pb::GetSensorStateRequest>,
     ) -> Result<Response<pb::SensorState>, Status> {
         let who = authorize(&request, Action::Read)?;
+        let _slot = self.limits.read(&who.subject)?;
         Ok(Response::new(self.state(&who, request.into_inner()).await?))
     }
 }

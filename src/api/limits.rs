@@ -64,6 +64,9 @@ impl Rate {
 #[derive(Clone)]
 pub struct Limits {
     writes: Rate,
+    reads: Rate,
+    reads_running: Arc<Mutex<HashMap<String, usize>>>,
+    max_reads: usize,
     subscribes: Rate,
     subscriptions: Arc<Mutex<HashMap<String, usize>>>,
     max_subscriptions: usize,
@@ -73,6 +76,9 @@ impl Limits {
     pub fn new(config: &LimitsConfig) -> Self {
         Self {
             writes: Rate::new(config.write_rate_limit, config.write_burst, "writes"),
+            reads: Rate::new(config.read_rate_limit, config.read_burst, "reads"),
+            reads_running: Arc::default(),
+            max_reads: config.max_reads_per_identity,
             subscribes: Rate::new(
                 config.subscribe_rate_limit,
                 config.subscribe_burst,
@@ -88,9 +94,28 @@ impl Limits {
         self.writes.take(subject)
     }
 
+    /// Takes one read from `subject`'s budget and counts it as running until the returned guard
+    /// is dropped: one identity cannot hold more than its share of the database's connections.
+    pub fn read(&self, subject: &str) -> Result<Slot> {
+        self.reads.take(subject)?;
+        let mut running = self.reads_running.lock().unwrap_or_else(|e| e.into_inner());
+        let count = running.entry(subject.to_owned()).or_default();
+        if *count >= self.max_reads {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "concurrent_reads").increment(1);
+            return Err(Error::TooManyReads {
+                limit: self.max_reads,
+            });
+        }
+        *count += 1;
+        Ok(Slot {
+            subject: subject.to_owned(),
+            counts: Arc::clone(&self.reads_running),
+        })
+    }
+
     /// Counts an open subscription of `subject` until the returned guard is dropped. Opening
     /// one takes from a budget of its own too: each may send a whole snapshot.
-    pub fn subscription(&self, subject: &str) -> Result<SubscriptionSlot> {
+    pub fn subscription(&self, subject: &str) -> Result<Slot> {
         self.subscribes.take(subject)?;
         let mut open = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
         let count = open.entry(subject.to_owned()).or_default();
@@ -101,22 +126,22 @@ impl Limits {
             });
         }
         *count += 1;
-        Ok(SubscriptionSlot {
+        Ok(Slot {
             subject: subject.to_owned(),
-            subscriptions: Arc::clone(&self.subscriptions),
+            counts: Arc::clone(&self.subscriptions),
         })
     }
 }
 
-/// One open subscription, released on drop.
-pub struct SubscriptionSlot {
+/// One open subscription or running read of an identity, released on drop.
+pub struct Slot {
     subject: String,
-    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
-impl Drop for SubscriptionSlot {
+impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = open.get_mut(&self.subject) {
             *count -= 1;
             if *count == 0 {

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
-use super::limits::Limits;
+use super::limits::{Limits, Slot};
 use super::{authorize, page_token};
 use crate::config::CelsiusRange;
 use crate::domain::control::{self, Band};
@@ -34,6 +34,13 @@ impl SetpointApi {
         let who = authorize(request, Action::Write)?;
         self.limits.write(&who.subject)?;
         Ok(who)
+    }
+
+    /// The role check and the caller's read budget; the slot is held while the read runs.
+    fn reader<T>(&self, request: &tonic::Request<T>) -> Result<(Identity, Slot)> {
+        let who = authorize(request, Action::Read)?;
+        let slot = self.limits.read(&who.subject)?;
+        Ok((who, slot))
     }
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
@@ -174,7 +181,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::GetSetpointRequest>,
     ) -> Result<Response<pb::Setpoint>, Status> {
-        let who = authorize(&request, Action::Read)?;
+        let (who, _slot) = self.reader(&request)?;
         Ok(Response::new(self.get(&who, request.into_inner()).await?))
     }
 
@@ -182,7 +189,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::ListSetpointsRequest>,
     ) -> Result<Response<pb::ListSetpointsResponse>, Status> {
-        let who = authorize(&request, Action::Read)?;
+        let (who, _slot) = self.reader(&request)?;
         Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
@@ -199,7 +206,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::ListSetpointHistoryRequest>,
     ) -> Result<Response<pb::ListSetpointHistoryResponse>, Status> {
-        let who = authorize(&request, Action::Read)?;
+        let (who, _slot) = self.reader(&request)?;
         Ok(Response::new(
             self.history(&who, request.into_inner()).await?,
         ))

@@ -20,9 +20,9 @@ impl From<Error> for Status {
                 Status::unauthenticated("missing or invalid credentials")
             }
             Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
-            Error::RateLimited { .. } | Error::TooManyStreams { .. } => {
-                Status::resource_exhausted(err.to_string())
-            }
+            Error::RateLimited { .. }
+            | Error::TooManyStreams { .. }
+            | Error::TooManyReads { .. } => Status::resource_exhausted(err.to_string()),
             Error::ShuttingDown => Status::unavailable("server shutting down, retry"),
             // The detail goes to the log, never to the caller: it may contain SQL or internals.
             Error::Internal(detail) => {
@@ -92,6 +92,7 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (Error::TooManyStreams { limit: 1 }, Code::ResourceExhausted),
+            (Error::TooManyReads { limit: 1 }, Code::ResourceExhausted),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

@@ -5,10 +5,12 @@ mod put_queue;
 mod sequences;
 mod setpoints;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Connection;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::DatabaseConfig;
 use crate::error::Result;
@@ -26,6 +28,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Store {
     pool: PgPool,
     puts: put_queue::PutQueue,
+    /// Turns for API reads: fewer than the pool's connections, so that reads never take those
+    /// writes, the control loop and health checks need.
+    reads: Arc<Semaphore>,
+    read_wait: Duration,
 }
 
 /// The settings both pools share.
@@ -52,6 +58,15 @@ impl Store {
     /// while the database is down, and connects when it comes back. Starts the Put writers, so
     /// it must be called within a Tokio runtime.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self, sqlx::Error> {
+        let max_reads = config
+            .database_max_reads
+            .unwrap_or(config.database_max_connections * 3 / 4)
+            .max(1);
+        if max_reads >= config.database_max_connections {
+            return Err(sqlx::Error::Configuration(
+                "DATABASE_MAX_READS must be below DATABASE_MAX_CONNECTIONS: the rest are for writes, the control loop and health checks".into(),
+            ));
+        }
         let options: PgConnectOptions = config.database_url.parse()?;
         // Every connection bounds its wait for a lock: a row locked by a forgotten transaction
         // must fail a Delete (or a Put, below) with UNAVAILABLE, not hold its connection for
@@ -82,7 +97,21 @@ impl Store {
             config.database_put_writers as usize,
             answer_within,
         );
-        Ok(Self { pool, puts })
+        Ok(Self {
+            pool,
+            puts,
+            reads: Arc::new(Semaphore::new(max_reads as usize)),
+            read_wait: config.database_acquire_timeout,
+        })
+    }
+
+    /// A turn for one API read; UNAVAILABLE when none is free within the acquire timeout.
+    async fn read_turn(&self) -> Result<OwnedSemaphorePermit> {
+        match tokio::time::timeout(self.read_wait, self.reads.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            Ok(Err(_)) => Err(crate::Error::ShuttingDown),
+            Err(_) => Err(crate::Error::Unavailable(sqlx::Error::PoolTimedOut)),
+        }
     }
 
     /// Puts queued for a writer and not yet taken by one (a backlog means the database is

@@ -378,6 +378,7 @@ impl Store {
         sensor_id: &SensorId,
         scope: &Scope,
     ) -> Result<StoredSetpoint> {
+        let _turn = self.read_turn().await?;
         match self.setpoint_row(sensor_id).await? {
             Some(row) if !row.version.deleted && scope.contains_str(&row.version.building_id) => {
                 row.into_stored()
@@ -393,6 +394,7 @@ impl Store {
         &self,
         sensor_id: &SensorId,
     ) -> Result<Option<(String, Option<StoredSetpoint>)>> {
+        let _turn = self.read_turn().await?;
         let Some(row) = self.setpoint_row(sensor_id).await? else {
             return Ok(None);
         };
@@ -411,6 +413,7 @@ impl Store {
         after: Option<&str>,
         limit: i64,
     ) -> Result<Vec<StoredSetpoint>> {
+        let _turn = self.read_turn().await?;
         let sql = format!(
             "SELECT {SETPOINT_COLUMNS} FROM setpoints \
              WHERE NOT deleted AND ($1::text IS NULL OR building_id = $1) \
@@ -470,6 +473,7 @@ impl Store {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<HistoryEntry>> {
+        let _turn = self.read_turn().await?;
         let rows: Vec<HistoryRow> = sqlx::query_as(
             "SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius, \
                     down_delta_celsius, change_time, changed_by, reason \
