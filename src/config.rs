@@ -101,6 +101,11 @@ pub struct KafkaConfig {
     /// heater on for good; the staleness fail-safe takes over if nothing plausible comes).
     #[arg(long, env = "READING_RANGE_CELSIUS", default_value_t = CelsiusRange::PLAUSIBLE, value_parser = celsius_range, allow_hyphen_values = true)]
     pub reading_range_celsius: CelsiusRange,
+    /// How far ahead of the later of this replica's clock and the broker's append time a
+    /// reading may be stamped; later ones are dead-lettered as `future_time`. A reading
+    /// stamped ahead makes the sensor's genuine readings look out of order until then.
+    #[arg(long, env = "READING_MAX_AHEAD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reading_max_ahead: Duration,
     /// Topic heater commands are produced to (key = sensor_id).
     #[arg(long, env = "COMMAND_TOPIC", default_value = "heater-commands")]
     pub command_topic: String,

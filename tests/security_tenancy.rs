@@ -210,3 +210,38 @@ async fn a_reader_cannot_take_the_databases_connections_from_other_tenants() {
     );
     assert!(others.contains(&Code::Ok), "{others:?}");
 }
+
+/// Issue 23 (9): a reading stamped minutes ahead was accepted, and every genuine reading of the
+/// sensor after it was ignored as out of order until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_stamped_ahead_cannot_silence_a_sensor() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    let mut admin = app.setpoints().await;
+    common::security::put_as(&mut admin, "t-admin-all", "north/room-1", "north", 20.0)
+        .await
+        .expect("admin puts");
+    let topics = Topics::of(&app.config);
+    let sensors = Sensors::new(&topics.sensors);
+    let commands = common::kafka::Commands::new(&topics);
+    // A forged reading four minutes ahead: hot, so the heater goes OFF.
+    let now = chrono::Utc::now();
+    sensors
+        .reading("north/room-1", 30.0, now + chrono::TimeDelta::minutes(4))
+        .await;
+    // The genuine readings that follow: cold.
+    sensors.reading("north/room-1", 10.0, now).await;
+    let first = commands.expect().await;
+    assert_eq!(
+        first.command,
+        pb::HeaterCommand::On as i32,
+        "the forged reading decided: {first:?}"
+    );
+    let letters = common::kafka::TopicReader::new(&topics.dead_letters, 1)
+        .drain(Duration::from_secs(2))
+        .await;
+    let reasons: Vec<_> = letters
+        .iter()
+        .filter_map(|m| common::kafka::header(m, "thermostat-dead-letter-reason"))
+        .collect();
+    assert_eq!(reasons, ["future_time"]);
+}

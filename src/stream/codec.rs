@@ -11,10 +11,6 @@ use crate::domain::{Celsius, SensorId};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 
-/// Readings stamped further in the future than this are rejected: accepting one would make every
-/// correct reading after it look out of order.
-pub const MAX_CLOCK_SKEW: TimeDelta = TimeDelta::minutes(5);
-
 /// Why a sensor record was dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeadLetter {
@@ -81,12 +77,14 @@ struct JsonReading {
 }
 
 /// Decodes and validates one sensor record. `record_time` (the Kafka timestamp) stands in for a
-/// missing `reading_time`; a reading from the future is one past the later of `now` (also its
-/// `received`) and `appended`, the broker's stamp, so a replica whose clock is slow still
-/// takes fresh readings.
+/// missing `reading_time`; a reading from the future is one more than `max_ahead` past the
+/// later of `now` (also its `received`) and `appended`, the broker's stamp, so a replica whose
+/// clock is slow still takes fresh readings.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_reading(
     format: SensorFormat,
     plausible: CelsiusRange,
+    max_ahead: TimeDelta,
     key: Option<&[u8]>,
     payload: &[u8],
     record_time: Option<DateTime<Utc>>,
@@ -147,7 +145,7 @@ pub fn decode_reading(
     // Checked: a broker's stamp near the end of time must not overflow.
     let bound = appended
         .map_or(now, |t| t.max(now))
-        .checked_add_signed(MAX_CLOCK_SKEW);
+        .checked_add_signed(max_ahead);
     if bound.is_some_and(|bound| time > bound) {
         return Err(DeadLetter::FutureTime(time));
     }
@@ -250,6 +248,8 @@ pub fn observed_command(
 mod tests {
     use super::*;
 
+    const AHEAD: TimeDelta = TimeDelta::seconds(30);
+
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
     }
@@ -277,6 +277,7 @@ mod tests {
             let decoded = decode_reading(
                 SensorFormat::Protobuf,
                 range,
+                AHEAD,
                 Some(b"s1"),
                 &proto("s1", celsius, Some(now())),
                 None,
@@ -301,6 +302,7 @@ mod tests {
         let (id, r) = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
+            AHEAD,
             Some(b"s1"),
             &proto("s1", 20.5, Some(now())),
             None,
@@ -316,6 +318,7 @@ mod tests {
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
+            AHEAD,
             Some(b"s1"),
             &proto("s1", 0.0, Some(now())),
             None,
@@ -328,6 +331,7 @@ mod tests {
         let (_, r) = decode_reading(
             SensorFormat::Json,
             CelsiusRange::PLAUSIBLE,
+            AHEAD,
             Some(b"s1"),
             json,
             None,
@@ -344,6 +348,7 @@ mod tests {
             decode_reading(
                 SensorFormat::Protobuf,
                 CelsiusRange::PLAUSIBLE,
+                AHEAD,
                 Some(b"s1"),
                 &proto("s1", 20.0, Some(time)),
                 record_time,
@@ -357,7 +362,13 @@ mod tests {
         assert_eq!((r.time, r.received), (ahead, now()));
         // A stamp earlier than our clock does not narrow the bound.
         let early = Some(now() - TimeDelta::hours(1));
-        assert!(decode(now() + TimeDelta::minutes(4), early, early).is_ok());
+        assert!(decode(now() + AHEAD, early, early).is_ok());
+        // A second more than the tolerance is from the future.
+        let beyond = now() + AHEAD + TimeDelta::seconds(1);
+        assert_eq!(
+            decode(beyond, early, early).unwrap_err().code(),
+            "future_time"
+        );
         // The producer's own stamp (CreateTime) widens nothing: its clock may be as wrong.
         for appended in [None, Some(now())] {
             let err = decode(ahead, Some(ahead), appended).unwrap_err();
@@ -374,6 +385,7 @@ mod tests {
             decode_reading(
                 SensorFormat::Protobuf,
                 CelsiusRange::PLAUSIBLE,
+                AHEAD,
                 key,
                 &payload,
                 None,
@@ -391,6 +403,7 @@ mod tests {
         let (_, r) = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
+            AHEAD,
             Some(b"s1"),
             &proto("s1", 20.0, None),
             Some(now()),
@@ -402,6 +415,7 @@ mod tests {
         let err = decode_reading(
             SensorFormat::Protobuf,
             CelsiusRange::PLAUSIBLE,
+            AHEAD,
             Some(b"s1"),
             &proto("s1", 20.0, None),
             None,
@@ -511,6 +525,7 @@ mod tests {
             let err = decode_reading(
                 format,
                 CelsiusRange::PLAUSIBLE,
+                AHEAD,
                 key.or(Some(b"s1")),
                 &payload,
                 None,

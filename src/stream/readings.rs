@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -409,6 +409,7 @@ impl Readings {
         decode_reading(
             self.config.sensor_format,
             self.config.reading_range_celsius,
+            TimeDelta::from_std(self.config.reading_max_ahead).unwrap_or(TimeDelta::MAX),
             message.key(),
             message.payload().unwrap_or_default(),
             record_time(message),
