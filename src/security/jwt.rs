@@ -7,7 +7,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, EllipticCurve, JwkSet, KeyAlgorithm, KeyOperations,
+    PublicKeyUse,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -33,6 +36,13 @@ impl KeySet {
         let mut keys = Vec::new();
         for jwk in &set.keys {
             let kid = jwk.common.key_id.clone();
+            if !verifies_signatures(&jwk.common) {
+                tracing::warn!(
+                    ?kid,
+                    "JWKS key skipped: its `use` or `key_ops` does not allow verifying signatures"
+                );
+                continue;
+            }
             let declared = jwk.common.key_algorithm;
             let algorithm = match (&jwk.algorithm, declared) {
                 (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
@@ -75,6 +85,20 @@ impl KeySet {
             None => Err("token has no kid and the key set has several keys".into()),
         }
     }
+}
+
+/// Whether a key may verify signatures (RFC 7517, 4.2 and 4.3): a key published for encryption
+/// must not also vouch for tokens. Without `use` and `key_ops` a key may do anything.
+fn verifies_signatures(common: &CommonParameters) -> bool {
+    let usable = match &common.public_key_use {
+        None | Some(PublicKeyUse::Signature) => true,
+        Some(PublicKeyUse::Encryption | PublicKeyUse::Other(_)) => false,
+    };
+    let allowed = common
+        .key_operations
+        .as_ref()
+        .is_none_or(|ops| ops.contains(&KeyOperations::Verify));
+    usable && allowed
 }
 
 /// Claims beyond the registered ones that jsonwebtoken checks (`exp`, `nbf`, `iss`, `aud`).
@@ -120,4 +144,41 @@ pub fn verify(keys: &KeySet, expect: &Expectations, token: &str) -> Result<Ident
     let role = Role::parse(&claims.role).map_err(|e| e.to_string())?;
     let scope = Scope::parse(&claims.buildings).map_err(|e| e.to_string())?;
     Identity::new(claims.sub, role, scope).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A P-256 public key (RFC 7517, appendix A.1) with `kid` and extra members.
+    fn ec_key(kid: &str, extra: &str) -> String {
+        format!(
+            r#"{{"kty": "EC", "crv": "P-256", "kid": "{kid}",
+                "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4",
+                "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn only_keys_meant_for_verifying_signatures_are_used() {
+        let cases = [
+            ("plain", "", true),
+            ("sig", r#", "use": "sig""#, true),
+            ("verify", r#", "key_ops": ["verify"]"#, true),
+            ("sign-verify", r#", "key_ops": ["sign", "verify"]"#, true),
+            ("enc", r#", "use": "enc""#, false),
+            ("other-use", r#", "use": "tls""#, false),
+            ("encrypt", r#", "key_ops": ["encrypt"]"#, false),
+            ("no-ops", r#", "key_ops": []"#, false),
+        ];
+        let keys: Vec<String> = cases
+            .iter()
+            .map(|(kid, extra, _)| ec_key(kid, extra))
+            .collect();
+        let json = format!(r#"{{"keys": [{}]}}"#, keys.join(","));
+        let set = KeySet::parse(json.as_bytes()).expect("parses");
+        for (kid, _, used) in cases {
+            assert_eq!(set.find(Some(kid)).is_ok(), used, "{kid}");
+        }
+    }
 }
