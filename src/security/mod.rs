@@ -73,9 +73,17 @@ impl Authenticator {
             &config.auth_jwt_audience,
         ) {
             (Some(path), Some(issuer), Some(audience)) => {
-                let keys = Reloadable::load("JWKS", vec![path.clone()], |files| {
+                let keys = Reloadable::load_grants("JWKS", vec![path.clone()], |files| {
                     jwt::KeySet::parse(&files[0])
                 })?;
+                // Emptied later, it refuses every JWT; empty at start, it is a mistake.
+                if keys.current().is_empty() {
+                    return Err(SetupError::Load(LoadError::Invalid {
+                        what: "JWKS",
+                        paths: path.display().to_string(),
+                        message: "no RS256 or ES256 key in the key set".into(),
+                    }));
+                }
                 Arc::clone(&keys).watch(interval, stop.clone());
                 let expect = jwt::Expectations {
                     issuer: issuer.clone(),
@@ -89,9 +97,10 @@ impl Authenticator {
         };
         let statics = match &config.auth_static_file {
             Some(path) => {
-                let statics = Reloadable::load("static identities", vec![path.clone()], |files| {
-                    static_file::StaticIdentities::parse(&files[0])
-                })?;
+                let statics =
+                    Reloadable::load_grants("static identities", vec![path.clone()], |files| {
+                        static_file::StaticIdentities::parse(&files[0])
+                    })?;
                 if statics.current().has_certificates() && tls.tls_client_ca_file.is_none() {
                     tracing::warn!(
                         "AUTH_STATIC_FILE maps certificate subjects, but TLS_CLIENT_CA_FILE is not \
