@@ -14,7 +14,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 use x509_cert::der::Decode;
 
-use crate::config::{AuthConfig, TlsConfig};
+use crate::config::{AuthConfig, ClientAuth, TlsConfig};
 use crate::domain::{Identity, Role, Scope};
 use crate::error::Error;
 use watch::{LoadError, Reloadable};
@@ -43,6 +43,11 @@ pub enum SetupError {
     NothingConfigured,
     #[error("AUTH_DISABLED=true cannot be combined with AUTH_JWKS_FILE or AUTH_STATIC_FILE")]
     Contradictory,
+    #[error(
+        "TLS_CLIENT_AUTH=required needs TLS_CLIENT_CA_FILE: without a client CA no client \
+         certificate is asked for, so none would be required"
+    )]
+    ClientAuthWithoutCa,
     #[error(transparent)]
     Load(#[from] LoadError),
 }
@@ -54,6 +59,9 @@ impl Authenticator {
         tls: &TlsConfig,
         stop: &CancellationToken,
     ) -> Result<Self, SetupError> {
+        if tls.tls_client_auth == Some(ClientAuth::Required) && tls.tls_client_ca_file.is_none() {
+            return Err(SetupError::ClientAuthWithoutCa);
+        }
         let configured = config.auth_jwks_file.is_some() || config.auth_static_file.is_some();
         if config.auth_disabled {
             if configured {
