@@ -1,6 +1,6 @@
 //! Per-identity limits: a rate limit on setpoint writes, and a cap on open subscriptions.
 //! Both are per replica; behind a load balancer the effective limit is the replica count times
-//! these.
+//! these. An identity is a [`Subject`]: the same name from two kinds of credential is two.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -11,6 +11,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::LimitsConfig;
+use crate::domain::Subject;
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -19,10 +20,10 @@ const SWEEP_EVERY: u64 = 4096;
 
 #[derive(Clone)]
 pub struct Limits {
-    writes: Arc<DefaultKeyedRateLimiter<String>>,
+    writes: Arc<DefaultKeyedRateLimiter<Subject>>,
     checks: Arc<AtomicU64>,
     clock: DefaultClock,
-    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    subscriptions: Arc<Mutex<HashMap<Subject, usize>>>,
     max_subscriptions: usize,
 }
 
@@ -43,26 +44,24 @@ impl Limits {
     }
 
     /// Takes one write from `subject`'s budget, or says when the next one would pass.
-    pub fn write(&self, subject: &str) -> Result<()> {
+    pub fn write(&self, subject: &Subject) -> Result<()> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             // Identities whose budget is full again carry no state worth keeping.
             self.writes.retain_recent();
             self.writes.shrink_to_fit();
         }
-        self.writes
-            .check_key(&subject.to_owned())
-            .map_err(|not_until| {
-                metrics::counter!(telemetry::RATE_LIMITED, "limit" => "writes").increment(1);
-                Error::RateLimited {
-                    retry_after: not_until.wait_time_from(self.clock.now()),
-                }
-            })
+        self.writes.check_key(subject).map_err(|not_until| {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "writes").increment(1);
+            Error::RateLimited {
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            }
+        })
     }
 
     /// Counts an open subscription of `subject` until the returned guard is dropped.
-    pub fn subscription(&self, subject: &str) -> Result<SubscriptionSlot> {
+    pub fn subscription(&self, subject: &Subject) -> Result<SubscriptionSlot> {
         let mut open = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
-        let count = open.entry(subject.to_owned()).or_default();
+        let count = open.entry(subject.clone()).or_default();
         if *count >= self.max_subscriptions {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "subscriptions").increment(1);
             return Err(Error::TooManyStreams {
@@ -71,7 +70,7 @@ impl Limits {
         }
         *count += 1;
         Ok(SubscriptionSlot {
-            subject: subject.to_owned(),
+            subject: subject.clone(),
             subscriptions: Arc::clone(&self.subscriptions),
         })
     }
@@ -79,8 +78,8 @@ impl Limits {
 
 /// One open subscription, released on drop.
 pub struct SubscriptionSlot {
-    subject: String,
-    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    subject: Subject,
+    subscriptions: Arc<Mutex<HashMap<Subject, usize>>>,
 }
 
 impl Drop for SubscriptionSlot {
@@ -99,6 +98,7 @@ impl Drop for SubscriptionSlot {
 mod tests {
     use super::*;
     use crate::config::ServeConfig;
+    use crate::domain::CredentialKind;
 
     fn limits(rate: u32, burst: u32, subscriptions: usize) -> Limits {
         let mut config = ServeConfig::from_defaults().expect("defaults").limits;
@@ -108,13 +108,20 @@ mod tests {
         Limits::new(&config)
     }
 
+    fn jwt(name: &str) -> Subject {
+        Subject {
+            kind: CredentialKind::Jwt,
+            name: name.into(),
+        }
+    }
+
     #[test]
     fn writes_are_limited_per_identity() {
         let limits = limits(1, 3, 1);
         for _ in 0..3 {
-            limits.write("a").expect("within the burst");
+            limits.write(&jwt("a")).expect("within the burst");
         }
-        match limits.write("a") {
+        match limits.write(&jwt("a")) {
             Err(Error::RateLimited { retry_after }) => {
                 assert!(retry_after > std::time::Duration::ZERO);
                 assert!(retry_after <= std::time::Duration::from_secs(1));
@@ -122,21 +129,44 @@ mod tests {
             other => panic!("expected RateLimited, got {other:?}"),
         }
         limits
-            .write("b")
+            .write(&jwt("b"))
             .expect("another identity has its own budget");
     }
 
     #[test]
     fn subscriptions_are_counted_until_dropped() {
         let limits = limits(1, 1, 2);
-        let first = limits.subscription("a").expect("1");
-        let _second = limits.subscription("a").expect("2");
+        let first = limits.subscription(&jwt("a")).expect("1");
+        let _second = limits.subscription(&jwt("a")).expect("2");
         assert!(matches!(
-            limits.subscription("a"),
+            limits.subscription(&jwt("a")),
             Err(Error::TooManyStreams { limit: 2 })
         ));
-        let _other = limits.subscription("b").expect("per identity");
+        let _other = limits.subscription(&jwt("b")).expect("per identity");
         drop(first);
-        let _third = limits.subscription("a").expect("a slot was freed");
+        let _third = limits.subscription(&jwt("a")).expect("a slot was freed");
+    }
+
+    #[test]
+    fn the_same_name_from_another_kind_of_credential_is_another_identity() {
+        let limits = limits(1, 1, 1);
+        let kinds = [
+            CredentialKind::Jwt,
+            CredentialKind::StaticToken,
+            CredentialKind::Certificate,
+        ];
+        let subjects = kinds.map(|kind| Subject {
+            kind,
+            name: "CN=gw".into(),
+        });
+        let _slots: Vec<_> = subjects
+            .iter()
+            .map(|subject| {
+                limits.write(subject).expect("a budget of its own");
+                limits.subscription(subject).expect("a slot of its own")
+            })
+            .collect();
+        assert!(limits.write(&subjects[0]).is_err());
+        assert!(limits.subscription(&subjects[2]).is_err());
     }
 }

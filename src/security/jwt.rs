@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::watch::Parsed;
-use crate::domain::{Identity, Role, Scope};
+use crate::domain::{CredentialKind, Identity, Role, Scope};
 
 /// One usable key of the set.
 struct Key {
@@ -173,7 +173,7 @@ pub fn verify(keys: &KeySet, expect: &Expectations, token: &str) -> Result<Ident
         .claims;
     let role = Role::parse(&claims.role).map_err(|e| e.to_string())?;
     let scope = Scope::parse(&claims.buildings).map_err(|e| e.to_string())?;
-    Identity::new(claims.sub, role, scope).map_err(|e| e.to_string())
+    Identity::new(CredentialKind::Jwt, claims.sub, role, scope).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

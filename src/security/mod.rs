@@ -15,7 +15,7 @@ use tonic::{Request, Status};
 use x509_cert::der::Decode;
 
 use crate::config::{AuthConfig, ClientAuth, TlsConfig};
-use crate::domain::{Identity, Role, Scope};
+use crate::domain::{CredentialKind, Identity, Role, Scope, Subject};
 use crate::error::Error;
 use watch::{LoadError, Reloadable};
 
@@ -177,7 +177,10 @@ impl Authenticator {
 /// The identity every call has when authentication is off.
 fn anonymous_admin() -> Identity {
     Identity {
-        subject: "anonymous".into(),
+        subject: Subject {
+            kind: CredentialKind::Anonymous,
+            name: "anonymous".into(),
+        },
         role: Role::Admin,
         scope: Scope::All,
     }

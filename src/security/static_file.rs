@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::watch::Parsed;
-use crate::domain::{Identity, Role, Scope};
+use crate::domain::{CredentialKind, Identity, Role, Scope};
 
 /// The file, its entries read one by one so that one bad entry does not hide the others.
 #[derive(Deserialize)]
@@ -71,7 +71,12 @@ impl StaticIdentities {
             let hash = parse_hash(&entry.sha256).ok_or("sha256 must be 64 hex digits")?;
             Ok((
                 hash,
-                identity(entry.subject, &entry.role, &entry.buildings)?,
+                identity(
+                    CredentialKind::StaticToken,
+                    entry.subject,
+                    &entry.role,
+                    &entry.buildings,
+                )?,
             ))
         });
         let certificates = entries(
@@ -79,7 +84,12 @@ impl StaticIdentities {
             file.certificates,
             &mut skipped,
             |entry: CertificateEntry| {
-                let who = identity(entry.subject.clone(), &entry.role, &entry.buildings)?;
+                let who = identity(
+                    CredentialKind::Certificate,
+                    entry.subject.clone(),
+                    &entry.role,
+                    &entry.buildings,
+                )?;
                 Ok((entry.subject, who))
             },
         );
@@ -107,10 +117,15 @@ impl StaticIdentities {
     }
 }
 
-fn identity(subject: String, role: &str, buildings: &[String]) -> Result<Identity, String> {
+fn identity(
+    kind: CredentialKind,
+    subject: String,
+    role: &str,
+    buildings: &[String],
+) -> Result<Identity, String> {
     let role = Role::parse(role).map_err(|e| e.to_string())?;
     let scope = Scope::parse(buildings).map_err(|e| e.to_string())?;
-    Identity::new(subject, role, scope).map_err(|e| e.to_string())
+    Identity::new(kind, subject, role, scope).map_err(|e| e.to_string())
 }
 
 /// The entries of one list by their key; each that does not load is described in `skipped` by
