@@ -202,12 +202,20 @@ pub struct TlsConfig {
     /// PEM CA certificates that client certificates are verified against (mTLS).
     #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<std::path::PathBuf>,
-    /// With `TLS_CLIENT_CA_FILE`: whether a client certificate is required or optional.
-    #[arg(long, env = "TLS_CLIENT_AUTH", value_enum, default_value_t = ClientAuth::Required)]
-    pub tls_client_auth: ClientAuth,
+    /// With `TLS_CLIENT_CA_FILE`: whether a client certificate is required (unset: required)
+    /// or optional. Without a client CA no certificate is asked for, so `required` is refused.
+    #[arg(long, env = "TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<ClientAuth>,
     /// How long a client gets to complete the TLS handshake before it is disconnected.
     #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub tls_handshake_timeout: Duration,
+}
+
+impl TlsConfig {
+    /// Whether client certificates are required or optional, when a client CA is set.
+    pub fn client_auth(&self) -> ClientAuth {
+        self.tls_client_auth.unwrap_or(ClientAuth::Required)
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -520,7 +528,8 @@ mod tests {
             !serve.auth.auth_disabled,
             "authentication is on unless switched off"
         );
-        assert_eq!(serve.tls.tls_client_auth, ClientAuth::Required);
+        assert_eq!(serve.tls.tls_client_auth, None);
+        assert_eq!(serve.tls.client_auth(), ClientAuth::Required);
     }
 
     #[test]

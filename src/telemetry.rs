@@ -3,7 +3,7 @@
 //! Every metric is named and described here, so call sites cannot misspell one.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -176,6 +176,34 @@ pub fn record_resync() {
     LAST_RESYNC.store(chrono::Utc::now().timestamp(), Ordering::Relaxed);
 }
 
+/// Lets through at most one log line per period of a kind that callers cause at will (failed
+/// authentication), and counts the ones it holds back so that the next line can say how many.
+pub struct LogSampler {
+    lines: governor::DefaultDirectRateLimiter,
+    held_back: AtomicU64,
+}
+
+impl LogSampler {
+    pub fn every(period: Duration) -> Self {
+        let quota = governor::Quota::with_period(period)
+            .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MIN));
+        Self {
+            lines: governor::RateLimiter::direct(quota),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)`: log this one, and say that `n` were held back since the last; `None`: don't.
+    pub fn admit(&self) -> Option<u64> {
+        if self.lines.check().is_ok() {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
 /// How often recorded histogram samples are folded into their buckets between scrapes.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -274,4 +302,21 @@ pub fn render_metrics() -> String {
     }
     handle.run_upkeep();
     handle.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_sampler_lets_one_line_through_per_period_and_counts_the_rest() {
+        let sampler = LogSampler::every(Duration::from_millis(200));
+        assert_eq!(sampler.admit(), Some(0));
+        for _ in 0..99 {
+            assert_eq!(sampler.admit(), None);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(sampler.admit(), Some(99));
+        assert_eq!(sampler.admit(), None);
+    }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::security::{authorized, put_as, secure_app};
+use common::security::{self as creds, authorized, code, keys, put_as, secure_app};
 use common::{eventually, put, setpoint};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
@@ -104,6 +104,51 @@ async fn writes_and_subscriptions_are_limited_per_identity() {
     })
     .await;
     assert!(freed, "a closed subscription frees its slot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_named_like_a_static_identity_does_not_share_its_limits() {
+    let (_dir, app) = secure_app(|config, _| {
+        config.limits.write_rate_limit = 1;
+        config.limits.write_burst = 2;
+        config.limits.max_subscriptions_per_identity = 1;
+    })
+    .await;
+    let (rsa, _) = keys();
+    // Anyone the identity provider names `operator-north` / `viewer-north`, as the static
+    // tokens t-operator-north and t-viewer-north are named.
+    let operator = rsa.sign(&creds::claims("operator-north", "operator", &["north"]));
+    let viewer = rsa.sign(&creds::claims("viewer-north", "viewer", &["north"]));
+    let mut client = app.setpoints().await;
+    for desired in [20.0, 21.0] {
+        put_as(&mut client, &operator, "north/room-1", "north", desired)
+            .await
+            .expect("within the burst");
+    }
+    let exhausted = put_as(&mut client, &operator, "north/room-1", "north", 22.0).await;
+    assert_eq!(code(&exhausted), Code::ResourceExhausted);
+    put_as(
+        &mut client,
+        "t-operator-north",
+        "north/room-1",
+        "north",
+        23.0,
+    )
+    .await
+    .expect("the static token has its own budget");
+
+    let heaters = app.heaters().await;
+    let subscribe = |token: String| {
+        let mut heaters = heaters.clone();
+        async move {
+            let request = authorized(pb::SubscribeHeaterCommandsRequest::default(), Some(&token));
+            heaters.subscribe_heater_commands(request).await
+        }
+    };
+    let _jwt = subscribe(viewer).await.expect("the JWT's subscription");
+    let _static = subscribe("t-viewer-north".into())
+        .await
+        .expect("the static token's own subscription");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

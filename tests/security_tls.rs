@@ -42,7 +42,7 @@ fn tls_config(config: &mut ServeConfig, dir: &Path, ca: &Ca, client_ca: &Ca, mod
     config.tls.tls_cert_file = Some(creds::write(dir, "server.pem", &server.cert));
     config.tls.tls_key_file = Some(creds::write(dir, "server.key", &server.key));
     config.tls.tls_client_ca_file = Some(creds::write(dir, "client-ca.pem", &client_ca.pem()));
-    config.tls.tls_client_auth = mode;
+    config.tls.tls_client_auth = Some(mode);
     config.tls.tls_handshake_timeout = Duration::from_millis(500);
     let mut entries = static_entries();
     entries.push(StaticEntry::Certificate {
@@ -259,5 +259,53 @@ async fn tls_certificates_are_reloaded_and_silent_handshakes_time_out() {
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
+    );
+}
+
+/// The TLS settings `thermostat serve` takes from these flags.
+fn tls_flags(args: &[&str]) -> thermostat::config::TlsConfig {
+    use clap::{Args, FromArgMatches};
+    let command = thermostat::config::TlsConfig::augment_args(clap::Command::new("serve"));
+    let matches = command
+        .try_get_matches_from([&["serve"], args].concat())
+        .expect("valid flags");
+    thermostat::config::TlsConfig::from_arg_matches(&matches).expect("TLS settings")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_without_a_client_ca_refuse_to_start() {
+    let ca = Ca::new("server CA");
+    let server = ca.server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = creds::write(dir.path(), "server.pem", &server.cert);
+    let key = creds::write(dir.path(), "server.key", &server.key);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut config = TestApp::fresh_config().await;
+    config.auth.auth_disabled = false;
+    config.auth.auth_static_file = Some(creds::write(
+        dir.path(),
+        "identities.json",
+        &creds::static_file(&static_entries()),
+    ));
+    let tls = ["--tls-cert-file", cert, "--tls-key-file", key];
+
+    config.tls = tls_flags(&[&tls[..], &["--tls-client-auth", "required"]].concat());
+    let refused = thermostat::Application::build(config.clone())
+        .await
+        .err()
+        .expect("refused: no client certificate would ever be asked for");
+    let why = thermostat::error::error_chain(&refused);
+    assert!(
+        why.contains("TLS_CLIENT_AUTH") && why.contains("TLS_CLIENT_CA_FILE"),
+        "{why}"
+    );
+
+    // Without TLS_CLIENT_AUTH, TLS without a client CA is TLS with tokens.
+    config.tls = tls_flags(&tls);
+    let app = TestApp::spawn_with(config).await;
+    let channel = tls_channel(&app, &ca, None).await.expect("TLS connects");
+    assert_eq!(
+        get_north(&channel, Some("t-viewer-north")).await,
+        Code::NotFound
     );
 }

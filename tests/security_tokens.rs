@@ -163,7 +163,7 @@ async fn jwts_are_verified_and_every_kind_of_bad_token_is_refused() {
     })
     .await;
     assert!(reloaded, "the new key was picked up");
-    // A broken JWKS file keeps the last good keys, and says so in /metrics until mended.
+    // A broken JWKS file grants nothing, and says so in /metrics until mended.
     let stale = |value: f64| {
         let admin = app.admin;
         async move {
@@ -174,9 +174,10 @@ async fn jwts_are_verified_and_every_kind_of_bad_token_is_refused() {
     assert!(stale(0.0).await);
     creds::write(dir.path(), "jwks.json", "{ not json");
     assert!(eventually(Duration::from_secs(10), || stale(1.0)).await);
-    assert_eq!(get(token).await, Code::Ok);
+    assert_eq!(get(token.clone()).await, Code::Unauthenticated);
     creds::write(dir.path(), "jwks.json", &creds::jwks(&[rsa, ec, &rotated]));
     assert!(eventually(Duration::from_secs(10), || stale(0.0)).await);
+    assert_eq!(get(token).await, Code::Ok);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Per-identity limits: rate limits on setpoint writes, reads and subscribes, and caps on open
-//! subscriptions and concurrent reads.
-//! Both are per replica; behind a load balancer the effective limit is the replica count times
-//! these.
+//! subscriptions and running reads. All are per replica; behind a load balancer the effective
+//! limit is the replica count times these. An identity is a [`Subject`]: the same name from two
+//! kinds of credential is two.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -12,6 +12,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::config::LimitsConfig;
+use crate::domain::Subject;
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -21,7 +22,7 @@ const SWEEP_EVERY: u64 = 4096;
 /// A rate per identity: a token bucket for each, from `governor`.
 #[derive(Clone)]
 struct Rate {
-    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    limiter: Arc<DefaultKeyedRateLimiter<Subject>>,
     checks: Arc<AtomicU64>,
     clock: DefaultClock,
     /// The metric's `limit` label.
@@ -44,20 +45,52 @@ impl Rate {
     }
 
     /// Takes one from `subject`'s budget, or says when the next one would pass.
-    fn take(&self, subject: &str) -> Result<()> {
+    fn take(&self, subject: &Subject) -> Result<()> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             // Identities whose budget is full again carry no state worth keeping.
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
-        self.limiter
-            .check_key(&subject.to_owned())
-            .map_err(|not_until| {
-                metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
-                Error::RateLimited {
-                    retry_after: not_until.wait_time_from(self.clock.now()),
-                }
-            })
+        self.limiter.check_key(subject).map_err(|not_until| {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
+            Error::RateLimited {
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            }
+        })
+    }
+}
+
+/// How many of something each identity holds at once, at most `max`.
+#[derive(Clone)]
+struct AtOnce {
+    held: Arc<Mutex<HashMap<Subject, usize>>>,
+    max: usize,
+    /// The metric's `limit` label.
+    what: &'static str,
+}
+
+impl AtOnce {
+    fn new(max: usize, what: &'static str) -> Self {
+        Self {
+            held: Arc::default(),
+            max,
+            what,
+        }
+    }
+
+    /// One more for `subject` until the slot is dropped; `None` when it holds `max` already.
+    fn hold(&self, subject: &Subject) -> Option<Slot> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(subject.clone()).or_default();
+        if *count >= self.max {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            subject: subject.clone(),
+            held: Arc::clone(&self.held),
+        })
     }
 }
 
@@ -65,11 +98,9 @@ impl Rate {
 pub struct Limits {
     writes: Rate,
     reads: Rate,
-    reads_running: Arc<Mutex<HashMap<String, usize>>>,
-    max_reads: usize,
+    reads_running: AtOnce,
     subscribes: Rate,
-    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
-    max_subscriptions: usize,
+    subscriptions: AtOnce,
 }
 
 impl Limits {
@@ -77,75 +108,55 @@ impl Limits {
         Self {
             writes: Rate::new(config.write_rate_limit, config.write_burst, "writes"),
             reads: Rate::new(config.read_rate_limit, config.read_burst, "reads"),
-            reads_running: Arc::default(),
-            max_reads: config.max_reads_per_identity,
+            reads_running: AtOnce::new(config.max_reads_per_identity, "concurrent_reads"),
             subscribes: Rate::new(
                 config.subscribe_rate_limit,
                 config.subscribe_burst,
                 "subscribes",
             ),
-            subscriptions: Arc::default(),
-            max_subscriptions: config.max_subscriptions_per_identity,
+            subscriptions: AtOnce::new(config.max_subscriptions_per_identity, "subscriptions"),
         }
     }
 
     /// Takes one write from `subject`'s budget, or says when the next one would pass.
-    pub fn write(&self, subject: &str) -> Result<()> {
+    pub fn write(&self, subject: &Subject) -> Result<()> {
         self.writes.take(subject)
     }
 
-    /// Takes one read from `subject`'s budget and counts it as running until the returned guard
+    /// Takes one read from `subject`'s budget and counts it as running until the returned slot
     /// is dropped: one identity cannot hold more than its share of the database's connections.
-    pub fn read(&self, subject: &str) -> Result<Slot> {
+    pub fn read(&self, subject: &Subject) -> Result<Slot> {
         self.reads.take(subject)?;
-        let mut running = self.reads_running.lock().unwrap_or_else(|e| e.into_inner());
-        let count = running.entry(subject.to_owned()).or_default();
-        if *count >= self.max_reads {
-            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "concurrent_reads").increment(1);
-            return Err(Error::TooManyReads {
-                limit: self.max_reads,
-            });
-        }
-        *count += 1;
-        Ok(Slot {
-            subject: subject.to_owned(),
-            counts: Arc::clone(&self.reads_running),
+        self.reads_running.hold(subject).ok_or(Error::TooManyReads {
+            limit: self.reads_running.max,
         })
     }
 
-    /// Counts an open subscription of `subject` until the returned guard is dropped. Opening
-    /// one takes from a budget of its own too: each may send a whole snapshot.
-    pub fn subscription(&self, subject: &str) -> Result<Slot> {
+    /// Counts an open subscription of `subject` until the returned slot is dropped. Opening one
+    /// takes from a budget of its own too: each may send a whole snapshot.
+    pub fn subscription(&self, subject: &Subject) -> Result<Slot> {
         self.subscribes.take(subject)?;
-        let mut open = self.subscriptions.lock().unwrap_or_else(|e| e.into_inner());
-        let count = open.entry(subject.to_owned()).or_default();
-        if *count >= self.max_subscriptions {
-            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "subscriptions").increment(1);
-            return Err(Error::TooManyStreams {
-                limit: self.max_subscriptions,
-            });
-        }
-        *count += 1;
-        Ok(Slot {
-            subject: subject.to_owned(),
-            counts: Arc::clone(&self.subscriptions),
-        })
+        self.subscriptions
+            .hold(subject)
+            .ok_or(Error::TooManyStreams {
+                limit: self.subscriptions.max,
+            })
     }
 }
 
 /// One open subscription or running read of an identity, released on drop.
 pub struct Slot {
-    subject: String,
-    counts: Arc<Mutex<HashMap<String, usize>>>,
+    subject: Subject,
+    held: Arc<Mutex<HashMap<Subject, usize>>>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut open = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = open.get_mut(&self.subject) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.subject) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.subject);
+                held.remove(&self.subject);
             }
         }
     }
@@ -155,6 +166,7 @@ impl Drop for Slot {
 mod tests {
     use super::*;
     use crate::config::ServeConfig;
+    use crate::domain::CredentialKind;
 
     fn limits(rate: u32, burst: u32, subscriptions: usize) -> Limits {
         let mut config = ServeConfig::from_defaults().expect("defaults").limits;
@@ -164,13 +176,20 @@ mod tests {
         Limits::new(&config)
     }
 
+    fn jwt(name: &str) -> Subject {
+        Subject {
+            kind: CredentialKind::Jwt,
+            name: name.into(),
+        }
+    }
+
     #[test]
     fn writes_are_limited_per_identity() {
         let limits = limits(1, 3, 1);
         for _ in 0..3 {
-            limits.write("a").expect("within the burst");
+            limits.write(&jwt("a")).expect("within the burst");
         }
-        match limits.write("a") {
+        match limits.write(&jwt("a")) {
             Err(Error::RateLimited { retry_after }) => {
                 assert!(retry_after > std::time::Duration::ZERO);
                 assert!(retry_after <= std::time::Duration::from_secs(1));
@@ -178,21 +197,44 @@ mod tests {
             other => panic!("expected RateLimited, got {other:?}"),
         }
         limits
-            .write("b")
+            .write(&jwt("b"))
             .expect("another identity has its own budget");
     }
 
     #[test]
     fn subscriptions_are_counted_until_dropped() {
         let limits = limits(1, 1, 2);
-        let first = limits.subscription("a").expect("1");
-        let _second = limits.subscription("a").expect("2");
+        let first = limits.subscription(&jwt("a")).expect("1");
+        let _second = limits.subscription(&jwt("a")).expect("2");
         assert!(matches!(
-            limits.subscription("a"),
+            limits.subscription(&jwt("a")),
             Err(Error::TooManyStreams { limit: 2 })
         ));
-        let _other = limits.subscription("b").expect("per identity");
+        let _other = limits.subscription(&jwt("b")).expect("per identity");
         drop(first);
-        let _third = limits.subscription("a").expect("a slot was freed");
+        let _third = limits.subscription(&jwt("a")).expect("a slot was freed");
+    }
+
+    #[test]
+    fn the_same_name_from_another_kind_of_credential_is_another_identity() {
+        let limits = limits(1, 1, 1);
+        let kinds = [
+            CredentialKind::Jwt,
+            CredentialKind::StaticToken,
+            CredentialKind::Certificate,
+        ];
+        let subjects = kinds.map(|kind| Subject {
+            kind,
+            name: "CN=gw".into(),
+        });
+        let _slots: Vec<_> = subjects
+            .iter()
+            .map(|subject| {
+                limits.write(subject).expect("a budget of its own");
+                limits.subscription(subject).expect("a slot of its own")
+            })
+            .collect();
+        assert!(limits.write(&subjects[0]).is_err());
+        assert!(limits.subscription(&subjects[2]).is_err());
     }
 }

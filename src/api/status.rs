@@ -1,9 +1,13 @@
 //! The one place that decides which gRPC status each [`Error`] becomes.
 
+use std::sync::LazyLock;
+use std::time::Duration;
+
 use tonic::{Code, Status};
 
 use crate::error::Error;
 use crate::stream::feed::FeedEnd;
+use crate::telemetry::LogSampler;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
@@ -16,7 +20,13 @@ impl From<Error> for Status {
                 Status::new(Code::Unavailable, "database unavailable, retry later")
             }
             Error::Unauthenticated(ref detail) => {
-                tracing::info!(reason = %detail, "unauthenticated call");
+                // Anyone who can reach the port can fail to authenticate, so the log must not be
+                // theirs to fill; thermostat_auth_failures_total counts every one.
+                static LINES: LazyLock<LogSampler> =
+                    LazyLock::new(|| LogSampler::every(Duration::from_secs(1)));
+                if let Some(suppressed) = LINES.admit() {
+                    tracing::info!(reason = %detail, suppressed, "unauthenticated call");
+                }
                 Status::unauthenticated("missing or invalid credentials")
             }
             Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),

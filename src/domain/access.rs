@@ -124,10 +124,42 @@ impl Scope {
     }
 }
 
-/// An authenticated caller: the name recorded as `updated_by`, and what it may do where.
+/// The kind of credential an identity was established with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CredentialKind {
+    Jwt,
+    StaticToken,
+    Certificate,
+    /// Everyone, when authentication is off.
+    Anonymous,
+}
+
+/// Who a caller is: a name, within the kind of credential that vouches for it. The same name
+/// from two kinds is two callers (an identity provider's `sub` and a static token's subject
+/// are chosen by different people), though both are recorded as that name in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Subject {
+    pub kind: CredentialKind,
+    /// As recorded in `updated_by`.
+    pub name: String,
+}
+
+impl Subject {
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// An authenticated caller: the subject recorded as `updated_by`, and what it may do where.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    pub subject: String,
+    pub subject: Subject,
     pub role: Role,
     pub scope: Scope,
 }
@@ -147,6 +179,7 @@ impl Identity {
     pub const MAX_SUBJECT_LEN: usize = 256;
 
     pub fn new(
+        kind: CredentialKind,
         subject: impl Into<String>,
         role: Role,
         scope: Scope,
@@ -165,7 +198,10 @@ impl Identity {
             ));
         }
         Ok(Self {
-            subject,
+            subject: Subject {
+                kind,
+                name: subject,
+            },
             role,
             scope,
         })
@@ -223,7 +259,7 @@ mod tests {
             (Role::Admin, Action::Write, true),
         ];
         for (role, action, allowed) in cases {
-            let who = Identity::new("x", role, Scope::All).expect("valid");
+            let who = Identity::new(CredentialKind::Jwt, "x", role, Scope::All).expect("valid");
             assert_eq!(who.check(action).is_ok(), allowed, "{role} {action:?}");
         }
     }
@@ -246,9 +282,27 @@ mod tests {
 
     #[test]
     fn subjects_are_bounded_and_printable() {
-        assert!(Identity::new("", Role::Viewer, Scope::All).is_err());
-        assert!(Identity::new("a\nb", Role::Viewer, Scope::All).is_err());
-        assert!(Identity::new("x".repeat(257), Role::Viewer, Scope::All).is_err());
-        assert!(Identity::new("CN=gateway-1", Role::Viewer, Scope::All).is_ok());
+        assert!(Identity::new(CredentialKind::Certificate, "", Role::Viewer, Scope::All).is_err());
+        assert!(Identity::new(
+            CredentialKind::Certificate,
+            "a\nb",
+            Role::Viewer,
+            Scope::All
+        )
+        .is_err());
+        assert!(Identity::new(
+            CredentialKind::Certificate,
+            "x".repeat(257),
+            Role::Viewer,
+            Scope::All
+        )
+        .is_err());
+        assert!(Identity::new(
+            CredentialKind::Certificate,
+            "CN=gateway-1",
+            Role::Viewer,
+            Scope::All
+        )
+        .is_ok());
     }
 }

@@ -8,7 +8,7 @@ pub mod control;
 mod ids;
 mod setpoint;
 
-pub use access::{Action, Identity, Role, Scope};
+pub use access::{Action, CredentialKind, Identity, Role, Scope, Subject};
 pub use ids::{BuildingId, SensorId};
 pub use setpoint::{Celsius, Reason, Setpoint, StoredSetpoint, DELTA_RANGE, DESIRED_RANGE};
 

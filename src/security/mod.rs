@@ -14,8 +14,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Status};
 use x509_cert::der::Decode;
 
-use crate::config::{AuthConfig, TlsConfig};
-use crate::domain::{Identity, Role, Scope};
+use crate::config::{AuthConfig, ClientAuth, TlsConfig};
+use crate::domain::{CredentialKind, Identity, Role, Scope, Subject};
 use crate::error::Error;
 use watch::{LoadError, Reloadable};
 
@@ -43,6 +43,11 @@ pub enum SetupError {
     NothingConfigured,
     #[error("AUTH_DISABLED=true cannot be combined with AUTH_JWKS_FILE or AUTH_STATIC_FILE")]
     Contradictory,
+    #[error(
+        "TLS_CLIENT_AUTH=required needs TLS_CLIENT_CA_FILE: without a client CA no client \
+         certificate is asked for, so none would be required"
+    )]
+    ClientAuthWithoutCa,
     #[error(transparent)]
     Load(#[from] LoadError),
 }
@@ -54,6 +59,9 @@ impl Authenticator {
         tls: &TlsConfig,
         stop: &CancellationToken,
     ) -> Result<Self, SetupError> {
+        if tls.tls_client_auth == Some(ClientAuth::Required) && tls.tls_client_ca_file.is_none() {
+            return Err(SetupError::ClientAuthWithoutCa);
+        }
         let configured = config.auth_jwks_file.is_some() || config.auth_static_file.is_some();
         if config.auth_disabled {
             if configured {
@@ -73,9 +81,17 @@ impl Authenticator {
             &config.auth_jwt_audience,
         ) {
             (Some(path), Some(issuer), Some(audience)) => {
-                let keys = Reloadable::load("JWKS", vec![path.clone()], |files| {
+                let keys = Reloadable::load_grants("JWKS", vec![path.clone()], |files| {
                     jwt::KeySet::parse(&files[0])
                 })?;
+                // Emptied later, it refuses every JWT; empty at start, it is a mistake.
+                if keys.current().is_empty() {
+                    return Err(SetupError::Load(LoadError::Invalid {
+                        what: "JWKS",
+                        paths: path.display().to_string(),
+                        message: "no RS256 or ES256 key in the key set".into(),
+                    }));
+                }
                 Arc::clone(&keys).watch(interval, stop.clone());
                 let expect = jwt::Expectations {
                     issuer: issuer.clone(),
@@ -89,9 +105,10 @@ impl Authenticator {
         };
         let statics = match &config.auth_static_file {
             Some(path) => {
-                let statics = Reloadable::load("static identities", vec![path.clone()], |files| {
-                    static_file::StaticIdentities::parse(&files[0])
-                })?;
+                let statics =
+                    Reloadable::load_grants("static identities", vec![path.clone()], |files| {
+                        static_file::StaticIdentities::parse(&files[0])
+                    })?;
                 if statics.current().has_certificates() && tls.tls_client_ca_file.is_none() {
                     tracing::warn!(
                         "AUTH_STATIC_FILE maps certificate subjects, but TLS_CLIENT_CA_FILE is not \
@@ -160,7 +177,10 @@ impl Authenticator {
 /// The identity every call has when authentication is off.
 fn anonymous_admin() -> Identity {
     Identity {
-        subject: "anonymous".into(),
+        subject: Subject {
+            kind: CredentialKind::Anonymous,
+            name: "anonymous".into(),
+        },
         role: Role::Admin,
         scope: Scope::All,
     }

@@ -33,7 +33,7 @@ pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>,
     };
     let mut paths = vec![cert.clone(), key.clone()];
     paths.extend(config.tls_client_ca_file.clone());
-    let client_auth = config.tls_client_auth;
+    let client_auth = config.client_auth();
     Reloadable::load("TLS certificate", paths, move |files| {
         server_config(
             &files[0],

@@ -11,20 +11,29 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Turns the files' contents (in the order of their paths) into the value.
-type Parse<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync>;
+type Parse<T> = Box<dyn Fn(&[Vec<u8>]) -> Result<Parsed<T>, String> + Send + Sync>;
+
+/// What a parse made of the files: the value, and the entries it had to leave out, each
+/// described with why (never with a secret).
+pub struct Parsed<T> {
+    pub value: T,
+    pub skipped: Vec<String>,
+}
 
 /// A value built from one or more files, rebuilt when any of them changes.
 pub struct Reloadable<T> {
     what: &'static str,
     paths: Vec<PathBuf>,
     parse: Parse<T>,
+    /// What replaces the value when changed files cannot be read or parsed at all; `None`
+    /// keeps the value in use.
+    fallback: Option<fn() -> T>,
     current: RwLock<Arc<T>>,
     /// The contents last read, parsed or not: a change is a difference from these. Taken at
     /// load, so a change made before the watch task first runs is not missed.
     seen: std::sync::Mutex<Vec<Vec<u8>>>,
-    /// Whether the files differ from what is in use (unreadable, or changed but invalid):
-    /// logged once, then only visible here and in `thermostat_credentials_stale`. For a token
-    /// file that matters: a revocation written with a typo leaves the revoked token working.
+    /// Whether the files differ from what is in use (unreadable, invalid, or with entries left
+    /// out): logged, and visible here and in `thermostat_credentials_stale`.
     stale: AtomicBool,
 }
 
@@ -46,23 +55,60 @@ pub enum LoadError {
 
 impl<T: Send + Sync + 'static> Reloadable<T> {
     /// Reads and parses the files now; an error here stops the start of the service, since
-    /// running without the configured credentials is never what the operator wanted.
+    /// running without the configured credentials is never what the operator wanted. A change
+    /// that does not parse keeps the loaded value: a half-written certificate must not take
+    /// the port down.
     pub fn load(
         what: &'static str,
         paths: Vec<PathBuf>,
         parse: impl Fn(&[Vec<u8>]) -> Result<T, String> + Send + Sync + 'static,
     ) -> Result<Arc<Self>, LoadError> {
+        let parse = move |files: &[Vec<u8>]| {
+            parse(files).map(|value| Parsed {
+                value,
+                skipped: Vec::new(),
+            })
+        };
+        Self::start(what, paths, Box::new(parse), None)
+    }
+
+    /// As [`Self::load`], for files that grant access: a reload applies the entries that
+    /// load and leaves out the others, and files that cannot be read or parsed at all grant
+    /// nothing (`T::default()`), so an edit that revokes something always revokes it. At
+    /// start, a skipped entry is an error like any other.
+    pub fn load_grants(
+        what: &'static str,
+        paths: Vec<PathBuf>,
+        parse: impl Fn(&[Vec<u8>]) -> Result<Parsed<T>, String> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, LoadError>
+    where
+        T: Default,
+    {
+        Self::start(what, paths, Box::new(parse), Some(T::default))
+    }
+
+    fn start(
+        what: &'static str,
+        paths: Vec<PathBuf>,
+        parse: Parse<T>,
+        fallback: Option<fn() -> T>,
+    ) -> Result<Arc<Self>, LoadError> {
         let contents = read_all(&paths)?;
-        let value = parse(&contents).map_err(|message| LoadError::Invalid {
+        let invalid = |message| LoadError::Invalid {
             what,
             paths: describe(&paths),
             message,
-        })?;
+        };
+        let parsed = parse(&contents).map_err(invalid)?;
+        if !parsed.skipped.is_empty() {
+            return Err(invalid(parsed.skipped.join("; ")));
+        }
         Ok(Arc::new(Self {
             what,
             paths,
-            parse: Box::new(parse),
-            current: RwLock::new(Arc::new(value)),
+            parse,
+            fallback,
+            current: RwLock::new(Arc::new(parsed.value)),
             seen: std::sync::Mutex::new(contents),
             stale: AtomicBool::new(false),
         }))
@@ -85,8 +131,11 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Re-reads the files every `interval` until `stop`. A change that does not parse is
-    /// logged and the previous value kept: a half-written rotation must not lock everyone out.
+    fn replace(&self, value: T) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
+    }
+
+    /// Re-reads the files every `interval` until `stop`.
     pub fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
@@ -96,38 +145,61 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
                     _ = stop.cancelled() => return,
                     _ = ticks.tick() => {}
                 }
-                let contents = match read_all(&self.paths) {
-                    Ok(contents) => contents,
-                    Err(e) => {
-                        if !self.is_stale() {
-                            tracing::warn!(what = self.what, error = %e, "cannot re-read; keeping the loaded version");
-                        }
-                        self.set_stale(true);
-                        // Whatever can be read next is parsed, even the same contents as in use.
-                        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                        continue;
-                    }
-                };
-                {
-                    let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-                    if *seen == contents {
-                        continue;
-                    }
-                    seen.clone_from(&contents);
-                }
-                match (self.parse)(&contents) {
-                    Ok(value) => {
-                        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(value);
-                        self.set_stale(false);
-                        tracing::info!(what = self.what, files = %describe(&self.paths), "reloaded");
-                    }
-                    Err(message) => {
-                        self.set_stale(true);
-                        tracing::warn!(what = self.what, files = %describe(&self.paths), error = %message, "changed but invalid; keeping the loaded version");
-                    }
-                }
+                self.reload();
             }
         });
+    }
+
+    /// Reads the files and, if they changed, applies them.
+    fn reload(&self) {
+        let contents = match read_all(&self.paths) {
+            Ok(contents) => contents,
+            Err(e) => {
+                // Whatever can be read next is parsed, even the same contents as in use.
+                let seen =
+                    std::mem::take(&mut *self.seen.lock().unwrap_or_else(|e| e.into_inner()));
+                // Logged once, not at every tick while the file stays unreadable.
+                self.unloadable(&e.to_string(), !seen.is_empty());
+                return;
+            }
+        };
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if *seen == contents {
+                return;
+            }
+            seen.clone_from(&contents);
+        }
+        let files = describe(&self.paths);
+        match (self.parse)(&contents) {
+            Ok(Parsed { value, skipped }) => {
+                self.replace(value);
+                self.set_stale(!skipped.is_empty());
+                for entry in &skipped {
+                    tracing::error!(what = self.what, %files, %entry, "entry skipped: it grants nothing until it is mended");
+                }
+                tracing::info!(what = self.what, %files, skipped = skipped.len(), "reloaded");
+            }
+            Err(message) => self.unloadable(&message, true),
+        }
+    }
+
+    /// The files changed but cannot be used at all.
+    fn unloadable(&self, error: &str, log: bool) {
+        let files = describe(&self.paths);
+        match self.fallback {
+            Some(nothing) => {
+                self.replace(nothing());
+                if log {
+                    tracing::error!(what = self.what, %files, %error, "cannot load: nothing in it is granted until it loads");
+                }
+            }
+            None if log => {
+                tracing::warn!(what = self.what, %files, %error, "cannot load; keeping the loaded version");
+            }
+            None => {}
+        }
+        self.set_stale(true);
     }
 }
 
@@ -192,6 +264,52 @@ mod tests {
         std::fs::write(&path, "3").expect("write");
         wait_for(|| !value.is_stale()).await;
         stop.cancel();
+    }
+
+    /// Comma-separated numbers; the ones that are not are left out.
+    fn numbers(files: &[Vec<u8>]) -> Result<Parsed<Vec<u32>>, String> {
+        let text = String::from_utf8(files[0].clone()).map_err(|e| e.to_string())?;
+        let (mut value, mut skipped) = (Vec::new(), Vec::new());
+        for entry in text.trim().split(',') {
+            match entry.parse() {
+                Ok(n) => value.push(n),
+                Err(e) => skipped.push(format!("{entry:?}: {e}")),
+            }
+        }
+        Ok(Parsed { value, skipped })
+    }
+
+    #[tokio::test]
+    async fn a_grant_file_that_changes_grants_what_it_lists_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("n");
+        std::fs::write(&path, "1,2").expect("write");
+        let value = Reloadable::load_grants("numbers", vec![path.clone()], numbers).expect("loads");
+        let stop = CancellationToken::new();
+        Arc::clone(&value).watch(Duration::from_millis(10), stop.clone());
+
+        // An entry that does not load is left out, the others apply, and the file is stale.
+        std::fs::write(&path, "2,x,3").expect("write");
+        wait_for(|| *value.current() == [2, 3]).await;
+        assert!(value.is_stale());
+        // Not readable as text at all: nothing.
+        std::fs::write(&path, [0xff, 0xfe]).expect("write");
+        wait_for(|| value.current().is_empty()).await;
+        assert!(value.is_stale());
+        std::fs::write(&path, "4").expect("write");
+        wait_for(|| *value.current() == [4]).await;
+        assert!(!value.is_stale());
+        // Gone: nothing either.
+        std::fs::remove_file(&path).expect("remove");
+        wait_for(|| value.current().is_empty()).await;
+        assert!(value.is_stale());
+        stop.cancel();
+        // At start, an entry that does not load stops the service.
+        std::fs::write(&path, "1,x").expect("write");
+        let err = Reloadable::load_grants("numbers", vec![path], numbers)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("\"x\""), "{err}");
     }
 
     #[test]

@@ -231,10 +231,13 @@ pub fn static_file(entries: &[StaticEntry<'_>]) -> String {
     json!({ "tokens": tokens, "certificates": certificates }).to_string()
 }
 
-/// Writes `contents` to `dir/name` and returns the path.
+/// Writes `contents` to `dir/name` and returns the path. The file is replaced whole, as a
+/// Kubernetes Secret is: a reload never sees it half-written, which would grant nothing.
 pub fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(&path, contents).expect("write credential file");
+    let next = dir.join(format!(".{name}.next"));
+    std::fs::write(&next, contents).expect("write credential file");
+    std::fs::rename(&next, &path).expect("replace credential file");
     path
 }
 
