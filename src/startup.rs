@@ -304,6 +304,7 @@ fn api_routes(
         store.clone(),
         limits.clone(),
         config.kafka.reading_range_celsius,
+        max_message,
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);

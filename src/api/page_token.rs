@@ -42,27 +42,80 @@ pub fn decode(scope: &str, token: &str) -> Result<Option<String>, ValidationErro
     Ok(Some(position.to_owned()))
 }
 
-/// Cuts `rows` (fetched with a limit of `limit + 1`) to one page and makes the token of the next
-/// page from the last row kept; the token is empty on the last page.
-pub fn paginate<T>(
-    mut rows: Vec<T>,
+/// Bytes of a response kept for everything but its page of items: the next page token (a
+/// position of at most 128 characters, base64) and the other fields.
+pub const RESPONSE_RESERVE: usize = 1024;
+
+/// Cuts `rows` (fetched with a limit of `limit + 1`) to one page: at most `limit` items, as
+/// `message` makes them, whose encoding as a repeated field stays within `budget` bytes (AIP-158
+/// lets a page hold fewer than asked). Makes the token of the next page from the last row kept;
+/// the token is empty on the last page.
+pub fn paginate<T, M: prost::Message>(
+    rows: Vec<T>,
     limit: i64,
+    budget: usize,
     scope: &str,
     position: impl Fn(&T) -> String,
-) -> (Vec<T>, String) {
+    message: impl Fn(&T) -> M,
+) -> (Vec<M>, String) {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let token = match rows.last() {
-        Some(last) if more => encode(scope, &position(last)),
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    for row in rows.iter().take(limit) {
+        let item = message(row);
+        let len = item.encoded_len();
+        // One byte of tag (field numbers below 16) and the length's varint.
+        let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if !page.is_empty() && bytes + size > budget {
+            break;
+        }
+        bytes += size;
+        page.push(item);
+        last = Some(row);
+    }
+    let token = match last {
+        Some(last) if rows.len() > page.len() => encode(scope, &position(last)),
         _ => String::new(),
     };
-    (rows, token)
+    (page, token)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::v1 as pb;
+
+    #[test]
+    fn a_page_stops_short_of_its_byte_budget_and_continues_after_its_last_item() {
+        let rows: Vec<String> = (0..10).map(|n| format!("{n}{}", "x".repeat(99))).collect();
+        // Each item: 1 byte of tag, 1 of length, 2 + 100 of a string field.
+        let message = |row: &String| pb::GetSetpointRequest {
+            sensor_id: row.clone(),
+        };
+        let (page, token) = paginate(rows.clone(), 10, 350, "s", |r| r[..1].to_owned(), message);
+        assert_eq!(page.len(), 3, "3 × 104 bytes fit in 350, 4 do not");
+        assert_eq!(decode("s", &token).unwrap().as_deref(), Some("2"));
+        let (page, token) = paginate(
+            rows.clone(),
+            10,
+            10_000,
+            "s",
+            |r| r[..1].to_owned(),
+            message,
+        );
+        assert_eq!(
+            (page.len(), token.as_str()),
+            (10, ""),
+            "all fit: the last page"
+        );
+        let (page, token) = paginate(rows.clone(), 4, 10_000, "s", |r| r[..1].to_owned(), message);
+        assert_eq!(page.len(), 4);
+        assert_eq!(decode("s", &token).unwrap().as_deref(), Some("3"));
+        // One item larger than the budget is still sent alone, rather than no page at all.
+        let (page, _) = paginate(rows, 10, 10, "s", |r| r[..1].to_owned(), message);
+        assert_eq!(page.len(), 1);
+    }
 
     #[test]
     fn round_trips_within_its_scope_only() {
@@ -86,11 +139,17 @@ mod tests {
 
     #[test]
     fn paginate_emits_a_token_only_when_more_rows_exist() {
-        let (page, token) = paginate(vec![1, 2, 3], 2, "s", |n| n.to_string());
-        assert_eq!(page, vec![1, 2]);
+        let message = |n: &i32| pb::GetSetpointRequest {
+            sensor_id: n.to_string(),
+        };
+        let ids = |page: Vec<pb::GetSetpointRequest>| -> Vec<String> {
+            page.into_iter().map(|m| m.sensor_id).collect()
+        };
+        let (page, token) = paginate(vec![1, 2, 3], 2, 1000, "s", |n| n.to_string(), message);
+        assert_eq!(ids(page), ["1", "2"]);
         assert_eq!(decode("s", &token).unwrap().as_deref(), Some("2"));
-        let (page, token) = paginate(vec![1, 2], 2, "s", |n| n.to_string());
-        assert_eq!(page, vec![1, 2]);
+        let (page, token) = paginate(vec![1, 2], 2, 1000, "s", |n| n.to_string(), message);
+        assert_eq!(ids(page), ["1", "2"]);
         assert!(token.is_empty());
     }
 

@@ -18,14 +18,17 @@ pub struct SetpointApi {
     limits: Limits,
     /// The readings the loop accepts (`READING_RANGE_CELSIUS`).
     readings: CelsiusRange,
+    /// The bytes a page of a list may take: `MAX_MESSAGE_SIZE` less the rest of a response.
+    page_bytes: usize,
 }
 
 impl SetpointApi {
-    pub fn new(store: Store, limits: Limits, readings: CelsiusRange) -> Self {
+    pub fn new(store: Store, limits: Limits, readings: CelsiusRange, max_message: usize) -> Self {
         Self {
             store,
             limits,
             readings,
+            page_bytes: max_message.saturating_sub(page_token::RESPONSE_RESERVE),
         }
     }
 
@@ -103,11 +106,16 @@ impl SetpointApi {
             .store
             .list_setpoints(building.as_ref(), &who.scope, after.as_deref(), limit + 1)
             .await?;
-        let (rows, next_page_token) = page_token::paginate(rows, limit, &scope, |last| {
-            last.setpoint.sensor_id.to_string()
-        });
+        let (setpoints, next_page_token) = page_token::paginate(
+            rows,
+            limit,
+            self.page_bytes,
+            &scope,
+            |last| last.setpoint.sensor_id.to_string(),
+            setpoint_to_proto,
+        );
         Ok(pb::ListSetpointsResponse {
-            setpoints: rows.iter().map(setpoint_to_proto).collect(),
+            setpoints,
             next_page_token,
         })
     }
@@ -141,11 +149,13 @@ impl SetpointApi {
             .store
             .setpoint_history(&sensor_id, &who.scope, before, limit + 1)
             .await?;
-        let (rows, next_page_token) =
-            page_token::paginate(rows, limit, &scope, |last| last.revision.to_string());
-        let entries = rows
-            .into_iter()
-            .map(|e| pb::SetpointHistoryEntry {
+        let (entries, next_page_token) = page_token::paginate(
+            rows,
+            limit,
+            self.page_bytes,
+            &scope,
+            |last| last.revision.to_string(),
+            |e| pb::SetpointHistoryEntry {
                 revision: e.revision,
                 deleted: e.setpoint.is_none(),
                 setpoint: e.setpoint.as_ref().map(|s| pb::Setpoint {
@@ -156,10 +166,10 @@ impl SetpointApi {
                     ..setpoint_values(s)
                 }),
                 change_time: Some(timestamp(e.change_time)),
-                changed_by: e.changed_by,
-                reason: e.reason,
-            })
-            .collect();
+                changed_by: e.changed_by.clone(),
+                reason: e.reason.clone(),
+            },
+        );
         Ok(pb::ListSetpointHistoryResponse {
             entries,
             next_page_token,
