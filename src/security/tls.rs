@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -16,15 +16,13 @@ use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use super::watch::{LoadError, Reloadable};
 use crate::config::{ClientAuth, TlsConfig};
+use crate::listener::{Connection, Listener};
 
 /// Most TLS handshakes in progress at once.
 const MAX_HANDSHAKES: usize = 1024;
-/// Pause after a failed accept, e.g. when out of file descriptors.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// The reloadable server configuration, or `None` when TLS is off.
 pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>, LoadError> {
@@ -95,16 +93,17 @@ pub fn server_config(
 /// configuration current when it was accepted. Failed handshakes (plaintext clients, unknown
 /// client CAs, scanners) are logged at debug level and counted, never passed on.
 pub fn incoming(
-    mut tcp: TcpIncoming,
+    mut listener: Listener,
     tls: Arc<Reloadable<ServerConfig>>,
     handshake_timeout: Duration,
     stop: CancellationToken,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> impl Stream<Item = Result<Connection<TlsStream<TcpStream>>, std::io::Error>> {
     // Handshakes run concurrently, so one slow client cannot hold up the others, but at most
     // MAX_HANDSHAKES at a time: beyond that, new connections wait in the kernel's backlog
     // instead of each costing a task and a socket here (a flood of silent clients).
     let (done, ready) = tokio::sync::mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let limits = listener.limits();
     tokio::spawn(async move {
         loop {
             // Both waits watch `stop`: returning drops the listener, which frees the port.
@@ -115,20 +114,9 @@ pub fn incoming(
                     Err(_) => return,
                 },
             };
-            let accepted = tokio::select! {
+            let (stream, slot) = tokio::select! {
                 _ = stop.cancelled() => return,
-                accepted = tcp.next() => accepted,
-            };
-            let stream = match accepted {
-                Some(Ok(stream)) => stream,
-                Some(Err(e)) => {
-                    // Per-connection errors (reset before accept) and resource exhaustion
-                    // (EMFILE): neither is fatal, and pausing keeps the latter from spinning.
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-                None => return,
+                accepted = listener.accept() => accepted,
             };
             let acceptor = TlsAcceptor::from(tls.current());
             let done = done.clone();
@@ -137,7 +125,7 @@ pub fn incoming(
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = done.send(Ok(stream)).await;
+                        let _ = done.send(Ok(Connection::new(stream, slot, &limits))).await;
                     }
                     Ok(Err(e)) => {
                         metrics::counter!(crate::telemetry::TLS_HANDSHAKE_FAILURES).increment(1);
