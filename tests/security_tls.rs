@@ -1,6 +1,6 @@
 //! TLS and mTLS: listed client certificates are identities and everything else is refused at
-//! the handshake, certificates are reloaded without a restart, silent handshakes time out, and
-//! health stays plaintext on its own port.
+//! the handshake, certificates are reloaded without a restart, silent handshakes time out and
+//! cannot lock clients out, and health stays plaintext on its own port.
 
 mod common;
 
@@ -260,4 +260,42 @@ async fn tls_certificates_are_reloaded_and_silent_handshakes_time_out() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_served_while_1100_silent_sockets_sit_on_the_tls_port() {
+    const SILENT: usize = 1100;
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let (_dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &client_ca, ClientAuth::Required);
+        // Longer than the test: the silent sockets sit through it, none timed out.
+        config.tls.tls_handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT / 100 {
+        let batch = (0..100).map(|_| tokio::net::TcpStream::connect(app.addr));
+        for socket in futures::future::join_all(batch).await {
+            silent.push(socket.expect("connect"));
+        }
+    }
+
+    let gateway = client_ca.client("gateway-7");
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        let channel = tls_channel(&app, &server_ca, Some(&gateway)).await?;
+        Ok::<_, tonic::transport::Error>(get_north(&channel, None).await)
+    })
+    .await;
+    assert!(
+        matches!(served, Ok(Ok(Code::NotFound))),
+        "connected and answered within 5 s: {served:?}"
+    );
+    let open = silent.iter().filter(|s| still_open(s)).count();
+    assert_eq!(open, SILENT, "the flood was still there");
+}
+
+/// Whether the server has not closed `socket` (it sends nothing before the client's hello).
+fn still_open(socket: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    matches!(socket.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

@@ -21,9 +21,6 @@ use super::watch::{LoadError, Reloadable};
 use crate::config::{ClientAuth, TlsConfig};
 use crate::listener::{Connection, Listener};
 
-/// Most TLS handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 1024;
-
 /// The reloadable server configuration, or `None` when TLS is off.
 pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>, LoadError> {
     let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
@@ -98,22 +95,14 @@ pub fn incoming(
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) -> impl Stream<Item = Result<Connection<TlsStream<TcpStream>>, std::io::Error>> {
-    // Handshakes run concurrently, so one slow client cannot hold up the others, but at most
-    // MAX_HANDSHAKES at a time: beyond that, new connections wait in the kernel's backlog
-    // instead of each costing a task and a socket here (a flood of silent clients).
+    // Each handshake runs in a task of its own, after the accept and within the port's
+    // connection cap: silent clients hold a slot each until the handshake timeout, but never
+    // stop the accept loop, so the next client is accepted while they wait.
     let (done, ready) = tokio::sync::mpsc::channel(64);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let limits = listener.limits();
     tokio::spawn(async move {
         loop {
-            // Both waits watch `stop`: returning drops the listener, which frees the port.
-            let permit = tokio::select! {
-                _ = stop.cancelled() => return,
-                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
+            // Returning drops the listener, which frees the port.
             let (stream, slot) = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => accepted,
@@ -121,7 +110,6 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(tls.current());
             let done = done.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
