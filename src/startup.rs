@@ -65,7 +65,7 @@ pub struct Application {
     health_addr: SocketAddr,
     admin: Listener,
     auth: Authenticator,
-    tls: Option<Arc<Reloadable<tokio_rustls::rustls::ServerConfig>>>,
+    tls: Option<Arc<Reloadable<security::tls::TlsServer>>>,
     control: ControlHandle,
     /// The application services (behind authentication), health and reflection.
     api: Routes,
@@ -106,8 +106,8 @@ impl Application {
         crate::telemetry::metrics();
         // Credentials first: a misconfigured security setup should fail in a second, not after
         // the migrations and the command-topic replay.
-        let auth = Authenticator::load(&config.auth, &config.tls, &stop)?;
         let tls = security::tls::load(&config.tls).map_err(StartupError::Tls)?;
+        let auth = Authenticator::load(&config.auth, &config.tls, tls.clone(), &stop)?;
         if let Some(tls) = &tls {
             Arc::clone(tls).watch(config.auth.credentials_reload_interval, stop.clone());
         }

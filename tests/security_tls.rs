@@ -1,11 +1,12 @@
 //! TLS and mTLS: listed client certificates are identities and everything else is refused at
 //! the handshake, certificates are reloaded without a restart, silent handshakes time out and
-//! cannot lock clients out, and health stays plaintext on its own port.
+//! cannot lock clients out, a client certificate is checked again on every call (a rotated
+//! client CA or an expiry reaches open connections), and health stays plaintext on its own port.
 
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::security::{
     self as creds, authorized, code, secure_app, static_entries, Ca, StaticEntry,
@@ -13,7 +14,9 @@ use common::security::{
 use common::{eventually, grpcurl, put, setpoint, TestApp};
 use thermostat::config::{ClientAuth, ServeConfig};
 use thermostat::proto::v1 as pb;
+use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
 use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request};
 
@@ -298,4 +301,77 @@ async fn a_client_is_served_while_1100_silent_sockets_sit_on_the_tls_port() {
 fn still_open(socket: &tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 16];
     matches!(socket.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_refuses_the_next_call_on_an_open_connection() {
+    let (server_ca, old_ca, new_ca) = (
+        Ca::new("server CA"),
+        Ca::new("old client CA"),
+        Ca::new("new client CA"),
+    );
+    let (dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &old_ca, ClientAuth::Required);
+    })
+    .await;
+    let channel = tls_channel(&app, &server_ca, Some(&old_ca.client("gateway-7")))
+        .await
+        .expect("mTLS connects");
+    assert_eq!(get_north(&channel, None).await, Code::NotFound);
+    let mut subscription = HeaterControlServiceClient::new(channel.clone())
+        .subscribe_heater_commands(Request::new(pb::SubscribeHeaterCommandsRequest::default()))
+        .await
+        .expect("subscribes")
+        .into_inner();
+
+    creds::write(dir.path(), "client-ca.pem", &new_ca.pem());
+    let rotated = eventually(Duration::from_secs(10), || async {
+        match tls_channel(&app, &server_ca, Some(&new_ca.client("gateway-7"))).await {
+            Ok(channel) => get_north(&channel, None).await == Code::NotFound,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(rotated, "the new client CA is in use");
+
+    // The same connection, its handshake made with the old CA's certificate.
+    assert_eq!(get_north(&channel, None).await, Code::Unauthenticated);
+    assert_eq!(
+        get_north(&channel, Some("t-viewer-north")).await,
+        Code::Unauthenticated,
+        "a token does not make up for a certificate that no longer verifies"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("the subscription ends");
+    assert!(
+        matches!(&ended, Some(Err(status)) if status.code() == Code::Unauthenticated),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_that_expires_during_a_connection_is_refused_on_the_next_call() {
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let (_dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &client_ca, ClientAuth::Required);
+    })
+    .await;
+    // Time enough to connect and call while it is valid, even on a busy machine.
+    let expires = SystemTime::now() + Duration::from_secs(5);
+    let gateway = client_ca.client_until("gateway-7", expires);
+    let channel = tls_channel(&app, &server_ca, Some(&gateway))
+        .await
+        .expect("valid at connect");
+    assert_eq!(get_north(&channel, None).await, Code::NotFound);
+
+    // Past its last valid second, on the same connection.
+    let expired = expires + Duration::from_secs(2);
+    tokio::time::sleep(
+        expired
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    assert_eq!(get_north(&channel, None).await, Code::Unauthenticated);
 }
