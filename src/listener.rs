@@ -94,8 +94,14 @@ impl Listener {
                     // Out of descriptors (EMFILE) or a connection reset before its accept:
                     // neither is fatal, and the growing pause keeps the first from spinning.
                     failures += 1;
-                    if failures == 1 {
+                    let one_client = matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                    );
+                    if failures == 1 && !one_client {
                         tracing::warn!(port = self.name, error = %e, "accept failed; pausing");
+                    } else {
+                        tracing::debug!(port = self.name, error = %e, "accept failed");
                     }
                     tokio::time::sleep(accept_pause(failures)).await;
                 }
