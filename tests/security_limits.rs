@@ -8,10 +8,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::security::{authorized, code, put_as, secure_app};
-use common::{eventually, http_get, put, setpoint};
+use common::{closed_within, eventually, http_get, put, setpoint, still_open};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -139,31 +138,6 @@ async fn a_client_deadline_ends_the_call_at_the_deadline() {
         "{status:?}"
     );
     assert!(took < Duration::from_secs(2), "answered after {took:?}");
-}
-
-/// Whether the server closes `socket` within `deadline`, whatever it sent before.
-async fn closed_within(socket: &mut TcpStream, deadline: Duration) -> bool {
-    let mut buf = [0u8; 256];
-    let closed = async {
-        while let Ok(read) = socket.read(&mut buf).await {
-            if read == 0 {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(deadline, closed).await.is_ok()
-}
-
-/// Whether the server has not closed `socket` (yet).
-fn still_open(socket: &TcpStream) -> bool {
-    let mut buf = [0u8; 256];
-    loop {
-        match socket.try_read(&mut buf) {
-            Ok(0) => return false,
-            Ok(_) => continue,
-            Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
-        }
-    }
 }
 
 /// `cap` silent connections to `addr` hold every slot: one more is closed at once, while they

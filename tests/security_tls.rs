@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::security::{
     self as creds, authorized, code, secure_app, static_entries, Ca, StaticEntry,
 };
-use common::{eventually, grpcurl, put, setpoint, TestApp};
+use common::{eventually, grpcurl, put, setpoint, still_open, TestApp};
 use thermostat::config::{ClientAuth, ServeConfig};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
@@ -295,12 +295,6 @@ async fn a_client_is_served_while_1100_silent_sockets_sit_on_the_tls_port() {
     );
     let open = silent.iter().filter(|s| still_open(s)).count();
     assert_eq!(open, SILENT, "the flood was still there");
-}
-
-/// Whether the server has not closed `socket` (it sends nothing before the client's hello).
-fn still_open(socket: &tokio::net::TcpStream) -> bool {
-    let mut buf = [0u8; 16];
-    matches!(socket.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
