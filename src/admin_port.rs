@@ -2,16 +2,17 @@
 //! it exposes nothing that changes state.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::{Connection, Listener};
 use crate::telemetry;
 
 async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -38,22 +39,21 @@ async fn handle(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
     Ok(response)
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
+/// Serves until `shutdown`. A client gets `header_timeout` for each request's headers, and for
+/// the wait between kept-alive requests (hyper starts the clock when it starts reading).
+pub async fn serve(mut listener: Listener, header_timeout: Duration, shutdown: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, slot) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
         };
+        let stream = Connection::new(stream, slot, &listener.limits());
         tokio::spawn(async move {
-            let connection =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service_fn(handle));
+            let mut http = http1::Builder::new();
+            // hyper enforces the header timeout only with a timer.
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = http.serve_connection(TokioIo::new(stream), service_fn(handle));
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "admin connection");
             }

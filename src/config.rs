@@ -287,6 +287,33 @@ pub struct LimitsConfig {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub http2_keepalive_timeout: Duration,
+    /// Most open connections on the gRPC port, TLS handshakes included; a connection beyond
+    /// it is closed as soon as it is accepted. Keep the process's file-descriptor limit above
+    /// the three caps together plus the database and broker connections.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// The same for the plaintext health port.
+    #[arg(long, env = "HEALTH_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_max_connections: u32,
+    /// The same for the admin HTTP port.
+    #[arg(long, env = "ADMIN_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admin_max_connections: u32,
+    /// How long a new connection may take to send the HTTP/2 preface (on the TLS port, after
+    /// its handshake); on the admin port, how long each request's headers may take, and how
+    /// long a kept-alive connection may wait for its next request.
+    #[arg(long, env = "CONNECTION_PREFACE_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub connection_preface_timeout: Duration,
+    /// Idle time before TCP keepalive probes start, and between probes, on every port.
+    #[arg(long, env = "TCP_KEEPALIVE", default_value = "1m", value_parser = positive_duration)]
+    pub tcp_keepalive: Duration,
+    /// Age at which a gRPC connection is asked to close (GOAWAY): the client reconnects, with a
+    /// new handshake against the current certificates.
+    #[arg(long, env = "MAX_CONNECTION_AGE", default_value = "30m", value_parser = positive_duration)]
+    pub max_connection_age: Duration,
+    /// How long calls still open at `MAX_CONNECTION_AGE` may go on before the connection is
+    /// cut; a subscription still open then ends with a transport error.
+    #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -482,6 +509,9 @@ mod tests {
             "--request-timeout",
             "--http2-keepalive-interval",
             "--http2-keepalive-timeout",
+            "--connection-preface-timeout",
+            "--tcp-keepalive",
+            "--max-connection-age",
             "--health-check-interval",
         ] {
             let parse = |value| parse(&[flag, value]);
@@ -495,6 +525,20 @@ mod tests {
         // Zero stays a valid wait or linger.
         let zero = parse(&["--kafka-linger", "0s"]);
         assert!(zero.is_ok());
+    }
+
+    #[test]
+    fn connection_caps_must_not_be_zero() {
+        for flag in [
+            "--max-connections",
+            "--health-max-connections",
+            "--admin-max-connections",
+        ] {
+            assert!(parse(&[flag, "0"]).is_err(), "{flag} 0");
+            assert!(parse(&[flag, "1"]).is_ok(), "{flag} 1");
+        }
+        // A grace of zero cuts the connection at its age.
+        assert!(parse(&["--max-connection-age-grace", "0s"]).is_ok());
     }
 
     #[test]

@@ -7,7 +7,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -18,6 +17,7 @@ use crate::api::metrics_layer::GrpcMetricsLayer;
 use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
 use crate::config::{LimitsConfig, ServeConfig};
 use crate::error::error_chain;
+use crate::listener::{ConnectionLimits, Listener};
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
@@ -59,13 +59,13 @@ pub enum StartupError {
 pub struct Application {
     config: ServeConfig,
     store: Store,
-    incoming: TcpIncoming,
+    listener: Listener,
     local_addr: SocketAddr,
-    health_incoming: TcpIncoming,
+    health_listener: Listener,
     health_addr: SocketAddr,
-    admin: tokio::net::TcpListener,
+    admin: Listener,
     auth: Authenticator,
-    tls: Option<Arc<Reloadable<tokio_rustls::rustls::ServerConfig>>>,
+    tls: Option<Arc<Reloadable<security::tls::TlsServer>>>,
     control: ControlHandle,
     /// The application services (behind authentication), health and reflection.
     api: Routes,
@@ -106,8 +106,8 @@ impl Application {
         crate::telemetry::metrics();
         // Credentials first: a misconfigured security setup should fail in a second, not after
         // the migrations and the command-topic replay.
-        let auth = Authenticator::load(&config.auth, &config.tls, &stop)?;
         let tls = security::tls::load(&config.tls).map_err(StartupError::Tls)?;
+        let auth = Authenticator::load(&config.auth, &config.tls, tls.clone(), &stop)?;
         if let Some(tls) = &tls {
             Arc::clone(tls).watch(config.auth.credentials_reload_interval, stop.clone());
         }
@@ -129,30 +129,25 @@ impl Application {
                 return Err(e.into());
             }
         };
-        let bind_error = |source| StartupError::Bind {
-            addr: config.grpc_addr,
-            source,
+        let limits = &config.limits;
+        let (listener, local_addr) = bind(
+            config.grpc_addr,
+            "grpc",
+            grpc_limits(limits, limits.max_connections),
+        )?;
+        let (health_listener, health_addr) = bind(
+            config.health_addr,
+            "health",
+            grpc_limits(limits, limits.health_max_connections),
+        )?;
+        // HTTP/1: hyper's header timeout stands for the preface's, and no call lives long.
+        let admin_limits = ConnectionLimits {
+            max_connections: limits.admin_max_connections as usize,
+            tcp_keepalive: limits.tcp_keepalive,
+            preface_timeout: None,
+            lifetime: None,
         };
-        // TCP_NODELAY, as tonic's own `serve(addr)` sets it: without it the kernel may hold a
-        // response's last frames until the client acknowledges the first (Nagle).
-        let incoming = TcpIncoming::bind(config.grpc_addr)
-            .map_err(bind_error)?
-            .with_nodelay(Some(true));
-        let local_addr = incoming.local_addr().map_err(bind_error)?;
-        let health_bind_error = |source| StartupError::Bind {
-            addr: config.health_addr,
-            source,
-        };
-        let health_incoming = TcpIncoming::bind(config.health_addr)
-            .map_err(health_bind_error)?
-            .with_nodelay(Some(true));
-        let health_addr = health_incoming.local_addr().map_err(health_bind_error)?;
-        let admin = tokio::net::TcpListener::bind(config.admin_addr)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.admin_addr,
-                source,
-            })?;
+        let (admin, _) = bind(config.admin_addr, "admin", admin_limits)?;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let api = api_routes(&config, &store, &control, &auth, &stop)?
             .add_service(health_service.clone());
@@ -162,9 +157,9 @@ impl Application {
             reporter,
             config,
             store,
-            incoming,
+            listener,
             local_addr,
-            health_incoming,
+            health_listener,
             health_addr,
             admin,
             auth,
@@ -208,9 +203,9 @@ impl Application {
         let Self {
             config,
             store,
-            incoming,
+            listener,
             local_addr,
-            health_incoming,
+            health_listener,
             health_addr,
             admin,
             auth,
@@ -245,17 +240,19 @@ impl Application {
         let server: ServerFuture = match tls {
             Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
                 security::tls::incoming(
-                    incoming,
+                    listener,
                     tls,
                     config.tls.tls_handshake_timeout,
                     stop.clone(),
                 ),
                 stop_accepting,
             )),
-            None => Box::pin(router.serve_with_incoming_shutdown(incoming, stop_accepting)),
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(listener.into_stream(), stop_accepting),
+            ),
         };
         tracing::info!(addr = %local_addr, "serving gRPC");
-        spawn_health_port(&mut tasks, &config.limits, health, health_incoming, &stop);
+        spawn_health_port(&mut tasks, &config.limits, health, health_listener, &stop);
         tracing::info!(addr = %health_addr, "serving gRPC health");
 
         let mut server = std::pin::pin!(server);
@@ -332,7 +329,7 @@ fn spawn_upkeep(
     reporter: &HealthReporter,
     store: Store,
     control: &ControlHandle,
-    admin: tokio::net::TcpListener,
+    admin: Listener,
     config: &ServeConfig,
     stop: &CancellationToken,
 ) {
@@ -346,9 +343,9 @@ fn spawn_upkeep(
         health::monitor(reporter, store, control, interval, monitor_stop).await;
         Ok(())
     });
-    let admin_stop = stop.clone();
+    let (admin_stop, header_timeout) = (stop.clone(), config.limits.connection_preface_timeout);
     tasks.spawn(async move {
-        crate::admin_port::serve(admin, admin_stop).await;
+        crate::admin_port::serve(admin, header_timeout, admin_stop).await;
         Ok(())
     });
     let upkeep_stop = stop.clone();
@@ -364,13 +361,16 @@ fn spawn_health_port(
     tasks: &mut JoinSet<Result<(), StreamError>>,
     limits: &LimitsConfig,
     health: Routes,
-    incoming: TcpIncoming,
+    listener: Listener,
     stop: &CancellationToken,
 ) {
     let stop = stop.clone();
     let server = server_builder(limits)
         .add_routes(health)
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+        .serve_with_incoming_shutdown(
+            listener.into_stream(),
+            async move { stop.cancelled().await },
+        );
     tasks.spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %error_chain(&e), "health server failed");
@@ -427,7 +427,34 @@ fn server_builder(limits: &LimitsConfig) -> Server {
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
         .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
         .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_connection_age(limits.max_connection_age)
         .timeout(limits.request_timeout)
+}
+
+/// The bounds of a gRPC port's connections. tonic sends GOAWAY at `MAX_CONNECTION_AGE`; its own
+/// grace option would replace that GOAWAY by a plain cut, so the cut after the grace is ours.
+fn grpc_limits(limits: &LimitsConfig, max_connections: u32) -> ConnectionLimits {
+    ConnectionLimits {
+        max_connections: max_connections as usize,
+        tcp_keepalive: limits.tcp_keepalive,
+        preface_timeout: Some(limits.connection_preface_timeout),
+        lifetime: Some(
+            limits
+                .max_connection_age
+                .saturating_add(limits.max_connection_age_grace),
+        ),
+    }
+}
+
+fn bind(
+    addr: SocketAddr,
+    name: &'static str,
+    limits: ConnectionLimits,
+) -> Result<(Listener, SocketAddr), StartupError> {
+    let bind_error = |source| StartupError::Bind { addr, source };
+    let listener = Listener::bind(addr, name, limits).map_err(bind_error)?;
+    let local_addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local_addr))
 }
 
 /// Says at start how callers are authenticated; loudly when they are not.

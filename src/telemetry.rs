@@ -37,6 +37,7 @@ pub const SETPOINT_WRITES: &str = "thermostat_setpoint_writes_total";
 pub const SETPOINT_WRITE_STATEMENTS: &str = "thermostat_setpoint_write_statements_total";
 pub const SETPOINT_WRITES_WAITING: &str = "thermostat_setpoint_writes_waiting";
 pub const TLS_HANDSHAKE_FAILURES: &str = "thermostat_tls_handshake_failures_total";
+pub const CONNECTIONS_REFUSED: &str = "thermostat_connections_refused_total";
 pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
 pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
 pub const CREDENTIALS_STALE: &str = "thermostat_credentials_stale";
@@ -84,6 +85,10 @@ fn describe() {
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes that failed or timed out on the gRPC port"
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed as soon as accepted because their port was at its cap, by port"
     );
     describe_counter!(
         AUTH_FAILURES,

@@ -1,14 +1,18 @@
-//! Limits: writes and subscriptions are limited per identity, and a client's deadline ends its
-//! call at the deadline.
+//! Limits: writes and subscriptions are limited per identity, a client's deadline ends its
+//! call at the deadline, each port caps its connections and closes silent ones, and a
+//! connection lives no longer than its maximum age and grace.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::security::{self as creds, authorized, code, keys, put_as, secure_app};
-use common::{eventually, put, setpoint};
+use common::{closed_within, eventually, http_get, put, setpoint, still_open};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
+use tokio::net::TcpStream;
+use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -179,4 +183,110 @@ async fn a_client_deadline_ends_the_call_at_the_deadline() {
         "{status:?}"
     );
     assert!(took < Duration::from_secs(2), "answered after {took:?}");
+}
+
+/// `cap` silent connections to `addr` hold every slot: one more is closed at once, while they
+/// stay open until the preface (or header) timeout closes them too.
+async fn cap_holds_and_silent_connections_close(port: &str, addr: SocketAddr, cap: usize) {
+    let mut silent = Vec::new();
+    for _ in 0..cap {
+        silent.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Accepted in order, so the slots are the earlier sockets'.
+    let mut extra = TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(10)).await,
+        "{port}: a connection beyond the cap is closed"
+    );
+    assert!(
+        silent.iter().all(still_open),
+        "{port}: the connections within the cap stay until their timeout"
+    );
+    for socket in &mut silent {
+        assert!(
+            closed_within(socket, Duration::from_secs(20)).await,
+            "{port}: a silent connection is closed after the preface timeout"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_port_caps_its_connections_and_closes_silent_ones() {
+    const CAP: u32 = 4;
+    let (_dir, app) = secure_app(|config, _| {
+        config.limits.max_connections = CAP;
+        config.limits.health_max_connections = CAP;
+        config.limits.admin_max_connections = CAP;
+        // Long enough for the extra connection to be refused while the others still wait.
+        config.limits.connection_preface_timeout = Duration::from_secs(5);
+    })
+    .await;
+    futures::future::join_all([
+        cap_holds_and_silent_connections_close("gRPC", app.addr, CAP as usize),
+        cap_holds_and_silent_connections_close("health", app.health_addr, CAP as usize),
+        cap_holds_and_silent_connections_close("admin", app.admin, CAP as usize),
+    ])
+    .await;
+
+    // Their slots are free again: every port serves.
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", app.health_addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("health port"),
+    )
+    .check(tonic_health::pb::HealthCheckRequest::default())
+    .await;
+    assert!(health.is_ok(), "{health:?}");
+    assert_eq!(http_get(app.admin, "/livez").await.0, 200);
+    let mut client = app.setpoints().await;
+    let got = client
+        .get_setpoint(authorized(
+            pb::GetSetpointRequest {
+                sensor_id: "north/room-1".into(),
+            },
+            Some("t-viewer-north"),
+        ))
+        .await;
+    assert_eq!(code(&got), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_at_its_maximum_age_and_grace_and_the_client_reconnects() {
+    let (_dir, app) = secure_app(|config, _| {
+        config.limits.max_connection_age = Duration::from_secs(1);
+        config.limits.max_connection_age_grace = Duration::from_secs(1);
+    })
+    .await;
+    let mut heaters = app.heaters().await;
+    // A subscription never ends by itself: only the cut after the grace ends it.
+    let mut stream = heaters
+        .subscribe_heater_commands(authorized(
+            pb::SubscribeHeaterCommandsRequest::default(),
+            Some("t-viewer-north"),
+        ))
+        .await
+        .expect("subscribes")
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
+    // A transport error: the connection is cut, so no status comes from the server.
+    assert!(
+        matches!(ended, Ok(Some(Err(_)))),
+        "the stream ends with an error at the connection's end: {ended:?}"
+    );
+    // The same client goes on, on a new connection (a call sent while the channel still held
+    // the cut one fails at once, as tonic does not retry it itself).
+    let resubscribed = eventually(Duration::from_secs(10), || {
+        let mut heaters = heaters.clone();
+        async move {
+            let request = authorized(
+                pb::SubscribeHeaterCommandsRequest::default(),
+                Some("t-viewer-north"),
+            );
+            heaters.subscribe_heater_commands(request).await.is_ok()
+        }
+    })
+    .await;
+    assert!(resubscribed, "the client reconnects");
 }

@@ -1,19 +1,22 @@
 //! TLS and mTLS: listed client certificates are identities and everything else is refused at
-//! the handshake, certificates are reloaded without a restart, silent handshakes time out, and
-//! health stays plaintext on its own port.
+//! the handshake, certificates are reloaded without a restart, silent handshakes time out and
+//! cannot lock clients out, a client certificate is checked again on every call (a rotated
+//! client CA or an expiry reaches open connections), and health stays plaintext on its own port.
 
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::security::{
     self as creds, authorized, code, secure_app, static_entries, Ca, StaticEntry,
 };
-use common::{eventually, grpcurl, put, setpoint, TestApp};
+use common::{eventually, grpcurl, put, setpoint, still_open, TestApp};
 use thermostat::config::{ClientAuth, ServeConfig};
 use thermostat::proto::v1 as pb;
+use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
 use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
+use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request};
 
@@ -308,4 +311,109 @@ async fn required_client_certificates_without_a_client_ca_refuse_to_start() {
         get_north(&channel, Some("t-viewer-north")).await,
         Code::NotFound
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_is_served_while_1100_silent_sockets_sit_on_the_tls_port() {
+    const SILENT: usize = 1100;
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let (_dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &client_ca, ClientAuth::Required);
+        // Longer than the test: the silent sockets sit through it, none timed out.
+        config.tls.tls_handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT / 100 {
+        let batch = (0..100).map(|_| tokio::net::TcpStream::connect(app.addr));
+        for socket in futures::future::join_all(batch).await {
+            silent.push(socket.expect("connect"));
+        }
+    }
+
+    let gateway = client_ca.client("gateway-7");
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        let channel = tls_channel(&app, &server_ca, Some(&gateway)).await?;
+        Ok::<_, tonic::transport::Error>(get_north(&channel, None).await)
+    })
+    .await;
+    assert!(
+        matches!(served, Ok(Ok(Code::NotFound))),
+        "connected and answered within 5 s: {served:?}"
+    );
+    let open = silent.iter().filter(|s| still_open(s)).count();
+    assert_eq!(open, SILENT, "the flood was still there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_client_ca_refuses_the_next_call_on_an_open_connection() {
+    let (server_ca, old_ca, new_ca) = (
+        Ca::new("server CA"),
+        Ca::new("old client CA"),
+        Ca::new("new client CA"),
+    );
+    let (dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &old_ca, ClientAuth::Required);
+    })
+    .await;
+    let channel = tls_channel(&app, &server_ca, Some(&old_ca.client("gateway-7")))
+        .await
+        .expect("mTLS connects");
+    assert_eq!(get_north(&channel, None).await, Code::NotFound);
+    let mut subscription = HeaterControlServiceClient::new(channel.clone())
+        .subscribe_heater_commands(Request::new(pb::SubscribeHeaterCommandsRequest::default()))
+        .await
+        .expect("subscribes")
+        .into_inner();
+
+    creds::write(dir.path(), "client-ca.pem", &new_ca.pem());
+    let rotated = eventually(Duration::from_secs(10), || async {
+        match tls_channel(&app, &server_ca, Some(&new_ca.client("gateway-7"))).await {
+            Ok(channel) => get_north(&channel, None).await == Code::NotFound,
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(rotated, "the new client CA is in use");
+
+    // The same connection, its handshake made with the old CA's certificate.
+    assert_eq!(get_north(&channel, None).await, Code::Unauthenticated);
+    assert_eq!(
+        get_north(&channel, Some("t-viewer-north")).await,
+        Code::Unauthenticated,
+        "a token does not make up for a certificate that no longer verifies"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("the subscription ends");
+    assert!(
+        matches!(&ended, Some(Err(status)) if status.code() == Code::Unauthenticated),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_that_expires_during_a_connection_is_refused_on_the_next_call() {
+    let (server_ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let (_dir, app) = secure_app(|config, dir| {
+        tls_config(config, dir, &server_ca, &client_ca, ClientAuth::Required);
+    })
+    .await;
+    // Time enough to connect and call while it is valid, even on a busy machine.
+    let expires = SystemTime::now() + Duration::from_secs(5);
+    let gateway = client_ca.client_until("gateway-7", expires);
+    let channel = tls_channel(&app, &server_ca, Some(&gateway))
+        .await
+        .expect("valid at connect");
+    assert_eq!(get_north(&channel, None).await, Code::NotFound);
+
+    // Past its last valid second, on the same connection.
+    let expired = expires + Duration::from_secs(2);
+    tokio::time::sleep(
+        expired
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+    )
+    .await;
+    assert_eq!(get_north(&channel, None).await, Code::Unauthenticated);
 }

@@ -23,6 +23,8 @@ use watch::{LoadError, Reloadable};
 #[derive(Clone)]
 pub struct Authenticator {
     inner: Arc<Mode>,
+    /// The TLS files in use, against whose client CA a connection's certificate is checked.
+    tls: Option<Arc<Reloadable<tls::TlsServer>>>,
 }
 
 enum Mode {
@@ -54,9 +56,11 @@ pub enum SetupError {
 
 impl Authenticator {
     /// Loads the configured key set and static identities and starts watching them for changes.
+    /// `tls_server` is the gRPC port's TLS, whose client CA certificates are checked against.
     pub fn load(
         config: &AuthConfig,
         tls: &TlsConfig,
+        tls_server: Option<Arc<Reloadable<tls::TlsServer>>>,
         stop: &CancellationToken,
     ) -> Result<Self, SetupError> {
         if tls.tls_client_auth == Some(ClientAuth::Required) && tls.tls_client_ca_file.is_none() {
@@ -69,6 +73,7 @@ impl Authenticator {
             }
             return Ok(Self {
                 inner: Arc::new(Mode::Disabled),
+                tls: tls_server,
             });
         }
         if !configured {
@@ -122,6 +127,7 @@ impl Authenticator {
         };
         Ok(Self {
             inner: Arc::new(Mode::Enabled { jwt, statics }),
+            tls: tls_server,
         })
     }
 
@@ -129,14 +135,22 @@ impl Authenticator {
         matches!(*self.inner, Mode::Disabled)
     }
 
-    /// The identity of a call from its metadata and the verified client certificate chain. A
-    /// bearer token, when sent, decides alone: a bad token is refused even with a good
-    /// certificate, so a caller never silently acts as someone other than it asked to be.
+    /// The identity of a call from its metadata and the connection's client certificate chain.
+    /// The chain is verified again, against the current client CA and clock: the handshake's
+    /// verdict does not outlive a CA rotation or the certificate's expiry. A bearer token, when
+    /// sent, decides alone: a bad token is refused even with a good certificate, so a caller
+    /// never silently acts as someone other than it asked to be.
     pub fn authenticate(
         &self,
         metadata: &MetadataMap,
         peer_certs: Option<&[CertificateDer<'_>]>,
     ) -> Result<Identity, Error> {
+        if let (Some(tls), Some(chain)) = (&self.tls, peer_certs) {
+            // Also under a token: the connection itself would no longer be accepted.
+            tls.current().verify_client(chain).map_err(|e| {
+                Error::Unauthenticated(format!("client certificate no longer verifies: {e}"))
+            })?;
+        }
         let (jwt, statics) = match &*self.inner {
             Mode::Disabled => return Ok(anonymous_admin()),
             Mode::Enabled { jwt, statics } => (jwt, statics),

@@ -1,5 +1,6 @@
 //! TLS on the gRPC port: a rustls server configuration built from PEM files (re-read when they
-//! change, see [`Reloadable`]), and the accept loop that hands finished handshakes to tonic.
+//! change, see [`Reloadable`]), the check of a connection's client certificate against the
+//! current client CA, and the accept loop that hands finished handshakes to tonic.
 //!
 //! tonic's own `ServerTlsConfig` reads the certificate once; doing the handshake here lets
 //! every new connection use the newest certificate, and bounds how long a handshake may take.
@@ -7,27 +8,49 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use super::watch::{LoadError, Reloadable};
 use crate::config::{ClientAuth, TlsConfig};
+use crate::listener::{Connection, Listener};
 
-/// Most TLS handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 1024;
-/// Pause after a failed accept, e.g. when out of file descriptors.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// The rustls configuration of the TLS files, and its client-certificate verifier kept apart:
+/// rustls does not expose it, and calls on open connections are checked against it.
+pub struct TlsServer {
+    config: Arc<ServerConfig>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl TlsServer {
+    pub fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.config)
+    }
+
+    /// Whether a handshake now would accept `chain` (end entity first): signed by the current
+    /// client CA, and valid at this moment.
+    pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+        let (Some(verifier), Some((leaf, intermediates))) =
+            (&self.client_verifier, chain.split_first())
+        else {
+            return Ok(());
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
+    }
+}
 
 /// The reloadable server configuration, or `None` when TLS is off.
-pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>, LoadError> {
+pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<TlsServer>>>, LoadError> {
     let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) else {
         return Ok(None);
     };
@@ -35,7 +58,7 @@ pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>,
     paths.extend(config.tls_client_ca_file.clone());
     let client_auth = config.client_auth();
     Reloadable::load("TLS certificate", paths, move |files| {
-        server_config(
+        tls_server(
             &files[0],
             &files[1],
             files.get(2).map(Vec::as_slice),
@@ -46,12 +69,12 @@ pub fn load(config: &TlsConfig) -> Result<Option<Arc<Reloadable<ServerConfig>>>,
 }
 
 /// A rustls configuration for gRPC (HTTP/2 by ALPN) from PEM bytes.
-pub fn server_config(
+pub fn tls_server(
     cert_chain: &[u8],
     key: &[u8],
     client_ca: Option<&[u8]>,
     client_auth: ClientAuth,
-) -> Result<ServerConfig, String> {
+) -> Result<TlsServer, String> {
     let certs = CertificateDer::pem_slice_iter(cert_chain)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate: {e}"))?;
@@ -63,8 +86,8 @@ pub fn server_config(
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
+    let (builder, client_verifier) = match client_ca {
+        None => (builder.with_no_client_auth(), None),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(ca) {
@@ -81,63 +104,51 @@ pub fn server_config(
                 ClientAuth::Required => verifier,
                 ClientAuth::Optional => verifier.allow_unauthenticated(),
             };
-            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+            let verifier = verifier.build().map_err(|e| e.to_string())?;
+            (
+                builder.with_client_cert_verifier(Arc::clone(&verifier)),
+                Some(verifier),
+            )
         }
     };
     let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok(TlsServer {
+        config: Arc::new(config),
+        client_verifier,
+    })
 }
 
 /// Connections that completed a TLS handshake within `handshake_timeout`, each with the
 /// configuration current when it was accepted. Failed handshakes (plaintext clients, unknown
 /// client CAs, scanners) are logged at debug level and counted, never passed on.
 pub fn incoming(
-    mut tcp: TcpIncoming,
-    tls: Arc<Reloadable<ServerConfig>>,
+    mut listener: Listener,
+    tls: Arc<Reloadable<TlsServer>>,
     handshake_timeout: Duration,
     stop: CancellationToken,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
-    // Handshakes run concurrently, so one slow client cannot hold up the others, but at most
-    // MAX_HANDSHAKES at a time: beyond that, new connections wait in the kernel's backlog
-    // instead of each costing a task and a socket here (a flood of silent clients).
+) -> impl Stream<Item = Result<Connection<TlsStream<TcpStream>>, std::io::Error>> {
+    // Each handshake runs in a task of its own, after the accept and within the port's
+    // connection cap: silent clients hold a slot each until the handshake timeout, but never
+    // stop the accept loop, so the next client is accepted while they wait.
     let (done, ready) = tokio::sync::mpsc::channel(64);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let limits = listener.limits();
     tokio::spawn(async move {
         loop {
-            // Both waits watch `stop`: returning drops the listener, which frees the port.
-            let permit = tokio::select! {
+            // Returning drops the listener, which frees the port.
+            let (stream, slot) = tokio::select! {
                 _ = stop.cancelled() => return,
-                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
+                accepted = listener.accept() => accepted,
             };
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                accepted = tcp.next() => accepted,
-            };
-            let stream = match accepted {
-                Some(Ok(stream)) => stream,
-                Some(Err(e)) => {
-                    // Per-connection errors (reset before accept) and resource exhaustion
-                    // (EMFILE): neither is fatal, and pausing keeps the latter from spinning.
-                    tracing::debug!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
-                }
-                None => return,
-            };
-            let acceptor = TlsAcceptor::from(tls.current());
+            let acceptor = TlsAcceptor::from(tls.current().config());
             let done = done.clone();
             tokio::spawn(async move {
-                let _permit = permit;
                 let peer = stream.peer_addr().ok();
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = done.send(Ok(stream)).await;
+                        let _ = done.send(Ok(Connection::new(stream, slot, &limits))).await;
                     }
                     Ok(Err(e)) => {
                         metrics::counter!(crate::telemetry::TLS_HANDSHAKE_FAILURES).increment(1);

@@ -372,6 +372,32 @@ pub fn sample(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Whether the server closes `socket` within `deadline`, whatever it sent before.
+pub async fn closed_within(socket: &mut tokio::net::TcpStream, deadline: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    let closed = async {
+        while let Ok(read) = socket.read(&mut buf).await {
+            if read == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(deadline, closed).await.is_ok()
+}
+
+/// Whether the server has not closed `socket` (yet).
+pub fn still_open(socket: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match socket.try_read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) => return e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    }
+}
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

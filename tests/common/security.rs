@@ -174,10 +174,22 @@ impl Ca {
 
     /// A client certificate whose subject is `CN=<cn>`.
     pub fn client(&self, cn: &str) -> Pem {
+        self.sign(Self::client_params(cn))
+    }
+
+    /// The same, valid until `not_after` (whole seconds).
+    pub fn client_until(&self, cn: &str, not_after: SystemTime) -> Pem {
+        let mut params = Self::client_params(cn);
+        let since_epoch = not_after.duration_since(UNIX_EPOCH).expect("clock");
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+        self.sign(params)
+    }
+
+    fn client_params(cn: &str) -> CertificateParams {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params)
+        params
     }
 
     fn sign(&self, params: CertificateParams) -> Pem {
