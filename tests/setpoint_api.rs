@@ -1157,3 +1157,77 @@ async fn a_put_answered_unavailable_is_never_written_afterwards() {
         "the Put answered UNAVAILABLE was written"
     );
 }
+
+/// Issue 24: pages were cut by row count only, so a page of the documented maximum of 1000
+/// passed `MAX_MESSAGE_SIZE` (64 KiB) and the call failed with OUT_OF_RANGE. Rows of the
+/// longest ids and reasons, written straight to the tables.
+#[tokio::test]
+async fn the_largest_pages_of_the_longest_rows_fit_the_message_limit() {
+    let app = TestApp::spawn().await;
+    let mut db = app.db().await;
+    let reason = "r".repeat(256);
+    // Ids of 128 characters, named under a building of 64.
+    let building = "b".repeat(64);
+    sqlx::query(
+        "INSERT INTO setpoints (sensor_id, building_id, desired_celsius, up_delta_celsius, \
+                                down_delta_celsius, revision, update_time, updated_by, reason) \
+         SELECT $1 || '/' || lpad(n::text, 63, '0'), $1, 21.5, 0.5, 0.5, 1, now(), $2, $3 \
+         FROM generate_series(1, 1000) AS n",
+    )
+    .bind(&building)
+    .bind("u".repeat(128))
+    .bind(&reason)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let sensor = format!("{building}/{}", "0".repeat(63));
+    sqlx::query(
+        "INSERT INTO setpoint_history (sensor_id, revision, building_id, desired_celsius, \
+                                       up_delta_celsius, down_delta_celsius, deleted, \
+                                       change_time, changed_by, reason) \
+         SELECT $1, n, $2, 21.5, 0.5, 0.5, false, now(), $3, $4 \
+         FROM generate_series(1, 1000) AS n",
+    )
+    .bind(&sensor)
+    .bind(&building)
+    .bind("u".repeat(128))
+    .bind(&reason)
+    .execute(&mut db)
+    .await
+    .unwrap();
+
+    let mut client = app.setpoints().await;
+    let (mut listed, mut pages, mut token) = (BTreeSet::new(), 0, String::new());
+    loop {
+        let page = list(&mut client, &building, 1000, &token)
+            .await
+            .expect("a page of the largest size fits");
+        assert!(!page.setpoints.is_empty());
+        pages += 1;
+        listed.extend(page.setpoints.into_iter().map(|s| s.sensor_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!((listed.len(), pages > 1), (1000, true), "{pages} pages");
+
+    let (mut revisions, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_setpoint_history(pb::ListSetpointHistoryRequest {
+                sensor_id: sensor.clone(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .expect("a history page of the largest size fits")
+            .into_inner();
+        revisions.extend(page.entries.iter().map(|e| e.revision));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(revisions, (1..=1000).rev().collect::<Vec<i64>>());
+}
