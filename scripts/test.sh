@@ -8,6 +8,7 @@
 #   THERMOSTAT_TEST_GRPCURL  path to a grpcurl binary
 #   THERMOSTAT_TEST_BROKER_PID  the broker's process, for the fault suite
 #   THERMOSTAT_TEST_PG_DIR   the database's directory (scripts/pg.sh), for the fault suite
+#   THERMOSTAT_TEST_PROTOC   protoc, with protoc-gen-go beside it (scripts/codegen-tools.sh)
 # Both servers are stopped and the temp dir removed on any exit.
 set -euo pipefail
 
@@ -40,13 +41,14 @@ find_grpcurl() {
 source scripts/throwaway.sh
 
 THERMOSTAT_TEST_GRPCURL=$(find_grpcurl)
+THERMOSTAT_TEST_PROTOC=$(scripts/codegen-tools.sh)
 scripts/tansu.sh ensure >/dev/null
 THERMOSTAT_TEST_PG_URL=$(scripts/pg.sh start "$tmp/pg")
 THERMOSTAT_TEST_BROKERS=$(scripts/tansu.sh start "$tmp/tansu")
 # For the fault suite, which pauses the broker (tests/chaos.rs).
 THERMOSTAT_TEST_BROKER_PID=$(cat "$tmp/tansu/pid")
 THERMOSTAT_TEST_PG_DIR=$tmp/pg
-export THERMOSTAT_TEST_PG_URL THERMOSTAT_TEST_BROKERS THERMOSTAT_TEST_GRPCURL THERMOSTAT_TEST_BROKER_PID THERMOSTAT_TEST_PG_DIR
+export THERMOSTAT_TEST_PG_URL THERMOSTAT_TEST_BROKERS THERMOSTAT_TEST_GRPCURL THERMOSTAT_TEST_BROKER_PID THERMOSTAT_TEST_PG_DIR THERMOSTAT_TEST_PROTOC
 echo "test.sh: PG=$THERMOSTAT_TEST_PG_URL BROKERS=$THERMOSTAT_TEST_BROKERS GRPCURL=$THERMOSTAT_TEST_GRPCURL" >&2
 
 # The container's build steps, outside Docker (no engine here): a broken image build fails the
