@@ -211,6 +211,26 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     assert_eq!(got["downDeltaCelsius"], 1.0);
     assert_eq!(got["buildingId"], "hq");
 
+    // A bad request's details, decoded through reflection: which field, and why.
+    let refused = common::grpcurl_output(&[
+        "-plaintext",
+        "-d",
+        r#"{"setpoint": {"sensorId": "lobby-1", "buildingId": "hq", "desiredCelsius": 900}}"#,
+        &addr,
+        "thermostat.v1.SetpointService/PutSetpoint",
+    ]);
+    let printed = String::from_utf8_lossy(&refused.stderr).into_owned()
+        + &String::from_utf8_lossy(&refused.stdout);
+    for expected in [
+        "InvalidArgument",
+        "type.googleapis.com/google.rpc.ErrorInfo",
+        "\"reason\":\"INVALID_FIELD\"",
+        "type.googleapis.com/google.rpc.BadRequest",
+        "\"field\":\"setpoint.desired_celsius\"",
+    ] {
+        assert!(printed.contains(expected), "{expected} not in {printed}");
+    }
+
     // As docs/operations.md writes them: the whole server, and the service that needs the broker.
     for request in ["{}", r#"{"service": "thermostat.v1.HeaterControlService"}"#] {
         let health = grpcurl(&[

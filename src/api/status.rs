@@ -1,23 +1,94 @@
 //! The one place that decides which gRPC status each [`Error`] becomes.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::Error;
 use crate::stream::feed::FeedEnd;
 use crate::telemetry::LogSampler;
 
+/// The `domain` of every `google.rpc.ErrorInfo` this service sends (AIP-193).
+pub const ERROR_DOMAIN: &str = "thermostat";
+
+/// After how long a caller may retry a call refused for a passing reason (the database or the
+/// server away, a concurrency limit), when nothing says more precisely.
+const RETRY_SOON: Duration = Duration::from_secs(1);
+
+/// A status with the AIP-193 details every error carries: an `ErrorInfo` (a stable `reason`
+/// a client can switch on, and `metadata`), then whatever else `details` adds.
+fn status(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: &[(&str, String)],
+    details: impl FnOnce(&mut ErrorDetails),
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    let mut all = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    details(&mut all);
+    Status::with_error_details(code, message, all)
+}
+
+fn retry_after(delay: Duration) -> impl FnOnce(&mut ErrorDetails) {
+    move |d| {
+        d.set_retry_info(Some(delay));
+    }
+}
+
+fn nothing(_: &mut ErrorDetails) {}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
+        let message = err.to_string();
         match err {
-            Error::Invalid(e) => Status::invalid_argument(e.to_string()),
-            Error::NotFound { .. } => Status::not_found(err.to_string()),
-            Error::RevisionMismatch { .. } => Status::aborted(err.to_string()),
+            Error::Invalid(e) => {
+                let metadata = [("field", e.field.clone())];
+                let message = e.to_string();
+                status(
+                    Code::InvalidArgument,
+                    message,
+                    "INVALID_FIELD",
+                    &metadata,
+                    |d| {
+                        d.add_bad_request_violation(e.field, e.message);
+                    },
+                )
+            }
+            Error::NotFound { kind, id } => {
+                let metadata = [("kind", kind.to_owned()), ("id", id.clone())];
+                status(Code::NotFound, message, "NOT_FOUND", &metadata, |d| {
+                    d.set_resource_info(kind, id, "", "");
+                })
+            }
+            Error::RevisionMismatch { expected, actual } => {
+                let metadata = [
+                    ("expected_revision", expected.to_string()),
+                    ("current_revision", actual.to_string()),
+                ];
+                status(
+                    Code::Aborted,
+                    message,
+                    "REVISION_MISMATCH",
+                    &metadata,
+                    nothing,
+                )
+            }
             Error::Unavailable(ref source) => {
                 tracing::warn!(error = %source, "database unavailable");
-                Status::new(Code::Unavailable, "database unavailable, retry later")
+                status(
+                    Code::Unavailable,
+                    "database unavailable, retry later",
+                    "DATABASE_UNAVAILABLE",
+                    &[],
+                    retry_after(RETRY_SOON),
+                )
             }
             Error::Unauthenticated(ref detail) => {
                 // Anyone who can reach the port can fail to authenticate, so the log must not be
@@ -27,17 +98,53 @@ impl From<Error> for Status {
                 if let Some(suppressed) = LINES.admit() {
                     tracing::info!(reason = %detail, suppressed, "unauthenticated call");
                 }
-                Status::unauthenticated("missing or invalid credentials")
+                status(
+                    Code::Unauthenticated,
+                    "missing or invalid credentials",
+                    "UNAUTHENTICATED",
+                    &[],
+                    nothing,
+                )
             }
-            Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
-            Error::RateLimited { .. }
-            | Error::TooManyStreams { .. }
-            | Error::TooManyReads { .. } => Status::resource_exhausted(err.to_string()),
-            Error::ShuttingDown => Status::unavailable("server shutting down, retry"),
+            Error::PermissionDenied(_) => status(
+                Code::PermissionDenied,
+                message,
+                "PERMISSION_DENIED",
+                &[],
+                nothing,
+            ),
+            Error::RateLimited { retry_after: delay } => status(
+                Code::ResourceExhausted,
+                message,
+                "RATE_LIMITED",
+                &[],
+                retry_after(delay),
+            ),
+            Error::TooManyStreams { limit } => status(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_SUBSCRIPTIONS",
+                &[("limit", limit.to_string())],
+                retry_after(RETRY_SOON),
+            ),
+            Error::TooManyReads { limit } => status(
+                Code::ResourceExhausted,
+                message,
+                "TOO_MANY_READS",
+                &[("limit", limit.to_string())],
+                retry_after(RETRY_SOON),
+            ),
+            Error::ShuttingDown => status(
+                Code::Unavailable,
+                "server shutting down, retry",
+                "SHUTTING_DOWN",
+                &[],
+                retry_after(Duration::ZERO),
+            ),
             // The detail goes to the log, never to the caller: it may contain SQL or internals.
             Error::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
-                Status::internal("internal error")
+                status(Code::Internal, "internal error", "INTERNAL", &[], nothing)
             }
         }
     }
@@ -46,10 +153,22 @@ impl From<Error> for Status {
 impl From<FeedEnd> for Status {
     fn from(end: FeedEnd) -> Self {
         match end {
-            FeedEnd::Stopping => Status::unavailable("server shutting down; subscribe again"),
-            FeedEnd::FellBehind { missed } => Status::resource_exhausted(format!(
-                "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"
-            )),
+            FeedEnd::Stopping => status(
+                Code::Unavailable,
+                "server shutting down; subscribe again",
+                "SHUTTING_DOWN",
+                &[],
+                retry_after(Duration::ZERO),
+            ),
+            FeedEnd::FellBehind { missed } => status(
+                Code::ResourceExhausted,
+                format!(
+                    "subscriber fell behind by {missed} commands; subscribe again with send_initial_state"
+                ),
+                "SUBSCRIBER_FELL_BEHIND",
+                &[("missed", missed.to_string())],
+                nothing,
+            ),
             FeedEnd::Refused(e) => e.into(),
         }
     }
@@ -105,8 +224,57 @@ mod tests {
             (Error::TooManyReads { limit: 1 }, Code::ResourceExhausted),
         ];
         for (err, code) in cases {
-            assert_eq!(Status::from(err).code(), code);
+            let status = Status::from(err);
+            assert_eq!(status.code(), code);
+            let details = status.get_error_details();
+            let info = details.error_info().expect("every error has an ErrorInfo");
+            assert_eq!(info.domain, ERROR_DOMAIN);
+            assert!(
+                !info.reason.is_empty()
+                    && info
+                        .reason
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{}",
+                info.reason
+            );
+            // Codes a client retries say when.
+            if matches!(code, Code::ResourceExhausted | Code::Unavailable) {
+                assert!(details.retry_info().is_some(), "{code:?}");
+            }
         }
+    }
+
+    #[test]
+    fn errors_carry_the_details_a_client_acts_on() {
+        let invalid = Status::from(Error::Invalid(
+            ValidationError::new("desired_celsius", "must be finite").within("setpoint"),
+        ))
+        .get_error_details();
+        let violations = &invalid
+            .bad_request()
+            .expect("a BadRequest")
+            .field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "setpoint.desired_celsius");
+        assert_eq!(violations[0].description, "must be finite");
+
+        let aborted = Status::from(Error::RevisionMismatch {
+            expected: 3,
+            actual: 5,
+        })
+        .get_error_details();
+        let info = aborted.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "REVISION_MISMATCH");
+        assert_eq!(info.metadata["current_revision"], "5");
+        assert_eq!(info.metadata["expected_revision"], "3");
+
+        let limited = Status::from(Error::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        })
+        .get_error_details();
+        let retry = limited.retry_info().expect("a RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(1500)));
     }
 
     #[test]
