@@ -7,11 +7,16 @@ use super::limits::{Limits, Slot};
 use super::{authorize, page_token};
 use crate::config::CelsiusRange;
 use crate::domain::control::{self, Band};
-use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
+use crate::domain::{
+    Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
+};
 use crate::error::{Error, Result};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::store::{PutOutcome, Store};
+
+/// Reads and writes of one update before it gives up on concurrent writers of the sensor.
+const UPDATE_ATTEMPTS: usize = 5;
 
 pub struct SetpointApi {
     store: Store,
@@ -48,8 +53,87 @@ impl SetpointApi {
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
-        if let Some(field) = control::out_of_reach(&setpoint, &self.readings.range()) {
-            let band = Band::from(&setpoint);
+        let expected = expected_revision(req.expected_revision)?;
+        let stored = self.write(who, &setpoint, &reason, expected).await?;
+        Ok(setpoint_to_proto(&stored))
+    }
+
+    /// Applies the masked fields to the stored setpoint. Without an expected revision, a
+    /// concurrent change is not an error: the mask is applied again to what is stored then.
+    async fn update(&self, who: &Identity, req: pb::UpdateSetpointRequest) -> Result<pb::Setpoint> {
+        let patch = req
+            .setpoint
+            .ok_or_else(|| ValidationError::new("setpoint", "is required"))?;
+        let sensor_id =
+            SensorId::parse(patch.sensor_id.clone()).map_err(|e| e.within("setpoint"))?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(
+                ValidationError::new("update_mask", "must name the fields to change").into(),
+            );
+        }
+        let expected = match expected_revision(req.expected_revision)? {
+            Some(0) => {
+                return Err(ValidationError::new(
+                    "expected_revision",
+                    "must be at least 1: an update needs an existing setpoint",
+                )
+                .into())
+            }
+            other => other,
+        };
+        let mut raced = None;
+        for _ in 0..UPDATE_ATTEMPTS {
+            let current = self.store.get_setpoint(&sensor_id, &who.scope).await?;
+            if let Some(expected) = expected.filter(|e| *e != current.revision) {
+                return Err(Error::RevisionMismatch {
+                    expected,
+                    actual: current.revision,
+                });
+            }
+            let mut merged = setpoint_values(&current.setpoint);
+            for path in &paths {
+                match path.as_str() {
+                    "desired_celsius" => merged.desired_celsius = patch.desired_celsius,
+                    "up_delta_celsius" => merged.up_delta_celsius = patch.up_delta_celsius,
+                    "down_delta_celsius" => merged.down_delta_celsius = patch.down_delta_celsius,
+                    "building_id" => merged.building_id.clone_from(&patch.building_id),
+                    "reason" => merged.reason.clone_from(&patch.reason),
+                    other => {
+                        return Err(ValidationError::new(
+                            "update_mask",
+                            format!("{other:?} is not a field an update can change"),
+                        )
+                        .into())
+                    }
+                }
+            }
+            let (setpoint, reason) = setpoint_from_proto(Some(merged))?;
+            match self
+                .write(who, &setpoint, &reason, Some(current.revision))
+                .await
+            {
+                Err(mismatch @ Error::RevisionMismatch { .. }) if expected.is_none() => {
+                    raced = Some(mismatch);
+                }
+                written => return written.map(|stored| setpoint_to_proto(&stored)),
+            }
+        }
+        // Other writers changed the sensor at every attempt: ABORTED, as AIP-193 has it.
+        Err(raced.unwrap_or_else(|| Error::Internal("update ran no attempt".into())))
+    }
+
+    /// Validates a setpoint against the loop's readings and the caller's buildings, and writes
+    /// it.
+    async fn write(
+        &self,
+        who: &Identity,
+        setpoint: &Setpoint,
+        reason: &Reason,
+        expected: Option<i64>,
+    ) -> Result<StoredSetpoint> {
+        if let Some(field) = control::out_of_reach(setpoint, &self.readings.range()) {
+            let band = Band::from(setpoint);
             return Err(ValidationError::new(
                 field,
                 format!(
@@ -63,7 +147,6 @@ impl SetpointApi {
             .within("setpoint")
             .into());
         }
-        let expected = expected_revision(req.expected_revision)?;
         // The caller named this building itself, so refusing it reveals nothing.
         if !who.sees(&setpoint.building_id) {
             return Err(Error::PermissionDenied(format!(
@@ -74,12 +157,12 @@ impl SetpointApi {
         let actor = who.subject.as_str();
         let outcome = self
             .store
-            .put_setpoint(&setpoint, expected, actor, &reason, &who.scope)
+            .put_setpoint(setpoint, expected, actor, reason, &who.scope)
             .await?;
         if let PutOutcome::Written(stored) = &outcome {
             tracing::info!(sensor_id = %stored.setpoint.sensor_id, revision = stored.revision, actor, "setpoint written");
         }
-        Ok(setpoint_to_proto(&outcome.into_stored()))
+        Ok(outcome.into_stored())
     }
 
     async fn get(&self, who: &Identity, req: pb::GetSetpointRequest) -> Result<pb::Setpoint> {
@@ -185,6 +268,16 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
     ) -> Result<Response<pb::Setpoint>, Status> {
         let who = self.writer(&request)?;
         Ok(Response::new(self.put(&who, request.into_inner()).await?))
+    }
+
+    async fn update_setpoint(
+        &self,
+        request: Request<pb::UpdateSetpointRequest>,
+    ) -> Result<Response<pb::Setpoint>, Status> {
+        let who = self.writer(&request)?;
+        Ok(Response::new(
+            self.update(&who, request.into_inner()).await?,
+        ))
     }
 
     async fn get_setpoint(
