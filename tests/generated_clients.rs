@@ -1,8 +1,12 @@
 //! The API as client developers in other languages generate it from `proto/`, with the
 //! generators they use (installed by scripts/codegen-tools.sh).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
+
+use common::TestApp;
 
 /// Issue 24: Go code generation failed ("unable to determine Go import path").
 #[test]
@@ -33,5 +37,41 @@ fn go_code_generates_from_the_protos() {
         let code = std::fs::read_to_string(Path::new(&package).join(file)).expect(file);
         assert!(code.contains("package thermostatv1"), "{file}");
         assert!(code.contains(declares), "{file}");
+    }
+}
+
+/// Issue 24: a Python client generated with grpcio-tools puts, updates with a mask, reads the
+/// error details of bad requests and pages through 1,200 setpoints (clients/python/).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_python_client_runs_its_scenario() {
+    let mut config = TestApp::fresh_config().await;
+    // The scenario's 1,200 Puts, from one identity, at once.
+    config.limits.write_rate_limit = 100_000;
+    config.limits.write_burst = 100_000;
+    let app = TestApp::spawn_with(config).await;
+    let addr = app.addr.to_string();
+    let ran = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["clients/python/run.sh", &addr])
+            .output()
+            .expect("run clients/python/run.sh")
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr),
+    );
+    assert!(
+        ran.status.success(),
+        "--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    for step in [
+        "put and masked update: ok",
+        "error details: ok",
+        "1200 setpoints in",
+    ] {
+        assert!(stdout.contains(step), "{step} missing from:\n{stdout}");
     }
 }
