@@ -185,6 +185,7 @@ async fn put_clients(
             while Instant::now() < deadline {
                 i += 1;
                 let request = pb::PutSetpointRequest {
+                    request_id: Default::default(),
                     setpoint: Some(pb::Setpoint {
                         sensor_id: format!("bench-{}", (c * 7919 + i * 104_729) % SENSORS),
                         building_id: "bench".into(),

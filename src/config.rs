@@ -263,6 +263,10 @@ pub struct LimitsConfig {
     /// Reads of one identity running at once, on each replica.
     #[arg(long, env = "MAX_READS_PER_IDENTITY", default_value_t = 4)]
     pub max_reads_per_identity: usize,
+    /// How long a write's `request_id` is remembered: a retry with it within this time gets
+    /// the first outcome and writes nothing again.
+    #[arg(long, env = "REQUEST_ID_WINDOW", default_value = "1h", value_parser = positive_duration)]
+    pub request_id_window: Duration,
     /// Largest request or response message, in bytes.
     #[arg(long, env = "MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
     pub max_message_size: usize,

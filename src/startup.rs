@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -301,7 +302,7 @@ fn api_routes(
         store.clone(),
         limits.clone(),
         config.kafka.reading_range_celsius,
-        max_message,
+        &config.limits,
     ))
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
@@ -338,9 +339,9 @@ fn spawn_upkeep(
         control.clone(),
         config.health_check_interval,
     );
-    let monitor_stop = stop.clone();
+    let (monitor_stop, monitored) = (stop.clone(), store.clone());
     tasks.spawn(async move {
-        health::monitor(reporter, store, control, interval, monitor_stop).await;
+        health::monitor(reporter, monitored, control, interval, monitor_stop).await;
         Ok(())
     });
     let (admin_stop, header_timeout) = (stop.clone(), config.limits.connection_preface_timeout);
@@ -353,6 +354,27 @@ fn spawn_upkeep(
         crate::telemetry::upkeep(upkeep_stop).await;
         Ok(())
     });
+    let (forget_stop, window) = (stop.clone(), config.limits.request_id_window);
+    tasks.spawn(async move {
+        forget_request_ids(store, window, forget_stop).await;
+        Ok(())
+    });
+}
+
+/// Forgets the request ids of writes older than `window`, every minute (every replica does;
+/// the statement is idempotent).
+async fn forget_request_ids(store: Store, window: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {
+                if let Err(e) = store.forget_writes(window).await {
+                    tracing::warn!(error = %error_chain(&e), "forgetting old request ids");
+                }
+            }
+        }
+    }
 }
 
 /// Plaintext and health-only, for Kubernetes probes, which can neither do TLS with our

@@ -127,6 +127,7 @@ async fn expected_revision_guards_every_write() {
 
     let err = client
         .delete_setpoint(pb::DeleteSetpointRequest {
+            request_id: Default::default(),
             sensor_id: "s".into(),
             expected_revision: Some(1),
             reason: String::new(),
@@ -185,6 +186,7 @@ async fn invalid_puts_name_the_field_and_store_nothing() {
     }
     let err = client
         .put_setpoint(pb::PutSetpointRequest {
+            request_id: Default::default(),
             setpoint: None,
             expected_revision: None,
         })
@@ -392,6 +394,7 @@ async fn history_records_create_update_delete_and_recreate_newest_first() {
     client.put_setpoint(put(sp.clone(), None)).await.unwrap();
     client
         .delete_setpoint(pb::DeleteSetpointRequest {
+            request_id: Default::default(),
             sensor_id: "s".into(),
             expected_revision: Some(2),
             reason: "room closed".into(),
@@ -819,7 +822,7 @@ async fn puts_written_together_are_each_checked_against_their_own_scope() {
         tokio::spawn(async move {
             let reason = Reason::parse("").unwrap();
             store
-                .put_setpoint(&setpoint, None, "test", &reason, &scope)
+                .put_setpoint(&setpoint, None, "test", &reason, &scope, None)
                 .await
         })
     };
@@ -1123,6 +1126,7 @@ async fn setpoint_rows_are_not_deleted_by_sql_but_by_the_api() {
     // The API's deletion (a tombstone) and a new Put go on as before.
     client
         .delete_setpoint(pb::DeleteSetpointRequest {
+            request_id: Default::default(),
             sensor_id: "s".into(),
             expected_revision: None,
             reason: String::new(),
@@ -1254,6 +1258,7 @@ async fn an_update_changes_only_the_fields_its_mask_names() {
     wide.up_delta_celsius = 1.5;
     client.put_setpoint(put(wide, None)).await.unwrap();
     let update = |fields: &[&str], desired: f64, expected: Option<i64>| pb::UpdateSetpointRequest {
+        request_id: Default::default(),
         setpoint: Some(pb::Setpoint {
             sensor_id: "u-1".into(),
             desired_celsius: desired,
@@ -1338,4 +1343,85 @@ async fn an_update_changes_only_the_fields_its_mask_names() {
         .unwrap()
         .into_inner();
     assert_eq!((stored.revision, stored.desired_celsius), (3, 23.0));
+}
+
+/// Issue 24 (AIP-155): a write retried with its request id, on any replica, gets its first
+/// outcome and writes nothing again, also when the retries race each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_with_its_request_id_is_answered_once_on_every_replica() {
+    let config = TestApp::fresh_config().await;
+    let (first, second) = (
+        TestApp::spawn_with(config.clone()).await,
+        TestApp::spawn_with(config).await,
+    );
+    let (mut a, mut b) = (first.setpoints().await, second.setpoints().await);
+    let with_id = |desired: f64, expected: Option<i64>, id: &str| pb::PutSetpointRequest {
+        request_id: id.into(),
+        ..put(setpoint("r-1", "b", desired), expected)
+    };
+
+    let created = a
+        .put_setpoint(with_id(21.0, None, "put-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Someone else changes it; then the first Put is retried on the other replica.
+    a.put_setpoint(put(setpoint("r-1", "b", 25.0), None))
+        .await
+        .unwrap();
+    let retried = b
+        .put_setpoint(with_id(21.0, None, "put-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried, created, "the first outcome, not a new write");
+    let stored = get(&mut b, "r-1").await.unwrap();
+    assert_eq!((stored.revision, stored.desired_celsius), (2, 25.0));
+
+    // The same id for another request: refused, naming the field.
+    let reused = b
+        .put_setpoint(with_id(22.0, None, "put-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument);
+    assert!(reused.message().contains("request_id"), "{reused:?}");
+    let bad = b
+        .put_setpoint(with_id(22.0, None, "not an id!"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // Ten copies of one conditional Put race on both replicas: one writes, every copy gets
+    // its outcome (not ABORTED), and the history has one entry more.
+    let racing: Vec<_> = (0..10)
+        .map(|n| {
+            let mut client = if n % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                client
+                    .put_setpoint(with_id(23.0, Some(2), "put-2"))
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut outcomes = BTreeSet::new();
+    for task in racing {
+        let outcome = task.await.unwrap().expect("each copy gets the outcome");
+        outcomes.insert((outcome.revision, format!("{:?}", outcome.update_time)));
+    }
+    assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.first().unwrap().0, 3);
+    assert_eq!(history(&mut a, "r-1").await.len(), 3);
+
+    // A deletion retried is done, not NOT_FOUND.
+    let delete = || pb::DeleteSetpointRequest {
+        sensor_id: "r-1".into(),
+        request_id: "delete-1".into(),
+        ..Default::default()
+    };
+    a.delete_setpoint(delete()).await.unwrap();
+    b.delete_setpoint(delete())
+        .await
+        .expect("the retried deletion");
+    assert_eq!(history(&mut a, "r-1").await.len(), 4);
 }

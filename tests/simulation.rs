@@ -80,6 +80,7 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
     app.setpoints()
         .await
         .put_setpoint(pb::PutSetpointRequest {
+            request_id: Default::default(),
             setpoint: Some(pb::Setpoint {
                 sensor_id: "simtest/room-01".into(),
                 building_id: "simtest".into(),

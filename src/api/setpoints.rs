@@ -5,7 +5,13 @@ use tonic::{Request, Response, Status};
 use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
 use super::limits::{Limits, Slot};
 use super::{authorize, page_token};
-use crate::config::CelsiusRange;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use prost::Message;
+
+use crate::config::{CelsiusRange, LimitsConfig};
 use crate::domain::control::{self, Band};
 use crate::domain::{
     Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
@@ -13,7 +19,52 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
-use crate::store::{PutOutcome, Store};
+use crate::store::{HistoryEntry, PutOutcome, Store, WriteRequest};
+
+/// A write's request id, checked, with the request written out (its encoding without the id);
+/// `None` when the caller gave none.
+fn write_request<M: Message + Clone>(
+    who: &Identity,
+    message: &M,
+    without_id: impl Fn(&mut M),
+    id: &str,
+) -> Result<Option<WriteRequest>> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ValidationError::new(
+            "request_id",
+            "must be 1 to 64 characters of A-Za-z0-9_-",
+        )
+        .into());
+    }
+    let mut request = message.clone();
+    without_id(&mut request);
+    Ok(Some(WriteRequest {
+        caller: format!("{:?}/{}", who.subject.kind, who.subject.name),
+        id: id.to_owned(),
+        request: URL_SAFE_NO_PAD.encode(request.encode_to_vec()),
+    }))
+}
+
+/// The setpoint a recorded write left.
+fn entry_to_proto(entry: HistoryEntry) -> Result<pb::Setpoint> {
+    let setpoint = entry
+        .setpoint
+        .ok_or_else(|| Error::Internal("a recorded Put's history entry is a deletion".into()))?;
+    Ok(pb::Setpoint {
+        revision: entry.revision,
+        update_time: Some(timestamp(entry.change_time)),
+        updated_by: entry.changed_by,
+        reason: entry.reason,
+        ..setpoint_values(&setpoint)
+    })
+}
 
 /// Reads and writes of one update before it gives up on concurrent writers of the sensor.
 const UPDATE_ATTEMPTS: usize = 5;
@@ -25,15 +76,25 @@ pub struct SetpointApi {
     readings: CelsiusRange,
     /// The bytes a page of a list may take: `MAX_MESSAGE_SIZE` less the rest of a response.
     page_bytes: usize,
+    /// How long a write's request id is remembered (`REQUEST_ID_WINDOW`).
+    request_window: Duration,
 }
 
 impl SetpointApi {
-    pub fn new(store: Store, limits: Limits, readings: CelsiusRange, max_message: usize) -> Self {
+    pub fn new(
+        store: Store,
+        limits: Limits,
+        readings: CelsiusRange,
+        config: &LimitsConfig,
+    ) -> Self {
         Self {
             store,
             limits,
             readings,
-            page_bytes: max_message.saturating_sub(page_token::RESPONSE_RESERVE),
+            page_bytes: config
+                .max_message_size
+                .saturating_sub(page_token::RESPONSE_RESERVE),
+            request_window: config.request_id_window,
         }
     }
 
@@ -52,15 +113,31 @@ impl SetpointApi {
     }
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
+        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
         let expected = expected_revision(req.expected_revision)?;
-        let stored = self.write(who, &setpoint, &reason, expected).await?;
-        Ok(setpoint_to_proto(&stored))
+        let write = self.write(who, &setpoint, &reason, expected, request.as_ref());
+        self.once(request.as_ref(), entry_to_proto, async {
+            Ok(setpoint_to_proto(&write.await?))
+        })
+        .await
     }
 
     /// Applies the masked fields to the stored setpoint. Without an expected revision, a
     /// concurrent change is not an error: the mask is applied again to what is stored then.
     async fn update(&self, who: &Identity, req: pb::UpdateSetpointRequest) -> Result<pb::Setpoint> {
+        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let once = request.clone();
+        self.once(once.as_ref(), entry_to_proto, self.merge(who, req, request))
+            .await
+    }
+
+    async fn merge(
+        &self,
+        who: &Identity,
+        req: pb::UpdateSetpointRequest,
+        request: Option<WriteRequest>,
+    ) -> Result<pb::Setpoint> {
         let patch = req
             .setpoint
             .ok_or_else(|| ValidationError::new("setpoint", "is required"))?;
@@ -110,7 +187,13 @@ impl SetpointApi {
             }
             let (setpoint, reason) = setpoint_from_proto(Some(merged))?;
             match self
-                .write(who, &setpoint, &reason, Some(current.revision))
+                .write(
+                    who,
+                    &setpoint,
+                    &reason,
+                    Some(current.revision),
+                    request.as_ref(),
+                )
                 .await
             {
                 Err(mismatch @ Error::RevisionMismatch { .. }) if expected.is_none() => {
@@ -131,6 +214,7 @@ impl SetpointApi {
         setpoint: &Setpoint,
         reason: &Reason,
         expected: Option<i64>,
+        request: Option<&WriteRequest>,
     ) -> Result<StoredSetpoint> {
         if let Some(field) = control::out_of_reach(setpoint, &self.readings.range()) {
             let band = Band::from(setpoint);
@@ -157,7 +241,7 @@ impl SetpointApi {
         let actor = who.subject.as_str();
         let outcome = self
             .store
-            .put_setpoint(setpoint, expected, actor, reason, &who.scope)
+            .put_setpoint(setpoint, expected, actor, reason, &who.scope, request)
             .await?;
         if let PutOutcome::Written(stored) = &outcome {
             tracing::info!(sensor_id = %stored.setpoint.sensor_id, revision = stored.revision, actor, "setpoint written");
@@ -204,16 +288,69 @@ impl SetpointApi {
     }
 
     async fn delete(&self, who: &Identity, req: pb::DeleteSetpointRequest) -> Result<()> {
+        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
         let sensor_id = SensorId::parse(req.sensor_id)?;
         let expected = expected_revision(req.expected_revision)?;
         let reason = Reason::parse(req.reason)?;
         let actor = who.subject.as_str();
-        let revision = self
+        let delete = async {
+            let revision = self
+                .store
+                .delete_setpoint(
+                    &sensor_id,
+                    expected,
+                    actor,
+                    &reason,
+                    &who.scope,
+                    request.as_ref(),
+                )
+                .await?;
+            tracing::info!(%sensor_id, revision, actor, "setpoint deleted");
+            Ok(())
+        };
+        self.once(request.as_ref(), |_| Ok(()), delete).await
+    }
+
+    /// Runs `write` once per request id (AIP-155): a retry within the window is answered from
+    /// the first outcome, also when it raced with the first and lost (a revision mismatch, a
+    /// setpoint already deleted).
+    async fn once<T>(
+        &self,
+        request: Option<&WriteRequest>,
+        replay: impl Fn(HistoryEntry) -> Result<T>,
+        write: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let Some(request) = request else {
+            return write.await;
+        };
+        if let Some(first) = self.replayed(request).await? {
+            return replay(first);
+        }
+        match write.await {
+            Err(lost @ (Error::RevisionMismatch { .. } | Error::NotFound { .. })) => {
+                match self.replayed(request).await? {
+                    Some(first) => replay(first),
+                    None => Err(lost),
+                }
+            }
+            done => done,
+        }
+    }
+
+    /// The first outcome of the write made with this request id, if there was one.
+    async fn replayed(&self, request: &WriteRequest) -> Result<Option<HistoryEntry>> {
+        let recorded = self
             .store
-            .delete_setpoint(&sensor_id, expected, actor, &reason, &who.scope)
+            .recorded_write(&request.caller, &request.id, self.request_window)
             .await?;
-        tracing::info!(%sensor_id, revision, actor, "setpoint deleted");
-        Ok(())
+        match recorded {
+            Some(first) if first.request != request.request => Err(ValidationError::new(
+                "request_id",
+                "was used for another request of this caller",
+            )
+            .into()),
+            first => Ok(first.map(|first| first.outcome)),
+        }
     }
 
     async fn history(

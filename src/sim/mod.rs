@@ -572,7 +572,7 @@ fn put_request(
         config,
         pb::PutSetpointRequest {
             setpoint: Some(setpoint),
-            expected_revision: None,
+            ..Default::default()
         },
     )
 }

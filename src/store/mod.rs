@@ -2,6 +2,7 @@
 //! issues. Knows nothing of gRPC; returns domain types and [`crate::Error`].
 
 mod put_queue;
+mod requests;
 mod sequences;
 mod setpoints;
 
@@ -15,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::DatabaseConfig;
 use crate::error::Result;
 
+pub use requests::{RecordedWrite, WriteRequest};
 pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 
 /// A pooled connection idle this long is pinged before it is handed out.

@@ -23,6 +23,7 @@ use sqlx::postgres::{PgConnection, PgDatabaseError, PgPool, PgSeverity};
 use sqlx::{Connection, Postgres};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use super::requests::WriteRequest;
 use super::setpoints::{PutRow, SetpointRow, PUT_SQL};
 use super::PING_IF_IDLE_FOR;
 use crate::domain::Setpoint;
@@ -254,6 +255,13 @@ async fn write_round(
     }
 }
 
+/// A column of the rows' request ids (NULL for a row without one).
+fn request<'a>(rows: &[&'a PutRow], f: fn(&WriteRequest) -> &String) -> Vec<Option<&'a str>> {
+    rows.iter()
+        .map(|r| r.request.as_ref().map(|q| f(q).as_str()))
+        .collect()
+}
+
 /// Runs the Put statement for `rows`; a database that has not answered within `answer_within`
 /// is an I/O error (UNAVAILABLE to the callers, and the connection is dropped).
 async fn execute(
@@ -274,6 +282,9 @@ async fn execute(
         .bind(rows.iter().map(|r| r.expected_revision).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.scope.as_deref()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.may_bind).collect::<Vec<_>>())
+        .bind(request(rows, |r| &r.caller))
+        .bind(request(rows, |r| &r.id))
+        .bind(request(rows, |r| &r.request))
         .fetch_all(connection);
     tokio::time::timeout(answer_within, statement)
         .await
@@ -301,7 +312,7 @@ mod tests {
         .unwrap();
         let reason = Reason::parse("").unwrap();
         Job {
-            row: PutRow::new(&setpoint, None, "t", &reason, &Scope::All),
+            row: PutRow::new(&setpoint, None, "t", &reason, &Scope::All, None),
             reply: oneshot::channel().0,
         }
     }
@@ -361,12 +372,26 @@ mod tests {
         let buildings = ["north", "south"].map(|b| BuildingId::parse(b).unwrap());
         let scope = Scope::Buildings(buildings.into_iter().collect());
         let setpoint = job("a", 1.0).row.setpoint;
-        let row = PutRow::new(&setpoint, Some(3), "t", &Reason::parse("").unwrap(), &scope);
+        let row = PutRow::new(
+            &setpoint,
+            Some(3),
+            "t",
+            &Reason::parse("").unwrap(),
+            &scope,
+            None,
+        );
         assert_eq!(row.scope.as_deref(), Some("north,south"));
         assert_eq!(row.expected_revision, Some(3));
         // No building at all is an empty list (`string_to_array('', ',')` is `{}`), not "all".
         let none = Scope::Buildings(Default::default());
-        let row = PutRow::new(&setpoint, None, "t", &Reason::parse("").unwrap(), &none);
+        let row = PutRow::new(
+            &setpoint,
+            None,
+            "t",
+            &Reason::parse("").unwrap(),
+            &none,
+            None,
+        );
         assert_eq!(row.scope.as_deref(), Some(""));
     }
 }

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use futures::stream::{Stream, StreamExt};
 
+use super::requests::WriteRequest;
 use super::Store;
 use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
 use crate::error::{Error, Result};
@@ -147,7 +148,7 @@ fn stored_setpoint(
 }
 
 #[derive(sqlx::FromRow)]
-struct HistoryRow {
+pub(super) struct HistoryRow {
     sensor_id: String,
     revision: i64,
     building_id: String,
@@ -160,7 +161,7 @@ struct HistoryRow {
 }
 
 impl HistoryRow {
-    fn into_entry(self) -> Result<HistoryEntry> {
+    pub(super) fn into_entry(self) -> Result<HistoryEntry> {
         let setpoint = match (
             self.desired_celsius,
             self.up_delta_celsius,
@@ -206,6 +207,8 @@ pub(super) struct PutRow {
     /// Whether the caller may bind the sensor to the setpoint's building ([`Scope::may_bind`]);
     /// if not, only a sensor already in that building is written.
     pub(super) may_bind: bool,
+    /// Recorded with the write, if the caller gave a request id.
+    pub(super) request: Option<WriteRequest>,
 }
 
 impl PutRow {
@@ -215,6 +218,7 @@ impl PutRow {
         actor: &str,
         reason: &Reason,
         scope: &Scope,
+        request: Option<&WriteRequest>,
     ) -> Self {
         Self {
             setpoint: setpoint.clone(),
@@ -223,6 +227,7 @@ impl PutRow {
             reason: reason.as_str().to_owned(),
             scope: scope.as_sql().map(|buildings| buildings.join(",")),
             may_bind: scope.may_bind(&setpoint.sensor_id, &setpoint.building_id),
+            request: request.cloned(),
         }
     }
 
@@ -239,9 +244,10 @@ impl PutRow {
 pub const PUT_SQL: &str = r#"
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[],
-                         $6::text[], $7::text[], $8::int8[], $9::text[], $10::bool[])
+                         $6::text[], $7::text[], $8::int8[], $9::text[], $10::bool[],
+                         $11::text[], $12::text[], $13::text[])
         AS i(sensor_id, building_id, desired, up_delta, down_delta, actor, reason, expected,
-             scope, may_bind)
+             scope, may_bind, caller, request_id, request)
 ), up AS (
     INSERT INTO setpoints AS s (sensor_id, building_id, desired_celsius, up_delta_celsius,
                                 down_delta_celsius, revision, update_time, updated_by, reason)
@@ -278,6 +284,12 @@ WITH input AS (
     SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius,
            down_delta_celsius, false, update_time, updated_by, reason
     FROM up
+), recorded AS (
+    INSERT INTO write_requests (caller, request_id, request, sensor_id, revision)
+    SELECT i.caller, i.request_id, i.request, up.sensor_id, up.revision
+    FROM up JOIN input i ON i.sensor_id = up.sensor_id
+    WHERE i.request_id IS NOT NULL
+    ON CONFLICT DO NOTHING
 )
 SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius,
        revision, update_time, updated_by, reason, deleted
@@ -296,6 +308,10 @@ WITH del AS (
     INSERT INTO setpoint_history (sensor_id, revision, building_id, deleted, change_time,
                                   changed_by, reason)
     SELECT sensor_id, revision, building_id, true, update_time, updated_by, reason FROM del
+), recorded AS (
+    INSERT INTO write_requests (caller, request_id, request, sensor_id, revision)
+    SELECT $6::text, $7::text, $8::text, sensor_id, revision FROM del WHERE $7::text IS NOT NULL
+    ON CONFLICT DO NOTHING
 )
 SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, down_delta_celsius,
        revision, update_time, updated_by, reason, deleted
@@ -314,9 +330,10 @@ impl Store {
         actor: &str,
         reason: &Reason,
         scope: &Scope,
+        request: Option<&WriteRequest>,
     ) -> Result<PutOutcome> {
         for _ in 0..PUT_ATTEMPTS {
-            let row = PutRow::new(setpoint, expected_revision, actor, reason, scope);
+            let row = PutRow::new(setpoint, expected_revision, actor, reason, scope, request);
             let written = self.puts.put(row).await?;
             if let Some(row) = written {
                 return Ok(PutOutcome::Written(row.into_stored()?));
@@ -440,6 +457,7 @@ impl Store {
         actor: &str,
         reason: &Reason,
         scope: &Scope,
+        request: Option<&WriteRequest>,
     ) -> Result<i64> {
         let deleted: Option<SetpointRow> = sqlx::query_as(DELETE_SQL)
             .bind(sensor_id.as_str())
@@ -447,6 +465,9 @@ impl Store {
             .bind(reason.as_str())
             .bind(expected_revision)
             .bind(scope.as_sql())
+            .bind(request.map(|r| r.caller.as_str()))
+            .bind(request.map(|r| r.id.as_str()))
+            .bind(request.map(|r| r.request.as_str()))
             .fetch_optional(self.pool())
             .await?;
         if let Some(row) = deleted {

@@ -196,6 +196,7 @@ pub fn wide_band(sensor: &str, desired: f64) -> pb::Setpoint {
 
 pub fn put(setpoint: pb::Setpoint, expected_revision: Option<i64>) -> pb::PutSetpointRequest {
     pb::PutSetpointRequest {
+        request_id: Default::default(),
         setpoint: Some(setpoint),
         expected_revision,
     }
