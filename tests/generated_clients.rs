@@ -75,3 +75,45 @@ async fn the_generated_python_client_runs_its_scenario() {
         assert!(stdout.contains(step), "{step} missing from:\n{stdout}");
     }
 }
+
+fn buf(args: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("scripts/buf.sh")
+        .args(args)
+        .output()
+        .expect("run scripts/buf.sh")
+}
+
+fn printed(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Issue 24: `buf lint` (STANDARD and every comment rule; exceptions explained in buf.yaml).
+#[test]
+fn the_protos_pass_buf_lint() {
+    let out = buf(&["lint"]);
+    assert!(out.status.success(), "{}", printed(&out));
+}
+
+/// Issue 24: no change that breaks generated code since the newest release tag (`v*`).
+#[test]
+fn the_protos_keep_what_the_last_release_generated() {
+    let tag = Command::new("git")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["describe", "--tags", "--abbrev=0", "--match", "v*"])
+        .output()
+        .expect("run git");
+    assert!(
+        tag.status.success(),
+        "no release tag v* to compare with (a clone without tags?): {}",
+        printed(&tag)
+    );
+    let tag = String::from_utf8_lossy(&tag.stdout).trim().to_owned();
+    let out = buf(&["breaking", "--against", &format!(".git#tag={tag}")]);
+    assert!(
+        out.status.success(),
+        "breaking changes since {tag}: {}",
+        printed(&out)
+    );
+}
