@@ -18,6 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("thermostat_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // google.rpc.Status (per-item errors of batches) is tonic-types' own type.
+    tonic_prost_build::configure()
+        .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -1425,3 +1425,96 @@ async fn a_retried_write_with_its_request_id_is_answered_once_on_every_replica()
         .expect("the retried deletion");
     assert_eq!(history(&mut a, "r-1").await.len(), 4);
 }
+
+/// Issue 24 (AIP-234): a batch of updates across a building, each applied or refused on its
+/// own, in request order, taking one write per 100 updates from the rate limit.
+#[tokio::test]
+async fn a_batch_updates_each_sensor_on_its_own_and_reports_each_outcome() {
+    use prost::Message;
+    use tonic_types::StatusExt;
+    let mut config = TestApp::fresh_config().await;
+    config.limits.write_rate_limit = 1;
+    config.limits.write_burst = 8;
+    let app = TestApp::spawn_with(config).await;
+    let mut db = app.db().await;
+    sqlx::query(
+        "INSERT INTO setpoints (sensor_id, building_id, desired_celsius, up_delta_celsius, \
+                                down_delta_celsius, revision, update_time, updated_by, reason) \
+         SELECT 'hq/room-' || lpad(n::text, 3, '0'), 'hq', 20, 0.5, 0.5, 1, now(), 'seed', '' \
+         FROM generate_series(1, 500) AS n",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let update = |sensor: String, desired: f64| pb::UpdateSetpointRequest {
+        setpoint: Some(pb::Setpoint {
+            sensor_id: sensor,
+            desired_celsius: desired,
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["desired_celsius".into()],
+        }),
+        ..Default::default()
+    };
+    // The schedule's morning change for the whole building, one room twice, and two bad ones.
+    let mut requests: Vec<_> = (1..=500)
+        .map(|n| update(format!("hq/room-{n:03}"), 21.0))
+        .collect();
+    requests.push(update("hq/room-001".into(), 22.0));
+    requests.push(update("hq/nowhere".into(), 21.0));
+    requests.push(update("hq/room-002".into(), 900.0));
+    let mut client = app.setpoints().await;
+    let results = client
+        .batch_update_setpoints(pb::BatchUpdateSetpointsRequest { requests })
+        .await
+        .expect("one call, five writes of the burst of 8")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 503);
+    use pb::batch_update_setpoint_result::Result as Outcome;
+    for (i, result) in results[..500].iter().enumerate() {
+        match &result.result {
+            Some(Outcome::Setpoint(s)) => {
+                assert_eq!(s.sensor_id, format!("hq/room-{:03}", i + 1));
+                assert_eq!((s.revision, s.desired_celsius), (2, 21.0));
+            }
+            other => panic!("{i}: {other:?}"),
+        }
+    }
+    match &results[500].result {
+        Some(Outcome::Setpoint(s)) => assert_eq!((s.revision, s.desired_celsius), (3, 22.0)),
+        other => panic!("the second update of room-001: {other:?}"),
+    }
+    let error = |i: usize| match &results[i].result {
+        Some(Outcome::Error(status)) => status.clone(),
+        other => panic!("{i}: {other:?}"),
+    };
+    assert_eq!(error(501).code, Code::NotFound as i32);
+    let refused = error(502);
+    assert_eq!(refused.code, Code::InvalidArgument as i32);
+    // The same details as UpdateSetpoint's, read as a client library reads a status.
+    let details = tonic::Status::with_details(
+        Code::InvalidArgument,
+        refused.message.clone(),
+        refused.encode_to_vec().into(),
+    )
+    .get_error_details();
+    assert_eq!(details.error_info().unwrap().reason, "INVALID_FIELD");
+    let violations = &details.bad_request().unwrap().field_violations;
+    assert_eq!(violations[0].field, "setpoint.desired_celsius");
+    let stored = get(&mut client, "hq/room-002").await.unwrap();
+    assert_eq!((stored.revision, stored.desired_celsius), (2, 21.0));
+
+    // Over the write budget: refused as a whole, nothing applied.
+    let again = client
+        .batch_update_setpoints(pb::BatchUpdateSetpointsRequest {
+            requests: (1..=500)
+                .map(|n| update(format!("hq/room-{n:03}"), 19.0))
+                .collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted);
+    assert_eq!(get(&mut client, "hq/room-003").await.unwrap().revision, 2);
+}

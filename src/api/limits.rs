@@ -44,6 +44,20 @@ impl Rate {
         }
     }
 
+    /// Takes `n` from `subject`'s budget at once, or says when they would pass.
+    fn take_n(&self, subject: &Subject, n: NonZeroU32) -> Result<()> {
+        let limited = |retry_after| {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
+            Error::RateLimited { retry_after }
+        };
+        match self.limiter.check_key_n(subject, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(limited(not_until.wait_time_from(self.clock.now()))),
+            // More than the burst: never at once.
+            Err(_) => Err(limited(std::time::Duration::MAX)),
+        }
+    }
+
     /// Takes one from `subject`'s budget, or says when the next one would pass.
     fn take(&self, subject: &Subject) -> Result<()> {
         if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
@@ -121,6 +135,11 @@ impl Limits {
     /// Takes one write from `subject`'s budget, or says when the next one would pass.
     pub fn write(&self, subject: &Subject) -> Result<()> {
         self.writes.take(subject)
+    }
+
+    /// Takes `n` writes from `subject`'s budget at once (a batch).
+    pub fn writes(&self, subject: &Subject, n: NonZeroU32) -> Result<()> {
+        self.writes.take_n(subject, n)
     }
 
     /// Takes one read from `subject`'s budget and counts it as running until the returned slot

@@ -5,7 +5,11 @@ use tonic::{Request, Response, Status};
 use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
 use super::limits::{Limits, Slot};
 use super::{authorize, page_token};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -20,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::store::{HistoryEntry, PutOutcome, Store, WriteRequest};
+use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its encoding without the id);
 /// `None` when the caller gave none.
@@ -64,6 +69,26 @@ fn entry_to_proto(entry: HistoryEntry) -> Result<pb::Setpoint> {
         reason: entry.reason,
         ..setpoint_values(&setpoint)
     })
+}
+
+/// The most updates one batch holds.
+const MAX_BATCH: usize = 1000;
+/// A batch takes one write from the caller's rate limit per this many updates.
+const UPDATES_PER_WRITE: usize = 100;
+/// Sensors of a batch updated at once: their Puts are written together.
+const BATCH_CONCURRENCY: usize = 64;
+
+/// A status as the `google.rpc.Status` a batch result carries, with its details.
+fn rpc_status(status: Status) -> tonic_types::pb::Status {
+    // api::status puts every detail into the status's details, as an encoded google.rpc.Status.
+    match tonic_types::pb::Status::decode(status.details()) {
+        Ok(decoded) if decoded.code == status.code() as i32 => decoded,
+        _ => tonic_types::pb::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        },
+    }
 }
 
 /// Reads and writes of one update before it gives up on concurrent writers of the sensor.
@@ -311,6 +336,65 @@ impl SetpointApi {
         self.once(request.as_ref(), |_| Ok(()), delete).await
     }
 
+    /// Applies each update as UpdateSetpoint would, several at a time (their Puts are then
+    /// written together), those of one sensor in request order.
+    async fn batch(
+        &self,
+        who: &Identity,
+        requests: Vec<pb::UpdateSetpointRequest>,
+    ) -> Result<pb::BatchUpdateSetpointsResponse> {
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(ValidationError::new(
+                "requests",
+                format!("must hold 1 to {MAX_BATCH} updates"),
+            )
+            .into());
+        }
+        let cost = requests.len().div_ceil(UPDATES_PER_WRITE);
+        self.limits.writes(
+            &who.subject,
+            NonZeroU32::new(cost as u32).unwrap_or(NonZeroU32::MIN),
+        )?;
+        // Updates of one sensor run one after the other, in request order.
+        let mut by_sensor: HashMap<String, Vec<(usize, pb::UpdateSetpointRequest)>> =
+            HashMap::new();
+        for (i, request) in requests.into_iter().enumerate() {
+            let sensor = request
+                .setpoint
+                .as_ref()
+                .map(|s| s.sensor_id.clone())
+                .unwrap_or_default();
+            by_sensor.entry(sensor).or_default().push((i, request));
+        }
+        let mut results = vec![None; by_sensor.values().map(Vec::len).sum()];
+        let outcomes: Vec<Vec<(usize, pb::BatchUpdateSetpointResult)>> =
+            futures::stream::iter(by_sensor.into_values().map(|updates| async move {
+                let mut done = Vec::with_capacity(updates.len());
+                for (i, request) in updates {
+                    let result = match self.update(who, request).await {
+                        Ok(setpoint) => Outcome::Setpoint(setpoint),
+                        Err(e) => Outcome::Error(rpc_status(Status::from(e))),
+                    };
+                    done.push((
+                        i,
+                        pb::BatchUpdateSetpointResult {
+                            result: Some(result),
+                        },
+                    ));
+                }
+                done
+            }))
+            .buffer_unordered(BATCH_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, result) in outcomes.into_iter().flatten() {
+            results[i] = Some(result);
+        }
+        Ok(pb::BatchUpdateSetpointsResponse {
+            results: results.into_iter().flatten().collect(),
+        })
+    }
+
     /// Runs `write` once per request id (AIP-155): a retry within the window is answered from
     /// the first outcome, also when it raced with the first and lost (a revision mismatch, a
     /// setpoint already deleted).
@@ -415,6 +499,15 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         Ok(Response::new(
             self.update(&who, request.into_inner()).await?,
         ))
+    }
+
+    async fn batch_update_setpoints(
+        &self,
+        request: Request<pb::BatchUpdateSetpointsRequest>,
+    ) -> Result<Response<pb::BatchUpdateSetpointsResponse>, Status> {
+        let who = authorize(&request, Action::Write)?;
+        let requests = request.into_inner().requests;
+        Ok(Response::new(self.batch(&who, requests).await?))
     }
 
     async fn get_setpoint(
