@@ -101,11 +101,15 @@ pub fn config(database_url: String, names: &Names) -> ServeConfig {
     config.grpc_addr = "127.0.0.1:0".parse().expect("addr");
     config.admin_addr = "127.0.0.1:0".parse().expect("addr");
     config.health_addr = "127.0.0.1:0".parse().expect("addr");
-    // Measured without authentication and without the per-identity write limit, which would
-    // otherwise throttle the Put benchmark to WRITE_RATE_LIMIT.
+    // Measured without authentication and without the per-identity limits, which would
+    // otherwise throttle the benchmarks' one identity.
     config.auth.auth_disabled = true;
     config.limits.write_rate_limit = u32::MAX;
     config.limits.write_burst = u32::MAX;
+    config.limits.read_rate_limit = u32::MAX;
+    config.limits.read_burst = u32::MAX;
+    config.limits.subscribe_rate_limit = u32::MAX;
+    config.limits.subscribe_burst = u32::MAX;
     config
 }
 

@@ -312,6 +312,9 @@ fn replica_env(config: &ServeConfig, settings: &[(&str, &str)]) -> Vec<(String, 
         ("HEALTH_CHECK_INTERVAL", "500ms"),
         ("WRITE_RATE_LIMIT", "100000"),
         ("WRITE_BURST", "100000"),
+        // The checks read every sensor's state in a loop.
+        ("READ_RATE_LIMIT", "100000"),
+        ("READ_BURST", "100000"),
         // Only the staleness scenarios may see the fail-safe.
         ("STALE_AFTER", "10m"),
         ("STALE_CHECK_INTERVAL", "200ms"),

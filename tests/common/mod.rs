@@ -69,9 +69,14 @@ pub fn serve_config(database_url: String, topics: &kafka::Topics) -> ServeConfig
     // These tests are about everything but security (tests/security_*.rs); they call as the
     // anonymous admin that AUTH_DISABLED makes of every caller.
     config.auth.auth_disabled = true;
-    // Some tests write in bursts; the limit itself is tested in tests/security_limits.rs.
+    // Some tests write, read and subscribe in bursts; the limits themselves are tested in
+    // tests/security_limits.rs and tests/security_tenancy.rs.
     config.limits.write_rate_limit = 100_000;
     config.limits.write_burst = 100_000;
+    config.limits.read_rate_limit = 100_000;
+    config.limits.read_burst = 100_000;
+    config.limits.subscribe_rate_limit = 100_000;
+    config.limits.subscribe_burst = 100_000;
     config.health_check_interval = Duration::from_millis(200);
     config.shutdown_timeout = Duration::from_secs(5);
     config
