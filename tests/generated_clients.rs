@@ -117,3 +117,35 @@ fn the_protos_keep_what_the_last_release_generated() {
         printed(&out)
     );
 }
+
+/// Issue 24 (AIP-203): every field of every request message, and of the resources a request
+/// carries, says whether it is required, optional or output only.
+#[test]
+fn every_request_field_has_a_field_behavior() {
+    use prost_reflect::{DescriptorPool, Value};
+    let pool = DescriptorPool::decode(thermostat::proto::FILE_DESCRIPTOR_SET).expect("descriptors");
+    let behavior = pool
+        .get_extension_by_name("google.api.field_behavior")
+        .expect("google.api.field_behavior is in the descriptor set");
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for message in pool.all_messages() {
+        let name = message.full_name();
+        let is_input = name.ends_with("Request")
+            || ["thermostat.v1.Setpoint", "thermostat.v1.SensorReading"].contains(&name);
+        if !name.starts_with("thermostat.v1.") || !is_input {
+            continue;
+        }
+        for field in message.fields() {
+            checked += 1;
+            let options = field.options();
+            let given = options.has_extension(&behavior)
+                && matches!(&*options.get_extension(&behavior), Value::List(v) if !v.is_empty());
+            if !given {
+                missing.push(field.full_name().to_owned());
+            }
+        }
+    }
+    assert!(checked > 30, "only {checked} fields looked at");
+    assert!(missing.is_empty(), "without a field_behavior: {missing:?}");
+}
