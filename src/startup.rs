@@ -305,7 +305,9 @@ fn api_routes(
         &config.limits,
     ))
     .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
+    // A batch's answer holds every setpoint it updated: up to gRPC's usual 4 MiB a client
+    // accepts. Pages of lists are cut to `max_message` by the handlers themselves.
+    .max_encoding_message_size(max_message.max(BATCH_RESPONSE_SIZE));
     let heater = HeaterControlServiceServer::new(HeaterApi::new(
         control.clone(),
         store.clone(),
@@ -441,6 +443,9 @@ async fn shut_down(
     );
     Ok(())
 }
+
+/// The largest answer of SetpointService: gRPC clients accept 4 MiB by default.
+const BATCH_RESPONSE_SIZE: usize = 4 << 20;
 
 /// A gRPC server with the connection limits of `limits`, for the API and the health port alike.
 fn server_builder(limits: &LimitsConfig) -> Server {
