@@ -1165,3 +1165,117 @@ async fn a_replica_that_takes_a_partition_over_neither_repeats_nor_renumbers_com
     assert_eq!(off, expected);
     assert!(commands.drain(QUIET).await.is_empty());
 }
+
+/// Issue 24: a watch says when its snapshot is complete (also in a quiet building), and a
+/// client that reconnects with `resume_from` gets only the heaters that changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_marks_its_snapshot_complete_and_resumes_with_what_changed() {
+    use pb::watch_heater_commands_response::Kind;
+    let app = TestApp::spawn().await;
+    let topic = Sensors::new(&Topics::of(&app.config).commands);
+    let mut old = written_command("w/a", "w", 1, H::On);
+    old.decided_at = Some(thermostat::proto::timestamp(
+        Utc::now() - TimeDelta::minutes(10),
+    ));
+    write_command(&topic, old).await;
+    write_command(&topic, written_command("w/b", "w", 1, H::On)).await;
+    let heaters = app.heaters().await;
+    let last_sequence = |sensor: &'static str| {
+        let mut heaters = heaters.clone();
+        async move {
+            let request = pb::GetSensorStateRequest {
+                sensor_id: sensor.into(),
+            };
+            heaters
+                .get_sensor_state(request)
+                .await
+                .ok()
+                .and_then(|s| s.into_inner().last_command)
+                .map(|c| c.sequence)
+        }
+    };
+    assert!(
+        common::eventually(Duration::from_secs(20), || async {
+            last_sequence("w/a").await == Some(1) && last_sequence("w/b").await == Some(1)
+        })
+        .await
+    );
+    let watch = |building: &str, resume_from: Option<prost_types::Timestamp>| {
+        let mut heaters = heaters.clone();
+        let request = pb::WatchHeaterCommandsRequest {
+            building_id: building.into(),
+            resume_from,
+            ..Default::default()
+        };
+        async move {
+            heaters
+                .watch_heater_commands(request)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    async fn next(stream: &mut tonic::Streaming<pb::WatchHeaterCommandsResponse>) -> Kind {
+        let item = tokio::time::timeout(Duration::from_secs(10), stream.message());
+        item.await
+            .expect("an item in time")
+            .unwrap()
+            .unwrap()
+            .kind
+            .unwrap()
+    }
+    // Until its snapshot is complete: the events, and the marker.
+    async fn snapshot(
+        stream: &mut tonic::Streaming<pb::WatchHeaterCommandsResponse>,
+    ) -> (Vec<(String, u64)>, pb::SnapshotComplete) {
+        let mut events = Vec::new();
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("an item in time")
+                .unwrap()
+                .unwrap();
+            match item.kind.unwrap() {
+                Kind::Event(e) => {
+                    assert!(e.snapshot, "{e:?}");
+                    events.push((e.sensor_id, e.sequence));
+                }
+                Kind::SnapshotComplete(done) => {
+                    events.sort();
+                    return (events, done);
+                }
+            }
+        }
+    }
+
+    // A quiet building: complete at once, nothing before.
+    let mut quiet = watch("empty", None).await;
+    assert!(matches!(next(&mut quiet).await, Kind::SnapshotComplete(_)));
+    let mut first = watch("w", None).await;
+    let (events, done) = snapshot(&mut first).await;
+    assert_eq!(events, [("w/a".into(), 1), ("w/b".into(), 1)]);
+    assert!(!done.resumed);
+    drop(first);
+
+    // While the client is away, b changes; it resumes from the marker it got.
+    write_command(&topic, written_command("w/b", "w", 2, H::Off)).await;
+    assert!(
+        common::eventually(Duration::from_secs(20), || async {
+            last_sequence("w/b").await == Some(2)
+        })
+        .await
+    );
+    let mut resumed = watch("w", done.as_of).await;
+    let (events, done) = snapshot(&mut resumed).await;
+    assert_eq!(events, [("w/b".into(), 2)], "only what changed");
+    assert!(done.resumed);
+    // Then live.
+    write_command(&topic, written_command("w/a", "w", 2, H::Off)).await;
+    match next(&mut resumed).await {
+        Kind::Event(e) => assert_eq!(
+            (e.sensor_id.as_str(), e.sequence, e.snapshot),
+            ("w/a", 2, false)
+        ),
+        other => panic!("{other:?}"),
+    }
+}

@@ -3,20 +3,21 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::authorize;
 use super::convert::setpoint_to_proto;
-use super::limits::Limits;
+use super::limits::{Limits, Slot};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 use crate::security::{Authenticator, Credentials};
 use crate::store::Store;
-use crate::stream::feed::{Caller, Filter};
+use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
 
 /// The longest `sensor_ids` filter: each snapshot part looks every id up.
@@ -104,27 +105,31 @@ impl HeaterApi {
         })
     }
 
-    async fn subscribe(
+    /// Opens a feed of the heaters `sensor_ids` and `building_id` pick, within the caller's
+    /// buildings, rechecking its credentials while open; the slot counts it against the
+    /// caller's subscription limit while it is open.
+    async fn open(
         &self,
         who: Identity,
         credentials: Credentials,
-        req: pb::SubscribeHeaterCommandsRequest,
-    ) -> Result<EventStream> {
-        if req.sensor_ids.len() > MAX_FILTER_SENSORS {
+        sensor_ids: Vec<String>,
+        building_id: &str,
+        start: Start,
+    ) -> Result<(Subscription, Slot)> {
+        if sensor_ids.len() > MAX_FILTER_SENSORS {
             return Err(ValidationError::new(
                 "sensor_ids",
                 format!("at most {MAX_FILTER_SENSORS} ids; subscribe by building_id for more"),
             )
             .into());
         }
-        let sensors = req
-            .sensor_ids
+        let sensors = sensor_ids
             .into_iter()
             .map(|id| {
                 SensorId::parse(id).map_err(|e| ValidationError::new("sensor_ids", e.message))
             })
             .collect::<Result<_, _>>()?;
-        let building = match req.building_id.as_str() {
+        let building = match building_id {
             "" => None,
             id => Some(BuildingId::parse(id)?),
         };
@@ -148,23 +153,83 @@ impl HeaterApi {
         };
         let subscription = self
             .control
-            .open_feed(
-                filter,
-                req.send_initial_state,
-                caller,
-                self.shutdown.clone(),
-            )
+            .open_feed(filter, start, caller, self.shutdown.clone())
             .await
             .ok_or(Error::ShuttingDown)?;
-        // The slot counts against the caller's subscription limit while the stream is open.
+        Ok((subscription, slot))
+    }
+
+    async fn subscribe(
+        &self,
+        who: Identity,
+        credentials: Credentials,
+        req: pb::SubscribeHeaterCommandsRequest,
+    ) -> Result<EventStream> {
+        let start = Start {
+            initial_state: req.send_initial_state,
+            ..Start::default()
+        };
+        let (subscription, slot) = self
+            .open(who, credentials, req.sensor_ids, &req.building_id, start)
+            .await?;
+        Ok(Box::pin(subscription.into_stream().filter_map(
+            move |item| {
+                let _open = &slot;
+                std::future::ready(match item {
+                    Ok(Update::Event(event)) => Some(Ok(event)),
+                    Ok(Update::SnapshotComplete) => None,
+                    Err(end) => Some(Err(Status::from(end))),
+                })
+            },
+        )))
+    }
+
+    async fn watch(
+        &self,
+        who: Identity,
+        credentials: Credentials,
+        req: pb::WatchHeaterCommandsRequest,
+    ) -> Result<WatchStream> {
+        let resume_from = req
+            .resume_from
+            .map(|t| {
+                DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(u32::MAX))
+                    .ok_or_else(|| ValidationError::new("resume_from", "is not a valid time"))
+            })
+            .transpose()?;
+        let start = Start {
+            initial_state: true,
+            marks_snapshot_end: true,
+            // Commands decided on another replica, or read back late, just before the client
+            // left: resumed with a margin, and the client drops repeats by `sequence`.
+            decided_since: resume_from.map(|t| t - RESUME_MARGIN),
+        };
+        let (subscription, slot) = self
+            .open(who, credentials, req.sensor_ids, &req.building_id, start)
+            .await?;
+        let resumed = resume_from.is_some();
         Ok(Box::pin(subscription.into_stream().map(move |item| {
             let _open = &slot;
-            item.map_err(Status::from)
+            use pb::watch_heater_commands_response::Kind;
+            let kind = match item.map_err(Status::from)? {
+                Update::Event(event) => Kind::Event(event),
+                Update::SnapshotComplete => Kind::SnapshotComplete(pb::SnapshotComplete {
+                    as_of: Some(timestamp(Utc::now())),
+                    resumed,
+                }),
+            };
+            Ok(pb::WatchHeaterCommandsResponse { kind: Some(kind) })
         })))
     }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HeaterCommandEvent, Status>> + Send>>;
+type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchHeaterCommandsResponse, Status>> + Send>>;
+
+/// How far before `resume_from` a resumed watch looks: the replicas' clocks may differ, and a
+/// command is read back a moment after it is decided.
+const RESUME_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 #[tonic::async_trait]
 impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
@@ -179,6 +244,19 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         Ok(Response::new(
             self.subscribe(who, credentials, request.into_inner())
                 .await?,
+        ))
+    }
+
+    type WatchHeaterCommandsStream = WatchStream;
+
+    async fn watch_heater_commands(
+        &self,
+        request: Request<pb::WatchHeaterCommandsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let who = authorize(&request, Action::Read)?;
+        let credentials = Credentials::of(&request, self.auth.clone());
+        Ok(Response::new(
+            self.watch(who, credentials, request.into_inner()).await?,
         ))
     }
 

@@ -36,7 +36,7 @@ use crate::config::{ControlConfig, KafkaConfig};
 use crate::domain::SensorId;
 use crate::store::Store;
 use engine::{Engine, Input, Query, SensorView};
-use feed::{Caller, Filter, LiveEvent, SnapshotCursor, SnapshotPart, Subscription};
+use feed::{Caller, Filter, LiveEvent, SnapshotCursor, SnapshotPart, Start, Subscription};
 use stats::LoopStats;
 
 /// Inputs waiting for the engine. Full means the engine is the bottleneck: producers of input
@@ -196,16 +196,16 @@ impl ControlHandle {
         self.live.subscribe()
     }
 
-    /// A subscriber's stream of the heaters `filter` picks, from their last commands on if
-    /// `initial_state`; `None` when the loop is stopping.
+    /// A subscriber's stream of the heaters `filter` picks, starting as `start` says; `None`
+    /// when the loop is stopping.
     pub async fn open_feed(
         &self,
         filter: Filter,
-        initial_state: bool,
+        start: Start,
         caller: Caller,
         shutdown: CancellationToken,
     ) -> Option<Subscription> {
-        Subscription::open(self.clone(), filter, initial_state, caller, shutdown).await
+        Subscription::open(self.clone(), filter, start, caller, shutdown).await
     }
 
     pub fn stats(&self) -> &LoopStats {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-pub use subscription::{Caller, FeedEnd, Subscription};
+pub use subscription::{Caller, FeedEnd, Start, Subscription, Update};
 
 use super::cache::{Cache, Scan, SensorIndex};
 use crate::domain::{BuildingId, Scope, SensorId};

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::{FutureExt, Stream};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,27 @@ pub struct Caller {
     /// revoked credential). A narrowed scope applies from then on.
     pub recheck: Box<dyn FnMut() -> Result<Scope, Error> + Send>,
     pub every: Duration,
+}
+
+/// How a subscription starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    /// Send the last command of every matching heater first, and catch up from the heaters'
+    /// state when falling behind.
+    pub initial_state: bool,
+    /// Say when a snapshot (or a catch-up) is complete ([`Update::SnapshotComplete`]).
+    pub marks_snapshot_end: bool,
+    /// Of the initial state, only the heaters whose last command was decided at or after this
+    /// (a client resuming): the others have not changed since.
+    pub decided_since: Option<DateTime<Utc>>,
+}
+
+/// What a subscription hands out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    Event(pb::HeaterCommandEvent),
+    /// Every heater's state has been sent; live events follow.
+    SnapshotComplete,
 }
 
 /// Why a subscription ended.
@@ -53,6 +75,11 @@ pub struct Subscription {
     sent: SnapshotCoverage,
     shutdown: CancellationToken,
     ended: bool,
+    /// Whether a snapshot or catch-up is being sent whose end is not marked yet.
+    snapshot_open: bool,
+    marks_snapshot_end: bool,
+    /// Drops the initial state's heaters decided before it (nanoseconds since the epoch).
+    decided_since: Option<i64>,
     /// Events handed to the stream (a handle, so that counting one is an atomic add).
     events_sent: metrics::Counter,
 }
@@ -63,7 +90,19 @@ impl Drop for Subscription {
     }
 }
 
-type Item = Result<pb::HeaterCommandEvent, FeedEnd>;
+type Item = Result<Update, FeedEnd>;
+
+/// Keeps the events of `part` decided at or after `since`, if given.
+fn decided_since(mut part: SnapshotPart, since: Option<i64>) -> SnapshotPart {
+    if let Some(since) = since {
+        part.events.retain(|e| {
+            e.decided_at.as_ref().is_some_and(|t| {
+                t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos) >= since
+            })
+        });
+    }
+    part
+}
 
 impl Subscription {
     /// Subscribes, then takes the snapshot's first part if `initial_state`: a loop that is
@@ -71,10 +110,16 @@ impl Subscription {
     pub(in crate::stream) async fn open(
         control: ControlHandle,
         filter: Filter,
-        initial_state: bool,
+        start: Start,
         caller: Caller,
         shutdown: CancellationToken,
     ) -> Option<Self> {
+        let Start {
+            initial_state,
+            marks_snapshot_end,
+            decided_since: since,
+        } = start;
+        let since = since.map(|t| t.timestamp_nanos_opt().unwrap_or(i64::MIN));
         // Subscribe before taking the snapshot, so no command falls between the two; the
         // overlap is told by the live events' numbers (`SnapshotCoverage`).
         let live = control.subscribe();
@@ -84,7 +129,7 @@ impl Subscription {
                 .snapshot(filter.clone(), SnapshotCursor::default())
                 .await?;
             sent.add(&part);
-            part
+            decided_since(part, since)
         } else {
             SnapshotPart::default()
         };
@@ -102,6 +147,9 @@ impl Subscription {
             recheck: tokio::time::interval_at(tokio::time::Instant::now() + every, every),
             shutdown,
             ended: false,
+            snapshot_open: initial_state,
+            marks_snapshot_end,
+            decided_since: since,
             events_sent: metrics::counter!(telemetry::SUBSCRIBER_EVENTS),
         })
     }
@@ -125,7 +173,7 @@ impl Subscription {
 
     fn send(self, event: pb::HeaterCommandEvent) -> Option<(Item, Self)> {
         self.events_sent.increment(1);
-        Some((Ok(event), self))
+        Some((Ok(Update::Event(event)), self))
     }
 
     async fn next(mut self) -> Option<(Item, Self)> {
@@ -160,9 +208,17 @@ impl Subscription {
                     return self.end(FeedEnd::Stopping);
                 };
                 self.sent.add(&part);
+                let part = decided_since(part, self.decided_since);
                 self.snapshot = part.events.into_iter();
                 self.more = part.next;
                 continue;
+            }
+            if std::mem::take(&mut self.snapshot_open) {
+                // Resuming filters the initial state only; a catch-up sends what is newer.
+                self.decided_since = None;
+                if self.marks_snapshot_end {
+                    return Some((Ok(Update::SnapshotComplete), self));
+                }
             }
             let received = tokio::select! {
                 biased;
@@ -193,6 +249,7 @@ impl Subscription {
                     self.live = self.control.subscribe();
                     let sent = std::mem::take(&mut self.sent);
                     self.more = Some(SnapshotCursor::catch_up(sent));
+                    self.snapshot_open = true;
                 }
                 Err(RecvError::Lagged(missed)) => {
                     metrics::counter!(telemetry::SUBSCRIBERS_BEHIND, "outcome" => "ended")
