@@ -11,6 +11,7 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from thermostat.v1 import control_pb2, control_pb2_grpc
 from thermostat.v1 import setpoint_pb2 as pb
 from thermostat.v1 import setpoint_pb2_grpc
 
@@ -86,6 +87,21 @@ def main(address):
             break
     assert seen == sorted(seen) and len(set(seen)) == 1200, (len(seen), pages)
     print(f"paged through 1200 setpoints in {pages} pages: ok")
+
+    # Watch a building: its state is complete at once (no heater has a command yet), and a
+    # reconnecting client resumes from the marker.
+    heaters = control_pb2_grpc.HeaterControlServiceStub(channel)
+    watch = heaters.WatchHeaterCommands(control_pb2.WatchHeaterCommandsRequest(building_id="py"))
+    first = next(watch)
+    assert first.WhichOneof("kind") == "snapshot_complete", first
+    assert not first.snapshot_complete.resumed, first
+    watch.cancel()
+    resumed = heaters.WatchHeaterCommands(control_pb2.WatchHeaterCommandsRequest(
+        building_id="py", resume_from=first.snapshot_complete.as_of))
+    again = next(resumed)
+    assert again.WhichOneof("kind") == "snapshot_complete" and again.snapshot_complete.resumed, again
+    resumed.cancel()
+    print("watch: snapshot complete and resume: ok")
 
 
 if __name__ == "__main__":

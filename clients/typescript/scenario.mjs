@@ -7,12 +7,22 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
 import { BadRequestSchema, ErrorInfoSchema } from "./google/rpc/error_details_pb.js";
+import { HeaterControlService } from "./thermostat/v1/control_pb.js";
 import { SetpointService } from "./thermostat/v1/setpoint_pb.js";
 
-const client = createClient(
-  SetpointService,
-  createGrpcTransport({ baseUrl: `http://${process.argv[2]}` }),
-);
+const transport = createGrpcTransport({ baseUrl: `http://${process.argv[2]}` });
+const client = createClient(SetpointService, transport);
+const heaters = createClient(HeaterControlService, transport);
+
+// The first item of a watch, then the watch is closed.
+async function firstOfWatch(request) {
+  const abort = new AbortController();
+  for await (const item of heaters.watchHeaterCommands(request, { signal: abort.signal })) {
+    abort.abort();
+    return item;
+  }
+  assert.fail("the watch ended without an item");
+}
 
 async function refused(call, code) {
   try {
@@ -89,3 +99,13 @@ do {
 } while (pageToken !== "");
 assert.deepEqual(seen, rooms);
 console.log(`batch of 1000 and paged through 1200 setpoints in ${pages} pages: ok`);
+
+// Watch a building: its state is complete at once (no heater has a command yet), and a
+// reconnecting client resumes from the marker.
+const first = await firstOfWatch({ buildingId: "ts-many" });
+assert.equal(first.kind.case, "snapshotComplete");
+assert.equal(first.kind.value.resumed, false);
+const again = await firstOfWatch({ buildingId: "ts-many", resumeFrom: first.kind.value.asOf });
+assert.equal(again.kind.case, "snapshotComplete");
+assert.equal(again.kind.value.resumed, true);
+console.log("watch: snapshot complete and resume: ok");
