@@ -45,6 +45,7 @@ fn retry_after(delay: Duration) -> impl FnOnce(&mut ErrorDetails) {
 fn nothing(_: &mut ErrorDetails) {}
 
 impl From<Error> for Status {
+    // One arm per error, as a table: splitting it would scatter the one mapping there is.
     fn from(err: Error) -> Self {
         let message = err.to_string();
         match err {

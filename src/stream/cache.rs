@@ -389,12 +389,10 @@ impl Cache {
         self.last_events[i] = packed;
     }
 
-    /// The last command events of `sensors` (every sensor when empty) in `buildings` (any when
-    /// `None`) for which `wanted(sensor, number)` holds, of sensors from index `from` on, at most
-    /// `limit` of them in index order, and where the next ones start, if any are left. At most
-    /// [`SCAN_LIMIT`] sensors are looked at (per building, when buildings are named): the part
-    /// may then be short, or empty. Named buildings are walked through their own sensors, so
-    /// the cost follows the buildings' size, not the cache's.
+    /// From index `from` on, at most `limit` last command events of `sensors` (all when empty)
+    /// in `buildings` (any when `None`) that `wanted(sensor, number)` keeps, in index order, and
+    /// where the next part starts. Named buildings walk their own sensors, at most
+    /// [`SCAN_LIMIT`] each (else the cache's): a part may be short, or empty.
     pub fn last_events(
         &self,
         sensors: &HashSet<SensorId>,

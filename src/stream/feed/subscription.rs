@@ -176,6 +176,8 @@ impl Subscription {
         Some((Ok(Update::Event(event)), self))
     }
 
+    // The subscriber's state machine in one place (snapshot, catch-up, live, recheck, end):
+    // each step hands out one item, so the states share the loop.
     async fn next(mut self) -> Option<(Item, Self)> {
         if self.ended {
             return None;
