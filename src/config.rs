@@ -263,6 +263,10 @@ pub struct LimitsConfig {
     /// Reads of one identity running at once, on each replica.
     #[arg(long, env = "MAX_READS_PER_IDENTITY", default_value_t = 4)]
     pub max_reads_per_identity: usize,
+    /// Origins (`https://dashboard.example`) whose pages may call the API with gRPC-Web, comma
+    /// separated; empty: pages of the API's own origin only (no CORS).
+    #[arg(long, env = "GRPC_WEB_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = origin)]
+    pub grpc_web_allowed_origins: Vec<tonic::codegen::http::HeaderValue>,
     /// How long a write's `request_id` is remembered: a retry with it within this time gets
     /// the first outcome and writes nothing again.
     #[arg(long, env = "REQUEST_ID_WINDOW", default_value = "1h", value_parser = positive_duration)]
@@ -403,6 +407,16 @@ pub fn celsius_range(value: &str) -> Result<CelsiusRange, String> {
 
 /// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
 /// zero timeout or staleness fails everything at once.
+fn origin(value: &str) -> Result<tonic::codegen::http::HeaderValue, String> {
+    match value.trim() {
+        "*" => Err("list the origins; * would let every site's pages call the API".into()),
+        o if o.starts_with("http://") || o.starts_with("https://") => {
+            tonic::codegen::http::HeaderValue::from_str(o).map_err(|e| e.to_string())
+        }
+        o => Err(format!("{o:?} is not an origin (https://host[:port])")),
+    }
+}
+
 pub fn positive_duration(value: &str) -> Result<Duration, String> {
     match humantime::parse_duration(value) {
         Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),

@@ -234,7 +234,13 @@ impl Application {
                 health::set_all(&reporter, ServingStatus::NotServing).await;
             }
         };
+        // gRPC-Web (HTTP/1.1 too) for browsers, with CORS for the origins allowed.
         let router = server_builder(&config.limits)
+            .accept_http1(true)
+            .layer(tower::util::option_layer(grpc_web_cors(
+                &config.limits.grpc_web_allowed_origins,
+            )))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
             .layer(GrpcMetricsLayer)
             .add_routes(api);
@@ -442,6 +448,33 @@ async fn shut_down(
         "stopped"
     );
     Ok(())
+}
+
+/// CORS for gRPC-Web calls from pages of `origins`; none: browsers call from the same origin
+/// only.
+fn grpc_web_cors(
+    origins: &[tonic::codegen::http::HeaderValue],
+) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let headers = [
+        "authorization",
+        "content-type",
+        "grpc-timeout",
+        "x-grpc-web",
+        "x-user-agent",
+    ];
+    let exposed = ["grpc-status", "grpc-message", "grpc-status-details-bin"];
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins.iter().cloned()))
+            .allow_methods([tonic::codegen::http::Method::POST])
+            .allow_headers(headers.map(tonic::codegen::http::HeaderName::from_static))
+            .expose_headers(exposed.map(tonic::codegen::http::HeaderName::from_static))
+            .max_age(Duration::from_secs(24 * 60 * 60)),
+    )
 }
 
 /// The largest answer of SetpointService: gRPC clients accept 4 MiB by default.

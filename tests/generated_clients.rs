@@ -93,6 +93,7 @@ async fn the_generated_typescript_client_runs_its_scenario() {
         "error details: ok",
         "batch of 1000 and paged through 1200 setpoints in",
         "watch: snapshot complete and resume: ok",
+        "grpc-web over HTTP/1.1: ok",
     ] {
         assert!(printed.contains(step), "{step} missing from:\n{printed}");
     }

@@ -539,3 +539,38 @@ async fn a_sensor_partition_held_by_a_member_that_never_commits_shows_in_the_gro
     );
     app.stop().await;
 }
+
+/// Issue 24: browsers call the API with gRPC-Web (the generated TypeScript client's scenario
+/// does, over HTTP/1.1); pages of the origins GRPC_WEB_ALLOWED_ORIGINS lists pass CORS, others
+/// do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_answers_cors_for_the_allowed_origins_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = TestApp::fresh_config().await;
+    config.limits.grpc_web_allowed_origins = vec!["https://dash.example".parse().unwrap()];
+    let app = TestApp::spawn_with(config).await;
+    let preflight = |origin: &'static str| {
+        let addr = app.addr;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "OPTIONS /thermostat.v1.SetpointService/GetSetpoint HTTP/1.1\r\nHost: test\r\n\
+                 Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\
+                 Access-Control-Request-Headers: content-type,x-grpc-web,authorization\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response.to_ascii_lowercase()
+        }
+    };
+    let allowed = preflight("https://dash.example").await;
+    assert!(
+        allowed.contains("access-control-allow-origin: https://dash.example"),
+        "{allowed}"
+    );
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let other = preflight("https://elsewhere.example").await;
+    assert!(!other.contains("access-control-allow-origin"), "{other}");
+}

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 
 import { BadRequestSchema, ErrorInfoSchema } from "./google/rpc/error_details_pb.js";
 import { HeaterControlService } from "./thermostat/v1/control_pb.js";
@@ -15,9 +15,9 @@ const client = createClient(SetpointService, transport);
 const heaters = createClient(HeaterControlService, transport);
 
 // The first item of a watch, then the watch is closed.
-async function firstOfWatch(request) {
+async function firstOfWatch(request, through = heaters) {
   const abort = new AbortController();
-  for await (const item of heaters.watchHeaterCommands(request, { signal: abort.signal })) {
+  for await (const item of through.watchHeaterCommands(request, { signal: abort.signal })) {
     abort.abort();
     return item;
   }
@@ -109,3 +109,17 @@ const again = await firstOfWatch({ buildingId: "ts-many", resumeFrom: first.kind
 assert.equal(again.kind.case, "snapshotComplete");
 assert.equal(again.kind.value.resumed, true);
 console.log("watch: snapshot complete and resume: ok");
+
+// The same API over gRPC-Web on HTTP/1.1, as a browser calls it: a unary call and a stream.
+const webTransport = createGrpcWebTransport({
+  baseUrl: `http://${process.argv[2]}`,
+  httpVersion: "1.1",
+});
+const viaWeb = await createClient(SetpointService, webTransport).getSetpoint({ sensorId: "ts/room-1" });
+assert.equal(viaWeb.desiredCelsius, 22);
+const webWatch = await firstOfWatch(
+  { buildingId: "ts-many" },
+  createClient(HeaterControlService, webTransport),
+);
+assert.equal(webWatch.kind.case, "snapshotComplete");
+console.log("grpc-web over HTTP/1.1: ok");
