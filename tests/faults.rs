@@ -38,6 +38,9 @@ fn committed(kafka: &KafkaConfig) -> Option<i64> {
 async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_after_a_restart() {
     let mut config = TestApp::fresh_config().await;
     let mock = common::kafka::on_mock_cluster(&mut config);
+    // The stopped run's partition moves on once its session times out: 10 s rather than the
+    // default 45 s, so that a loaded machine still sees the command well within the wait.
+    config.kafka.kafka_session_timeout = Duration::from_secs(10);
     let kafka = config.kafka.clone();
 
     // The setpoint, written by a first run that sees no reading.
@@ -95,8 +98,8 @@ async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_aft
         .add_partition_offset(&kafka.command_topic, 0, Offset::Beginning)
         .expect("partition");
     commands.assign(&assignment).expect("assign");
-    // The group hands the stopped member's partition on once its session times out (45 s,
-    // librdkafka's default; the mock broker does not act on its leaving sooner).
+    // The group hands the stopped member's partition on once its session times out (10 s,
+    // above; the mock broker does not act on its leaving sooner).
     let record = tokio::time::timeout(Duration::from_secs(90), commands.recv())
         .await
         .expect("a command after the restart")
