@@ -17,7 +17,6 @@ use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::setpoint_service_client::SetpointServiceClient;
 use tonic::transport::Channel;
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -75,20 +74,8 @@ impl Service {
             identities,
             _dir: dir,
         };
-        let ready = eventually(Duration::from_secs(30), || async {
-            let Ok(channel) = Channel::from_shared(format!("http://{health}"))
-                .unwrap()
-                .connect()
-                .await
-            else {
-                return false;
-            };
-            let status = tonic_health::pb::health_client::HealthClient::new(channel)
-                .check(tonic_health::pb::HealthCheckRequest::default())
-                .await;
-            status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32)
-        })
-        .await;
+        let endpoint = format!("http://{health}");
+        let ready = eventually(Duration::from_secs(30), || common::serving(&endpoint, "")).await;
         assert!(ready, "never ready:\n{}", service.log_text());
         service
     }

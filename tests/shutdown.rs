@@ -14,7 +14,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use thermostat::proto::v1 as pb;
 use tokio_stream::StreamExt;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -100,18 +99,8 @@ async fn sigterm_under_load_exits_cleanly_within_budget_and_loses_nothing() {
     let endpoint = format!("http://{grpc}");
     // Readiness as the kubelet asks for it: on the plaintext health port.
     let health_endpoint = format!("http://{health}");
-    let ready = eventually(Duration::from_secs(30), || async {
-        let Ok(channel) = tonic::transport::Channel::from_shared(health_endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-        else {
-            return false;
-        };
-        let status = tonic_health::pb::health_client::HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await;
-        status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32)
+    let ready = eventually(Duration::from_secs(30), || {
+        common::serving(&health_endpoint, "")
     })
     .await;
     assert!(ready, "the service never became ready");

@@ -20,7 +20,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
 
 use thermostat::config::ServeConfig;
 use thermostat::proto::v1 as pb;
@@ -213,7 +212,7 @@ impl Replica {
 
     /// Whether the health port reports `service` SERVING.
     pub async fn serves(&self, service: &str) -> bool {
-        serving_service(&format!("http://{}", self.health), service).await
+        super::serving(&format!("http://{}", self.health), service).await
     }
 
     /// The process's resident memory, from `/proc`.
@@ -274,25 +273,7 @@ impl Drop for Replica {
 }
 
 async fn serving(endpoint: &str) -> bool {
-    serving_service(endpoint, "").await
-}
-
-async fn serving_service(endpoint: &str, service: &str) -> bool {
-    let Ok(channel) = Channel::from_shared(endpoint.to_owned())
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
-        return false;
-    };
-    let status = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        })
-        .await;
-    status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32)
+    super::serving(endpoint, "").await
 }
 
 /// The environment of every replica of `config`, `settings` overriding the suite's defaults.

@@ -405,6 +405,27 @@ pub fn still_open(socket: &tokio::net::TcpStream) -> bool {
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
+/// Whether the health service at `endpoint` (`http://host:port`) answers SERVING for `service`
+/// (`""`: the whole server) within a second.
+pub async fn serving(endpoint: &str, service: &str) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let Ok(channel) = tonic::transport::Channel::from_shared(endpoint.to_owned())
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await;
+    status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32)
+}
+
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
