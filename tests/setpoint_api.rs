@@ -1335,13 +1335,7 @@ async fn an_update_changes_only_the_fields_its_mask_names() {
     assert_eq!(missing.code(), Code::NotFound);
 
     // Nothing refused was written.
-    let stored = client
-        .get_setpoint(pb::GetSetpointRequest {
-            sensor_id: "u-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stored = get(&mut client, "u-1").await.unwrap();
     assert_eq!((stored.revision, stored.desired_celsius), (3, 23.0));
 }
 

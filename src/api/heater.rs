@@ -8,9 +8,9 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::authorize;
 use super::convert::setpoint_to_proto;
 use super::limits::{Limits, Slot};
+use super::{authorize, reader};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::timestamp;
@@ -264,8 +264,7 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         &self,
         request: Request<pb::GetSensorStateRequest>,
     ) -> Result<Response<pb::SensorState>, Status> {
-        let who = authorize(&request, Action::Read)?;
-        let _slot = self.limits.read(&who.subject)?;
+        let (who, _slot) = reader(&request, &self.limits)?;
         Ok(Response::new(self.state(&who, request.into_inner()).await?))
     }
 }

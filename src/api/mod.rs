@@ -31,6 +31,13 @@ fn authorize<T>(request: &Request<T>, action: Action) -> Result<Identity> {
     Ok(who)
 }
 
+/// The role check and the caller's read budget; the slot is held while the read runs.
+fn reader<T>(request: &Request<T>, limits: &limits::Limits) -> Result<(Identity, limits::Slot)> {
+    let who = authorize(request, Action::Read)?;
+    let slot = limits.read(&who.subject)?;
+    Ok((who, slot))
+}
+
 /// Server reflection, v1 and v1alpha (grpcurl 1.8.6 only speaks v1alpha), describing our
 /// services and the health service.
 pub fn reflection_services() -> Result<

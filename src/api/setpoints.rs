@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
-use super::limits::{Limits, Slot};
-use super::{authorize, page_token};
+use super::limits::Limits;
+use super::{authorize, page_token, reader};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -130,13 +130,6 @@ impl SetpointApi {
         Ok(who)
     }
 
-    /// The role check and the caller's read budget; the slot is held while the read runs.
-    fn reader<T>(&self, request: &tonic::Request<T>) -> Result<(Identity, Slot)> {
-        let who = authorize(request, Action::Read)?;
-        let slot = self.limits.read(&who.subject)?;
-        Ok((who, slot))
-    }
-
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
         let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
@@ -152,16 +145,15 @@ impl SetpointApi {
     /// concurrent change is not an error: the mask is applied again to what is stored then.
     async fn update(&self, who: &Identity, req: pb::UpdateSetpointRequest) -> Result<pb::Setpoint> {
         let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
-        let once = request.clone();
-        self.once(once.as_ref(), entry_to_proto, self.merge(who, req, request))
-            .await
+        let merge = self.merge(who, req, request.as_ref());
+        self.once(request.as_ref(), entry_to_proto, merge).await
     }
 
     async fn merge(
         &self,
         who: &Identity,
         req: pb::UpdateSetpointRequest,
-        request: Option<WriteRequest>,
+        request: Option<&WriteRequest>,
     ) -> Result<pb::Setpoint> {
         let patch = req
             .setpoint
@@ -212,13 +204,7 @@ impl SetpointApi {
             }
             let (setpoint, reason) = setpoint_from_proto(Some(merged))?;
             match self
-                .write(
-                    who,
-                    &setpoint,
-                    &reason,
-                    Some(current.revision),
-                    request.as_ref(),
-                )
+                .write(who, &setpoint, &reason, Some(current.revision), request)
                 .await
             {
                 Err(mismatch @ Error::RevisionMismatch { .. }) if expected.is_none() => {
@@ -358,6 +344,7 @@ impl SetpointApi {
         // Updates of one sensor run one after the other, in request order.
         let mut by_sensor: HashMap<String, Vec<(usize, pb::UpdateSetpointRequest)>> =
             HashMap::new();
+        let count = requests.len();
         for (i, request) in requests.into_iter().enumerate() {
             let sensor = request
                 .setpoint
@@ -366,7 +353,7 @@ impl SetpointApi {
                 .unwrap_or_default();
             by_sensor.entry(sensor).or_default().push((i, request));
         }
-        let mut results = vec![None; by_sensor.values().map(Vec::len).sum()];
+        let mut results = vec![None; count];
         let outcomes: Vec<Vec<(usize, pb::BatchUpdateSetpointResult)>> =
             futures::stream::iter(by_sensor.into_values().map(|updates| async move {
                 let mut done = Vec::with_capacity(updates.len());
@@ -514,7 +501,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::GetSetpointRequest>,
     ) -> Result<Response<pb::Setpoint>, Status> {
-        let (who, _slot) = self.reader(&request)?;
+        let (who, _slot) = reader(&request, &self.limits)?;
         Ok(Response::new(self.get(&who, request.into_inner()).await?))
     }
 
@@ -522,7 +509,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::ListSetpointsRequest>,
     ) -> Result<Response<pb::ListSetpointsResponse>, Status> {
-        let (who, _slot) = self.reader(&request)?;
+        let (who, _slot) = reader(&request, &self.limits)?;
         Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
@@ -539,7 +526,7 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         &self,
         request: Request<pb::ListSetpointHistoryRequest>,
     ) -> Result<Response<pb::ListSetpointHistoryResponse>, Status> {
-        let (who, _slot) = self.reader(&request)?;
+        let (who, _slot) = reader(&request, &self.limits)?;
         Ok(Response::new(
             self.history(&who, request.into_inner()).await?,
         ))

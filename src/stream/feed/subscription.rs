@@ -93,7 +93,7 @@ impl Drop for Subscription {
 type Item = Result<Update, FeedEnd>;
 
 /// Keeps the events of `part` decided at or after `since`, if given.
-fn decided_since(mut part: SnapshotPart, since: Option<i64>) -> SnapshotPart {
+fn keep_decided_since(mut part: SnapshotPart, since: Option<i64>) -> SnapshotPart {
     if let Some(since) = since {
         part.events.retain(|e| {
             e.decided_at.as_ref().is_some_and(|t| {
@@ -129,7 +129,7 @@ impl Subscription {
                 .snapshot(filter.clone(), SnapshotCursor::default())
                 .await?;
             sent.add(&part);
-            decided_since(part, since)
+            keep_decided_since(part, since)
         } else {
             SnapshotPart::default()
         };
@@ -210,7 +210,7 @@ impl Subscription {
                     return self.end(FeedEnd::Stopping);
                 };
                 self.sent.add(&part);
-                let part = decided_since(part, self.decided_since);
+                let part = keep_decided_since(part, self.decided_since);
                 self.snapshot = part.events.into_iter();
                 self.more = part.next;
                 continue;
