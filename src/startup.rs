@@ -234,30 +234,7 @@ impl Application {
                 health::set_all(&reporter, ServingStatus::NotServing).await;
             }
         };
-        // gRPC-Web (HTTP/1.1 too) for browsers, with CORS for the origins allowed.
-        let router = server_builder(&config.limits)
-            .accept_http1(true)
-            .layer(tower::util::option_layer(grpc_web_cors(
-                &config.limits.grpc_web_allowed_origins,
-            )))
-            .layer(tonic_web::GrpcWebLayer::new())
-            .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
-            .layer(GrpcMetricsLayer)
-            .add_routes(api);
-        let server: ServerFuture = match tls {
-            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                security::tls::incoming(
-                    listener,
-                    tls,
-                    config.tls.tls_handshake_timeout,
-                    stop.clone(),
-                ),
-                stop_accepting,
-            )),
-            None => Box::pin(
-                router.serve_with_incoming_shutdown(listener.into_stream(), stop_accepting),
-            ),
-        };
+        let server = serve_api(&config, api, listener, tls, &stop, stop_accepting);
         tracing::info!(addr = %local_addr, "serving gRPC");
         spawn_health_port(&mut tasks, &config.limits, health, health_listener, &stop);
         tracing::info!(addr = %health_addr, "serving gRPC health");
@@ -283,6 +260,41 @@ impl Application {
             return Err(failure);
         }
         shut_down(config.shutdown_timeout, tasks, control, server).await
+    }
+}
+
+/// Serves the API port, plaintext or TLS, until `stop_accepting`: gRPC, and gRPC-Web (HTTP/1.1
+/// too) for browsers, with CORS for the origins allowed.
+fn serve_api(
+    config: &ServeConfig,
+    api: Routes,
+    listener: Listener,
+    tls: Option<Arc<Reloadable<security::tls::TlsServer>>>,
+    stop: &CancellationToken,
+    stop_accepting: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ServerFuture {
+    let router = server_builder(&config.limits)
+        .accept_http1(true)
+        .layer(tower::util::option_layer(grpc_web_cors(
+            &config.limits.grpc_web_allowed_origins,
+        )))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(TraceLayer::new(caller_errors_are_not_failures()).make_span_with(rpc_span))
+        .layer(GrpcMetricsLayer)
+        .add_routes(api);
+    match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            security::tls::incoming(
+                listener,
+                tls,
+                config.tls.tls_handshake_timeout,
+                stop.clone(),
+            ),
+            stop_accepting,
+        )),
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(listener.into_stream(), stop_accepting))
+        }
     }
 }
 
