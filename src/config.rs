@@ -322,6 +322,9 @@ pub struct LimitsConfig {
     /// cut; a subscription still open then ends with a transport error.
     #[arg(long, env = "MAX_CONNECTION_AGE_GRACE", default_value = "1m", value_parser = humantime::parse_duration)]
     pub max_connection_age_grace: Duration,
+    /// How long a gRPC or health connection may stay open without a call before it is closed.
+    #[arg(long, env = "CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_duration)]
+    pub connection_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

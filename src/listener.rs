@@ -1,6 +1,12 @@
 //! Accepting connections on a port within bounds, for the gRPC, health and admin ports alike: a
 //! cap on open connections, TCP keepalive, a pause after failed accepts, and deadlines for a
-//! client that never sends the HTTP/2 preface or keeps a connection past its age.
+//! client that never sends the HTTP/2 preface, keeps a connection past its age, or keeps one
+//! open without a call.
+
+mod open_calls;
+
+use open_calls::OpenCalls;
+pub use open_calls::{ConnectionInfo, OpenCallsLayer, TlsConnectionInfo};
 
 use std::future::Future;
 use std::io;
@@ -33,6 +39,8 @@ pub struct ConnectionLimits {
     pub preface_timeout: Option<Duration>,
     /// The age at which a connection is cut, whatever it is doing.
     pub lifetime: Option<Duration>,
+    /// How long a connection may stay without an open call (counted by [`OpenCallsLayer`]).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// A bound port whose connections are counted against its cap.
@@ -136,6 +144,9 @@ pub struct Connection<IO> {
     /// Until the HTTP/2 preface has arrived: how many of its bytes are still due, and by when.
     preface: Option<(usize, Pin<Box<Sleep>>)>,
     end: Option<Pin<Box<Sleep>>>,
+    calls: OpenCalls,
+    /// How long it may stay without an open call, and the clock of the present idle spell.
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl<IO> Connection<IO> {
@@ -150,7 +161,34 @@ impl<IO> Connection<IO> {
             end: limits
                 .lifetime
                 .map(|lifetime| Box::pin(tokio::time::sleep(lifetime))),
+            calls: OpenCalls::new(),
+            idle: limits
+                .idle_timeout
+                .map(|timeout| (timeout, Box::pin(tokio::time::sleep(timeout)))),
         }
+    }
+
+    /// Checked only when nothing is waiting to be read: a call whose first bytes have arrived
+    /// is not yet counted, and must not be cut.
+    fn past_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some((timeout, clock)) = &mut self.idle else {
+            return Ok(());
+        };
+        // While a call is open the clock is not polled; the last call's end wakes this reader.
+        let Some(since) = self.calls.idle_since(cx.waker()) else {
+            return Ok(());
+        };
+        let due = since + *timeout;
+        if clock.deadline() != due {
+            clock.as_mut().reset(due);
+        }
+        if clock.as_mut().poll(cx).is_ready() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no call on the connection for its idle timeout",
+            ));
+        }
+        Ok(())
     }
 
     fn past_end(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
@@ -190,6 +228,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Connection<IO> {
         this.past_end(cx)?;
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if polled.is_pending() {
+            this.past_idle(cx)?;
+        }
         if let (Poll::Ready(Ok(())), Some((due, _))) = (&polled, &mut this.preface) {
             *due = due.saturating_sub(buf.filled().len() - before);
             if *due == 0 {
@@ -232,13 +273,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Connection<IO> {
     }
 }
 
-/// The wrapped stream's connection info, so that tonic still finds the peer's address and
-/// certificates in each request.
+/// The wrapped stream's connection info, with the connection's open calls for
+/// [`OpenCallsLayer`] to count.
 impl<IO: Connected> Connected for Connection<IO> {
-    type ConnectInfo = IO::ConnectInfo;
+    type ConnectInfo = ConnectionInfo<IO::ConnectInfo>;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        ConnectionInfo {
+            io: self.io.connect_info(),
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -261,6 +305,7 @@ mod tests {
             tcp_keepalive: Duration::from_secs(60),
             preface_timeout: Some(Duration::from_millis(50)),
             lifetime: None,
+            idle_timeout: None,
         };
         let slot = || {
             Arc::new(Semaphore::new(1))
@@ -286,6 +331,37 @@ mod tests {
             prompt.read(&mut buf).await.unwrap(),
             5,
             "the preface came in time"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_an_open_call_for_its_idle_timeout_fails_its_reads() {
+        use tokio::io::AsyncReadExt;
+        let idle = Duration::from_millis(100);
+        let limits = ConnectionLimits {
+            max_connections: 1,
+            tcp_keepalive: Duration::from_secs(60),
+            preface_timeout: None,
+            lifetime: None,
+            idle_timeout: Some(idle),
+        };
+        let slot = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("slot");
+        let (_client, server) = tokio::io::duplex(64);
+        let mut connection = Connection::new(server, slot, &limits);
+        let mut buf = [0; 8];
+
+        let call = connection.calls.start();
+        let open = tokio::time::timeout(3 * idle, connection.read(&mut buf)).await;
+        assert!(open.is_err(), "an open call keeps the connection: {open:?}");
+        drop(call);
+        let ended = std::time::Instant::now();
+        let err = connection.read(&mut buf).await.expect_err("idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            ended.elapsed() >= idle,
+            "cut after the idle timeout, not before"
         );
     }
 }

@@ -11,6 +11,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity, Stack};
 use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
@@ -18,7 +19,7 @@ use crate::api::metrics_layer::GrpcMetricsLayer;
 use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
 use crate::config::{LimitsConfig, ServeConfig};
 use crate::error::error_chain;
-use crate::listener::{ConnectionLimits, Listener};
+use crate::listener::{ConnectionLimits, Listener, OpenCallsLayer};
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
@@ -147,6 +148,7 @@ impl Application {
             tcp_keepalive: limits.tcp_keepalive,
             preface_timeout: None,
             lifetime: None,
+            idle_timeout: None,
         };
         let (admin, _) = bind(config.admin_addr, "admin", admin_limits)?;
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -492,8 +494,9 @@ fn grpc_web_cors(
 /// The largest answer of SetpointService: gRPC clients accept 4 MiB by default.
 const BATCH_RESPONSE_SIZE: usize = 4 << 20;
 
-/// A gRPC server with the connection limits of `limits`, for the API and the health port alike.
-fn server_builder(limits: &LimitsConfig) -> Server {
+/// A gRPC server with the connection limits of `limits`, for the API and the health port alike;
+/// its calls are counted on their connections, which close when idle.
+fn server_builder(limits: &LimitsConfig) -> Server<Stack<OpenCallsLayer, Identity>> {
     Server::builder()
         .http2_keepalive_interval(Some(limits.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
@@ -501,6 +504,7 @@ fn server_builder(limits: &LimitsConfig) -> Server {
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_connection_age(limits.max_connection_age)
         .timeout(limits.request_timeout)
+        .layer(OpenCallsLayer)
 }
 
 /// The bounds of a gRPC port's connections. tonic sends GOAWAY at `MAX_CONNECTION_AGE`; its own
@@ -515,6 +519,7 @@ fn grpc_limits(limits: &LimitsConfig, max_connections: u32) -> ConnectionLimits 
                 .max_connection_age
                 .saturating_add(limits.max_connection_age_grace),
         ),
+        idle_timeout: Some(limits.connection_idle_timeout),
     }
 }
 

@@ -1,16 +1,22 @@
 //! Limits: writes and subscriptions are limited per identity, a client's deadline ends its
 //! call at the deadline, each port caps its connections and closes silent ones, and a
-//! connection lives no longer than its maximum age and grace.
+//! connection lives no longer than its maximum age and grace, nor idle longer than its idle
+//! timeout.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use common::security::{self as creds, authorized, code, keys, put_as, secure_app};
 use common::{closed_within, eventually, http_get, put, setpoint, still_open};
 use thermostat::proto::v1 as pb;
 use thermostat::proto::v1::heater_control_service_client::HeaterControlServiceClient;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -261,14 +267,7 @@ async fn a_connection_ends_at_its_maximum_age_and_grace_and_the_client_reconnect
     .await;
     let mut heaters = app.heaters().await;
     // A subscription never ends by itself: only the cut after the grace ends it.
-    let mut stream = heaters
-        .subscribe_heater_commands(authorized(
-            pb::SubscribeHeaterCommandsRequest::default(),
-            Some("t-viewer-north"),
-        ))
-        .await
-        .expect("subscribes")
-        .into_inner();
+    let mut stream = north_viewer_subscription(&mut heaters).await;
     let ended = tokio::time::timeout(Duration::from_secs(20), stream.next()).await;
     // A transport error: the connection is cut, so no status comes from the server.
     assert!(
@@ -289,4 +288,129 @@ async fn a_connection_ends_at_its_maximum_age_and_grace_and_the_client_reconnect
     })
     .await;
     assert!(resubscribed, "the client reconnects");
+}
+
+/// A subscription of north's viewer, which sees nothing in these tests.
+async fn north_viewer_subscription(
+    heaters: &mut HeaterControlServiceClient<Channel>,
+) -> tonic::Streaming<pb::HeaterCommandEvent> {
+    heaters
+        .subscribe_heater_commands(authorized(
+            pb::SubscribeHeaterCommandsRequest::default(),
+            Some("t-viewer-north"),
+        ))
+        .await
+        .expect("subscribes")
+        .into_inner()
+}
+
+/// A TCP stream to the server that records when the server closes it.
+struct Watched {
+    io: TcpStream,
+    closed: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let ended = match &polled {
+            Poll::Ready(Ok(())) => buf.filled().len() == before,
+            Poll::Ready(Err(_)) => true,
+            Poll::Pending => false,
+        };
+        if ended {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A channel over one connection to `addr`, and whether the server has closed it.
+async fn watched_channel(addr: SocketAddr) -> (Channel, Arc<AtomicBool>) {
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&closed);
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let closed = Arc::clone(&flag);
+        async move {
+            let io = TcpStream::connect(addr).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Watched { io, closed }))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connects");
+    (channel, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_call_closes_after_its_idle_timeout_and_an_open_stream_keeps_it() {
+    const IDLE: Duration = Duration::from_secs(1);
+    let (_dir, app) = secure_app(|config, _| {
+        config.limits.connection_idle_timeout = IDLE;
+    })
+    .await;
+    // An HTTP/2 client that sends its preface and settings, then nothing, on either gRPC port.
+    // It does not answer the server's keepalive pings either, which would close it after 30 s.
+    const PREFACE_AND_EMPTY_SETTINGS: &[u8] =
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for (port, addr) in [("gRPC", app.addr), ("health", app.health_addr)] {
+        let mut silent = TcpStream::connect(addr).await.expect("connect");
+        silent
+            .write_all(PREFACE_AND_EMPTY_SETTINGS)
+            .await
+            .expect("hello");
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(10)).await,
+            "{port}: a connection without a call is closed after the idle timeout"
+        );
+    }
+
+    let (channel, closed) = watched_channel(app.addr).await;
+    let mut heaters = HeaterControlServiceClient::new(channel);
+    let mut stream = north_viewer_subscription(&mut heaters).await;
+    let quiet = tokio::time::timeout(3 * IDLE, stream.next()).await;
+    assert!(
+        quiet.is_err(),
+        "an open subscription keeps its connection: {quiet:?}"
+    );
+    assert!(!closed.load(Ordering::SeqCst));
+
+    // The idle clock starts when the last call ends.
+    drop(stream);
+    tokio::time::sleep(IDLE / 2).await;
+    assert!(
+        !closed.load(Ordering::SeqCst),
+        "closed before the idle timeout"
+    );
+    let cut = eventually(Duration::from_secs(10), || {
+        let closed = Arc::clone(&closed);
+        async move { closed.load(Ordering::SeqCst) }
+    })
+    .await;
+    assert!(cut, "closed once idle for the timeout");
 }

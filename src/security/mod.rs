@@ -17,6 +17,7 @@ use x509_cert::der::Decode;
 use crate::config::{AuthConfig, ClientAuth, TlsConfig};
 use crate::domain::{CredentialKind, Identity, Role, Scope, Subject};
 use crate::error::Error;
+use crate::listener::TlsConnectionInfo;
 use watch::{LoadError, Reloadable};
 
 /// Establishes the identity of each call.
@@ -214,6 +215,12 @@ pub fn certificate_subject(cert: &CertificateDer<'_>) -> Option<String> {
     Some(cert.tbs_certificate.subject.to_string())
 }
 
+/// The certificates the caller presented on its TLS connection.
+fn peer_certs<T>(request: &Request<T>) -> Option<Arc<Vec<CertificateDer<'static>>>> {
+    let info = request.extensions().get::<TlsConnectionInfo>()?;
+    info.peer_certs()
+}
+
 /// What a call authenticated with, kept so that a long-lived stream can check it again: a
 /// subscription must end when its token expires or is revoked, or its certificate delisted.
 #[derive(Clone)]
@@ -234,7 +241,7 @@ impl Credentials {
         Self {
             auth,
             metadata,
-            certs: request.peer_certs(),
+            certs: peer_certs(request),
         }
     }
 
@@ -249,7 +256,7 @@ impl Credentials {
 /// request's extensions, where handlers find it with [`identity`].
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let certs = request.peer_certs();
+        let certs = peer_certs(&request);
         match self.authenticate(request.metadata(), certs.as_deref().map(Vec::as_slice)) {
             Ok(who) => {
                 request.extensions_mut().insert(who);
