@@ -46,10 +46,22 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 on): a port picked there may
+/// be taken, before the replica binds it or between its restarts, as the local port of any
+/// outgoing connection (a CI run failed so). Handed out in turn from an offset of this process.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static TURN: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + TURN.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("bound");
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 /// One `thermostat serve` process, restartable with the same environment and ports. Dropping it
