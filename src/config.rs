@@ -77,6 +77,18 @@ pub struct DatabaseConfig {
     pub database_put_writers: u32,
 }
 
+/// How the gateways' producers choose a reading's partition from its key (librdkafka's
+/// `partitioner` names, without `_random`, which differs only for records without a key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SensorPartitioner {
+    /// CRC-32: librdkafka's default (confluent-kafka, thermostat's own tools).
+    Consistent,
+    /// The Java client's default (Kafka Connect, Kafka Streams, Flink).
+    Murmur2,
+    /// FNV-1a: Sarama's (Go) default.
+    Fnv1a,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SensorFormat {
     /// `thermostat.v1.SensorReading`, protobuf-encoded.
@@ -164,6 +176,15 @@ pub struct ControlConfig {
     /// setpoint change re-evaluates only readings younger than this.
     #[arg(long, env = "STALE_AFTER", default_value = "5m", value_parser = positive_duration)]
     pub stale_after: Duration,
+    /// The gateways' partitioner: a sensor that has never reported is judged silent by the
+    /// replica owning the partition its readings would go to.
+    #[arg(
+        long,
+        env = "SENSOR_PARTITIONER",
+        value_enum,
+        default_value = "consistent"
+    )]
+    pub sensor_partitioner: SensorPartitioner,
     /// How often sensors are checked for staleness.
     #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub stale_check_interval: Duration,

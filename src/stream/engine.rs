@@ -23,8 +23,10 @@ use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
 use super::feed::{self, Filter, LiveEvent, Numbering, SnapshotCursor, SnapshotPart};
 use super::output::{Ack, Acks, CommandOut, Position, ReadingPartition};
+use super::partitioner::partition_of;
 use super::stats::LoopStats;
 use super::StreamError;
+use crate::config::SensorPartitioner;
 use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
@@ -168,6 +170,8 @@ pub struct Engine {
     revoked: u64,
     /// How many partitions the sensor topic has: sensors' partitions are of this count.
     topic_partitions: i32,
+    /// Where a sensor that has not reported yet would: its partition until it reports.
+    partitioner: SensorPartitioner,
     /// `LoopStats::broker_returns` at the last staleness check.
     broker_returns: u64,
     out: CommandOut,
@@ -196,6 +200,7 @@ impl Engine {
             recalling: HashSet::new(),
             revoked: 0,
             topic_partitions,
+            partitioner: SensorPartitioner::Consistent,
             broker_returns: 0,
             out,
             acks: Acks::new(acks),
@@ -203,6 +208,12 @@ impl Engine {
             stats,
             feed: Numbering::new(live),
         }
+    }
+
+    /// Judges a sensor that has not reported yet by the partition `partitioner` puts its key in.
+    pub fn with_partitioner(mut self, partitioner: SensorPartitioner) -> Self {
+        self.partitioner = partitioner;
+        self
     }
 
     /// Applies inputs until `shutdown`, checking staleness every `stale_check`. After a stall
@@ -592,7 +603,15 @@ impl Engine {
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
         for i in self.sensors.indexes() {
-            let Some(partition) = self.sensors.partition(i) else {
+            // Known from its readings, or, for a controlled sensor that has not reported (it
+            // may go stale), where its readings will go.
+            let partition = self.sensors.partition(i).or_else(|| {
+                let key = self.sensors.id(i).as_bytes();
+                (self.sensors.is_controlled(i))
+                    .then(|| partition_of(self.partitioner, key, self.topic_partitions))
+                    .flatten()
+            });
+            let Some(partition) = partition else {
                 continue;
             };
             if let Some(&watch) = self.assigned.get(&partition) {
@@ -811,6 +830,7 @@ mod tests {
 
     /// Once the sensor topic has more partitions, a sensor's readings go to another one, maybe
     /// another replica's: its old partition's owner must not fail it safe for the silence there.
+    /// ("s" goes to partition 1 of 2 by CRC-32, not this engine's.)
     #[tokio::test]
     async fn a_sensor_is_nobodys_after_partitions_are_added_until_it_reports_again() {
         let stale_after = Duration::from_millis(50);

@@ -14,6 +14,7 @@ pub mod feed;
 mod group_lag;
 mod handoff;
 pub mod output;
+mod partitioner;
 pub mod readings;
 mod sequences;
 pub mod setpoint_sync;
@@ -279,7 +280,8 @@ pub async fn start(
         control.sensor_cache_limit,
         stats.clone(),
         live.clone(),
-    );
+    )
+    .with_partitioner(control.sensor_partitioner);
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
     readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,
