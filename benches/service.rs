@@ -525,7 +525,7 @@ async fn preload_commands(topic: &str, count: u32) -> String {
             reason: pb::CommandReason::TooCold.into(),
             setpoint_revision: 1,
             // Distinct values, as real readings would be.
-            temperature_celsius: 15.0 + f64::from(i % 1000) / 1000.0,
+            temperature_celsius: Some(15.0 + f64::from(i % 1000) / 1000.0),
             reading_time: Some(prost_types::Timestamp {
                 seconds: decided.seconds - 1,
                 nanos: (i % 1_000_000_000) as i32,

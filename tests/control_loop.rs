@@ -125,7 +125,7 @@ async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
         (on.building_id.as_str(), on.sequence, on.setpoint_revision),
         ("hq", 1, sp.revision)
     );
-    assert_eq!(on.temperature_celsius, 15.0);
+    assert_eq!(on.temperature_celsius, Some(15.0));
     assert!(on.decided_at.is_some() && on.reading_time.is_some());
     let streamed = next_event(&mut live).await;
     assert_eq!(
@@ -146,7 +146,7 @@ async fn readings_drive_commands_to_the_topic_and_to_subscribers() {
     let off = commands.expect().await;
     assert_eq!(
         (cmd(&off), off.sequence, off.temperature_celsius),
-        ((H::Off, R::TooHot), 2, 25.0)
+        ((H::Off, R::TooHot), 2, Some(25.0))
     );
     assert_eq!(next_event(&mut live).await, off);
     assert!(
@@ -506,7 +506,7 @@ async fn after_a_restart_a_setpoint_change_acts_on_a_reading_received_before_it(
     let on = commands.next(Duration::from_secs(10)).await;
     let on = on.expect("the setpoint change acted on the reading from before the restart");
     assert_eq!(cmd(&on), (H::On, R::TooCold));
-    assert_eq!(on.temperature_celsius, 20.5);
+    assert_eq!(on.temperature_celsius, Some(20.5));
 }
 
 /// A service with sensor "s" held at 20 ± 0.5 °C, readers of its command and dead-letter topics,
@@ -774,10 +774,8 @@ async fn a_command_on_the_topic_again_or_out_of_order_reaches_subscribers_once()
     .map(|e| (e.sequence, e.command()))
     .collect();
     assert_eq!(received, [(1, H::On), (2, H::Off), (3, H::On)]);
-    assert!(
-        tokio::time::timeout(QUIET, stream.next()).await.is_err(),
-        "nothing more"
-    );
+    let more = tokio::time::timeout(QUIET, stream.next()).await;
+    assert!(more.is_err(), "nothing more: {more:?}");
 }
 
 async fn next_live(live: &mut tokio::sync::broadcast::Receiver<LiveEvent>) -> LiveEvent {
@@ -1278,4 +1276,33 @@ async fn a_watch_marks_its_snapshot_complete_and_resumes_with_what_changed() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_sensor_that_never_reports_is_sent_off_without_a_temperature() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.stale_after = Duration::from_secs(2);
+    let commands = Commands::new(&Topics::of(&config));
+    let app = TestApp::spawn_with(config).await;
+    put_band(&app, "quiet", 20.0).await;
+    // Controlled from its setpoint on, silent for STALE_AFTER: the fail-safe, with no reading
+    // behind it (absent, where it used to be 0 °C).
+    let stale = commands.expect().await;
+    assert_eq!(cmd(&stale), (H::Off, R::SensorStale));
+    assert_eq!(stale.temperature_celsius, None);
+    assert_eq!(stale.reading_time, None);
+    let state = app
+        .heaters()
+        .await
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "quiet".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let last = state.last_command.expect("the last command");
+    assert_eq!(
+        (last.sequence, last.temperature_celsius),
+        (stale.sequence, None)
+    );
 }

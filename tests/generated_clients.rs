@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::TestApp;
 
@@ -41,12 +42,15 @@ fn go_code_generates_from_the_protos() {
 }
 
 /// Runs `script ADDRESS` (a generated client's scenario) against a fresh service without write
-/// limits, and returns what it printed; fails the test if it failed.
-async fn run_scenario(script: &'static str) -> String {
+/// limits and with `stale_after`, and returns what it printed; fails the test if it failed.
+async fn run_scenario(script: &'static str, stale_after: Option<Duration>) -> String {
     let mut config = TestApp::fresh_config().await;
     // A scenario's 1,200 Puts, from one identity, at once.
     config.limits.write_rate_limit = 100_000;
     config.limits.write_burst = 100_000;
+    if let Some(stale_after) = stale_after {
+        config.control.stale_after = stale_after;
+    }
     let app = TestApp::spawn_with(config).await;
     let addr = app.addr.to_string();
     let ran = tokio::task::spawn_blocking(move || {
@@ -70,14 +74,17 @@ async fn run_scenario(script: &'static str) -> String {
 }
 
 /// Issue 24: a Python client generated with grpcio-tools puts, updates with a mask, reads the
-/// error details of bad requests and pages through 1,200 setpoints (clients/python/).
+/// error details of bad requests, pages through 1,200 setpoints, watches and resumes, and sees
+/// no temperature on a command decided without a reading (clients/python/).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_generated_python_client_runs_its_scenario() {
-    let printed = run_scenario("clients/python/run.sh").await;
+    let printed = run_scenario("clients/python/run.sh", Some(Duration::from_secs(3))).await;
     for step in [
         "put and masked update: ok",
         "error details: ok",
         "1200 setpoints in",
+        "watch: snapshot complete and resume: ok",
+        "stale without a reading, no temperature: ok",
     ] {
         assert!(printed.contains(step), "{step} missing from:\n{printed}");
     }
@@ -87,7 +94,7 @@ async fn the_generated_python_client_runs_its_scenario() {
 /// transport (clients/typescript/), and a batch update of 1,000 setpoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_generated_typescript_client_runs_its_scenario() {
-    let printed = run_scenario("clients/typescript/run.sh").await;
+    let printed = run_scenario("clients/typescript/run.sh", None).await;
     for step in [
         "put and masked update: ok",
         "error details: ok",

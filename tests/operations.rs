@@ -292,7 +292,7 @@ async fn operators_create_topics_and_send_readings_by_hand() {
     );
     let on = commands.expect().await;
     assert_eq!(on.command(), thermostat::proto::v1::HeaterCommand::On);
-    assert_eq!(on.temperature_celsius, -3.5);
+    assert_eq!(on.temperature_celsius, Some(-3.5));
 
     let bad = thermostat(&topics, &["send-reading", "bad id", "20"]);
     assert!(!bad.status.success());

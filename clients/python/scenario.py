@@ -43,6 +43,11 @@ def main(address):
     channel = grpc.insecure_channel(address)
     setpoints = setpoint_pb2_grpc.SetpointServiceStub(channel)
 
+    # A sensor that will never report: STALE_AFTER after its setpoint, it is sent OFF.
+    setpoints.PutSetpoint(pb.PutSetpointRequest(setpoint=pb.Setpoint(
+        sensor_id="py-quiet/room-1", building_id="py-quiet", desired_celsius=20.0,
+        up_delta_celsius=0.5, down_delta_celsius=0.5)))
+
     # Put, then change one field with an update mask: the others stay.
     created = setpoints.PutSetpoint(pb.PutSetpointRequest(setpoint=pb.Setpoint(
         sensor_id="py/room-1", building_id="py", desired_celsius=20.0,
@@ -88,20 +93,30 @@ def main(address):
     assert seen == sorted(seen) and len(set(seen)) == 1200, (len(seen), pages)
     print(f"paged through 1200 setpoints in {pages} pages: ok")
 
-    # Watch a building: its state is complete at once (no heater has a command yet), and a
-    # reconnecting client resumes from the marker.
+    # Watch a building: its state (the last command of each heater that has one), then the
+    # marker; a reconnecting client resumes from the marker.
     heaters = control_pb2_grpc.HeaterControlServiceStub(channel)
+    def marker(watch):
+        return next(i for i in watch if i.WhichOneof("kind") == "snapshot_complete")
     watch = heaters.WatchHeaterCommands(control_pb2.WatchHeaterCommandsRequest(building_id="py"))
-    first = next(watch)
-    assert first.WhichOneof("kind") == "snapshot_complete", first
+    first = marker(watch)
     assert not first.snapshot_complete.resumed, first
     watch.cancel()
     resumed = heaters.WatchHeaterCommands(control_pb2.WatchHeaterCommandsRequest(
         building_id="py", resume_from=first.snapshot_complete.as_of))
-    again = next(resumed)
-    assert again.WhichOneof("kind") == "snapshot_complete" and again.snapshot_complete.resumed, again
+    assert marker(resumed).snapshot_complete.resumed
     resumed.cancel()
     print("watch: snapshot complete and resume: ok")
+
+    # A command decided without a reading carries no temperature: absent, not 0 °C.
+    watch = heaters.WatchHeaterCommands(
+        control_pb2.WatchHeaterCommandsRequest(building_id="py-quiet"))
+    stale = next(i.event for i in watch if i.WhichOneof("kind") == "event")
+    watch.cancel()
+    assert stale.reason == control_pb2.COMMAND_REASON_SENSOR_STALE, stale
+    assert not stale.HasField("temperature_celsius"), stale
+    assert not stale.HasField("reading_time"), stale
+    print("stale without a reading, no temperature: ok")
 
 
 if __name__ == "__main__":

@@ -150,8 +150,8 @@ pub struct AppliedCommand {
     pub reason: pb::CommandReason,
     /// The setpoint revision the service decided with.
     pub setpoint_revision: i64,
-    /// The reading it decided on.
-    pub celsius: f64,
+    /// The reading it decided on, if any.
+    pub celsius: Option<f64>,
 }
 
 /// What happened to every room.

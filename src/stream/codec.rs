@@ -193,7 +193,7 @@ pub fn command_event(
         command: command_to_proto(decision.command).into(),
         reason: reason_to_proto(decision.reason).into(),
         setpoint_revision: decision.setpoint_revision,
-        temperature_celsius: decision.reading.map_or(0.0, |r| r.temperature.value()),
+        temperature_celsius: decision.reading.map(|r| r.temperature.value()),
         reading_time: decision.reading.map(|r| timestamp(r.time)),
         decided_at: Some(timestamp(decided_at)),
         sequence: decision.sequence,
@@ -229,7 +229,7 @@ pub fn observed_command(
     let reading = event.reading_time.as_ref().and_then(|t| {
         let time = to_time(t)?;
         Some(Reading {
-            temperature: Celsius::new(event.temperature_celsius)?,
+            temperature: Celsius::new(event.temperature_celsius?)?,
             time,
             received: event.decided_at.as_ref().and_then(to_time).unwrap_or(time),
         })

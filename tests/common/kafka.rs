@@ -232,7 +232,7 @@ pub fn written_command(
             pb::CommandReason::TooHot
         } as i32,
         setpoint_revision: 1,
-        temperature_celsius: 18.0,
+        temperature_celsius: Some(18.0),
         reading_time: Some(time),
         decided_at: Some(time),
         sequence,
