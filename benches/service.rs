@@ -533,6 +533,8 @@ async fn preload_commands(topic: &str, count: u32) -> String {
             decided_at: Some(decided),
             sequence: 1,
             snapshot: false,
+            setpoint_level: pb::SetpointLevel::Default.into(),
+            level_revision: 1,
         };
         let payload = event.encode_to_vec();
         let headers = OwnedHeaders::new().insert(Header {

@@ -185,6 +185,10 @@ pub struct ControlConfig {
         default_value = "consistent"
     )]
     pub sensor_partitioner: SensorPartitioner,
+    /// How often expired levels of the sensors' priority arrays (overrides) are relinquished:
+    /// an override ends at most this long after its expiry.
+    #[arg(long, env = "LEVEL_EXPIRY_INTERVAL", default_value = "1s", value_parser = positive_duration)]
+    pub level_expiry_interval: Duration,
     /// How often sensors are checked for staleness.
     #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub stale_check_interval: Duration,

@@ -25,6 +25,15 @@ pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
+/// The time of a protobuf timestamp; `None` when its nanoseconds are out of range or it lies
+/// beyond what chrono represents.
+pub fn from_timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(
+        t.seconds,
+        u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000)?,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -376,11 +376,38 @@ fn spawn_upkeep(
         crate::telemetry::upkeep(upkeep_stop).await;
         Ok(())
     });
+    let (expiry_stop, every, expiring) = (
+        stop.clone(),
+        config.control.level_expiry_interval,
+        store.clone(),
+    );
+    tasks.spawn(async move {
+        expire_levels(expiring, every, expiry_stop).await;
+        Ok(())
+    });
     let (forget_stop, window) = (stop.clone(), config.limits.request_id_window);
     tasks.spawn(async move {
         forget_request_ids(store, window, forget_stop).await;
         Ok(())
     });
+}
+
+/// Relinquishes expired levels of the sensors' priority arrays every `every`. Every replica
+/// does: each expiry is recorded once, by whichever comes first, and the other replicas learn
+/// the new effective setpoint from its notification.
+async fn expire_levels(store: Store, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => match store.expire_levels().await {
+                Ok(0) => {}
+                Ok(expired) => tracing::info!(expired, "setpoint levels expired"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "expiring setpoint levels"),
+            },
+        }
+    }
 }
 
 /// Forgets the request ids of writes older than `window`, every minute (every replica does;

@@ -211,6 +211,38 @@ async fn grpcurl_lists_describes_puts_and_gets_through_reflection() {
     assert_eq!(got["downDeltaCelsius"], 1.0);
     assert_eq!(got["buildingId"], "hq");
 
+    // An override as the README writes it: levels by name, the expiry in RFC 3339.
+    let expire = (chrono::Utc::now() + chrono::TimeDelta::minutes(10)).format("%FT%TZ");
+    let written = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(
+            r#"{{"sensorId": "lobby-1", "level": "SETPOINT_LEVEL_OVERRIDE", "desiredCelsius": 23, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5, "expireTime": "{expire}", "reason": "meeting"}}"#
+        ),
+        &addr,
+        "thermostat.v1.SetpointService/WriteSetpointLevel",
+    ]);
+    let written: serde_json::Value = serde_json::from_str(&written).expect("JSON from grpcurl");
+    assert_eq!(
+        written["effectiveLevel"], "SETPOINT_LEVEL_OVERRIDE",
+        "{written}"
+    );
+    assert_eq!(written["effectiveUntil"], expire.to_string(), "{written}");
+    let relinquished = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"sensorId": "lobby-1", "level": "SETPOINT_LEVEL_OVERRIDE", "reason": "meeting over"}"#,
+        &addr,
+        "thermostat.v1.SetpointService/RelinquishSetpointLevel",
+    ]);
+    let relinquished: serde_json::Value =
+        serde_json::from_str(&relinquished).expect("JSON from grpcurl");
+    assert_eq!(
+        relinquished["effectiveLevel"], "SETPOINT_LEVEL_DEFAULT",
+        "{relinquished}"
+    );
+    assert_eq!(relinquished["revision"], "3");
+
     // A bad request's details, decoded through reflection: which field, and why.
     let refused = common::grpcurl_output(&[
         "-plaintext",

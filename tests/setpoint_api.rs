@@ -617,6 +617,8 @@ async fn change_notifications_carry_the_stored_version_exactly() {
             )
             .unwrap(),
         ),
+        level: thermostat::domain::levels::Level::Default,
+        level_revision: revision,
     };
     assert_eq!(next().await, expected(1, desired));
 

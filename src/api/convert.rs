@@ -3,6 +3,7 @@
 use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
+use crate::store::Levels;
 
 /// The setpoint and reason of a Put, with errors naming `setpoint.<field>`.
 pub fn setpoint_from_proto(
@@ -52,4 +53,49 @@ pub fn expected_revision(value: Option<i64>) -> Result<Option<i64>, ValidationEr
         )),
         other => Ok(other),
     }
+}
+
+/// A priority array, as the API answers it.
+pub fn levels_to_proto(levels: &Levels) -> pb::SetpointLevels {
+    pb::SetpointLevels {
+        sensor_id: levels.sensor_id.clone(),
+        building_id: levels.building_id.clone(),
+        revision: levels.revision,
+        levels: levels
+            .entries
+            .iter()
+            .map(|e| pb::SetpointLevelEntry {
+                level: i32::from(e.level.0.number()),
+                desired_celsius: e.desired_celsius,
+                up_delta_celsius: e.up_delta_celsius,
+                down_delta_celsius: e.down_delta_celsius,
+                expire_time: e.expire_time.map(timestamp),
+                revision: e.revision,
+                update_time: Some(timestamp(e.update_time)),
+                updated_by: e.updated_by.clone(),
+                reason: e.reason.clone(),
+            })
+            .collect(),
+        effective_level: i32::from(levels.effective.number()),
+        effective_until: levels.effective_until.map(timestamp),
+    }
+}
+
+/// The deciding level of a priority array, as a setpoint with the sensor's revision.
+pub fn effective_to_proto(levels: &Levels) -> Option<pb::Setpoint> {
+    let entry = levels
+        .entries
+        .iter()
+        .find(|e| e.level.0 == levels.effective)?;
+    Some(pb::Setpoint {
+        sensor_id: levels.sensor_id.clone(),
+        building_id: levels.building_id.clone(),
+        desired_celsius: entry.desired_celsius,
+        up_delta_celsius: entry.up_delta_celsius,
+        down_delta_celsius: entry.down_delta_celsius,
+        revision: levels.revision,
+        update_time: Some(timestamp(entry.update_time)),
+        updated_by: entry.updated_by.clone(),
+        reason: entry.reason.clone(),
+    })
 }

@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::convert::setpoint_to_proto;
+use super::convert::{effective_to_proto, setpoint_to_proto};
 use super::limits::{Limits, Slot};
 use super::{authorize, reader};
 use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
@@ -87,6 +87,11 @@ impl HeaterApi {
         {
             return Err(not_found());
         }
+        // The level in force, when the setpoint is live and visible.
+        let levels = match &setpoint {
+            Some(_) => Some(self.store.levels(&sensor, &who.scope).await?),
+            None => None,
+        };
         let setpoint = setpoint.as_ref().map(setpoint_to_proto);
         // A sensor moved between buildings keeps the last command sent while it was elsewhere;
         // that command belongs to the other building.
@@ -102,6 +107,10 @@ impl HeaterApi {
                 reading_time: Some(timestamp(r.time)),
             }),
             last_command,
+            setpoint_level: levels
+                .as_ref()
+                .map_or(0, |l| i32::from(l.effective.number())),
+            effective_setpoint: levels.as_ref().and_then(effective_to_proto),
         })
     }
 

@@ -2,9 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{expected_revision, setpoint_from_proto, setpoint_to_proto, setpoint_values};
+use super::convert::{
+    expected_revision, levels_to_proto, setpoint_from_proto, setpoint_to_proto, setpoint_values,
+};
 use super::limits::Limits;
 use super::{authorize, page_token, reader};
+use crate::domain::levels::{self, Level, LevelValues};
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -21,9 +24,9 @@ use crate::domain::{
     Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
 };
 use crate::error::{Error, Result};
-use crate::proto::timestamp;
 use crate::proto::v1 as pb;
-use crate::store::{HistoryEntry, PutOutcome, Store, WriteRequest};
+use crate::proto::{from_timestamp, timestamp};
+use crate::store::{level_name, HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
 use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its encoding without the id);
@@ -128,6 +131,18 @@ impl SetpointApi {
         let who = authorize(request, Action::Write)?;
         self.limits.write(&who.subject)?;
         Ok(who)
+    }
+
+    /// The caller of a write of `level` (a proto number), if its role may write that level.
+    fn level_writer<T>(
+        &self,
+        request: &tonic::Request<T>,
+        level: i32,
+    ) -> Result<(Identity, Level)> {
+        let level = Level::parse_above_default(level)?;
+        let who = authorize(request, level.action())?;
+        self.limits.write(&who.subject)?;
+        Ok((who, level))
     }
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
@@ -424,6 +439,84 @@ impl SetpointApi {
         }
     }
 
+    async fn write_level(
+        &self,
+        who: &Identity,
+        level: Level,
+        req: pb::WriteSetpointLevelRequest,
+    ) -> Result<pb::SetpointLevels> {
+        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let sensor_id = SensorId::parse(req.sensor_id)?;
+        let values = LevelValues::new(
+            req.desired_celsius,
+            req.up_delta_celsius,
+            req.down_delta_celsius,
+        )?;
+        let expire_time = req
+            .expire_time
+            .map(|t| {
+                from_timestamp(&t)
+                    .ok_or_else(|| ValidationError::new("expire_time", "is not a valid time"))
+            })
+            .transpose()?;
+        let expire_time = levels::expiry(expire_time, chrono::Utc::now())?;
+        let reason = Reason::parse(req.reason)?;
+        let write = LevelWrite {
+            sensor_id: &sensor_id,
+            level,
+            values,
+            expire_time,
+            expected_revision: expected_revision(req.expected_revision)?,
+            actor: who.subject.as_str(),
+            reason: &reason,
+            scope: &who.scope,
+            request: request.as_ref(),
+        };
+        let written = async {
+            let revision = self.store.write_level(write).await?;
+            tracing::info!(%sensor_id, revision, level = level_name(level), ?expire_time, "setpoint level written");
+            Ok(())
+        };
+        self.once(request.as_ref(), |_| Ok(()), written).await?;
+        Ok(levels_to_proto(
+            &self.store.levels(&sensor_id, &who.scope).await?,
+        ))
+    }
+
+    async fn relinquish_level(
+        &self,
+        who: &Identity,
+        level: Level,
+        req: pb::RelinquishSetpointLevelRequest,
+    ) -> Result<pb::SetpointLevels> {
+        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let sensor_id = SensorId::parse(req.sensor_id)?;
+        let reason = Reason::parse(req.reason)?;
+        let actor = who.subject.as_str();
+        let expected = expected_revision(req.expected_revision)?;
+        let relinquished = async {
+            let revision = self
+                .store
+                .relinquish_level(
+                    &sensor_id,
+                    level,
+                    expected,
+                    actor,
+                    &reason,
+                    &who.scope,
+                    request.as_ref(),
+                )
+                .await?;
+            tracing::info!(%sensor_id, revision, level = level_name(level), actor, "setpoint level relinquished");
+            Ok(())
+        };
+        self.once(request.as_ref(), |_| Ok(()), relinquished)
+            .await?;
+        Ok(levels_to_proto(
+            &self.store.levels(&sensor_id, &who.scope).await?,
+        ))
+    }
+
     async fn history(
         &self,
         who: &Identity,
@@ -459,6 +552,8 @@ impl SetpointApi {
                 change_time: Some(timestamp(e.change_time)),
                 changed_by: e.changed_by.clone(),
                 reason: e.reason.clone(),
+                level: i32::from(e.level.number()),
+                expire_time: e.expire_time.map(timestamp),
             },
         );
         Ok(pb::ListSetpointHistoryResponse {
@@ -530,5 +625,38 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
         Ok(Response::new(
             self.history(&who, request.into_inner()).await?,
         ))
+    }
+
+    async fn write_setpoint_level(
+        &self,
+        request: Request<pb::WriteSetpointLevelRequest>,
+    ) -> Result<Response<pb::SetpointLevels>, Status> {
+        let level = request.get_ref().level;
+        let (who, level) = self.level_writer(&request, level)?;
+        Ok(Response::new(
+            self.write_level(&who, level, request.into_inner()).await?,
+        ))
+    }
+
+    async fn relinquish_setpoint_level(
+        &self,
+        request: Request<pb::RelinquishSetpointLevelRequest>,
+    ) -> Result<Response<pb::SetpointLevels>, Status> {
+        let level = request.get_ref().level;
+        let (who, level) = self.level_writer(&request, level)?;
+        Ok(Response::new(
+            self.relinquish_level(&who, level, request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn get_setpoint_levels(
+        &self,
+        request: Request<pb::GetSetpointLevelsRequest>,
+    ) -> Result<Response<pb::SetpointLevels>, Status> {
+        let (who, _slot) = reader(&request, &self.limits)?;
+        let sensor_id = SensorId::parse(request.into_inner().sensor_id).map_err(Error::from)?;
+        let levels = self.store.levels(&sensor_id, &who.scope).await?;
+        Ok(Response::new(levels_to_proto(&levels)))
     }
 }

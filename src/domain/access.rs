@@ -43,6 +43,7 @@ impl Role {
         match action {
             Action::Read => Role::Viewer,
             Action::Write => Role::Operator,
+            Action::WriteSafety => Role::Admin,
         }
     }
 }
@@ -58,8 +59,10 @@ impl fmt::Display for Role {
 pub enum Action {
     /// Get, List, history, sensor state, subscribe.
     Read,
-    /// Put and Delete.
+    /// Put and Delete, and writing the OVERRIDE level.
     Write,
+    /// Writing the SAFETY level (freeze or overheat protection).
+    WriteSafety,
 }
 
 /// The buildings a caller may see.
@@ -219,6 +222,7 @@ impl Identity {
                 action: match action {
                     Action::Read => "read",
                     Action::Write => "change setpoints",
+                    Action::WriteSafety => "write the SAFETY level",
                 },
             })
         }

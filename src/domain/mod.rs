@@ -6,6 +6,7 @@
 pub mod access;
 pub mod control;
 mod ids;
+pub mod levels;
 mod setpoint;
 
 pub use access::{Action, CredentialKind, Identity, Role, Scope, Subject};

@@ -1,6 +1,7 @@
 //! PostgreSQL storage: the connection pool, migrations and every SQL statement the service
 //! issues. Knows nothing of gRPC; returns domain types and [`crate::Error`].
 
+mod levels;
 mod put_queue;
 mod requests;
 mod sequences;
@@ -16,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::DatabaseConfig;
 use crate::error::Result;
 
+pub use levels::{level_name, LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
 pub use requests::{RecordedWrite, WriteRequest};
 pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 

@@ -7,6 +7,7 @@ use futures::stream::{Stream, StreamExt};
 
 use super::requests::WriteRequest;
 use super::Store;
+use crate::domain::levels::Level;
 use crate::domain::{BuildingId, Reason, Scope, SensorId, Setpoint, StoredSetpoint};
 use crate::error::{Error, Result};
 
@@ -36,8 +37,12 @@ impl PutOutcome {
 pub struct SetpointVersion {
     pub sensor_id: SensorId,
     pub revision: i64,
-    /// `None` when the latest revision is a deletion.
+    /// `None` when the latest revision is a deletion. The effective setpoint: the values of
+    /// the deciding level of the sensor's priority array.
     pub setpoint: Option<Setpoint>,
+    /// That level, and the revision at which it was written.
+    pub level: Level,
+    pub level_revision: i64,
 }
 
 /// One change in a sensor's history.
@@ -49,6 +54,10 @@ pub struct HistoryEntry {
     pub change_time: DateTime<Utc>,
     pub changed_by: String,
     pub reason: String,
+    /// The level of the priority array changed.
+    pub level: Level,
+    /// For a level written with an expiry, or expired: when.
+    pub expire_time: Option<DateTime<Utc>>,
 }
 
 /// A row of `setpoints`, live or tombstone.
@@ -93,6 +102,15 @@ pub(super) struct VersionColumns {
     down_delta_celsius: f64,
     revision: i64,
     deleted: bool,
+    /// The level the values come from, in a notification or the loop's re-read; 0 (DEFAULT)
+    /// where a query reads the row alone.
+    #[sqlx(default)]
+    #[serde(default)]
+    level: i16,
+    /// The revision at which that level was written; 0: `revision`.
+    #[sqlx(default)]
+    #[serde(default)]
+    level_revision: i64,
 }
 
 impl VersionColumns {
@@ -109,11 +127,21 @@ impl VersionColumns {
 
     fn into_version(self) -> Result<SetpointVersion> {
         let setpoint = (!self.deleted).then(|| self.setpoint()).transpose()?;
+        let level = match self.level {
+            0 => Level::Default,
+            n => Level::from_number(i32::from(n))
+                .ok_or_else(|| Error::Internal(format!("stored level {n}")))?,
+        };
         Ok(SetpointVersion {
             sensor_id: SensorId::parse(self.sensor_id)
                 .map_err(|e| Error::Internal(format!("stored sensor id: {e}")))?,
             revision: self.revision,
             setpoint,
+            level,
+            level_revision: match self.level_revision {
+                0 => self.revision,
+                r => r,
+            },
         })
     }
 }
@@ -158,6 +186,8 @@ pub(super) struct HistoryRow {
     change_time: DateTime<Utc>,
     changed_by: String,
     reason: String,
+    level: i16,
+    expire_time: Option<DateTime<Utc>>,
 }
 
 impl HistoryRow {
@@ -182,6 +212,9 @@ impl HistoryRow {
             change_time: self.change_time,
             changed_by: self.changed_by,
             reason: self.reason,
+            level: Level::from_number(i32::from(self.level))
+                .ok_or_else(|| Error::Internal(format!("stored level {}", self.level)))?,
+            expire_time: self.expire_time,
         })
     }
 }
@@ -497,7 +530,7 @@ impl Store {
         let _turn = self.read_turn().await?;
         let rows: Vec<HistoryRow> = sqlx::query_as(
             "SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius, \
-                    down_delta_celsius, change_time, changed_by, reason \
+                    down_delta_celsius, change_time, changed_by, reason, level, expire_time \
              FROM setpoint_history \
              WHERE sensor_id = $1 AND ($2::int8 IS NULL OR revision < $2) \
                AND ($4::text[] IS NULL OR building_id = ANY($4::text[])) \
@@ -520,7 +553,14 @@ impl Store {
     /// pages after they are freed).
     pub fn setpoint_versions(&self) -> impl Stream<Item = Result<SetpointVersion>> + '_ {
         // Only what the cache needs: not the audit columns of a million rows.
-        const SQL: &str = concat!("SELECT ", version_columns!(), " FROM setpoints");
+        // The effective setpoint, as the notification carries it (migrations: winning_level).
+        const SQL: &str = "SELECT s.sensor_id, s.building_id, \
+                COALESCE(top.desired_celsius, s.desired_celsius) AS desired_celsius, \
+                COALESCE(top.up_delta_celsius, s.up_delta_celsius) AS up_delta_celsius, \
+                COALESCE(top.down_delta_celsius, s.down_delta_celsius) AS down_delta_celsius, \
+                s.revision, s.deleted, COALESCE(top.level, 1::smallint) AS level, \
+                COALESCE(top.revision, s.default_revision) AS level_revision \
+            FROM setpoints s LEFT JOIN LATERAL winning_level(s.sensor_id, now()) top ON true";
         sqlx::query_as::<_, VersionColumns>(SQL)
             .fetch(self.pool())
             .map(|row| {

@@ -24,6 +24,7 @@ use super::StreamError;
 use crate::domain::control::{
     Band, ControlParts, HeaterCommand, LastCommand, Reading, SensorControl,
 };
+use crate::domain::levels::Level;
 use crate::domain::{BuildingId, Celsius, SensorId};
 use crate::proto::v1 as pb;
 
@@ -128,6 +129,11 @@ pub struct Cache {
     last_events: Vec<LastEvent>,
     wide_event_revisions: HashMap<SensorIndex, i64>,
     wide_event_sequences: HashMap<SensorIndex, u64>,
+    /// The level of the priority array each sensor's setpoint comes from, and the revision it
+    /// was written at, where that is not DEFAULT at the sensor's own revision: few sensors.
+    levels: HashMap<SensorIndex, (Level, i64)>,
+    /// The same for last command events (proto level numbers).
+    event_levels: HashMap<SensorIndex, (i32, i64)>,
 }
 
 impl Cache {
@@ -205,6 +211,24 @@ impl Cache {
 
     pub fn is_controlled(&self, i: SensorIndex) -> bool {
         self.slots[i as usize].flags & flags::BAND != 0
+    }
+
+    /// The level the sensor's setpoint comes from, and the revision that level was written at.
+    pub fn level(&self, i: SensorIndex) -> (Level, i64) {
+        let own = || widen(self.slots[i as usize].revision, &self.wide_revisions, i);
+        self.levels
+            .get(&i)
+            .copied()
+            .unwrap_or_else(|| (Level::Default, own()))
+    }
+
+    /// Records the level of the sensor's setpoint at `revision`.
+    pub fn set_level(&mut self, i: SensorIndex, level: Level, level_revision: i64, revision: i64) {
+        if (level, level_revision) == (Level::Default, revision) {
+            self.levels.remove(&i);
+        } else {
+            self.levels.insert(i, (level, level_revision));
+        }
     }
 
     /// The sensor's state, unpacked.
@@ -306,12 +330,18 @@ impl Cache {
     /// The sensor's last command event.
     pub fn last_event(&self, i: SensorIndex) -> Option<pb::HeaterCommandEvent> {
         let event = self.stored_event(i)?;
+        let setpoint_revision = widen(event.revision, &self.wide_event_revisions, i);
+        let (setpoint_level, level_revision) = self
+            .event_levels
+            .get(&i)
+            .copied()
+            .unwrap_or((pb::SetpointLevel::Default as i32, setpoint_revision));
         Some(pb::HeaterCommandEvent {
             sensor_id: self.id(i).to_owned(),
             building_id: self.buildings[event.building as usize].to_string(),
             command: i32::from((event.flags >> event_flags::COMMAND_SHIFT) & 0b11),
             reason: i32::from(event.flags >> event_flags::REASON_SHIFT),
-            setpoint_revision: widen(event.revision, &self.wide_event_revisions, i),
+            setpoint_revision,
             temperature_celsius: Some(event.temperature).filter(|t| !t.is_nan()),
             reading_time: (event.flags & event_flags::READING_TIME != 0)
                 .then(|| from_nanos(event.reading_time)),
@@ -319,6 +349,8 @@ impl Cache {
                 .then(|| from_nanos(event.decided_at)),
             sequence: widen(event.sequence, &self.wide_event_sequences, i),
             snapshot: false,
+            setpoint_level,
+            level_revision,
         })
     }
 
@@ -356,6 +388,14 @@ impl Cache {
             }
             nanos.unwrap_or_default()
         };
+        // An event of a version before levels (0, 0) was decided on the DEFAULT level.
+        let level = (event.setpoint_level, event.level_revision);
+        if level == (pb::SetpointLevel::Default as i32, event.setpoint_revision) || level == (0, 0)
+        {
+            self.event_levels.remove(&i);
+        } else {
+            self.event_levels.insert(i, level);
+        }
         let reading_time = time(&event.reading_time, event_flags::READING_TIME);
         let decided_at = time(&event.decided_at, event_flags::DECIDED_AT);
         let packed = LastEvent {
@@ -669,6 +709,8 @@ mod tests {
             }),
             sequence,
             snapshot: false,
+            setpoint_level: pb::SetpointLevel::Override.into(),
+            level_revision: -8,
         }
     }
 
@@ -945,6 +987,8 @@ mod tests {
             temperature in proptest::option::of(proptest::num::f64::ANY),
             times in proptest::option::of((-9_223_372_035i64..=9_223_372_035, 0..1_000_000_000i32)),
             decided in (-9_223_372_035i64..=9_223_372_035, 0..1_000_000_000i32),
+            level in proptest::sample::select(vec![1, 3, 4]),
+            level_revision: i64,
         ) {
             let mut cache = Cache::default();
             let i = cache.find_or_insert(&id("b/s")).unwrap();
@@ -960,6 +1004,8 @@ mod tests {
                 decided_at: Some(stamp(decided)),
                 sequence,
                 snapshot: false,
+                setpoint_level: level,
+                level_revision,
             };
             cache.set_last_event(i, &sent, &building("b"), 1);
             let back = cache.last_event(i).unwrap();

@@ -198,6 +198,9 @@ pub fn command_event(
         decided_at: Some(timestamp(decided_at)),
         sequence: decision.sequence,
         snapshot: false,
+        // The engine fills in the level its setpoint comes from.
+        setpoint_level: pb::SetpointLevel::Default.into(),
+        level_revision: decision.setpoint_revision,
     }
 }
 

@@ -364,6 +364,11 @@ impl Engine {
             .partition(i)
             .is_some_and(|p| self.decides_for(p));
         let stale_after = self.stale_after;
+        if version.revision > self.sensors.control(i).revision() {
+            let level = (version.level, version.level_revision);
+            self.sensors
+                .set_level(i, level.0, level.1, version.revision);
+        }
         let decision = self.decide(i, |control| {
             let newer = control.apply_setpoint(version.revision, version.setpoint, now);
             // Sensors another replica owns are only tracked.
@@ -636,7 +641,11 @@ impl Engine {
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
         self.stats.command(decision.command, decision.reason);
-        let event = command_event(self.sensors.id(i), decision, Utc::now());
+        let mut event = command_event(self.sensors.id(i), decision, Utc::now());
+        // Decided on the setpoint in force, whose level the cache keeps.
+        let (level, level_revision) = self.sensors.level(i);
+        event.setpoint_level = i32::from(level.number());
+        event.level_revision = level_revision;
         let number = self.feed.own(i, event.sequence);
         self.sensors
             .set_last_event(i, &event, &decision.building_id, number);
@@ -728,6 +737,8 @@ mod tests {
             sensor_id: sensor.clone(),
             revision: 1,
             setpoint: Some(setpoint),
+            level: crate::domain::levels::Level::Default,
+            level_revision: 1,
         })
     }
 

@@ -237,6 +237,8 @@ pub fn written_command(
         decided_at: Some(time),
         sequence,
         snapshot: false,
+        setpoint_level: pb::SetpointLevel::Default.into(),
+        level_revision: 1,
     }
 }
 
