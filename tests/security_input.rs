@@ -79,7 +79,9 @@ async fn no_bad_input_changes_the_database() {
         .unwrap();
     let mut db = app.db().await;
     let dump = "SELECT coalesce(string_agg(t::text, '|' ORDER BY t::text), '') FROM \
-                (SELECT * FROM setpoints UNION ALL SELECT sensor_id, building_id, desired_celsius, \
+                (SELECT sensor_id, building_id, desired_celsius, up_delta_celsius, \
+                 down_delta_celsius, revision, update_time, updated_by, reason, deleted \
+                 FROM setpoints UNION ALL SELECT sensor_id, building_id, desired_celsius, \
                  up_delta_celsius, down_delta_celsius, revision, change_time, changed_by, reason, \
                  deleted FROM setpoint_history) t";
     let before: String = sqlx::query_scalar(dump).fetch_one(&mut db).await.unwrap();

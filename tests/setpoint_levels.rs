@@ -311,6 +311,27 @@ async fn levels_are_checked_and_safety_is_for_administrators() {
         assert_eq!(code(&got), expected, "{bad:?}: {got:?}");
     }
 
+    // Deleting the setpoint would drop SAFETY with it: for administrators only.
+    let deleter = client.clone();
+    let delete = |token: &'static str| {
+        let mut client = deleter.clone();
+        async move {
+            client
+                .delete_setpoint(authorized(
+                    pb::DeleteSetpointRequest {
+                        sensor_id: sensor.into(),
+                        ..Default::default()
+                    },
+                    Some(token),
+                ))
+                .await
+        }
+    };
+    assert_eq!(
+        code(&delete("t-operator-north").await),
+        Code::PermissionDenied
+    );
+
     // Relinquishing SAFETY lets the override decide; an empty level is NOT_FOUND.
     let relinquish = |level: L, token: &'static str| {
         let mut client = client.clone();
@@ -342,17 +363,25 @@ async fn levels_are_checked_and_safety_is_for_administrators() {
         Code::NotFound
     );
 
-    // Deleting the setpoint deletes its levels: created again, it starts from DEFAULT alone.
-    client
-        .delete_setpoint(authorized(
-            pb::DeleteSetpointRequest {
-                sensor_id: sensor.into(),
-                ..Default::default()
-            },
-            Some("t-operator-north"),
-        ))
+    // A retry of a write whose expiry has passed since is answered, not refused.
+    let retried = pb::WriteSetpointLevelRequest {
+        request_id: "hold-1".into(),
+        ..override_of(
+            sensor,
+            22.0,
+            Some(Utc::now() + TimeDelta::milliseconds(1500)),
+        )
+    };
+    write_as(&mut client, "t-operator-north", retried.clone())
         .await
-        .expect("deleted");
+        .expect("first attempt");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    write_as(&mut client, "t-operator-north", retried)
+        .await
+        .expect("the retry is answered");
+
+    // Deleting the setpoint deletes its levels: created again, it starts from DEFAULT alone.
+    delete("t-operator-north").await.expect("deleted");
     put_as(&mut client, "t-operator-north", sensor, "north", 20.0)
         .await
         .expect("put again");

@@ -19,9 +19,10 @@ use base64::Engine;
 use prost::Message;
 
 use crate::config::{CelsiusRange, LimitsConfig};
-use crate::domain::control::{self, Band};
+use crate::domain::control;
 use crate::domain::{
-    Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
+    Action, BuildingId, Celsius, Identity, Reason, SensorId, Setpoint, StoredSetpoint,
+    ValidationError,
 };
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
@@ -29,10 +30,11 @@ use crate::proto::{from_timestamp, timestamp};
 use crate::store::{level_name, HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
 use pb::batch_update_setpoint_result::Result as Outcome;
 
-/// A write's request id, checked, with the request written out (its encoding without the id);
-/// `None` when the caller gave none.
+/// A write's request id, checked, with the request written out (its method and its encoding
+/// without the id); `None` when the caller gave none.
 fn write_request<M: Message + Clone>(
     who: &Identity,
+    method: &str,
     message: &M,
     without_id: impl Fn(&mut M),
     id: &str,
@@ -56,7 +58,11 @@ fn write_request<M: Message + Clone>(
     Ok(Some(WriteRequest {
         caller: format!("{:?}/{}", who.subject.kind, who.subject.name),
         id: id.to_owned(),
-        request: URL_SAFE_NO_PAD.encode(request.encode_to_vec()),
+        // The method too: two methods' requests may encode to the same bytes.
+        request: format!(
+            "{method}:{}",
+            URL_SAFE_NO_PAD.encode(request.encode_to_vec())
+        ),
     }))
 }
 
@@ -133,6 +139,24 @@ impl SetpointApi {
         Ok(who)
     }
 
+    /// Refuses a band that no accepted reading could switch both ways.
+    fn within_reach(&self, values: (Celsius, Celsius, Celsius)) -> Result<(), ValidationError> {
+        let Some(field) = control::values_out_of_reach(values, &self.readings.range()) else {
+            return Ok(());
+        };
+        let (desired, up, down) = (values.0.value(), values.1.value(), values.2.value());
+        Err(ValidationError::new(
+            field,
+            format!(
+                "the band {}..{} must lie strictly inside READING_RANGE_CELSIUS {}: readings \
+                 outside it are dead-lettered, so none could switch this heater both ways",
+                desired - down,
+                desired + up,
+                self.readings
+            ),
+        ))
+    }
+
     /// The caller of a write of `level` (a proto number), if its role may write that level.
     fn level_writer<T>(
         &self,
@@ -146,7 +170,13 @@ impl SetpointApi {
     }
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
-        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let request = write_request(
+            who,
+            "PutSetpoint",
+            &req,
+            |r| r.request_id = String::new(),
+            &req.request_id,
+        )?;
         let (setpoint, reason) = setpoint_from_proto(req.setpoint)?;
         let expected = expected_revision(req.expected_revision)?;
         let write = self.write(who, &setpoint, &reason, expected, request.as_ref());
@@ -159,7 +189,13 @@ impl SetpointApi {
     /// Applies the masked fields to the stored setpoint. Without an expected revision, a
     /// concurrent change is not an error: the mask is applied again to what is stored then.
     async fn update(&self, who: &Identity, req: pb::UpdateSetpointRequest) -> Result<pb::Setpoint> {
-        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let request = write_request(
+            who,
+            "UpdateSetpoint",
+            &req,
+            |r| r.request_id = String::new(),
+            &req.request_id,
+        )?;
         let merge = self.merge(who, req, request.as_ref());
         self.once(request.as_ref(), entry_to_proto, merge).await
     }
@@ -242,21 +278,13 @@ impl SetpointApi {
         expected: Option<i64>,
         request: Option<&WriteRequest>,
     ) -> Result<StoredSetpoint> {
-        if let Some(field) = control::out_of_reach(setpoint, &self.readings.range()) {
-            let band = Band::from(setpoint);
-            return Err(ValidationError::new(
-                field,
-                format!(
-                    "the band {}..{} must lie strictly inside READING_RANGE_CELSIUS {}: readings \
-                     outside it are dead-lettered, so none could switch this heater both ways",
-                    band.lower(),
-                    band.upper(),
-                    self.readings
-                ),
-            )
-            .within("setpoint")
-            .into());
-        }
+        let values = (
+            setpoint.desired(),
+            setpoint.up_delta(),
+            setpoint.down_delta(),
+        );
+        self.within_reach(values)
+            .map_err(|e| e.within("setpoint"))?;
         // The caller named this building itself, so refusing it reveals nothing.
         if !who.sees(&setpoint.building_id) {
             return Err(Error::PermissionDenied(format!(
@@ -314,7 +342,13 @@ impl SetpointApi {
     }
 
     async fn delete(&self, who: &Identity, req: pb::DeleteSetpointRequest) -> Result<()> {
-        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let request = write_request(
+            who,
+            "DeleteSetpoint",
+            &req,
+            |r| r.request_id = String::new(),
+            &req.request_id,
+        )?;
         let sensor_id = SensorId::parse(req.sensor_id)?;
         let expected = expected_revision(req.expected_revision)?;
         let reason = Reason::parse(req.reason)?;
@@ -329,6 +363,7 @@ impl SetpointApi {
                     &reason,
                     &who.scope,
                     request.as_ref(),
+                    who.check(Level::Safety.action()).is_ok(),
                 )
                 .await?;
             tracing::info!(%sensor_id, revision, actor, "setpoint deleted");
@@ -445,13 +480,21 @@ impl SetpointApi {
         level: Level,
         req: pb::WriteSetpointLevelRequest,
     ) -> Result<pb::SetpointLevels> {
-        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let method = "WriteSetpointLevel";
+        let request = write_request(
+            who,
+            method,
+            &req,
+            |r| r.request_id = String::new(),
+            &req.request_id,
+        )?;
         let sensor_id = SensorId::parse(req.sensor_id)?;
         let values = LevelValues::new(
             req.desired_celsius,
             req.up_delta_celsius,
             req.down_delta_celsius,
         )?;
+        self.within_reach((values.desired, values.up_delta, values.down_delta))?;
         let expire_time = req
             .expire_time
             .map(|t| {
@@ -459,20 +502,23 @@ impl SetpointApi {
                     .ok_or_else(|| ValidationError::new("expire_time", "is not a valid time"))
             })
             .transpose()?;
-        let expire_time = levels::expiry(expire_time, chrono::Utc::now())?;
         let reason = Reason::parse(req.reason)?;
-        let write = LevelWrite {
-            sensor_id: &sensor_id,
-            level,
-            values,
-            expire_time,
-            expected_revision: expected_revision(req.expected_revision)?,
-            actor: who.subject.as_str(),
-            reason: &reason,
-            scope: &who.scope,
-            request: request.as_ref(),
-        };
+        let expected_revision = expected_revision(req.expected_revision)?;
         let written = async {
+            // Checked for a first attempt only: the retry of a write that was made is answered
+            // even once its expiry has passed.
+            let expire_time = levels::expiry(expire_time, chrono::Utc::now())?;
+            let write = LevelWrite {
+                sensor_id: &sensor_id,
+                level,
+                values,
+                expire_time,
+                expected_revision,
+                actor: who.subject.as_str(),
+                reason: &reason,
+                scope: &who.scope,
+                request: request.as_ref(),
+            };
             let revision = self.store.write_level(write).await?;
             tracing::info!(%sensor_id, revision, level = level_name(level), ?expire_time, "setpoint level written");
             Ok(())
@@ -489,7 +535,13 @@ impl SetpointApi {
         level: Level,
         req: pb::RelinquishSetpointLevelRequest,
     ) -> Result<pb::SetpointLevels> {
-        let request = write_request(who, &req, |r| r.request_id = String::new(), &req.request_id)?;
+        let request = write_request(
+            who,
+            "RelinquishSetpointLevel",
+            &req,
+            |r| r.request_id = String::new(),
+            &req.request_id,
+        )?;
         let sensor_id = SensorId::parse(req.sensor_id)?;
         let reason = Reason::parse(req.reason)?;
         let actor = who.subject.as_str();

@@ -67,9 +67,25 @@ impl Band {
 /// alone are not dead-lettered): the band must lie strictly inside for readings to switch the
 /// heater both ways. `desired_celsius` if it is outside itself, else the delta reaching past.
 pub fn out_of_reach(setpoint: &Setpoint, accepted: &RangeInclusive<f64>) -> Option<&'static str> {
+    let values = (
+        setpoint.desired(),
+        setpoint.up_delta(),
+        setpoint.down_delta(),
+    );
+    values_out_of_reach(values, accepted)
+}
+
+/// [`out_of_reach`] for a band given as its desired temperature and deltas (a priority level's).
+pub fn values_out_of_reach(
+    (desired, up, down): (Celsius, Celsius, Celsius),
+    accepted: &RangeInclusive<f64>,
+) -> Option<&'static str> {
     let (min, max) = (*accepted.start(), *accepted.end());
-    let desired = setpoint.desired().value();
-    let band = Band::from(setpoint);
+    let desired = desired.value();
+    let band = Band {
+        lower: desired - down.value(),
+        upper: desired + up.value(),
+    };
     if !(min < desired && desired < max) {
         Some("desired_celsius")
     } else if band.upper >= max {

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 /// Who expiries are recorded as, in the history.
 pub const EXPIRY_ACTOR: &str = "system";
 /// How many expiries one upkeep statement takes at most.
-const EXPIRY_BATCH: i64 = 1000;
+const EXPIRY_BATCH: i64 = 100;
 
 /// One level of a sensor's priority array.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -252,13 +252,14 @@ impl Store {
         let mut expired = 0;
         loop {
             let mut tx = self.pool().begin().await?;
-            // Sensors first, in order, as every other change locks them: no deadlock with a
+            // Sensors first, in byte order as the Put writers lock them: no deadlock with a
             // write of the same sensor or another replica's upkeep.
             let due: Vec<(String, i64, String)> = sqlx::query_as(
                 "SELECT s.sensor_id, s.revision, s.building_id FROM setpoints s \
-                 WHERE s.sensor_id IN (SELECT sensor_id FROM setpoint_levels \
-                                       WHERE expire_time <= now() LIMIT $1) \
-                 ORDER BY s.sensor_id FOR UPDATE OF s",
+                 WHERE s.sensor_id IN (SELECT l.sensor_id FROM setpoint_levels l \
+                                       JOIN setpoints p USING (sensor_id) \
+                                       WHERE l.expire_time <= now() LIMIT $1) \
+                 ORDER BY s.sensor_id COLLATE \"C\" FOR UPDATE OF s",
             )
             .bind(EXPIRY_BATCH)
             .fetch_all(&mut *tx)

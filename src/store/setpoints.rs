@@ -336,6 +336,9 @@ WITH del AS (
                          updated_by = $2, reason = $3
     WHERE sensor_id = $1 AND NOT deleted AND ($4::int8 IS NULL OR revision = $4::int8)
       AND ($5::text[] IS NULL OR building_id = ANY($5::text[]))
+      -- Deleting drops the levels too: a SAFETY level only by whoever may write it.
+      AND ($9::bool OR NOT EXISTS (SELECT 1 FROM setpoint_levels l
+                                   WHERE l.sensor_id = $1 AND l.level = 4))
     RETURNING *
 ), history AS (
     INSERT INTO setpoint_history (sensor_id, revision, building_id, deleted, change_time,
@@ -481,8 +484,10 @@ impl Store {
         rows.into_iter().map(SetpointRow::into_stored).collect()
     }
 
-    /// Deletes a live setpoint in `scope`; returns the tombstone's revision.
+    /// Deletes a live setpoint in `scope`, with its levels; returns the tombstone's revision.
+    /// Without `may_drop_safety` a setpoint with a SAFETY level is refused.
     #[tracing::instrument(skip_all, fields(sensor_id = %sensor_id))]
+    #[allow(clippy::too_many_arguments)]
     pub async fn delete_setpoint(
         &self,
         sensor_id: &SensorId,
@@ -491,6 +496,7 @@ impl Store {
         reason: &Reason,
         scope: &Scope,
         request: Option<&WriteRequest>,
+        may_drop_safety: bool,
     ) -> Result<i64> {
         let deleted: Option<SetpointRow> = sqlx::query_as(DELETE_SQL)
             .bind(sensor_id.as_str())
@@ -501,12 +507,24 @@ impl Store {
             .bind(request.map(|r| r.caller.as_str()))
             .bind(request.map(|r| r.id.as_str()))
             .bind(request.map(|r| r.request.as_str()))
+            .bind(may_drop_safety)
             .fetch_optional(self.pool())
             .await?;
         if let Some(row) = deleted {
             return Ok(row.version.revision);
         }
         match self.setpoint_row(sensor_id).await? {
+            Some(row)
+                if !row.version.deleted
+                    && scope.contains_str(&row.version.building_id)
+                    && !may_drop_safety
+                    && self.has_level(sensor_id, Level::Safety).await? =>
+            {
+                Err(Error::PermissionDenied(
+                    "the sensor has a SAFETY level, which an administrator relinquishes first"
+                        .into(),
+                ))
+            }
             Some(row) if !row.version.deleted && scope.contains_str(&row.version.building_id) => {
                 Err(Error::RevisionMismatch {
                     expected: expected_revision.unwrap_or_default(),
@@ -567,6 +585,16 @@ impl Store {
                 row.map_err(Error::from)
                     .and_then(VersionColumns::into_version)
             })
+    }
+
+    async fn has_level(&self, sensor_id: &SensorId, level: Level) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM setpoint_levels WHERE sensor_id = $1 AND level = $2)",
+        )
+        .bind(sensor_id.as_str())
+        .bind(level.number())
+        .fetch_one(self.pool())
+        .await?)
     }
 
     async fn setpoint_row(&self, sensor_id: &SensorId) -> Result<Option<SetpointRow>> {
