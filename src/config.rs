@@ -433,8 +433,7 @@ pub fn celsius_range(value: &str) -> Result<CelsiusRange, String> {
     Ok(CelsiusRange { min, max })
 }
 
-/// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
-/// zero timeout or staleness fails everything at once.
+/// A page origin for CORS (`https://host[:port]`); `*` is refused.
 fn origin(value: &str) -> Result<tonic::codegen::http::HeaderValue, String> {
     match value.trim() {
         "*" => Err("list the origins; * would let every site's pages call the API".into()),
@@ -445,6 +444,8 @@ fn origin(value: &str) -> Result<tonic::codegen::http::HeaderValue, String> {
     }
 }
 
+/// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
+/// zero timeout or staleness fails everything at once.
 pub fn positive_duration(value: &str) -> Result<Duration, String> {
     match humantime::parse_duration(value) {
         Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),

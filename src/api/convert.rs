@@ -65,7 +65,7 @@ pub fn levels_to_proto(levels: &Levels) -> pb::SetpointLevels {
             .entries
             .iter()
             .map(|e| pb::SetpointLevelEntry {
-                level: i32::from(e.level.0.number()),
+                level: i32::from(e.level.number()),
                 desired_celsius: e.desired_celsius,
                 up_delta_celsius: e.up_delta_celsius,
                 down_delta_celsius: e.down_delta_celsius,
@@ -86,7 +86,7 @@ pub fn effective_to_proto(levels: &Levels) -> Option<pb::Setpoint> {
     let entry = levels
         .entries
         .iter()
-        .find(|e| e.level.0 == levels.effective)?;
+        .find(|e| e.level == levels.effective)?;
     Some(pb::Setpoint {
         sensor_id: levels.sensor_id.clone(),
         building_id: levels.building_id.clone(),

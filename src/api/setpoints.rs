@@ -21,13 +21,12 @@ use prost::Message;
 use crate::config::{CelsiusRange, LimitsConfig};
 use crate::domain::control;
 use crate::domain::{
-    Action, BuildingId, Celsius, Identity, Reason, SensorId, Setpoint, StoredSetpoint,
-    ValidationError,
+    Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
 };
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
-use crate::store::{level_name, HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
+use crate::store::{HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
 use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its method and its encoding
@@ -140,11 +139,12 @@ impl SetpointApi {
     }
 
     /// Refuses a band that no accepted reading could switch both ways.
-    fn within_reach(&self, values: (Celsius, Celsius, Celsius)) -> Result<(), ValidationError> {
+    fn within_reach(&self, values: &LevelValues) -> Result<(), ValidationError> {
         let Some(field) = control::values_out_of_reach(values, &self.readings.range()) else {
             return Ok(());
         };
-        let (desired, up, down) = (values.0.value(), values.1.value(), values.2.value());
+        let desired = values.desired.value();
+        let (up, down) = (values.up_delta.value(), values.down_delta.value());
         Err(ValidationError::new(
             field,
             format!(
@@ -278,12 +278,7 @@ impl SetpointApi {
         expected: Option<i64>,
         request: Option<&WriteRequest>,
     ) -> Result<StoredSetpoint> {
-        let values = (
-            setpoint.desired(),
-            setpoint.up_delta(),
-            setpoint.down_delta(),
-        );
-        self.within_reach(values)
+        self.within_reach(&setpoint.values())
             .map_err(|e| e.within("setpoint"))?;
         // The caller named this building itself, so refusing it reveals nothing.
         if !who.sees(&setpoint.building_id) {
@@ -494,7 +489,7 @@ impl SetpointApi {
             req.up_delta_celsius,
             req.down_delta_celsius,
         )?;
-        self.within_reach((values.desired, values.up_delta, values.down_delta))?;
+        self.within_reach(&values)?;
         let expire_time = req
             .expire_time
             .map(|t| {
@@ -520,7 +515,7 @@ impl SetpointApi {
                 request: request.as_ref(),
             };
             let revision = self.store.write_level(write).await?;
-            tracing::info!(%sensor_id, revision, level = level_name(level), ?expire_time, "setpoint level written");
+            tracing::info!(%sensor_id, revision, level = level.name(), ?expire_time, "setpoint level written");
             Ok(())
         };
         self.once(request.as_ref(), |_| Ok(()), written).await?;
@@ -559,7 +554,7 @@ impl SetpointApi {
                     request.as_ref(),
                 )
                 .await?;
-            tracing::info!(%sensor_id, revision, level = level_name(level), actor, "setpoint level relinquished");
+            tracing::info!(%sensor_id, revision, level = level.name(), actor, "setpoint level relinquished");
             Ok(())
         };
         self.once(request.as_ref(), |_| Ok(()), relinquished)

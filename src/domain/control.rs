@@ -11,6 +11,7 @@ use std::ops::RangeInclusive;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+use super::levels::LevelValues;
 use super::{BuildingId, Celsius, Setpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,24 +68,19 @@ impl Band {
 /// alone are not dead-lettered): the band must lie strictly inside for readings to switch the
 /// heater both ways. `desired_celsius` if it is outside itself, else the delta reaching past.
 pub fn out_of_reach(setpoint: &Setpoint, accepted: &RangeInclusive<f64>) -> Option<&'static str> {
-    let values = (
-        setpoint.desired(),
-        setpoint.up_delta(),
-        setpoint.down_delta(),
-    );
-    values_out_of_reach(values, accepted)
+    values_out_of_reach(&setpoint.values(), accepted)
 }
 
-/// [`out_of_reach`] for a band given as its desired temperature and deltas (a priority level's).
+/// [`out_of_reach`] for a priority level's values.
 pub fn values_out_of_reach(
-    (desired, up, down): (Celsius, Celsius, Celsius),
+    values: &LevelValues,
     accepted: &RangeInclusive<f64>,
 ) -> Option<&'static str> {
     let (min, max) = (*accepted.start(), *accepted.end());
-    let desired = desired.value();
+    let desired = values.desired.value();
     let band = Band {
-        lower: desired - down.value(),
-        upper: desired + up.value(),
+        lower: desired - values.down_delta.value(),
+        upper: desired + values.up_delta.value(),
     };
     if !(min < desired && desired < max) {
         Some("desired_celsius")

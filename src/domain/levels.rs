@@ -32,6 +32,15 @@ impl Level {
         self as i16
     }
 
+    /// Its name, as logs and errors give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Default => "DEFAULT",
+            Level::Override => "OVERRIDE",
+            Level::Safety => "SAFETY",
+        }
+    }
+
     /// A level WriteSetpointLevel and RelinquishSetpointLevel take: DEFAULT goes through Put
     /// and Delete.
     pub fn parse_above_default(number: i32) -> Result<Self, ValidationError> {
@@ -54,6 +63,16 @@ impl Level {
     }
 }
 
+/// A level as the database stores it (its CHECK allows no other number).
+impl TryFrom<i16> for Level {
+    type Error = ValidationError;
+
+    fn try_from(number: i16) -> Result<Self, ValidationError> {
+        Self::from_number(i32::from(number))
+            .ok_or_else(|| ValidationError::new("level", format!("{number} is not a level")))
+    }
+}
+
 /// How far ahead an expiry may lie: further is a mistake (milliseconds taken for seconds).
 pub const MAX_EXPIRY_AHEAD: TimeDelta = TimeDelta::days(366);
 
@@ -66,7 +85,7 @@ pub struct LevelValues {
 }
 
 impl LevelValues {
-    /// Checks every value, as [`super::Setpoint::new`] does.
+    /// Checks every value; the error names the first field that is out of range.
     pub fn new(desired: f64, up_delta: f64, down_delta: f64) -> Result<Self, ValidationError> {
         Ok(Self {
             desired: Celsius::parse_in("desired_celsius", desired, DESIRED_RANGE)?,

@@ -2,6 +2,7 @@ use std::ops::RangeInclusive;
 
 use chrono::{DateTime, Utc};
 
+use super::levels::LevelValues;
 use super::{BuildingId, SensorId, ValidationError};
 
 /// Allowed desired temperatures. The database repeats these as CHECK constraints.
@@ -76,9 +77,7 @@ impl Reason {
 pub struct Setpoint {
     pub sensor_id: SensorId,
     pub building_id: BuildingId,
-    desired: Celsius,
-    up_delta: Celsius,
-    down_delta: Celsius,
+    values: LevelValues,
 }
 
 impl Setpoint {
@@ -93,22 +92,25 @@ impl Setpoint {
         Ok(Self {
             sensor_id,
             building_id,
-            desired: Celsius::parse_in("desired_celsius", desired_celsius, DESIRED_RANGE)?,
-            up_delta: Celsius::parse_in("up_delta_celsius", up_delta_celsius, DELTA_RANGE)?,
-            down_delta: Celsius::parse_in("down_delta_celsius", down_delta_celsius, DELTA_RANGE)?,
+            values: LevelValues::new(desired_celsius, up_delta_celsius, down_delta_celsius)?,
         })
     }
 
+    /// Its band's values, as a priority level holds them too.
+    pub fn values(&self) -> LevelValues {
+        self.values
+    }
+
     pub fn desired(&self) -> Celsius {
-        self.desired
+        self.values.desired
     }
 
     pub fn up_delta(&self) -> Celsius {
-        self.up_delta
+        self.values.up_delta
     }
 
     pub fn down_delta(&self) -> Celsius {
-        self.down_delta
+        self.values.down_delta
     }
 }
 

@@ -20,7 +20,7 @@ const EXPIRY_BATCH: i64 = 100;
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct LevelEntry {
     #[sqlx(try_from = "i16")]
-    pub level: LevelNumber,
+    pub level: Level,
     pub desired_celsius: f64,
     pub up_delta_celsius: f64,
     pub down_delta_celsius: f64,
@@ -29,20 +29,6 @@ pub struct LevelEntry {
     pub update_time: DateTime<Utc>,
     pub updated_by: String,
     pub reason: String,
-}
-
-/// A stored level number, always one of [`Level`]'s (the table's CHECK).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LevelNumber(pub Level);
-
-impl TryFrom<i16> for LevelNumber {
-    type Error = Error;
-
-    fn try_from(number: i16) -> Result<Self> {
-        Level::from_number(i32::from(number))
-            .map(LevelNumber)
-            .ok_or_else(|| Error::Internal(format!("stored level {number}")))
-    }
 }
 
 /// The DEFAULT level, as the `setpoints` row holds it.
@@ -171,7 +157,7 @@ impl Store {
         if gone.rows_affected() == 0 {
             return Err(Error::NotFound {
                 kind: "setpoint level",
-                id: format!("{sensor_id}/{}", level_name(level)),
+                id: format!("{sensor_id}/{}", level.name()),
             });
         }
         let revision = locked.revision + 1;
@@ -233,7 +219,7 @@ impl Store {
         tx.commit().await?;
         entries.push(default.entry);
         let (effective, effective_until) = match winner {
-            Some((number, until)) => (LevelNumber::try_from(number)?.0, until),
+            Some((number, until)) => (stored_level(number)?, until),
             None => (Level::Default, None),
         };
         Ok(Levels {
@@ -272,7 +258,7 @@ impl Store {
                     .map_err(|e| Error::Internal(format!("stored sensor id: {e}")))?;
                 // Locked now: what is still due is this replica's to relinquish, each level
                 // with a revision of its own.
-                let gone: Vec<(i16, Option<DateTime<Utc>>)> = sqlx::query_as(
+                let mut gone: Vec<(i16, Option<DateTime<Utc>>)> = sqlx::query_as(
                     "DELETE FROM setpoint_levels \
                      WHERE sensor_id = $1 AND expire_time <= now() \
                      RETURNING level, expire_time",
@@ -280,12 +266,11 @@ impl Store {
                 .bind(sensor.as_str())
                 .fetch_all(&mut *tx)
                 .await?;
-                let mut gone = gone;
                 gone.sort_unstable();
                 let mut next = *revision;
                 for (number, at) in gone {
                     next += 1;
-                    let level = LevelNumber::try_from(number)?.0;
+                    let level = stored_level(number)?;
                     relinquished(
                         &mut tx,
                         &sensor,
@@ -401,12 +386,9 @@ async fn record(
     Ok(())
 }
 
-pub fn level_name(level: Level) -> &'static str {
-    match level {
-        Level::Default => "DEFAULT",
-        Level::Override => "OVERRIDE",
-        Level::Safety => "SAFETY",
-    }
+/// A level number read from the database, which its CHECK keeps valid.
+pub(super) fn stored_level(number: i16) -> Result<Level> {
+    Level::try_from(number).map_err(|e| Error::Internal(format!("stored {e}")))
 }
 
 fn not_found(sensor_id: &SensorId) -> Error {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::DatabaseConfig;
 use crate::error::Result;
 
-pub use levels::{level_name, LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
+pub use levels::{LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
 pub use requests::{RecordedWrite, WriteRequest};
 pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 

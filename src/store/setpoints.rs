@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use futures::stream::{Stream, StreamExt};
 
+use super::levels::stored_level;
 use super::requests::WriteRequest;
 use super::Store;
 use crate::domain::levels::Level;
@@ -129,8 +130,7 @@ impl VersionColumns {
         let setpoint = (!self.deleted).then(|| self.setpoint()).transpose()?;
         let level = match self.level {
             0 => Level::Default,
-            n => Level::from_number(i32::from(n))
-                .ok_or_else(|| Error::Internal(format!("stored level {n}")))?,
+            n => stored_level(n)?,
         };
         Ok(SetpointVersion {
             sensor_id: SensorId::parse(self.sensor_id)
@@ -212,8 +212,7 @@ impl HistoryRow {
             change_time: self.change_time,
             changed_by: self.changed_by,
             reason: self.reason,
-            level: Level::from_number(i32::from(self.level))
-                .ok_or_else(|| Error::Internal(format!("stored level {}", self.level)))?,
+            level: stored_level(self.level)?,
             expire_time: self.expire_time,
         })
     }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::config::{CelsiusRange, SensorFormat};
 use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
+use crate::domain::levels::Level;
 use crate::domain::{Celsius, SensorId};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
@@ -181,10 +182,12 @@ fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
     }
 }
 
-/// The event announcing `decision` for `sensor_id`.
+/// The event announcing `decision` for `sensor_id`, decided on the setpoint of `level`, written
+/// at `level_revision`.
 pub fn command_event(
     sensor_id: &str,
     decision: &Decision,
+    (level, level_revision): (Level, i64),
     decided_at: DateTime<Utc>,
 ) -> pb::HeaterCommandEvent {
     pb::HeaterCommandEvent {
@@ -198,9 +201,8 @@ pub fn command_event(
         decided_at: Some(timestamp(decided_at)),
         sequence: decision.sequence,
         snapshot: false,
-        // The engine fills in the level its setpoint comes from.
-        setpoint_level: pb::SetpointLevel::Default.into(),
-        level_revision: decision.setpoint_revision,
+        setpoint_level: i32::from(level.number()),
+        level_revision,
     }
 }
 
@@ -556,7 +558,7 @@ mod tests {
         };
         let sensor = SensorId::parse("s1").unwrap();
         // Decided when received: read back, the reading counts as received then.
-        let event = command_event(sensor.as_str(), &decision, now());
+        let event = command_event(sensor.as_str(), &decision, (Level::Default, 2), now());
         assert_eq!(event.command(), pb::HeaterCommand::On);
         assert_eq!(event.reason(), pb::CommandReason::TooCold);
         let (id, last, reading) = observed_command(&event).unwrap();

@@ -364,18 +364,19 @@ impl Engine {
             .partition(i)
             .is_some_and(|p| self.decides_for(p));
         let stale_after = self.stale_after;
-        if version.revision > self.sensors.control(i).revision() {
-            let level = (version.level, version.level_revision);
-            self.sensors
-                .set_level(i, level.0, level.1, version.revision);
-        }
-        let decision = self.decide(i, |control| {
+        let (newer, decision) = self.decide(i, |control| {
             let newer = control.apply_setpoint(version.revision, version.setpoint, now);
             // Sensors another replica owns are only tracked.
-            (newer && decides)
+            let decision = (newer && decides)
                 .then(|| control.reevaluate(now, stale_after))
-                .flatten()
+                .flatten();
+            (newer, decision)
         });
+        if newer {
+            let (level, level_revision) = (version.level, version.level_revision);
+            self.sensors
+                .set_level(i, level, level_revision, version.revision);
+        }
         if let Some(decision) = decision {
             let delivery = self.send(i, &decision).await?;
             self.acks.push(None, Some(delivery));
@@ -610,12 +611,13 @@ impl Engine {
         for i in self.sensors.indexes() {
             // Known from its readings, or, for a controlled sensor that has not reported (it
             // may go stale), where its readings will go.
-            let partition = self.sensors.partition(i).or_else(|| {
-                let key = self.sensors.id(i).as_bytes();
-                (self.sensors.is_controlled(i))
-                    .then(|| partition_of(self.partitioner, key, self.topic_partitions))
-                    .flatten()
-            });
+            let partition = match self.sensors.partition(i) {
+                None if self.sensors.is_controlled(i) => {
+                    let key = self.sensors.id(i).as_bytes();
+                    partition_of(self.partitioner, key, self.topic_partitions)
+                }
+                known => known,
+            };
             let Some(partition) = partition else {
                 continue;
             };
@@ -641,11 +643,9 @@ impl Engine {
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
         self.stats.command(decision.command, decision.reason);
-        let mut event = command_event(self.sensors.id(i), decision, Utc::now());
         // Decided on the setpoint in force, whose level the cache keeps.
-        let (level, level_revision) = self.sensors.level(i);
-        event.setpoint_level = i32::from(level.number());
-        event.level_revision = level_revision;
+        let level = self.sensors.level(i);
+        let event = command_event(self.sensors.id(i), decision, level, Utc::now());
         let number = self.feed.own(i, event.sequence);
         self.sensors
             .set_last_event(i, &event, &decision.building_id, number);
