@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/thermostat/v1/setpoint.proto",
         "proto/thermostat/v1/control.proto",
+        "proto/thermostat/v1/schedule.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     // `sqlx::migrate!` embeds migrations/ at compile time; without this a new migration file is

@@ -185,10 +185,14 @@ pub struct ControlConfig {
         default_value = "consistent"
     )]
     pub sensor_partitioner: SensorPartitioner,
-    /// How often expired levels of the sensors' priority arrays (overrides) are relinquished:
-    /// an override ends at most this long after its expiry.
+    /// How often expired levels of the sensors' priority arrays (overrides) are relinquished
+    /// and due schedule transitions applied: each happens at most this long after its time.
     #[arg(long, env = "LEVEL_EXPIRY_INTERVAL", default_value = "1s", value_parser = positive_duration)]
     pub level_expiry_interval: Duration,
+    /// How often every building's SCHEDULE levels are checked in full, which picks up sensors
+    /// created in a scheduled building or moved between schedules' groups since.
+    #[arg(long, env = "SCHEDULE_SWEEP_INTERVAL", default_value = "30s", value_parser = positive_duration)]
+    pub schedule_sweep_interval: Duration,
     /// How often sensors are checked for staleness.
     #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub stale_check_interval: Duration,

@@ -17,6 +17,10 @@ pub enum Error {
     #[error("revision mismatch: expected {expected}, stored revision is {actual}")]
     RevisionMismatch { expected: i64, actual: i64 },
 
+    /// The request is valid but the state it needs is not there (a preset a schedule names).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+
     /// The database cannot be reached right now; retrying later may succeed.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),

@@ -16,11 +16,12 @@ use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::api::metrics_layer::GrpcMetricsLayer;
-use crate::api::{self, health, HeaterApi, Limits, SetpointApi};
+use crate::api::{self, health, HeaterApi, Limits, ScheduleApi, SetpointApi};
 use crate::config::{LimitsConfig, ServeConfig};
 use crate::error::error_chain;
 use crate::listener::{ConnectionLimits, Listener, OpenCallsLayer};
 use crate::proto::v1::heater_control_service_server::HeaterControlServiceServer;
+use crate::proto::v1::schedule_service_server::ScheduleServiceServer;
 use crate::proto::v1::setpoint_service_server::SetpointServiceServer;
 use crate::security::watch::{LoadError, Reloadable};
 use crate::security::{self, Authenticator};
@@ -328,6 +329,9 @@ fn api_routes(
     // A batch's answer holds every setpoint it updated: up to gRPC's usual 4 MiB a client
     // accepts. Pages of lists are cut to `max_message` by the handlers themselves.
     .max_encoding_message_size(max_message.max(BATCH_RESPONSE_SIZE));
+    let schedules = ScheduleServiceServer::new(ScheduleApi::new(store.clone(), limits.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let heater = HeaterControlServiceServer::new(HeaterApi::new(
         control.clone(),
         store.clone(),
@@ -342,6 +346,7 @@ fn api_routes(
     Ok(Routes::new(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(setpoints, auth.clone()))
+        .add_service(InterceptedService::new(schedules, auth.clone()))
         .add_service(InterceptedService::new(heater, auth.clone())))
 }
 
@@ -376,13 +381,14 @@ fn spawn_upkeep(
         crate::telemetry::upkeep(upkeep_stop).await;
         Ok(())
     });
-    let (expiry_stop, every, expiring) = (
+    let (levels_stop, every, sweep, levels_store) = (
         stop.clone(),
         config.control.level_expiry_interval,
+        config.control.schedule_sweep_interval,
         store.clone(),
     );
     tasks.spawn(async move {
-        expire_levels(expiring, every, expiry_stop).await;
+        keep_levels(levels_store, every, sweep, levels_stop).await;
         Ok(())
     });
     let (forget_stop, window) = (stop.clone(), config.limits.request_id_window);
@@ -392,20 +398,36 @@ fn spawn_upkeep(
     });
 }
 
-/// Relinquishes expired levels of the sensors' priority arrays every `every`. Every replica
-/// does: each expiry is recorded once, by whichever comes first, and the other replicas learn
-/// the new effective setpoint from its notification.
-async fn expire_levels(store: Store, every: Duration, stop: CancellationToken) {
+/// Every `every`, relinquishes expired levels of the sensors' priority arrays and brings the
+/// SCHEDULE levels of buildings with a transition due up to date; every `sweep` (and first,
+/// at start), those of every building with a schedule. Every replica does: each change is
+/// recorded once, by whichever comes first, and the other replicas learn the new effective
+/// setpoint from its notification.
+async fn keep_levels(store: Store, every: Duration, sweep: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeps = tokio::time::interval(sweep);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = ticks.tick() => match store.expire_levels().await {
+            _ = sweeps.tick() => match store.run_all_schedules().await {
                 Ok(0) => {}
-                Ok(expired) => tracing::info!(expired, "setpoint levels expired"),
-                Err(e) => tracing::warn!(error = %error_chain(&e), "expiring setpoint levels"),
+                Ok(changed) => tracing::info!(changed, "schedule levels caught up"),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "running schedules"),
             },
+            _ = ticks.tick() => {
+                match store.expire_levels().await {
+                    Ok(0) => {}
+                    Ok(expired) => tracing::info!(expired, "setpoint levels expired"),
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "expiring setpoint levels"),
+                }
+                match store.run_due_schedules().await {
+                    Ok(0) => {}
+                    Ok(changed) => tracing::info!(changed, "schedule transitions applied"),
+                    Err(e) => tracing::warn!(error = %error_chain(&e), "running schedules"),
+                }
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod heater;
 pub mod limits;
 pub mod metrics_layer;
 mod page_token;
+mod schedules;
 mod setpoints;
 mod status;
 
@@ -17,6 +18,7 @@ use crate::domain::{Action, Identity};
 use crate::error::{Error, Result};
 pub use heater::HeaterApi;
 pub use limits::Limits;
+pub use schedules::ScheduleApi;
 pub use setpoints::SetpointApi;
 
 /// The caller (authenticated by the interceptor in `security`), if its role allows `action`.

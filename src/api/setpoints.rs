@@ -4,6 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{
     expected_revision, levels_to_proto, setpoint_from_proto, setpoint_to_proto, setpoint_values,
+    transition_to_proto,
 };
 use super::limits::Limits;
 use super::{authorize, page_token, reader};
@@ -21,12 +22,14 @@ use prost::Message;
 use crate::config::{CelsiusRange, LimitsConfig};
 use crate::domain::control;
 use crate::domain::{
-    Action, BuildingId, Identity, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError,
+    Action, BuildingId, Identity, Reason, Scope, SensorId, Setpoint, StoredSetpoint,
+    ValidationError,
 };
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
 use crate::store::{HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
+use chrono::Utc;
 use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its method and its encoding
@@ -167,6 +170,31 @@ impl SetpointApi {
         let who = authorize(request, level.action())?;
         self.limits.write(&who.subject)?;
         Ok((who, level))
+    }
+
+    /// A sensor's priority array with its schedule's next transition.
+    async fn levels_answer(
+        &self,
+        sensor_id: &SensorId,
+        scope: &Scope,
+    ) -> Result<pb::SetpointLevels> {
+        let levels = self.store.levels(sensor_id, scope).await?;
+        let covering = self
+            .store
+            .sensor_schedule(&levels.building_id, sensor_id)
+            .await?;
+        let (schedule_id, next) = match &covering {
+            Some(s) => {
+                let id = s.record.schedule_id.as_str();
+                let next = s.record.schedule.next_change(Utc::now());
+                (
+                    id.to_owned(),
+                    next.map(|c| transition_to_proto(id, &c, &s.presets)),
+                )
+            }
+            None => (String::new(), None),
+        };
+        Ok(levels_to_proto(&levels, schedule_id, next))
     }
 
     async fn put(&self, who: &Identity, req: pb::PutSetpointRequest) -> Result<pb::Setpoint> {
@@ -519,9 +547,7 @@ impl SetpointApi {
             Ok(())
         };
         self.once(request.as_ref(), |_| Ok(()), written).await?;
-        Ok(levels_to_proto(
-            &self.store.levels(&sensor_id, &who.scope).await?,
-        ))
+        self.levels_answer(&sensor_id, &who.scope).await
     }
 
     async fn relinquish_level(
@@ -559,9 +585,7 @@ impl SetpointApi {
         };
         self.once(request.as_ref(), |_| Ok(()), relinquished)
             .await?;
-        Ok(levels_to_proto(
-            &self.store.levels(&sensor_id, &who.scope).await?,
-        ))
+        self.levels_answer(&sensor_id, &who.scope).await
     }
 
     async fn history(
@@ -601,6 +625,7 @@ impl SetpointApi {
                 reason: e.reason.clone(),
                 level: i32::from(e.level.number()),
                 expire_time: e.expire_time.map(timestamp),
+                schedule_id: e.schedule_id.clone().unwrap_or_default(),
             },
         );
         Ok(pb::ListSetpointHistoryResponse {
@@ -703,7 +728,8 @@ impl pb::setpoint_service_server::SetpointService for SetpointApi {
     ) -> Result<Response<pb::SetpointLevels>, Status> {
         let (who, _slot) = reader(&request, &self.limits)?;
         let sensor_id = SensorId::parse(request.into_inner().sensor_id).map_err(Error::from)?;
-        let levels = self.store.levels(&sensor_id, &who.scope).await?;
-        Ok(Response::new(levels_to_proto(&levels)))
+        Ok(Response::new(
+            self.levels_answer(&sensor_id, &who.scope).await?,
+        ))
     }
 }

@@ -81,6 +81,18 @@ impl From<Error> for Status {
                     nothing,
                 )
             }
+            Error::FailedPrecondition(ref detail) => {
+                let detail = detail.clone();
+                status(
+                    Code::FailedPrecondition,
+                    message,
+                    "FAILED_PRECONDITION",
+                    &[],
+                    |d| {
+                        d.add_precondition_failure_violation("STATE", "", detail);
+                    },
+                )
+            }
             Error::Unavailable(ref source) => {
                 tracing::warn!(error = %source, "database unavailable");
                 status(

@@ -7,6 +7,7 @@ pub mod access;
 pub mod control;
 mod ids;
 pub mod levels;
+pub mod schedule;
 mod setpoint;
 
 pub use access::{Action, CredentialKind, Identity, Role, Scope, Subject};

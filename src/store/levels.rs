@@ -29,6 +29,8 @@ pub struct LevelEntry {
     pub update_time: DateTime<Utc>,
     pub updated_by: String,
     pub reason: String,
+    /// For the SCHEDULE level: the schedule that wrote it.
+    pub schedule_id: Option<String>,
 }
 
 /// The DEFAULT level, as the `setpoints` row holds it.
@@ -191,7 +193,7 @@ impl Store {
             "SELECT building_id, revision AS sensor_revision, 1::smallint AS level, \
                     desired_celsius, up_delta_celsius, down_delta_celsius, \
                     NULL::timestamptz AS expire_time, default_revision AS revision, \
-                    update_time, updated_by, reason \
+                    update_time, updated_by, reason, NULL::text AS schedule_id \
              FROM setpoints \
              WHERE sensor_id = $1 AND NOT deleted \
                AND ($2::text[] IS NULL OR building_id = ANY($2::text[]))",
@@ -205,7 +207,7 @@ impl Store {
         };
         let mut entries: Vec<LevelEntry> = sqlx::query_as(
             "SELECT level, desired_celsius, up_delta_celsius, down_delta_celsius, expire_time, \
-                    revision, update_time, updated_by, reason \
+                    revision, update_time, updated_by, reason, schedule_id \
              FROM setpoint_levels WHERE sensor_id = $1 ORDER BY level DESC",
         )
         .bind(sensor_id.as_str())

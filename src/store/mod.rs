@@ -4,6 +4,7 @@
 mod levels;
 mod put_queue;
 mod requests;
+mod schedules;
 mod sequences;
 mod setpoints;
 
@@ -19,6 +20,7 @@ use crate::error::Result;
 
 pub use levels::{LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
 pub use requests::{RecordedWrite, WriteRequest};
+pub use schedules::{PresetRecord, ScheduleRecord, ScheduleWrite, SensorSchedule, SCHEDULE_ACTOR};
 pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 
 /// A pooled connection idle this long is pinged before it is handed out.

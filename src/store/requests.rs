@@ -46,7 +46,7 @@ impl Store {
         let row: Option<RecordedRow> = sqlx::query_as(
             "SELECT r.request, h.sensor_id, h.revision, h.building_id, h.desired_celsius, \
                     h.up_delta_celsius, h.down_delta_celsius, h.change_time, h.changed_by, \
-                    h.reason, h.level, h.expire_time \
+                    h.reason, h.level, h.expire_time, h.schedule_id \
              FROM write_requests r \
              JOIN setpoint_history h ON h.sensor_id = r.sensor_id AND h.revision = r.revision \
              WHERE r.caller = $1 AND r.request_id = $2 \

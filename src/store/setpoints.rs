@@ -59,6 +59,8 @@ pub struct HistoryEntry {
     pub level: Level,
     /// For a level written with an expiry, or expired: when.
     pub expire_time: Option<DateTime<Utc>>,
+    /// For a SCHEDULE level: the schedule that wrote it.
+    pub schedule_id: Option<String>,
 }
 
 /// A row of `setpoints`, live or tombstone.
@@ -188,6 +190,7 @@ pub(super) struct HistoryRow {
     reason: String,
     level: i16,
     expire_time: Option<DateTime<Utc>>,
+    schedule_id: Option<String>,
 }
 
 impl HistoryRow {
@@ -214,6 +217,7 @@ impl HistoryRow {
             reason: self.reason,
             level: stored_level(self.level)?,
             expire_time: self.expire_time,
+            schedule_id: self.schedule_id,
         })
     }
 }
@@ -547,7 +551,8 @@ impl Store {
         let _turn = self.read_turn().await?;
         let rows: Vec<HistoryRow> = sqlx::query_as(
             "SELECT sensor_id, revision, building_id, desired_celsius, up_delta_celsius, \
-                    down_delta_celsius, change_time, changed_by, reason, level, expire_time \
+                    down_delta_celsius, change_time, changed_by, reason, level, expire_time, \
+                    schedule_id \
              FROM setpoint_history \
              WHERE sensor_id = $1 AND ($2::int8 IS NULL OR revision < $2) \
                AND ($4::text[] IS NULL OR building_id = ANY($4::text[])) \

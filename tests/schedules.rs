@@ -1,0 +1,615 @@
+//! Weekly schedules and presets (issue 25): a schedule change takes effect at once, a
+//! transition turns the heater on time without a reading and is recorded once across
+//! replicas, a transition missed while the service was down is applied as it starts, and the
+//! calls are checked and authorized. Against the real database and broker.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeDelta, Timelike, Utc};
+use chrono_tz::Tz;
+use common::kafka::{Commands, Sensors, Topics};
+use common::security::{authorized, code, put_as, secure_app};
+use common::{put, setpoint, TestApp};
+use thermostat::domain::schedule::{format_clock, instant};
+use thermostat::proto::timestamp;
+use thermostat::proto::v1 as pb;
+use thermostat::proto::v1::schedule_service_client::ScheduleServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type H = pb::HeaterCommand;
+type L = pb::SetpointLevel;
+
+/// The schedules' time zone: one with daylight saving time, not the machine's.
+const ZONE: Tz = chrono_tz::America::New_York;
+
+async fn schedules(app: &TestApp) -> ScheduleServiceClient<Channel> {
+    ScheduleServiceClient::new(app.channel().await)
+}
+
+/// A band of 18 ± 0.5 °C at the DEFAULT level.
+async fn default_of_18(app: &TestApp, sensor: &str, building: &str) {
+    let mut band = setpoint(sensor, building, 18.0);
+    band.up_delta_celsius = 0.5;
+    band.down_delta_celsius = 0.5;
+    app.setpoints()
+        .await
+        .put_setpoint(put(band, None))
+        .await
+        .expect("put");
+}
+
+fn preset(building: &str, name: &str, desired: f64) -> pb::PutPresetRequest {
+    pb::PutPresetRequest {
+        preset: Some(pb::Preset {
+            building_id: building.into(),
+            name: name.into(),
+            values: Some(pb::SetpointValues {
+                desired_celsius: desired,
+                up_delta_celsius: 0.5,
+                down_delta_celsius: 0.5,
+            }),
+            ..Default::default()
+        }),
+        expected_revision: None,
+    }
+}
+
+/// A period of today (local) from the current minute to the one `minutes` ahead (at most
+/// midnight), holding `preset`; and when it ends.
+fn until_soon(minutes: i64, preset: &str) -> (pb::SchedulePeriod, DateTime<Utc>) {
+    let local = Utc::now().with_timezone(&ZONE);
+    let start = (local.hour() * 60 + local.minute()) as u16;
+    let end = (i64::from(start) + minutes).min(24 * 60) as u16;
+    let day = local.weekday().number_from_monday() as i32;
+    let period = pb::SchedulePeriod {
+        days: vec![day],
+        start_time: format_clock(start),
+        end_time: format_clock(end),
+        value: Some(pb::schedule_period::Value::Preset(preset.into())),
+    };
+    (period, instant(ZONE, local.date_naive(), end))
+}
+
+/// Waits until a minute has at least 20 s left, so that a period to the next minute is not
+/// over before the test has looked at it.
+async fn early_in_a_minute() {
+    let second = Utc::now().with_timezone(&ZONE).second();
+    if second > 40 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - second))).await;
+    }
+}
+
+fn schedule(
+    building: &str,
+    id: &str,
+    sensors: &[&str],
+    weekly: Vec<pb::SchedulePeriod>,
+) -> pb::PutScheduleRequest {
+    pb::PutScheduleRequest {
+        schedule: Some(pb::Schedule {
+            building_id: building.into(),
+            schedule_id: id.into(),
+            sensor_ids: sensors.iter().map(|s| s.to_string()).collect(),
+            time_zone: ZONE.name().into(),
+            weekly,
+            reason: "opening hours".into(),
+            ..Default::default()
+        }),
+        expected_revision: None,
+    }
+}
+
+fn decided(event: &pb::HeaterCommandEvent) -> (H, L) {
+    (event.command(), event.setpoint_level())
+}
+
+fn at(t: &prost_types::Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.seconds, t.nanos as u32).expect("a time")
+}
+
+async fn levels(app: &TestApp, sensor: &str) -> pb::SetpointLevels {
+    app.setpoints()
+        .await
+        .get_setpoint_levels(pb::GetSetpointLevelsRequest {
+            sensor_id: sensor.into(),
+        })
+        .await
+        .expect("levels")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_decides_at_once_and_its_transition_turns_the_heater_without_a_reading() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let (sensors, commands) = (Sensors::new(&topics.sensors), Commands::new(&topics));
+    let app = TestApp::spawn_with(config).await;
+    default_of_18(&app, "room-1", "hq").await;
+    sensors.reading("room-1", 20.0, Utc::now()).await;
+    assert_eq!(decided(&commands.expect().await), (H::Off, L::Default));
+
+    let mut client = schedules(&app).await;
+    client
+        .put_preset(preset("hq", "comfort", 23.0))
+        .await
+        .expect("preset");
+    early_in_a_minute().await;
+    let (period, end) = until_soon(1, "comfort");
+    let stored = client
+        .put_schedule(schedule("hq", "office", &[], vec![period]))
+        .await
+        .expect("schedule")
+        .into_inner();
+    assert_eq!(stored.revision, 1);
+    let next = stored.next_transition.expect("a next transition");
+    assert_eq!(next.time.as_ref().map(at), Some(end));
+    assert_eq!(next.values, None, "after the period, nothing");
+
+    // At once, on the reading already there: comfort is 23 °C.
+    let on = commands.expect().await;
+    assert_eq!(decided(&on), (H::On, L::Schedule));
+    let now = levels(&app, "room-1").await;
+    assert_eq!(now.effective_level(), L::Schedule);
+    assert_eq!(now.schedule_id, "office");
+    assert_eq!(on.level_revision, now.levels[0].revision);
+    assert_eq!(
+        now.next_transition.and_then(|t| t.time).as_ref().map(at),
+        Some(end)
+    );
+
+    // No reading from now on: the transition alone turns it back to DEFAULT's OFF, on time.
+    let off = commands
+        .next(Duration::from_secs(90))
+        .await
+        .expect("a command at the transition");
+    assert_eq!(decided(&off), (H::Off, L::Default));
+    let decided_at = at(off.decided_at.as_ref().expect("decided_at"));
+    assert!(
+        decided_at >= end,
+        "not before the transition: {decided_at} < {end}"
+    );
+    assert!(
+        decided_at - end < TimeDelta::seconds(3),
+        "within a second or two of the transition: {decided_at} against {end}"
+    );
+
+    // The history says which level changed, by whom and why.
+    let history = app
+        .setpoints()
+        .await
+        .list_setpoint_history(pb::ListSetpointHistoryRequest {
+            sensor_id: "room-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .entries;
+    let seen: Vec<(i64, L, bool, &str, &str)> = history
+        .iter()
+        .map(|e| {
+            (
+                e.revision,
+                e.level(),
+                e.deleted,
+                e.changed_by.as_str(),
+                e.schedule_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (3, L::Schedule, true, "system", "office"),
+            (2, L::Schedule, false, "system", "office"),
+            (1, L::Default, false, "anonymous", ""),
+        ]
+    );
+    assert!(
+        history[1].reason.contains("preset comfort"),
+        "{}",
+        history[1].reason
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_record_one_transition_and_a_preset_change_applies_at_once() {
+    let config = TestApp::fresh_config().await;
+    let first = TestApp::spawn_with(config.clone()).await;
+    let second = TestApp::spawn_with(config).await;
+    let rooms = ["room-1", "room-2", "room-3"];
+    for sensor in rooms {
+        default_of_18(&first, sensor, "hq").await;
+    }
+    let mut client = schedules(&first).await;
+    client
+        .put_preset(preset("hq", "comfort", 23.0))
+        .await
+        .expect("preset");
+    early_in_a_minute().await;
+    let (period, end) = until_soon(1, "comfort");
+    client
+        .put_schedule(schedule("hq", "office", &[], vec![period]))
+        .await
+        .expect("schedule");
+    // A preset's change reaches the levels in the same call.
+    client
+        .put_preset(preset("hq", "comfort", 22.0))
+        .await
+        .expect("preset change");
+    let now = levels(&second, "room-2").await;
+    assert_eq!(
+        (now.effective_level(), now.levels[0].desired_celsius),
+        (L::Schedule, 22.0)
+    );
+
+    // Both replicas run the transitions every second, each in its own transactions.
+    let wait = (end - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(4);
+    tokio::time::sleep(wait).await;
+    let changes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sensor_id, count(*) FROM setpoint_history WHERE level = 2 \
+         GROUP BY sensor_id ORDER BY sensor_id",
+    )
+    .fetch_all(&mut first.db().await)
+    .await
+    .unwrap();
+    let once: Vec<(String, i64)> = rooms.map(|s| (s.to_owned(), 3)).into();
+    assert_eq!(
+        changes, once,
+        "written, changed with the preset, relinquished at the transition: once each"
+    );
+    assert_eq!(levels(&first, "room-3").await.effective_level(), L::Default);
+    second.stop().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_missed_while_stopped_is_applied_as_the_service_starts() {
+    let config = TestApp::fresh_config().await;
+    let app = TestApp::spawn_with(config.clone()).await;
+    default_of_18(&app, "room-1", "hq").await;
+    let mut client = schedules(&app).await;
+    client
+        .put_preset(preset("hq", "comfort", 23.0))
+        .await
+        .expect("preset");
+    early_in_a_minute().await;
+    let (period, end) = until_soon(1, "comfort");
+    client
+        .put_schedule(schedule("hq", "office", &[], vec![period]))
+        .await
+        .expect("schedule");
+    app.stop().await;
+    let wait = (end - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(1);
+    tokio::time::sleep(wait).await;
+
+    let restarted = TestApp::spawn_with(config).await;
+    let mut right = false;
+    // The first pass runs as the service starts.
+    for _ in 0..20 {
+        if levels(&restarted, "room-1").await.effective_level() == L::Default {
+            right = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        right,
+        "the SCHEDULE level the missed transition ended is gone within 2 s"
+    );
+    restarted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sensor_created_in_a_scheduled_building_follows_its_schedule_and_groups_take_their_own() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.schedule_sweep_interval = Duration::from_secs(1);
+    let app = TestApp::spawn_with(config).await;
+    let mut client = schedules(&app).await;
+    client
+        .put_preset(preset("hq", "comfort", 23.0))
+        .await
+        .expect("preset");
+    client
+        .put_preset(preset("hq", "eco", 16.0))
+        .await
+        .expect("preset");
+    let all_day = |name: &str| pb::SchedulePeriod {
+        days: (1..=7).collect(),
+        start_time: "00:00".into(),
+        end_time: "24:00".into(),
+        value: Some(pb::schedule_period::Value::Preset(name.into())),
+    };
+    client
+        .put_schedule(schedule("hq", "office", &[], vec![all_day("comfort")]))
+        .await
+        .expect("building schedule");
+    client
+        .put_schedule(schedule(
+            "hq",
+            "storage",
+            &["store-1"],
+            vec![all_day("eco")],
+        ))
+        .await
+        .expect("group schedule");
+    default_of_18(&app, "room-1", "hq").await;
+    default_of_18(&app, "store-1", "hq").await;
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            levels(&app, "room-1").await.effective_level() == L::Schedule
+                && levels(&app, "store-1").await.effective_level() == L::Schedule
+        })
+        .await,
+        "new sensors get their schedule's level within a sweep"
+    );
+    let store = levels(&app, "store-1").await;
+    assert_eq!(
+        (store.schedule_id.as_str(), store.levels[0].desired_celsius),
+        ("storage", 16.0)
+    );
+    let room = levels(&app, "room-1").await;
+    assert_eq!(
+        (room.schedule_id.as_str(), room.levels[0].desired_celsius),
+        ("office", 23.0)
+    );
+
+    // Deleting the group's schedule hands its sensor to the building's, at once.
+    client
+        .delete_schedule(pb::DeleteScheduleRequest {
+            building_id: "hq".into(),
+            schedule_id: "storage".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    let store = levels(&app, "store-1").await;
+    assert_eq!(
+        (store.schedule_id.as_str(), store.levels[0].desired_celsius),
+        ("office", 23.0)
+    );
+    let history = client
+        .list_schedule_history(pb::ListScheduleHistoryRequest {
+            building_id: "hq".into(),
+            schedule_id: "storage".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("history")
+        .into_inner()
+        .entries;
+    let revisions: Vec<(i64, bool)> = history
+        .iter()
+        .map(|e| (e.schedule.as_ref().map_or(0, |s| s.revision), e.deleted))
+        .collect();
+    assert_eq!(revisions, [(2, true), (1, false)]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_shows_an_override_expiring_into_the_schedule() {
+    let app = TestApp::spawn().await;
+    default_of_18(&app, "room-1", "hq").await;
+    let mut client = schedules(&app).await;
+    client
+        .put_preset(preset("hq", "comfort", 21.0))
+        .await
+        .expect("preset");
+    let all_day = pb::SchedulePeriod {
+        days: (1..=7).collect(),
+        start_time: "00:00".into(),
+        end_time: "24:00".into(),
+        value: Some(pb::schedule_period::Value::Preset("comfort".into())),
+    };
+    client
+        .put_schedule(schedule("hq", "office", &[], vec![all_day]))
+        .await
+        .expect("schedule");
+    let expire = Utc::now() + TimeDelta::hours(2);
+    app.setpoints()
+        .await
+        .write_setpoint_level(pb::WriteSetpointLevelRequest {
+            sensor_id: "room-1".into(),
+            level: L::Override.into(),
+            desired_celsius: 24.0,
+            up_delta_celsius: 0.5,
+            down_delta_celsius: 0.5,
+            expire_time: Some(timestamp(expire)),
+            ..Default::default()
+        })
+        .await
+        .expect("override");
+    let preview = client
+        .preview_setpoint(pb::PreviewSetpointRequest {
+            sensor_id: "room-1".into(),
+            duration: None,
+        })
+        .await
+        .expect("preview")
+        .into_inner();
+    let seen: Vec<(L, f64, &str)> = preview
+        .segments
+        .iter()
+        .map(|s| {
+            (
+                s.level(),
+                s.values.as_ref().map_or(f64::NAN, |v| v.desired_celsius),
+                s.preset.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [(L::Override, 24.0, ""), (L::Schedule, 21.0, "comfort")]
+    );
+    let handover = preview.segments[1].start_time.as_ref().map(at).unwrap();
+    assert!(
+        (handover - expire).num_milliseconds().abs() < 1,
+        "{handover} against {expire}"
+    );
+    let end = preview.end_time.as_ref().map(at).unwrap();
+    assert!((end - Utc::now() - TimeDelta::days(7)).num_seconds().abs() < 60);
+    app.stop().await;
+}
+
+async fn put_schedule_as(
+    client: &mut ScheduleServiceClient<Channel>,
+    token: &str,
+    request: pb::PutScheduleRequest,
+) -> Result<pb::Schedule, tonic::Status> {
+    client
+        .put_schedule(authorized(request, Some(token)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_checked_and_belong_to_their_building() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    let mut client = schedules(&app).await;
+    let period = |preset: &str| pb::SchedulePeriod {
+        days: vec![1, 2, 3, 4, 5],
+        start_time: "07:00".into(),
+        end_time: "18:00".into(),
+        value: Some(pb::schedule_period::Value::Preset(preset.into())),
+    };
+    let office = schedule("north", "office", &[], vec![period("comfort")]);
+
+    // A preset the building lacks.
+    let refused = put_schedule_as(&mut client, "t-operator-north", office.clone()).await;
+    assert_eq!(code(&refused), Code::FailedPrecondition);
+    let put_preset = |token: &'static str, building: &str| {
+        authorized(preset(building, "comfort", 22.0), Some(token))
+    };
+    assert_eq!(
+        code(
+            &client
+                .put_preset(put_preset("t-operator-south", "north"))
+                .await
+        ),
+        Code::PermissionDenied,
+        "another building's operator"
+    );
+    assert_eq!(
+        code(
+            &client
+                .put_preset(put_preset("t-viewer-north", "north"))
+                .await
+        ),
+        Code::PermissionDenied,
+        "a viewer"
+    );
+    client
+        .put_preset(put_preset("t-operator-north", "north"))
+        .await
+        .expect("the building's operator");
+    put_schedule_as(&mut client, "t-operator-north", office.clone())
+        .await
+        .expect("schedule");
+
+    // What a schedule may not be, each with its field or its reason.
+    let mut bad_zone = office.clone();
+    bad_zone.schedule.as_mut().unwrap().time_zone = "Mars/Olympus".into();
+    let mut overlapping = office.clone();
+    overlapping
+        .schedule
+        .as_mut()
+        .unwrap()
+        .weekly
+        .push(pb::SchedulePeriod {
+            start_time: "17:00".into(),
+            end_time: "19:00".into(),
+            ..period("comfort")
+        });
+    let mut backwards = office.clone();
+    backwards.schedule.as_mut().unwrap().weekly[0].end_time = "06:00".into();
+    for (request, field) in [
+        (bad_zone, "schedule.time_zone"),
+        (
+            overlapping,
+            "schedule.weekly: Monday: periods 07:00-18:00 and 17:00-19:00 overlap",
+        ),
+        (backwards, "schedule.weekly[0].end_time"),
+    ] {
+        let status = put_schedule_as(&mut client, "t-operator-north", request)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().contains(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    let second_for_the_building = schedule("north", "other", &[], vec![period("comfort")]);
+    assert_eq!(
+        code(&put_schedule_as(&mut client, "t-operator-north", second_for_the_building).await),
+        Code::FailedPrecondition
+    );
+    // A preset in use stays.
+    let deleted = client
+        .delete_preset(authorized(
+            pb::DeletePresetRequest {
+                building_id: "north".into(),
+                name: "comfort".into(),
+                ..Default::default()
+            },
+            Some("t-operator-north"),
+        ))
+        .await;
+    assert_eq!(code(&deleted), Code::FailedPrecondition);
+    // Another building's reader sees nothing of it.
+    let get = |token: &'static str| {
+        authorized(
+            pb::GetScheduleRequest {
+                building_id: "north".into(),
+                schedule_id: "office".into(),
+            },
+            Some(token),
+        )
+    };
+    assert_eq!(
+        code(&client.get_schedule(get("t-operator-south")).await),
+        Code::NotFound
+    );
+    let seen = client
+        .get_schedule(get("t-viewer-north"))
+        .await
+        .expect("viewer reads");
+    assert_eq!(seen.into_inner().weekly[0].days, vec![1, 2, 3, 4, 5]);
+    // The sensors of another building cannot be driven by it either.
+    put_as(
+        &mut app.setpoints().await,
+        "t-operator-south",
+        "south/room-1",
+        "south",
+        18.0,
+    )
+    .await
+    .expect("south's sensor");
+    let grabbing = schedule("north", "grab", &["south/room-1"], vec![period("comfort")]);
+    put_schedule_as(&mut client, "t-operator-north", grabbing)
+        .await
+        .expect("a group may name any id");
+    let south = app
+        .setpoints()
+        .await
+        .get_setpoint_levels(authorized(
+            pb::GetSetpointLevelsRequest {
+                sensor_id: "south/room-1".into(),
+            },
+            Some("t-operator-south"),
+        ))
+        .await
+        .expect("levels")
+        .into_inner();
+    assert_eq!(
+        (south.levels.len(), south.schedule_id.as_str()),
+        (1, ""),
+        "only sensors of the schedule's own building follow it"
+    );
+}
