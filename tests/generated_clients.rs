@@ -22,6 +22,7 @@ fn go_code_generates_from_the_protos() {
         .args([
             "thermostat/v1/setpoint.proto",
             "thermostat/v1/control.proto",
+            "thermostat/v1/schedule.proto",
         ])
         .output()
         .expect("protoc runs");
@@ -34,6 +35,7 @@ fn go_code_generates_from_the_protos() {
     for (file, declares) in [
         ("setpoint.pb.go", "type PutSetpointRequest struct"),
         ("control.pb.go", "type HeaterCommandEvent struct"),
+        ("schedule.pb.go", "type PutScheduleRequest struct"),
     ] {
         let code = std::fs::read_to_string(Path::new(&package).join(file)).expect(file);
         assert!(code.contains("package thermostatv1"), "{file}");

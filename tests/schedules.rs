@@ -613,3 +613,78 @@ async fn schedules_are_checked_and_belong_to_their_building() {
         "only sensors of the schedule's own building follow it"
     );
 }
+
+/// The README's schedule commands, run as written (with the address of this service and a
+/// token of an operator of every building).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_schedule_commands_work_as_written() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    put_as(&mut app.setpoints().await, "t-operator-all", "room-1", "hq", 20.0)
+        .await
+        .expect("room-1");
+    let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README");
+    let section = readme
+        .split("### Schedules and presets")
+        .nth(1)
+        .expect("the README's schedule section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("its commands");
+    let commands: Vec<String> = block
+        .replace("\\\n", "")
+        .lines()
+        .filter(|l| l.starts_with("grpcurl "))
+        .map(|l| l.replace("127.0.0.1:50051", &app.addr.to_string()))
+        .collect();
+    assert_eq!(commands.len(), 13, "every call of the section: {commands:?}");
+    let grpcurl = common::env("THERMOSTAT_TEST_GRPCURL");
+    let mut answers = Vec::new();
+    for command in &commands {
+        let ran = std::process::Command::new("bash")
+            .args(["-c", &format!("grpcurl() {{ \"$GRPCURL\" \"$@\"; }}; {command}")])
+            .env("GRPCURL", &grpcurl)
+            .env("TOKEN", "t-operator-all")
+            .output()
+            .expect("bash");
+        let out = String::from_utf8_lossy(&ran.stdout).into_owned();
+        assert!(
+            ran.status.success(),
+            "{command}\n{out}{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        answers.push(out);
+    }
+    let json = |i: usize| -> serde_json::Value {
+        serde_json::from_str(&answers[i]).unwrap_or_else(|e| panic!("{e}: {}", answers[i]))
+    };
+    assert_eq!(json(2)["revision"], "1", "PutSchedule");
+    assert_eq!(json(2)["weekly"].as_array().map(Vec::len), Some(2));
+    assert_eq!(json(4)["schedules"][0]["scheduleId"], "office");
+    assert_eq!(json(6)["presets"].as_array().map(Vec::len), Some(2));
+    let levels = json(9);
+    assert_eq!(levels["scheduleId"], "office", "{levels}");
+    assert!(levels["nextTransition"]["time"].is_string(), "{levels}");
+    let preview = json(10);
+    assert!(
+        preview["segments"].as_array().is_some_and(|s| s.len() >= 2),
+        "a week of an office schedule changes: {preview}"
+    );
+    let gone = levels_after_delete(&app).await;
+    assert_eq!((gone.schedule_id.as_str(), gone.effective_level()), ("", L::Default));
+}
+
+async fn levels_after_delete(app: &TestApp) -> pb::SetpointLevels {
+    app.setpoints()
+        .await
+        .get_setpoint_levels(authorized(
+            pb::GetSetpointLevelsRequest {
+                sensor_id: "room-1".into(),
+            },
+            Some("t-operator-all"),
+        ))
+        .await
+        .expect("levels")
+        .into_inner()
+}

@@ -13,7 +13,7 @@ trap 'rm -rf "$gopath"' EXIT
 mkdir -p "$gopath/src" "$gopath/cache"
 # Generated where its go_package says, under GOPATH; google/* come from Debian's genproto.
 protoc -I "$root/proto" --go_out="$gopath/src" --go-grpc_out="$gopath/src" \
-  thermostat/v1/setpoint.proto thermostat/v1/control.proto
+  thermostat/v1/setpoint.proto thermostat/v1/control.proto thermostat/v1/schedule.proto
 mkdir -p "$gopath/src/scenario"
 cp "$here/scenario.go" "$gopath/src/scenario/"
 cd "$gopath/src/scenario"

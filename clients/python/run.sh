@@ -22,5 +22,5 @@ fi
 gen=$(mktemp -d)
 trap 'rm -rf "$gen"' EXIT
 "$venv/bin/python" -m grpc_tools.protoc -I "$root/proto" --python_out="$gen" \
-  --grpc_python_out="$gen" thermostat/v1/setpoint.proto thermostat/v1/control.proto
+  --grpc_python_out="$gen" thermostat/v1/setpoint.proto thermostat/v1/control.proto thermostat/v1/schedule.proto
 PYTHONPATH=$gen "$venv/bin/python" "$here/scenario.py" "$1"

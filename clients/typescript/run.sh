@@ -26,7 +26,7 @@ gen=$(mktemp -d "$dir/gen.XXXXXX")
 trap 'rm -rf "$gen"' EXIT
 "$protoc" -I "$root/proto" --plugin=protoc-gen-es="$dir/node_modules/.bin/protoc-gen-es" \
   --es_out="$gen" --es_opt=target=js,import_extension=js \
-  thermostat/v1/setpoint.proto thermostat/v1/control.proto google/rpc/error_details.proto \
+  thermostat/v1/setpoint.proto thermostat/v1/control.proto thermostat/v1/schedule.proto google/rpc/error_details.proto \
   google/rpc/status.proto google/api/field_behavior.proto
 cp "$here/scenario.mjs" "$gen/"
 node "$gen/scenario.mjs" "$1"
