@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use tonic::{Request, Response, Status};
 
 use super::convert::{
@@ -18,7 +18,7 @@ use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationEr
 use crate::error::{Error, Result};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
-use crate::store::{ScheduleRecord, ScheduleWrite, Store};
+use crate::store::{Levels, ScheduleRecord, ScheduleWrite, SensorSchedule, Store};
 
 /// How far a preview looks ahead by default, and at most.
 const PREVIEW_DEFAULT: TimeDelta = TimeDelta::days(7);
@@ -380,46 +380,11 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
             let now = Utc::now();
             (now, now + span)
         };
-        let mut held = Vec::new();
-        let mut default = None;
-        for entry in &stored.entries {
-            let values = LevelValues::new(
-                entry.desired_celsius,
-                entry.up_delta_celsius,
-                entry.down_delta_celsius,
-            )
-            .map_err(|e| Error::Internal(format!("stored {e}")))?;
-            match entry.level {
-                Level::Default => default = Some(values),
-                Level::Schedule => {}
-                level => held.push(Held {
-                    level,
-                    values,
-                    expire_time: entry.expire_time,
-                }),
-            }
-        }
-        let default = default.ok_or_else(|| Error::Internal("levels without DEFAULT".into()))?;
-        let scheduled: Vec<Scheduled<(String, String)>> = match &covering {
-            Some(s) => s
-                .record
-                .schedule
-                .changes(from, until)
-                .into_iter()
-                .map(|c| Scheduled {
-                    at: c.at,
-                    values: c.value.and_then(|v| v.resolve(&s.presets)),
-                    tag: (
-                        s.record.schedule_id.as_str().to_owned(),
-                        match c.value {
-                            Some(PeriodValue::Preset(p)) => p.as_str().to_owned(),
-                            _ => String::new(),
-                        },
-                    ),
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        let (held, default) = held_levels(&stored)?;
+        let scheduled = covering
+            .as_ref()
+            .map(|s| scheduled(s, from, until))
+            .unwrap_or_default();
         let segments = levels::preview(from, until, &held, &scheduled, default)
             .into_iter()
             .map(|s| {
@@ -439,6 +404,58 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
             end_time: Some(timestamp(until)),
         }))
     }
+}
+
+/// A sensor's levels above SCHEDULE, and its DEFAULT level's values.
+fn held_levels(stored: &Levels) -> Result<(Vec<Held>, LevelValues)> {
+    let mut held = Vec::new();
+    let mut default = None;
+    for entry in &stored.entries {
+        let values = LevelValues::new(
+            entry.desired_celsius,
+            entry.up_delta_celsius,
+            entry.down_delta_celsius,
+        )
+        .map_err(|e| Error::Internal(format!("stored {e}")))?;
+        match entry.level {
+            Level::Default => default = Some(values),
+            // The schedule's future comes from the schedule itself.
+            Level::Schedule => {}
+            level => held.push(Held {
+                level,
+                values,
+                expire_time: entry.expire_time,
+            }),
+        }
+    }
+    let default = default.ok_or_else(|| Error::Internal("levels without DEFAULT".into()))?;
+    Ok((held, default))
+}
+
+/// A schedule's changes over a preview, each tagged with the schedule and the preset.
+fn scheduled(
+    covering: &SensorSchedule,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Vec<Scheduled<(String, String)>> {
+    let id = covering.record.schedule_id.as_str();
+    covering
+        .record
+        .schedule
+        .changes(from, until)
+        .into_iter()
+        .map(|c| Scheduled {
+            at: c.at,
+            values: c.value.and_then(|v| v.resolve(&covering.presets)),
+            tag: (
+                id.to_owned(),
+                match c.value {
+                    Some(PeriodValue::Preset(p)) => p.as_str().to_owned(),
+                    _ => String::new(),
+                },
+            ),
+        })
+        .collect()
 }
 
 /// The revision a history page starts below.

@@ -446,9 +446,15 @@ struct Step {
     revision: i64,
     building_id: String,
     /// `None`: relinquish.
-    write: Option<(String, LevelValues)>,
+    write: Option<LevelValues>,
     reason: String,
     schedule_id: String,
+}
+
+/// What a schedule holds now, and how its history entries say so.
+struct Holding {
+    values: Option<LevelValues>,
+    reason: String,
 }
 
 /// Brings every SCHEDULE level the building's schedules decide to what they hold now, each
@@ -460,32 +466,17 @@ async fn reconcile(tx: &mut Transaction<'_, Postgres>, building: &str) -> Result
         .await?;
     let schedules = live_schedules(tx, building).await?;
     let presets = presets_of(tx, building).await?;
-    let mut holding: HashMap<&str, (Option<LevelValues>, String)> = HashMap::new();
+    let mut holding = HashMap::new();
     for record in &schedules {
-        let value = record.schedule.value_at(now);
-        let next = record.schedule.next_change(now).map(|c| c.at);
-        let label = format!(
-            "schedule {} (revision {}): {}{}",
-            record.schedule_id.as_str(),
-            record.revision,
-            value.map_or_else(|| "no period".to_owned(), PeriodValue::describe),
-            next.map_or_else(String::new, |at| format!(" until {}", at.format("%FT%TZ")))
-        );
-        let values = value.and_then(|v| v.resolve(&presets));
-        if value.is_some() && values.is_none() {
-            tracing::error!(
-                building,
-                schedule = record.schedule_id.as_str(),
-                "a preset it names is gone"
-            );
-        }
-        holding.insert(record.schedule_id.as_str(), (values, label));
+        let (now_holding, next) = hold(building, record, &presets, now);
+        holding.insert(record.schedule_id.as_str(), now_holding);
         sqlx::query(
-            "UPDATE schedules SET next_check = $3 WHERE building_id = $1 AND schedule_id = $2",
+            "UPDATE schedules SET next_check = $3 \
+             WHERE building_id = $1 AND schedule_id = $2 AND next_check IS DISTINCT FROM $3",
         )
         .bind(building)
         .bind(record.schedule_id.as_str())
-        .bind(next.unwrap_or(now + IDLE_RECHECK).min(now + IDLE_RECHECK))
+        .bind(next)
         .execute(&mut **tx)
         .await?;
     }
@@ -505,60 +496,125 @@ async fn reconcile(tx: &mut Transaction<'_, Postgres>, building: &str) -> Result
     .bind(building)
     .fetch_all(&mut **tx)
     .await?;
-    let mut steps = Vec::new();
-    for target in targets {
-        let wanted = if target.live && target.building_id == building {
-            covering(&schedules, &target.sensor_id).and_then(|record| {
-                let (values, label) = &holding[record.schedule_id.as_str()];
-                Some((record.schedule_id.as_str(), (*values)?, label))
-            })
-        } else {
-            None
-        };
-        let stored = match (
-            target.desired_celsius,
-            target.up_delta_celsius,
-            target.down_delta_celsius,
-            &target.schedule_id,
-        ) {
-            (Some(d), Some(u), Some(w), Some(id)) => Some((
-                target.schedule_building.as_deref() == Some(building),
-                id.as_str(),
-                (d, u, w),
-            )),
-            _ => None,
-        };
-        let step = match (wanted, stored) {
-            (Some((id, values, _)), Some((true, stored_id, stored)))
-                if stored_id == id && stored == triple(&values) =>
-            {
-                continue
-            }
-            (Some((id, values, label)), _) => (Some((id.to_owned(), values)), label.clone(), id),
-            (None, Some((true, id, _))) => {
-                let reason = match schedules.iter().find(|s| s.schedule_id.as_str() == id) {
-                    Some(record) if target.live && target.building_id == building => {
-                        holding[record.schedule_id.as_str()].1.clone()
-                    }
-                    _ => format!("schedule {id} no longer covers the sensor"),
-                };
-                (None, reason, id)
-            }
-            // Nothing wanted, and nothing of this building stored.
-            (None, _) => continue,
-        };
-        let (write, reason, id) = step;
-        steps.push(Step {
-            schedule_id: id.to_owned(),
-            sensor_id: target.sensor_id,
-            revision: target.revision + 1,
-            building_id: target.building_id,
-            write,
-            reason,
-        });
-    }
+    let steps: Vec<Step> = targets
+        .into_iter()
+        .filter_map(|target| step(building, target, &schedules, &holding))
+        .collect();
     apply(tx, building, &steps).await?;
     Ok(steps.len())
+}
+
+/// What a schedule holds at `now`, and when to look at it next (at its next transition, and
+/// within a day anyway).
+fn hold(
+    building: &str,
+    record: &ScheduleRecord,
+    presets: &HashMap<PresetName, LevelValues>,
+    now: DateTime<Utc>,
+) -> (Holding, DateTime<Utc>) {
+    let value = record.schedule.value_at(now);
+    let next = record.schedule.next_change(now).map(|c| c.at);
+    let reason = format!(
+        "schedule {} (revision {}): {}{}",
+        record.schedule_id.as_str(),
+        record.revision,
+        value.map_or_else(|| "no period".to_owned(), PeriodValue::describe),
+        next.map_or_else(String::new, |at| format!(" until {}", at.format("%FT%TZ")))
+    );
+    let values = value.and_then(|v| v.resolve(presets));
+    if value.is_some() && values.is_none() {
+        // PutSchedule and DeletePreset keep this from happening, under the same lock.
+        tracing::error!(
+            building,
+            schedule = record.schedule_id.as_str(),
+            "a preset it names is gone"
+        );
+    }
+    let recheck = now + IDLE_RECHECK;
+    (
+        Holding { values, reason },
+        next.map_or(recheck, |at| at.min(recheck)),
+    )
+}
+
+/// The change one sensor's SCHEDULE level needs, if any: what the schedule covering it holds
+/// (nothing for a sensor gone from the building) against what it stores.
+fn step(
+    building: &str,
+    target: Target,
+    schedules: &[ScheduleRecord],
+    holding: &HashMap<&str, Holding>,
+) -> Option<Step> {
+    let here = target.live && target.building_id == building;
+    let covering = here
+        .then(|| covering(schedules, &target.sensor_id))
+        .flatten()
+        .map(|record| {
+            (
+                record.schedule_id.as_str(),
+                &holding[record.schedule_id.as_str()],
+            )
+        });
+    let stored = match (
+        target.desired_celsius,
+        target.up_delta_celsius,
+        target.down_delta_celsius,
+        target.schedule_id.as_deref(),
+    ) {
+        (Some(d), Some(u), Some(w), Some(id))
+            if target.schedule_building.as_deref() == Some(building) =>
+        {
+            Some((id, (d, u, w)))
+        }
+        _ => None,
+    };
+    let (schedule_id, write, reason) = match (covering, stored) {
+        (
+            Some((
+                id,
+                Holding {
+                    values: Some(values),
+                    ..
+                },
+            )),
+            Some((stored_id, stored)),
+        ) if stored_id == id && stored == triple(values) => return None,
+        (
+            Some((
+                id,
+                Holding {
+                    values: Some(values),
+                    reason,
+                },
+            )),
+            _,
+        ) => (id.to_owned(), Some(*values), reason.clone()),
+        (
+            Some((
+                id,
+                Holding {
+                    values: None,
+                    reason,
+                },
+            )),
+            Some(_),
+        ) => (id.to_owned(), None, reason.clone()),
+        (None, Some((stored_id, _))) => (
+            stored_id.to_owned(),
+            None,
+            format!("schedule {stored_id} no longer covers the sensor"),
+        ),
+        // Nothing wanted, and nothing of this building's stored.
+        (_, None) => return None,
+    };
+    Some(Step {
+        schedule_id,
+        revision: target.revision + 1,
+        sensor_id: target.sensor_id,
+        building_id: target.building_id,
+        write,
+        reason,
+    })
 }
 
 fn triple(values: &LevelValues) -> (f64, f64, f64) {
@@ -581,9 +637,9 @@ async fn apply(tx: &mut Transaction<'_, Postgres>, building: &str, steps: &[Step
     let buildings: Vec<&str> = steps.iter().map(|s| s.building_id.as_str()).collect();
     let reasons: Vec<&str> = steps.iter().map(|s| s.reason.as_str()).collect();
     let schedule_ids: Vec<&str> = steps.iter().map(|s| s.schedule_id.as_str()).collect();
-    let desired = column(|s| s.write.as_ref().map(|w| w.1.desired.value()));
-    let up = column(|s| s.write.as_ref().map(|w| w.1.up_delta.value()));
-    let down = column(|s| s.write.as_ref().map(|w| w.1.down_delta.value()));
+    let desired = column(|s| s.write.map(|w| w.desired.value()));
+    let up = column(|s| s.write.map(|w| w.up_delta.value()));
+    let down = column(|s| s.write.map(|w| w.down_delta.value()));
     sqlx::query(
         "DELETE FROM setpoint_levels l USING unnest($1::text[], $2::float8[]) AS t(sensor_id, d) \
          WHERE l.sensor_id = t.sensor_id AND l.level = 2 AND t.d IS NULL",
