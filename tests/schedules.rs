@@ -619,9 +619,15 @@ async fn schedules_are_checked_and_belong_to_their_building() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_schedule_commands_work_as_written() {
     let (_dir, app) = secure_app(|_, _| {}).await;
-    put_as(&mut app.setpoints().await, "t-operator-all", "room-1", "hq", 20.0)
-        .await
-        .expect("room-1");
+    put_as(
+        &mut app.setpoints().await,
+        "t-operator-all",
+        "room-1",
+        "hq",
+        20.0,
+    )
+    .await
+    .expect("room-1");
     let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README");
     let section = readme
         .split("### Schedules and presets")
@@ -638,12 +644,19 @@ async fn the_readme_schedule_commands_work_as_written() {
         .filter(|l| l.starts_with("grpcurl "))
         .map(|l| l.replace("127.0.0.1:50051", &app.addr.to_string()))
         .collect();
-    assert_eq!(commands.len(), 13, "every call of the section: {commands:?}");
+    assert_eq!(
+        commands.len(),
+        13,
+        "every call of the section: {commands:?}"
+    );
     let grpcurl = common::env("THERMOSTAT_TEST_GRPCURL");
     let mut answers = Vec::new();
     for command in &commands {
         let ran = std::process::Command::new("bash")
-            .args(["-c", &format!("grpcurl() {{ \"$GRPCURL\" \"$@\"; }}; {command}")])
+            .args([
+                "-c",
+                &format!("grpcurl() {{ \"$GRPCURL\" \"$@\"; }}; {command}"),
+            ])
             .env("GRPCURL", &grpcurl)
             .env("TOKEN", "t-operator-all")
             .output()
@@ -672,7 +685,10 @@ async fn the_readme_schedule_commands_work_as_written() {
         "a week of an office schedule changes: {preview}"
     );
     let gone = levels_after_delete(&app).await;
-    assert_eq!((gone.schedule_id.as_str(), gone.effective_level()), ("", L::Default));
+    assert_eq!(
+        (gone.schedule_id.as_str(), gone.effective_level()),
+        ("", L::Default)
+    );
 }
 
 async fn levels_after_delete(app: &TestApp) -> pb::SetpointLevels {
