@@ -409,20 +409,40 @@ async fn a_preview_shows_an_override_expiring_into_the_schedule() {
         .put_schedule(schedule("hq", "office", &[], vec![all_day]))
         .await
         .expect("schedule");
-    let expire = Utc::now() + TimeDelta::hours(2);
-    app.setpoints()
+    // An override for two hours, given as a duration; not with an expiry time as well.
+    let hold = pb::WriteSetpointLevelRequest {
+        sensor_id: "room-1".into(),
+        level: L::Override.into(),
+        desired_celsius: 24.0,
+        up_delta_celsius: 0.5,
+        down_delta_celsius: 0.5,
+        duration: Some(prost_types::Duration {
+            seconds: 7200,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let both = pb::WriteSetpointLevelRequest {
+        expire_time: Some(timestamp(Utc::now() + TimeDelta::hours(1))),
+        ..hold.clone()
+    };
+    let mut setpoints = app.setpoints().await;
+    let refused = setpoints
+        .write_setpoint_level(both)
         .await
-        .write_setpoint_level(pb::WriteSetpointLevelRequest {
-            sensor_id: "room-1".into(),
-            level: L::Override.into(),
-            desired_celsius: 24.0,
-            up_delta_celsius: 0.5,
-            down_delta_celsius: 0.5,
-            expire_time: Some(timestamp(expire)),
-            ..Default::default()
-        })
+        .expect_err("both");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let before = Utc::now();
+    let written = setpoints
+        .write_setpoint_level(hold)
         .await
-        .expect("override");
+        .expect("override")
+        .into_inner();
+    let expire = written.effective_until.as_ref().map(at).expect("an expiry");
+    assert!(
+        expire >= before + TimeDelta::hours(2) && expire <= Utc::now() + TimeDelta::hours(2),
+        "two hours from the write: {expire}"
+    );
     let preview = client
         .preview_setpoint(pb::PreviewSetpointRequest {
             sensor_id: "room-1".into(),

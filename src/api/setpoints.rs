@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
 use crate::store::{HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
-use chrono::Utc;
+use chrono::{TimeDelta, Utc};
 use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its method and its encoding
@@ -525,12 +525,19 @@ impl SetpointApi {
                     .ok_or_else(|| ValidationError::new("expire_time", "is not a valid time"))
             })
             .transpose()?;
+        let duration = req
+            .duration
+            .map(|d| {
+                TimeDelta::new(d.seconds, d.nanos.max(0) as u32)
+                    .ok_or_else(|| ValidationError::new("duration", "is not a valid duration"))
+            })
+            .transpose()?;
         let reason = Reason::parse(req.reason)?;
         let expected_revision = expected_revision(req.expected_revision)?;
         let written = async {
             // Checked for a first attempt only: the retry of a write that was made is answered
             // even once its expiry has passed.
-            let expire_time = levels::expiry(expire_time, chrono::Utc::now())?;
+            let expire_time = levels::expiry_of(expire_time, duration, chrono::Utc::now())?;
             let write = LevelWrite {
                 sensor_id: &sensor_id,
                 level,

@@ -103,6 +103,26 @@ impl LevelValues {
     }
 }
 
+/// An expiry given at `now` as a time or as a duration from `now` (not both).
+pub fn expiry_of(
+    expire_time: Option<DateTime<Utc>>,
+    duration: Option<TimeDelta>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, ValidationError> {
+    match (expire_time, duration) {
+        (Some(_), Some(_)) => Err(ValidationError::new(
+            "duration",
+            "give expire_time or duration, not both",
+        )),
+        (None, Some(d)) if d <= TimeDelta::zero() => {
+            Err(ValidationError::new("duration", "must be positive"))
+        }
+        (None, Some(d)) => expiry(now.checked_add_signed(d), now)
+            .map_err(|_| ValidationError::new("duration", "must be at most 366 days")),
+        (at, None) => expiry(at, now),
+    }
+}
+
 /// An expiry given at `now`: after it, and at most [`MAX_EXPIRY_AHEAD`] later.
 pub fn expiry(
     expire_time: Option<DateTime<Utc>>,
@@ -278,6 +298,18 @@ mod tests {
             ]
         );
         assert_eq!(segments[2].tag, Some("comfort"));
+    }
+
+    #[test]
+    fn an_expiry_is_a_time_or_a_duration_not_both() {
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let hour = TimeDelta::hours(1);
+        assert_eq!(expiry_of(None, Some(hour), now), Ok(Some(now + hour)));
+        assert_eq!(expiry_of(Some(now + hour), None, now), Ok(Some(now + hour)));
+        assert_eq!(expiry_of(None, None, now), Ok(None));
+        assert!(expiry_of(Some(now + hour), Some(hour), now).is_err());
+        assert!(expiry_of(None, Some(TimeDelta::zero()), now).is_err());
+        assert!(expiry_of(None, Some(TimeDelta::days(400)), now).is_err());
     }
 
     #[test]
