@@ -411,23 +411,27 @@ async fn keep_levels(store: Store, every: Duration, sweep: Duration, stop: Cance
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = sweeps.tick() => match store.run_all_schedules().await {
-                Ok(0) => {}
-                Ok(changed) => tracing::info!(changed, "schedule levels caught up"),
-                Err(e) => tracing::warn!(error = %error_chain(&e), "running schedules"),
-            },
+            _ = sweeps.tick() => counted("schedule", store.run_all_schedules().await),
             _ = ticks.tick() => {
-                match store.expire_levels().await {
-                    Ok(0) => {}
-                    Ok(expired) => tracing::info!(expired, "setpoint levels expired"),
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "expiring setpoint levels"),
-                }
-                match store.run_due_schedules().await {
-                    Ok(0) => {}
-                    Ok(changed) => tracing::info!(changed, "schedule transitions applied"),
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "running schedules"),
-                }
+                counted("expiry", store.expire_levels().await.map(|n| n as usize));
+                counted("schedule", store.run_due_schedules().await);
             }
+        }
+    }
+}
+
+/// Logs and counts what a pass of the levels' upkeep did.
+fn counted(kind: &'static str, outcome: Result<usize, crate::error::Error>) {
+    match outcome {
+        Ok(0) => {}
+        Ok(changed) => {
+            metrics::counter!(crate::telemetry::LEVEL_CHANGES, "kind" => kind)
+                .increment(changed as u64);
+            tracing::info!(changed, kind, "setpoint levels changed by the upkeep");
+        }
+        Err(e) => {
+            metrics::counter!(crate::telemetry::LEVEL_UPKEEP_FAILURES, "kind" => kind).increment(1);
+            tracing::warn!(error = %error_chain(&e), kind, "setpoint levels' upkeep failed");
         }
     }
 }

@@ -41,6 +41,8 @@ pub const CONNECTIONS_REFUSED: &str = "thermostat_connections_refused_total";
 pub const AUTH_FAILURES: &str = "thermostat_auth_failures_total";
 pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
 pub const CREDENTIALS_STALE: &str = "thermostat_credentials_stale";
+pub const LEVEL_CHANGES: &str = "thermostat_level_changes_total";
+pub const LEVEL_UPKEEP_FAILURES: &str = "thermostat_level_upkeep_failures_total";
 
 /// Histogram buckets (seconds) for latencies from 10 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -162,6 +164,14 @@ fn describe() {
     describe_gauge!(
         CREDENTIALS_STALE,
         "1 while a credential file (TLS certificate, JWKS, static identities) cannot be read or does not load, so the previous version is still in use"
+    );
+    describe_counter!(
+        LEVEL_CHANGES,
+        "Priority levels this replica changed on its own: expiries and schedule transitions, by kind"
+    );
+    describe_counter!(
+        LEVEL_UPKEEP_FAILURES,
+        "Passes of the expiry or schedule upkeep that failed (the next one tries again), by kind"
     );
     describe_counter!(SETPOINT_WRITES, "Puts sent to the database");
     describe_counter!(
