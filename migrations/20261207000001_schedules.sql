@@ -15,6 +15,24 @@ ALTER TABLE setpoint_levels
 
 ALTER TABLE setpoint_history ADD COLUMN schedule_id text;
 
+-- A building's pass finds the levels its schedules wrote to sensors that have left it.
+CREATE INDEX setpoint_levels_by_schedule ON setpoint_levels (schedule_building)
+    WHERE level = 2;
+
+-- A sensor moved to another building stops following the old building's schedule in the same
+-- change; the new building's next pass writes its own. Named to run before setpoints_notify.
+CREATE FUNCTION setpoints_drop_moved_schedule() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM setpoint_levels
+    WHERE sensor_id = NEW.sensor_id AND level = 2 AND schedule_building <> NEW.building_id;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER setpoints_drop_moved_schedule AFTER UPDATE ON setpoints
+    FOR EACH ROW WHEN (NEW.building_id IS DISTINCT FROM OLD.building_id)
+    EXECUTE FUNCTION setpoints_drop_moved_schedule();
+
 -- Named values a schedule's periods refer to (`comfort`, `eco`, `away`). A deletion keeps the
 -- row as a tombstone, so that revisions go on if the name is used again.
 CREATE TABLE presets (

@@ -329,9 +329,13 @@ fn api_routes(
     // A batch's answer holds every setpoint it updated: up to gRPC's usual 4 MiB a client
     // accepts. Pages of lists are cut to `max_message` by the handlers themselves.
     .max_encoding_message_size(max_message.max(BATCH_RESPONSE_SIZE));
-    let schedules = ScheduleServiceServer::new(ScheduleApi::new(store.clone(), limits.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let schedules = ScheduleServiceServer::new(ScheduleApi::new(
+        store.clone(),
+        limits.clone(),
+        &config.limits,
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let heater = HeaterControlServiceServer::new(HeaterApi::new(
         control.clone(),
         store.clone(),
@@ -381,14 +385,23 @@ fn spawn_upkeep(
         crate::telemetry::upkeep(upkeep_stop).await;
         Ok(())
     });
-    let (levels_stop, every, sweep, levels_store) = (
+    let (levels_stop, every, levels_store) = (
         stop.clone(),
         config.control.level_expiry_interval,
-        config.control.schedule_sweep_interval,
         store.clone(),
     );
     tasks.spawn(async move {
-        keep_levels(levels_store, every, sweep, levels_stop).await;
+        keep_levels(levels_store, every, levels_stop).await;
+        Ok(())
+    });
+    let (sweep_stop, sweep, sweep_store) = (
+        stop.clone(),
+        config.control.schedule_sweep_interval,
+        store.clone(),
+    );
+    // Apart: a long sweep must not hold up expiries and due transitions.
+    tasks.spawn(async move {
+        sweep_schedules(sweep_store, sweep, sweep_stop).await;
         Ok(())
     });
     let (forget_stop, window) = (stop.clone(), config.limits.request_id_window);
@@ -399,23 +412,33 @@ fn spawn_upkeep(
 }
 
 /// Every `every`, relinquishes expired levels of the sensors' priority arrays and brings the
-/// SCHEDULE levels of buildings with a transition due up to date; every `sweep` (and first,
-/// at start), those of every building with a schedule. Every replica does: each change is
-/// recorded once, by whichever comes first, and the other replicas learn the new effective
-/// setpoint from its notification.
-async fn keep_levels(store: Store, every: Duration, sweep: Duration, stop: CancellationToken) {
+/// SCHEDULE levels of buildings with a transition due up to date. Every replica does: each
+/// change is recorded once, by whichever comes first, and the other replicas learn the new
+/// effective setpoint from its notification.
+async fn keep_levels(store: Store, every: Duration, stop: CancellationToken) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sweeps = tokio::time::interval(sweep);
-    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = sweeps.tick() => counted("schedule", store.run_all_schedules().await),
             _ = ticks.tick() => {
                 counted("expiry", store.expire_levels().await.map(|n| n as usize));
-                counted("schedule", store.run_due_schedules().await);
+                counted_pass(store.run_due_schedules().await);
             }
+        }
+    }
+}
+
+/// Every `every` (and first as the replica starts), brings the SCHEDULE levels of every
+/// scheduled building up to date: sensors created or moved since, transitions missed while
+/// no replica ran.
+async fn sweep_schedules(store: Store, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => counted_pass(store.run_all_schedules().await),
         }
     }
 }
@@ -433,6 +456,20 @@ fn counted(kind: &'static str, outcome: Result<usize, crate::error::Error>) {
             metrics::counter!(crate::telemetry::LEVEL_UPKEEP_FAILURES, "kind" => kind).increment(1);
             tracing::warn!(error = %error_chain(&e), kind, "setpoint levels' upkeep failed");
         }
+    }
+}
+
+/// [`counted`] for a pass over scheduled buildings, each of which may fail on its own.
+fn counted_pass(outcome: Result<crate::store::SchedulePass, crate::error::Error>) {
+    match outcome {
+        Ok(pass) => {
+            counted("schedule", Ok(pass.changed));
+            for (building, e) in pass.failures {
+                tracing::warn!(building, "in the building's schedule pass");
+                counted("schedule", Err(e));
+            }
+        }
+        Err(e) => counted("schedule", Err(e)),
     }
 }
 

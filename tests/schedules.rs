@@ -367,6 +367,38 @@ async fn a_sensor_created_in_a_scheduled_building_follows_its_schedule_and_group
         ("office", 23.0)
     );
 
+    // A sensor moved to another building leaves the old one's schedule in the same change,
+    // and follows the new one's within a sweep.
+    client
+        .put_preset(preset("annex", "comfort", 20.0))
+        .await
+        .expect("annex preset");
+    client
+        .put_schedule(schedule("annex", "annex", &[], vec![all_day("comfort")]))
+        .await
+        .expect("annex schedule");
+    let mut moving = setpoint("room-1", "annex", 18.0);
+    moving.up_delta_celsius = 0.5;
+    moving.down_delta_celsius = 0.5;
+    app.setpoints()
+        .await
+        .put_setpoint(put(moving, None))
+        .await
+        .expect("move");
+    let moved = levels(&app, "room-1").await;
+    assert!(
+        moved.levels.iter().all(|l| l.schedule_id != "office"),
+        "the old building's schedule stays behind: {moved:?}"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            let now = levels(&app, "room-1").await;
+            now.effective_level() == L::Schedule && now.levels[0].schedule_id == "annex"
+        })
+        .await,
+        "the new building's schedule within a sweep"
+    );
+
     // Deleting the group's schedule hands its sensor to the building's, at once.
     client
         .delete_schedule(pb::DeleteScheduleRequest {
@@ -456,6 +488,7 @@ async fn a_preview_shows_an_override_expiring_into_the_schedule() {
         .preview_setpoint(pb::PreviewSetpointRequest {
             sensor_id: "room-1".into(),
             duration: None,
+            start_time: None,
         })
         .await
         .expect("preview")
@@ -482,6 +515,21 @@ async fn a_preview_shows_an_override_expiring_into_the_schedule() {
     );
     let end = preview.end_time.as_ref().map(at).unwrap();
     assert!((end - Utc::now() - TimeDelta::days(7)).num_seconds().abs() < 60);
+    // From a later start, for a day: the schedule alone.
+    let later = client
+        .preview_setpoint(pb::PreviewSetpointRequest {
+            sensor_id: "room-1".into(),
+            duration: Some(prost_types::Duration {
+                seconds: 86_400,
+                nanos: 0,
+            }),
+            start_time: Some(timestamp(expire + TimeDelta::hours(1))),
+        })
+        .await
+        .expect("later preview")
+        .into_inner();
+    let levels_seen: Vec<L> = later.segments.iter().map(|s| s.level()).collect();
+    assert_eq!(levels_seen, [L::Schedule]);
     app.stop().await;
 }
 
@@ -640,6 +688,45 @@ async fn schedules_are_checked_and_belong_to_their_building() {
         (south.levels.len(), south.schedule_id.as_str()),
         (1, ""),
         "only sensors of the schedule's own building follow it"
+    );
+
+    // Listed a page at a time; a schedule too large for a response is refused.
+    let page = |token: String| {
+        authorized(
+            pb::ListSchedulesRequest {
+                building_id: "north".into(),
+                page_size: 1,
+                page_token: token,
+            },
+            Some("t-viewer-north"),
+        )
+    };
+    let first = client
+        .list_schedules(page(String::new()))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(first.schedules[0].schedule_id, "grab");
+    let second = client
+        .list_schedules(page(first.next_page_token))
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(second.schedules[0].schedule_id, "office");
+    assert!(second.next_page_token.is_empty());
+    let many: Vec<String> = (0..1000)
+        .map(|i| format!("north/a-rather-long-sensor-name-{i:04}"))
+        .collect();
+    let ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    let huge = schedule("north", "huge", &ids, vec![period("comfort")]);
+    let refused = put_schedule_as(&mut client, "t-operator-north", huge)
+        .await
+        .expect_err("too large");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("MAX_MESSAGE_SIZE"),
+        "{}",
+        refused.message()
     );
 }
 

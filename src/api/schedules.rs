@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
@@ -12,12 +13,13 @@ use super::convert::{
 };
 use super::limits::Limits;
 use super::{authorize, page_token, reader};
+use crate::config::LimitsConfig;
 use crate::domain::levels::{self, Held, Level, LevelValues, Scheduled};
 use crate::domain::schedule::{PeriodValue, PresetName};
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
-use crate::proto::timestamp;
 use crate::proto::v1 as pb;
+use crate::proto::{from_timestamp, timestamp};
 use crate::store::{Levels, ScheduleRecord, ScheduleWrite, SensorSchedule, Store};
 
 /// How far a preview looks ahead by default, and at most.
@@ -27,11 +29,19 @@ const PREVIEW_MAX: TimeDelta = TimeDelta::days(31);
 pub struct ScheduleApi {
     store: Store,
     limits: Limits,
+    /// The bytes a page of a list may take: `MAX_MESSAGE_SIZE` less the rest of a response.
+    page_bytes: usize,
 }
 
 impl ScheduleApi {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Store, limits: Limits, config: &LimitsConfig) -> Self {
+        Self {
+            store,
+            limits,
+            page_bytes: config
+                .max_message_size
+                .saturating_sub(page_token::RESPONSE_RESERVE),
+        }
     }
 
     /// An operator of `building`, within its write budget.
@@ -221,7 +231,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let (entries, next_page_token) = page_token::paginate(
             rows,
             limit,
-            usize::MAX,
+            self.page_bytes,
             &scope,
             |last| last.revision.to_string(),
             |p| pb::PresetHistoryEntry {
@@ -245,6 +255,18 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
             .as_ref()
             .ok_or_else(|| Error::from(ValidationError::new("schedule", "is required")))?;
         let (building, id, sensors, schedule) = schedule_from_proto(proto).map_err(Error::from)?;
+        // So that its answer, and a page of a listing, always holds it.
+        let most = self.page_bytes / 2;
+        if proto.encoded_len() > most {
+            return Err(Error::from(ValidationError::new(
+                "schedule",
+                format!(
+                    "encodes to {} bytes; at most {most} (half of MAX_MESSAGE_SIZE)",
+                    proto.encoded_len()
+                ),
+            ))
+            .into());
+        }
         let reason =
             Reason::parse(proto.reason.clone()).map_err(|e| Error::from(e.within("schedule")))?;
         let expected = expected_revision(req.expected_revision).map_err(Error::from)?;
@@ -288,14 +310,30 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::ListSchedulesRequest>,
     ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
         let (who, _slot) = reader(&request, &self.limits)?;
-        let building = parse_building(&request.get_ref().building_id)?;
+        let req = request.into_inner();
+        let building = parse_building(&req.building_id)?;
+        let limit = page_token::page_size(req.page_size).map_err(Error::from)?;
+        let scope = format!("schedules:{}", building.as_str());
+        let after = page_token::decode(&scope, &req.page_token).map_err(Error::from)?;
         let schedules = if who.sees(&building) {
-            self.store.schedules(&building).await?
+            self.store
+                .schedules(&building, after.as_deref(), limit + 1)
+                .await?
         } else {
             Vec::new()
         };
+        let answered = self.schedules_answer(&building, &schedules).await?;
+        let (schedules, next_page_token) = page_token::paginate(
+            answered,
+            limit,
+            self.page_bytes,
+            &scope,
+            |last| last.schedule_id.clone(),
+            Clone::clone,
+        );
         Ok(Response::new(pb::ListSchedulesResponse {
-            schedules: self.schedules_answer(&building, &schedules).await?,
+            schedules,
+            next_page_token,
         }))
     }
 
@@ -339,7 +377,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let (entries, next_page_token) = page_token::paginate(
             rows,
             limit,
-            usize::MAX,
+            self.page_bytes,
             &scope,
             |last| last.revision.to_string(),
             |s| pb::ScheduleHistoryEntry {
@@ -371,37 +409,53 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
                     ))
                 })?,
         };
+        let now = Utc::now();
+        let from = match &req.start_time {
+            None => now,
+            Some(t) => from_timestamp(t)
+                .filter(|t| *t <= now + PREVIEW_MAX)
+                .ok_or_else(|| {
+                    Error::from(ValidationError::new(
+                        "start_time",
+                        "must be a valid time at most 31 days ahead",
+                    ))
+                })?
+                .max(now),
+        };
+        let until = from + span;
         let stored = self.store.levels(&sensor_id, &who.scope).await?;
         let covering = self
             .store
             .sensor_schedule(&stored.building_id, &sensor_id)
             .await?;
-        let (from, until) = {
-            let now = Utc::now();
-            (now, now + span)
-        };
         let (held, default) = held_levels(&stored)?;
         let scheduled = covering
             .as_ref()
             .map(|s| scheduled(s, from, until))
             .unwrap_or_default();
-        let segments = levels::preview(from, until, &held, &scheduled, default)
-            .into_iter()
-            .map(|s| {
-                let (schedule_id, preset) = s.tag.unwrap_or_default();
-                pb::PreviewSegment {
-                    start_time: Some(timestamp(s.start)),
-                    level: i32::from(s.level.number()),
-                    values: Some(values_to_proto(&s.values)),
-                    schedule_id,
-                    preset,
-                }
-            })
-            .collect();
+        let mut segments = Vec::new();
+        let (mut bytes, mut end) = (0, until);
+        for s in levels::preview(from, until, &held, &scheduled, default) {
+            let (schedule_id, preset) = s.tag.unwrap_or_default();
+            let segment = pb::PreviewSegment {
+                start_time: Some(timestamp(s.start)),
+                level: i32::from(s.level.number()),
+                values: Some(values_to_proto(&s.values)),
+                schedule_id,
+                preset,
+            };
+            // Cut where a response would be full: the caller asks again from `end_time`.
+            bytes += segment.encoded_len() + 8;
+            if bytes > self.page_bytes && !segments.is_empty() {
+                end = s.start;
+                break;
+            }
+            segments.push(segment);
+        }
         Ok(Response::new(pb::PreviewSetpointResponse {
             sensor_id: sensor_id.to_string(),
             segments,
-            end_time: Some(timestamp(until)),
+            end_time: Some(timestamp(end)),
         }))
     }
 }

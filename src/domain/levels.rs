@@ -117,8 +117,10 @@ pub fn expiry_of(
         (None, Some(d)) if d <= TimeDelta::zero() => {
             Err(ValidationError::new("duration", "must be positive"))
         }
-        (None, Some(d)) => expiry(now.checked_add_signed(d), now)
-            .map_err(|_| ValidationError::new("duration", "must be at most 366 days")),
+        (None, Some(d)) if d > MAX_EXPIRY_AHEAD => {
+            Err(ValidationError::new("duration", "must be at most 366 days"))
+        }
+        (None, Some(d)) => Ok(Some(now + d)),
         (at, None) => expiry(at, now),
     }
 }
@@ -310,6 +312,8 @@ mod tests {
         assert!(expiry_of(Some(now + hour), Some(hour), now).is_err());
         assert!(expiry_of(None, Some(TimeDelta::zero()), now).is_err());
         assert!(expiry_of(None, Some(TimeDelta::days(400)), now).is_err());
+        // Past what a time can hold: refused, not taken for "no expiry".
+        assert!(expiry_of(None, Some(TimeDelta::seconds(9_000_000_000_000)), now).is_err());
     }
 
     #[test]

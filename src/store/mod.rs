@@ -20,7 +20,9 @@ use crate::error::Result;
 
 pub use levels::{LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
 pub use requests::{RecordedWrite, WriteRequest};
-pub use schedules::{PresetRecord, ScheduleRecord, ScheduleWrite, SensorSchedule, SCHEDULE_ACTOR};
+pub use schedules::{
+    PresetRecord, SchedulePass, ScheduleRecord, ScheduleWrite, SensorSchedule, SCHEDULE_ACTOR,
+};
 pub use setpoints::{HistoryEntry, PutOutcome, SetpointVersion, PUT_SQL};
 
 /// A pooled connection idle this long is pinged before it is handed out.

@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 
 /// Who transitions are recorded as, in the history.
 pub const SCHEDULE_ACTOR: &str = "system";
+/// The most schedules one building has: each pass reads them all.
+pub const MAX_SCHEDULES: usize = 100;
 /// With no transition ahead, a schedule is looked at again after this long anyway.
 const IDLE_RECHECK: TimeDelta = TimeDelta::days(1);
 
@@ -240,6 +242,11 @@ impl Store {
             return Ok(same);
         }
         check_fits(&others, &sensor_ids)?;
+        if others.len() >= MAX_SCHEDULES {
+            return Err(Error::FailedPrecondition(format!(
+                "building {building:?} has {MAX_SCHEDULES} schedules, the most it may have"
+            )));
+        }
         let presets = presets_of(&mut tx, building).await?;
         let missing: Vec<&str> = write
             .schedule
@@ -329,11 +336,26 @@ impl Store {
             .ok_or_else(|| schedule_not_found(building.as_str(), schedule_id))
     }
 
-    /// The building's live schedules, by id.
-    pub async fn schedules(&self, building: &BuildingId) -> Result<Vec<ScheduleRecord>> {
+    /// The building's live schedules by id, at most `limit` after `after`.
+    pub async fn schedules(
+        &self,
+        building: &BuildingId,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ScheduleRecord>> {
         let _turn = self.read_turn().await?;
-        let mut conn = self.pool().acquire().await?;
-        live_schedules(&mut conn, building.as_str()).await
+        let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
+            "{SCHEDULE_COLUMNS} FROM schedules \
+             WHERE building_id = $1 AND NOT deleted \
+               AND ($2::text IS NULL OR schedule_id COLLATE \"C\" > $2) \
+             ORDER BY schedule_id COLLATE \"C\" LIMIT $3"
+        ))
+        .bind(building.as_str())
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(ScheduleRow::into_record).collect()
     }
 
     /// Every revision of a schedule, newest first, at most `limit` below `before`.
@@ -374,7 +396,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let schedules = live_schedules(&mut tx, building).await?;
-        let Some(record) = covering(&schedules, sensor_id.as_str()).cloned() else {
+        let Some(record) = Covering::new(&schedules).of(sensor_id.as_str()).cloned() else {
             return Ok(None);
         };
         let presets = presets_of(&mut tx, building).await?;
@@ -382,44 +404,73 @@ impl Store {
         Ok(Some(SensorSchedule { record, presets }))
     }
 
-    /// Brings the SCHEDULE levels of every building with a transition due up to date; returns
-    /// how many levels changed. Any replica may run it at any time: each change happens once.
-    pub async fn run_due_schedules(&self) -> Result<usize> {
+    /// Brings the SCHEDULE levels of every building with a transition due up to date. Any
+    /// replica may run it at any time: each change happens once.
+    pub async fn run_due_schedules(&self) -> Result<SchedulePass> {
         let due: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT building_id FROM schedules \
              WHERE NOT deleted AND next_check <= clock_timestamp()",
         )
         .fetch_all(self.pool())
         .await?;
-        self.reconcile_buildings(&due).await
+        Ok(self.reconcile_buildings(due).await)
     }
 
     /// As [`Store::run_due_schedules`], for every building with a schedule: picks up sensors
     /// created or moved since the last transition.
-    pub async fn run_all_schedules(&self) -> Result<usize> {
+    pub async fn run_all_schedules(&self) -> Result<SchedulePass> {
         let all: Vec<String> =
             sqlx::query_scalar("SELECT DISTINCT building_id FROM schedules WHERE NOT deleted")
                 .fetch_all(self.pool())
                 .await?;
-        self.reconcile_buildings(&all).await
+        Ok(self.reconcile_buildings(all).await)
     }
 
-    async fn reconcile_buildings(&self, buildings: &[String]) -> Result<usize> {
-        let mut changed = 0;
+    /// Each building in its own transaction; one that fails (a sensor row locked for long)
+    /// does not hold up the others. A building whose lock another transaction holds is left
+    /// to it: that one brings the levels up to date as well.
+    async fn reconcile_buildings(&self, buildings: Vec<String>) -> SchedulePass {
+        let mut pass = SchedulePass::default();
         for building in buildings {
-            let mut tx = self.pool().begin().await?;
-            lock_building(&mut tx, building).await?;
-            changed += reconcile(&mut tx, building).await?;
-            tx.commit().await?;
+            let outcome = async {
+                let mut tx = self.pool().begin().await?;
+                let locked: bool = sqlx::query_scalar(&format!("SELECT pg_try_{BUILDING_LOCK}"))
+                    .bind(&building)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if !locked {
+                    return Ok(0);
+                }
+                let changed = reconcile(&mut tx, &building).await?;
+                tx.commit().await?;
+                Ok::<_, Error>(changed)
+            };
+            match outcome.await {
+                Ok(changed) => pass.changed += changed,
+                Err(e) => pass.failures.push((building, e)),
+            }
         }
-        Ok(changed)
+        pass
     }
 }
+
+/// What one pass over scheduled buildings did.
+#[derive(Debug, Default)]
+pub struct SchedulePass {
+    /// SCHEDULE levels written or emptied.
+    pub changed: usize,
+    /// The buildings that failed, and why; the next pass tries them again.
+    pub failures: Vec<(String, Error)>,
+}
+
+/// The building's lock, as `pg_{BUILDING_LOCK}` or `pg_try_{BUILDING_LOCK}`.
+const BUILDING_LOCK: &str =
+    "advisory_xact_lock(hashtextextended('thermostat.schedules/' || $1, 0))";
 
 /// Serialises every change of a building's schedules, presets and SCHEDULE levels. Taken
 /// before any row lock, and the Put writers never take it: no lock cycle.
 async fn lock_building(tx: &mut Transaction<'_, Postgres>, building: &str) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('thermostat.schedules/' || $1, 0))")
+    sqlx::query(&format!("SELECT pg_{BUILDING_LOCK}"))
         .bind(building)
         .execute(&mut **tx)
         .await?;
@@ -470,38 +521,74 @@ async fn reconcile(tx: &mut Transaction<'_, Postgres>, building: &str) -> Result
     for record in &schedules {
         let (now_holding, next) = hold(building, record, &presets, now);
         holding.insert(record.schedule_id.as_str(), now_holding);
+        // Kept when it is still ahead and not later than needed: an early check only finds
+        // nothing to do.
         sqlx::query(
             "UPDATE schedules SET next_check = $3 \
-             WHERE building_id = $1 AND schedule_id = $2 AND next_check IS DISTINCT FROM $3",
+             WHERE building_id = $1 AND schedule_id = $2 \
+               AND (next_check IS NULL OR next_check <= $4 OR next_check > $3)",
         )
         .bind(building)
         .bind(record.schedule_id.as_str())
         .bind(next)
+        .bind(now)
         .execute(&mut **tx)
         .await?;
     }
-    // The building's sensors and those holding a level from it, locked in byte order as the
-    // Put writers lock them.
-    let targets: Vec<Target> = sqlx::query_as(
+    let covering = Covering::new(&schedules);
+    // Read without locks first: most passes change nothing, and then lock nothing.
+    let wanted: Vec<String> = targets(tx, building, None)
+        .await?
+        .into_iter()
+        .filter_map(|target| step(building, target, &covering, &holding))
+        .map(|step| step.sensor_id)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    // Locked in byte order, as the Put writers lock them, then read again: a level or a
+    // building another writer changed meanwhile is what counts.
+    sqlx::query(
+        "SELECT 1 FROM setpoints WHERE sensor_id = ANY($1) \
+         ORDER BY sensor_id COLLATE \"C\" FOR UPDATE",
+    )
+    .bind(&wanted)
+    .fetch_all(&mut **tx)
+    .await?;
+    let steps: Vec<Step> = targets(tx, building, Some(&wanted))
+        .await?
+        .into_iter()
+        .filter_map(|target| step(building, target, &covering, &holding))
+        .collect();
+    apply(tx, building, &steps).await?;
+    Ok(steps.len())
+}
+
+/// The building's sensors and those holding a SCHEDULE level from it (of `only`, if given),
+/// with that level as stored.
+async fn targets(
+    tx: &mut Transaction<'_, Postgres>,
+    building: &str,
+    only: Option<&[String]>,
+) -> Result<Vec<Target>> {
+    // A UNION rather than an OR, so that each side uses its index.
+    Ok(sqlx::query_as(
         "SELECT s.sensor_id, s.revision, s.building_id, NOT s.deleted AS live, \
                 l.desired_celsius, l.up_delta_celsius, l.down_delta_celsius, \
                 l.schedule_building, l.schedule_id \
          FROM setpoints s \
          LEFT JOIN setpoint_levels l ON l.sensor_id = s.sensor_id AND l.level = 2 \
-         WHERE (s.building_id = $1 AND NOT s.deleted) \
-            OR s.sensor_id IN (SELECT sensor_id FROM setpoint_levels \
+         WHERE s.sensor_id IN (SELECT sensor_id FROM setpoints \
+                               WHERE building_id = $1 AND NOT deleted \
+                               UNION \
+                               SELECT sensor_id FROM setpoint_levels \
                                WHERE level = 2 AND schedule_building = $1) \
-         ORDER BY s.sensor_id COLLATE \"C\" FOR UPDATE OF s",
+           AND ($2::text[] IS NULL OR s.sensor_id = ANY($2))",
     )
     .bind(building)
+    .bind(only)
     .fetch_all(&mut **tx)
-    .await?;
-    let steps: Vec<Step> = targets
-        .into_iter()
-        .filter_map(|target| step(building, target, &schedules, &holding))
-        .collect();
-    apply(tx, building, &steps).await?;
-    Ok(steps.len())
+    .await?)
 }
 
 /// What a schedule holds at `now`, and when to look at it next (at its next transition, and
@@ -542,12 +629,12 @@ fn hold(
 fn step(
     building: &str,
     target: Target,
-    schedules: &[ScheduleRecord],
+    covering: &Covering<'_>,
     holding: &HashMap<&str, Holding>,
 ) -> Option<Step> {
     let here = target.live && target.building_id == building;
     let covering = here
-        .then(|| covering(schedules, &target.sensor_id))
+        .then(|| covering.of(&target.sensor_id))
         .flatten()
         .map(|record| {
             (
@@ -708,12 +795,26 @@ async fn apply(tx: &mut Transaction<'_, Postgres>, building: &str, steps: &[Step
     Ok(())
 }
 
-/// The schedule that covers a sensor: the one naming it, else the building's.
-fn covering<'a>(schedules: &'a [ScheduleRecord], sensor_id: &str) -> Option<&'a ScheduleRecord> {
-    schedules
-        .iter()
-        .find(|s| s.sensor_ids.iter().any(|id| id == sensor_id))
-        .or_else(|| schedules.iter().find(|s| s.sensor_ids.is_empty()))
+/// Which schedule covers a sensor: the group naming it, else the building's.
+struct Covering<'a> {
+    groups: HashMap<&'a str, &'a ScheduleRecord>,
+    whole: Option<&'a ScheduleRecord>,
+}
+
+impl<'a> Covering<'a> {
+    fn new(schedules: &'a [ScheduleRecord]) -> Self {
+        Self {
+            groups: schedules
+                .iter()
+                .flat_map(|s| s.sensor_ids.iter().map(move |id| (id.as_str(), s)))
+                .collect(),
+            whole: schedules.iter().find(|s| s.sensor_ids.is_empty()),
+        }
+    }
+
+    fn of(&self, sensor_id: &str) -> Option<&'a ScheduleRecord> {
+        self.groups.get(sensor_id).copied().or(self.whole)
+    }
 }
 
 /// A new schedule's sensors against the building's other schedules.
