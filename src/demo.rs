@@ -7,10 +7,12 @@
 //! static-identities file, and prints it with the example commands. The token may change every
 //! building (`*`), so that the README's examples for building `hq` work as written.
 
+use std::net::SocketAddr;
+
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim::{self, BuildingConfig, SimConfig};
+use crate::sim::{self, BuildingConfig, SimConfig, COMFORT, ECO, SCHEDULE_ID};
 use thermostat::config::ServeConfig;
 use thermostat::error::error_chain;
 use thermostat::startup::Application;
@@ -200,6 +202,7 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     tracing::info!(
         readings = summary.readings_sent,
         commands = summary.commands_applied,
+        level_changes = summary.level_changes.len(),
         "demo finished"
     );
     Ok(())
@@ -218,13 +221,24 @@ fn print_examples(
     building: &BuildingConfig,
     token: Option<&str>,
 ) {
+    println!(
+        "{}",
+        examples(app.local_addr(), app.admin_addr(), brokers, building, token)
+    );
+}
+
+/// The text [`print_examples`] prints: every grpcurl line in it works as written while the demo
+/// runs (tests/simulation.rs runs them).
+pub fn examples(
+    grpc: SocketAddr,
+    admin: Option<SocketAddr>,
+    brokers: &str,
+    building: &BuildingConfig,
+    token: Option<&str>,
+) -> String {
     // Room 00 is the one `SIM_CHANGE_AFTER` changes: the operator's example takes the next,
     // if there is one.
-    let room = format!(
-        "{}/room-{:02}",
-        building.building_id,
-        building.rooms.clamp(1, 2) - 1
-    );
+    let room = building.sensor(building.rooms.clamp(1, 2) - 1);
     let plot = building.plot.as_ref().map_or_else(
         || "(no plot: set SIM_PLOT)".to_owned(),
         |p| p.display().to_string(),
@@ -243,11 +257,31 @@ fn print_examples(
         None => (String::new(), String::new(), ""),
     };
     let call = format!("grpcurl {transport}{auth}");
-    let grpc = app.local_addr();
-    let metrics = app.admin_addr().map_or_else(String::new, |admin| {
+    let metrics = admin.map_or_else(String::new, |admin| {
         format!("  metrics: curl -s http://{admin}/metrics\n")
     });
-    println!(
+    let building_id = &building.building_id;
+    let mut levels = String::new();
+    if building.schedules() {
+        levels.push_str(&format!(
+            "The whole building's schedule \"{SCHEDULE_ID}\" ({zone}) holds preset {COMFORT}, then \
+             {ECO}, soon after the start (the log\nsays when), then nothing: DEFAULT decides again. \
+             Its periods, and what it makes of a room's setpoint:\n  \
+             {call}-d '{{\"buildingId\": \"{building_id}\", \"scheduleId\": \"{SCHEDULE_ID}\"}}' {grpc} thermostat.v1.ScheduleService/GetSchedule\n  \
+             {call}-d '{{\"sensorId\": \"{first}\", \"duration\": \"3600s\"}}' {grpc} thermostat.v1.ScheduleService/PreviewSetpoint\n",
+            zone = building.schedule_zone,
+            first = building.sensor(0),
+        ));
+    }
+    if let Some(i) = building.overridden_room() {
+        let overridden = building.sensor(i);
+        levels.push_str(&format!(
+            "{overridden} is held warmer by an OVERRIDE that expires by itself during the run \
+             (the log says when); its\npriority array:\n  \
+             {call}-d '{{\"sensorId\": \"{overridden}\"}}' {grpc} thermostat.v1.SetpointService/GetSetpointLevels\n"
+        ));
+    }
+    format!(
         r#"
 thermostat is the thermostat of a simulated building of {rooms} rooms ("{building_id}").
   gRPC:   {grpc}
@@ -259,16 +293,19 @@ In another terminal:
   grpcurl {transport}{grpc} list
   {call}-d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
   {call}-d '{{"sendInitialState": true, "buildingId": "{building_id}"}}' {grpc} thermostat.v1.HeaterControlService/SubscribeHeaterCommands
-Change a setpoint and watch that room's heater react (and the plot):
+Change a setpoint and watch that room's heater react (and the plot). PutSetpoint writes the
+DEFAULT level, which waits beneath the schedule or an override while they hold; an OVERRIDE
+decides at once, until it is relinquished:
   {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
+  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE", "desiredCelsius": 25, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5, "reason": "hold"}}' {grpc} thermostat.v1.SetpointService/WriteSetpointLevel
+  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE"}}' {grpc} thermostat.v1.SetpointService/RelinquishSetpointLevel
   {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
-{without}Send a reading by hand:
+{levels}{without}Send a reading by hand:
   KAFKA_BROKERS={brokers} target/release/thermostat send-reading {room} 15.0
 Ctrl-C stops the demo and writes the plot.
 "#,
         rooms = building.rooms,
-        building_id = building.building_id,
-    );
+    )
 }
 
 #[cfg(test)]

@@ -1,10 +1,17 @@
 //! The simulated building run against the real service: every heater command it obeys follows
-//! the rule for the setpoint revision it was decided with, rooms end inside their setpoint band,
-//! and setpoint changes (the simulator's own, and an operator's made with the API during the
-//! run) move their rooms to the new band and show in the bands the simulator records.
+//! the rule for the level and revision it was decided with, rooms end inside their setpoint
+//! band, and setpoint changes (the simulator's own, and an operator's made with the API during
+//! the run) move their rooms to the new band and show in the bands the simulator records. The
+//! demo's building follows its schedule and an override that expires during the run, the
+//! simulator sees both happen on time, the plot marks the deciding level, and the commands the
+//! demo prints work as written.
 
 mod common;
-// The simulator belongs to the binary, not to the service's library: compiled in here too.
+// The simulator and the demo belong to the binary, not to the service's library: compiled in
+// here too.
+#[allow(dead_code)]
+#[path = "../src/demo.rs"]
+mod demo;
 #[allow(dead_code)]
 #[path = "../src/sim/mod.rs"]
 mod sim;
@@ -12,10 +19,15 @@ mod sim;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chrono::{DateTime, TimeDelta, Utc};
+use common::security::{authorized, secure_app};
 use common::TestApp;
-use sim::{BuildingConfig, SimConfig};
+use sim::{BuildingConfig, ChangeKind, SimConfig, Summary};
+use thermostat::proto::from_timestamp;
 use thermostat::proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
+
+type L = pb::SetpointLevel;
 
 /// The operator's change of room 01, mid-run: an asymmetric band, so that a controller that
 /// swapped the deltas, or used one for both, is caught.
@@ -23,16 +35,22 @@ const OPERATOR_DESIRED: f64 = 22.0;
 const OPERATOR_UP: f64 = 0.3;
 const OPERATOR_DOWN: f64 = 1.0;
 
-/// Each revision's band, from the service's history of `sensor`.
-async fn bands_by_revision(app: &TestApp, sensor: &str) -> HashMap<i64, (f64, f64)> {
+/// Each revision's band, from the service's history of `sensor`: the values of the level that
+/// revision wrote.
+async fn bands_by_revision(
+    app: &TestApp,
+    sensor: &str,
+    token: Option<&str>,
+) -> HashMap<i64, (f64, f64)> {
+    let request = pb::ListSetpointHistoryRequest {
+        sensor_id: sensor.into(),
+        page_size: 1000,
+        page_token: String::new(),
+    };
     let history = app
         .setpoints()
         .await
-        .list_setpoint_history(pb::ListSetpointHistoryRequest {
-            sensor_id: sensor.into(),
-            page_size: 1000,
-            page_token: String::new(),
-        })
+        .list_setpoint_history(authorized(request, token))
         .await
         .expect("history")
         .into_inner();
@@ -44,6 +62,94 @@ async fn bands_by_revision(app: &TestApp, sensor: &str) -> HashMap<i64, (f64, f6
         .collect()
 }
 
+/// A building of 4 rooms at 21 ± 0.5 °C run fast against `app`, without the schedule and the
+/// override (each test turns on what it is about).
+fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
+    BuildingConfig {
+        rooms: 4,
+        building_id: id.into(),
+        reading_interval: Duration::from_millis(100),
+        // A quarter of a simulated minute per tick: at most 0.15 °C a tick, so the few
+        // ticks a command takes to come back move a room little past its band's edge.
+        time_scale: 150.0,
+        duration: Some(Duration::from_secs(30)),
+        seed: 7,
+        noise_celsius: 0.05,
+        outside_celsius: 5.0,
+        heating_per_minute: 0.6,
+        loss_per_minute: 0.02,
+        api_addr: Some(app.addr.to_string()),
+        api_token: None,
+        desired_celsius: 21.0,
+        delta_celsius: 0.5,
+        change_after: None,
+        change_by: 3.0,
+        plot: Some(plot.to_owned()),
+        plot_rooms: 2,
+        schedule_zone: "Europe/Berlin".into(),
+        schedule_after: Duration::ZERO,
+        schedule_period: Duration::ZERO,
+        override_for: Duration::ZERO,
+    }
+}
+
+/// The rule, for every command obeyed: ON only below desired - down, OFF only above
+/// desired + up, of the level that decided, as written at the revision the command names.
+async fn assert_commands_follow_the_rule(app: &TestApp, summary: &Summary, token: Option<&str>) {
+    let mut bands = Vec::new();
+    for room in &summary.rooms {
+        bands.push(bands_by_revision(app, room, token).await);
+    }
+    for c in &summary.commands {
+        let (low, high) = bands[c.room][&c.level_revision];
+        match (c.heater_on, c.reason) {
+            (true, pb::CommandReason::TooCold) => {
+                assert!(c.celsius.is_some_and(|t| t < low), "{c:?} against {low}")
+            }
+            (false, pb::CommandReason::TooHot) => {
+                assert!(c.celsius.is_some_and(|t| t > high), "{c:?} against {high}")
+            }
+            _ => panic!("no other command in this run: {c:?}"),
+        }
+    }
+}
+
+/// Where the rooms end: inside the band, give or take what the room moves during the few
+/// ticks a command takes to arrive, and still cycling.
+fn assert_rooms_end_in_their_bands(summary: &Summary) {
+    let tolerance = 0.5;
+    for (room, samples) in summary.rooms.iter().zip(&summary.samples) {
+        assert!(samples.len() >= 200, "{room}: {} samples", samples.len());
+        let last = &samples[samples.len() - 60..];
+        for s in last {
+            assert!(
+                s.celsius >= s.band.0 - tolerance && s.celsius <= s.band.1 + tolerance,
+                "{room} at {:.1} min: {:.2} °C outside {:?}",
+                s.simulated_minutes,
+                s.celsius,
+                s.band
+            );
+        }
+        assert!(
+            last.iter().any(|s| s.heater_on) && last.iter().any(|s| !s.heater_on),
+            "{room} is not cycling"
+        );
+    }
+}
+
+/// The plot, kept where THERMOSTAT_KEEP_PLOT says (with the test's name in it) to look at.
+fn read_plot(path: &std::path::Path, test: &str) -> String {
+    let svg = std::fs::read_to_string(path).unwrap();
+    // To look at them: THERMOSTAT_KEEP_PLOT=/tmp/plot.svg scripts/test.sh --test simulation
+    // keeps /tmp/plot-bands.svg and /tmp/plot-schedule.svg.
+    if let Ok(keep) = std::env::var("THERMOSTAT_KEEP_PLOT") {
+        let keep = std::path::Path::new(&keep);
+        let stem = keep.file_stem().unwrap_or_default().to_string_lossy();
+        std::fs::write(keep.with_file_name(format!("{stem}-{test}.svg")), &svg).unwrap();
+    }
+    svg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_holds_the_simulated_rooms_in_their_bands() {
     let app = TestApp::spawn().await;
@@ -51,26 +157,8 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
     let config = SimConfig {
         kafka: app.config.kafka.clone(),
         building: BuildingConfig {
-            rooms: 4,
-            building_id: "simtest".into(),
-            reading_interval: Duration::from_millis(100),
-            // A quarter of a simulated minute per tick: at most 0.15 °C a tick, so the few
-            // ticks a command takes to come back move a room little past its band's edge.
-            time_scale: 150.0,
-            duration: Some(Duration::from_secs(30)),
-            seed: 7,
-            noise_celsius: 0.05,
-            outside_celsius: 5.0,
-            heating_per_minute: 0.6,
-            loss_per_minute: 0.02,
-            api_addr: Some(app.addr.to_string()),
-            api_token: None,
-            desired_celsius: 21.0,
-            delta_celsius: 0.5,
             change_after: Some(Duration::from_secs(10)),
-            change_by: 3.0,
-            plot: Some(plot.path().to_owned()),
-            plot_rooms: 2,
+            ..building(&app, "simtest", plot.path())
         },
     };
     let run = tokio::spawn(sim::run(config, CancellationToken::new()));
@@ -97,50 +185,21 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
     let summary = run.await.unwrap().expect("simulation");
     let change = summary.change_at_minutes.expect("setpoint changed");
 
-    // The rule, for every command obeyed: ON only below desired - down, OFF only above
-    // desired + up, of the setpoint revision the command names.
     assert!(
         summary.commands.len() >= 16,
         "{} commands",
         summary.commands.len()
     );
-    let mut bands = Vec::new();
-    for room in &summary.rooms {
-        bands.push(bands_by_revision(&app, room).await);
-    }
+    // Only DEFAULT decides in this run: the revision a command names is its level's.
     for c in &summary.commands {
-        let (low, high) = bands[c.room][&c.setpoint_revision];
-        match (c.heater_on, c.reason) {
-            (true, pb::CommandReason::TooCold) => {
-                assert!(c.celsius.is_some_and(|t| t < low), "{c:?} against {low}")
-            }
-            (false, pb::CommandReason::TooHot) => {
-                assert!(c.celsius.is_some_and(|t| t > high), "{c:?} against {high}")
-            }
-            _ => panic!("no other command in this run: {c:?}"),
-        }
-    }
-
-    // Where the rooms end: inside the band, give or take what the room moves during the few
-    // ticks a command takes to arrive, and still cycling.
-    let tolerance = 0.5;
-    for (room, samples) in summary.rooms.iter().zip(&summary.samples) {
-        assert!(samples.len() >= 200, "{room}: {} samples", samples.len());
-        let last = &samples[samples.len() - 60..];
-        for s in last {
-            assert!(
-                s.celsius >= s.band.0 - tolerance && s.celsius <= s.band.1 + tolerance,
-                "{room} at {:.1} min: {:.2} °C outside {:?}",
-                s.simulated_minutes,
-                s.celsius,
-                s.band
-            );
-        }
-        assert!(
-            last.iter().any(|s| s.heater_on) && last.iter().any(|s| !s.heater_on),
-            "{room} is not cycling"
+        assert_eq!(
+            (c.setpoint_level, c.level_revision),
+            (L::Default, c.setpoint_revision),
+            "{c:?}"
         );
     }
+    assert_commands_follow_the_rule(&app, &summary, None).await;
+    assert_rooms_end_in_their_bands(&summary);
     // The simulator's own change of room 00: below its new band before, in it at the end.
     let first = &summary.samples[0];
     assert!(
@@ -161,11 +220,236 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
         )
     );
 
-    let svg = std::fs::read_to_string(plot.path()).unwrap();
-    // To look at it: THERMOSTAT_KEEP_PLOT=/tmp/plot.svg scripts/test.sh --test simulation
-    if let Ok(keep) = std::env::var("THERMOSTAT_KEEP_PLOT") {
-        std::fs::write(keep, &svg).unwrap();
-    }
+    let svg = read_plot(plot.path(), "bands");
     assert!(svg.contains("<svg") && svg.contains("simtest/room-01") && svg.contains("<polyline"));
+    app.stop().await;
+}
+
+/// An operator of every building (tests/common/security.rs).
+const TOKEN: &str = "t-operator-all";
+
+fn time(t: &Option<prost_types::Timestamp>) -> DateTime<Utc> {
+    t.as_ref().and_then(from_timestamp).expect("a time")
+}
+
+/// The demo's building schedule, as the simulator wrote it, once it has.
+async fn demo_schedule(app: &TestApp, building: &str) -> pb::Schedule {
+    let mut client = pb::schedule_service_client::ScheduleServiceClient::new(app.channel().await);
+    for _ in 0..100 {
+        let request = pb::GetScheduleRequest {
+            building_id: building.into(),
+            schedule_id: sim::SCHEDULE_ID.into(),
+        };
+        match client.get_schedule(authorized(request, Some(TOKEN))).await {
+            Ok(schedule) => return schedule.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(status) => panic!("{status}"),
+        }
+    }
+    panic!("the simulator wrote no schedule");
+}
+
+/// Runs every grpcurl line of the demo's examples but the endless subscription, in order, as
+/// written; their answers.
+fn run_examples(examples: &str) -> Vec<(String, serde_json::Value)> {
+    let grpcurl = common::env("THERMOSTAT_TEST_GRPCURL");
+    let mut answers = Vec::new();
+    for command in examples
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("grpcurl ") && !l.contains("SubscribeHeaterCommands"))
+    {
+        let ran = std::process::Command::new("bash")
+            .args([
+                "-c",
+                &format!("grpcurl() {{ \"$GRPCURL\" \"$@\"; }}; {command}"),
+            ])
+            .env("GRPCURL", &grpcurl)
+            .output()
+            .expect("bash");
+        let out = String::from_utf8_lossy(&ran.stdout).into_owned();
+        assert!(
+            ran.status.success(),
+            "{command}\n{out}{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let method = command.rsplit('/').next().unwrap_or_default().to_owned();
+        // `list` answers names, one a line; the calls answer JSON.
+        answers.push((method, serde_json::from_str(&out).unwrap_or_default()));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    let plot = tempfile::Builder::new().suffix(".svg").tempfile().unwrap();
+    let override_for = Duration::from_secs(8);
+    let config = SimConfig {
+        kafka: app.config.kafka.clone(),
+        building: BuildingConfig {
+            api_token: Some(TOKEN.into()),
+            plot_rooms: 3,
+            // Stopped by the test once the schedule has begun; this is only a bound.
+            duration: Some(Duration::from_secs(150)),
+            // Its first transition at the first whole minute at least 5 s after the start, its
+            // periods a minute each: the least a schedule's minutes allow.
+            schedule_after: Duration::from_secs(5),
+            schedule_period: Duration::from_secs(60),
+            override_for,
+            ..building(&app, "simsched", plot.path())
+        },
+    };
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(sim::run(config.clone(), stop.clone()));
+
+    // The schedule, in the building's zone, with its first transition (to comfort) ahead.
+    let schedule = demo_schedule(&app, "simsched").await;
+    assert_eq!(schedule.time_zone, "Europe/Berlin");
+    assert!(schedule.sensor_ids.is_empty(), "the whole building");
+    let presets: Vec<_> = schedule
+        .weekly
+        .iter()
+        .filter_map(|p| match &p.value {
+            Some(pb::schedule_period::Value::Preset(name)) => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        presets.contains(&sim::COMFORT) && presets.contains(&sim::ECO),
+        "{presets:?}"
+    );
+    let next = schedule.next_transition.expect("a transition ahead");
+    assert_eq!(next.preset, sim::COMFORT);
+    let begins = time(&next.time);
+    let ahead = begins - Utc::now();
+    assert!(
+        ahead > TimeDelta::zero() && ahead <= TimeDelta::seconds(66),
+        "the first transition within a minute: {ahead}"
+    );
+    // Time enough for the rooms to settle in comfort's band; it holds for a minute.
+    let settled = begins + TimeDelta::seconds(20) - Utc::now();
+    tokio::time::sleep(settled.to_std().unwrap()).await;
+    stop.cancel();
+    let summary = run.await.unwrap().expect("simulation");
+
+    // What the run planned: the transitions the service reported, the override of room 02.
+    let [comfort, eco, end] = summary.plan.schedule.expect("a schedule");
+    assert_eq!(comfort, begins);
+    assert_eq!(
+        (eco - comfort, end - eco),
+        (TimeDelta::minutes(1), TimeDelta::minutes(1))
+    );
+    let (overridden, until) = summary.plan.overridden.expect("an override");
+    assert_eq!(summary.rooms[overridden], "simsched/room-02");
+
+    // Within a poll or two of the service applying them, the simulator saw the transition in
+    // every room the override did not hide, and the override's expiry.
+    let soon = |observed: DateTime<Utc>, at: DateTime<Utc>| {
+        observed >= at && observed - at < TimeDelta::seconds(5)
+    };
+    let changes = &summary.level_changes;
+    for room in [0, 1, 3] {
+        let seen = changes
+            .iter()
+            .find(|c| c.room == room && c.kind == ChangeKind::ScheduleTransition)
+            .unwrap_or_else(|| panic!("room {room}: no transition in {changes:?}"));
+        assert_eq!(
+            (seen.from, seen.to, seen.band),
+            (L::Default, L::Schedule, (21.5, 22.5))
+        );
+        assert!(
+            soon(seen.observed_at, comfort),
+            "{seen:?} against {comfort}"
+        );
+        // Its band and level as plotted: DEFAULT's, then comfort's.
+        let samples = &summary.samples[room];
+        let (first, last) = (samples[0], samples[samples.len() - 1]);
+        assert_eq!((first.level, first.band), (L::Default, (20.5, 21.5)));
+        assert_eq!((last.level, last.band), (L::Schedule, (21.5, 22.5)));
+    }
+    let expired = changes
+        .iter()
+        .find(|c| c.room == overridden && c.kind == ChangeKind::OverrideExpired)
+        .unwrap_or_else(|| panic!("no expiry in {changes:?}"));
+    assert!(
+        soon(expired.observed_at, until),
+        "{expired:?} against {until}"
+    );
+    // Into whatever decided beneath it then: DEFAULT before the schedule began, else comfort.
+    let beneath = if expired.observed_at < comfort {
+        L::Default
+    } else {
+        L::Schedule
+    };
+    assert_eq!(
+        (expired.from, expired.to),
+        (L::Override, beneath),
+        "{expired:?}"
+    );
+    let levels: Vec<L> = summary.samples[overridden]
+        .iter()
+        .map(|s| s.level)
+        .collect();
+    let held = levels.iter().take_while(|l| **l == L::Override).count();
+    assert!(held > 0, "room 02 starts overridden: {:?}", &levels[..5]);
+    assert_eq!(summary.samples[overridden][0].band, (23.5, 24.5));
+    assert!(
+        levels[held..].iter().all(|l| *l != L::Override),
+        "the override does not come back"
+    );
+    assert_eq!(levels.last(), Some(&L::Schedule));
+
+    // The loop decided on every level that won, by the rule of the band it held.
+    for level in [L::Override, L::Schedule] {
+        assert!(
+            summary.commands.iter().any(|c| c.setpoint_level == level),
+            "no command decided by {level:?}"
+        );
+    }
+    assert_commands_follow_the_rule(&app, &summary, Some(TOKEN)).await;
+    assert_rooms_end_in_their_bands(&summary);
+
+    // The plot: the three rooms, the strip's legend.
+    let svg = read_plot(plot.path(), "schedule");
+    assert!(svg.contains("simsched/room-02") && svg.contains("deciding level"));
+    for level in ["DEFAULT", "SCHEDULE", "OVERRIDE", "SAFETY"] {
+        assert!(svg.contains(level), "{level}");
+    }
+
+    // The demo's commands, as printed for this building (they run while comfort holds).
+    let examples = demo::examples(app.addr, None, "brokers", &config.building, Some(TOKEN));
+    let answers = run_examples(&examples);
+    let answer = |method: &str| -> &serde_json::Value {
+        &answers
+            .iter()
+            .find(|(m, _)| m == method)
+            .unwrap_or_else(|| panic!("{method} is not among the examples:\n{examples}"))
+            .1
+    };
+    let printed = answer("GetSchedule");
+    assert_eq!(printed["scheduleId"], sim::SCHEDULE_ID, "{printed}");
+    assert_eq!(printed["timeZone"], "Europe/Berlin", "{printed}");
+    let preview = answer("PreviewSetpoint");
+    assert!(
+        preview["segments"].as_array().is_some_and(|s| s.len() >= 3),
+        "comfort, eco, then DEFAULT within the hour: {preview}"
+    );
+    let levels = answer("GetSetpointLevels");
+    assert_eq!(levels["sensorId"], "simsched/room-02", "{levels}");
+    assert_eq!(
+        levels["effectiveLevel"], "SETPOINT_LEVEL_SCHEDULE",
+        "{levels}"
+    );
+    assert_eq!(levels["scheduleId"], sim::SCHEDULE_ID, "{levels}");
+    let held = answer("WriteSetpointLevel");
+    assert_eq!(held["effectiveLevel"], "SETPOINT_LEVEL_OVERRIDE", "{held}");
+    let released = answer("RelinquishSetpointLevel");
+    assert_eq!(
+        released["effectiveLevel"], "SETPOINT_LEVEL_SCHEDULE",
+        "{released}"
+    );
     app.stop().await;
 }

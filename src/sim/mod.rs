@@ -5,9 +5,15 @@
 //! Time: each tick advances the rooms by `reading_interval × time_scale` of simulated time, but
 //! readings are stamped with the wall clock (the service rejects readings from the future).
 //!
-//! The band a room is plotted against is the service's: with `SIM_API_ADDR` the simulator reads
-//! its building's setpoints every second, so a change made by an operator with grpcurl shows in
-//! the plot like the simulator's own `SIM_CHANGE_AFTER`.
+//! The band a room is plotted against is the service's effective setpoint: with `SIM_API_ADDR`
+//! the simulator reads its building's setpoints every second, and the priority array of every
+//! room whose revision moved, so a change made by an operator with grpcurl shows in the plot like
+//! the simulator's own `SIM_CHANGE_AFTER`, and so do the building's schedule and overrides.
+//!
+//! At its start the simulator also writes, relative to the wall clock: presets `comfort` and
+//! `eco` and a whole-building schedule that holds them for a while soon after the start
+//! (`SIM_SCHEDULE_*`), and an OVERRIDE of one room that expires during the run
+//! (`SIM_OVERRIDE_FOR`), so that a run shows every level but SAFETY deciding in turn.
 
 pub mod model;
 mod plot;
@@ -17,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, TimeDelta, Timelike, Utc};
+use chrono_tz::Tz;
 use prost::Message as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -31,8 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use model::ThermalModel;
 use thermostat::config::KafkaConfig;
-use thermostat::proto::timestamp;
+use thermostat::domain::schedule::{format_clock, parse_zone, DAY_MINUTES};
 use thermostat::proto::v1 as pb;
+use thermostat::proto::{from_timestamp, timestamp};
 use thermostat::stream::{self, StreamError};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -110,6 +118,21 @@ pub struct BuildingConfig {
     /// Rooms shown in the plot.
     #[arg(long, env = "SIM_PLOT_ROOMS", default_value_t = 3)]
     pub plot_rooms: usize,
+    /// IANA time zone of the building's schedule (needs SIM_API_ADDR).
+    #[arg(long, env = "SIM_SCHEDULE_ZONE", default_value = "Europe/Berlin")]
+    pub schedule_zone: String,
+    /// The schedule starts holding `comfort` at the first whole minute after this long from
+    /// the start (at most 24h).
+    #[arg(long, env = "SIM_SCHEDULE_AFTER", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub schedule_after: Duration,
+    /// Length of each of the schedule's two periods, `comfort` then `eco`, in whole minutes
+    /// (rounded up, at most 12h); after them it holds nothing. 0s: no presets, no schedule.
+    #[arg(long, env = "SIM_SCHEDULE_PERIOD", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub schedule_period: Duration,
+    /// An OVERRIDE of `SIM_DESIRED_CELSIUS` + 3 °C on room 02 (the last room, if fewer),
+    /// written at the start, expires after this long (at least 1s). 0s: no override.
+    #[arg(long, env = "SIM_OVERRIDE_FOR", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub override_for: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,8 +157,11 @@ pub struct Sample {
     pub simulated_minutes: f64,
     pub celsius: f64,
     pub heater_on: bool,
-    /// The band the room should be in: (desired - delta, desired + delta).
+    /// The band the room should be in: (desired - down delta, desired + up delta) of its
+    /// effective setpoint.
     pub band: (f64, f64),
+    /// The level of the room's priority array that band comes from.
+    pub level: pb::SetpointLevel,
 }
 
 /// A heater command the building obeyed: what of its event the summary keeps (a few dozen
@@ -150,8 +176,49 @@ pub struct AppliedCommand {
     pub reason: pb::CommandReason,
     /// The setpoint revision the service decided with.
     pub setpoint_revision: i64,
+    /// The level that decided, and the revision it was written at (its history entry).
+    pub setpoint_level: pb::SetpointLevel,
+    pub level_revision: i64,
     /// The reading it decided on, if any.
     pub celsius: Option<f64>,
+}
+
+/// What a change of a room's effective setpoint was, as the simulator saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The SCHEDULE level began, ended or changed its values.
+    ScheduleTransition,
+    /// The OVERRIDE level ended at or after its expiry time.
+    OverrideExpired,
+    /// The OVERRIDE level ended before its expiry: relinquished or deleted.
+    OverrideEnded,
+    /// Anything else: a DEFAULT change, a new OVERRIDE or SAFETY.
+    Changed,
+}
+
+/// A change of a room's effective setpoint (its band or the level that decides), observed when
+/// the simulator read the room's priority array.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelChange {
+    /// Index into [`Summary::rooms`].
+    pub room: usize,
+    pub simulated_minutes: f64,
+    /// The wall clock when it was observed.
+    pub observed_at: DateTime<Utc>,
+    pub kind: ChangeKind,
+    pub from: pb::SetpointLevel,
+    pub to: pb::SetpointLevel,
+    /// The band from then on.
+    pub band: (f64, f64),
+}
+
+/// What the run wrote above the DEFAULT level at its start, by the wall clock.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// The schedule's transitions as planned: `comfort` from, `eco` from, nothing from.
+    pub schedule: Option<[DateTime<Utc>; 3]>,
+    /// The overridden room (index into [`Summary::rooms`]) and when its override expires.
+    pub overridden: Option<(usize, DateTime<Utc>)>,
 }
 
 /// What happened to every room.
@@ -166,6 +233,10 @@ pub struct Summary {
     pub commands: Vec<AppliedCommand>,
     /// Simulated minute of the simulator's own setpoint change (`SIM_CHANGE_AFTER`), if made.
     pub change_at_minutes: Option<f64>,
+    /// The schedule and override written at the start.
+    pub plan: Plan,
+    /// Every change of a room's effective setpoint seen after its first read, in order.
+    pub level_changes: Vec<LevelChange>,
 }
 
 struct Room {
@@ -175,6 +246,13 @@ struct Room {
     /// Sequence of the last command applied.
     sequence: Option<u64>,
     band: (f64, f64),
+    /// The level `band` comes from.
+    level: pb::SetpointLevel,
+    /// The sensor's revision when its levels were last read: another one in the listing means
+    /// that some level changed.
+    levels_revision: Option<i64>,
+    /// When its OVERRIDE expires, as last read.
+    override_until: Option<DateTime<Utc>>,
 }
 
 impl Room {
@@ -189,6 +267,50 @@ impl Room {
         self.sequence = Some(sequence);
         self.heater_on = on;
         true
+    }
+
+    /// Takes the effective band and level from the room's priority array; what changed, if
+    /// anything did since the previous read (the first read is no change).
+    fn follow(
+        &mut self,
+        levels: &pb::SetpointLevels,
+        now: DateTime<Utc>,
+    ) -> Option<(ChangeKind, pb::SetpointLevel)> {
+        let level = levels.effective_level();
+        // Without its entry the answer says nothing: the room is read again next poll.
+        let entry = levels.levels.iter().find(|e| e.level() == level)?;
+        let first = self.levels_revision.replace(levels.revision).is_none();
+        let band = (
+            entry.desired_celsius - entry.down_delta_celsius,
+            entry.desired_celsius + entry.up_delta_celsius,
+        );
+        let override_until = std::mem::replace(
+            &mut self.override_until,
+            levels
+                .levels
+                .iter()
+                .find(|e| e.level() == pb::SetpointLevel::Override)
+                .and_then(|e| e.expire_time.as_ref())
+                .and_then(from_timestamp),
+        );
+        let from = std::mem::replace(&mut self.level, level);
+        let old_band = std::mem::replace(&mut self.band, band);
+        if first || (from == level && old_band == band) {
+            return None;
+        }
+        let kind = if from == pb::SetpointLevel::Override && level < from {
+            // Another machine's clock may be a little behind: an expiry is recorded after it.
+            if override_until.is_some_and(|until| until <= now + TimeDelta::seconds(5)) {
+                ChangeKind::OverrideExpired
+            } else {
+                ChangeKind::OverrideEnded
+            }
+        } else if from == pb::SetpointLevel::Schedule || level == pb::SetpointLevel::Schedule {
+            ChangeKind::ScheduleTransition
+        } else {
+            ChangeKind::Changed
+        };
+        Some((kind, from))
     }
 }
 
@@ -211,6 +333,20 @@ impl BuildingConfig {
         if !(self.desired_celsius.is_finite() && self.change_by.is_finite()) {
             return invalid("SIM_DESIRED_CELSIUS and SIM_CHANGE_BY must be finite numbers");
         }
+        if parse_zone(&self.schedule_zone).is_err() {
+            return invalid(
+                "SIM_SCHEDULE_ZONE must be an IANA time zone name, such as Europe/Berlin",
+            );
+        }
+        if self.schedule_after > Duration::from_secs(24 * 3600) {
+            return invalid("SIM_SCHEDULE_AFTER must be at most 24h");
+        }
+        if self.schedule_period > Duration::from_secs(12 * 3600) {
+            return invalid("SIM_SCHEDULE_PERIOD must be at most 12h");
+        }
+        if !self.override_for.is_zero() && self.override_for < Duration::from_secs(1) {
+            return invalid("SIM_OVERRIDE_FOR must be 0s (none) or at least 1s");
+        }
         let model = ThermalModel {
             outside_celsius: self.outside_celsius,
             heating_per_minute: self.heating_per_minute,
@@ -219,6 +355,116 @@ impl BuildingConfig {
         model.check().map_err(SimError::Invalid)?;
         Ok(model)
     }
+}
+
+impl BuildingConfig {
+    /// The sensor of room `i`.
+    pub fn sensor(&self, i: usize) -> String {
+        format!("{}/room-{i:02}", self.building_id)
+    }
+
+    /// Whether the run writes the presets and the schedule (with SIM_API_ADDR).
+    pub fn schedules(&self) -> bool {
+        !self.schedule_period.is_zero()
+    }
+
+    /// The room the run overrides, if it does (with SIM_API_ADDR): room 02, as room 00 is the
+    /// one `SIM_CHANGE_AFTER` changes and room 01 the one the demo's examples change.
+    pub fn overridden_room(&self) -> Option<usize> {
+        (!self.override_for.is_zero() && self.rooms > 0)
+            .then(|| OVERRIDDEN_ROOM.min(self.rooms - 1))
+    }
+
+    /// The schedule's transitions for a run started at `now`: `comfort` from the first whole
+    /// minute after `SIM_SCHEDULE_AFTER`, `eco` one period later, nothing one more period later.
+    pub fn schedule_times(&self, now: DateTime<Utc>) -> Option<[DateTime<Utc>; 3]> {
+        let period =
+            TimeDelta::minutes(self.schedule_period.as_nanos().div_ceil(60_000_000_000) as i64);
+        if period.is_zero() {
+            return None;
+        }
+        let after = now + TimeDelta::from_std(self.schedule_after).ok()?;
+        let minute = DateTime::from_timestamp(after.timestamp().div_euclid(60) * 60, 0)?;
+        let comfort = minute + TimeDelta::minutes(1);
+        Some([comfort, comfort + period, comfort + period * 2])
+    }
+}
+
+/// The schedule the simulator writes for its building (the whole building).
+pub const SCHEDULE_ID: &str = "demo";
+/// The presets it writes: `comfort` above SIM_DESIRED_CELSIUS, `eco` below it.
+pub const COMFORT: &str = "comfort";
+pub const ECO: &str = "eco";
+const COMFORT_ABOVE: f64 = 1.0;
+const ECO_BELOW: f64 = 3.0;
+/// The override is this far above SIM_DESIRED_CELSIUS: apart from every other band of a run.
+const OVERRIDE_ABOVE: f64 = 3.0;
+const OVERRIDDEN_ROOM: usize = 2;
+
+/// A level's name without its prefix, as logs and the plot show it.
+pub fn level_name(level: pb::SetpointLevel) -> &'static str {
+    match level {
+        pb::SetpointLevel::Unspecified => "none",
+        pb::SetpointLevel::Default => "DEFAULT",
+        pb::SetpointLevel::Schedule => "SCHEDULE",
+        pb::SetpointLevel::Override => "OVERRIDE",
+        pb::SetpointLevel::Safety => "SAFETY",
+    }
+}
+
+/// The weekly periods that hold `windows` (from, until, preset) in `zone`: split at local
+/// midnight, on the weekday of their local date. Each day's periods come in order and without
+/// overlap: a window across the hour that clocks repeat in autumn could overlap itself (or end
+/// before it starts), and is then left out rather than refused by the service.
+pub fn local_periods(
+    zone: Tz,
+    windows: &[(DateTime<Utc>, DateTime<Utc>, &str)],
+) -> Vec<pb::SchedulePeriod> {
+    let minutes = |t: NaiveDateTime| (t.hour() * 60 + t.minute()) as u16;
+    let mut days: std::collections::BTreeMap<chrono::NaiveDate, Vec<(u16, u16, &str)>> =
+        Default::default();
+    for &(from, until, preset) in windows {
+        let (from, until) = (
+            from.with_timezone(&zone).naive_local(),
+            until.with_timezone(&zone).naive_local(),
+        );
+        let mut date = from.date();
+        while date <= until.date() {
+            let start = if date == from.date() {
+                minutes(from)
+            } else {
+                0
+            };
+            let end = if date == until.date() {
+                minutes(until)
+            } else {
+                DAY_MINUTES
+            };
+            if start < end {
+                days.entry(date).or_default().push((start, end, preset));
+            }
+            let Some(next) = date.succ_opt() else { break };
+            date = next;
+        }
+    }
+    let mut periods = Vec::new();
+    for (date, mut day) in days {
+        day.sort_by_key(|&(start, end, _)| (start, end));
+        let mut end_of_last = 0;
+        for (start, end, preset) in day {
+            if start < end_of_last {
+                continue;
+            }
+            end_of_last = end;
+            periods.push(pb::SchedulePeriod {
+                days: vec![date.weekday().number_from_monday() as i32],
+                start_time: format_clock(start),
+                end_time: format_clock(end),
+                value: Some(pb::schedule_period::Value::Preset(preset.to_owned())),
+            });
+        }
+    }
+    periods
 }
 
 /// The band a setpoint keeps its room in.
@@ -247,15 +493,19 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     let band = band_of(&own_setpoint(&config, "", config.desired_celsius));
     let mut rooms: Vec<Room> = (0..config.rooms)
         .map(|i| Room {
-            sensor: format!("{}/room-{i:02}", config.building_id),
+            sensor: config.sensor(i),
             celsius: rng.random_range(15.0..19.0),
             heater_on: false,
             sequence: None,
             band,
+            level: pb::SetpointLevel::Default,
+            levels_revision: None,
+            override_until: None,
         })
         .collect();
 
-    let mut api = match &config.api_addr {
+    let mut plan = Plan::default();
+    let api = match &config.api_addr {
         Some(addr) => {
             // Bounded calls: a tick waits for its poll of the setpoints, and a service that
             // stopped answering must not stop the building (nor Ctrl-C).
@@ -265,18 +515,18 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
                 .timeout(API_TIMEOUT)
                 .connect()
                 .await?;
-            Some(pb::setpoint_service_client::SetpointServiceClient::new(
-                channel,
-            ))
+            let mut api = pb::setpoint_service_client::SetpointServiceClient::new(channel.clone());
+            for room in &rooms {
+                let setpoint = own_setpoint(&config, &room.sensor, config.desired_celsius);
+                api.put_setpoint(put_request(&config, setpoint)?).await?;
+            }
+            let mut schedules = pb::schedule_service_client::ScheduleServiceClient::new(channel);
+            plan.schedule = write_schedule(&config, &mut schedules, Utc::now()).await?;
+            plan.overridden = write_override(&config, &mut api).await?;
+            Some(api)
         }
         None => None,
     };
-    if let Some(api) = &mut api {
-        for room in &rooms {
-            let setpoint = own_setpoint(&config, &room.sensor, config.desired_celsius);
-            api.put_setpoint(put_request(&config, setpoint)?).await?;
-        }
-    }
 
     // Heater states come from the command topic, from its beginning: a heater is in the state of
     // the last command sent to it, even one sent before this run. Assigned here, so that a
@@ -286,6 +536,7 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     let mut summary = Summary {
         rooms: rooms.iter().map(|r| r.sensor.clone()).collect(),
         samples: vec![Vec::new(); rooms.len()],
+        plan,
         ..Summary::default()
     };
     write_plot(&config, &summary)?;
@@ -303,10 +554,122 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
     .simulate(&mut rooms, &mut summary, commands, &mut follower, &shutdown)
     .await;
     follower.abort();
+    check_plan(&summary, Utc::now());
     let plotted = write_plot(&config, &summary);
     ran?;
     plotted?;
     Ok(summary)
+}
+
+/// The presets and the whole-building schedule (see [`BuildingConfig::schedule_times`]); the
+/// planned transitions, if any.
+async fn write_schedule(
+    config: &BuildingConfig,
+    schedules: &mut pb::schedule_service_client::ScheduleServiceClient<tonic::transport::Channel>,
+    now: DateTime<Utc>,
+) -> Result<Option<[DateTime<Utc>; 3]>, SimError> {
+    let Some(times) = config.schedule_times(now) else {
+        return Ok(None);
+    };
+    let zone = parse_zone(&config.schedule_zone)
+        .map_err(|_| SimError::Invalid("SIM_SCHEDULE_ZONE".into()))?;
+    for (name, desired) in [
+        (COMFORT, config.desired_celsius + COMFORT_ABOVE),
+        (ECO, config.desired_celsius - ECO_BELOW),
+    ] {
+        let preset = pb::Preset {
+            building_id: config.building_id.clone(),
+            name: name.into(),
+            values: Some(own_values(config, desired)),
+            reason: "simulated building".into(),
+            ..Default::default()
+        };
+        let request = pb::PutPresetRequest {
+            preset: Some(preset),
+            expected_revision: None,
+        };
+        schedules.put_preset(authorized(config, request)?).await?;
+    }
+    let [comfort, eco, end] = times;
+    let schedule = pb::Schedule {
+        building_id: config.building_id.clone(),
+        schedule_id: SCHEDULE_ID.into(),
+        time_zone: config.schedule_zone.clone(),
+        weekly: local_periods(zone, &[(comfort, eco, COMFORT), (eco, end, ECO)]),
+        reason: "simulated building: comfort, then eco, soon after the start".into(),
+        ..Default::default()
+    };
+    let request = pb::PutScheduleRequest {
+        schedule: Some(schedule),
+        expected_revision: None,
+    };
+    schedules.put_schedule(authorized(config, request)?).await?;
+    let clock = |t: DateTime<Utc>| t.with_timezone(&zone).format("%H:%M").to_string();
+    tracing::info!(
+        schedule = SCHEDULE_ID,
+        zone = %zone,
+        comfort_from = %clock(comfort),
+        eco_from = %clock(eco),
+        until = %clock(end),
+        "schedule written: the whole building holds comfort, then eco, then its DEFAULT again"
+    );
+    Ok(Some(times))
+}
+
+/// The OVERRIDE of [`BuildingConfig::overridden_room`], expiring `SIM_OVERRIDE_FOR` from now;
+/// that room and when it expires, if there is one.
+async fn write_override(
+    config: &BuildingConfig,
+    api: &mut pb::setpoint_service_client::SetpointServiceClient<tonic::transport::Channel>,
+) -> Result<Option<(usize, DateTime<Utc>)>, SimError> {
+    let Some(room) = config.overridden_room() else {
+        return Ok(None);
+    };
+    let until = Utc::now()
+        + TimeDelta::from_std(config.override_for)
+            .map_err(|_| SimError::Invalid("SIM_OVERRIDE_FOR".into()))?;
+    let values = own_values(config, config.desired_celsius + OVERRIDE_ABOVE);
+    let request = pb::WriteSetpointLevelRequest {
+        sensor_id: config.sensor(room),
+        level: pb::SetpointLevel::Override.into(),
+        desired_celsius: values.desired_celsius,
+        up_delta_celsius: values.up_delta_celsius,
+        down_delta_celsius: values.down_delta_celsius,
+        expire_time: Some(timestamp(until)),
+        reason: "simulated building: held warmer for a while".into(),
+        ..Default::default()
+    };
+    let request = authorized(config, request)?;
+    api.write_setpoint_level(request).await?;
+    tracing::info!(
+        sensor = %config.sensor(room),
+        desired = values.desired_celsius,
+        until = %until.format("%H:%M:%S UTC"),
+        "override written: it expires by itself"
+    );
+    Ok(Some((room, until)))
+}
+
+/// Warns when what the run planned to happen by now was not seen: the service did not apply
+/// it, or the simulator could not read it.
+fn check_plan(summary: &Summary, now: DateTime<Utc>) {
+    // Time for the service to apply it and for a poll to see it.
+    let settled = now - TimeDelta::seconds(5);
+    let seen = |kind| summary.level_changes.iter().any(|c| c.kind == kind);
+    if let Some([first, ..]) = summary.plan.schedule {
+        if first < settled && !seen(ChangeKind::ScheduleTransition) {
+            tracing::warn!(at = %first, "the schedule's first transition was not seen");
+        }
+    }
+    if let Some((room, until)) = summary.plan.overridden {
+        let ended = summary
+            .level_changes
+            .iter()
+            .any(|c| c.room == room && c.from == pb::SetpointLevel::Override);
+        if until < settled && !ended {
+            tracing::warn!(sensor = %summary.rooms[room], at = %until, "the override's expiry was not seen");
+        }
+    }
 }
 
 /// What the ticks of a run use.
@@ -340,6 +703,8 @@ fn obey_commands(
                 heater_on: on,
                 reason: event.reason(),
                 setpoint_revision: event.setpoint_revision,
+                setpoint_level: event.setpoint_level(),
+                level_revision: event.level_revision,
                 celsius: event.temperature_celsius,
             });
         }
@@ -353,11 +718,25 @@ fn log_progress(rooms: &[Room], minutes: f64) {
         .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
         .count();
     let heating = rooms.iter().filter(|r| r.heater_on).count();
+    let deciding = [
+        pb::SetpointLevel::Default,
+        pb::SetpointLevel::Schedule,
+        pb::SetpointLevel::Override,
+        pb::SetpointLevel::Safety,
+    ]
+    .into_iter()
+    .filter_map(|level| {
+        let n = rooms.iter().filter(|r| r.level == level).count();
+        (n > 0).then(|| format!("{} {n}", level_name(level)))
+    })
+    .collect::<Vec<_>>()
+    .join(", ");
     tracing::info!(
         simulated_minutes = minutes as u64,
         in_band,
         heating,
         rooms = rooms.len(),
+        %deciding,
         "building"
     );
 }
@@ -407,7 +786,7 @@ impl Run<'_> {
                 .await?;
             if last_poll.is_none_or(|at| at.elapsed() >= BAND_POLL) {
                 last_poll = Some(Instant::now());
-                self.follow_setpoints(rooms, &index).await;
+                self.follow_setpoints(rooms, &index, summary, minutes).await;
             }
             minutes += minutes_per_tick;
             self.tick_rooms(rooms, summary, minutes, minutes_per_tick)
@@ -445,10 +824,21 @@ impl Run<'_> {
         if let (Some(api), Some(room)) = (&mut self.api, rooms.first_mut()) {
             let desired = config.desired_celsius + config.change_by;
             let setpoint = own_setpoint(config, &room.sensor, desired);
-            room.band = band_of(&setpoint);
+            let band = band_of(&setpoint);
             api.put_setpoint(put_request(config, setpoint)?).await?;
             summary.change_at_minutes = Some(minutes);
-            tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
+            // A DEFAULT change: beneath a schedule or an override it waits until they end.
+            if room.level == pb::SetpointLevel::Default {
+                room.band = band;
+                tracing::info!(sensor = %room.sensor, desired, "setpoint changed");
+            } else {
+                tracing::info!(
+                    sensor = %room.sensor,
+                    desired,
+                    deciding = %level_name(room.level),
+                    "setpoint changed at the DEFAULT level, beneath the level deciding now"
+                );
+            }
         }
         Ok(())
     }
@@ -482,17 +872,27 @@ impl Run<'_> {
                 celsius: room.celsius,
                 heater_on: room.heater_on,
                 band: room.band,
+                level: room.level,
             });
         }
         Ok(())
     }
 
-    /// Takes each room's band from the setpoint the service holds for it. A failure only
-    /// leaves the bands as they were: the service may be restarting.
-    async fn follow_setpoints(&mut self, rooms: &mut [Room], index: &HashMap<String, usize>) {
+    /// Takes each room's band and level from its effective setpoint: the building's setpoints
+    /// are listed, and the priority array of each room whose revision moved is read (any level's
+    /// change, an expiry or a schedule's transition, raises it). A failure only leaves the
+    /// bands as they were: the service may be restarting.
+    async fn follow_setpoints(
+        &mut self,
+        rooms: &mut [Room],
+        index: &HashMap<String, usize>,
+        summary: &mut Summary,
+        minutes: f64,
+    ) {
         let Some(api) = &mut self.api else {
             return;
         };
+        let mut moved = Vec::new();
         let mut page_token = String::new();
         loop {
             let request = authorized(
@@ -519,14 +919,92 @@ impl Run<'_> {
             };
             for setpoint in &page.setpoints {
                 if let Some(&i) = index.get(&setpoint.sensor_id) {
-                    rooms[i].band = band_of(setpoint);
+                    if rooms[i].levels_revision != Some(setpoint.revision) {
+                        moved.push(i);
+                    }
                 }
             }
             if page.next_page_token.is_empty() {
-                return;
+                break;
             }
             page_token = page.next_page_token;
         }
+        // The plotted rooms come first; the rest wait for the next polls rather than spend the
+        // caller's read budget at once.
+        moved.sort_unstable();
+        let mut changes = Vec::new();
+        for i in moved.into_iter().take(LEVEL_READS_PER_POLL) {
+            let request = pb::GetSetpointLevelsRequest {
+                sensor_id: rooms[i].sensor.clone(),
+            };
+            let levels = match authorized(self.config, request) {
+                Ok(request) => api.get_setpoint_levels(request).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "setpoint levels not read");
+                    break;
+                }
+            };
+            let levels = match levels {
+                Ok(levels) => levels.into_inner(),
+                Err(status) => {
+                    tracing::warn!(%status, sensor = %rooms[i].sensor, "setpoint levels not read");
+                    break;
+                }
+            };
+            let now = Utc::now();
+            if let Some((kind, from)) = rooms[i].follow(&levels, now) {
+                changes.push(LevelChange {
+                    room: i,
+                    simulated_minutes: minutes,
+                    observed_at: now,
+                    kind,
+                    from,
+                    to: rooms[i].level,
+                    band: rooms[i].band,
+                });
+            }
+        }
+        log_changes(rooms, &changes);
+        summary.level_changes.extend(changes);
+    }
+}
+
+/// At most this many priority arrays are read in one poll.
+const LEVEL_READS_PER_POLL: usize = 25;
+
+/// One line per kind of change and outcome: a schedule's transition changes every room at
+/// once.
+fn log_changes(rooms: &[Room], changes: &[LevelChange]) {
+    let mut groups: Vec<(&LevelChange, Vec<&str>)> = Vec::new();
+    for change in changes {
+        let sensor = rooms[change.room].sensor.as_str();
+        let same = |g: &LevelChange| {
+            (g.kind, g.from, g.to, g.band) == (change.kind, change.from, change.to, change.band)
+        };
+        match groups.iter_mut().find(|(g, _)| same(g)) {
+            Some((_, sensors)) => sensors.push(sensor),
+            None => groups.push((change, vec![sensor])),
+        }
+    }
+    for (change, sensors) in groups {
+        let mut shown = sensors[..sensors.len().min(3)].join(", ");
+        if sensors.len() > 3 {
+            shown.push_str(", …");
+        }
+        let what = match change.kind {
+            ChangeKind::ScheduleTransition => "schedule transition",
+            ChangeKind::OverrideExpired => "override expired",
+            ChangeKind::OverrideEnded => "override ended before its expiry",
+            ChangeKind::Changed => "effective setpoint changed",
+        };
+        tracing::info!(
+            rooms = sensors.len(),
+            sensors = %shown,
+            from = %level_name(change.from),
+            to = %level_name(change.to),
+            band = %format!("{:.1} to {:.1} °C", change.band.0, change.band.1),
+            "{what}"
+        );
     }
 }
 
@@ -548,6 +1026,15 @@ fn write_plot(config: &BuildingConfig, summary: &Summary) -> Result<(), SimError
         tracing::info!(path = %path.display(), "plot written");
     }
     Ok(())
+}
+
+/// `desired` with the configured delta, for presets and levels.
+fn own_values(config: &BuildingConfig, desired: f64) -> pb::SetpointValues {
+    pb::SetpointValues {
+        desired_celsius: desired,
+        up_delta_celsius: config.delta_celsius,
+        down_delta_celsius: config.delta_celsius,
+    }
 }
 
 /// The setpoint the simulator makes for `sensor`: `desired`, with the configured delta.
@@ -688,7 +1175,44 @@ mod tests {
             heater_on: false,
             sequence: None,
             band: (20.5, 21.5),
+            level: pb::SetpointLevel::Default,
+            levels_revision: None,
+            override_until: None,
         }
+    }
+
+    fn entry(
+        level: pb::SetpointLevel,
+        desired: f64,
+        expires: Option<DateTime<Utc>>,
+    ) -> pb::SetpointLevelEntry {
+        pb::SetpointLevelEntry {
+            level: level.into(),
+            desired_celsius: desired,
+            up_delta_celsius: 0.5,
+            down_delta_celsius: 0.5,
+            expire_time: expires.map(timestamp),
+            ..Default::default()
+        }
+    }
+
+    fn levels(
+        revision: i64,
+        effective: pb::SetpointLevel,
+        entries: Vec<pb::SetpointLevelEntry>,
+    ) -> pb::SetpointLevels {
+        pb::SetpointLevels {
+            revision,
+            effective_level: effective.into(),
+            levels: entries,
+            ..Default::default()
+        }
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -706,6 +1230,146 @@ mod tests {
         let mut fresh = self::room();
         assert!(fresh.obey(0, true));
         assert_eq!(fresh.sequence, Some(0));
+    }
+
+    #[test]
+    fn a_room_follows_its_effective_level_and_tells_an_expiry_from_a_transition() {
+        use pb::SetpointLevel::{Default as D, Override as O, Schedule as S};
+        let now = at("2026-03-02T10:00:00Z");
+        let mut room = room();
+        let expires = now + TimeDelta::seconds(30);
+        // The first read is where the room starts, not a change.
+        let first = levels(
+            3,
+            O,
+            vec![entry(O, 24.0, Some(expires)), entry(D, 21.0, None)],
+        );
+        assert_eq!(room.follow(&first, now), None);
+        assert_eq!(
+            (room.level, room.band, room.levels_revision),
+            (O, (23.5, 24.5), Some(3))
+        );
+        // The schedule begins beneath the override: nothing the room sees changes.
+        let hidden = levels(
+            4,
+            O,
+            vec![
+                entry(O, 24.0, Some(expires)),
+                entry(S, 22.0, None),
+                entry(D, 21.0, None),
+            ],
+        );
+        assert_eq!(room.follow(&hidden, now), None);
+        // The override expires into the schedule.
+        let expired = levels(5, S, vec![entry(S, 22.0, None), entry(D, 21.0, None)]);
+        assert_eq!(
+            room.follow(&expired, expires + TimeDelta::seconds(1)),
+            Some((ChangeKind::OverrideExpired, O))
+        );
+        assert_eq!((room.level, room.band), (S, (21.5, 22.5)));
+        // The schedule's next period, then its end.
+        let eco = levels(6, S, vec![entry(S, 18.0, None), entry(D, 21.0, None)]);
+        assert_eq!(
+            room.follow(&eco, now),
+            Some((ChangeKind::ScheduleTransition, S))
+        );
+        let ended = levels(7, D, vec![entry(D, 21.0, None)]);
+        assert_eq!(
+            room.follow(&ended, now),
+            Some((ChangeKind::ScheduleTransition, S))
+        );
+        assert_eq!((room.level, room.band), (D, (20.5, 21.5)));
+        // An operator's override, relinquished long before it would expire.
+        let held = levels(
+            8,
+            O,
+            vec![
+                entry(O, 25.0, Some(now + TimeDelta::hours(1))),
+                entry(D, 21.0, None),
+            ],
+        );
+        assert_eq!(room.follow(&held, now), Some((ChangeKind::Changed, D)));
+        assert_eq!(
+            room.follow(&ended, now),
+            Some((ChangeKind::OverrideEnded, O))
+        );
+    }
+
+    #[test]
+    fn the_schedule_starts_at_a_whole_minute_after_the_delay_and_holds_two_periods() {
+        let config = building(&[]).unwrap();
+        let [comfort, eco, end] = config.schedule_times(at("2026-03-02T10:00:20.5Z")).unwrap();
+        assert_eq!(comfort, at("2026-03-02T10:02:00Z"));
+        assert_eq!(eco, at("2026-03-02T10:04:00Z"));
+        assert_eq!(end, at("2026-03-02T10:06:00Z"));
+        // A period is whole minutes, rounded up; none without one.
+        let short = building(&["--schedule-after", "0s", "--schedule-period", "61s"]).unwrap();
+        let [comfort, eco, _] = short.schedule_times(at("2026-03-02T10:00:00Z")).unwrap();
+        assert_eq!(
+            (comfort, eco),
+            (at("2026-03-02T10:01:00Z"), at("2026-03-02T10:03:00Z"))
+        );
+        let off = building(&["--schedule-period", "0s"]).unwrap();
+        assert!(!off.schedules() && off.schedule_times(Utc::now()).is_none());
+        // The override: room 02, or the last room of a smaller building; none when off.
+        assert_eq!(config.overridden_room(), Some(2));
+        assert_eq!(
+            building(&["--rooms", "2"]).unwrap().overridden_room(),
+            Some(1)
+        );
+        assert_eq!(
+            building(&["--override-for", "0s"])
+                .unwrap()
+                .overridden_room(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_schedule_s_periods_hold_what_was_planned_in_its_zone_whenever_the_run_starts() {
+        use thermostat::domain::schedule::{Period, PeriodValue, PresetName, Schedule};
+        let config = building(&["--schedule-after", "0s", "--schedule-period", "90m"]).unwrap();
+        // An ordinary morning, across local midnight, into the spring gap and across the
+        // autumn repeat (Europe/Berlin, 2026), and a zone half an hour off UTC.
+        for (zone, start) in [
+            ("Europe/Berlin", "2026-03-02T08:00:20Z"),
+            ("Europe/Berlin", "2026-03-01T22:10:00Z"),
+            ("Europe/Berlin", "2026-03-29T00:20:00Z"),
+            ("Europe/Berlin", "2026-10-25T00:20:00Z"),
+            ("Asia/Kolkata", "2026-03-02T18:00:00Z"),
+        ] {
+            let zone: Tz = zone.parse().unwrap();
+            let times = config.schedule_times(at(start)).unwrap();
+            let [comfort, eco, end] = times;
+            let periods = local_periods(zone, &[(comfort, eco, COMFORT), (eco, end, ECO)]);
+            let mut week: [Vec<Period>; 7] = Default::default();
+            for p in &periods {
+                let Some(pb::schedule_period::Value::Preset(name)) = &p.value else {
+                    panic!("{p:?}");
+                };
+                let value = PeriodValue::Preset(PresetName::parse("preset", name).unwrap());
+                let period = Period::parse(&p.start_time, &p.end_time, value).unwrap();
+                week[p.days[0] as usize - 1].push(period);
+            }
+            let schedule = Schedule::new(zone, week, Vec::new()).expect(start);
+            let holds = |t: DateTime<Utc>| match schedule.value_at(t) {
+                Some(PeriodValue::Preset(name)) => name.as_str().to_owned(),
+                other => format!("{other:?}"),
+            };
+            let second = TimeDelta::seconds(1);
+            if start.starts_with("2026-10-25") {
+                // Local times repeat: what the service reads is at least a valid schedule that
+                // begins on time.
+                assert_eq!(holds(comfort), COMFORT, "{start}");
+                continue;
+            }
+            assert_eq!(holds(comfort - second), "None", "{start}");
+            assert_eq!(holds(comfort), COMFORT, "{start}");
+            assert_eq!(holds(eco - second), COMFORT, "{start}");
+            assert_eq!(holds(eco), ECO, "{start}");
+            assert_eq!(holds(end - second), ECO, "{start}");
+            assert_eq!(holds(end), "None", "{start}");
+        }
     }
 
     #[test]
@@ -732,6 +1396,10 @@ mod tests {
             &["--change-by", "NaN"],
             &["--loss-per-minute", "2"],
             &["--heating-per-minute=-1"],
+            &["--schedule-zone", "Mars/Olympus_Mons"],
+            &["--schedule-after", "25h"],
+            &["--schedule-period", "13h"],
+            &["--override-for", "500ms"],
         ] {
             let config = building(args).unwrap();
             let refused = config.check().expect_err(&format!("{args:?}"));

@@ -1,15 +1,29 @@
-//! The picture of a run: temperature against the setpoint band, heater-on periods shaded, one
-//! panel for each of the first rooms, and every change of a room's band marked. SVG via
-//! plotters.
+//! The picture of a run: temperature against the effective setpoint band, heater-on periods
+//! shaded, one panel for each of the first rooms, every change of a room's band marked, and a
+//! strip along the bottom of each panel colored by the level of the priority array that decided
+//! (legend on the right). SVG via plotters.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::{Sample, Summary};
+use super::{level_name, Sample, Summary};
+use thermostat::proto::v1::SetpointLevel;
 
 const PANEL_HEIGHT: u32 = 260;
 const WIDTH: u32 = 1000;
+/// The legend's column, right of each panel's chart.
+const LEGEND_WIDTH: u32 = 110;
+/// The strip of deciding levels takes this share of the temperature axis, below the data.
+const STRIP_SHARE: f64 = 0.07;
+
+/// The levels the strip tells apart, lowest first, and their colors.
+const LEVELS: [(SetpointLevel, RGBColor); 4] = [
+    (SetpointLevel::Default, RGBColor(150, 150, 150)),
+    (SetpointLevel::Schedule, RGBColor(40, 150, 80)),
+    (SetpointLevel::Override, RGBColor(140, 70, 200)),
+    (SetpointLevel::Safety, RGBColor(230, 170, 0)),
+];
 
 pub fn write_svg(path: &Path, summary: &Summary, rooms: usize) -> Result<(), String> {
     let rooms = rooms.min(summary.rooms.len()).max(1);
@@ -32,15 +46,21 @@ fn draw_room<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let end = samples.last().map_or(1.0, |s| s.simulated_minutes).max(1.0);
     let (low, high) = celsius_range(samples);
-    let mut chart = ChartBuilder::on(area)
+    let bottom = low - (high - low) * STRIP_SHARE;
+    let (area, legend) = area.split_horizontally(WIDTH - LEGEND_WIDTH);
+    draw_legend(&legend)?;
+    let mut chart = ChartBuilder::on(&area)
         .caption(
-            format!("{name}: temperature, setpoint band, heater on (shaded)"),
+            format!(
+                "{name}: temperature, effective setpoint band, heater on (shaded), \
+                 deciding level (strip)"
+            ),
             ("sans-serif", 16),
         )
         .margin(8)
         .x_label_area_size(30)
         .y_label_area_size(45)
-        .build_cartesian_2d(0.0..end, low..high)?;
+        .build_cartesian_2d(0.0..end, bottom..high)?;
     chart
         .configure_mesh()
         .x_desc("simulated minutes")
@@ -76,7 +96,50 @@ fn draw_room<DB: DrawingBackend>(
         band_changes(samples)
             .map(|at| PathElement::new(vec![(at, low), (at, high)], BLACK.stroke_width(1))),
     )?;
+    chart.draw_series(
+        level_spans(samples)
+            .into_iter()
+            .filter_map(|(from, to, level)| {
+                let color = level_color(level)?;
+                Some(Rectangle::new([(from, bottom), (to, low)], color.filled()))
+            }),
+    )?;
     Ok(())
+}
+
+/// The strip's colors, by level name, with a heading.
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let font = ("sans-serif", 12).into_font();
+    area.draw(&Text::new("deciding level", (4, 40), font.clone()))?;
+    for (i, (level, color)) in LEVELS.iter().enumerate() {
+        let y = 60 + 20 * i as i32;
+        area.draw(&Rectangle::new([(4, y), (18, y + 12)], color.filled()))?;
+        area.draw(&Text::new(level_name(*level), (24, y), font.clone()))?;
+    }
+    Ok(())
+}
+
+fn level_color(level: SetpointLevel) -> Option<RGBColor> {
+    LEVELS
+        .iter()
+        .find(|(l, _)| *l == level)
+        .map(|(_, color)| *color)
+}
+
+/// Stretches of simulated minutes with one deciding level, in order: (from, to, level). As the
+/// heater shading, a stretch between two samples takes the later one's level.
+fn level_spans(samples: &[Sample]) -> Vec<(f64, f64, SetpointLevel)> {
+    let mut spans: Vec<(f64, f64, SetpointLevel)> = Vec::new();
+    for w in samples.windows(2) {
+        let (from, to, level) = (w[0].simulated_minutes, w[1].simulated_minutes, w[1].level);
+        match spans.last_mut() {
+            Some(last) if last.2 == level => last.1 = to,
+            _ => spans.push((from, to, level)),
+        }
+    }
+    spans
 }
 
 /// The panel's temperature axis: every finite temperature and band edge, and at least 15 °C
@@ -111,6 +174,7 @@ mod tests {
             celsius,
             heater_on: false,
             band,
+            level: SetpointLevel::Default,
         }
     }
 
@@ -138,6 +202,66 @@ mod tests {
         ];
         assert_eq!(band_changes(&samples).collect::<Vec<_>>(), [3.0, 5.0]);
         assert_eq!(band_changes(&samples[..2]).count(), 0);
+    }
+
+    #[test]
+    fn the_strip_has_one_stretch_per_run_of_a_deciding_level() {
+        let band = (20.5, 21.5);
+        let at = |minutes: f64, level| Sample {
+            level,
+            ..sample(minutes, 18.0, band)
+        };
+        let samples = [
+            at(1.0, SetpointLevel::Override),
+            at(2.0, SetpointLevel::Override),
+            at(3.0, SetpointLevel::Override),
+            at(4.0, SetpointLevel::Schedule),
+            at(5.0, SetpointLevel::Schedule),
+            at(6.0, SetpointLevel::Default),
+        ];
+        assert_eq!(
+            level_spans(&samples),
+            [
+                (1.0, 3.0, SetpointLevel::Override),
+                (3.0, 5.0, SetpointLevel::Schedule),
+                (5.0, 6.0, SetpointLevel::Default),
+            ]
+        );
+        assert!(level_spans(&samples[..1]).is_empty());
+    }
+
+    #[test]
+    fn the_picture_names_every_level_and_draws_the_strip_in_their_colors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("levels.svg");
+        let band = (20.5, 21.5);
+        let samples = (0..20)
+            .map(|i| Sample {
+                level: if i < 10 {
+                    SetpointLevel::Override
+                } else {
+                    SetpointLevel::Schedule
+                },
+                ..sample(f64::from(i), 20.0, band)
+            })
+            .collect();
+        let summary = Summary {
+            rooms: vec!["b/room-02".into()],
+            samples: vec![samples],
+            ..Summary::default()
+        };
+        write_svg(&path, &summary, 1).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for (level, color) in LEVELS {
+            assert!(svg.contains(level_name(level)), "{svg}");
+            let hex = format!("#{:02X}{:02X}{:02X}", color.0, color.1, color.2);
+            // The legend's square, and the strip's stretches of the levels that decided.
+            let expected = match level {
+                SetpointLevel::Override | SetpointLevel::Schedule => 2,
+                _ => 1,
+            };
+            assert_eq!(svg.matches(&hex).count(), expected, "{level:?} {hex}");
+        }
     }
 
     #[test]
