@@ -7,6 +7,7 @@ pub mod access;
 pub mod control;
 mod ids;
 pub mod levels;
+pub mod protection;
 pub mod schedule;
 mod setpoint;
 
