@@ -340,6 +340,7 @@ fn api_routes(
         control.clone(),
         store.clone(),
         limits,
+        config.kafka.reading_range_celsius,
         auth.clone(),
         config.auth.credentials_reload_interval,
         stop.clone(),

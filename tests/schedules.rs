@@ -1,7 +1,8 @@
 //! Weekly schedules and presets (issue 25): a schedule change takes effect at once, a
 //! transition turns the heater on time without a reading and is recorded once across
-//! replicas, a transition missed while the service was down is applied as it starts, and the
-//! calls are checked and authorized. Against the real database and broker.
+//! replicas, a transition missed while the service was down is applied as it starts, the
+//! calls are checked and authorized, and a dry run decides at a later time without a side
+//! effect. Against the real database and broker.
 
 mod common;
 
@@ -762,7 +763,7 @@ async fn the_readme_schedule_commands_work_as_written() {
         .collect();
     assert_eq!(
         commands.len(),
-        13,
+        14,
         "every call of the section: {commands:?}"
     );
     let grpcurl = common::env("THERMOSTAT_TEST_GRPCURL");
@@ -800,6 +801,9 @@ async fn the_readme_schedule_commands_work_as_written() {
         preview["segments"].as_array().is_some_and(|s| s.len() >= 2),
         "a week of an office schedule changes: {preview}"
     );
+    let dry = json(11);
+    assert!(dry["upperCelsius"].as_f64().is_some(), "{dry}");
+    assert!(dry["level"].is_string(), "{dry}");
     let gone = levels_after_delete(&app).await;
     assert_eq!(
         (gone.schedule_id.as_str(), gone.effective_level()),
@@ -819,4 +823,92 @@ async fn levels_after_delete(app: &TestApp) -> pb::SetpointLevels {
         .await
         .expect("levels")
         .into_inner()
+}
+
+fn dry_run(sensor: &str, celsius: f64, at: Option<DateTime<Utc>>) -> pb::DryRunRequest {
+    pb::DryRunRequest {
+        sensor_id: sensor.into(),
+        temperature_celsius: celsius,
+        time: at.map(timestamp),
+    }
+}
+
+/// Issue 26's dry run: what the loop would decide at a temperature, now or later, as the
+/// levels and the schedule stand, with no command sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_decides_now_and_later_without_sending_anything() {
+    let config = TestApp::fresh_config().await;
+    let topics = Topics::of(&config);
+    let (sensors, commands) = (Sensors::new(&topics.sensors), Commands::new(&topics));
+    let app = TestApp::spawn_with(config).await;
+    default_of_18(&app, "room-1", "hq").await;
+    sensors.reading("room-1", 20.0, Utc::now()).await;
+    assert_eq!(decided(&commands.expect().await), (H::Off, L::Default));
+    // Hold 23 °C for two hours: ON.
+    app.setpoints()
+        .await
+        .write_setpoint_level(pb::WriteSetpointLevelRequest {
+            sensor_id: "room-1".into(),
+            level: L::Override.into(),
+            desired_celsius: 23.0,
+            up_delta_celsius: 0.5,
+            down_delta_celsius: 0.5,
+            duration: Some(prost_types::Duration {
+                seconds: 7200,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("override");
+    assert_eq!(decided(&commands.expect().await), (H::On, L::Override));
+
+    let heaters = app.heaters().await;
+    let ask = |request| {
+        let mut heaters = heaters.clone();
+        async move {
+            heaters
+                .dry_run(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    // Now, at 20 °C: ON under the override, already sent.
+    let now = ask(dry_run("room-1", 20.0, None)).await.expect("dry run");
+    assert_eq!(
+        (now.command(), now.reason(), now.would_send, now.level()),
+        (H::On, pb::CommandReason::TooCold, false, L::Override)
+    );
+    assert_eq!((now.lower_celsius, now.upper_celsius), (22.5, 23.5));
+    // In three hours the override is gone: OFF on the DEFAULT band, which would be sent.
+    let later = ask(dry_run(
+        "room-1",
+        20.0,
+        Some(Utc::now() + TimeDelta::hours(3)),
+    ))
+    .await
+    .expect("dry run");
+    assert_eq!(
+        (later.command(), later.would_send, later.level()),
+        (H::Off, true, L::Default)
+    );
+    // Inside the band: nothing.
+    let inside = ask(dry_run("room-1", 23.0, None)).await.expect("dry run");
+    assert_eq!(
+        (inside.command(), inside.would_send),
+        (H::Unspecified, false)
+    );
+    // Not a temperature the loop takes; not a sensor with a setpoint.
+    let bad = ask(dry_run("room-1", f64::NAN, None))
+        .await
+        .expect_err("NaN");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let unknown = ask(dry_run("room-9", 20.0, None))
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+    // No side effect: nothing was decided, nothing sent.
+    assert_eq!(commands.next(Duration::from_secs(2)).await, None);
+    drop(heaters);
+    app.stop().await;
 }

@@ -8,17 +8,24 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::convert::{effective_to_proto, setpoint_to_proto};
+use super::convert::{effective_to_proto, setpoint_to_proto, values_to_proto};
+use super::effective;
 use super::limits::{Limits, Slot};
 use super::{authorize, reader};
-use crate::domain::{Action, BuildingId, Identity, Scope, SensorId, ValidationError};
+use crate::config::CelsiusRange;
+use crate::domain::control::{self, Band};
+use crate::domain::{Action, BuildingId, Celsius, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
-use crate::proto::timestamp;
 use crate::proto::v1 as pb;
+use crate::proto::{from_timestamp, timestamp};
 use crate::security::{Authenticator, Credentials};
 use crate::store::Store;
+use crate::stream::codec::{command_to_proto, reason_to_proto};
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
+
+/// How far ahead a dry run may look.
+const MAX_DRY_RUN_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(31);
 
 /// The longest `sensor_ids` filter: each snapshot part looks every id up.
 pub const MAX_FILTER_SENSORS: usize = 1000;
@@ -27,6 +34,8 @@ pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
     limits: Limits,
+    /// The readings the loop accepts (`READING_RANGE_CELSIUS`): what a dry run may ask about.
+    readings: CelsiusRange,
     /// Checks an open subscription's credentials again every `recheck`.
     auth: Authenticator,
     recheck: Duration,
@@ -38,6 +47,7 @@ impl HeaterApi {
         control: ControlHandle,
         store: Store,
         limits: Limits,
+        readings: CelsiusRange,
         auth: Authenticator,
         recheck: Duration,
         shutdown: CancellationToken,
@@ -46,10 +56,74 @@ impl HeaterApi {
             control,
             store,
             limits,
+            readings,
             auth,
             recheck,
             shutdown,
         }
+    }
+
+    /// What the loop would decide for `req`, with no side effect.
+    async fn dry_run_answer(
+        &self,
+        who: &Identity,
+        req: pb::DryRunRequest,
+    ) -> Result<pb::DryRunResponse> {
+        let sensor = SensorId::parse(req.sensor_id)?;
+        let celsius = Celsius::new(req.temperature_celsius)
+            .filter(|c| self.readings.contains(c.value()))
+            .ok_or_else(|| {
+                ValidationError::new(
+                    "temperature_celsius",
+                    format!(
+                        "must be a finite number within READING_RANGE_CELSIUS {}",
+                        self.readings
+                    ),
+                )
+            })?;
+        let now = Utc::now();
+        let at = match &req.time {
+            None => now,
+            Some(t) => from_timestamp(t)
+                .filter(|t| *t <= now + MAX_DRY_RUN_AHEAD)
+                .ok_or_else(|| {
+                    ValidationError::new("time", "must be a valid time at most 31 days ahead")
+                })?
+                .max(now),
+        };
+        let segment = effective::effective_at(&self.store, &sensor, &who.scope, at).await?;
+        let values = segment.values;
+        let lower = values.desired.value() - values.down_delta.value();
+        let upper = values.desired.value() + values.up_delta.value();
+        let decided = control::rule(Band::from_thresholds(lower, upper), celsius);
+        let view = self
+            .control
+            .sensor(sensor.clone())
+            .await
+            .ok_or(Error::ShuttingDown)?;
+        let last_command = view
+            .last_command
+            .filter(|e| who.scope.contains_str(&e.building_id));
+        let would_send = decided.is_some_and(|(command, _)| {
+            last_command
+                .as_ref()
+                .is_none_or(|last| last.command() != command_to_proto(command))
+        });
+        let (schedule_id, preset) = segment.tag.unwrap_or_default();
+        Ok(pb::DryRunResponse {
+            sensor_id: sensor.to_string(),
+            time: Some(timestamp(at)),
+            command: decided.map_or(0, |(c, _)| command_to_proto(c) as i32),
+            reason: decided.map_or(0, |(_, r)| reason_to_proto(r) as i32),
+            would_send,
+            level: i32::from(segment.level.number()),
+            values: Some(values_to_proto(&values)),
+            lower_celsius: lower,
+            upper_celsius: upper,
+            schedule_id,
+            preset,
+            last_command,
+        })
     }
 
     async fn state(
@@ -275,5 +349,15 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
     ) -> Result<Response<pb::SensorState>, Status> {
         let (who, _slot) = reader(&request, &self.limits)?;
         Ok(Response::new(self.state(&who, request.into_inner()).await?))
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<pb::DryRunRequest>,
+    ) -> Result<Response<pb::DryRunResponse>, Status> {
+        let (who, _slot) = reader(&request, &self.limits)?;
+        Ok(Response::new(
+            self.dry_run_answer(&who, request.into_inner()).await?,
+        ))
     }
 }

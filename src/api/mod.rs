@@ -3,6 +3,7 @@
 //! map errors with `?`.
 
 pub mod convert;
+mod effective;
 pub mod health;
 mod heater;
 pub mod limits;

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -12,15 +12,15 @@ use super::convert::{
     transition_to_proto, values_from_proto, values_to_proto,
 };
 use super::limits::Limits;
-use super::{authorize, page_token, reader};
+use super::{authorize, effective, page_token, reader};
 use crate::config::LimitsConfig;
-use crate::domain::levels::{self, Held, Level, LevelValues, Scheduled};
-use crate::domain::schedule::{PeriodValue, PresetName};
+use crate::domain::levels::LevelValues;
+use crate::domain::schedule::PresetName;
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
-use crate::store::{Levels, ScheduleRecord, ScheduleWrite, SensorSchedule, Store};
+use crate::store::{ScheduleRecord, ScheduleWrite, Store};
 
 /// How far a preview looks ahead by default, and at most.
 const PREVIEW_DEFAULT: TimeDelta = TimeDelta::days(7);
@@ -423,19 +423,11 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
                 .max(now),
         };
         let until = from + span;
-        let stored = self.store.levels(&sensor_id, &who.scope).await?;
-        let covering = self
-            .store
-            .sensor_schedule(&stored.building_id, &sensor_id)
-            .await?;
-        let (held, default) = held_levels(&stored)?;
-        let scheduled = covering
-            .as_ref()
-            .map(|s| scheduled(s, from, until))
-            .unwrap_or_default();
+        let effective =
+            effective::effective_between(&self.store, &sensor_id, &who.scope, from, until).await?;
         let mut segments = Vec::new();
         let (mut bytes, mut end) = (0, until);
-        for s in levels::preview(from, until, &held, &scheduled, default) {
+        for s in effective {
             let (schedule_id, preset) = s.tag.unwrap_or_default();
             let segment = pb::PreviewSegment {
                 start_time: Some(timestamp(s.start)),
@@ -458,58 +450,6 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
             end_time: Some(timestamp(end)),
         }))
     }
-}
-
-/// A sensor's levels above SCHEDULE, and its DEFAULT level's values.
-fn held_levels(stored: &Levels) -> Result<(Vec<Held>, LevelValues)> {
-    let mut held = Vec::new();
-    let mut default = None;
-    for entry in &stored.entries {
-        let values = LevelValues::new(
-            entry.desired_celsius,
-            entry.up_delta_celsius,
-            entry.down_delta_celsius,
-        )
-        .map_err(|e| Error::Internal(format!("stored {e}")))?;
-        match entry.level {
-            Level::Default => default = Some(values),
-            // The schedule's future comes from the schedule itself.
-            Level::Schedule => {}
-            level => held.push(Held {
-                level,
-                values,
-                expire_time: entry.expire_time,
-            }),
-        }
-    }
-    let default = default.ok_or_else(|| Error::Internal("levels without DEFAULT".into()))?;
-    Ok((held, default))
-}
-
-/// A schedule's changes over a preview, each tagged with the schedule and the preset.
-fn scheduled(
-    covering: &SensorSchedule,
-    from: DateTime<Utc>,
-    until: DateTime<Utc>,
-) -> Vec<Scheduled<(String, String)>> {
-    let id = covering.record.schedule_id.as_str();
-    covering
-        .record
-        .schedule
-        .changes(from, until)
-        .into_iter()
-        .map(|c| Scheduled {
-            at: c.at,
-            values: c.value.and_then(|v| v.resolve(&covering.presets)),
-            tag: (
-                id.to_owned(),
-                match c.value {
-                    Some(PeriodValue::Preset(p)) => p.as_str().to_owned(),
-                    _ => String::new(),
-                },
-            ),
-        })
-        .collect()
 }
 
 /// The revision a history page starts below.

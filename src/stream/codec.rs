@@ -166,14 +166,14 @@ pub fn storable(time: DateTime<Utc>) -> bool {
     time.timestamp_nanos_opt().is_some()
 }
 
-fn command_to_proto(command: HeaterCommand) -> pb::HeaterCommand {
+pub fn command_to_proto(command: HeaterCommand) -> pb::HeaterCommand {
     match command {
         HeaterCommand::On => pb::HeaterCommand::On,
         HeaterCommand::Off => pb::HeaterCommand::Off,
     }
 }
 
-fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
+pub fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
     match reason {
         CommandReason::TooCold => pb::CommandReason::TooCold,
         CommandReason::TooHot => pb::CommandReason::TooHot,
