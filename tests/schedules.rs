@@ -836,7 +836,7 @@ fn dry_run(sensor: &str, celsius: f64, at: Option<DateTime<Utc>>) -> pb::DryRunR
 /// Issue 26's dry run: what the loop would decide at a temperature, now or later, as the
 /// levels and the schedule stand, with no command sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_decides_now_and_later_without_sending_anything() {
+async fn a_dry_run_decides_now_and_later_and_the_state_says_why() {
     let config = TestApp::fresh_config().await;
     let topics = Topics::of(&config);
     let (sensors, commands) = (Sensors::new(&topics.sensors), Commands::new(&topics));
@@ -907,6 +907,29 @@ async fn a_dry_run_decides_now_and_later_without_sending_anything() {
         .await
         .expect_err("unknown");
     assert_eq!(unknown.code(), Code::NotFound);
+    // Why the heater is ON: the reading's age, the level deciding and who wrote it, and what
+    // changes next (the override's expiry, to DEFAULT).
+    let state = app
+        .heaters()
+        .await
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "room-1".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let age = state.reading_age.expect("a reading's age");
+    assert!((0..60).contains(&age.seconds), "{age:?}");
+    let source = state.effective_source.expect("a source");
+    assert_eq!(
+        (source.level(), source.desired_celsius),
+        (L::Override, 23.0)
+    );
+    let until = source.expire_time.as_ref().map(at).expect("an expiry");
+    let next = state.next_change.expect("a next change");
+    assert_eq!(next.level(), L::Default);
+    assert_eq!(next.start_time.as_ref().map(at), Some(until));
+
     // No side effect: nothing was decided, nothing sent.
     assert_eq!(commands.next(Duration::from_secs(2)).await, None);
     drop(heaters);

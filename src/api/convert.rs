@@ -4,14 +4,14 @@ use std::collections::HashMap;
 
 use chrono::NaiveDate;
 
-use crate::domain::levels::LevelValues;
+use crate::domain::levels::{LevelValues, Segment};
 use crate::domain::schedule::{
     self, Change, DateException, Period, PeriodValue, PresetName, Schedule,
 };
 use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
-use crate::store::{Levels, PresetRecord, ScheduleRecord};
+use crate::store::{LevelEntry, Levels, PresetRecord, ScheduleRecord};
 
 /// The setpoint and reason of a Put, with errors naming `setpoint.<field>`.
 pub fn setpoint_from_proto(
@@ -73,26 +73,39 @@ pub fn levels_to_proto(
         sensor_id: levels.sensor_id.clone(),
         building_id: levels.building_id.clone(),
         revision: levels.revision,
-        levels: levels
-            .entries
-            .iter()
-            .map(|e| pb::SetpointLevelEntry {
-                level: i32::from(e.level.number()),
-                desired_celsius: e.desired_celsius,
-                up_delta_celsius: e.up_delta_celsius,
-                down_delta_celsius: e.down_delta_celsius,
-                expire_time: e.expire_time.map(timestamp),
-                revision: e.revision,
-                update_time: Some(timestamp(e.update_time)),
-                updated_by: e.updated_by.clone(),
-                reason: e.reason.clone(),
-                schedule_id: e.schedule_id.clone().unwrap_or_default(),
-            })
-            .collect(),
+        levels: levels.entries.iter().map(level_entry_to_proto).collect(),
         effective_level: i32::from(levels.effective.number()),
         effective_until: levels.effective_until.map(timestamp),
         next_transition,
         schedule_id,
+    }
+}
+
+/// One level of a priority array.
+pub fn level_entry_to_proto(e: &LevelEntry) -> pb::SetpointLevelEntry {
+    pb::SetpointLevelEntry {
+        level: i32::from(e.level.number()),
+        desired_celsius: e.desired_celsius,
+        up_delta_celsius: e.up_delta_celsius,
+        down_delta_celsius: e.down_delta_celsius,
+        expire_time: e.expire_time.map(timestamp),
+        revision: e.revision,
+        update_time: Some(timestamp(e.update_time)),
+        updated_by: e.updated_by.clone(),
+        reason: e.reason.clone(),
+        schedule_id: e.schedule_id.clone().unwrap_or_default(),
+    }
+}
+
+/// A stretch of one effective setpoint, tagged with its schedule and preset.
+pub fn segment_to_proto(s: Segment<(String, String)>) -> pb::PreviewSegment {
+    let (schedule_id, preset) = s.tag.unwrap_or_default();
+    pb::PreviewSegment {
+        start_time: Some(timestamp(s.start)),
+        level: i32::from(s.level.number()),
+        values: Some(values_to_proto(&s.values)),
+        schedule_id,
+        preset,
     }
 }
 

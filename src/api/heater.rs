@@ -8,7 +8,9 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::convert::{effective_to_proto, setpoint_to_proto, values_to_proto};
+use super::convert::{
+    effective_to_proto, level_entry_to_proto, segment_to_proto, setpoint_to_proto, values_to_proto,
+};
 use super::effective;
 use super::limits::{Limits, Slot};
 use super::{authorize, reader};
@@ -24,7 +26,7 @@ use crate::stream::codec::{command_to_proto, reason_to_proto};
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
 
-/// How far ahead a dry run may look.
+/// How far ahead a dry run, or a sensor state's next change, looks.
 const MAX_DRY_RUN_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(31);
 
 /// The longest `sensor_ids` filter: each snapshot part looks every id up.
@@ -167,6 +169,28 @@ impl HeaterApi {
             None => None,
         };
         let setpoint = setpoint.as_ref().map(setpoint_to_proto);
+        let now = Utc::now();
+        // What changes next, as the levels and the schedule stand: the second segment from now.
+        let next_change = match &levels {
+            Some(_) => effective::effective_between(
+                &self.store,
+                &sensor,
+                &who.scope,
+                now,
+                now + MAX_DRY_RUN_AHEAD,
+            )
+            .await?
+            .into_iter()
+            .nth(1)
+            .map(segment_to_proto),
+            None => None,
+        };
+        let effective_source = levels.as_ref().and_then(|l| {
+            l.entries
+                .iter()
+                .find(|e| e.level == l.effective)
+                .map(level_entry_to_proto)
+        });
         // A sensor moved between buildings keeps the last command sent while it was elsewhere;
         // that command belongs to the other building.
         let last_command = view
@@ -175,6 +199,12 @@ impl HeaterApi {
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
             setpoint,
+            reading_age: view.last_reading.and_then(|r| {
+                let age = (now - r.received).max(chrono::TimeDelta::zero());
+                prost_types::Duration::try_from(age.to_std().ok()?).ok()
+            }),
+            effective_source,
+            next_change,
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),

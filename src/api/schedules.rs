@@ -8,8 +8,8 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    expected_revision, preset_to_proto, schedule_from_proto, schedule_to_proto,
-    transition_to_proto, values_from_proto, values_to_proto,
+    expected_revision, preset_to_proto, schedule_from_proto, schedule_to_proto, segment_to_proto,
+    transition_to_proto, values_from_proto,
 };
 use super::limits::Limits;
 use super::{authorize, effective, page_token, reader};
@@ -428,18 +428,12 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let mut segments = Vec::new();
         let (mut bytes, mut end) = (0, until);
         for s in effective {
-            let (schedule_id, preset) = s.tag.unwrap_or_default();
-            let segment = pb::PreviewSegment {
-                start_time: Some(timestamp(s.start)),
-                level: i32::from(s.level.number()),
-                values: Some(values_to_proto(&s.values)),
-                schedule_id,
-                preset,
-            };
+            let start = s.start;
+            let segment = segment_to_proto(s);
             // Cut where a response would be full: the caller asks again from `end_time`.
             bytes += segment.encoded_len() + 8;
             if bytes > self.page_bytes && !segments.is_empty() {
-                end = s.start;
+                end = start;
                 break;
             }
             segments.push(segment);
