@@ -189,6 +189,14 @@ pub struct ControlConfig {
     /// and due schedule transitions applied: each happens at most this long after its time.
     #[arg(long, env = "LEVEL_EXPIRY_INTERVAL", default_value = "1s", value_parser = positive_duration)]
     pub level_expiry_interval: Duration,
+    /// After an ON, no OFF before this long (equipment protection; 0s: none): a switch the rule
+    /// wants sooner is deferred, and sent when the time is up if still wanted. Safety (a stale
+    /// sensor, a deleted setpoint, the SAFETY level) does not wait.
+    #[arg(long, env = "MIN_ON_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub min_on_time: Duration,
+    /// After an OFF, no ON before this long; as MIN_ON_TIME.
+    #[arg(long, env = "MIN_OFF_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub min_off_time: Duration,
     /// How often every building's SCHEDULE levels are checked in full, which picks up sensors
     /// created in a scheduled building or moved between schedules' groups since.
     #[arg(long, env = "SCHEDULE_SWEEP_INTERVAL", default_value = "30s", value_parser = positive_duration)]

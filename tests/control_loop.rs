@@ -1306,3 +1306,55 @@ async fn a_sensor_that_never_reports_is_sent_off_without_a_temperature() {
         (stale.sequence, None)
     );
 }
+
+fn decided_at(e: &pb::HeaterCommandEvent) -> chrono::DateTime<Utc> {
+    let t = e.decided_at.as_ref().expect("decided_at");
+    chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).expect("a time")
+}
+
+/// Issue 26: a switch inside the minimum on time is deferred, not dropped, and sent when the
+/// time is up without another reading; the hold counts from the last command's own time, so a
+/// restart in the middle of it keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_restart() {
+    const MIN_ON: i64 = 15;
+    let mut config = TestApp::fresh_config().await;
+    config.control.min_on_time = Duration::from_secs(MIN_ON as u64);
+    let (app, commands, sensors) = looped(config.clone()).await;
+    put_band(&app, "boiler", 20.0).await;
+    sensors.reading("boiler", 18.0, Utc::now()).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        cmd(&on),
+        (pb::HeaterCommand::On, pb::CommandReason::TooCold)
+    );
+    let hold_ends = decided_at(&on) + TimeDelta::seconds(MIN_ON);
+    app.stop().await;
+
+    let app = TestApp::spawn_with(config).await;
+    // Too hot now, while the hold lasts: nothing until it ends.
+    sensors.reading("boiler", 23.0, Utc::now()).await;
+    assert!(
+        Utc::now() + TimeDelta::seconds(3) < hold_ends,
+        "the restart took the whole hold: nothing left to check"
+    );
+    let early = (hold_ends - Utc::now() - TimeDelta::seconds(1))
+        .to_std()
+        .unwrap_or_default();
+    assert_eq!(commands.next(early).await, None, "no OFF inside the hold");
+    let off = commands
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the OFF at the hold's end");
+    assert_eq!(
+        cmd(&off),
+        (pb::HeaterCommand::Off, pb::CommandReason::DeferredTooHot)
+    );
+    let at = decided_at(&off);
+    assert!(at >= hold_ends, "not inside the hold: {at} < {hold_ends}");
+    assert!(
+        at - hold_ends < TimeDelta::seconds(3),
+        "at its end, without another reading: {at} against {hold_ends}"
+    );
+    app.stop().await;
+}

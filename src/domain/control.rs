@@ -12,6 +12,7 @@ use std::ops::RangeInclusive;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::levels::LevelValues;
+use super::protection::{Gate, Protection, Switched};
 use super::{BuildingId, Celsius, Setpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,6 +27,10 @@ pub enum CommandReason {
     TooHot,
     SetpointDeleted,
     SensorStale,
+    /// Too cold while the last OFF's minimum off time held: sent when it ended.
+    DeferredTooCold,
+    /// Too hot while the last ON's minimum on time held: sent when it ended.
+    DeferredTooHot,
 }
 
 /// One measurement of one sensor.
@@ -151,6 +156,13 @@ pub struct SensorControl {
     parts: ControlParts,
     /// A first command (no last command known) gets the sequence above this.
     sequence_floor: u64,
+    /// The heater's limits, when the last command was decided, and whether the SAFETY level
+    /// decides (it cuts holds short): given by the engine, not stored with the parts.
+    protection: Protection,
+    switched_at: Option<DateTime<Utc>>,
+    safety: bool,
+    /// Set when a switch the rule wants waits for a hold to end: then.
+    deferred: Option<DateTime<Utc>>,
 }
 
 /// The state of a [`SensorControl`], taken apart for storage that packs it tighter than this
@@ -177,7 +189,7 @@ impl From<ControlParts> for SensorControl {
     fn from(parts: ControlParts) -> Self {
         Self {
             parts,
-            sequence_floor: 0,
+            ..Self::default()
         }
     }
 }
@@ -194,6 +206,36 @@ impl SensorControl {
     pub fn numbering_above(mut self, floor: u64) -> Self {
         self.sequence_floor = floor;
         self
+    }
+
+    /// Holds switches to `protection`, counting from `switched_at`, when the last command was
+    /// decided (unknown: no hold); `safety` (the SAFETY level decides) cuts holds short.
+    pub fn protected(
+        mut self,
+        protection: Protection,
+        switched_at: Option<DateTime<Utc>>,
+        safety: bool,
+    ) -> Self {
+        (self.protection, self.switched_at, self.safety) = (protection, switched_at, safety);
+        self
+    }
+
+    /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:
+    /// the engine wakes the sensor then ([`Self::on_hold_end`]).
+    pub fn deferred(&self) -> Option<DateTime<Utc>> {
+        self.deferred
+    }
+
+    /// Decides again when a hold has ended, without a new reading: a switch still wanted is
+    /// sent, with its deferred reason.
+    pub fn on_hold_end(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+        let mut decision = self.reevaluate(now, stale_after)?;
+        decision.reason = match decision.reason {
+            CommandReason::TooCold => CommandReason::DeferredTooCold,
+            CommandReason::TooHot => CommandReason::DeferredTooHot,
+            other => other,
+        };
+        Some(decision)
     }
 
     /// The band of the current setpoint; `None` when the sensor is not controlled.
@@ -223,7 +265,7 @@ impl SensorControl {
             return ReadingOutcome::OutOfOrder;
         }
         self.parts.last_reading = Some(reading);
-        ReadingOutcome::Applied(self.evaluate(reading))
+        ReadingOutcome::Applied(self.evaluate(reading, reading.received))
     }
 
     /// Takes in a reading decided on before (read again after a crash or a takeover, up to
@@ -295,7 +337,7 @@ impl SensorControl {
                 .parts
                 .last_reading
                 .filter(|r| now.signed_duration_since(r.received) <= stale_after)?;
-            return self.evaluate(fresh);
+            return self.evaluate(fresh, now);
         }
         if self.parts.last_command?.command != HeaterCommand::On {
             return None;
@@ -369,9 +411,26 @@ impl SensorControl {
         }
     }
 
-    fn evaluate(&mut self, reading: Reading) -> Option<Decision> {
+    /// The rule, held back by the last command's hold (minimum on or off time) at `now`.
+    fn evaluate(&mut self, reading: Reading, now: DateTime<Utc>) -> Option<Decision> {
         let (command, reason) = rule(self.parts.band?, reading.temperature)?;
         let building = self.parts.building_id.clone()?;
+        let last = self
+            .parts
+            .last_command
+            .zip(self.switched_at)
+            .map(|(last, at)| Switched {
+                command: last.command,
+                at,
+                forced_off: false,
+            });
+        if let Gate::After(until) = self
+            .protection
+            .gate(command, last.as_ref(), now, self.safety)
+        {
+            self.deferred = Some(until);
+            return None;
+        }
         self.emit(command, reason, building, self.parts.revision)
     }
 
@@ -453,6 +512,58 @@ mod tests {
             ReadingOutcome::Applied(d) => d.map(|d| d.command),
             ReadingOutcome::OutOfOrder => panic!("unexpected out-of-order"),
         }
+    }
+
+    /// The state as the engine hands it over after a command decided at `seconds`.
+    fn held(control: SensorControl, min_on: i64, min_off: i64, seconds: i64) -> SensorControl {
+        let protection = Protection {
+            min_on: TimeDelta::seconds(min_on),
+            min_off: TimeDelta::seconds(min_off),
+            ..Protection::default()
+        };
+        control.protected(protection, Some(at(seconds)), false)
+    }
+
+    #[test]
+    fn a_switch_inside_a_minimum_time_waits_for_its_end_and_goes_if_still_wanted() {
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 10))), Some(On));
+        // Too hot 20 s later, inside a 300 s minimum on time: held back, not dropped.
+        let mut s = held(s, 300, 0, 10);
+        assert_eq!(command_of(s.on_reading(reading(21.0, 30))), None);
+        assert_eq!(s.deferred(), Some(at(310)));
+        // Its end: still too hot, so OFF, with its own reason.
+        let mut woken = held(s.clone(), 300, 0, 10);
+        let off = woken
+            .on_hold_end(at(310), STALE)
+            .expect("OFF at the hold's end");
+        assert_eq!(
+            (off.command, off.reason),
+            (Off, CommandReason::DeferredTooHot)
+        );
+        // Back inside the band by then: nothing is sent.
+        let mut cooled = held(s.clone(), 300, 0, 10);
+        assert_eq!(command_of(cooled.on_reading(reading(20.2, 200))), None);
+        assert_eq!(cooled.on_hold_end(at(310), STALE), None);
+        // The fail-safe does not wait for a hold.
+        let mut silent = held(s.clone(), 3600, 0, 10);
+        let stale = silent
+            .on_tick(at(30 + 301), STALE, at(0))
+            .expect("stale OFF");
+        assert_eq!(
+            (stale.command, stale.reason),
+            (Off, CommandReason::SensorStale)
+        );
+        // Nor does the SAFETY level.
+        let mut safety = s.protected(
+            Protection {
+                min_on: TimeDelta::seconds(300),
+                ..Protection::default()
+            },
+            Some(at(10)),
+            true,
+        );
+        assert_eq!(command_of(safety.on_reading(reading(21.5, 40))), Some(Off));
     }
 
     #[test]

@@ -355,6 +355,18 @@ impl Cache {
     }
 
     /// The sequence of the sensor's last command event.
+    /// When the sensor's last command was decided, if the event kept is that command's: what
+    /// its hold counts from.
+    pub fn last_decided_at(&self, i: SensorIndex) -> Option<DateTime<Utc>> {
+        let event = self.stored_event(i)?;
+        let slot = self.slots[i as usize];
+        let same = slot.flags & flags::COMMAND != 0
+            && widen(slot.sequence, &self.wide_sequences, i)
+                == widen(event.sequence, &self.wide_event_sequences, i);
+        (same && event.flags & event_flags::DECIDED_AT != 0)
+            .then(|| DateTime::from_timestamp_nanos(event.decided_at))
+    }
+
     pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {
         self.stored_event(i)
             .map(|event| widen(event.sequence, &self.wide_event_sequences, i))

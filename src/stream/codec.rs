@@ -179,6 +179,8 @@ pub fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
         CommandReason::TooHot => pb::CommandReason::TooHot,
         CommandReason::SetpointDeleted => pb::CommandReason::SetpointDeleted,
         CommandReason::SensorStale => pb::CommandReason::SensorStale,
+        CommandReason::DeferredTooCold => pb::CommandReason::DeferredTooCold,
+        CommandReason::DeferredTooHot => pb::CommandReason::DeferredTooHot,
     }
 }
 

@@ -9,7 +9,7 @@
 //! the hand-offs between the two tasks, one wake-up each way per reading, cost more than
 //! deciding (BENCHMARKS.md, benchmark 1).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::SensorPartitioner;
 use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
+use crate::domain::levels::Level;
+use crate::domain::protection::Protection;
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
@@ -179,6 +181,10 @@ pub struct Engine {
     stale_after: TimeDelta,
     stats: Arc<LoopStats>,
     feed: Numbering,
+    /// The heaters' limits (minimum on and off times).
+    protection: Protection,
+    /// Sensors with a switch held back, by when its hold ends.
+    wakes: BTreeSet<(DateTime<Utc>, SensorIndex)>,
 }
 
 impl Engine {
@@ -207,7 +213,15 @@ impl Engine {
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
             stats,
             feed: Numbering::new(live),
+            protection: Protection::default(),
+            wakes: BTreeSet::new(),
         }
+    }
+
+    /// Holds the heaters' switches to `protection`.
+    pub fn with_protection(mut self, protection: Protection) -> Self {
+        self.protection = protection;
+        self
     }
 
     /// Judges a sensor that has not reported yet by the partition `partitioner` puts its key in.
@@ -236,10 +250,16 @@ impl Engine {
         let mut held_until = Instant::now();
         loop {
             let held = Instant::now() < held_until;
+            let wake = self
+                .wakes
+                .first()
+                .map(|&(at, _)| Instant::now() + (at - Utc::now()).to_std().unwrap_or_default());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 Some(revoke) = revokes.recv() => self.revoke(revoke),
+                _ = tokio::time::sleep_until(wake.unwrap_or(held_until).into()),
+                    if wake.is_some() && !held => self.wake().await?,
                 _ = ticks.tick() => {
                     let stalled = turned.elapsed() > stall;
                     if stalled {
@@ -590,15 +610,47 @@ impl Engine {
         self.feed.publish(number, i, event.clone());
     }
 
-    /// Runs `f` on the sensor's state, unpacked, and stores the state back.
+    /// Runs `f` on the sensor's state, unpacked, and stores the state back; a switch it held
+    /// back is woken when its hold ends.
     fn decide<T>(&mut self, i: SensorIndex, f: impl FnOnce(&mut SensorControl) -> T) -> T {
+        // The SAFETY level cuts holds short, as the fail-safes do.
+        let safety = self.sensors.level(i).0 == Level::Safety;
         let mut control = self
             .sensors
             .control(i)
-            .numbering_above(self.out.sequence_floor());
+            .numbering_above(self.out.sequence_floor())
+            .protected(self.protection, self.sensors.last_decided_at(i), safety);
         let result = f(&mut control);
+        if let Some(until) = control.deferred() {
+            self.wakes.insert((until, i));
+        }
         self.sensors.set_control(i, control);
         result
+    }
+
+    /// Decides again for the sensors whose hold has ended, if this replica decides for them.
+    async fn wake(&mut self) -> Result<(), StreamError> {
+        let now = Utc::now();
+        let stale_after = self.stale_after;
+        while let Some(&(at, i)) = self.wakes.first() {
+            if at > now {
+                break;
+            }
+            self.wakes.pop_first();
+            let owned = self
+                .sensors
+                .partition(i)
+                .is_some_and(|p| self.decides_for(p));
+            if !owned {
+                continue;
+            }
+            if let Some(decision) = self.decide(i, |control| control.on_hold_end(now, stale_after))
+            {
+                let delivery = self.send(i, &decision).await?;
+                self.acks.push(None, Some(delivery));
+            }
+        }
+        Ok(())
     }
 
     /// Runs `decide` on every sensor this replica owns, with its partition and that partition's

@@ -24,6 +24,8 @@ pub mod topics;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::TimeDelta;
+
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -34,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ControlConfig, KafkaConfig};
+use crate::domain::protection::Protection;
 use crate::domain::SensorId;
 use crate::store::Store;
 use engine::{Engine, Input, Query, SensorView};
@@ -281,7 +284,12 @@ pub async fn start(
         stats.clone(),
         live.clone(),
     )
-    .with_partitioner(control.sensor_partitioner);
+    .with_partitioner(control.sensor_partitioner)
+    .with_protection(Protection {
+        min_on: TimeDelta::from_std(control.min_on_time).unwrap_or(TimeDelta::MAX),
+        min_off: TimeDelta::from_std(control.min_off_time).unwrap_or(TimeDelta::MAX),
+        ..Protection::default()
+    });
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
     readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,

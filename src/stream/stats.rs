@@ -96,11 +96,13 @@ impl LoopStats {
 
 const COMMANDS: [(HeaterCommand, &str); 2] =
     [(HeaterCommand::On, "On"), (HeaterCommand::Off, "Off")];
-const REASONS: [(CommandReason, &str); 4] = [
+const REASONS: [(CommandReason, &str); 6] = [
     (CommandReason::TooCold, "TooCold"),
     (CommandReason::TooHot, "TooHot"),
     (CommandReason::SetpointDeleted, "SetpointDeleted"),
     (CommandReason::SensorStale, "SensorStale"),
+    (CommandReason::DeferredTooCold, "DeferredTooCold"),
+    (CommandReason::DeferredTooHot, "DeferredTooHot"),
 ];
 
 impl telemetry::Counts for LoopStats {
