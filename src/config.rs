@@ -197,6 +197,13 @@ pub struct ControlConfig {
     /// After an OFF, no ON before this long; as MIN_ON_TIME.
     #[arg(long, env = "MIN_OFF_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
     pub min_off_time: Duration,
+    /// A heater ON this long at a stretch is switched OFF (reason MAX_RUN_TIME) for
+    /// RUN_COOLDOWN, then the rule applies again. 0s: no limit.
+    #[arg(long, env = "MAX_RUN_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_run_time: Duration,
+    /// After a maximum run's OFF, no ON before this long (at least MIN_OFF_TIME).
+    #[arg(long, env = "RUN_COOLDOWN", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub run_cooldown: Duration,
     /// How often every building's SCHEDULE levels are checked in full, which picks up sensors
     /// created in a scheduled building or moved between schedules' groups since.
     #[arg(long, env = "SCHEDULE_SWEEP_INTERVAL", default_value = "30s", value_parser = positive_duration)]

@@ -1358,3 +1358,41 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
     );
     app.stop().await;
 }
+
+/// Issue 26: a heater ON for the maximum run time goes OFF for the cooldown, then ON again if
+/// the room is still cold, without another reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heater_on_for_its_maximum_run_time_rests_for_the_cooldown() {
+    let mut config = TestApp::fresh_config().await;
+    config.control.max_run_time = Duration::from_secs(4);
+    config.control.run_cooldown = Duration::from_secs(4);
+    let (app, commands, sensors) = looped(config).await;
+    put_band(&app, "boiler", 20.0).await;
+    sensors.reading("boiler", 18.0, Utc::now()).await;
+    let on = commands.expect().await;
+    assert_eq!(
+        cmd(&on),
+        (pb::HeaterCommand::On, pb::CommandReason::TooCold)
+    );
+    let off = commands.expect().await;
+    assert_eq!(
+        cmd(&off),
+        (pb::HeaterCommand::Off, pb::CommandReason::MaxRunTime)
+    );
+    let ran = decided_at(&off) - decided_at(&on);
+    assert!(
+        ran >= TimeDelta::seconds(4) && ran < TimeDelta::seconds(6),
+        "ran {ran}"
+    );
+    let again = commands.expect().await;
+    assert_eq!(
+        cmd(&again),
+        (pb::HeaterCommand::On, pb::CommandReason::DeferredTooCold)
+    );
+    let rested = decided_at(&again) - decided_at(&off);
+    assert!(
+        rested >= TimeDelta::seconds(4) && rested < TimeDelta::seconds(6),
+        "rested {rested}"
+    );
+    app.stop().await;
+}

@@ -31,6 +31,8 @@ pub enum CommandReason {
     DeferredTooCold,
     /// Too hot while the last ON's minimum on time held: sent when it ended.
     DeferredTooHot,
+    /// ON for the maximum run time: OFF for the cooldown.
+    MaxRunTime,
 }
 
 /// One measurement of one sensor.
@@ -160,6 +162,8 @@ pub struct SensorControl {
     /// decides (it cuts holds short): given by the engine, not stored with the parts.
     protection: Protection,
     switched_at: Option<DateTime<Utc>>,
+    /// Whether the last command was the OFF of a maximum run (its hold is the cooldown).
+    forced_off: bool,
     safety: bool,
     /// Set when a switch the rule wants waits for a hold to end: then.
     deferred: Option<DateTime<Utc>>,
@@ -208,27 +212,35 @@ impl SensorControl {
         self
     }
 
-    /// Holds switches to `protection`, counting from `switched_at`, when the last command was
-    /// decided (unknown: no hold); `safety` (the SAFETY level decides) cuts holds short.
+    /// Holds switches to `protection`, counting from `switched`: when the last command was
+    /// decided (unknown: no hold) and whether it was the OFF of a maximum run. `safety` (the
+    /// SAFETY level decides) cuts holds short.
     pub fn protected(
         mut self,
         protection: Protection,
-        switched_at: Option<DateTime<Utc>>,
+        switched: Option<(DateTime<Utc>, bool)>,
         safety: bool,
     ) -> Self {
-        (self.protection, self.switched_at, self.safety) = (protection, switched_at, safety);
+        self.protection = protection;
+        self.switched_at = switched.map(|(at, _)| at);
+        self.forced_off = switched.is_some_and(|(_, forced)| forced);
+        self.safety = safety;
         self
     }
 
     /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:
-    /// the engine wakes the sensor then ([`Self::on_hold_end`]).
+    /// the engine wakes the sensor then ([`Self::on_wake`]).
     pub fn deferred(&self) -> Option<DateTime<Utc>> {
         self.deferred
     }
 
-    /// Decides again when a hold has ended, without a new reading: a switch still wanted is
-    /// sent, with its deferred reason.
-    pub fn on_hold_end(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+    /// Decides again when something may be due, without a new reading: a heater ON for its
+    /// maximum run time is switched OFF (and its cooldown held); a switch held back by a hold
+    /// that has ended is sent if still wanted, with its deferred reason.
+    pub fn on_wake(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+        if let Some(forced) = self.end_of_run(now) {
+            return Some(forced);
+        }
         let mut decision = self.reevaluate(now, stale_after)?;
         decision.reason = match decision.reason {
             CommandReason::TooCold => CommandReason::DeferredTooCold,
@@ -236,6 +248,39 @@ impl SensorControl {
             other => other,
         };
         Some(decision)
+    }
+
+    /// The OFF of a heater ON for its maximum run time, if it is; the ON the rule may want next
+    /// waits for the cooldown.
+    fn end_of_run(&mut self, now: DateTime<Utc>) -> Option<Decision> {
+        let last = self.last_switch()?;
+        if self.protection.run_ends(&last)? > now {
+            return None;
+        }
+        let building = self.parts.building_id.clone()?;
+        let decision = self.emit(
+            HeaterCommand::Off,
+            CommandReason::MaxRunTime,
+            building,
+            self.parts.revision,
+        )?;
+        let off = Switched {
+            command: HeaterCommand::Off,
+            at: now,
+            forced_off: true,
+        };
+        self.deferred = Some(self.protection.hold_until(&off));
+        Some(decision)
+    }
+
+    /// The last command as far as its hold goes, when it is known when it was decided.
+    fn last_switch(&self) -> Option<Switched> {
+        let last = self.parts.last_command?;
+        Some(Switched {
+            command: last.command,
+            at: self.switched_at?,
+            forced_off: self.forced_off && last.command == HeaterCommand::Off,
+        })
     }
 
     /// The band of the current setpoint; `None` when the sensor is not controlled.
@@ -415,15 +460,7 @@ impl SensorControl {
     fn evaluate(&mut self, reading: Reading, now: DateTime<Utc>) -> Option<Decision> {
         let (command, reason) = rule(self.parts.band?, reading.temperature)?;
         let building = self.parts.building_id.clone()?;
-        let last = self
-            .parts
-            .last_command
-            .zip(self.switched_at)
-            .map(|(last, at)| Switched {
-                command: last.command,
-                at,
-                forced_off: false,
-            });
+        let last = self.last_switch();
         if let Gate::After(until) = self
             .protection
             .gate(command, last.as_ref(), now, self.safety)
@@ -521,7 +558,7 @@ mod tests {
             min_off: TimeDelta::seconds(min_off),
             ..Protection::default()
         };
-        control.protected(protection, Some(at(seconds)), false)
+        control.protected(protection, Some((at(seconds), false)), false)
     }
 
     #[test]
@@ -535,7 +572,7 @@ mod tests {
         // Its end: still too hot, so OFF, with its own reason.
         let mut woken = held(s.clone(), 300, 0, 10);
         let off = woken
-            .on_hold_end(at(310), STALE)
+            .on_wake(at(310), STALE)
             .expect("OFF at the hold's end");
         assert_eq!(
             (off.command, off.reason),
@@ -544,7 +581,7 @@ mod tests {
         // Back inside the band by then: nothing is sent.
         let mut cooled = held(s.clone(), 300, 0, 10);
         assert_eq!(command_of(cooled.on_reading(reading(20.2, 200))), None);
-        assert_eq!(cooled.on_hold_end(at(310), STALE), None);
+        assert_eq!(cooled.on_wake(at(310), STALE), None);
         // The fail-safe does not wait for a hold.
         let mut silent = held(s.clone(), 3600, 0, 10);
         let stale = silent
@@ -560,10 +597,39 @@ mod tests {
                 min_on: TimeDelta::seconds(300),
                 ..Protection::default()
             },
-            Some(at(10)),
+            Some((at(10), false)),
             true,
         );
         assert_eq!(command_of(safety.on_reading(reading(21.5, 40))), Some(Off));
+    }
+
+    #[test]
+    fn a_heater_on_for_its_maximum_run_goes_off_for_the_cooldown_then_on_if_still_cold() {
+        let protection = Protection {
+            max_run: Some(TimeDelta::seconds(3600)),
+            cooldown: TimeDelta::seconds(600),
+            ..Protection::default()
+        };
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(18.0, 0))), Some(On));
+        let mut s = s.protected(protection, Some((at(0), false)), false);
+        // Still cold an hour later: nothing before the hour, OFF at it.
+        assert_eq!(command_of(s.on_reading(reading(19.0, 3000))), None);
+        assert_eq!(s.on_wake(at(3599), STALE), None);
+        let mut s = s.protected(protection, Some((at(0), false)), false);
+        let off = s.on_wake(at(3600), STALE).expect("the end of the run");
+        assert_eq!((off.command, off.reason), (Off, CommandReason::MaxRunTime));
+        assert_eq!(s.deferred(), Some(at(4200)), "woken at the cooldown's end");
+        // Cold during the cooldown: held back; after it: ON, deferred.
+        let mut s = s.protected(protection, Some((at(3600), true)), false);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 4000))), None);
+        assert_eq!(s.deferred(), Some(at(4200)));
+        let mut s = s.protected(protection, Some((at(3600), true)), false);
+        let on = s.on_wake(at(4200), STALE).expect("ON after the cooldown");
+        assert_eq!(
+            (on.command, on.reason),
+            (On, CommandReason::DeferredTooCold)
+        );
     }
 
     #[test]

@@ -47,12 +47,17 @@ impl Protection {
     /// When the hold of `last` ends: what it forbids (the opposite command) is allowed from
     /// then on.
     pub fn hold_until(&self, last: &Switched) -> DateTime<Utc> {
+        last.at + self.hold(last)
+    }
+
+    /// How long `last` holds.
+    fn hold(&self, last: &Switched) -> TimeDelta {
         let hold = match last.command {
             HeaterCommand::On => self.min_on,
             HeaterCommand::Off if last.forced_off => self.cooldown.max(self.min_off),
             HeaterCommand::Off => self.min_off,
         };
-        last.at + hold.max(TimeDelta::zero())
+        hold.max(TimeDelta::zero())
     }
 
     /// Whether switching to `wanted` may happen at `now`. `safety` (the stale-sensor fail-safe,
@@ -65,7 +70,11 @@ impl Protection {
         safety: bool,
     ) -> Gate {
         match last {
-            Some(last) if last.command != wanted && !safety => {
+            // No hold at all: `now` may even lie before `last.at` (a reading received in a
+            // batch decided after the command before it).
+            Some(last)
+                if last.command != wanted && !safety && self.hold(last) > TimeDelta::zero() =>
+            {
                 let until = self.hold_until(last);
                 if now < until {
                     Gate::After(until)
@@ -139,7 +148,16 @@ mod tests {
         assert_eq!(p.gate(Off, Some(&on), t(300), false), Gate::Now);
         assert_eq!(p.gate(Off, Some(&on), t(10), true), Gate::Now, "safety");
         assert_eq!(p.gate(On, Some(&on), t(10), false), Gate::Now, "no switch");
-        assert_eq!(p.gate(On, None, t(10), false), Gate::Now, "nothing sent yet");
+        assert_eq!(
+            p.gate(On, None, t(10), false),
+            Gate::Now,
+            "nothing sent yet"
+        );
+        assert_eq!(
+            limits(0, 0).gate(Off, Some(&on), t(-1), false),
+            Gate::Now,
+            "no hold, even asked before the last command's time"
+        );
         let off = Switched {
             command: Off,
             at: t(0),
@@ -167,7 +185,10 @@ mod tests {
             forced_off: true,
         };
         assert_eq!(p.run_ends(&forced), None);
-        assert_eq!(p.gate(On, Some(&forced), t(3700), false), Gate::After(t(4200)));
+        assert_eq!(
+            p.gate(On, Some(&forced), t(3700), false),
+            Gate::After(t(4200))
+        );
         let plain = Switched {
             forced_off: false,
             ..forced

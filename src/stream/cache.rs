@@ -355,16 +355,18 @@ impl Cache {
     }
 
     /// The sequence of the sensor's last command event.
-    /// When the sensor's last command was decided, if the event kept is that command's: what
-    /// its hold counts from.
-    pub fn last_decided_at(&self, i: SensorIndex) -> Option<DateTime<Utc>> {
+    /// When the sensor's last command was decided, and whether it was the OFF of a maximum
+    /// run, if the event kept is that command's: what its hold counts from.
+    pub fn last_switch(&self, i: SensorIndex) -> Option<(DateTime<Utc>, bool)> {
         let event = self.stored_event(i)?;
         let slot = self.slots[i as usize];
         let same = slot.flags & flags::COMMAND != 0
             && widen(slot.sequence, &self.wide_sequences, i)
                 == widen(event.sequence, &self.wide_event_sequences, i);
+        let forced =
+            event.flags >> event_flags::REASON_SHIFT == pb::CommandReason::MaxRunTime as u8;
         (same && event.flags & event_flags::DECIDED_AT != 0)
-            .then(|| DateTime::from_timestamp_nanos(event.decided_at))
+            .then(|| (DateTime::from_timestamp_nanos(event.decided_at), forced))
     }
 
     pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {

@@ -181,6 +181,7 @@ pub fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
         CommandReason::SensorStale => pb::CommandReason::SensorStale,
         CommandReason::DeferredTooCold => pb::CommandReason::DeferredTooCold,
         CommandReason::DeferredTooHot => pb::CommandReason::DeferredTooHot,
+        CommandReason::MaxRunTime => pb::CommandReason::MaxRunTime,
     }
 }
 

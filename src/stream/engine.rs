@@ -27,7 +27,7 @@ use super::partitioner::partition_of;
 use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::SensorPartitioner;
-use crate::domain::control::{Decision, Reading, ReadingOutcome, SensorControl};
+use crate::domain::control::{Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl};
 use crate::domain::levels::Level;
 use crate::domain::protection::Protection;
 use crate::domain::{BuildingId, SensorId};
@@ -351,6 +351,14 @@ impl Engine {
         };
         let i = self.sensors.find_or_insert(&sensor)?;
         self.broadcast_if_news(i, event, &building);
+        // Decided here before a restart, or by another replica: its run ends all the same.
+        if let Some(at) = event
+            .decided_at
+            .as_ref()
+            .and_then(crate::proto::from_timestamp)
+        {
+            self.wake_at_end_of_run(i, last.command, at);
+        }
         self.decide(i, |control| control.observe(last, building, reading));
         // A partition of another partition count names no owner.
         match reading_partition {
@@ -619,7 +627,7 @@ impl Engine {
             .sensors
             .control(i)
             .numbering_above(self.out.sequence_floor())
-            .protected(self.protection, self.sensors.last_decided_at(i), safety);
+            .protected(self.protection, self.sensors.last_switch(i), safety);
         let result = f(&mut control);
         if let Some(until) = control.deferred() {
             self.wakes.insert((until, i));
@@ -628,7 +636,15 @@ impl Engine {
         result
     }
 
-    /// Decides again for the sensors whose hold has ended, if this replica decides for them.
+    /// Wakes a heater switched ON at `at` when its maximum run time is up.
+    fn wake_at_end_of_run(&mut self, i: SensorIndex, command: HeaterCommand, at: DateTime<Utc>) {
+        if let (HeaterCommand::On, Some(run)) = (command, self.protection.max_run) {
+            self.wakes.insert((at + run, i));
+        }
+    }
+
+    /// Decides again for the sensors whose hold or run has ended, if this replica decides for
+    /// them.
     async fn wake(&mut self) -> Result<(), StreamError> {
         let now = Utc::now();
         let stale_after = self.stale_after;
@@ -644,8 +660,7 @@ impl Engine {
             if !owned {
                 continue;
             }
-            if let Some(decision) = self.decide(i, |control| control.on_hold_end(now, stale_after))
-            {
+            if let Some(decision) = self.decide(i, |control| control.on_wake(now, stale_after)) {
                 let delivery = self.send(i, &decision).await?;
                 self.acks.push(None, Some(delivery));
             }
@@ -697,7 +712,9 @@ impl Engine {
         self.stats.command(decision.command, decision.reason);
         // Decided on the setpoint in force, whose level the cache keeps.
         let level = self.sensors.level(i);
-        let event = command_event(self.sensors.id(i), decision, level, Utc::now());
+        let now = Utc::now();
+        let event = command_event(self.sensors.id(i), decision, level, now);
+        self.wake_at_end_of_run(i, decision.command, now);
         let number = self.feed.own(i, event.sequence);
         self.sensors
             .set_last_event(i, &event, &decision.building_id, number);

@@ -288,6 +288,10 @@ pub async fn start(
     .with_protection(Protection {
         min_on: TimeDelta::from_std(control.min_on_time).unwrap_or(TimeDelta::MAX),
         min_off: TimeDelta::from_std(control.min_off_time).unwrap_or(TimeDelta::MAX),
+        max_run: TimeDelta::from_std(control.max_run_time)
+            .ok()
+            .filter(|run| *run > TimeDelta::zero()),
+        cooldown: TimeDelta::from_std(control.run_cooldown).unwrap_or(TimeDelta::MAX),
         ..Protection::default()
     });
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();

@@ -96,13 +96,14 @@ impl LoopStats {
 
 const COMMANDS: [(HeaterCommand, &str); 2] =
     [(HeaterCommand::On, "On"), (HeaterCommand::Off, "Off")];
-const REASONS: [(CommandReason, &str); 6] = [
+const REASONS: [(CommandReason, &str); 7] = [
     (CommandReason::TooCold, "TooCold"),
     (CommandReason::TooHot, "TooHot"),
     (CommandReason::SetpointDeleted, "SetpointDeleted"),
     (CommandReason::SensorStale, "SensorStale"),
     (CommandReason::DeferredTooCold, "DeferredTooCold"),
     (CommandReason::DeferredTooHot, "DeferredTooHot"),
+    (CommandReason::MaxRunTime, "MaxRunTime"),
 ];
 
 impl telemetry::Counts for LoopStats {
