@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use chrono::TimeDelta;
 use clap::{Args, ValueEnum};
+
+use crate::domain::protection::Protection;
 
 #[derive(Debug, Clone, Args)]
 pub struct CreateTopicsConfig {
@@ -224,6 +227,20 @@ pub struct ControlConfig {
     /// with a setpoint is controlled whatever the limit.
     #[arg(long, env = "SENSOR_CACHE_LIMIT", default_value_t = 2_000_000)]
     pub sensor_cache_limit: usize,
+}
+
+impl ControlConfig {
+    /// The heaters' limits these settings give (zero: none).
+    pub fn protection(&self) -> Protection {
+        let span = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+        Protection {
+            min_on: span(self.min_on_time),
+            min_off: span(self.min_off_time),
+            max_run: Some(span(self.max_run_time)).filter(|run| *run > TimeDelta::zero()),
+            cooldown: span(self.run_cooldown),
+            ..Protection::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -16,7 +16,7 @@ use tower_http::classify::{GrpcCode, GrpcErrorsAsFailures, SharedClassifier};
 use tower_http::trace::TraceLayer;
 
 use crate::api::metrics_layer::GrpcMetricsLayer;
-use crate::api::{self, health, HeaterApi, Limits, ScheduleApi, SetpointApi};
+use crate::api::{self, health, HeaterApi, Limits, LoopRules, ScheduleApi, SetpointApi};
 use crate::config::{LimitsConfig, ServeConfig};
 use crate::error::error_chain;
 use crate::listener::{ConnectionLimits, Listener, OpenCallsLayer};
@@ -340,7 +340,10 @@ fn api_routes(
         control.clone(),
         store.clone(),
         limits,
-        config.kafka.reading_range_celsius,
+        LoopRules {
+            readings: config.kafka.reading_range_celsius,
+            protection: config.control.protection(),
+        },
         auth.clone(),
         config.auth.credentials_reload_interval,
         stop.clone(),

@@ -1338,6 +1338,32 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
         Utc::now() + TimeDelta::seconds(3) < hold_ends,
         "the restart took the whole hold: nothing left to check"
     );
+    // The state and a dry run say so.
+    let mut heaters = app.heaters().await;
+    let state = heaters
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "boiler".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let at = |t: Option<prost_types::Timestamp>| {
+        t.map(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap())
+    };
+    assert_eq!(at(state.hold_until), Some(hold_ends));
+    let dry = heaters
+        .dry_run(pb::DryRunRequest {
+            sensor_id: "boiler".into(),
+            temperature_celsius: 23.0,
+            time: None,
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!(
+        (dry.command(), dry.would_send, at(dry.deferred_until)),
+        (pb::HeaterCommand::Off, true, Some(hold_ends))
+    );
     let early = (hold_ends - Utc::now() - TimeDelta::seconds(1))
         .to_std()
         .unwrap_or_default();

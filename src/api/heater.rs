@@ -15,7 +15,8 @@ use super::effective;
 use super::limits::{Limits, Slot};
 use super::{authorize, reader};
 use crate::config::CelsiusRange;
-use crate::domain::control::{self, Band};
+use crate::domain::control::{self, Band, HeaterCommand};
+use crate::domain::protection::{Protection, Switched};
 use crate::domain::{Action, BuildingId, Celsius, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
@@ -32,12 +33,23 @@ const MAX_DRY_RUN_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(31);
 /// The longest `sensor_ids` filter: each snapshot part looks every id up.
 pub const MAX_FILTER_SENSORS: usize = 1000;
 
+/// What the loop decides by, for the calls that rehearse or explain its decisions.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopRules {
+    /// `READING_RANGE_CELSIUS`.
+    pub readings: CelsiusRange,
+    /// The heaters' limits.
+    pub protection: Protection,
+}
+
 pub struct HeaterApi {
     control: ControlHandle,
     store: Store,
     limits: Limits,
     /// The readings the loop accepts (`READING_RANGE_CELSIUS`): what a dry run may ask about.
     readings: CelsiusRange,
+    /// The heaters' limits, as the loop applies them.
+    protection: Protection,
     /// Checks an open subscription's credentials again every `recheck`.
     auth: Authenticator,
     recheck: Duration,
@@ -49,7 +61,7 @@ impl HeaterApi {
         control: ControlHandle,
         store: Store,
         limits: Limits,
-        readings: CelsiusRange,
+        rules: LoopRules,
         auth: Authenticator,
         recheck: Duration,
         shutdown: CancellationToken,
@@ -58,11 +70,31 @@ impl HeaterApi {
             control,
             store,
             limits,
-            readings,
+            readings: rules.readings,
+            protection: rules.protection,
             auth,
             recheck,
             shutdown,
         }
+    }
+
+    /// The last command as its hold counts it, if it names a command and when it was decided.
+    fn switched(last: &pb::HeaterCommandEvent) -> Option<Switched> {
+        let command = match last.command() {
+            pb::HeaterCommand::On => HeaterCommand::On,
+            pb::HeaterCommand::Off => HeaterCommand::Off,
+            pb::HeaterCommand::Unspecified => return None,
+        };
+        Some(Switched {
+            command,
+            at: from_timestamp(last.decided_at.as_ref()?)?,
+            forced_off: last.reason() == pb::CommandReason::MaxRunTime,
+        })
+    }
+
+    /// Until when `last` holds.
+    fn hold_until(&self, last: &pb::HeaterCommandEvent) -> Option<DateTime<Utc>> {
+        Some(self.protection.hold_until(&Self::switched(last)?))
     }
 
     /// What the loop would decide for `req`, with no side effect.
@@ -112,7 +144,15 @@ impl HeaterApi {
                 .is_none_or(|last| last.command() != command_to_proto(command))
         });
         let (schedule_id, preset) = segment.tag.unwrap_or_default();
+        // A switch inside the last command's hold waits for its end, unless SAFETY decides.
+        let deferred_until = last_command
+            .as_ref()
+            .and_then(|last| self.hold_until(last))
+            .filter(|until| {
+                would_send && *until > at && segment.level != crate::domain::levels::Level::Safety
+            });
         Ok(pb::DryRunResponse {
+            deferred_until: deferred_until.map(timestamp),
             sensor_id: sensor.to_string(),
             time: Some(timestamp(at)),
             command: decided.map_or(0, |(c, _)| command_to_proto(c) as i32),
@@ -205,6 +245,16 @@ impl HeaterApi {
             }),
             effective_source,
             next_change,
+            hold_until: last_command
+                .as_ref()
+                .and_then(|last| self.hold_until(last))
+                .filter(|until| *until > now)
+                .map(timestamp),
+            run_ends: last_command
+                .as_ref()
+                .and_then(Self::switched)
+                .and_then(|last| self.protection.run_ends(&last))
+                .map(timestamp),
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),

@@ -17,7 +17,7 @@ use tonic::Request;
 
 use crate::domain::{Action, Identity};
 use crate::error::{Error, Result};
-pub use heater::HeaterApi;
+pub use heater::{HeaterApi, LoopRules};
 pub use limits::Limits;
 pub use schedules::ScheduleApi;
 pub use setpoints::SetpointApi;

@@ -24,8 +24,6 @@ pub mod topics;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::TimeDelta;
-
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -36,7 +34,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ControlConfig, KafkaConfig};
-use crate::domain::protection::Protection;
 use crate::domain::SensorId;
 use crate::store::Store;
 use engine::{Engine, Input, Query, SensorView};
@@ -285,15 +282,7 @@ pub async fn start(
         live.clone(),
     )
     .with_partitioner(control.sensor_partitioner)
-    .with_protection(Protection {
-        min_on: TimeDelta::from_std(control.min_on_time).unwrap_or(TimeDelta::MAX),
-        min_off: TimeDelta::from_std(control.min_off_time).unwrap_or(TimeDelta::MAX),
-        max_run: TimeDelta::from_std(control.max_run_time)
-            .ok()
-            .filter(|run| *run > TimeDelta::zero()),
-        cooldown: TimeDelta::from_std(control.run_cooldown).unwrap_or(TimeDelta::MAX),
-        ..Protection::default()
-    });
+    .with_protection(control.protection());
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
     readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,
