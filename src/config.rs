@@ -195,17 +195,17 @@ pub struct ControlConfig {
     /// After an ON, no OFF before this long (equipment protection; 0s: none): a switch the rule
     /// wants sooner is deferred, and sent when the time is up if still wanted. Safety (a stale
     /// sensor, a deleted setpoint, the SAFETY level) does not wait.
-    #[arg(long, env = "MIN_ON_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIN_ON_TIME", default_value = "0s", value_parser = equipment_duration)]
     pub min_on_time: Duration,
     /// After an OFF, no ON before this long; as MIN_ON_TIME.
-    #[arg(long, env = "MIN_OFF_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MIN_OFF_TIME", default_value = "0s", value_parser = equipment_duration)]
     pub min_off_time: Duration,
     /// A heater ON this long at a stretch is switched OFF (reason MAX_RUN_TIME) for
     /// RUN_COOLDOWN, then the rule applies again. 0s: no limit.
-    #[arg(long, env = "MAX_RUN_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "MAX_RUN_TIME", default_value = "0s", value_parser = equipment_duration)]
     pub max_run_time: Duration,
     /// After a maximum run's OFF, no ON before this long (at least MIN_OFF_TIME).
-    #[arg(long, env = "RUN_COOLDOWN", default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RUN_COOLDOWN", default_value = "0s", value_parser = equipment_duration)]
     pub run_cooldown: Duration,
     /// How often every building's SCHEDULE levels are checked in full, which picks up sensors
     /// created in a scheduled building or moved between schedules' groups since.
@@ -482,6 +482,18 @@ fn origin(value: &str) -> Result<tonic::codegen::http::HeaderValue, String> {
 
 /// A duration that must not be zero: an interval of zero panics the timer that ticks it, and a
 /// zero timeout or staleness fails everything at once.
+/// A heater limit: at most a week (longer is a unit mistake, and a time plus it must not
+/// overflow).
+pub fn equipment_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration > Duration::from_secs(7 * 24 * 3600) => {
+            Err("must be at most 7 days".into())
+        }
+        Ok(duration) => Ok(duration),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 pub fn positive_duration(value: &str) -> Result<Duration, String> {
     match humantime::parse_duration(value) {
         Ok(duration) if duration.is_zero() => Err("must be greater than zero".into()),
@@ -521,6 +533,18 @@ mod tests {
         let serve = parse(&["--grpc-addr", "127.0.0.1:0"]).expect("parses");
         assert_eq!(serve.grpc_addr.port(), 0);
         assert_eq!(serve.shutdown_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn heater_limits_are_off_by_default_and_at_most_a_week() {
+        let serve = parse(&[]).expect("parses");
+        assert_eq!(serve.control.protection(), Protection::default());
+        let serve = parse(&["--min-on-time", "3m", "--max-run-time", "2h"]).expect("parses");
+        let protection = serve.control.protection();
+        assert_eq!(protection.min_on, TimeDelta::minutes(3));
+        assert_eq!(protection.max_run, Some(TimeDelta::hours(2)));
+        assert!(parse(&["--min-on-time", "1000000y"]).is_err());
+        assert!(parse(&["--run-cooldown", "8days"]).is_err());
     }
 
     #[test]

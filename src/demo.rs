@@ -6,14 +6,19 @@
 //! them), the demo makes a random operator token for this run, writes its hash to a
 //! static-identities file, and prints it with the example commands. The token may change every
 //! building (`*`), so that the README's examples for building `hq` work as written.
+//!
+//! The simulated heaters are protected as real ones are: unless the configuration sets
+//! `MIN_ON_TIME` or `MIN_OFF_TIME`, the demo holds each switch for a few simulated minutes
+//! (`DEMO_MIN_ON_TIME`, `DEMO_MIN_OFF_TIME`), so that a normal run shows switches deferred.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::sim::{self, BuildingConfig, SimConfig, COMFORT, ECO, SCHEDULE_ID};
-use thermostat::config::ServeConfig;
+use thermostat::config::{ControlConfig, ServeConfig};
 use thermostat::error::error_chain;
 use thermostat::startup::Application;
 use thermostat::stream::topics::create_topics;
@@ -27,10 +32,74 @@ pub struct DemoConfig {
     pub serve: ServeConfig,
     #[command(flatten)]
     pub building: BuildingConfig,
+    #[command(flatten)]
+    pub holds: HeaterHolds,
     /// Run an in-process mock Kafka cluster instead of connecting to KAFKA_BROKERS.
     #[arg(long, env = "DEMO_EMBEDDED_BROKER")]
     pub embedded_broker: bool,
 }
+
+/// The demo heaters' minimum on time, in simulated time, unless configured otherwise.
+const DEMO_MIN_ON: &str = "4m";
+/// The demo heaters' minimum off time, in simulated time, unless configured otherwise.
+const DEMO_MIN_OFF: &str = "4m";
+
+/// The simulated heaters' minimum on and off times, in the building's simulated time: the
+/// service holds switches for them in real time, so they are divided by `SIM_TIME_SCALE`.
+/// At the default scale a simulated room crosses its 1 °C band in about 3 to 4 minutes, heater
+/// on or off: a hold of 4 minutes defers most switches back ON (and, in the schedule's eco
+/// period or when a setpoint falls, switches OFF), and lets a room pass its band's edge by a
+/// few tenths of a degree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct HeaterHolds {
+    /// Minimum on time of the demo's simulated heaters, in simulated time: the service's
+    /// MIN_ON_TIME becomes this divided by SIM_TIME_SCALE (4m at the default 60: 4s), unless
+    /// MIN_ON_TIME is set (above 0s), which is taken as it is. 0s: none.
+    #[arg(long, env = "DEMO_MIN_ON_TIME", default_value = DEMO_MIN_ON, value_parser = humantime::parse_duration)]
+    pub demo_min_on_time: Duration,
+    /// Minimum off time of the demo's simulated heaters, in simulated time; as
+    /// DEMO_MIN_ON_TIME, for MIN_OFF_TIME.
+    #[arg(long, env = "DEMO_MIN_OFF_TIME", default_value = DEMO_MIN_OFF, value_parser = humantime::parse_duration)]
+    pub demo_min_off_time: Duration,
+}
+
+impl Default for HeaterHolds {
+    /// The demo's defaults, as the options give them.
+    fn default() -> Self {
+        let parse = |d| humantime::parse_duration(d).expect("a demo default");
+        Self {
+            demo_min_on_time: parse(DEMO_MIN_ON),
+            demo_min_off_time: parse(DEMO_MIN_OFF),
+        }
+    }
+}
+
+impl HeaterHolds {
+    /// Sets `control`'s minimum on and off times that the configuration left at 0s to these
+    /// holds, in real time at `time_scale` simulated seconds per second (a positive number).
+    /// Refused if that is longer than a day.
+    pub fn apply(&self, control: &mut ControlConfig, time_scale: f64) -> Result<(), DemoError> {
+        let real = |simulated: Duration| {
+            Duration::try_from_secs_f64(simulated.as_secs_f64() / time_scale)
+                .ok()
+                .filter(|hold| *hold <= LONGEST_HOLD)
+                .ok_or(DemoError::Unsupported(
+                    "DEMO_MIN_ON_TIME and DEMO_MIN_OFF_TIME, divided by SIM_TIME_SCALE, must be \
+                     at most a day",
+                ))
+        };
+        if control.min_on_time.is_zero() {
+            control.min_on_time = real(self.demo_min_on_time)?;
+        }
+        if control.min_off_time.is_zero() {
+            control.min_off_time = real(self.demo_min_off_time)?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest real hold the demo makes of its simulated one.
+const LONGEST_HOLD: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -142,6 +211,17 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     // could not call.
     config.building.check()?;
     check_simulator_access(&config)?;
+    config
+        .holds
+        .apply(&mut config.serve.control, config.building.time_scale)?;
+    let control = &config.serve.control;
+    let real = humantime::format_duration;
+    tracing::info!(
+        min_on_time = %real(control.min_on_time),
+        min_off_time = %real(control.min_off_time),
+        max_run_time = %real(control.max_run_time),
+        "heaters held (real time; the plot marks the switches deferred)"
+    );
     // Kept alive until the end: dropping it stops the mock brokers.
     let _mock = prepare_broker(&mut config).await?;
     let auth = &config.serve.auth;
@@ -202,6 +282,8 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     tracing::info!(
         readings = summary.readings_sent,
         commands = summary.commands_applied,
+        deferred = summary.deferred(),
+        max_run_offs = summary.max_run_offs(),
         level_changes = summary.level_changes.len(),
         "demo finished"
     );
@@ -343,5 +425,43 @@ mod tests {
             check_simulator_access(&demo(&tls)),
             Err(DemoError::Unsupported(why)) if why.contains("TLS_CERT_FILE")
         ));
+    }
+
+    #[test]
+    fn the_demo_heaters_hold_switches_in_simulated_time_unless_configured() {
+        let config = demo(&[]);
+        assert_eq!(config.holds, HeaterHolds::default());
+        assert_eq!(config.holds.demo_min_on_time, Duration::from_secs(240));
+        assert_eq!(config.holds.demo_min_off_time, Duration::from_secs(240));
+        // At the default scale a simulated minute is a second.
+        let mut control = config.serve.control.clone();
+        config
+            .holds
+            .apply(&mut control, config.building.time_scale)
+            .unwrap();
+        assert_eq!(
+            (control.min_on_time, control.min_off_time),
+            (Duration::from_secs(4), Duration::from_secs(4))
+        );
+        // Faster, shorter.
+        let mut control = config.serve.control.clone();
+        config.holds.apply(&mut control, 150.0).unwrap();
+        assert_eq!(control.min_off_time, Duration::from_millis(1600));
+        // The service's own settings win; the demo's 0s means none.
+        let own = demo(&["--min-on-time", "10s", "--demo-min-off-time", "0s"]);
+        let mut control = own.serve.control.clone();
+        own.holds.apply(&mut control, 60.0).unwrap();
+        assert_eq!(
+            (control.min_on_time, control.min_off_time),
+            (Duration::from_secs(10), Duration::ZERO)
+        );
+        // A scale so slow that the holds would outlast any run (or any Duration).
+        for scale in [0.001, 1e-300] {
+            let mut control = config.serve.control.clone();
+            assert!(matches!(
+                config.holds.apply(&mut control, scale),
+                Err(DemoError::Unsupported(why)) if why.contains("DEMO_MIN_ON_TIME")
+            ));
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! the run) move their rooms to the new band and show in the bands the simulator records. The
 //! demo's building follows its schedule and an override that expires during the run, the
 //! simulator sees both happen on time, the plot marks the deciding level, and the commands the
-//! demo prints work as written.
+//! demo prints work as written. Its heaters are held for the demo's minimum on and off times:
+//! switches are deferred, never sent inside a hold, and marked in the plot.
 
 mod common;
 // The simulator and the demo belong to the binary, not to the service's library: compiled in
@@ -23,6 +24,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use common::security::{authorized, secure_app};
 use common::TestApp;
 use sim::{BuildingConfig, ChangeKind, SimConfig, Summary};
+use thermostat::config::ControlConfig;
 use thermostat::proto::from_timestamp;
 use thermostat::proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +64,10 @@ async fn bands_by_revision(
         .collect()
 }
 
+/// A quarter of a simulated minute per tick of [`building`]: at most 0.15 °C a tick, so the few
+/// ticks a command takes to come back move a room little past its band's edge.
+const TIME_SCALE: f64 = 150.0;
+
 /// A building of 4 rooms at 21 ± 0.5 °C run fast against `app`, without the schedule and the
 /// override (each test turns on what it is about).
 fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
@@ -69,9 +75,7 @@ fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
         rooms: 4,
         building_id: id.into(),
         reading_interval: Duration::from_millis(100),
-        // A quarter of a simulated minute per tick: at most 0.15 °C a tick, so the few
-        // ticks a command takes to come back move a room little past its band's edge.
-        time_scale: 150.0,
+        time_scale: TIME_SCALE,
         duration: Some(Duration::from_secs(30)),
         seed: 7,
         noise_celsius: 0.05,
@@ -94,7 +98,8 @@ fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
 }
 
 /// The rule, for every command obeyed: ON only below desired - down, OFF only above
-/// desired + up, of the level that decided, as written at the revision the command names.
+/// desired + up, of the level that decided, as written at the revision the command names; a
+/// switch a hold deferred too, on the reading it was decided on when the hold ended.
 async fn assert_commands_follow_the_rule(app: &TestApp, summary: &Summary, token: Option<&str>) {
     let mut bands = Vec::new();
     for room in &summary.rooms {
@@ -103,10 +108,10 @@ async fn assert_commands_follow_the_rule(app: &TestApp, summary: &Summary, token
     for c in &summary.commands {
         let (low, high) = bands[c.room][&c.level_revision];
         match (c.heater_on, c.reason) {
-            (true, pb::CommandReason::TooCold) => {
+            (true, pb::CommandReason::TooCold | pb::CommandReason::DeferredTooCold) => {
                 assert!(c.celsius.is_some_and(|t| t < low), "{c:?} against {low}")
             }
-            (false, pb::CommandReason::TooHot) => {
+            (false, pb::CommandReason::TooHot | pb::CommandReason::DeferredTooHot) => {
                 assert!(c.celsius.is_some_and(|t| t > high), "{c:?} against {high}")
             }
             _ => panic!("no other command in this run: {c:?}"),
@@ -114,10 +119,9 @@ async fn assert_commands_follow_the_rule(app: &TestApp, summary: &Summary, token
     }
 }
 
-/// Where the rooms end: inside the band, give or take what the room moves during the few
-/// ticks a command takes to arrive, and still cycling.
-fn assert_rooms_end_in_their_bands(summary: &Summary) {
-    let tolerance = 0.5;
+/// Where the rooms end: inside the band, give or take `tolerance` (what the room moves during
+/// the few ticks a command takes to arrive, and during a hold), and still cycling.
+fn assert_rooms_end_in_their_bands(summary: &Summary, tolerance: f64) {
     for (room, samples) in summary.rooms.iter().zip(&summary.samples) {
         assert!(samples.len() >= 200, "{room}: {} samples", samples.len());
         let last = &samples[samples.len() - 60..];
@@ -135,6 +139,48 @@ fn assert_rooms_end_in_their_bands(summary: &Summary) {
             "{room} is not cycling"
         );
     }
+}
+
+/// The holds, for every switch obeyed: none came sooner after the heater's previous command
+/// than that command's hold (`MIN_ON_TIME` after an ON, `MIN_OFF_TIME` after an OFF, the
+/// cooldown after a maximum run's OFF), by the times the service decided them, but for safety's
+/// (a stale sensor, a deleted setpoint, the SAFETY level), which does not wait. A deferred
+/// switch was sent when its hold ended, not at some later reading. How many were deferred.
+fn assert_holds_kept(summary: &Summary, control: &ControlConfig) -> usize {
+    // Sent at the end of the hold: the service wakes the sensor then, on its latest reading.
+    let late = TimeDelta::seconds(2);
+    let span = |d: Duration| TimeDelta::from_std(d).unwrap();
+    let mut deferred = 0;
+    for room in 0..summary.rooms.len() {
+        let commands: Vec<_> = summary.commands.iter().filter(|c| c.room == room).collect();
+        for pair in commands.windows(2) {
+            let (last, next) = (pair[0], pair[1]);
+            assert_ne!(last.heater_on, next.heater_on, "only switches: {pair:?}");
+            let safety = matches!(
+                next.reason,
+                pb::CommandReason::SensorStale | pb::CommandReason::SetpointDeleted
+            ) || next.setpoint_level == L::Safety;
+            let hold = match (last.heater_on, last.reason) {
+                (true, _) => span(control.min_on_time),
+                (false, pb::CommandReason::MaxRunTime) => {
+                    span(control.run_cooldown.max(control.min_off_time))
+                }
+                (false, _) => span(control.min_off_time),
+            };
+            let ends = last.decided_at.expect("decided at") + hold;
+            let at = next.decided_at.expect("decided at");
+            assert!(
+                safety || at >= ends,
+                "switched {} inside the hold that ended at {ends}: {pair:?}",
+                at - last.decided_at.unwrap()
+            );
+            if next.deferred() {
+                deferred += 1;
+                assert!(at - ends < late, "deferred until {ends}: {pair:?}");
+            }
+        }
+    }
+    deferred
 }
 
 /// The plot, kept where THERMOSTAT_KEEP_PLOT says (with the test's name in it) to look at.
@@ -199,7 +245,9 @@ async fn the_service_holds_the_simulated_rooms_in_their_bands() {
         );
     }
     assert_commands_follow_the_rule(&app, &summary, None).await;
-    assert_rooms_end_in_their_bands(&summary);
+    assert_rooms_end_in_their_bands(&summary, 0.5);
+    // Without holds nothing waits.
+    assert_eq!(summary.deferred(), 0);
     // The simulator's own change of room 00: below its new band before, in it at the end.
     let first = &summary.samples[0];
     assert!(
@@ -284,7 +332,15 @@ fn run_examples(examples: &str) -> Vec<(String, serde_json::Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
-    let (_dir, app) = secure_app(|_, _| {}).await;
+    // The demo's heaters: its minimum on and off times, at this building's time scale.
+    let (_dir, app) = secure_app(|config, _| {
+        demo::HeaterHolds::default()
+            .apply(&mut config.control, TIME_SCALE)
+            .unwrap()
+    })
+    .await;
+    let control = app.config.control.clone();
+    assert!(!control.min_on_time.is_zero() && !control.min_off_time.is_zero());
     let plot = tempfile::Builder::new().suffix(".svg").tempfile().unwrap();
     let override_for = Duration::from_secs(8);
     let config = SimConfig {
@@ -410,14 +466,32 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
         );
     }
     assert_commands_follow_the_rule(&app, &summary, Some(TOKEN)).await;
-    assert_rooms_end_in_their_bands(&summary);
+    // A hold lets a room pass its band's edge too: cooling from comfort's top (22.5 °C) at up to
+    // 0.35 °C a simulated minute, a room is 1.4 °C lower after 4 minutes, 0.4 °C below its band.
+    assert_rooms_end_in_their_bands(&summary, 0.9);
+    // Holds longer than a room takes to cross its band: switches were deferred, none sent
+    // inside a hold.
+    let deferred = assert_holds_kept(&summary, &control);
+    assert!(deferred > 0, "no switch deferred: {:?}", summary.commands);
+    assert_eq!(summary.deferred(), deferred);
 
-    // The plot: the three rooms, the strip's legend.
+    // The plot: the three rooms, the strip's legend, and the held switches' (plot.rs draws a
+    // triangle of this color for each deferred switch of a plotted room, and one in the
+    // legend of each room's panel).
     let svg = read_plot(plot.path(), "schedule");
     assert!(svg.contains("simsched/room-02") && svg.contains("deciding level"));
     for level in ["DEFAULT", "SCHEDULE", "OVERRIDE", "SAFETY"] {
         assert!(svg.contains(level), "{level}");
     }
+    assert!(
+        svg.contains("heater switch") && svg.contains("deferred") && svg.contains("max run time")
+    );
+    let plotted = summary
+        .commands
+        .iter()
+        .filter(|c| c.room < config.building.plot_rooms && c.deferred())
+        .count();
+    assert_eq!(svg.matches("#007878").count(), 3 + plotted);
 
     // The demo's commands, as printed for this building (they run while comfort holds).
     let examples = demo::examples(app.addr, None, "brokers", &config.building, Some(TOKEN));

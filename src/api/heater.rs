@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
 use crate::security::{Authenticator, Credentials};
-use crate::store::Store;
+use crate::store::{Levels, Store};
 use crate::stream::codec::{command_to_proto, reason_to_proto};
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
@@ -76,6 +76,43 @@ impl HeaterApi {
             recheck,
             shutdown,
         }
+    }
+
+    /// Where the effective setpoint comes from (its level's entry), and its next change as the
+    /// levels and the schedule stand: the second segment from now.
+    async fn source_and_next(
+        &self,
+        levels: &Levels,
+        sensor: &SensorId,
+        scope: &Scope,
+        now: DateTime<Utc>,
+    ) -> Result<(Option<pb::SetpointLevelEntry>, Option<pb::PreviewSegment>)> {
+        let source = levels
+            .entries
+            .iter()
+            .find(|e| e.level == levels.effective)
+            .map(level_entry_to_proto);
+        let next =
+            effective::effective_between(&self.store, sensor, scope, now, now + MAX_DRY_RUN_AHEAD)
+                .await?
+                .into_iter()
+                .nth(1)
+                .map(segment_to_proto);
+        Ok((source, next))
+    }
+
+    /// Until when `last` holds, if beyond `now`, and when its run ends, if it is an ON.
+    fn holds(
+        &self,
+        last: &pb::HeaterCommandEvent,
+        now: DateTime<Utc>,
+    ) -> (
+        Option<prost_types::Timestamp>,
+        Option<prost_types::Timestamp>,
+    ) {
+        let hold = self.hold_until(last).filter(|until| *until > now);
+        let run = Self::switched(last).and_then(|last| self.protection.run_ends(&last));
+        (hold.map(timestamp), run.map(timestamp))
     }
 
     /// The last command as its hold counts it, if it names a command and when it was decided.
@@ -210,51 +247,32 @@ impl HeaterApi {
         };
         let setpoint = setpoint.as_ref().map(setpoint_to_proto);
         let now = Utc::now();
-        // What changes next, as the levels and the schedule stand: the second segment from now.
-        let next_change = match &levels {
-            Some(_) => effective::effective_between(
-                &self.store,
-                &sensor,
-                &who.scope,
-                now,
-                now + MAX_DRY_RUN_AHEAD,
-            )
-            .await?
-            .into_iter()
-            .nth(1)
-            .map(segment_to_proto),
-            None => None,
+        let (effective_source, next_change) = match &levels {
+            Some(levels) => {
+                self.source_and_next(levels, &sensor, &who.scope, now)
+                    .await?
+            }
+            None => (None, None),
         };
-        let effective_source = levels.as_ref().and_then(|l| {
-            l.entries
-                .iter()
-                .find(|e| e.level == l.effective)
-                .map(level_entry_to_proto)
-        });
         // A sensor moved between buildings keeps the last command sent while it was elsewhere;
         // that command belongs to the other building.
         let last_command = view
             .last_command
             .filter(|e| who.scope.contains_str(&e.building_id));
+        let (hold_until, run_ends) = match &last_command {
+            Some(last) => self.holds(last, now),
+            None => (None, None),
+        };
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
             setpoint,
             reading_age: view.last_reading.and_then(|r| {
-                let age = (now - r.received).max(chrono::TimeDelta::zero());
-                prost_types::Duration::try_from(age.to_std().ok()?).ok()
+                prost_types::Duration::try_from((now - r.received).to_std().ok()?).ok()
             }),
             effective_source,
             next_change,
-            hold_until: last_command
-                .as_ref()
-                .and_then(|last| self.hold_until(last))
-                .filter(|until| *until > now)
-                .map(timestamp),
-            run_ends: last_command
-                .as_ref()
-                .and_then(Self::switched)
-                .and_then(|last| self.protection.run_ends(&last))
-                .map(timestamp),
+            hold_until,
+            run_ends,
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),

@@ -47,7 +47,7 @@ impl Protection {
     /// When the hold of `last` ends: what it forbids (the opposite command) is allowed from
     /// then on.
     pub fn hold_until(&self, last: &Switched) -> DateTime<Utc> {
-        last.at + self.hold(last)
+        later(last.at, self.hold(last))
     }
 
     /// How long `last` holds.
@@ -89,7 +89,7 @@ impl Protection {
     /// When a heater that is ON since `last` must be switched OFF for its maximum run.
     pub fn run_ends(&self, last: &Switched) -> Option<DateTime<Utc>> {
         match last.command {
-            HeaterCommand::On => self.max_run.map(|run| last.at + run),
+            HeaterCommand::On => self.max_run.map(|run| later(last.at, run)),
             HeaterCommand::Off => None,
         }
     }
@@ -99,7 +99,7 @@ impl Protection {
     pub fn repeat_at(&self, last_sent: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.keep_alive
             .filter(|every| *every > TimeDelta::zero())
-            .map(|every| last_sent + every)
+            .map(|every| later(last_sent, every))
     }
 
     /// The next instant at which something may be due for a heater whose last command is
@@ -116,6 +116,12 @@ impl Protection {
             .flatten()
             .min()
     }
+}
+
+/// `at + span`, or the end of time rather than an overflow.
+fn later(at: DateTime<Utc>, span: TimeDelta) -> DateTime<Utc> {
+    at.checked_add_signed(span)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 #[cfg(test)]
@@ -152,6 +158,15 @@ mod tests {
             p.gate(On, None, t(10), false),
             Gate::Now,
             "nothing sent yet"
+        );
+        let forever = Protection {
+            min_on: TimeDelta::MAX,
+            ..Protection::default()
+        };
+        assert_eq!(
+            forever.hold_until(&on),
+            DateTime::<Utc>::MAX_UTC,
+            "no overflow"
         );
         assert_eq!(
             limits(0, 0).gate(Off, Some(&on), t(-1), false),

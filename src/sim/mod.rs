@@ -183,6 +183,23 @@ pub struct AppliedCommand {
     pub level_revision: i64,
     /// The reading it decided on, if any.
     pub celsius: Option<f64>,
+    /// When the service decided it: the holds (minimum on and off times) count from then.
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+impl AppliedCommand {
+    /// Whether it is a switch a hold deferred (`DEFERRED_TOO_COLD`, `DEFERRED_TOO_HOT`).
+    pub fn deferred(&self) -> bool {
+        matches!(
+            self.reason,
+            pb::CommandReason::DeferredTooCold | pb::CommandReason::DeferredTooHot
+        )
+    }
+
+    /// Whether it is the OFF of a heater that ran for `MAX_RUN_TIME`.
+    pub fn max_run(&self) -> bool {
+        self.reason == pb::CommandReason::MaxRunTime
+    }
 }
 
 /// What happened to every room.
@@ -201,6 +218,18 @@ pub struct Summary {
     pub plan: Plan,
     /// Every change of a room's effective setpoint seen after its first read, in order.
     pub level_changes: Vec<LevelChange>,
+}
+
+impl Summary {
+    /// How many of the commands applied were switches a hold deferred.
+    pub fn deferred(&self) -> usize {
+        self.commands.iter().filter(|c| c.deferred()).count()
+    }
+
+    /// How many of the commands applied were OFFs for `MAX_RUN_TIME`.
+    pub fn max_run_offs(&self) -> usize {
+        self.commands.iter().filter(|c| c.max_run()).count()
+    }
 }
 
 struct Room {
@@ -454,13 +483,14 @@ fn obey_commands(
                 setpoint_level: event.setpoint_level(),
                 level_revision: event.level_revision,
                 celsius: event.temperature_celsius,
+                decided_at: event.decided_at.as_ref().and_then(from_timestamp),
             });
         }
     }
 }
 
-/// The building's state, every 10 s of the run.
-fn log_progress(rooms: &[Room], minutes: f64) {
+/// The building's state, every 10 s of the run, and how many switches were held back so far.
+fn log_progress(rooms: &[Room], summary: &Summary, minutes: f64) {
     let in_band = rooms
         .iter()
         .filter(|r| r.celsius >= r.band.0 && r.celsius <= r.band.1)
@@ -485,6 +515,8 @@ fn log_progress(rooms: &[Room], minutes: f64) {
         heating,
         rooms = rooms.len(),
         %deciding,
+        deferred = summary.deferred(),
+        max_run_offs = summary.max_run_offs(),
         "building"
     );
 }
@@ -548,7 +580,7 @@ impl Run<'_> {
             }
             if last_progress.elapsed() >= Duration::from_secs(10) {
                 last_progress = Instant::now();
-                log_progress(rooms, minutes);
+                log_progress(rooms, summary, minutes);
             }
         }
         Ok(())

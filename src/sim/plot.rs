@@ -1,13 +1,14 @@
 //! The picture of a run: temperature against the effective setpoint band, heater-on periods
 //! shaded, one panel for each of the first rooms, every change of a room's band marked, and a
 //! strip along the bottom of each panel colored by the level of the priority array that decided
-//! (legend on the right). SVG via plotters.
+//! (legend on the right), and along the top a marker at each switch a hold deferred and each OFF
+//! for a maximum run. SVG via plotters.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::{level_name, Sample, Summary};
+use super::{level_name, AppliedCommand, Sample, Summary};
 use thermostat::proto::v1::SetpointLevel;
 
 const PANEL_HEIGHT: u32 = 260;
@@ -25,6 +26,15 @@ const LEVELS: [(SetpointLevel, RGBColor); 4] = [
     (SetpointLevel::Safety, RGBColor(230, 170, 0)),
 ];
 
+/// Markers of the switches a hold deferred (`DEFERRED_*`): triangles.
+const DEFERRED: RGBColor = RGBColor(0, 120, 120);
+/// Markers of the OFFs for a maximum run (`MAX_RUN_TIME`): crosses.
+const MAX_RUN: RGBColor = RGBColor(180, 0, 90);
+/// The markers' row lies this share of the temperature axis below its top.
+const MARKER_SHARE: f64 = 0.04;
+/// Marker size, pixels.
+const MARKER_SIZE: i32 = 5;
+
 pub fn write_svg(path: &Path, summary: &Summary, rooms: usize) -> Result<(), String> {
     let rooms = rooms.min(summary.rooms.len()).max(1);
     let root = SVGBackend::new(path, (WIDTH, PANEL_HEIGHT * rooms as u32)).into_drawing_area();
@@ -34,7 +44,9 @@ pub fn write_svg(path: &Path, summary: &Summary, rooms: usize) -> Result<(), Str
         let (Some(name), Some(samples)) = (summary.rooms.get(i), summary.samples.get(i)) else {
             continue;
         };
-        draw_room(panel, name, samples).map_err(|e| e.to_string())?;
+        let commands: Vec<&AppliedCommand> =
+            summary.commands.iter().filter(|c| c.room == i).collect();
+        draw_room(panel, name, samples, &commands).map_err(|e| e.to_string())?;
     }
     root.present().map_err(|e| e.to_string())
 }
@@ -43,6 +55,7 @@ fn draw_room<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     name: &str,
     samples: &[Sample],
+    commands: &[&AppliedCommand],
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let end = samples.last().map_or(1.0, |s| s.simulated_minutes).max(1.0);
     let (low, high) = celsius_range(samples);
@@ -53,7 +66,7 @@ fn draw_room<DB: DrawingBackend>(
         .caption(
             format!(
                 "{name}: temperature, effective setpoint band, heater on (shaded), \
-                 deciding level (strip)"
+                 deciding level (strip), protection (top)"
             ),
             ("sans-serif", 16),
         )
@@ -104,6 +117,19 @@ fn draw_room<DB: DrawingBackend>(
                 Some(Rectangle::new([(from, bottom), (to, low)], color.filled()))
             }),
     )?;
+    // At the top, where the heater's shading begins or ends: the switches a hold deferred, and
+    // the OFFs of maximum runs.
+    let row = high - (high - bottom) * MARKER_SHARE;
+    chart.draw_series(commands.iter().filter(|c| c.deferred()).map(|c| {
+        TriangleMarker::new((c.simulated_minutes, row), MARKER_SIZE, DEFERRED.filled())
+    }))?;
+    chart.draw_series(commands.iter().filter(|c| c.max_run()).map(|c| {
+        Cross::new(
+            (c.simulated_minutes, row),
+            MARKER_SIZE,
+            MAX_RUN.stroke_width(2),
+        )
+    }))?;
     Ok(())
 }
 
@@ -118,6 +144,15 @@ fn draw_legend<DB: DrawingBackend>(
         area.draw(&Rectangle::new([(4, y), (18, y + 12)], color.filled()))?;
         area.draw(&Text::new(level_name(*level), (24, y), font.clone()))?;
     }
+    area.draw(&Text::new("heater switch", (4, 150), font.clone()))?;
+    area.draw(&TriangleMarker::new(
+        (11, 176),
+        MARKER_SIZE,
+        DEFERRED.filled(),
+    ))?;
+    area.draw(&Text::new("deferred", (24, 170), font.clone()))?;
+    area.draw(&Cross::new((11, 196), MARKER_SIZE, MAX_RUN.stroke_width(2)))?;
+    area.draw(&Text::new("max run time", (24, 190), font))?;
     Ok(())
 }
 
@@ -167,6 +202,7 @@ fn band_changes(samples: &[Sample]) -> impl Iterator<Item = f64> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use thermostat::proto::v1::CommandReason;
 
     fn sample(minutes: f64, celsius: f64, band: (f64, f64)) -> Sample {
         Sample {
@@ -262,6 +298,55 @@ mod tests {
             };
             assert_eq!(svg.matches(&hex).count(), expected, "{level:?} {hex}");
         }
+    }
+
+    fn command(room: usize, minutes: f64, on: bool, reason: CommandReason) -> AppliedCommand {
+        AppliedCommand {
+            room,
+            simulated_minutes: minutes,
+            heater_on: on,
+            reason,
+            setpoint_revision: 1,
+            setpoint_level: SetpointLevel::Default,
+            level_revision: 1,
+            celsius: Some(20.0),
+            decided_at: None,
+        }
+    }
+
+    #[test]
+    fn held_switches_of_the_plotted_rooms_are_marked_and_named_in_the_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holds.svg");
+        let band = (20.5, 21.5);
+        let samples: Vec<Sample> = (0..20).map(|i| sample(f64::from(i), 21.0, band)).collect();
+        use CommandReason::{DeferredTooCold, DeferredTooHot, MaxRunTime, TooCold, TooHot};
+        let summary = Summary {
+            rooms: vec!["b/room-00".into(), "b/room-01".into(), "b/room-02".into()],
+            samples: vec![samples.clone(), samples.clone(), samples],
+            commands: vec![
+                command(0, 1.0, true, TooCold),
+                command(0, 5.0, false, DeferredTooHot),
+                command(0, 9.0, true, DeferredTooCold),
+                command(1, 3.0, true, TooCold),
+                command(1, 12.0, false, MaxRunTime),
+                command(1, 15.0, true, DeferredTooCold),
+                command(1, 17.0, false, TooHot),
+                // Not plotted: no marker.
+                command(2, 4.0, true, DeferredTooCold),
+                command(2, 6.0, false, MaxRunTime),
+            ],
+            ..Summary::default()
+        };
+        write_svg(&path, &summary, 2).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let hex = |c: RGBColor| format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2);
+        // Each panel's legend, then a triangle per deferred switch and a cross (two strokes)
+        // per maximum run's OFF in the plotted rooms.
+        assert_eq!(svg.matches("deferred").count(), 2, "{svg}");
+        assert_eq!(svg.matches("max run time").count(), 2, "{svg}");
+        assert_eq!(svg.matches(&hex(DEFERRED)).count(), 2 + 3, "{svg}");
+        assert_eq!(svg.matches(&hex(MAX_RUN)).count(), 2 * (2 + 1), "{svg}");
     }
 
     #[test]
