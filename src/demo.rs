@@ -44,12 +44,9 @@ const DEMO_MIN_ON: &str = "4m";
 /// The demo heaters' minimum off time, in simulated time, unless configured otherwise.
 const DEMO_MIN_OFF: &str = "4m";
 
-/// The simulated heaters' minimum on and off times, in the building's simulated time: the
-/// service holds switches for them in real time, so they are divided by `SIM_TIME_SCALE`.
-/// At the default scale a simulated room crosses its 1 °C band in about 3 to 4 minutes, heater
-/// on or off: a hold of 4 minutes defers most switches back ON (and, in the schedule's eco
-/// period or when a setpoint falls, switches OFF), and lets a room pass its band's edge by a
-/// few tenths of a degree.
+/// The simulated heaters' minimum on and off times, in simulated time (the service holds in
+/// real time: divided by `SIM_TIME_SCALE`). A little longer than a room takes to cross its
+/// band, so that a run shows deferred switches while rooms stay near their bands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct HeaterHolds {
     /// Minimum on time of the demo's simulated heaters, in simulated time: the service's

@@ -1,7 +1,7 @@
 //! Code generated from `proto/` by `build.rs` (never edited by hand), the encoded descriptor
 //! set that server reflection serves, and the conversion both the API and the Kafka edges need.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -34,9 +34,30 @@ pub fn from_timestamp(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     )
 }
 
+/// The span of a protobuf duration; `None` when its nanoseconds are out of range or it lies
+/// beyond what chrono represents.
+pub fn from_duration(d: &prost_types::Duration) -> Option<TimeDelta> {
+    if d.nanos.unsigned_abs() >= 1_000_000_000 {
+        return None;
+    }
+    TimeDelta::try_seconds(d.seconds)?.checked_add(&TimeDelta::nanoseconds(i64::from(d.nanos)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_converts_with_its_sign_and_refuses_what_is_out_of_range() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(from_duration(&d(7200, 0)), Some(TimeDelta::hours(2)));
+        assert_eq!(
+            from_duration(&d(-1, -500_000_000)),
+            Some(TimeDelta::milliseconds(-1500))
+        );
+        assert_eq!(from_duration(&d(0, 1_000_000_000)), None);
+        assert_eq!(from_duration(&d(i64::MAX, 0)), None);
+    }
 
     #[test]
     fn a_leap_second_becomes_the_last_nanosecond_before_it() {

@@ -1308,8 +1308,7 @@ async fn a_sensor_that_never_reports_is_sent_off_without_a_temperature() {
 }
 
 fn decided_at(e: &pb::HeaterCommandEvent) -> chrono::DateTime<Utc> {
-    let t = e.decided_at.as_ref().expect("decided_at");
-    chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).expect("a time")
+    thermostat::proto::from_timestamp(e.decided_at.as_ref().expect("decided_at")).expect("a time")
 }
 
 /// Issue 26: a switch inside the minimum on time is deferred, not dropped, and sent when the
@@ -1347,9 +1346,8 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
         .await
         .expect("state")
         .into_inner();
-    let at = |t: Option<prost_types::Timestamp>| {
-        t.map(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32).unwrap())
-    };
+    let at =
+        |t: Option<prost_types::Timestamp>| t.as_ref().and_then(thermostat::proto::from_timestamp);
     assert_eq!(at(state.hold_until), Some(hold_ends));
     let dry = heaters
         .dry_run(pb::DryRunRequest {

@@ -108,7 +108,7 @@ fn decided(event: &pb::HeaterCommandEvent) -> (H, L) {
 }
 
 fn at(t: &prost_types::Timestamp) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.seconds, t.nanos as u32).expect("a time")
+    thermostat::proto::from_timestamp(t).expect("a time")
 }
 
 async fn levels(app: &TestApp, sensor: &str) -> pb::SetpointLevels {

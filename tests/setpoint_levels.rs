@@ -63,7 +63,7 @@ fn decided(event: &pb::HeaterCommandEvent) -> (H, L, i64) {
 }
 
 fn at(t: &prost_types::Timestamp) -> DateTime<Utc> {
-    DateTime::from_timestamp(t.seconds, t.nanos as u32).expect("a time")
+    thermostat::proto::from_timestamp(t).expect("a time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use chrono::NaiveDate;
 
 use crate::domain::levels::{LevelValues, Segment};
 use crate::domain::schedule::{
-    self, Change, DateException, Period, PeriodValue, PresetName, Schedule,
+    self, Change, DateException, LocalName, Period, PeriodValue, Schedule,
 };
 use crate::domain::{BuildingId, Reason, SensorId, Setpoint, StoredSetpoint, ValidationError};
 use crate::proto::timestamp;
@@ -149,10 +149,10 @@ pub fn values_to_proto(values: &LevelValues) -> pb::SetpointValues {
 /// A schedule of a request, checked as a whole; errors name `schedule.<field>`.
 pub fn schedule_from_proto(
     p: &pb::Schedule,
-) -> Result<(BuildingId, PresetName, Vec<SensorId>, Schedule), ValidationError> {
+) -> Result<(BuildingId, LocalName, Vec<SensorId>, Schedule), ValidationError> {
     let parsed = (|| {
         let building = BuildingId::parse(p.building_id.clone())?;
-        let id = PresetName::parse("schedule_id", &p.schedule_id)?;
+        let id = LocalName::parse("schedule_id", &p.schedule_id)?;
         if p.sensor_ids.len() > MAX_SCHEDULE_SENSORS {
             return Err(ValidationError::new(
                 "sensor_ids",
@@ -213,7 +213,7 @@ pub const MAX_SCHEDULE_SENSORS: usize = 1000;
 fn period_from_proto(p: &pb::SchedulePeriod) -> Result<Period, ValidationError> {
     use pb::schedule_period::Value;
     let value = match &p.value {
-        Some(Value::Preset(name)) => PeriodValue::Preset(PresetName::parse("preset", name)?),
+        Some(Value::Preset(name)) => PeriodValue::Preset(LocalName::parse("preset", name)?),
         Some(Value::Values(values)) => {
             PeriodValue::Values(values_from_proto("values", Some(values))?)
         }
@@ -224,12 +224,7 @@ fn period_from_proto(p: &pb::SchedulePeriod) -> Result<Period, ValidationError> 
             ))
         }
     };
-    let start = schedule::parse_clock("start_time", &p.start_time, false)?;
-    let end = schedule::parse_clock("end_time", &p.end_time, true)?;
-    if end <= start {
-        return Err(ValidationError::new("end_time", "must be after start_time"));
-    }
-    Ok(Period { start, end, value })
+    Period::parse(&p.start_time, &p.end_time, value)
 }
 
 fn exception_from_proto(e: &pb::ScheduleException) -> Result<DateException, ValidationError> {
@@ -258,12 +253,6 @@ fn exception_from_proto(e: &pb::ScheduleException) -> Result<DateException, Vali
         })
         .collect::<Result<Vec<_>, _>>()?;
     periods.sort_by_key(|p| p.start);
-    if e.description.chars().count() > 256 {
-        return Err(ValidationError::new(
-            "description",
-            "must be at most 256 characters",
-        ));
-    }
     Ok(DateException {
         first,
         last,
@@ -336,7 +325,7 @@ pub fn schedule_to_proto(
 pub fn transition_to_proto(
     schedule_id: &str,
     change: &Change<'_>,
-    presets: &HashMap<PresetName, LevelValues>,
+    presets: &HashMap<LocalName, LevelValues>,
 ) -> pb::ScheduleTransition {
     pb::ScheduleTransition {
         time: Some(timestamp(change.at)),

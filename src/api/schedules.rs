@@ -15,11 +15,11 @@ use super::limits::Limits;
 use super::{authorize, effective, page_token, reader};
 use crate::config::LimitsConfig;
 use crate::domain::levels::LevelValues;
-use crate::domain::schedule::PresetName;
+use crate::domain::schedule::LocalName;
 use crate::domain::{Action, BuildingId, Identity, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
-use crate::proto::{from_timestamp, timestamp};
+use crate::proto::{from_duration, from_timestamp, timestamp};
 use crate::store::{ScheduleRecord, ScheduleWrite, Store};
 
 /// How far a preview looks ahead by default, and at most.
@@ -81,7 +81,7 @@ impl ScheduleApi {
         building: &BuildingId,
         records: &[ScheduleRecord],
     ) -> Result<Vec<pb::Schedule>> {
-        let presets: HashMap<PresetName, LevelValues> = self
+        let presets: HashMap<LocalName, LevelValues> = self
             .store
             .presets(building)
             .await?
@@ -115,8 +115,8 @@ fn parse_building(value: &str) -> Result<BuildingId> {
     Ok(BuildingId::parse(value.to_owned())?)
 }
 
-fn parse_name(field: &str, value: &str) -> Result<PresetName> {
-    Ok(PresetName::parse(field, value)?)
+fn parse_name(field: &str, value: &str) -> Result<LocalName> {
+    Ok(LocalName::parse(field, value)?)
 }
 
 #[tonic::async_trait]
@@ -133,7 +133,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let parsed = (|| {
             Ok::<_, ValidationError>((
                 BuildingId::parse(preset.building_id.clone())?,
-                PresetName::parse("name", &preset.name)?,
+                LocalName::parse("name", &preset.name)?,
                 values_from_proto("values", preset.values.as_ref())?,
                 Reason::parse(preset.reason.clone())?,
             ))
@@ -400,7 +400,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let sensor_id = SensorId::parse(req.sensor_id).map_err(Error::from)?;
         let span = match &req.duration {
             None => PREVIEW_DEFAULT,
-            Some(d) => TimeDelta::new(d.seconds, d.nanos.max(0) as u32)
+            Some(d) => from_duration(d)
                 .filter(|d| *d > TimeDelta::zero() && *d <= PREVIEW_MAX)
                 .ok_or_else(|| {
                     Error::from(ValidationError::new(

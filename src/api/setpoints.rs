@@ -27,9 +27,9 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
-use crate::proto::{from_timestamp, timestamp};
+use crate::proto::{from_duration, from_timestamp, timestamp};
 use crate::store::{HistoryEntry, LevelWrite, PutOutcome, Store, WriteRequest};
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use pb::batch_update_setpoint_result::Result as Outcome;
 
 /// A write's request id, checked, with the request written out (its method and its encoding
@@ -528,7 +528,7 @@ impl SetpointApi {
         let duration = req
             .duration
             .map(|d| {
-                TimeDelta::new(d.seconds, d.nanos.max(0) as u32)
+                from_duration(&d)
                     .ok_or_else(|| ValidationError::new("duration", "is not a valid duration"))
             })
             .transpose()?;

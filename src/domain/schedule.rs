@@ -21,11 +21,12 @@ pub const MAX_EXCEPTION_DAYS: i64 = 366;
 /// How far ahead a next change is looked for (past it, "none").
 pub const LOOKAHEAD: TimeDelta = TimeDelta::days(400);
 
-/// A preset's name (`comfort`, `eco`, `away`, …): 1 to 64 of `a-z0-9_-`.
+/// A name within a building: a preset's (`comfort`, `eco`, `away`, …) or a schedule's; 1 to 64
+/// of `a-z0-9_-`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PresetName(String);
+pub struct LocalName(String);
 
-impl PresetName {
+impl LocalName {
     pub fn parse(field: &str, value: &str) -> Result<Self, ValidationError> {
         let ok = (1..=64).contains(&value.len())
             && value
@@ -48,13 +49,13 @@ impl PresetName {
 /// What a period holds the room at: a preset of the building, or values of its own.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeriodValue {
-    Preset(PresetName),
+    Preset(LocalName),
     Values(LevelValues),
 }
 
 impl PeriodValue {
     /// The values it stands for, given the building's presets; `None` for a preset that is gone.
-    pub fn resolve(&self, presets: &HashMap<PresetName, LevelValues>) -> Option<LevelValues> {
+    pub fn resolve(&self, presets: &HashMap<LocalName, LevelValues>) -> Option<LevelValues> {
         match self {
             PeriodValue::Preset(name) => presets.get(name).copied(),
             PeriodValue::Values(values) => Some(*values),
@@ -84,12 +85,12 @@ pub struct Period {
 }
 
 impl Period {
-    /// From "HH:MM" to "HH:MM" ("24:00" as an end).
+    /// From "HH:MM" to "HH:MM" ("24:00" as an end); errors name the API's fields.
     pub fn parse(start: &str, end: &str, value: PeriodValue) -> Result<Self, ValidationError> {
-        let start = parse_clock("start", start, false)?;
-        let end = parse_clock("end", end, true)?;
+        let start = parse_clock("start_time", start, false)?;
+        let end = parse_clock("end_time", end, true)?;
         if end <= start {
-            return Err(ValidationError::new("end", "must be after start"));
+            return Err(ValidationError::new("end_time", "must be after start_time"));
         }
         Ok(Self { start, end, value })
     }
@@ -217,7 +218,7 @@ impl Schedule {
     }
 
     /// Every preset the schedule names.
-    pub fn presets(&self) -> impl Iterator<Item = &PresetName> {
+    pub fn presets(&self) -> impl Iterator<Item = &LocalName> {
         self.week
             .iter()
             .flatten()
@@ -370,7 +371,7 @@ mod tests {
     }
 
     fn preset(name: &str) -> PeriodValue {
-        PeriodValue::Preset(PresetName::parse("preset", name).unwrap())
+        PeriodValue::Preset(LocalName::parse("preset", name).unwrap())
     }
 
     fn period(start: &str, end: &str, value: PeriodValue) -> Period {

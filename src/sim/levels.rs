@@ -6,6 +6,7 @@ use chrono::{DateTime, Datelike, NaiveDateTime, TimeDelta, Timelike, Utc};
 use chrono_tz::Tz;
 
 use super::{authorized, own_values, BuildingConfig, Room, SimError, Summary};
+use thermostat::domain::levels::Level;
 use thermostat::domain::schedule::{format_clock, parse_zone, DAY_MINUTES};
 use thermostat::proto::timestamp;
 use thermostat::proto::v1 as pb;
@@ -89,13 +90,7 @@ const OVERRIDDEN_ROOM: usize = 2;
 
 /// A level's name without its prefix, as logs and the plot show it.
 pub fn level_name(level: pb::SetpointLevel) -> &'static str {
-    match level {
-        pb::SetpointLevel::Unspecified => "none",
-        pb::SetpointLevel::Default => "DEFAULT",
-        pb::SetpointLevel::Schedule => "SCHEDULE",
-        pb::SetpointLevel::Override => "OVERRIDE",
-        pb::SetpointLevel::Safety => "SAFETY",
-    }
+    Level::from_number(level as i32).map_or("none", Level::name)
 }
 
 /// The weekly periods that hold `windows` (from, until, preset) in `zone`: split at local
@@ -337,7 +332,7 @@ mod tests {
 
     #[test]
     fn the_schedule_s_periods_hold_what_was_planned_in_its_zone_whenever_the_run_starts() {
-        use thermostat::domain::schedule::{Period, PeriodValue, PresetName, Schedule};
+        use thermostat::domain::schedule::{LocalName, Period, PeriodValue, Schedule};
         let config = building(&["--schedule-after", "0s", "--schedule-period", "90m"]).unwrap();
         // An ordinary morning, across local midnight, into the spring gap and across the
         // autumn repeat (Europe/Berlin, 2026), and a zone half an hour off UTC.
@@ -357,7 +352,7 @@ mod tests {
                 let Some(pb::schedule_period::Value::Preset(name)) = &p.value else {
                     panic!("{p:?}");
                 };
-                let value = PeriodValue::Preset(PresetName::parse("preset", name).unwrap());
+                let value = PeriodValue::Preset(LocalName::parse("preset", name).unwrap());
                 let period = Period::parse(&p.start_time, &p.end_time, value).unwrap();
                 week[p.days[0] as usize - 1].push(period);
             }

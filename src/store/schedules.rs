@@ -13,7 +13,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use super::Store;
 use crate::domain::levels::LevelValues;
 use crate::domain::schedule::{
-    format_clock, parse_zone, DateException, Period, PeriodValue, PresetName, Schedule,
+    format_clock, parse_zone, DateException, LocalName, Period, PeriodValue, Schedule,
 };
 use crate::domain::{BuildingId, Reason, SensorId, ValidationError};
 use crate::error::{Error, Result};
@@ -29,7 +29,7 @@ const IDLE_RECHECK: TimeDelta = TimeDelta::days(1);
 #[derive(Debug, Clone, PartialEq)]
 pub struct PresetRecord {
     pub building_id: String,
-    pub name: PresetName,
+    pub name: LocalName,
     pub values: LevelValues,
     pub revision: i64,
     pub update_time: DateTime<Utc>,
@@ -42,7 +42,7 @@ pub struct PresetRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleRecord {
     pub building_id: String,
-    pub schedule_id: PresetName,
+    pub schedule_id: LocalName,
     /// Empty: every sensor of the building that no other schedule names.
     pub sensor_ids: Vec<String>,
     pub schedule: Schedule,
@@ -56,7 +56,7 @@ pub struct ScheduleRecord {
 /// A schedule to store.
 pub struct ScheduleWrite<'a> {
     pub building_id: &'a BuildingId,
-    pub schedule_id: &'a PresetName,
+    pub schedule_id: &'a LocalName,
     pub sensor_ids: &'a [SensorId],
     pub schedule: &'a Schedule,
     pub expected_revision: Option<i64>,
@@ -67,7 +67,7 @@ pub struct ScheduleWrite<'a> {
 /// The schedule that covers a sensor now, with the building's presets.
 pub struct SensorSchedule {
     pub record: ScheduleRecord,
-    pub presets: HashMap<PresetName, LevelValues>,
+    pub presets: HashMap<LocalName, LevelValues>,
 }
 
 impl Store {
@@ -76,7 +76,7 @@ impl Store {
     pub async fn put_preset(
         &self,
         building: &BuildingId,
-        name: &PresetName,
+        name: &LocalName,
         values: LevelValues,
         expected_revision: Option<i64>,
         actor: &str,
@@ -127,7 +127,7 @@ impl Store {
     pub async fn delete_preset(
         &self,
         building: &BuildingId,
-        name: &PresetName,
+        name: &LocalName,
         expected_revision: Option<i64>,
         actor: &str,
         reason: &Reason,
@@ -168,7 +168,7 @@ impl Store {
     }
 
     /// A live preset, or NOT_FOUND.
-    pub async fn preset(&self, building: &BuildingId, name: &PresetName) -> Result<PresetRecord> {
+    pub async fn preset(&self, building: &BuildingId, name: &LocalName) -> Result<PresetRecord> {
         let _turn = self.read_turn().await?;
         let mut conn = self.pool().acquire().await?;
         preset_row(&mut conn, building.as_str(), name, false)
@@ -194,7 +194,7 @@ impl Store {
     pub async fn preset_history(
         &self,
         building: &BuildingId,
-        name: &PresetName,
+        name: &LocalName,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<PresetRecord>> {
@@ -252,7 +252,7 @@ impl Store {
             .schedule
             .presets()
             .filter(|p| !presets.contains_key(*p))
-            .map(PresetName::as_str)
+            .map(LocalName::as_str)
             .collect();
         if !missing.is_empty() {
             return Err(Error::FailedPrecondition(format!(
@@ -294,7 +294,7 @@ impl Store {
     pub async fn delete_schedule(
         &self,
         building: &BuildingId,
-        schedule_id: &PresetName,
+        schedule_id: &LocalName,
         expected_revision: Option<i64>,
         actor: &str,
         reason: &Reason,
@@ -326,7 +326,7 @@ impl Store {
     pub async fn schedule(
         &self,
         building: &BuildingId,
-        schedule_id: &PresetName,
+        schedule_id: &LocalName,
     ) -> Result<ScheduleRecord> {
         let _turn = self.read_turn().await?;
         let mut conn = self.pool().acquire().await?;
@@ -362,7 +362,7 @@ impl Store {
     pub async fn schedule_history(
         &self,
         building: &BuildingId,
-        schedule_id: &PresetName,
+        schedule_id: &LocalName,
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<ScheduleRecord>> {
@@ -596,7 +596,7 @@ async fn targets(
 fn hold(
     building: &str,
     record: &ScheduleRecord,
-    presets: &HashMap<PresetName, LevelValues>,
+    presets: &HashMap<LocalName, LevelValues>,
     now: DateTime<Utc>,
 ) -> (Holding, DateTime<Utc>) {
     let value = record.schedule.value_at(now);
@@ -865,7 +865,7 @@ struct PresetRow {
 impl PresetRow {
     fn into_record(self) -> Result<PresetRecord> {
         Ok(PresetRecord {
-            name: PresetName::parse("name", &self.name).map_err(stored)?,
+            name: LocalName::parse("name", &self.name).map_err(stored)?,
             values: LevelValues::new(
                 self.desired_celsius,
                 self.up_delta_celsius,
@@ -885,7 +885,7 @@ impl PresetRow {
 async fn preset_row(
     conn: &mut PgConnection,
     building: &str,
-    name: &PresetName,
+    name: &LocalName,
     for_update: bool,
 ) -> Result<Option<PresetRecord>> {
     let row: Option<PresetRow> = sqlx::query_as(&format!(
@@ -902,7 +902,7 @@ async fn preset_row(
 async fn presets_of(
     conn: &mut PgConnection,
     building: &str,
-) -> Result<HashMap<PresetName, LevelValues>> {
+) -> Result<HashMap<LocalName, LevelValues>> {
     let rows: Vec<PresetRow> = sqlx::query_as(&format!(
         "{PRESET_COLUMNS} FROM presets WHERE building_id = $1 AND NOT deleted"
     ))
@@ -937,7 +937,7 @@ impl ScheduleRow {
             .map_err(|e| Error::Internal(format!("stored schedule body: {e}")))?;
         let zone = parse_zone(&self.time_zone).map_err(stored)?;
         Ok(ScheduleRecord {
-            schedule_id: PresetName::parse("schedule_id", &self.schedule_id).map_err(stored)?,
+            schedule_id: LocalName::parse("schedule_id", &self.schedule_id).map_err(stored)?,
             schedule: body.into_schedule(zone).map_err(stored)?,
             building_id: self.building_id,
             sensor_ids: self.sensor_ids,
@@ -953,7 +953,7 @@ impl ScheduleRow {
 async fn schedule_row(
     conn: &mut PgConnection,
     building: &str,
-    schedule_id: &PresetName,
+    schedule_id: &LocalName,
 ) -> Result<Option<ScheduleRecord>> {
     let row: Option<ScheduleRow> = sqlx::query_as(&format!(
         "{SCHEDULE_COLUMNS} FROM schedules WHERE building_id = $1 AND schedule_id = $2"
@@ -981,14 +981,14 @@ fn stored(e: ValidationError) -> Error {
     Error::Internal(format!("stored {e}"))
 }
 
-fn preset_not_found(building: &str, name: &PresetName) -> Error {
+fn preset_not_found(building: &str, name: &LocalName) -> Error {
     Error::NotFound {
         kind: "preset",
         id: format!("{building}/{}", name.as_str()),
     }
 }
 
-fn schedule_not_found(building: &str, schedule_id: &PresetName) -> Error {
+fn schedule_not_found(building: &str, schedule_id: &LocalName) -> Error {
     Error::NotFound {
         kind: "schedule",
         id: format!("{building}/{}", schedule_id.as_str()),
@@ -1040,7 +1040,7 @@ impl From<&Period> for PeriodDoc {
 impl PeriodDoc {
     fn into_period(self) -> std::result::Result<Period, ValidationError> {
         let value = match (self.preset, self.values) {
-            (Some(name), None) => PeriodValue::Preset(PresetName::parse("preset", &name)?),
+            (Some(name), None) => PeriodValue::Preset(LocalName::parse("preset", &name)?),
             (None, Some([d, u, w])) => PeriodValue::Values(LevelValues::new(d, u, w)?),
             _ => return Err(ValidationError::new("period", "needs a preset or values")),
         };

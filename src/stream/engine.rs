@@ -621,13 +621,16 @@ impl Engine {
     /// Runs `f` on the sensor's state, unpacked, and stores the state back; a switch it held
     /// back is woken when its hold ends.
     fn decide<T>(&mut self, i: SensorIndex, f: impl FnOnce(&mut SensorControl) -> T) -> T {
-        // The SAFETY level cuts holds short, as the fail-safes do.
-        let safety = self.sensors.level(i).0 == Level::Safety;
         let mut control = self
             .sensors
             .control(i)
-            .numbering_above(self.out.sequence_floor())
-            .protected(self.protection, self.sensors.last_switch(i), safety);
+            .numbering_above(self.out.sequence_floor());
+        // Without limits there is no hold to look up, on every reading.
+        if self.protection != Protection::default() {
+            // The SAFETY level cuts holds short, as the fail-safes do.
+            let safety = self.sensors.level(i).0 == Level::Safety;
+            control = control.protected(self.protection, self.sensors.last_switch(i), safety);
+        }
         let result = f(&mut control);
         if let Some(until) = control.deferred() {
             self.wakes.insert((until, i));
