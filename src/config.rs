@@ -207,6 +207,10 @@ pub struct ControlConfig {
     /// After a maximum run's OFF, no ON before this long (at least MIN_OFF_TIME).
     #[arg(long, env = "RUN_COOLDOWN", default_value = "0s", value_parser = equipment_duration)]
     pub run_cooldown: Duration,
+    /// The current command is sent again (reason KEEP_ALIVE, the next sequence) this long after
+    /// it was last sent, for heaters that lose their state. 0s: never.
+    #[arg(long, env = "KEEP_ALIVE", default_value = "0s", value_parser = equipment_duration)]
+    pub keep_alive: Duration,
     /// How often every building's SCHEDULE levels are checked in full, which picks up sensors
     /// created in a scheduled building or moved between schedules' groups since.
     #[arg(long, env = "SCHEDULE_SWEEP_INTERVAL", default_value = "30s", value_parser = positive_duration)]
@@ -238,7 +242,7 @@ impl ControlConfig {
             min_off: span(self.min_off_time),
             max_run: Some(span(self.max_run_time)).filter(|run| *run > TimeDelta::zero()),
             cooldown: span(self.run_cooldown),
-            ..Protection::default()
+            keep_alive: Some(span(self.keep_alive)).filter(|every| *every > TimeDelta::zero()),
         }
     }
 }

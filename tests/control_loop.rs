@@ -1420,3 +1420,233 @@ async fn a_heater_on_for_its_maximum_run_time_rests_for_the_cooldown() {
     );
     app.stop().await;
 }
+
+fn limits(min_on: u64, keep_alive: Option<u64>) -> pb::HeaterLimits {
+    let secs = |s: u64| prost_types::Duration {
+        seconds: s as i64,
+        nanos: 0,
+    };
+    pb::HeaterLimits {
+        min_on_time: Some(secs(min_on)),
+        keep_alive: keep_alive.map(secs),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_repeats_the_command_and_holds_count_from_the_switch_across_a_restart() {
+    const MIN_ON: i64 = 14;
+    let config = TestApp::fresh_config().await;
+    let (app, commands, sensors) = looped(config.clone()).await;
+    put_band(&app, "boiler", 20.0).await;
+    let mut heaters = app.heaters().await;
+    // The building's minimum on time, and the boiler's own keep-alive over it.
+    heaters
+        .put_heater_limits(pb::PutHeaterLimitsRequest {
+            building_id: "hq".into(),
+            sensor_id: String::new(),
+            limits: Some(limits(MIN_ON as u64, None)),
+        })
+        .await
+        .expect("building limits");
+    let boiler = heaters
+        .put_heater_limits(pb::PutHeaterLimitsRequest {
+            building_id: "hq".into(),
+            sensor_id: "boiler".into(),
+            limits: Some(pb::HeaterLimits {
+                keep_alive: Some(prost_types::Duration {
+                    seconds: 4,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("sensor limits")
+        .into_inner();
+    let effective = boiler.effective_limits.unwrap();
+    assert_eq!(
+        (
+            effective.min_on_time.unwrap().seconds,
+            effective.keep_alive.unwrap().seconds,
+            effective.min_off_time.unwrap().seconds
+        ),
+        (MIN_ON, 4, 0),
+        "the sensor's over the building's over the service's"
+    );
+    assert_eq!(boiler.limits.unwrap().min_on_time, None, "inherited");
+    // Applied by the loop on a NOTIFY: give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sensors.reading("boiler", 18.0, Utc::now()).await;
+    let on = commands.expect().await;
+    assert_eq!(cmd(&on), (H::On, R::TooCold));
+    assert_eq!(on.switched_at, on.decided_at);
+    let again = commands.expect().await;
+    assert_eq!(
+        (cmd(&again), again.limit()),
+        ((H::On, R::KeepAlive), pb::HeaterLimit::KeepAlive)
+    );
+    assert_eq!(again.sequence, on.sequence + 1, "a repeat is a new command");
+    assert_eq!(again.switched_at, on.decided_at);
+    let every = decided_at(&again) - decided_at(&on);
+    assert!(
+        every >= TimeDelta::seconds(4) && every < TimeDelta::seconds(6),
+        "{every}"
+    );
+    app.stop().await;
+
+    let app = TestApp::spawn_with(config).await;
+    let hold_ends = decided_at(&on) + TimeDelta::seconds(MIN_ON);
+    sensors.reading("boiler", 23.0, Utc::now()).await;
+    assert!(
+        Utc::now() + TimeDelta::seconds(2) < hold_ends,
+        "the restart took the whole hold: nothing left to check"
+    );
+    // Repeats go on; the OFF comes when the hold from the switch ends, not from a repeat.
+    let mut off = None;
+    let give_up = hold_ends + TimeDelta::seconds(10);
+    while Utc::now() < give_up {
+        let Some(event) = commands.next(Duration::from_secs(5)).await else {
+            break;
+        };
+        if event.command() == H::Off {
+            off = Some(event);
+            break;
+        }
+        assert_eq!(cmd(&event), (H::On, R::KeepAlive));
+    }
+    let off = off.expect("the OFF at the hold's end");
+    assert_eq!(
+        (cmd(&off), off.limit()),
+        ((H::Off, R::DeferredTooHot), pb::HeaterLimit::MinOnTime)
+    );
+    let at = decided_at(&off);
+    assert!(
+        at >= hold_ends && at - hold_ends < TimeDelta::seconds(3),
+        "{at} against the hold's end {hold_ends}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when_back() {
+    let (app, commands, sensors) = looped(TestApp::fresh_config().await).await;
+    for sensor in ["room-1", "room-2"] {
+        put_band(&app, sensor, 20.0).await;
+        sensors.reading(sensor, 18.0, Utc::now()).await;
+    }
+    let mut on = commands.expect().await.sequence;
+    on = on.max(commands.expect().await.sequence);
+    assert!(on > 0);
+    let mut heaters = app.heaters().await;
+    let out = |sensor: &str, out: bool, keep: bool| pb::SetOutOfServiceRequest {
+        building_id: "hq".into(),
+        sensor_id: sensor.into(),
+        out_of_service: out,
+        reason: if out { "valve replaced".into() } else { String::new() },
+        keep_heater_state: keep,
+    };
+    // Refused: no reason; a sensor without a setpoint in the building; another building.
+    let status = heaters
+        .set_out_of_service(pb::SetOutOfServiceRequest {
+            reason: String::new(),
+            ..out("room-1", true, false)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = heaters
+        .set_out_of_service(out("nowhere", true, false))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = heaters
+        .put_heater_limits(pb::PutHeaterLimitsRequest {
+            building_id: "hq".into(),
+            sensor_id: String::new(),
+            limits: Some(limits(8 * 24 * 3600, None)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("limits.min_on_time"), "{status:?}");
+
+    // room-2 alone, its heater left as it is: nothing sent.
+    let settings = heaters
+        .set_out_of_service(out("room-2", true, true))
+        .await
+        .expect("out")
+        .into_inner();
+    let reported = settings.out_of_service.expect("out of service");
+    assert_eq!(
+        (reported.reason.as_str(), reported.keep_heater_state, reported.building_wide),
+        ("valve replaced", true, false)
+    );
+    // The whole building: room-1's heater is released at once; room-2's is kept ON.
+    heaters
+        .set_out_of_service(out("", true, false))
+        .await
+        .expect("building out");
+    let released = commands.expect().await;
+    assert_eq!(
+        (released.sensor_id.as_str(), cmd(&released)),
+        ("room-1", (H::Off, R::OutOfService))
+    );
+    // Readings are tracked, nothing is decided.
+    sensors.reading("room-1", 17.0, Utc::now()).await;
+    sensors.reading("room-2", 25.0, Utc::now()).await;
+    assert!(commands.drain(QUIET).await.is_empty(), "out of service");
+    let state = heaters
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "room-1".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let why = state.out_of_service.expect("out of service, visible");
+    assert!(why.building_wide);
+    assert_eq!(state.last_reading.unwrap().temperature_celsius, Some(17.0));
+    let dry = heaters
+        .dry_run(pb::DryRunRequest {
+            sensor_id: "room-1".into(),
+            temperature_celsius: 17.0,
+            time: None,
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!((dry.command(), dry.would_send), (H::On, false));
+
+    // Back: the building first (room-2 still out on its own), then room-2.
+    heaters
+        .set_out_of_service(out("", false, false))
+        .await
+        .expect("building back");
+    let back = commands.expect().await;
+    assert_eq!(
+        (back.sensor_id.as_str(), cmd(&back)),
+        ("room-1", (H::On, R::TooCold)),
+        "decided at once on its latest reading"
+    );
+    assert!(commands.drain(QUIET).await.is_empty(), "room-2 is still out");
+    heaters
+        .set_out_of_service(out("room-2", false, false))
+        .await
+        .expect("room-2 back");
+    let back = commands.expect().await;
+    assert_eq!(
+        (back.sensor_id.as_str(), cmd(&back)),
+        ("room-2", (H::Off, R::TooHot))
+    );
+    let settings = heaters
+        .get_heater_settings(pb::GetHeaterSettingsRequest {
+            building_id: "hq".into(),
+            sensor_id: "room-2".into(),
+        })
+        .await
+        .expect("settings")
+        .into_inner();
+    assert_eq!(settings.out_of_service, None);
+    assert!(settings.revision >= 2);
+    app.stop().await;
+}

@@ -12,6 +12,7 @@ use super::convert::{
     effective_to_proto, level_entry_to_proto, segment_to_proto, setpoint_to_proto, values_to_proto,
 };
 use super::effective;
+use super::equipment::{out_of_service_to_proto, protection_to_proto, EquipmentApi};
 use super::limits::{Limits, Slot};
 use super::{authorize, reader};
 use crate::config::CelsiusRange;
@@ -48,8 +49,8 @@ pub struct HeaterApi {
     limits: Limits,
     /// The readings the loop accepts (`READING_RANGE_CELSIUS`): what a dry run may ask about.
     readings: CelsiusRange,
-    /// The heaters' limits, as the loop applies them.
-    protection: Protection,
+    /// PutHeaterLimits, GetHeaterSettings, SetOutOfService.
+    equipment: EquipmentApi,
     /// Checks an open subscription's credentials again every `recheck`.
     auth: Authenticator,
     recheck: Duration,
@@ -67,11 +68,11 @@ impl HeaterApi {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            equipment: EquipmentApi::new(store.clone(), limits.clone(), rules.protection),
             control,
             store,
             limits,
             readings: rules.readings,
-            protection: rules.protection,
             auth,
             recheck,
             shutdown,
@@ -101,21 +102,21 @@ impl HeaterApi {
         Ok((source, next))
     }
 
-    /// Until when `last` holds, if beyond `now`, and when its run ends, if it is an ON.
+    /// Until when `last` holds under `protection`, if beyond `now`; when its run ends, if it
+    /// is an ON; and when it is next repeated, for a keep-alive.
     fn holds(
-        &self,
+        protection: &Protection,
         last: &pb::HeaterCommandEvent,
         now: DateTime<Utc>,
-    ) -> (
-        Option<prost_types::Timestamp>,
-        Option<prost_types::Timestamp>,
-    ) {
-        let hold = self.hold_until(last).filter(|until| *until > now);
-        let run = Self::switched(last).and_then(|last| self.protection.run_ends(&last));
-        (hold.map(timestamp), run.map(timestamp))
+    ) -> [Option<prost_types::Timestamp>; 3] {
+        let hold = Self::hold_until(protection, last).filter(|until| *until > now);
+        let run = Self::switched(last).and_then(|last| protection.run_ends(&last));
+        let sent = last.decided_at.as_ref().and_then(from_timestamp);
+        let repeat = sent.and_then(|sent| protection.repeat_at(sent));
+        [hold, run, repeat].map(|t| t.map(timestamp))
     }
 
-    /// The last command as its hold counts it, if it names a command and when it was decided.
+    /// The last command as its hold counts it, if it names a command and when it switched.
     fn switched(last: &pb::HeaterCommandEvent) -> Option<Switched> {
         let command = match last.command() {
             pb::HeaterCommand::On => HeaterCommand::On,
@@ -124,14 +125,14 @@ impl HeaterApi {
         };
         Some(Switched {
             command,
-            at: from_timestamp(last.decided_at.as_ref()?)?,
+            at: from_timestamp(last.switched_at.as_ref().or(last.decided_at.as_ref())?)?,
             forced_off: last.reason() == pb::CommandReason::MaxRunTime,
         })
     }
 
     /// Until when `last` holds.
-    fn hold_until(&self, last: &pb::HeaterCommandEvent) -> Option<DateTime<Utc>> {
-        Some(self.protection.hold_until(&Self::switched(last)?))
+    fn hold_until(protection: &Protection, last: &pb::HeaterCommandEvent) -> Option<DateTime<Utc>> {
+        Some(protection.hold_until(&Self::switched(last)?))
     }
 
     /// What the loop would decide for `req`, with no side effect.
@@ -175,16 +176,18 @@ impl HeaterApi {
         let last_command = view
             .last_command
             .filter(|e| who.scope.contains_str(&e.building_id));
-        let would_send = decided.is_some_and(|(command, _)| {
-            last_command
-                .as_ref()
-                .is_none_or(|last| last.command() != command_to_proto(command))
-        });
+        // Out of service, nothing is sent.
+        let would_send = view.settings.out_of_service.is_none()
+            && decided.is_some_and(|(command, _)| {
+                last_command
+                    .as_ref()
+                    .is_none_or(|last| last.command() != command_to_proto(command))
+            });
         let (schedule_id, preset) = segment.tag.unwrap_or_default();
         // A switch inside the last command's hold waits for its end, unless SAFETY decides.
         let deferred_until = last_command
             .as_ref()
-            .and_then(|last| self.hold_until(last))
+            .and_then(|last| Self::hold_until(&view.settings.protection, last))
             .filter(|until| {
                 would_send && *until > at && segment.level != crate::domain::levels::Level::Safety
             });
@@ -246,6 +249,7 @@ impl HeaterApi {
             None => None,
         };
         let setpoint = setpoint.as_ref().map(setpoint_to_proto);
+        let controlled = setpoint.is_some();
         let now = Utc::now();
         let (effective_source, next_change) = match &levels {
             Some(levels) => {
@@ -259,9 +263,10 @@ impl HeaterApi {
         let last_command = view
             .last_command
             .filter(|e| who.scope.contains_str(&e.building_id));
-        let (hold_until, run_ends) = match &last_command {
-            Some(last) => self.holds(last, now),
-            None => (None, None),
+        let settings = &view.settings;
+        let [hold_until, run_ends, next_keep_alive] = match &last_command {
+            Some(last) => Self::holds(&settings.protection, last, now),
+            None => [None, None, None],
         };
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
@@ -273,6 +278,10 @@ impl HeaterApi {
             next_change,
             hold_until,
             run_ends,
+            // Repeated only for a controlled heater in service.
+            next_keep_alive: next_keep_alive.filter(|_| controlled && settings.out_of_service.is_none()),
+            out_of_service: settings.out_of_service.as_ref().map(out_of_service_to_proto),
+            limits: Some(protection_to_proto(&settings.protection)),
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),
@@ -457,5 +466,27 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         Ok(Response::new(
             self.dry_run_answer(&who, request.into_inner()).await?,
         ))
+    }
+
+    async fn put_heater_limits(
+        &self,
+        request: Request<pb::PutHeaterLimitsRequest>,
+    ) -> Result<Response<pb::HeaterSettings>, Status> {
+        Ok(Response::new(self.equipment.put_limits(request).await?))
+    }
+
+    async fn get_heater_settings(
+        &self,
+        request: Request<pb::GetHeaterSettingsRequest>,
+    ) -> Result<Response<pb::HeaterSettings>, Status> {
+        let _slot = reader(&request, &self.limits)?.1;
+        Ok(Response::new(self.equipment.get(request).await?))
+    }
+
+    async fn set_out_of_service(
+        &self,
+        request: Request<pb::SetOutOfServiceRequest>,
+    ) -> Result<Response<pb::HeaterSettings>, Status> {
+        Ok(Response::new(self.equipment.set_out_of_service(request).await?))
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod convert;
 mod effective;
+mod equipment;
 pub mod health;
 mod heater;
 pub mod limits;

@@ -12,7 +12,7 @@ use std::ops::RangeInclusive;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::levels::LevelValues;
-use super::protection::{Gate, Protection, Switched};
+use super::protection::{Gate, LastSent, Limit, Protection, Switched};
 use super::{BuildingId, Celsius, Setpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -33,6 +33,10 @@ pub enum CommandReason {
     DeferredTooHot,
     /// ON for the maximum run time: OFF for the cooldown.
     MaxRunTime,
+    /// Taken out of service while ON: OFF, released.
+    OutOfService,
+    /// The last command, sent again after the keep-alive interval.
+    KeepAlive,
 }
 
 /// One measurement of one sensor.
@@ -141,6 +145,10 @@ pub struct Decision {
     pub setpoint_revision: i64,
     /// The reading the decision was made on (the last one seen, for deletion and staleness).
     pub reading: Option<Reading>,
+    /// The limit that held it back, forced it or repeated it.
+    pub limit: Option<Limit>,
+    /// For a repeat: when the heater was switched to this command (else: now).
+    pub switched_at: Option<DateTime<Utc>>,
 }
 
 /// What happened to a reading.
@@ -161,10 +169,10 @@ pub struct SensorControl {
     /// The heater's limits, when the last command was decided, and whether the SAFETY level
     /// decides (it cuts holds short): given by the engine, not stored with the parts.
     protection: Protection,
-    switched_at: Option<DateTime<Utc>>,
-    /// Whether the last command was the OFF of a maximum run (its hold is the cooldown).
-    forced_off: bool,
+    last_sent: Option<LastSent>,
     safety: bool,
+    /// Out of service: no command but the releasing OFF.
+    out_of_service: bool,
     /// Set when a switch the rule wants waits for a hold to end: then.
     deferred: Option<DateTime<Utc>>,
 }
@@ -212,20 +220,49 @@ impl SensorControl {
         self
     }
 
-    /// Holds switches to `protection`, counting from `switched`: when the last command was
-    /// decided (unknown: no hold) and whether it was the OFF of a maximum run. `safety` (the
+    /// Holds switches to `protection`, counting from `last_sent`: when the last command
+    /// switched the heater and was last sent (unknown: no hold, no repeat). `safety` (the
     /// SAFETY level decides) cuts holds short.
     pub fn protected(
         mut self,
         protection: Protection,
-        switched: Option<(DateTime<Utc>, bool)>,
+        last_sent: Option<LastSent>,
         safety: bool,
     ) -> Self {
         self.protection = protection;
-        self.switched_at = switched.map(|(at, _)| at);
-        self.forced_off = switched.is_some_and(|(_, forced)| forced);
+        self.last_sent = last_sent;
         self.safety = safety;
         self
+    }
+
+    /// Out of service: nothing is sent for the heater but [`Self::take_out_of_service`]'s OFF.
+    pub fn out_of_service(mut self, out: bool) -> Self {
+        self.out_of_service = out;
+        self
+    }
+
+    /// As the sensor goes out of service: OFF for a heater left ON, if it is to be released
+    /// (whatever its hold: an operator asked).
+    pub fn take_out_of_service(&mut self, release: bool) -> Option<Decision> {
+        if !release || self.parts.last_command?.command != HeaterCommand::On {
+            return None;
+        }
+        let building = self.parts.building_id.clone()?;
+        self.emit(
+            HeaterCommand::Off,
+            CommandReason::OutOfService,
+            building,
+            self.parts.revision,
+        )
+    }
+
+    /// The next instant at which [`Self::on_wake`] may have something to do: a deferred
+    /// switch, the end of a maximum run, a keep-alive repeat.
+    pub fn next_wake(&self) -> Option<DateTime<Utc>> {
+        let sent = self.last_sent?;
+        let deferred = self.deferred;
+        self.protection
+            .next_deadline(&self.last_switch()?, sent.sent_at, deferred)
     }
 
     /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:
@@ -241,13 +278,62 @@ impl SensorControl {
         if let Some(forced) = self.end_of_run(now) {
             return Some(forced);
         }
-        let mut decision = self.reevaluate(now, stale_after)?;
+        let held_by = self.last_switch().map(|last| Protection::holding_limit(&last));
+        let Some(mut decision) = self.reevaluate(now, stale_after) else {
+            return self.repeat(now);
+        };
         decision.reason = match decision.reason {
             CommandReason::TooCold => CommandReason::DeferredTooCold,
             CommandReason::TooHot => CommandReason::DeferredTooHot,
             other => other,
         };
+        if matches!(
+            decision.reason,
+            CommandReason::DeferredTooCold | CommandReason::DeferredTooHot
+        ) {
+            decision.limit = held_by;
+        }
         Some(decision)
+    }
+
+    /// The keep-alive: the last command again, with the next sequence, once the interval has
+    /// passed since it was last sent, for a controlled heater in service.
+    fn repeat(&mut self, now: DateTime<Utc>) -> Option<Decision> {
+        self.parts.band?;
+        if self.out_of_service {
+            return None;
+        }
+        let last = self.parts.last_command?;
+        let sent = self.last_sent?;
+        if self.protection.repeat_at(sent.sent_at)? > now {
+            return None;
+        }
+        // A repeat does not say it repeats a maximum run's OFF: one during the cooldown would
+        // shorten it, after a restart, to the minimum off time. The cooldown holds it back.
+        let switch = self.last_switch()?;
+        if switch.forced_off && self.protection.hold_until(&switch) > now {
+            return None;
+        }
+        let building_id = self.parts.building_id.clone()?;
+        let sequence = last.sequence + 1;
+        self.parts.last_command = Some(LastCommand {
+            command: last.command,
+            sequence,
+        });
+        self.last_sent = Some(LastSent {
+            sent_at: now,
+            ..sent
+        });
+        Some(Decision {
+            command: last.command,
+            reason: CommandReason::KeepAlive,
+            sequence,
+            building_id,
+            setpoint_revision: self.parts.revision,
+            reading: self.parts.last_reading,
+            limit: Some(Limit::KeepAlive),
+            switched_at: Some(sent.switched_at),
+        })
     }
 
     /// The OFF of a heater ON for its maximum run time, if it is; the ON the rule may want next
@@ -258,12 +344,13 @@ impl SensorControl {
             return None;
         }
         let building = self.parts.building_id.clone()?;
-        let decision = self.emit(
+        let mut decision = self.emit(
             HeaterCommand::Off,
             CommandReason::MaxRunTime,
             building,
             self.parts.revision,
         )?;
+        decision.limit = Some(Limit::MaxRunTime);
         let off = Switched {
             command: HeaterCommand::Off,
             at: now,
@@ -276,10 +363,11 @@ impl SensorControl {
     /// The last command as far as its hold goes, when it is known when it was decided.
     fn last_switch(&self) -> Option<Switched> {
         let last = self.parts.last_command?;
+        let sent = self.last_sent?;
         Some(Switched {
             command: last.command,
-            at: self.switched_at?,
-            forced_off: self.forced_off && last.command == HeaterCommand::Off,
+            at: sent.switched_at,
+            forced_off: sent.forced_off && last.command == HeaterCommand::Off,
         })
     }
 
@@ -290,6 +378,11 @@ impl SensorControl {
 
     pub fn revision(&self) -> i64 {
         self.parts.revision
+    }
+
+    /// The building of the latest setpoint or observed command.
+    pub fn building_id(&self) -> Option<&BuildingId> {
+        self.parts.building_id.as_ref()
     }
 
     pub fn last_reading(&self) -> Option<Reading> {
@@ -483,6 +576,7 @@ impl SensorControl {
             .parts
             .last_command
             .is_some_and(|last| last.command == command)
+            || (self.out_of_service && reason != CommandReason::OutOfService)
         {
             return None;
         }
@@ -498,6 +592,8 @@ impl SensorControl {
             building_id,
             setpoint_revision,
             reading: self.parts.last_reading,
+            limit: None,
+            switched_at: None,
         })
     }
 }
@@ -551,6 +647,15 @@ mod tests {
         }
     }
 
+    /// The last command, switched and sent at `at`.
+    fn sent(at: DateTime<Utc>, forced_off: bool) -> Option<LastSent> {
+        Some(LastSent {
+            switched_at: at,
+            sent_at: at,
+            forced_off,
+        })
+    }
+
     /// The state as the engine hands it over after a command decided at `seconds`.
     fn held(control: SensorControl, min_on: i64, min_off: i64, seconds: i64) -> SensorControl {
         let protection = Protection {
@@ -558,7 +663,7 @@ mod tests {
             min_off: TimeDelta::seconds(min_off),
             ..Protection::default()
         };
-        control.protected(protection, Some((at(seconds), false)), false)
+        control.protected(protection, sent(at(seconds), false), false)
     }
 
     #[test]
@@ -597,7 +702,7 @@ mod tests {
                 min_on: TimeDelta::seconds(300),
                 ..Protection::default()
             },
-            Some((at(10), false)),
+            sent(at(10), false),
             true,
         );
         assert_eq!(command_of(safety.on_reading(reading(21.5, 40))), Some(Off));
@@ -612,24 +717,113 @@ mod tests {
         };
         let mut s = controlled(20.0, 0.5, 0.5);
         assert_eq!(command_of(s.on_reading(reading(18.0, 0))), Some(On));
-        let mut s = s.protected(protection, Some((at(0), false)), false);
+        let mut s = s.protected(protection, sent(at(0), false), false);
         // Still cold an hour later: nothing before the hour, OFF at it.
         assert_eq!(command_of(s.on_reading(reading(19.0, 3000))), None);
         assert_eq!(s.on_wake(at(3599), STALE), None);
-        let mut s = s.protected(protection, Some((at(0), false)), false);
+        let mut s = s.protected(protection, sent(at(0), false), false);
         let off = s.on_wake(at(3600), STALE).expect("the end of the run");
         assert_eq!((off.command, off.reason), (Off, CommandReason::MaxRunTime));
         assert_eq!(s.deferred(), Some(at(4200)), "woken at the cooldown's end");
         // Cold during the cooldown: held back; after it: ON, deferred.
-        let mut s = s.protected(protection, Some((at(3600), true)), false);
+        let mut s = s.protected(protection, sent(at(3600), true), false);
         assert_eq!(command_of(s.on_reading(reading(19.0, 4000))), None);
         assert_eq!(s.deferred(), Some(at(4200)));
-        let mut s = s.protected(protection, Some((at(3600), true)), false);
+        let mut s = s.protected(protection, sent(at(3600), true), false);
         let on = s.on_wake(at(4200), STALE).expect("ON after the cooldown");
         assert_eq!(
             (on.command, on.reason),
             (On, CommandReason::DeferredTooCold)
         );
+    }
+
+    #[test]
+    fn a_deferred_or_forced_command_names_the_limit_that_shaped_it() {
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
+        let mut s = held(s, 300, 0, 0);
+        assert_eq!(command_of(s.on_reading(reading(21.0, 30))), None);
+        let mut s = held(s, 300, 0, 0);
+        let off = s.on_wake(at(300), STALE).unwrap();
+        assert_eq!(off.limit, Some(Limit::MinOnTime));
+        let mut s = held(s, 0, 600, 300);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 850))), None);
+        let mut s = held(s, 0, 600, 300);
+        let on = s.on_wake(at(900), STALE).unwrap();
+        assert_eq!(
+            (on.reason, on.limit),
+            (CommandReason::DeferredTooCold, Some(Limit::MinOffTime))
+        );
+        // A switch no hold kept back names none.
+        let mut s = held(s, 0, 0, 900);
+        let plain = match s.on_reading(reading(21.0, 950)) {
+            ReadingOutcome::Applied(d) => d.unwrap(),
+            ReadingOutcome::OutOfOrder => unreachable!(),
+        };
+        assert_eq!(plain.limit, None);
+    }
+
+    #[test]
+    fn keep_alive_repeats_the_command_with_the_next_sequence_and_holds_count_from_the_switch() {
+        let protection = Protection {
+            min_on: TimeDelta::seconds(600),
+            keep_alive: Some(TimeDelta::seconds(120)),
+            ..Protection::default()
+        };
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
+        let first = s.last_command().unwrap().sequence;
+        let mut s = s.protected(protection, sent(at(0), false), false);
+        assert_eq!(s.next_wake(), Some(at(120)));
+        assert_eq!(s.on_wake(at(119), STALE), None, "not due yet");
+        let again = s.on_wake(at(120), STALE).expect("repeated");
+        assert_eq!(
+            (again.command, again.reason, again.limit),
+            (On, CommandReason::KeepAlive, Some(Limit::KeepAlive))
+        );
+        assert_eq!(again.sequence, first + 1);
+        assert_eq!(again.switched_at, Some(at(0)));
+        // The repeat does not restart the minimum on time: it counts from the switch.
+        let repeated = LastSent {
+            switched_at: at(0),
+            sent_at: at(120),
+            forced_off: false,
+        };
+        let mut s = s.protected(protection, Some(repeated), false);
+        assert_eq!(s.next_wake(), Some(at(240)));
+        assert_eq!(command_of(s.on_reading(reading(21.0, 500))), None);
+        assert_eq!(s.deferred(), Some(at(600)));
+        // Out of service: no repeat.
+        let mut out = s.clone().out_of_service(true);
+        assert_eq!(out.on_wake(at(240), STALE), None);
+        // Without a setpoint: no repeat either (the heater was released).
+        let mut released = s.clone();
+        released.apply_setpoint(9, None, at(200));
+        let mut released = released.protected(protection, Some(repeated), false);
+        let off = released.on_wake(at(240), STALE).unwrap();
+        assert_eq!(off.reason, CommandReason::SetpointDeleted);
+    }
+
+    #[test]
+    fn out_of_service_sends_nothing_but_the_release_and_tracks_readings() {
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
+        let on = s.last_command().unwrap();
+        let mut kept = s.clone().out_of_service(true);
+        assert_eq!(kept.take_out_of_service(false), None, "left as it is");
+        let mut s = held(s, 3600, 0, 0).out_of_service(true);
+        let off = s.take_out_of_service(true).expect("released at once");
+        assert_eq!((off.command, off.reason), (Off, CommandReason::OutOfService));
+        assert_eq!(off.sequence, on.sequence + 1);
+        assert_eq!(s.take_out_of_service(true), None, "already OFF");
+        // Readings are tracked, nothing is decided, the fail-safe is quiet.
+        assert_eq!(command_of(s.on_reading(reading(18.0, 60))), None);
+        assert_eq!(s.last_reading().unwrap().temperature.value(), 18.0);
+        assert_eq!(s.on_tick(at(3600), STALE, at(0)), None);
+        // Back in service: decided at once on the latest reading.
+        let mut back = s.out_of_service(false);
+        let d = back.reevaluate(at(61), STALE).expect("ON again");
+        assert_eq!((d.command, d.reason), (On, CommandReason::TooCold));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod control;
+pub mod equipment;
 mod ids;
 pub mod levels;
 pub mod protection;

@@ -34,6 +34,27 @@ pub struct Switched {
     pub forced_off: bool,
 }
 
+/// The last command a heater was sent, as its holds and keep-alive count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastSent {
+    /// When the heater was switched to it: its hold counts from here.
+    pub switched_at: DateTime<Utc>,
+    /// When it was last sent, first or again (keep-alive): the next repeat counts from here.
+    pub sent_at: DateTime<Utc>,
+    /// Whether it was the OFF of a maximum run.
+    pub forced_off: bool,
+}
+
+/// The limit that shaped a command: held it back, forced it, or repeated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    MinOnTime,
+    MinOffTime,
+    MaxRunTime,
+    RunCooldown,
+    KeepAlive,
+}
+
 /// What may happen to a switch the rule wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
@@ -48,6 +69,15 @@ impl Protection {
     /// then on.
     pub fn hold_until(&self, last: &Switched) -> DateTime<Utc> {
         later(last.at, self.hold(last))
+    }
+
+    /// Which limit makes `last` hold.
+    pub fn holding_limit(last: &Switched) -> Limit {
+        match last.command {
+            HeaterCommand::On => Limit::MinOnTime,
+            HeaterCommand::Off if last.forced_off => Limit::RunCooldown,
+            HeaterCommand::Off => Limit::MinOffTime,
+        }
     }
 
     /// How long `last` holds.

@@ -1,6 +1,7 @@
 //! PostgreSQL storage: the connection pool, migrations and every SQL statement the service
 //! issues. Knows nothing of gRPC; returns domain types and [`crate::Error`].
 
+mod heater_settings;
 mod levels;
 mod put_queue;
 mod requests;
@@ -18,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::DatabaseConfig;
 use crate::error::Result;
 
+pub use heater_settings::{SettingsRecord, SETTINGS_CHANNEL};
 pub use levels::{LevelEntry, LevelWrite, Levels, EXPIRY_ACTOR};
 pub use requests::{RecordedWrite, WriteRequest};
 pub use schedules::{

@@ -6,7 +6,7 @@
 //! numbers and flags (61 B); a hash table of slot numbers finds a sensor by id. Building ids are
 //! interned (a few thousand at most, shared by their sensors). The last command event of a
 //! sensor (for GetSensorState and subscribers' snapshots) is packed too, into a [`LastEvent`]
-//! of 45 B in a second vector: a running building has one for nearly every sensor, and kept
+//! of 46 B in a second vector: a running building has one for nearly every sensor, and kept
 //! whole (an `Arc` of the proto with its two id strings) it was 320 B each. Sensors are never
 //! removed (a deleted setpoint still needs its tombstone revision), which is what lets a slot's
 //! id end where the next slot's begins.
@@ -25,6 +25,7 @@ use crate::domain::control::{
     Band, ControlParts, HeaterCommand, LastCommand, Reading, SensorControl,
 };
 use crate::domain::levels::Level;
+use crate::domain::protection::LastSent;
 use crate::domain::{BuildingId, Celsius, SensorId};
 use crate::proto::v1 as pb;
 
@@ -77,11 +78,13 @@ mod event_flags {
     pub const DECIDED_AT: u8 = 1 << 2;
     /// Bits 3 and 4: the `HeaterCommand` proto number (0 to 2).
     pub const COMMAND_SHIFT: u8 = 3;
-    /// Bits 5 to 7: the `CommandReason` proto number (0 to 4).
-    pub const REASON_SHIFT: u8 = 5;
 }
 
-/// A sensor's last command event, 45 bytes: every field of `pb::HeaterCommandEvent` but the
+/// [`LastEvent::shaping`]: the `CommandReason` proto number in the low four bits (0 to 9),
+/// the `HeaterLimit` one in the high four (0 to 5).
+const LIMIT_SHIFT: u8 = 4;
+
+/// A sensor's last command event, 46 bytes: every field of `pb::HeaterCommandEvent` but the
 /// sensor id (the slot's) and `snapshot` (never set on a stored event), and the number the
 /// engine gave it (a [`super::feed::LiveEvent`]'s). Times are nanoseconds since the epoch,
 /// revision and sequence narrowed, as in [`Slot`]. Its own building and sequence rather than the
@@ -100,6 +103,7 @@ struct LastEvent {
     decided_at: i64,
     building: u32,
     flags: u8,
+    shaping: u8,
 }
 
 /// Index of a sensor in the cache.
@@ -134,6 +138,9 @@ pub struct Cache {
     levels: HashMap<SensorIndex, (Level, i64)>,
     /// The same for last command events (proto level numbers).
     event_levels: HashMap<SensorIndex, (i32, i64)>,
+    /// A last command event's `switched_at` where it is not its `decided_at` (a keep-alive
+    /// repeat), nanoseconds since the epoch: few sensors.
+    event_switched: HashMap<SensorIndex, i64>,
 }
 
 impl Cache {
@@ -340,7 +347,9 @@ impl Cache {
             sensor_id: self.id(i).to_owned(),
             building_id: self.buildings[event.building as usize].to_string(),
             command: i32::from((event.flags >> event_flags::COMMAND_SHIFT) & 0b11),
-            reason: i32::from(event.flags >> event_flags::REASON_SHIFT),
+            reason: i32::from(event.shaping & 0b1111),
+            limit: i32::from(event.shaping >> LIMIT_SHIFT),
+            switched_at: self.switched_at(i, &event).map(from_nanos),
             setpoint_revision,
             temperature_celsius: Some(event.temperature).filter(|t| !t.is_nan()),
             reading_time: (event.flags & event_flags::READING_TIME != 0)
@@ -354,20 +363,33 @@ impl Cache {
         })
     }
 
-    /// The sequence of the sensor's last command event.
-    /// When the sensor's last command was decided, and whether it was the OFF of a maximum
-    /// run, if the event kept is that command's: what its hold counts from.
-    pub fn last_switch(&self, i: SensorIndex) -> Option<(DateTime<Utc>, bool)> {
+    /// When the event switched its heater: `decided_at`, unless it repeats an earlier switch.
+    fn switched_at(&self, i: SensorIndex, event: &LastEvent) -> Option<i64> {
+        let decided = (event.flags & event_flags::DECIDED_AT != 0).then_some(event.decided_at);
+        self.event_switched.get(&i).copied().or(decided)
+    }
+
+    /// When the sensor's last command switched its heater and was last sent, and whether it
+    /// was the OFF of a maximum run, if the event kept is that command's: what its holds and
+    /// keep-alive count from.
+    pub fn last_switch(&self, i: SensorIndex) -> Option<LastSent> {
         let event = self.stored_event(i)?;
         let slot = self.slots[i as usize];
         let same = slot.flags & flags::COMMAND != 0
             && widen(slot.sequence, &self.wide_sequences, i)
                 == widen(event.sequence, &self.wide_event_sequences, i);
-        let forced =
-            event.flags >> event_flags::REASON_SHIFT == pb::CommandReason::MaxRunTime as u8;
-        (same && event.flags & event_flags::DECIDED_AT != 0)
-            .then(|| (DateTime::from_timestamp_nanos(event.decided_at), forced))
+        if !same || event.flags & event_flags::DECIDED_AT == 0 {
+            return None;
+        }
+        let switched = self.switched_at(i, &event)?;
+        Some(LastSent {
+            switched_at: DateTime::from_timestamp_nanos(switched),
+            sent_at: DateTime::from_timestamp_nanos(event.decided_at),
+            forced_off: event.shaping & 0b1111 == pb::CommandReason::MaxRunTime as u8,
+        })
     }
+
+    /// The sequence of the sensor's last command event.
 
     pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {
         self.stored_event(i)
@@ -392,9 +414,8 @@ impl Cache {
     ) {
         let command = pb::HeaterCommand::try_from(event.command).map_or(0, |c| c as u8);
         let reason = pb::CommandReason::try_from(event.reason).map_or(0, |r| r as u8);
-        let mut flags = event_flags::PRESENT
-            | command << event_flags::COMMAND_SHIFT
-            | reason << event_flags::REASON_SHIFT;
+        let limit = pb::HeaterLimit::try_from(event.limit).map_or(0, |l| l as u8);
+        let mut flags = event_flags::PRESENT | command << event_flags::COMMAND_SHIFT;
         let mut time = |t: &Option<prost_types::Timestamp>, flag| {
             let nanos = t.as_ref().and_then(to_nanos);
             if nanos.is_some() {
@@ -412,6 +433,14 @@ impl Cache {
         }
         let reading_time = time(&event.reading_time, event_flags::READING_TIME);
         let decided_at = time(&event.decided_at, event_flags::DECIDED_AT);
+        match event.switched_at.as_ref().and_then(to_nanos) {
+            Some(switched) if switched != decided_at => {
+                self.event_switched.insert(i, switched);
+            }
+            _ => {
+                self.event_switched.remove(&i);
+            }
+        }
         let packed = LastEvent {
             revision: narrow(event.setpoint_revision, &mut self.wide_event_revisions, i),
             sequence: narrow(event.sequence, &mut self.wide_event_sequences, i),
@@ -421,6 +450,7 @@ impl Cache {
             decided_at,
             building: self.intern(building),
             flags,
+            shaping: reason | limit << LIMIT_SHIFT,
         };
         match self.stored_event(i) {
             Some(old) if { old.building } == { packed.building } => {}
@@ -623,9 +653,9 @@ mod tests {
     /// measured before the receive time added 8 B) rests on these sizes: a field added without
     /// packing, or padding brought in by an aligned one, fails here rather than in a benchmark.
     #[test]
-    fn a_slot_stays_within_61_bytes_and_a_last_event_within_45() {
+    fn a_slot_stays_within_61_bytes_and_a_last_event_within_46() {
         assert!(std::mem::size_of::<Slot>() <= 61);
-        assert!(std::mem::size_of::<LastEvent>() <= 45);
+        assert!(std::mem::size_of::<LastEvent>() <= 46);
     }
 
     #[test]
@@ -725,6 +755,11 @@ mod tests {
             snapshot: false,
             setpoint_level: pb::SetpointLevel::Override.into(),
             level_revision: -8,
+            limit: pb::HeaterLimit::KeepAlive.into(),
+            switched_at: Some(prost_types::Timestamp {
+                seconds: 1_799_999_000,
+                nanos: 5,
+            }),
         }
     }
 
@@ -995,7 +1030,9 @@ mod tests {
         #[test]
         fn every_event_thermostat_can_write_round_trips(
             command in 0..=2i32,
-            reason in 0..=4i32,
+            reason in 0..=9i32,
+            limit in 0..=5i32,
+            switched in proptest::option::of((-9_223_372_035i64..=9_223_372_035, 0..1_000_000_000i32)),
             revision: i64,
             sequence: u64,
             temperature in proptest::option::of(proptest::num::f64::ANY),
@@ -1020,6 +1057,8 @@ mod tests {
                 snapshot: false,
                 setpoint_level: level,
                 level_revision,
+                limit,
+                switched_at: Some(stamp(switched.unwrap_or(decided))),
             };
             cache.set_last_event(i, &sent, &building("b"), 1);
             let back = cache.last_event(i).unwrap();

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::config::{CelsiusRange, SensorFormat};
 use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
 use crate::domain::levels::Level;
+use crate::domain::protection::Limit;
 use crate::domain::{Celsius, SensorId};
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
@@ -182,6 +183,18 @@ pub fn reason_to_proto(reason: CommandReason) -> pb::CommandReason {
         CommandReason::DeferredTooCold => pb::CommandReason::DeferredTooCold,
         CommandReason::DeferredTooHot => pb::CommandReason::DeferredTooHot,
         CommandReason::MaxRunTime => pb::CommandReason::MaxRunTime,
+        CommandReason::OutOfService => pb::CommandReason::OutOfService,
+        CommandReason::KeepAlive => pb::CommandReason::KeepAlive,
+    }
+}
+
+pub fn limit_to_proto(limit: Limit) -> pb::HeaterLimit {
+    match limit {
+        Limit::MinOnTime => pb::HeaterLimit::MinOnTime,
+        Limit::MinOffTime => pb::HeaterLimit::MinOffTime,
+        Limit::MaxRunTime => pb::HeaterLimit::MaxRunTime,
+        Limit::RunCooldown => pb::HeaterLimit::RunCooldown,
+        Limit::KeepAlive => pb::HeaterLimit::KeepAlive,
     }
 }
 
@@ -206,6 +219,8 @@ pub fn command_event(
         snapshot: false,
         setpoint_level: i32::from(level.number()),
         level_revision,
+        limit: decision.limit.map_or(0, |l| limit_to_proto(l) as i32),
+        switched_at: Some(timestamp(decision.switched_at.unwrap_or(decided_at))),
     }
 }
 
@@ -558,12 +573,16 @@ mod tests {
                 time: now() - TimeDelta::minutes(6),
                 received: now(),
             }),
+            limit: Some(Limit::MinOffTime),
+            switched_at: None,
         };
         let sensor = SensorId::parse("s1").unwrap();
         // Decided when received: read back, the reading counts as received then.
         let event = command_event(sensor.as_str(), &decision, (Level::Default, 2), now());
         assert_eq!(event.command(), pb::HeaterCommand::On);
         assert_eq!(event.reason(), pb::CommandReason::TooCold);
+        assert_eq!(event.limit(), pb::HeaterLimit::MinOffTime);
+        assert_eq!(event.switched_at, event.decided_at, "a switch: switched when decided");
         let (id, last, reading) = observed_command(&event).unwrap();
         assert_eq!(
             (id, last.command, last.sequence),

@@ -27,9 +27,12 @@ use super::partitioner::partition_of;
 use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::SensorPartitioner;
-use crate::domain::control::{Decision, HeaterCommand, Reading, ReadingOutcome, SensorControl};
+use crate::domain::control::{
+    CommandReason, Decision, Reading, ReadingOutcome, SensorControl,
+};
+use crate::domain::equipment::{HeaterSettings, Resolved};
 use crate::domain::levels::Level;
-use crate::domain::protection::Protection;
+use crate::domain::protection::{Protection, Switched};
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
@@ -40,6 +43,8 @@ pub enum Input {
     /// Consecutive records of the sensor topic, in the order consumed.
     Records(Records),
     Setpoint(SetpointVersion),
+    /// Every building's and sensor's heater settings, read again.
+    Settings(Arc<HeaterSettings>),
     /// A command read back from the command topic.
     Observed {
         event: Arc<pb::HeaterCommandEvent>,
@@ -153,6 +158,8 @@ pub enum Query {
 pub struct SensorView {
     pub last_reading: Option<Reading>,
     pub last_command: Option<pb::HeaterCommandEvent>,
+    /// The heater's limits and out of service, as the engine applies them.
+    pub settings: Resolved,
 }
 
 pub struct Engine {
@@ -181,9 +188,10 @@ pub struct Engine {
     stale_after: TimeDelta,
     stats: Arc<LoopStats>,
     feed: Numbering,
-    /// The heaters' limits (minimum on and off times).
-    protection: Protection,
-    /// Sensors with a switch held back, by when its hold ends.
+    /// The heaters' limits and out of service: the service's, buildings' and sensors'.
+    settings: Arc<HeaterSettings>,
+    /// Sensors with something due without a reading (a switch held back, the end of a
+    /// maximum run, a keep-alive), by when.
     wakes: BTreeSet<(DateTime<Utc>, SensorIndex)>,
 }
 
@@ -213,14 +221,15 @@ impl Engine {
             stale_after: TimeDelta::from_std(stale_after).unwrap_or(TimeDelta::MAX),
             stats,
             feed: Numbering::new(live),
-            protection: Protection::default(),
+            settings: Arc::default(),
             wakes: BTreeSet::new(),
         }
     }
 
-    /// Holds the heaters' switches to `protection`.
+    /// Holds the heaters' switches to `protection`, until the buildings' and sensors' own
+    /// settings arrive.
     pub fn with_protection(mut self, protection: Protection) -> Self {
-        self.protection = protection;
+        self.settings = Arc::new(HeaterSettings::new(protection));
         self
     }
 
@@ -290,6 +299,7 @@ impl Engine {
                 Ok(())
             }
             Input::Setpoint(version) => self.on_setpoint(version).await,
+            Input::Settings(settings) => self.on_settings(settings).await,
             Input::Observed {
                 event,
                 reading_partition,
@@ -309,11 +319,18 @@ impl Engine {
                 let view = self
                     .sensors
                     .find(sensor.as_str())
-                    .map(|i| SensorView {
-                        last_reading: self.sensors.control(i).last_reading(),
-                        last_command: self.sensors.last_event(i),
+                    .map(|i| {
+                        let control = self.sensors.control(i);
+                        SensorView {
+                            last_reading: control.last_reading(),
+                            last_command: self.sensors.last_event(i),
+                            settings: self.settings.resolve(sensor.as_str(), control.building_id()),
+                        }
                     })
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| SensorView {
+                        settings: self.settings.resolve(sensor.as_str(), None),
+                        ..SensorView::default()
+                    });
                 let _ = reply.send(view);
                 Ok(())
             }
@@ -357,7 +374,13 @@ impl Engine {
             .as_ref()
             .and_then(crate::proto::from_timestamp)
         {
-            self.wake_at_end_of_run(i, last.command, at);
+            let switched = event.switched_at.as_ref().and_then(crate::proto::from_timestamp);
+            let last = Switched {
+                command: last.command,
+                at: switched.unwrap_or(at),
+                forced_off: event.reason() == pb::CommandReason::MaxRunTime,
+            };
+            self.wake_after(i, Some(&building), &last, at);
         }
         self.decide(i, |control| control.observe(last, building, reading));
         // A partition of another partition count names no owner.
@@ -406,6 +429,41 @@ impl Engine {
                 .set_level(i, level, level_revision, version.revision);
         }
         if let Some(decision) = decision {
+            let delivery = self.send(i, &decision).await?;
+            self.acks.push(None, Some(delivery));
+        }
+        Ok(())
+    }
+
+    /// New heater settings: a sensor taken out of service has its heater released (if asked),
+    /// one put back is decided for at once, and every wake is placed by the new limits.
+    async fn on_settings(&mut self, settings: Arc<HeaterSettings>) -> Result<(), StreamError> {
+        if settings == self.settings {
+            return Ok(());
+        }
+        let old = std::mem::replace(&mut self.settings, settings);
+        let (now, stale_after) = (Utc::now(), self.stale_after);
+        let mut decided = Vec::new();
+        for i in self.sensors.indexes() {
+            let control = self.sensors.control(i);
+            let building = control.building_id();
+            if building.is_none() {
+                continue;
+            }
+            let id = self.sensors.id(i);
+            let was_out = old.resolve(id, building).out_of_service.is_some();
+            let out = self.settings.resolve(id, building).out_of_service;
+            let owned = self.owner(i).is_some();
+            let decision = self.decide(i, |control| match (was_out, out) {
+                (false, Some(out)) if owned => control.take_out_of_service(out.release),
+                (true, None) if owned => control.reevaluate(now, stale_after),
+                _ => None,
+            });
+            if let Some(decision) = decision {
+                decided.push((i, decision));
+            }
+        }
+        for (i, decision) in decided {
             let delivery = self.send(i, &decision).await?;
             self.acks.push(None, Some(delivery));
         }
@@ -618,32 +676,61 @@ impl Engine {
         self.feed.publish(number, i, event.clone());
     }
 
-    /// Runs `f` on the sensor's state, unpacked, and stores the state back; a switch it held
-    /// back is woken when its hold ends.
+    /// Runs `f` on the sensor's state, unpacked, and stores the state back; what it leaves
+    /// due (a switch held back, the end of a run, a keep-alive) is woken then.
     fn decide<T>(&mut self, i: SensorIndex, f: impl FnOnce(&mut SensorControl) -> T) -> T {
         let mut control = self
             .sensors
             .control(i)
             .numbering_above(self.out.sequence_floor());
-        // Without limits there is no hold to look up, on every reading.
-        if self.protection != Protection::default() {
+        let resolved = self.resolved(i, control.building_id());
+        if let Some(resolved) = &resolved {
             // The SAFETY level cuts holds short, as the fail-safes do.
             let safety = self.sensors.level(i).0 == Level::Safety;
-            control = control.protected(self.protection, self.sensors.last_switch(i), safety);
+            control = control
+                .protected(resolved.protection, self.sensors.last_switch(i), safety)
+                .out_of_service(resolved.out_of_service.is_some());
         }
         let result = f(&mut control);
-        if let Some(until) = control.deferred() {
-            self.wakes.insert((until, i));
+        if let Some(at) = resolved.and_then(|_| control.next_wake()) {
+            self.wakes.insert((at, i));
         }
         self.sensors.set_control(i, control);
         result
     }
 
-    /// Wakes a heater switched ON at `at` when its maximum run time is up.
-    fn wake_at_end_of_run(&mut self, i: SensorIndex, command: HeaterCommand, at: DateTime<Utc>) {
-        if let (HeaterCommand::On, Some(run)) = (command, self.protection.max_run) {
-            self.wakes.insert((at + run, i));
+    /// What applies to sensor `i` in `building`; `None` when no limit is set anywhere and
+    /// nothing is out of service: then there is nothing to look up, on every reading.
+    fn resolved(&self, i: SensorIndex, building: Option<&BuildingId>) -> Option<Resolved> {
+        if self.settings.is_uniform() {
+            let protection = self.settings.service();
+            return (protection != Protection::default()).then(|| Resolved {
+                protection,
+                out_of_service: None,
+            });
         }
+        Some(self.settings.resolve(self.sensors.id(i), building))
+    }
+
+    /// Wakes sensor `i` when something is next due after `last`, last sent at `sent_at`.
+    fn wake_after(
+        &mut self,
+        i: SensorIndex,
+        building: Option<&BuildingId>,
+        last: &Switched,
+        sent_at: DateTime<Utc>,
+    ) {
+        let due = self
+            .resolved(i, building)
+            .and_then(|r| r.protection.next_deadline(last, sent_at, None));
+        if let Some(at) = due {
+            self.wakes.insert((at, i));
+        }
+    }
+
+    /// The partition this replica decides sensor `i` on, if it decides for it now.
+    fn owner(&self, i: SensorIndex) -> Option<i32> {
+        self.sensors.partition(i).filter(|&p| self.decides_for(p))
     }
 
     /// Decides again for the sensors whose hold or run has ended, if this replica decides for
@@ -656,11 +743,7 @@ impl Engine {
                 break;
             }
             self.wakes.pop_first();
-            let owned = self
-                .sensors
-                .partition(i)
-                .is_some_and(|p| self.decides_for(p));
-            if !owned {
+            if self.owner(i).is_none() {
                 continue;
             }
             if let Some(decision) = self.decide(i, |control| control.on_wake(now, stale_after)) {
@@ -717,7 +800,12 @@ impl Engine {
         let level = self.sensors.level(i);
         let now = Utc::now();
         let event = command_event(self.sensors.id(i), decision, level, now);
-        self.wake_at_end_of_run(i, decision.command, now);
+        let last = Switched {
+            command: decision.command,
+            at: decision.switched_at.unwrap_or(now),
+            forced_off: decision.reason == CommandReason::MaxRunTime,
+        };
+        self.wake_after(i, Some(&decision.building_id), &last, now);
         let number = self.feed.own(i, event.sequence);
         self.sensors
             .set_last_event(i, &event, &decision.building_id, number);

@@ -309,6 +309,7 @@ pub async fn start(
         stats: stats.clone(),
         reading_range: kafka.reading_range_celsius,
         resync_interval: control.setpoint_resync_interval,
+        protection: control.protection(),
     };
     recover(&follower, sync, &engine_tx, tasks, &shutdown).await?;
 

@@ -5,6 +5,8 @@
 //! listener (re)connects, since notifications sent while it was away are lost, shortly after
 //! notifications it cannot read, and every `SETPOINT_RESYNC_INTERVAL` as a safety net. The engine
 //! ignores revisions older than the one it has, so a cached revision never goes backwards.
+//! The heater settings (limits, out of service) ride along: a few rows, read whole on their
+//! own NOTIFY and with every resync.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +22,8 @@ use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::CelsiusRange;
 use crate::domain::control;
-use crate::store::{SetpointVersion, Store};
+use crate::domain::protection::Protection;
+use crate::store::{SetpointVersion, Store, SETTINGS_CHANNEL};
 
 /// The NOTIFY channel written by the `setpoints_notify` trigger (see migrations).
 pub const CHANNEL: &str = "thermostat_setpoints";
@@ -83,6 +86,8 @@ pub struct Sync {
     pub stats: Arc<LoopStats>,
     pub reading_range: CelsiusRange,
     pub resync_interval: Duration,
+    /// The service's heater limits, under the buildings' and sensors' own.
+    pub protection: Protection,
 }
 
 impl Sync {
@@ -113,7 +118,21 @@ impl Sync {
     }
 
     async fn resync(&self) -> Result<(), StreamError> {
+        self.reload_settings().await?;
         full_resync(&self.store, &self.engine, &self.stats, self.reading_range).await
+    }
+
+    /// Hands the whole heater settings table to the engine.
+    async fn reload_settings(&self) -> Result<(), StreamError> {
+        let table = self
+            .store
+            .heater_settings_table(self.protection)
+            .await
+            .map_err(StreamError::Store)?;
+        self.engine
+            .send(Input::Settings(Arc::new(table)))
+            .await
+            .map_err(|_| StreamError::Stopped("engine"))
     }
 
     async fn listen(
@@ -125,7 +144,10 @@ impl Sync {
         let mut listener = PgListener::connect_with(self.store.pool())
             .await
             .map_err(db)?;
-        listener.listen(CHANNEL).await.map_err(db)?;
+        listener
+            .listen_all([CHANNEL, SETTINGS_CHANNEL])
+            .await
+            .map_err(db)?;
         // Listening first, then reading everything: no change can fall between the two.
         self.resync().await?;
         if let Some(loaded) = loaded.take() {
@@ -143,6 +165,7 @@ impl Sync {
                     self.resync().await?;
                 }
                 notification = listener.try_recv() => match notification.map_err(db)? {
+                    Some(n) if n.channel() == SETTINGS_CHANNEL => self.reload_settings().await?,
                     // The notification carries the committed version: no need to read it back.
                     Some(notification) => match SetpointVersion::from_notification(notification.payload()) {
                         Ok(version) => self.engine

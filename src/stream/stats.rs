@@ -96,7 +96,7 @@ impl LoopStats {
 
 const COMMANDS: [(HeaterCommand, &str); 2] =
     [(HeaterCommand::On, "On"), (HeaterCommand::Off, "Off")];
-const REASONS: [(CommandReason, &str); 7] = [
+const REASONS: [(CommandReason, &str); 9] = [
     (CommandReason::TooCold, "TooCold"),
     (CommandReason::TooHot, "TooHot"),
     (CommandReason::SetpointDeleted, "SetpointDeleted"),
@@ -104,6 +104,8 @@ const REASONS: [(CommandReason, &str); 7] = [
     (CommandReason::DeferredTooCold, "DeferredTooCold"),
     (CommandReason::DeferredTooHot, "DeferredTooHot"),
     (CommandReason::MaxRunTime, "MaxRunTime"),
+    (CommandReason::OutOfService, "OutOfService"),
+    (CommandReason::KeepAlive, "KeepAlive"),
 ];
 
 impl telemetry::Counts for LoopStats {

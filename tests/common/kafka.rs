@@ -239,6 +239,8 @@ pub fn written_command(
         snapshot: false,
         setpoint_level: pb::SetpointLevel::Default.into(),
         level_revision: 1,
+        limit: 0,
+        switched_at: Some(time),
     }
 }
 
