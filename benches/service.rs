@@ -535,6 +535,8 @@ async fn preload_commands(topic: &str, count: u32) -> String {
             snapshot: false,
             setpoint_level: pb::SetpointLevel::Default.into(),
             level_revision: 1,
+            limit: 0,
+            switched_at: Some(decided),
         };
         let payload = event.encode_to_vec();
         let headers = OwnedHeaders::new().insert(Header {

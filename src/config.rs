@@ -132,6 +132,11 @@ pub struct KafkaConfig {
     /// Topic bad sensor records are moved to, with the reason in a header.
     #[arg(long, env = "DEAD_LETTER_TOPIC", default_value = "sensor-readings-dlq")]
     pub dead_letter_topic: String,
+    /// Topic heaters (or their gateways) report their actual state to (key = sensor_id,
+    /// `HeaterReport` in SENSOR_FORMAT); bad records go to DEAD_LETTER_TOPIC. Empty: heaters
+    /// do not report, and commanded is not compared with reported.
+    #[arg(long, env = "HEATER_REPORT_TOPIC", default_value = "")]
+    pub heater_report_topic: String,
     /// Consumer group shared by all replicas for the sensor topic.
     #[arg(long, env = "CONSUMER_GROUP", default_value = "thermostat")]
     pub consumer_group: String,
@@ -215,7 +220,11 @@ pub struct ControlConfig {
     /// created in a scheduled building or moved between schedules' groups since.
     #[arg(long, env = "SCHEDULE_SWEEP_INTERVAL", default_value = "30s", value_parser = positive_duration)]
     pub schedule_sweep_interval: Duration,
-    /// How often sensors are checked for staleness.
+    /// A heater that reports another state than commanded this long after the command is
+    /// flagged as not following it (HeaterStatus, a metric).
+    #[arg(long, env = "REPORT_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub report_timeout: Duration,
+    /// How often sensors are checked for staleness (and heaters for following their command).
     #[arg(long, env = "STALE_CHECK_INTERVAL", default_value = "5s", value_parser = positive_duration)]
     pub stale_check_interval: Duration,
     /// How often the setpoint cache is re-read in full, besides LISTEN/NOTIFY updates.

@@ -43,6 +43,8 @@ pub const RATE_LIMITED: &str = "thermostat_rate_limited_total";
 pub const CREDENTIALS_STALE: &str = "thermostat_credentials_stale";
 pub const LEVEL_CHANGES: &str = "thermostat_level_changes_total";
 pub const LEVEL_UPKEEP_FAILURES: &str = "thermostat_level_upkeep_failures_total";
+pub const HEATERS_NOT_FOLLOWING: &str = "thermostat_heaters_not_following";
+pub const HEATERS_NOT_FOLLOWING_TOTAL: &str = "thermostat_heaters_stopped_following_total";
 
 /// Histogram buckets (seconds) for latencies from 10 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -84,6 +86,14 @@ pub fn metrics() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(READINGS, "Sensor readings decoded and applied");
+    describe_gauge!(
+        HEATERS_NOT_FOLLOWING,
+        "Heaters reporting another state than commanded past REPORT_TIMEOUT (every replica counts all)"
+    );
+    describe_counter!(
+        HEATERS_NOT_FOLLOWING_TOTAL,
+        "Times a heater was found not following its command"
+    );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,
         "TLS handshakes that failed or timed out on the gRPC port"

@@ -1242,6 +1242,7 @@ async fn a_watch_marks_its_snapshot_complete_and_resumes_with_what_changed() {
                     events.sort();
                     return (events, done);
                 }
+                Kind::HeaterStatus(s) => panic!("no heater reports here: {s:?}"),
             }
         }
     }
@@ -1543,7 +1544,11 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         building_id: "hq".into(),
         sensor_id: sensor.into(),
         out_of_service: out,
-        reason: if out { "valve replaced".into() } else { String::new() },
+        reason: if out {
+            "valve replaced".into()
+        } else {
+            String::new()
+        },
         keep_heater_state: keep,
     };
     // Refused: no reason; a sensor without a setpoint in the building; another building.
@@ -1569,7 +1574,10 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("limits.min_on_time"), "{status:?}");
+    assert!(
+        status.message().contains("limits.min_on_time"),
+        "{status:?}"
+    );
 
     // room-2 alone, its heater left as it is: nothing sent.
     let settings = heaters
@@ -1579,7 +1587,11 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         .into_inner();
     let reported = settings.out_of_service.expect("out of service");
     assert_eq!(
-        (reported.reason.as_str(), reported.keep_heater_state, reported.building_wide),
+        (
+            reported.reason.as_str(),
+            reported.keep_heater_state,
+            reported.building_wide
+        ),
         ("valve replaced", true, false)
     );
     // The whole building: room-1's heater is released at once; room-2's is kept ON.
@@ -1628,7 +1640,10 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         ("room-1", (H::On, R::TooCold)),
         "decided at once on its latest reading"
     );
-    assert!(commands.drain(QUIET).await.is_empty(), "room-2 is still out");
+    assert!(
+        commands.drain(QUIET).await.is_empty(),
+        "room-2 is still out"
+    );
     heaters
         .set_out_of_service(out("room-2", false, false))
         .await
@@ -1648,5 +1663,131 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         .into_inner();
     assert_eq!(settings.out_of_service, None);
     assert!(settings.revision >= 2);
+    app.stop().await;
+}
+
+/// A heater report as a gateway writes it.
+fn report(sensor: &str, on: bool) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::HeaterReport {
+        sensor_id: sensor.into(),
+        state: if on { H::On } else { H::Off }.into(),
+        report_time: Some(thermostat::proto::timestamp(Utc::now())),
+    })
+}
+
+/// The next heater status a watch streams, skipping commands.
+async fn next_status(
+    watch: &mut tonic::Streaming<pb::WatchHeaterCommandsResponse>,
+) -> pb::HeaterStatus {
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(15), watch.message())
+            .await
+            .expect("a heater status in time")
+            .expect("watch")
+            .expect("open");
+        if let Some(pb::watch_heater_commands_response::Kind::HeaterStatus(status)) = item.kind {
+            return status;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heater_that_does_not_follow_its_command_is_flagged_and_not_fought() {
+    let mut config = TestApp::fresh_config().await;
+    let reports_topic = common::kafka::create_topic("reports", 2).await;
+    config.kafka.heater_report_topic = reports_topic.clone();
+    config.control.report_timeout = Duration::from_secs(2);
+    config.control.keep_alive = Duration::from_secs(2);
+    let (app, commands, sensors) = looped(config).await;
+    let reports = Sensors::new(&reports_topic);
+    put_band(&app, "h1", 20.0).await;
+    let mut heaters = app.heaters().await;
+    let mut watch = heaters
+        .watch_heater_commands(pb::WatchHeaterCommandsRequest {
+            building_id: "hq".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    sensors.reading("h1", 18.0, Utc::now()).await;
+    let on = commands.expect().await;
+    assert_eq!(cmd(&on), (H::On, R::TooCold));
+    // Never reported yet: no status, and no verdict.
+    reports.raw(Some("h1"), &report("h1", true)).await;
+    let repeat = commands.expect().await;
+    assert_eq!(
+        cmd(&repeat),
+        (H::On, R::KeepAlive),
+        "keep-alive runs while it follows"
+    );
+    let state = |heaters: &mut pb::heater_control_service_client::HeaterControlServiceClient<_>| {
+        let mut heaters = heaters.clone();
+        async move {
+            heaters
+                .get_sensor_state(pb::GetSensorStateRequest {
+                    sensor_id: "h1".into(),
+                })
+                .await
+                .expect("state")
+                .into_inner()
+                .heater_status
+                .expect("a heater that reports has a status")
+        }
+    };
+    let status = state(&mut heaters).await;
+    assert_eq!(
+        (status.commanded(), status.reported(), status.following),
+        (H::On, H::On, true)
+    );
+
+    // Switched OFF by hand at the device: flagged once the command is older than the timeout.
+    reports.raw(Some("h1"), &report("h1", false)).await;
+    let flagged = next_status(&mut watch).await;
+    assert_eq!(
+        (
+            flagged.sensor_id.as_str(),
+            flagged.reported(),
+            flagged.following
+        ),
+        ("h1", H::Off, false)
+    );
+    assert_eq!(flagged.commanded_sequence, repeat.sequence);
+    // Not fought: no repeat while it does not follow.
+    let during = commands.drain(Duration::from_secs(5)).await;
+    assert!(
+        during.is_empty(),
+        "the loop fought a manual change: {during:?}"
+    );
+    assert!(!state(&mut heaters).await.following);
+
+    // A bad report is dead-lettered with its reason; a good one that follows clears the flag.
+    let stateless = prost::Message::encode_to_vec(&pb::HeaterReport {
+        sensor_id: "h1".into(),
+        ..Default::default()
+    });
+    reports.raw(Some("h1"), &stateless).await;
+    let dead = TopicReader::new(&Topics::of(&app.config).dead_letters, 1);
+    let letter = dead
+        .next(Duration::from_secs(15))
+        .await
+        .expect("a dead letter");
+    assert_eq!(
+        header(&letter, "thermostat-dead-letter-reason").as_deref(),
+        Some("missing_state")
+    );
+    assert_eq!(
+        header(&letter, "thermostat-source-topic").as_deref(),
+        Some(reports_topic.as_str())
+    );
+    reports.raw(Some("h1"), &report("h1", true)).await;
+    let back = next_status(&mut watch).await;
+    assert!(back.following);
+    let repeat = commands.expect().await;
+    assert_eq!(
+        cmd(&repeat),
+        (H::On, R::KeepAlive),
+        "repeats again once it follows"
+    );
     app.stop().await;
 }

@@ -731,25 +731,11 @@ async fn schedules_are_checked_and_belong_to_their_building() {
     );
 }
 
-/// The README's schedule commands, run as written (with the address of this service and a
-/// token of an operator of every building).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_schedule_commands_work_as_written() {
-    let (_dir, app) = secure_app(|_, _| {}).await;
-    put_as(
-        &mut app.setpoints().await,
-        "t-operator-all",
-        "room-1",
-        "hq",
-        20.0,
-    )
-    .await
-    .expect("room-1");
+/// Runs the `count` grpcurl commands of the README's section `heading` against `app` as
+/// written (as the operator of every building), and returns their answers.
+fn run_readme_section(app: &TestApp, heading: &str, count: usize) -> Vec<String> {
     let readme = std::fs::read_to_string(common::repo_root().join("README.md")).expect("README");
-    let section = readme
-        .split("### Schedules and presets")
-        .nth(1)
-        .expect("the README's schedule section");
+    let section = readme.split(heading).nth(1).expect("the README's section");
     let block = section
         .split("```sh\n")
         .nth(1)
@@ -763,7 +749,7 @@ async fn the_readme_schedule_commands_work_as_written() {
         .collect();
     assert_eq!(
         commands.len(),
-        14,
+        count,
         "every call of the section: {commands:?}"
     );
     let grpcurl = common::env("THERMOSTAT_TEST_GRPCURL");
@@ -786,6 +772,24 @@ async fn the_readme_schedule_commands_work_as_written() {
         );
         answers.push(out);
     }
+    answers
+}
+
+/// The README's schedule commands, run as written (with the address of this service and a
+/// token of an operator of every building).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_schedule_commands_work_as_written() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    put_as(
+        &mut app.setpoints().await,
+        "t-operator-all",
+        "room-1",
+        "hq",
+        20.0,
+    )
+    .await
+    .expect("room-1");
+    let answers = run_readme_section(&app, "### Schedules and presets", 14);
     let json = |i: usize| -> serde_json::Value {
         serde_json::from_str(&answers[i]).unwrap_or_else(|e| panic!("{e}: {}", answers[i]))
     };
@@ -934,4 +938,45 @@ async fn a_dry_run_decides_now_and_later_and_the_state_says_why() {
     assert_eq!(commands.next(Duration::from_secs(2)).await, None);
     drop(heaters);
     app.stop().await;
+}
+
+/// The README's heater limit, "why" and out-of-service commands, run as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_heater_commands_work_as_written() {
+    let (_dir, app) = secure_app(|_, _| {}).await;
+    put_as(
+        &mut app.setpoints().await,
+        "t-operator-all",
+        "room-1",
+        "hq",
+        20.0,
+    )
+    .await
+    .expect("room-1");
+    let answers = run_readme_section(&app, "### Protecting heaters, out of service", 6);
+    let json = |i: usize| -> serde_json::Value {
+        serde_json::from_str(&answers[i]).unwrap_or_else(|e| panic!("{e}: {}", answers[i]))
+    };
+    let settings = json(2);
+    let effective = &settings["effectiveLimits"];
+    assert_eq!(
+        (
+            effective["minOnTime"].as_str(),
+            effective["keepAlive"].as_str(),
+            effective["maxRunTime"].as_str()
+        ),
+        (Some("300s"), Some("900s"), Some("7200s")),
+        "room-1's over hq's: {settings}"
+    );
+    assert_eq!(
+        settings["limits"]["minOnTime"],
+        serde_json::Value::Null,
+        "inherited"
+    );
+    let state = json(3);
+    assert_eq!(state["limits"]["minOffTime"], "180s", "{state}");
+    assert_eq!(state["setpointLevel"], "SETPOINT_LEVEL_DEFAULT", "{state}");
+    let out = json(4);
+    assert_eq!(out["outOfService"]["reason"], "valve replaced", "{out}");
+    assert_eq!(json(5)["outOfService"], serde_json::Value::Null);
 }

@@ -65,8 +65,7 @@ fn limits_from_proto(limits: Option<pb::HeaterLimits>) -> Result<Limits> {
     let limits = limits.ok_or_else(|| ValidationError::new("limits", "is required"))?;
     let span = |field: &str, d: Option<prost_types::Duration>| {
         d.map(|d| {
-            from_duration(&d)
-                .ok_or_else(|| ValidationError::new(field, "must be a valid duration"))
+            from_duration(&d).ok_or_else(|| ValidationError::new(field, "must be a valid duration"))
         })
         .transpose()
     };
@@ -83,7 +82,7 @@ fn limits_from_proto(limits: Option<pb::HeaterLimits>) -> Result<Limits> {
 
 /// The building and optional sensor a request names.
 fn target(building_id: String, sensor_id: String) -> Result<(BuildingId, Option<SensorId>)> {
-    let building = BuildingId::parse(building_id).map_err(|e| e.within("building_id"))?;
+    let building = BuildingId::parse(building_id)?;
     let sensor = (!sensor_id.is_empty())
         .then(|| SensorId::parse(sensor_id))
         .transpose()?;
@@ -196,7 +195,9 @@ impl EquipmentApi {
         let (building, sensor) = target(req.building_id, req.sensor_id)?;
         let reason = Reason::parse(req.reason)?;
         if req.out_of_service && reason.as_str().trim().is_empty() {
-            return Err(ValidationError::new("reason", "is required to take it out of service").into());
+            return Err(
+                ValidationError::new("reason", "is required to take it out of service").into(),
+            );
         }
         let who = self.caller(&request, Action::Write, &building)?;
         let out = req

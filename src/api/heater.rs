@@ -27,6 +27,7 @@ use crate::store::{Levels, Store};
 use crate::stream::codec::{command_to_proto, reason_to_proto};
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
+use tokio_stream::wrappers::BroadcastStream;
 
 /// How far ahead a dry run, or a sensor state's next change, looks.
 const MAX_DRY_RUN_AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(31);
@@ -279,9 +280,16 @@ impl HeaterApi {
             hold_until,
             run_ends,
             // Repeated only for a controlled heater in service.
-            next_keep_alive: next_keep_alive.filter(|_| controlled && settings.out_of_service.is_none()),
-            out_of_service: settings.out_of_service.as_ref().map(out_of_service_to_proto),
+            next_keep_alive: next_keep_alive
+                .filter(|_| controlled && settings.out_of_service.is_none()),
+            out_of_service: settings
+                .out_of_service
+                .as_ref()
+                .map(out_of_service_to_proto),
             limits: Some(protection_to_proto(&settings.protection)),
+            heater_status: view
+                .status
+                .filter(|status| who.scope.contains_str(&status.building_id)),
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),
@@ -305,7 +313,7 @@ impl HeaterApi {
         sensor_ids: Vec<String>,
         building_id: &str,
         start: Start,
-    ) -> Result<(Subscription, Slot)> {
+    ) -> Result<(Subscription, Slot, Filter)> {
         if sensor_ids.len() > MAX_FILTER_SENSORS {
             return Err(ValidationError::new(
                 "sensor_ids",
@@ -343,10 +351,10 @@ impl HeaterApi {
         };
         let subscription = self
             .control
-            .open_feed(filter, start, caller, self.shutdown.clone())
+            .open_feed(filter.clone(), start, caller, self.shutdown.clone())
             .await
             .ok_or(Error::ShuttingDown)?;
-        Ok((subscription, slot))
+        Ok((subscription, slot, filter))
     }
 
     async fn subscribe(
@@ -359,7 +367,7 @@ impl HeaterApi {
             initial_state: req.send_initial_state,
             ..Start::default()
         };
-        let (subscription, slot) = self
+        let (subscription, slot, _) = self
             .open(who, credentials, req.sensor_ids, &req.building_id, start)
             .await?;
         Ok(Box::pin(subscription.into_stream().filter_map(
@@ -394,13 +402,14 @@ impl HeaterApi {
             // left: resumed with a margin, and the client drops repeats by `sequence`.
             decided_since: resume_from.map(|t| t - RESUME_MARGIN),
         };
-        let (subscription, slot) = self
+        let statuses = self.control.statuses();
+        let (subscription, slot, filter) = self
             .open(who, credentials, req.sensor_ids, &req.building_id, start)
             .await?;
         let resumed = resume_from.is_some();
-        Ok(Box::pin(subscription.into_stream().map(move |item| {
+        use pb::watch_heater_commands_response::Kind;
+        let commands = subscription.into_stream().map(move |item| {
             let _open = &slot;
-            use pb::watch_heater_commands_response::Kind;
             let kind = match item.map_err(Status::from)? {
                 Update::Event(event) => Kind::Event(event),
                 Update::SnapshotComplete => Kind::SnapshotComplete(pb::SnapshotComplete {
@@ -409,7 +418,30 @@ impl HeaterApi {
                 }),
             };
             Ok(pb::WatchHeaterCommandsResponse { kind: Some(kind) })
-        })))
+        });
+        // Live only, best effort: one a watch fell behind on is skipped (GetSensorState has
+        // the current status).
+        let statuses = BroadcastStream::new(statuses).filter_map(move |status| {
+            std::future::ready(
+                status
+                    .ok()
+                    .filter(|s| filter.admits(&s.sensor_id, &s.building_id))
+                    .map(|s| {
+                        Some(Ok(pb::WatchHeaterCommandsResponse {
+                            kind: Some(Kind::HeaterStatus(s)),
+                        }))
+                    }),
+            )
+        });
+        // The watch ends with its commands (an error, the server stopping).
+        let commands = commands
+            .map(Some)
+            .chain(futures::stream::once(std::future::ready(None)));
+        Ok(Box::pin(
+            futures::stream::select(commands, statuses)
+                .take_while(|item| std::future::ready(item.is_some()))
+                .filter_map(std::future::ready),
+        ))
     }
 }
 
@@ -487,6 +519,8 @@ impl pb::heater_control_service_server::HeaterControlService for HeaterApi {
         &self,
         request: Request<pb::SetOutOfServiceRequest>,
     ) -> Result<Response<pb::HeaterSettings>, Status> {
-        Ok(Response::new(self.equipment.set_out_of_service(request).await?))
+        Ok(Response::new(
+            self.equipment.set_out_of_service(request).await?,
+        ))
     }
 }

@@ -171,8 +171,11 @@ pub struct SensorControl {
     protection: Protection,
     last_sent: Option<LastSent>,
     safety: bool,
-    /// Out of service: no command but the releasing OFF.
-    out_of_service: bool,
+    /// Out of service, and whether its heater is to be released: no command but the
+    /// releasing OFF.
+    out_of_service: Option<bool>,
+    /// The heater reports another state than commanded: keep-alive does not fight it.
+    not_following: bool,
     /// Set when a switch the rule wants waits for a hold to end: then.
     deferred: Option<DateTime<Utc>>,
 }
@@ -235,16 +238,27 @@ impl SensorControl {
         self
     }
 
-    /// Out of service: nothing is sent for the heater but [`Self::take_out_of_service`]'s OFF.
-    pub fn out_of_service(mut self, out: bool) -> Self {
+    /// Out of service (`Some`), and whether its heater is to be released: nothing is sent
+    /// for it but [`Self::release`]'s OFF.
+    pub fn out_of_service(mut self, out: Option<bool>) -> Self {
         self.out_of_service = out;
         self
     }
 
-    /// As the sensor goes out of service: OFF for a heater left ON, if it is to be released
-    /// (whatever its hold: an operator asked).
-    pub fn take_out_of_service(&mut self, release: bool) -> Option<Decision> {
-        if !release || self.parts.last_command?.command != HeaterCommand::On {
+    /// The heater does not follow its command (a manual change at the device, say): its
+    /// command is not repeated; the next switch the rule wants is sent as usual.
+    pub fn not_following(mut self, not_following: bool) -> Self {
+        self.not_following = not_following;
+        self
+    }
+
+    /// Out of service with its heater to be released: OFF for a heater left ON (whatever its
+    /// hold: an operator asked). Also what [`Self::reevaluate`] decides then, so a replica
+    /// that takes the sensor over releases a heater the last owner could not.
+    pub fn release(&mut self) -> Option<Decision> {
+        if self.out_of_service != Some(true)
+            || self.parts.last_command?.command != HeaterCommand::On
+        {
             return None;
         }
         let building = self.parts.building_id.clone()?;
@@ -259,10 +273,20 @@ impl SensorControl {
     /// The next instant at which [`Self::on_wake`] may have something to do: a deferred
     /// switch, the end of a maximum run, a keep-alive repeat.
     pub fn next_wake(&self) -> Option<DateTime<Utc>> {
+        // Out of service nothing is sent, not even a maximum run's OFF; a repeat needs a
+        // controlled heater that follows its command.
+        if self.out_of_service.is_some() {
+            return None;
+        }
         let sent = self.last_sent?;
-        let deferred = self.deferred;
-        self.protection
-            .next_deadline(&self.last_switch()?, sent.sent_at, deferred)
+        let last = self.last_switch()?;
+        let repeat = (self.parts.band.is_some() && !self.not_following)
+            .then(|| self.protection.repeat_at(sent.sent_at))
+            .flatten();
+        [self.deferred, self.protection.run_ends(&last), repeat]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:
@@ -278,7 +302,9 @@ impl SensorControl {
         if let Some(forced) = self.end_of_run(now) {
             return Some(forced);
         }
-        let held_by = self.last_switch().map(|last| Protection::holding_limit(&last));
+        let held_by = self
+            .last_switch()
+            .map(|last| Protection::holding_limit(&last));
         let Some(mut decision) = self.reevaluate(now, stale_after) else {
             return self.repeat(now);
         };
@@ -300,7 +326,7 @@ impl SensorControl {
     /// passed since it was last sent, for a controlled heater in service.
     fn repeat(&mut self, now: DateTime<Utc>) -> Option<Decision> {
         self.parts.band?;
-        if self.out_of_service {
+        if self.out_of_service.is_some() || self.not_following {
             return None;
         }
         let last = self.parts.last_command?;
@@ -470,6 +496,9 @@ impl SensorControl {
     /// if it was received within `stale_after`, and a heater left ON without a setpoint is
     /// released.
     pub fn reevaluate(&mut self, now: DateTime<Utc>, stale_after: TimeDelta) -> Option<Decision> {
+        if self.out_of_service.is_some() {
+            return self.release();
+        }
         if self.parts.band.is_some() {
             let fresh = self
                 .parts
@@ -576,7 +605,7 @@ impl SensorControl {
             .parts
             .last_command
             .is_some_and(|last| last.command == command)
-            || (self.out_of_service && reason != CommandReason::OutOfService)
+            || (self.out_of_service.is_some() && reason != CommandReason::OutOfService)
         {
             return None;
         }
@@ -793,9 +822,16 @@ mod tests {
         assert_eq!(s.next_wake(), Some(at(240)));
         assert_eq!(command_of(s.on_reading(reading(21.0, 500))), None);
         assert_eq!(s.deferred(), Some(at(600)));
-        // Out of service: no repeat.
-        let mut out = s.clone().out_of_service(true);
+        // Out of service, or not following (a manual change): no repeat.
+        let mut out = s.clone().out_of_service(Some(false));
         assert_eq!(out.on_wake(at(240), STALE), None);
+        let mut manual = s.clone().not_following(true);
+        assert_eq!(manual.on_wake(at(240), STALE), None);
+        assert_eq!(
+            manual.next_wake(),
+            Some(at(600)),
+            "only the deferred switch is due"
+        );
         // Without a setpoint: no repeat either (the heater was released).
         let mut released = s.clone();
         released.apply_setpoint(9, None, at(200));
@@ -809,19 +845,30 @@ mod tests {
         let mut s = controlled(20.0, 0.5, 0.5);
         assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
         let on = s.last_command().unwrap();
-        let mut kept = s.clone().out_of_service(true);
-        assert_eq!(kept.take_out_of_service(false), None, "left as it is");
-        let mut s = held(s, 3600, 0, 0).out_of_service(true);
-        let off = s.take_out_of_service(true).expect("released at once");
-        assert_eq!((off.command, off.reason), (Off, CommandReason::OutOfService));
+        let mut kept = s.clone().out_of_service(Some(false));
+        assert_eq!(kept.release(), None, "left as it is");
+        assert_eq!(kept.reevaluate(at(1), STALE), None);
+        // A replica taking the sensor over releases it too.
+        let mut taken = s.clone().out_of_service(Some(true));
+        assert_eq!(
+            taken.reevaluate(at(1), STALE).map(|d| d.reason),
+            Some(CommandReason::OutOfService)
+        );
+        let mut s = held(s, 3600, 0, 0).out_of_service(Some(true));
+        let off = s.release().expect("released at once");
+        assert_eq!(
+            (off.command, off.reason),
+            (Off, CommandReason::OutOfService)
+        );
         assert_eq!(off.sequence, on.sequence + 1);
-        assert_eq!(s.take_out_of_service(true), None, "already OFF");
+        assert_eq!(s.release(), None, "already OFF");
+        assert_eq!(s.next_wake(), None, "nothing is due out of service");
         // Readings are tracked, nothing is decided, the fail-safe is quiet.
         assert_eq!(command_of(s.on_reading(reading(18.0, 60))), None);
         assert_eq!(s.last_reading().unwrap().temperature.value(), 18.0);
         assert_eq!(s.on_tick(at(3600), STALE, at(0)), None);
         // Back in service: decided at once on the latest reading.
-        let mut back = s.out_of_service(false);
+        let mut back = s.out_of_service(None);
         let d = back.reevaluate(at(61), STALE).expect("ON again");
         assert_eq!((d.command, d.reason), (On, CommandReason::TooCold));
     }

@@ -93,13 +93,19 @@ pub struct Resolved {
     pub out_of_service: Option<OutOfService>,
 }
 
+/// What is set in one building: its own settings and its sensors'.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Building {
+    own: Settings,
+    /// A sensor's settings apply while its setpoint is in this building.
+    sensors: HashMap<SensorId, Settings>,
+}
+
 /// Every building's and sensor's settings, over the service's limits.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HeaterSettings {
     service: Protection,
-    buildings: HashMap<BuildingId, Settings>,
-    /// A sensor's settings apply while its setpoint is in that building.
-    sensors: HashMap<SensorId, (BuildingId, Settings)>,
+    buildings: HashMap<BuildingId, Building>,
 }
 
 impl HeaterSettings {
@@ -112,13 +118,12 @@ impl HeaterSettings {
 
     /// Adds the settings of `building`, or of `sensor` in it.
     pub fn set(&mut self, building: BuildingId, sensor: Option<SensorId>, settings: Settings) {
+        let entry = self.buildings.entry(building).or_default();
         match sensor {
             Some(sensor) => {
-                self.sensors.insert(sensor, (building, settings));
+                entry.sensors.insert(sensor, settings);
             }
-            None => {
-                self.buildings.insert(building, settings);
-            }
+            None => entry.own = settings,
         }
     }
 
@@ -129,7 +134,7 @@ impl HeaterSettings {
 
     /// Whether nothing is set beyond the service's limits: then no lookup is needed.
     pub fn is_uniform(&self) -> bool {
-        self.buildings.is_empty() && self.sensors.is_empty()
+        self.buildings.is_empty()
     }
 
     /// What applies to `sensor` while its setpoint is in `building`.
@@ -140,12 +145,9 @@ impl HeaterSettings {
                 out_of_service: None,
             };
         };
-        let of_building = self.buildings.get(building);
-        let own = self
-            .sensors
-            .get(sensor)
-            .filter(|(b, _)| b == building)
-            .map(|(_, s)| s);
+        let entry = self.buildings.get(building);
+        let of_building = entry.map(|b| &b.own);
+        let own = entry.and_then(|b| b.sensors.get(sensor));
         let mut protection = self.service;
         for settings in [of_building, own].into_iter().flatten() {
             protection = settings.limits.over(protection);
@@ -233,6 +235,25 @@ mod tests {
         // The boiler moved to another building: its own settings stay with the old one.
         assert_eq!(settings.resolve("boiler", Some(&annex)).protection, service);
         assert_eq!(settings.resolve("boiler", None).protection, service);
+        // Set again there, it has a row in each: the one of its building applies.
+        settings.set(
+            annex.clone(),
+            Some(SensorId::parse("boiler").unwrap()),
+            Settings {
+                limits: Limits {
+                    min_on: minutes(2),
+                    ..Limits::default()
+                },
+                out_of_service: None,
+            },
+        );
+        let moved = settings.resolve("boiler", Some(&annex));
+        assert_eq!(moved.protection.min_on, TimeDelta::minutes(2));
+        assert_eq!(moved.out_of_service, None);
+        assert_eq!(
+            settings.resolve("boiler", Some(&hq)).protection.min_off,
+            TimeDelta::minutes(10)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod control;
 pub mod equipment;
+pub mod feedback;
 mod ids;
 pub mod levels;
 pub mod protection;

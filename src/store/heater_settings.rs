@@ -106,7 +106,9 @@ fn written(
 impl Store {
     /// Every row, over the service's limits: what the loop applies.
     pub async fn heater_settings_table(&self, service: Protection) -> Result<HeaterSettings> {
-        let sql = format!("SELECT {COLUMNS} FROM heater_settings ORDER BY building_id, sensor_id LIMIT $1");
+        let sql = format!(
+            "SELECT {COLUMNS} FROM heater_settings ORDER BY building_id, sensor_id LIMIT $1"
+        );
         let rows: Vec<Row> = sqlx::query_as(&sql)
             .bind(MAX_ROWS)
             .fetch_all(self.pool())

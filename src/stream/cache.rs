@@ -390,7 +390,6 @@ impl Cache {
     }
 
     /// The sequence of the sensor's last command event.
-
     pub fn last_event_sequence(&self, i: SensorIndex) -> Option<u64> {
         self.stored_event(i)
             .map(|event| widen(event.sequence, &self.wide_event_sequences, i))

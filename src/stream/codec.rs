@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::config::{CelsiusRange, SensorFormat};
 use crate::domain::control::{CommandReason, Decision, HeaterCommand, LastCommand, Reading};
+use crate::domain::feedback::Reported;
 use crate::domain::levels::Level;
 use crate::domain::protection::Limit;
 use crate::domain::{Celsius, SensorId};
@@ -34,11 +35,13 @@ pub enum DeadLetter {
     MissingTime,
     #[error("reading_time {0} is in the future")]
     FutureTime(DateTime<Utc>),
+    #[error("heater report has no state (ON or OFF)")]
+    MissingState,
 }
 
 impl DeadLetter {
     /// Every [`DeadLetter::code`], in the order of [`DeadLetter::kind`].
-    pub const KINDS: [&'static str; 9] = [
+    pub const KINDS: [&'static str; 10] = [
         "undecodable",
         "invalid_sensor_id",
         "key_mismatch",
@@ -48,6 +51,7 @@ impl DeadLetter {
         "missing_temperature",
         "missing_time",
         "future_time",
+        "missing_state",
     ];
 
     /// The reason's place in [`DeadLetter::KINDS`].
@@ -62,6 +66,7 @@ impl DeadLetter {
             DeadLetter::MissingTemperature => 6,
             DeadLetter::MissingTime => 7,
             DeadLetter::FutureTime(_) => 8,
+            DeadLetter::MissingState => 9,
         }
     }
 
@@ -76,6 +81,84 @@ struct JsonReading {
     sensor_id: String,
     temperature_celsius: Option<f64>,
     reading_time: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JsonReport {
+    sensor_id: String,
+    state: Option<String>,
+    report_time: Option<String>,
+}
+
+/// Decodes and validates one heater report: as a reading (`decode_reading`), with a state for
+/// a temperature. JSON states are `ON`/`OFF` or the proto names.
+pub fn decode_report(
+    format: SensorFormat,
+    max_ahead: TimeDelta,
+    key: Option<&[u8]>,
+    payload: &[u8],
+    record_time: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(SensorId, Reported), DeadLetter> {
+    let (sensor_id, state, time) = match format {
+        SensorFormat::Protobuf => {
+            let r = pb::HeaterReport::decode(payload)
+                .map_err(|e| DeadLetter::Undecodable(e.to_string()))?;
+            let state = match r.state() {
+                pb::HeaterCommand::On => Some(HeaterCommand::On),
+                pb::HeaterCommand::Off => Some(HeaterCommand::Off),
+                pb::HeaterCommand::Unspecified => None,
+            };
+            let time = r
+                .report_time
+                .map(|t| {
+                    crate::proto::from_timestamp(&t)
+                        .ok_or_else(|| DeadLetter::Undecodable("report_time out of range".into()))
+                })
+                .transpose()?;
+            (r.sensor_id, state, time)
+        }
+        SensorFormat::Json => {
+            let r: JsonReport = serde_json::from_slice(payload)
+                .map_err(|e| DeadLetter::Undecodable(e.to_string()))?;
+            let state = match r.state.as_deref() {
+                None => None,
+                Some("ON" | "HEATER_COMMAND_ON") => Some(HeaterCommand::On),
+                Some("OFF" | "HEATER_COMMAND_OFF") => Some(HeaterCommand::Off),
+                Some(other) => {
+                    return Err(DeadLetter::Undecodable(format!(
+                        "state {other:?}: must be ON or OFF"
+                    )))
+                }
+            };
+            let time = r
+                .report_time
+                .map(|t| {
+                    DateTime::parse_from_rfc3339(&t)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(|e| DeadLetter::Undecodable(format!("report_time: {e}")))
+                })
+                .transpose()?;
+            (r.sensor_id, state, time)
+        }
+    };
+    let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
+    let key = key.ok_or(DeadLetter::MissingKey)?;
+    if key != sensor.as_str().as_bytes() {
+        return Err(DeadLetter::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            sensor_id: sensor.to_string(),
+        });
+    }
+    let state = state.ok_or(DeadLetter::MissingState)?;
+    let at = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
+    if now
+        .checked_add_signed(max_ahead)
+        .is_some_and(|bound| at > bound)
+    {
+        return Err(DeadLetter::FutureTime(at));
+    }
+    Ok((sensor, Reported { state, at }))
 }
 
 /// Decodes and validates one sensor record. `record_time` (the Kafka timestamp) stands in for a
@@ -275,6 +358,83 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn heater_reports_decode_from_either_format_and_bad_ones_name_their_reason() {
+        let report = |state: pb::HeaterCommand, time: Option<DateTime<Utc>>| {
+            pb::HeaterReport {
+                sensor_id: "h1".into(),
+                state: state.into(),
+                report_time: time.map(timestamp),
+            }
+            .encode_to_vec()
+        };
+        let decode = |format, key: Option<&str>, payload: &[u8]| {
+            decode_report(
+                format,
+                AHEAD,
+                key.map(str::as_bytes),
+                payload,
+                Some(now()),
+                now(),
+            )
+        };
+        let (id, r) = decode(
+            SensorFormat::Protobuf,
+            Some("h1"),
+            &report(pb::HeaterCommand::On, None),
+        )
+        .unwrap();
+        assert_eq!(
+            (id.as_str(), r.state, r.at),
+            ("h1", HeaterCommand::On, now())
+        );
+        let json = br#"{"sensor_id": "h1", "state": "OFF", "report_time": "2027-01-15T08:00:00Z"}"#;
+        let (_, r) = decode(SensorFormat::Json, Some("h1"), json).unwrap();
+        assert_eq!(r.state, HeaterCommand::Off);
+        let reason = |format, key, payload: &[u8]| decode(format, key, payload).unwrap_err().code();
+        assert_eq!(
+            reason(
+                SensorFormat::Protobuf,
+                Some("h1"),
+                &report(pb::HeaterCommand::Unspecified, None)
+            ),
+            "missing_state"
+        );
+        assert_eq!(
+            reason(
+                SensorFormat::Json,
+                Some("h1"),
+                br#"{"sensor_id": "h1", "state": "DIM"}"#
+            ),
+            "undecodable"
+        );
+        assert_eq!(
+            reason(
+                SensorFormat::Protobuf,
+                Some("h2"),
+                &report(pb::HeaterCommand::On, None)
+            ),
+            "key_mismatch"
+        );
+        assert_eq!(
+            reason(
+                SensorFormat::Protobuf,
+                None,
+                &report(pb::HeaterCommand::On, None)
+            ),
+            "missing_key"
+        );
+        let ahead = now() + TimeDelta::minutes(5);
+        assert_eq!(
+            reason(
+                SensorFormat::Protobuf,
+                Some("h1"),
+                &report(pb::HeaterCommand::On, Some(ahead))
+            ),
+            "future_time"
+        );
     }
 
     fn proto(sensor: &str, t: f64, time: Option<DateTime<Utc>>) -> Vec<u8> {
@@ -582,7 +742,10 @@ mod tests {
         assert_eq!(event.command(), pb::HeaterCommand::On);
         assert_eq!(event.reason(), pb::CommandReason::TooCold);
         assert_eq!(event.limit(), pb::HeaterLimit::MinOffTime);
-        assert_eq!(event.switched_at, event.decided_at, "a switch: switched when decided");
+        assert_eq!(
+            event.switched_at, event.decided_at,
+            "a switch: switched when decided"
+        );
         let (id, last, reading) = observed_command(&event).unwrap();
         assert_eq!(
             (id, last.command, last.sequence),

@@ -22,15 +22,15 @@ use tokio_util::sync::CancellationToken;
 use super::cache::{Cache, SensorIndex};
 use super::codec::{command_event, observed_command};
 use super::feed::{self, Filter, LiveEvent, Numbering, SnapshotCursor, SnapshotPart};
+use super::feedback::{Commanded, Feedback};
 use super::output::{Ack, Acks, CommandOut, Position, ReadingPartition};
 use super::partitioner::partition_of;
 use super::stats::LoopStats;
 use super::StreamError;
 use crate::config::SensorPartitioner;
-use crate::domain::control::{
-    CommandReason, Decision, Reading, ReadingOutcome, SensorControl,
-};
+use crate::domain::control::{CommandReason, Decision, Reading, ReadingOutcome, SensorControl};
 use crate::domain::equipment::{HeaterSettings, Resolved};
+use crate::domain::feedback::Reported;
 use crate::domain::levels::Level;
 use crate::domain::protection::{Protection, Switched};
 use crate::domain::{BuildingId, SensorId};
@@ -45,6 +45,11 @@ pub enum Input {
     Setpoint(SetpointVersion),
     /// Every building's and sensor's heater settings, read again.
     Settings(Arc<HeaterSettings>),
+    /// A heater's actual state, from the heater report topic.
+    Report {
+        sensor: SensorId,
+        report: Reported,
+    },
     /// A command read back from the command topic.
     Observed {
         event: Arc<pb::HeaterCommandEvent>,
@@ -151,6 +156,12 @@ pub enum Query {
         from: SnapshotCursor,
         reply: oneshot::Sender<SnapshotPart>,
     },
+    /// Whether this replica decides for the sensor partition `key` maps to (no key: the
+    /// first partition's).
+    Owns {
+        key: Option<Vec<u8>>,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// What the engine knows of one sensor.
@@ -160,6 +171,8 @@ pub struct SensorView {
     pub last_command: Option<pb::HeaterCommandEvent>,
     /// The heater's limits and out of service, as the engine applies them.
     pub settings: Resolved,
+    /// Commanded next to reported, for a heater that reports.
+    pub status: Option<pb::HeaterStatus>,
 }
 
 pub struct Engine {
@@ -190,6 +203,10 @@ pub struct Engine {
     feed: Numbering,
     /// The heaters' limits and out of service: the service's, buildings' and sensors'.
     settings: Arc<HeaterSettings>,
+    /// Commanded against reported, when heaters report their state.
+    feedback: Option<Feedback>,
+    /// Whether the engine is deciding for sensors woken by `wakes`.
+    waking: bool,
     /// Sensors with something due without a reading (a switch held back, the end of a
     /// maximum run, a keep-alive), by when.
     wakes: BTreeSet<(DateTime<Utc>, SensorIndex)>,
@@ -222,6 +239,8 @@ impl Engine {
             stats,
             feed: Numbering::new(live),
             settings: Arc::default(),
+            feedback: None,
+            waking: false,
             wakes: BTreeSet::new(),
         }
     }
@@ -230,6 +249,12 @@ impl Engine {
     /// settings arrive.
     pub fn with_protection(mut self, protection: Protection) -> Self {
         self.settings = Arc::new(HeaterSettings::new(protection));
+        self
+    }
+
+    /// Compares the heaters' reported states with their commands.
+    pub fn with_feedback(mut self, feedback: Feedback) -> Self {
+        self.feedback = Some(feedback);
         self
     }
 
@@ -300,6 +325,25 @@ impl Engine {
             }
             Input::Setpoint(version) => self.on_setpoint(version).await,
             Input::Settings(settings) => self.on_settings(settings).await,
+            Input::Report { sensor, report } => {
+                if self.feedback.is_some() {
+                    if let Some(i) = self.reading_slot(&sensor)? {
+                        if let Some(feedback) = &mut self.feedback {
+                            feedback.report(i, report);
+                        }
+                        self.judge(i, Utc::now());
+                    }
+                }
+                Ok(())
+            }
+            Input::Query(Query::Owns { key, reply }) => {
+                let partition = match key {
+                    Some(key) => partition_of(self.partitioner, &key, self.topic_partitions),
+                    None => Some(0),
+                };
+                let _ = reply.send(partition.is_some_and(|p| self.decides_for(p)));
+                Ok(())
+            }
             Input::Observed {
                 event,
                 reading_partition,
@@ -324,7 +368,10 @@ impl Engine {
                         SensorView {
                             last_reading: control.last_reading(),
                             last_command: self.sensors.last_event(i),
-                            settings: self.settings.resolve(sensor.as_str(), control.building_id()),
+                            settings: self
+                                .settings
+                                .resolve(sensor.as_str(), control.building_id()),
+                            status: self.status(i),
                         }
                     })
                     .unwrap_or_else(|| SensorView {
@@ -374,7 +421,10 @@ impl Engine {
             .as_ref()
             .and_then(crate::proto::from_timestamp)
         {
-            let switched = event.switched_at.as_ref().and_then(crate::proto::from_timestamp);
+            let switched = event
+                .switched_at
+                .as_ref()
+                .and_then(crate::proto::from_timestamp);
             let last = Switched {
                 command: last.command,
                 at: switched.unwrap_or(at),
@@ -382,6 +432,7 @@ impl Engine {
             };
             self.wake_after(i, Some(&building), &last, at);
         }
+        self.judge(i, Utc::now());
         self.decide(i, |control| control.observe(last, building, reading));
         // A partition of another partition count names no owner.
         match reading_partition {
@@ -435,8 +486,8 @@ impl Engine {
         Ok(())
     }
 
-    /// New heater settings: a sensor taken out of service has its heater released (if asked),
-    /// one put back is decided for at once, and every wake is placed by the new limits.
+    /// New heater settings: a sensor out of service has its heater released (if asked), one
+    /// put back is decided for at once, and every wake is placed by the new limits.
     async fn on_settings(&mut self, settings: Arc<HeaterSettings>) -> Result<(), StreamError> {
         if settings == self.settings {
             return Ok(());
@@ -452,11 +503,11 @@ impl Engine {
             }
             let id = self.sensors.id(i);
             let was_out = old.resolve(id, building).out_of_service.is_some();
-            let out = self.settings.resolve(id, building).out_of_service;
+            let out = self.settings.resolve(id, building).out_of_service.is_some();
             let owned = self.owner(i).is_some();
             let decision = self.decide(i, |control| match (was_out, out) {
-                (false, Some(out)) if owned => control.take_out_of_service(out.release),
-                (true, None) if owned => control.reevaluate(now, stale_after),
+                (_, true) if owned => control.release(),
+                (true, false) if owned => control.reevaluate(now, stale_after),
                 _ => None,
             });
             if let Some(decision) = decision {
@@ -650,6 +701,7 @@ impl Engine {
         .into_iter()
         .flatten()
         .fold(now, DateTime::min);
+        self.judge_all(now);
         let stale_after = self.stale_after;
         self.decide_for_owned(|_, control, watch| {
             let heard_until = watch.heard_until(listened)?;
@@ -687,13 +739,19 @@ impl Engine {
         if let Some(resolved) = &resolved {
             // The SAFETY level cuts holds short, as the fail-safes do.
             let safety = self.sensors.level(i).0 == Level::Safety;
+            let follows = self.feedback.as_ref().is_none_or(|f| f.is_following(i));
             control = control
                 .protected(resolved.protection, self.sensors.last_switch(i), safety)
-                .out_of_service(resolved.out_of_service.is_some());
+                .out_of_service(resolved.out_of_service.as_ref().map(|out| out.release))
+                .not_following(!follows);
         }
         let result = f(&mut control);
         if let Some(at) = resolved.and_then(|_| control.next_wake()) {
-            self.wakes.insert((at, i));
+            // Woken for it and still due: it cannot happen yet (the sensor is stale, say).
+            // The next input that changes that decides for the sensor again.
+            if !(self.waking && at <= Utc::now()) {
+                self.wakes.insert((at, i));
+            }
         }
         self.sensors.set_control(i, control);
         result
@@ -704,7 +762,7 @@ impl Engine {
     fn resolved(&self, i: SensorIndex, building: Option<&BuildingId>) -> Option<Resolved> {
         if self.settings.is_uniform() {
             let protection = self.settings.service();
-            return (protection != Protection::default()).then(|| Resolved {
+            return (protection != Protection::default()).then_some(Resolved {
                 protection,
                 out_of_service: None,
             });
@@ -728,6 +786,69 @@ impl Engine {
         }
     }
 
+    /// Heater `i`'s last command, as the comparison with its reports needs it.
+    fn commanded(&self, i: SensorIndex) -> Option<Commanded> {
+        let last = self.sensors.control(i).last_command()?;
+        Some(Commanded {
+            command: last.command,
+            sequence: last.sequence,
+            switched_at: self.sensors.last_switch(i)?.switched_at,
+        })
+    }
+
+    /// Heater `i`'s commanded and reported states, if it reports.
+    fn status(&self, i: SensorIndex) -> Option<pb::HeaterStatus> {
+        let feedback = self.feedback.as_ref()?;
+        let building = self
+            .sensors
+            .last_event(i)
+            .map(|e| e.building_id)
+            .unwrap_or_default();
+        feedback.status(i, self.sensors.id(i), &building, self.commanded(i).as_ref())
+    }
+
+    /// Judges whether heater `i` follows its command; a change goes to live watches.
+    fn judge(&mut self, i: SensorIndex, now: DateTime<Utc>) {
+        let Some(commanded) = self.commanded(i) else {
+            return;
+        };
+        let Some(feedback) = &mut self.feedback else {
+            return;
+        };
+        if !feedback.judge(i, &commanded, now) {
+            return;
+        }
+        let following = feedback.is_following(i);
+        metrics::gauge!(telemetry::HEATERS_NOT_FOLLOWING)
+            .set(feedback.not_following_count() as f64);
+        if following {
+            // Its keep-alive, held back meanwhile, is due again.
+            self.decide(i, |_| ());
+        } else {
+            metrics::counter!(telemetry::HEATERS_NOT_FOLLOWING_TOTAL).increment(1);
+            tracing::info!(
+                sensor = self.sensors.id(i),
+                "a heater reports another state than commanded"
+            );
+        }
+        if let Some(status) = self.status(i) {
+            if let Some(feedback) = &self.feedback {
+                feedback.publish(status);
+            }
+        }
+    }
+
+    /// Judges every heater that reports: commands age past the report timeout.
+    fn judge_all(&mut self, now: DateTime<Utc>) {
+        let Some(feedback) = &self.feedback else {
+            return;
+        };
+        let reporting: Vec<SensorIndex> = feedback.reporting().collect();
+        for i in reporting {
+            self.judge(i, now);
+        }
+    }
+
     /// The partition this replica decides sensor `i` on, if it decides for it now.
     fn owner(&self, i: SensorIndex) -> Option<i32> {
         self.sensors.partition(i).filter(|&p| self.decides_for(p))
@@ -738,15 +859,16 @@ impl Engine {
     async fn wake(&mut self) -> Result<(), StreamError> {
         let now = Utc::now();
         let stale_after = self.stale_after;
-        while let Some(&(at, i)) = self.wakes.first() {
-            if at > now {
-                break;
-            }
-            self.wakes.pop_first();
+        let later = self.wakes.split_off(&(now + TimeDelta::nanoseconds(1), 0));
+        let due = std::mem::replace(&mut self.wakes, later);
+        for (_, i) in due {
             if self.owner(i).is_none() {
                 continue;
             }
-            if let Some(decision) = self.decide(i, |control| control.on_wake(now, stale_after)) {
+            self.waking = true;
+            let decision = self.decide(i, |control| control.on_wake(now, stale_after));
+            self.waking = false;
+            if let Some(decision) = decision {
                 let delivery = self.send(i, &decision).await?;
                 self.acks.push(None, Some(delivery));
             }
@@ -809,6 +931,7 @@ impl Engine {
         let number = self.feed.own(i, event.sequence);
         self.sensors
             .set_last_event(i, &event, &decision.building_id, number);
+        self.judge(i, now);
         let partition = self.sensors.partition(i).map(|partition| ReadingPartition {
             partition,
             of: Some(self.topic_partitions),

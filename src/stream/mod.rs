@@ -11,11 +11,13 @@ pub mod codec;
 pub mod commands;
 pub mod engine;
 pub mod feed;
+mod feedback;
 mod group_lag;
 mod handoff;
 pub mod output;
 mod partitioner;
 pub mod readings;
+mod reports;
 mod sequences;
 pub mod setpoint_sync;
 pub mod stats;
@@ -163,6 +165,8 @@ pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
 pub struct ControlHandle {
     engine: mpsc::Sender<Input>,
     live: broadcast::Sender<LiveEvent>,
+    /// Heaters that stopped or started again following their command.
+    statuses: broadcast::Sender<crate::proto::v1::HeaterStatus>,
     stats: Arc<LoopStats>,
     producer: FutureProducer,
     follower: commands::Follower,
@@ -195,6 +199,11 @@ impl ControlHandle {
     /// (see [`LiveEvent`]).
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
         self.live.subscribe()
+    }
+
+    /// Every change of a heater's following its command from now on.
+    pub fn statuses(&self) -> broadcast::Receiver<crate::proto::v1::HeaterStatus> {
+        self.statuses.subscribe()
     }
 
     /// A subscriber's stream of the heaters `filter` picks, starting as `start` says; `None`
@@ -283,6 +292,15 @@ pub async fn start(
     )
     .with_partitioner(control.sensor_partitioner)
     .with_protection(control.protection());
+    let (statuses, _) = broadcast::channel(control.subscriber_buffer.max(1));
+    let reports = !kafka.heater_report_topic.is_empty();
+    let engine = if reports {
+        let timeout =
+            chrono::TimeDelta::from_std(control.report_timeout).unwrap_or(chrono::TimeDelta::MAX);
+        engine.with_feedback(feedback::Feedback::new(timeout, statuses.clone()))
+    } else {
+        engine
+    };
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
     readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,
@@ -323,10 +341,21 @@ pub async fn start(
         stats: stats.clone(),
     };
     tasks.spawn(readings.run(shutdown.clone()));
+    if reports {
+        let reports = reports::Reports {
+            consumer: report_consumer(kafka)?,
+            producer: producer.clone(),
+            config: kafka.clone(),
+            engine: engine_tx.clone(),
+            stats: stats.clone(),
+        };
+        tasks.spawn(reports.run(shutdown.clone()));
+    }
     group_lag::start(kafka, stats.clone(), tasks, shutdown)?;
     Ok(ControlHandle {
         engine: engine_tx,
         live,
+        statuses,
         stats,
         producer,
         follower,
@@ -336,11 +365,14 @@ pub async fn start(
 /// Fails unless the three topics exist and the command topic keeps every sensor's last
 /// command (or the operator accepted the risk); returns the sensor topic's partition count.
 async fn check_broker(kafka: &KafkaConfig, producer: &FutureProducer) -> Result<i32, StreamError> {
-    let topics = [
+    let mut topics = vec![
         &kafka.sensor_topic,
         &kafka.command_topic,
         &kafka.dead_letter_topic,
     ];
+    if !kafka.heater_report_topic.is_empty() {
+        topics.push(&kafka.heater_report_topic);
+    }
     let partitions = check_topics(producer, &topics).await?;
     if kafka.allow_command_topic_deletion {
         tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
@@ -403,6 +435,15 @@ fn readings_consumer(
     }
     config
         .create_with_context(handoff::RebalanceWatch::default())
+        .map_err(StreamError::Config)
+}
+
+/// The reader of the heater report topic: like the command topic's, from the beginning.
+fn report_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
+    consumer_config(kafka, &format!("{}-report-reader", kafka.consumer_group))
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "4096")
+        .create()
         .map_err(StreamError::Config)
 }
 

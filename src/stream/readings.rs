@@ -446,38 +446,57 @@ impl Readings {
         message: &impl Message,
         reason: &DeadLetter,
     ) -> Result<rdkafka::producer::DeliveryFuture, StreamError> {
-        let detail = reason.to_string();
-        let source = format!("{}/{}", message.partition(), message.offset());
-        let kept = Kept::of(message.key(), message.payload());
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: DEAD_LETTER_REASON_HEADER,
-                value: Some(reason.code()),
-            })
-            .insert(Header {
-                key: DEAD_LETTER_DETAIL_HEADER,
-                value: Some(cut_str(&detail, DeadLetterLimits::DETAIL)),
-            })
-            .insert(Header {
-                key: "thermostat-source-partition-offset",
-                value: Some(source.as_str()),
-            });
-        if let Some(sizes) = &kept.truncated {
-            headers = headers.insert(Header {
-                key: DEAD_LETTER_TRUNCATED_HEADER,
-                value: Some(sizes.as_str()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.config.dead_letter_topic).headers(headers);
-        if let Some(key) = kept.key {
-            record = record.key(key);
-        }
-        if let Some(payload) = kept.payload {
-            record = record.payload(payload);
-        }
-        enqueue(&self.producer, record).await
+        dead_letter(
+            &self.producer,
+            &self.config.dead_letter_topic,
+            message,
+            reason,
+        )
+        .await
     }
+}
+
+/// Moves `message` to `topic` (the dead-letter topic) with `reason` in its headers.
+pub(super) async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    message: &impl Message,
+    reason: &DeadLetter,
+) -> Result<rdkafka::producer::DeliveryFuture, StreamError> {
+    let detail = reason.to_string();
+    let source = format!("{}/{}", message.partition(), message.offset());
+    let kept = Kept::of(message.key(), message.payload());
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: DEAD_LETTER_REASON_HEADER,
+            value: Some(reason.code()),
+        })
+        .insert(Header {
+            key: DEAD_LETTER_DETAIL_HEADER,
+            value: Some(cut_str(&detail, DeadLetterLimits::DETAIL)),
+        })
+        .insert(Header {
+            key: "thermostat-source-partition-offset",
+            value: Some(source.as_str()),
+        })
+        .insert(Header {
+            key: "thermostat-source-topic",
+            value: Some(message.topic()),
+        });
+    if let Some(sizes) = &kept.truncated {
+        headers = headers.insert(Header {
+            key: DEAD_LETTER_TRUNCATED_HEADER,
+            value: Some(sizes.as_str()),
+        });
+    }
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(key) = kept.key {
+        record = record.key(key);
+    }
+    if let Some(payload) = kept.payload {
+        record = record.payload(payload);
+    }
+    enqueue(producer, record).await
 }
 
 /// What a dead letter keeps of a record's key and payload.

@@ -18,7 +18,8 @@ use crate::domain::SensorId;
 use crate::proto::timestamp;
 use crate::proto::v1 as pb;
 
-/// Creates the sensor, command and dead-letter topics; existing ones are left as they are.
+/// Creates the sensor, command and dead-letter topics (and the heater report topic, if one is
+/// set); existing ones are left as they are.
 /// Returns the names of the topics created.
 pub async fn create_topics(
     kafka: &KafkaConfig,
@@ -27,11 +28,14 @@ pub async fn create_topics(
 ) -> Result<Vec<String>, StreamError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(kafka).create().map_err(StreamError::Config)?;
-    let topics = [
+    let mut topics = vec![
         &kafka.sensor_topic,
         &kafka.command_topic,
         &kafka.dead_letter_topic,
     ];
+    if !kafka.heater_report_topic.is_empty() {
+        topics.push(&kafka.heater_report_topic);
+    }
     // A majority of the replicas must have a command before it counts as written.
     let min_insync = (replication / 2 + 1).to_string();
     let new: Vec<NewTopic<'_>> = topics

@@ -108,6 +108,23 @@ impl Topics {
     }
 }
 
+/// Creates a fresh, plain topic named `prefix`-something with `partitions`; returns its name.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let name = unique_name(prefix);
+    let admin: AdminClient<DefaultClientContext> = client_config().create().expect("admin client");
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic")
+    {
+        result.expect("topic created");
+    }
+    name
+}
+
 /// Deletes `topic` with every record and creates it again, empty and compacted, as a lost
 /// broker or an operator's mistake would leave it.
 pub async fn recreate_topic(topic: &str, partitions: i32) {

@@ -45,11 +45,16 @@ impl Default for Filter {
 
 impl Filter {
     pub fn matches(&self, event: &pb::HeaterCommandEvent) -> bool {
+        self.admits(&event.sensor_id, &event.building_id)
+    }
+
+    /// Whether the heater of `sensor`, in `building`, is one the subscriber wants and may see.
+    pub fn admits(&self, sensor: &str, building: &str) -> bool {
         self.building
             .as_ref()
-            .is_none_or(|b| b.as_str() == event.building_id)
-            && (self.sensors.is_empty() || self.sensors.contains(event.sensor_id.as_str()))
-            && self.scope.contains_str(&event.building_id)
+            .is_none_or(|b| b.as_str() == building)
+            && (self.sensors.is_empty() || self.sensors.contains(sensor))
+            && self.scope.contains_str(building)
     }
 
     /// The buildings whose heaters can match; `None`: any.
