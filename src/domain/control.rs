@@ -1236,6 +1236,89 @@ mod tests {
     }
 
     proptest! {
+        /// Driven as the engine drives it (readings, and wakes at `next_wake`), under random
+        /// limits: no switch falls inside the hold of the switch before it or before its
+        /// maximum run ends, unless a fail-safe or release asked; a switch held back is sent
+        /// when the hold ends if the rule still wants it; a repeat comes only once its
+        /// interval has passed and never changes the command.
+        #[test]
+        fn no_command_breaks_a_limit_and_a_deferred_one_goes_at_the_hold_end(
+            min_on in 0i64..600,
+            min_off in 0i64..600,
+            cooldown in 0i64..900,
+            max_run in proptest::option::of(300i64..3000),
+            keep_alive in proptest::option::of(60i64..600),
+            steps in proptest::collection::vec((0i64..240, 17.0f64..23.0), 1..80),
+        ) {
+            let p = Protection {
+                min_on: TimeDelta::seconds(min_on),
+                min_off: TimeDelta::seconds(min_off),
+                cooldown: TimeDelta::seconds(cooldown),
+                max_run: max_run.map(TimeDelta::seconds),
+                keep_alive: keep_alive.map(TimeDelta::seconds),
+            };
+            let mut s = controlled(20.0, 0.5, 0.5);
+            let mut sent: Option<LastSent> = None;
+            let mut last: Option<HeaterCommand> = None;
+            let mut now = at(0);
+            // Checks one decision made at `when` and records it as sent.
+            let check = |d: &Decision, when: DateTime<Utc>, sent: &mut Option<LastSent>, last: &mut Option<HeaterCommand>| -> Result<(), TestCaseError> {
+                let prev = sent.map(|l| Switched {
+                    command: last.unwrap(),
+                    at: l.switched_at,
+                    forced_off: l.forced_off,
+                });
+                if d.reason == CommandReason::KeepAlive {
+                    prop_assert_eq!(Some(d.command), *last);
+                    prop_assert!(p.repeat_at(sent.unwrap().sent_at).is_some_and(|due| when >= due));
+                    *sent = sent.map(|l| LastSent { sent_at: when, ..l });
+                    return Ok(());
+                }
+                prop_assert_ne!(Some(d.command), *last, "only switches and repeats are sent");
+                if let Some(prev) = prev {
+                    let safety = matches!(d.reason, CommandReason::SensorStale | CommandReason::SetpointDeleted | CommandReason::OutOfService);
+                    if d.reason == CommandReason::MaxRunTime {
+                        prop_assert!(p.run_ends(&prev).is_some_and(|end| when >= end));
+                    } else if !safety {
+                        prop_assert!(when >= p.hold_until(&prev), "{:?} at {} inside the hold of {:?}", d.reason, when, prev);
+                    }
+                }
+                *sent = Some(LastSent { switched_at: when, sent_at: when, forced_off: d.reason == CommandReason::MaxRunTime });
+                *last = Some(d.command);
+                Ok(())
+            };
+            for (gap, temperature) in steps {
+                let next = now + TimeDelta::seconds(gap);
+                // What is due before the next reading, in order, as the engine wakes it.
+                loop {
+                    s = s.protected(p, sent, false);
+                    let Some(due) = s.next_wake().filter(|due| *due <= next) else { break };
+                    let wanted = s.last_reading().and_then(|r| {
+                        let fresh = due.signed_duration_since(r.received) <= STALE;
+                        rule(s.band().unwrap(), r.temperature).filter(|_| fresh)
+                    });
+                    let deferred = s.deferred();
+                    match s.on_wake(due.max(now), STALE) {
+                        Some(d) => check(&d, due.max(now), &mut sent, &mut last)?,
+                        None => {
+                            // A switch held back until now is not lost.
+                            if let (Some(until), Some((command, _))) = (deferred, wanted) {
+                                prop_assert!(!(until == due && Some(command) != last), "deferred switch dropped at {}", due);
+                            }
+                            break;
+                        }
+                    }
+                }
+                now = next;
+                s = s.protected(p, sent, false);
+                if let ReadingOutcome::Applied(Some(d)) = s.on_reading(reading(temperature, (now - at(0)).num_seconds())) {
+                    check(&d, now, &mut sent, &mut last)?;
+                }
+            }
+        }
+    }
+
+    proptest! {
         /// With in-order readings and one setpoint, the loop emits exactly what the reference
         /// Flink job emits.
         #[test]
