@@ -767,6 +767,22 @@ mod tests {
     }
 
     #[test]
+    fn a_setpoint_change_inside_a_hold_is_deferred_too() {
+        let mut s = controlled(20.0, 0.5, 0.5);
+        assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
+        // Lowered below the room's 19 °C 60 s later, inside a 300 s minimum on time.
+        let mut s = held(s, 300, 0, 0);
+        assert_eq!(s.on_setpoint(2, Some(band(17.0, 0.5, 0.5)), at(60), STALE), None);
+        assert_eq!(s.deferred(), Some(at(300)));
+        let mut s = held(s, 300, 0, 0);
+        let off = s.on_wake(at(300), STALE).expect("OFF at the hold's end");
+        assert_eq!(
+            (off.command, off.reason, off.setpoint_revision),
+            (Off, CommandReason::DeferredTooHot, 2)
+        );
+    }
+
+    #[test]
     fn a_deferred_or_forced_command_names_the_limit_that_shaped_it() {
         let mut s = controlled(20.0, 0.5, 0.5);
         assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
