@@ -26,6 +26,7 @@ use crate::security::{Authenticator, Credentials};
 use crate::store::{Levels, Store};
 use crate::stream::codec::{command_to_proto, reason_to_proto};
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
+use crate::stream::engine::SensorView;
 use crate::stream::ControlHandle;
 use tokio_stream::wrappers::BroadcastStream;
 
@@ -263,12 +264,9 @@ impl HeaterApi {
         // that command belongs to the other building.
         let last_command = view
             .last_command
+            .clone()
             .filter(|e| who.scope.contains_str(&e.building_id));
-        let settings = &view.settings;
-        let [hold_until, run_ends, next_keep_alive] = match &last_command {
-            Some(last) => Self::holds(&settings.protection, last, now),
-            None => [None, None, None],
-        };
+        let state = Self::equipment_state(who, &view, last_command.as_ref(), controlled, now);
         Ok(pb::SensorState {
             sensor_id: sensor.to_string(),
             setpoint,
@@ -277,19 +275,6 @@ impl HeaterApi {
             }),
             effective_source,
             next_change,
-            hold_until,
-            run_ends,
-            // Repeated only for a controlled heater in service.
-            next_keep_alive: next_keep_alive
-                .filter(|_| controlled && settings.out_of_service.is_none()),
-            out_of_service: settings
-                .out_of_service
-                .as_ref()
-                .map(out_of_service_to_proto),
-            limits: Some(protection_to_proto(&settings.protection)),
-            heater_status: view
-                .status
-                .filter(|status| who.scope.contains_str(&status.building_id)),
             last_reading: view.last_reading.map(|r| pb::SensorReading {
                 sensor_id: sensor.to_string(),
                 temperature_celsius: Some(r.temperature.value()),
@@ -300,7 +285,44 @@ impl HeaterApi {
                 .as_ref()
                 .map_or(0, |l| i32::from(l.effective.number())),
             effective_setpoint: levels.as_ref().and_then(effective_to_proto),
+            ..state
         })
+    }
+
+    /// The heater's side of a sensor's state: holds in force, limits, out of service, keep-alive
+    /// and reported state.
+    fn equipment_state(
+        who: &Identity,
+        view: &SensorView,
+        last_command: Option<&pb::HeaterCommandEvent>,
+        controlled: bool,
+        now: DateTime<Utc>,
+    ) -> pb::SensorState {
+        let settings = &view.settings;
+        let [hold_until, run_ends, next_keep_alive] = match last_command {
+            Some(last) => Self::holds(&settings.protection, last, now),
+            None => [None, None, None],
+        };
+        pb::SensorState {
+            hold_until,
+            run_ends,
+            // Repeated only for a controlled heater in service that follows its command.
+            next_keep_alive: next_keep_alive.filter(|_| {
+                controlled
+                    && settings.out_of_service.is_none()
+                    && view.status.as_ref().is_none_or(|s| s.following)
+            }),
+            out_of_service: settings
+                .out_of_service
+                .as_ref()
+                .map(out_of_service_to_proto),
+            limits: Some(protection_to_proto(&settings.protection)),
+            heater_status: view
+                .status
+                .clone()
+                .filter(|status| who.scope.contains_str(&status.building_id)),
+            ..pb::SensorState::default()
+        }
     }
 
     /// Opens a feed of the heaters `sensor_ids` and `building_id` pick, within the caller's

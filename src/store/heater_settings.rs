@@ -127,6 +127,7 @@ impl Store {
         building: &BuildingId,
         sensor: Option<&SensorId>,
     ) -> Result<(Option<SettingsRecord>, Option<SettingsRecord>)> {
+        let _turn = self.read_turn().await?;
         let sql = format!(
             "SELECT {COLUMNS} FROM heater_settings WHERE building_id = $1 AND sensor_id IN ('', $2)"
         );

@@ -325,23 +325,9 @@ impl Engine {
             }
             Input::Setpoint(version) => self.on_setpoint(version).await,
             Input::Settings(settings) => self.on_settings(settings).await,
-            Input::Report { sensor, report } => {
-                if self.feedback.is_some() {
-                    if let Some(i) = self.reading_slot(&sensor)? {
-                        if let Some(feedback) = &mut self.feedback {
-                            feedback.report(i, report);
-                        }
-                        self.judge(i, Utc::now());
-                    }
-                }
-                Ok(())
-            }
+            Input::Report { sensor, report } => self.on_report(&sensor, report),
             Input::Query(Query::Owns { key, reply }) => {
-                let partition = match key {
-                    Some(key) => partition_of(self.partitioner, &key, self.topic_partitions),
-                    None => Some(0),
-                };
-                let _ = reply.send(partition.is_some_and(|p| self.decides_for(p)));
+                let _ = reply.send(self.owns_key(key.as_deref()));
                 Ok(())
             }
             Input::Observed {
@@ -401,6 +387,37 @@ impl Engine {
         }
     }
 
+    /// A heater's report: kept, and the heater judged.
+    fn on_report(&mut self, sensor: &SensorId, report: Reported) -> Result<(), StreamError> {
+        if self.feedback.is_none() {
+            return Ok(());
+        }
+        if let Some(i) = self.reading_slot(sensor)? {
+            if let Some(feedback) = &mut self.feedback {
+                feedback.report(i, report);
+            }
+            // A report from before the last switch says nothing of it (one replayed at start,
+            // say): the staleness rounds judge the heater once the command is old enough.
+            if self
+                .commanded(i)
+                .is_some_and(|c| report.at >= c.switched_at)
+            {
+                self.judge(i, Utc::now());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this replica decides for the sensor partition `key` maps to (no key: the
+    /// first partition's).
+    fn owns_key(&self, key: Option<&[u8]>) -> bool {
+        let partition = match key {
+            Some(key) => partition_of(self.partitioner, key, self.topic_partitions),
+            None => Some(0),
+        };
+        partition.is_some_and(|p| self.decides_for(p))
+    }
+
     /// A command read back from the command topic.
     fn observe(
         &mut self,
@@ -432,8 +449,8 @@ impl Engine {
             };
             self.wake_after(i, Some(&building), &last, at);
         }
-        self.judge(i, Utc::now());
         self.decide(i, |control| control.observe(last, building, reading));
+        self.judge(i, Utc::now());
         // A partition of another partition count names no owner.
         match reading_partition {
             Some(p) if p.of.is_none_or(|n| n == self.topic_partitions) => {
@@ -844,6 +861,7 @@ impl Engine {
             return;
         };
         let reporting: Vec<SensorIndex> = feedback.reporting().collect();
+        metrics::gauge!(telemetry::HEATERS_NOT_FOLLOWING).set(feedback.not_following_count() as f64);
         for i in reporting {
             self.judge(i, now);
         }

@@ -294,13 +294,7 @@ pub async fn start(
     .with_protection(control.protection());
     let (statuses, _) = broadcast::channel(control.subscriber_buffer.max(1));
     let reports = !kafka.heater_report_topic.is_empty();
-    let engine = if reports {
-        let timeout =
-            chrono::TimeDelta::from_std(control.report_timeout).unwrap_or(chrono::TimeDelta::MAX);
-        engine.with_feedback(feedback::Feedback::new(timeout, statuses.clone()))
-    } else {
-        engine
-    };
+    let engine = with_feedback(engine, reports, control, &statuses);
     let (revokes_tx, revokes_rx) = mpsc::unbounded_channel();
     readings_consumer.context().arm(handoff::Handoff {
         revokes: revokes_tx,
@@ -342,13 +336,7 @@ pub async fn start(
     };
     tasks.spawn(readings.run(shutdown.clone()));
     if reports {
-        let reports = reports::Reports {
-            consumer: report_consumer(kafka)?,
-            producer: producer.clone(),
-            config: kafka.clone(),
-            engine: engine_tx.clone(),
-            stats: stats.clone(),
-        };
+        let reports = reports::Reports::new(kafka, &producer, &engine_tx, &stats)?;
         tasks.spawn(reports.run(shutdown.clone()));
     }
     group_lag::start(kafka, stats.clone(), tasks, shutdown)?;
@@ -438,8 +426,23 @@ fn readings_consumer(
         .map_err(StreamError::Config)
 }
 
+/// `engine`, comparing heaters' reports with their commands if they `report`.
+fn with_feedback(
+    engine: Engine,
+    report: bool,
+    control: &ControlConfig,
+    statuses: &broadcast::Sender<crate::proto::v1::HeaterStatus>,
+) -> Engine {
+    if !report {
+        return engine;
+    }
+    let timeout =
+        chrono::TimeDelta::from_std(control.report_timeout).unwrap_or(chrono::TimeDelta::MAX);
+    engine.with_feedback(feedback::Feedback::new(timeout, statuses.clone()))
+}
+
 /// The reader of the heater report topic: like the command topic's, from the beginning.
-fn report_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
+pub(crate) fn report_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
     consumer_config(kafka, &format!("{}-report-reader", kafka.consumer_group))
         .set("enable.auto.commit", "false")
         .set("queued.max.messages.kbytes", "4096")

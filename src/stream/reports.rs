@@ -21,14 +21,29 @@ use super::StreamError;
 use crate::config::KafkaConfig;
 
 pub struct Reports {
-    pub consumer: StreamConsumer,
-    pub producer: FutureProducer,
-    pub config: KafkaConfig,
-    pub engine: mpsc::Sender<Input>,
-    pub stats: Arc<LoopStats>,
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    config: KafkaConfig,
+    engine: mpsc::Sender<Input>,
+    stats: Arc<LoopStats>,
 }
 
 impl Reports {
+    pub fn new(
+        kafka: &KafkaConfig,
+        producer: &FutureProducer,
+        engine: &mpsc::Sender<Input>,
+        stats: &Arc<LoopStats>,
+    ) -> Result<Self, StreamError> {
+        Ok(Self {
+            consumer: super::report_consumer(kafka)?,
+            producer: producer.clone(),
+            config: kafka.clone(),
+            engine: engine.clone(),
+            stats: stats.clone(),
+        })
+    }
+
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StreamError> {
         let Reports {
             consumer,
