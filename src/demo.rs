@@ -10,6 +10,8 @@
 //! The simulated heaters are protected as real ones are: unless the configuration sets
 //! `MIN_ON_TIME` or `MIN_OFF_TIME`, the demo holds each switch for a few simulated minutes
 //! (`DEMO_MIN_ON_TIME`, `DEMO_MIN_OFF_TIME`), so that a normal run shows switches deferred.
+//! They also report their state (to `heater-reports` unless HEATER_REPORT_TOPIC is given), and
+//! one of them sticks during the run (`SIM_STUCK_AFTER`), so that the service flags it.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::sim::{self, BuildingConfig, SimConfig, COMFORT, ECO, SCHEDULE_ID};
-use thermostat::config::{ControlConfig, ServeConfig};
+use thermostat::config::{ControlConfig, KafkaConfig, ServeConfig};
 use thermostat::error::error_chain;
 use thermostat::startup::Application;
 use thermostat::stream::topics::create_topics;
@@ -37,6 +39,63 @@ pub struct DemoConfig {
     /// Run an in-process mock Kafka cluster instead of connecting to KAFKA_BROKERS.
     #[arg(long, env = "DEMO_EMBEDDED_BROKER")]
     pub embedded_broker: bool,
+    /// Which of the service's options the operator gave (set by the caller from the parse).
+    #[arg(skip)]
+    pub given: Given,
+}
+
+/// Which of the service's options the operator gave, on the command line or in the
+/// environment: the demo's own values replace only those left at their defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    pub heater_report_topic: bool,
+    pub report_timeout: bool,
+}
+
+impl Given {
+    /// From the `demo` subcommand's matches.
+    pub fn of(matches: &clap::ArgMatches) -> Self {
+        let given = |id: &str| {
+            matches
+                .value_source(id)
+                .is_some_and(|source| source != clap::parser::ValueSource::DefaultValue)
+        };
+        Self {
+            heater_report_topic: given("heater_report_topic"),
+            report_timeout: given("report_timeout"),
+        }
+    }
+}
+
+/// The demo's heater report topic, unless HEATER_REPORT_TOPIC is given.
+pub const DEMO_REPORT_TOPIC: &str = "heater-reports";
+/// 5 simulated minutes: a simulated heater reports within a tick (a simulated minute at the
+/// defaults) of its command, so one silent or contrary for five is stuck.
+const DEMO_REPORT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Real time a command and its report take through the broker, besides the simulator's tick.
+const REPORT_LATENCY: Duration = Duration::from_secs(2);
+
+/// The service's REPORT_TIMEOUT in the demo: [`DEMO_REPORT_TIMEOUT`] divided by `time_scale`,
+/// but at least a tick of the simulator (`reading_interval`) and [`REPORT_LATENCY`], which
+/// do not scale, and at most a day.
+pub fn report_timeout(time_scale: f64, reading_interval: Duration) -> Duration {
+    let floor = reading_interval.saturating_add(REPORT_LATENCY);
+    Duration::try_from_secs_f64(DEMO_REPORT_TIMEOUT.as_secs_f64() / time_scale)
+        .unwrap_or(Duration::MAX)
+        .min(LONGEST_HOLD)
+        .max(floor)
+}
+
+/// Has the simulated heaters report their state: the demo's report topic and timeout, for those
+/// of HEATER_REPORT_TOPIC and REPORT_TIMEOUT that the operator did not give.
+pub fn turn_reports_on(serve: &mut ServeConfig, building: &BuildingConfig, given: Given) {
+    if !given.heater_report_topic {
+        serve.kafka.heater_report_topic = DEMO_REPORT_TOPIC.into();
+    }
+    if !given.report_timeout {
+        serve.control.report_timeout =
+            report_timeout(building.time_scale, building.reading_interval);
+    }
 }
 
 /// The demo heaters' minimum on time, in simulated time, unless configured otherwise.
@@ -182,12 +241,7 @@ async fn prepare_broker(
 ) -> Result<Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>, DemoError> {
     if config.embedded_broker {
         let mock = MockCluster::new(1).map_err(DemoError::Broker)?;
-        let kafka = &config.serve.kafka;
-        for (topic, partitions) in [
-            (&kafka.sensor_topic, PARTITIONS),
-            (&kafka.command_topic, PARTITIONS),
-            (&kafka.dead_letter_topic, 1),
-        ] {
+        for (topic, partitions) in mock_topics(&config.serve.kafka) {
             mock.create_topic(topic, partitions, 1)
                 .map_err(DemoError::Broker)?;
         }
@@ -202,23 +256,47 @@ async fn prepare_broker(
     }
 }
 
-/// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
-pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
-    // Before anything starts: options that describe no building, or a service the simulator
-    // could not call.
-    config.building.check()?;
-    check_simulator_access(&config)?;
+/// The topics the embedded mock cluster holds, as `create_topics` makes them on a broker (the
+/// heater report topic only if set), with their partitions.
+fn mock_topics(kafka: &KafkaConfig) -> Vec<(&str, i32)> {
+    let mut topics = vec![
+        (kafka.sensor_topic.as_str(), PARTITIONS),
+        (kafka.command_topic.as_str(), PARTITIONS),
+        (kafka.dead_letter_topic.as_str(), 1),
+    ];
+    if !kafka.heater_report_topic.is_empty() {
+        topics.push((kafka.heater_report_topic.as_str(), PARTITIONS));
+    }
+    topics
+}
+
+/// The simulated heaters as the demo runs them: held ([`HeaterHolds`]) and reporting their
+/// state ([`turn_reports_on`]); logged in real time.
+fn prepare_heaters(config: &mut DemoConfig) -> Result<(), DemoError> {
     config
         .holds
         .apply(&mut config.serve.control, config.building.time_scale)?;
+    turn_reports_on(&mut config.serve, &config.building, config.given);
     let control = &config.serve.control;
     let real = humantime::format_duration;
     tracing::info!(
         min_on_time = %real(control.min_on_time),
         min_off_time = %real(control.min_off_time),
         max_run_time = %real(control.max_run_time),
-        "heaters held (real time; the plot marks the switches deferred)"
+        report_topic = %config.serve.kafka.heater_report_topic,
+        report_timeout = %real(control.report_timeout),
+        "heaters held and reporting (real time; the plot marks the switches deferred)"
     );
+    Ok(())
+}
+
+/// Runs until `shutdown` (or the simulation's duration), then stops the service gracefully.
+pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<(), DemoError> {
+    // Before anything starts: options that describe no building, or a service the simulator
+    // could not call.
+    config.building.check()?;
+    check_simulator_access(&config)?;
+    prepare_heaters(&mut config)?;
     // Kept alive until the end: dropping it stops the mock brokers.
     let _mock = prepare_broker(&mut config).await?;
     let auth = &config.serve.auth;
@@ -236,10 +314,10 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
     };
     let mut building = config.building;
     building.api_addr = Some(app.local_addr().to_string());
+    let simulated = SimConfig { kafka, building };
     print_examples(
         &app,
-        &kafka.kafka_brokers,
-        &building,
+        &simulated,
         credentials.as_ref().map(|c| c.token.as_str()),
     );
     let service_stop = CancellationToken::new();
@@ -247,7 +325,7 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
 
     // The simulator stops with the service: a building without its thermostat is no demo.
     let simulator_stop = shutdown.child_token();
-    let simulator = sim::run(SimConfig { kafka, building }, simulator_stop.clone());
+    let simulator = sim::run(simulated, simulator_stop.clone());
     tokio::pin!(simulator);
     let (simulated, service_ended) = tokio::select! {
         simulated = &mut simulator => (simulated, None),
@@ -275,16 +353,22 @@ pub async fn run(mut config: DemoConfig, shutdown: CancellationToken) -> Result<
             return Err(DemoError::ServiceTask(e.to_string()));
         }
     }
-    let summary = simulated?;
+    log_summary(&simulated?);
+    Ok(())
+}
+
+fn log_summary(summary: &sim::Summary) {
+    let stuck = summary.stuck.map(|s| summary.rooms[s.room].as_str());
     tracing::info!(
         readings = summary.readings_sent,
         commands = summary.commands_applied,
         deferred = summary.deferred(),
         max_run_offs = summary.max_run_offs(),
         level_changes = summary.level_changes.len(),
+        reports = summary.reports_sent,
+        stuck_heater = stuck.unwrap_or("none"),
         "demo finished"
     );
-    Ok(())
 }
 
 fn log_simulator_failure(simulated: &Result<sim::Summary, sim::SimError>) {
@@ -294,15 +378,10 @@ fn log_simulator_failure(simulated: &Result<sim::Summary, sim::SimError>) {
 }
 
 /// What to try while the demo runs, with the addresses (and token) of this run.
-fn print_examples(
-    app: &Application,
-    brokers: &str,
-    building: &BuildingConfig,
-    token: Option<&str>,
-) {
+fn print_examples(app: &Application, simulated: &SimConfig, token: Option<&str>) {
     println!(
         "{}",
-        examples(app.local_addr(), app.admin_addr(), brokers, building, token)
+        examples(app.local_addr(), app.admin_addr(), simulated, token)
     );
 }
 
@@ -311,10 +390,11 @@ fn print_examples(
 pub fn examples(
     grpc: SocketAddr,
     admin: Option<SocketAddr>,
-    brokers: &str,
-    building: &BuildingConfig,
+    simulated: &SimConfig,
     token: Option<&str>,
 ) -> String {
+    let SimConfig { kafka, building } = simulated;
+    let brokers = &kafka.kafka_brokers;
     // Room 00 is the one `SIM_CHANGE_AFTER` changes: the operator's example takes the next,
     // if there is one.
     let room = building.sensor(building.rooms.clamp(1, 2) - 1);
@@ -340,6 +420,46 @@ pub fn examples(
         format!("  metrics: curl -s http://{admin}/metrics\n")
     });
     let building_id = &building.building_id;
+    let mut levels = level_examples(building, &call, grpc);
+    levels.push_str(&stuck_example(
+        simulated,
+        &format!("grpcurl {transport}-emit-defaults {auth}"),
+        grpc,
+    ));
+    format!(
+        r#"
+thermostat is the thermostat of a simulated building of {rooms} rooms ("{building_id}").
+  gRPC:   {grpc}
+  broker: {brokers}
+{auth_note}  plot:   {plot} (rewritten every 30 s and at the end)
+  health: grpcurl -plaintext {grpc} grpc.health.v1.Health/Check
+{metrics}
+In another terminal:
+  grpcurl {transport}{grpc} list
+  {call}-d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
+  {call}-d '{{"sendInitialState": true, "buildingId": "{building_id}"}}' {grpc} thermostat.v1.HeaterControlService/SubscribeHeaterCommands
+Change a setpoint and watch that room's heater react (and the plot). PutSetpoint writes the
+DEFAULT level, which waits beneath the schedule or an override while they hold; an OVERRIDE
+decides at once, until it is relinquished:
+  {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
+  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE", "desiredCelsius": 25, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5, "reason": "hold"}}' {grpc} thermostat.v1.SetpointService/WriteSetpointLevel
+  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE"}}' {grpc} thermostat.v1.SetpointService/RelinquishSetpointLevel
+  {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
+What the loop would do at 19.5 °C (and why, and whether a hold defers it), and the heater limits
+that apply to the room (the demo's holds, in real time):
+  {call}-d '{{"sensorId": "{room}", "temperatureCelsius": 19.5}}' {grpc} thermostat.v1.HeaterControlService/DryRun
+  {call}-d '{{"buildingId": "{building_id}", "sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetHeaterSettings
+{levels}{without}Send a reading by hand:
+  KAFKA_BROKERS={brokers} target/release/thermostat send-reading {room} 15.0
+Ctrl-C stops the demo and writes the plot.
+"#,
+        rooms = building.rooms,
+    )
+}
+
+/// The examples of the levels the run writes: the schedule, the override.
+fn level_examples(building: &BuildingConfig, call: &str, grpc: SocketAddr) -> String {
+    let building_id = &building.building_id;
     let mut levels = String::new();
     if building.schedules() {
         levels.push_str(&format!(
@@ -360,30 +480,25 @@ pub fn examples(
              {call}-d '{{\"sensorId\": \"{overridden}\"}}' {grpc} thermostat.v1.SetpointService/GetSetpointLevels\n"
         ));
     }
+    levels
+}
+
+/// The call that shows the stuck heater flagged, if the run has one; `call` shows defaults,
+/// since `following: false` is one.
+fn stuck_example(simulated: &SimConfig, call: &str, grpc: SocketAddr) -> String {
+    let building = &simulated.building;
+    let reports = !simulated.kafka.heater_report_topic.is_empty();
+    let Some(i) = building.stuck_room(reports) else {
+        return String::new();
+    };
+    let stuck = building.sensor(i);
     format!(
-        r#"
-thermostat is the thermostat of a simulated building of {rooms} rooms ("{building_id}").
-  gRPC:   {grpc}
-  broker: {brokers}
-{auth_note}  plot:   {plot} (rewritten every 30 s and at the end)
-  health: grpcurl -plaintext {grpc} grpc.health.v1.Health/Check
-{metrics}
-In another terminal:
-  grpcurl {transport}{grpc} list
-  {call}-d '{{"buildingId": "{building_id}"}}' {grpc} thermostat.v1.SetpointService/ListSetpoints
-  {call}-d '{{"sendInitialState": true, "buildingId": "{building_id}"}}' {grpc} thermostat.v1.HeaterControlService/SubscribeHeaterCommands
-Change a setpoint and watch that room's heater react (and the plot). PutSetpoint writes the
-DEFAULT level, which waits beneath the schedule or an override while they hold; an OVERRIDE
-decides at once, until it is relinquished:
-  {call}-d '{{"setpoint": {{"sensorId": "{room}", "buildingId": "{building_id}", "desiredCelsius": 24, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5}}}}' {grpc} thermostat.v1.SetpointService/PutSetpoint
-  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE", "desiredCelsius": 25, "upDeltaCelsius": 0.5, "downDeltaCelsius": 0.5, "reason": "hold"}}' {grpc} thermostat.v1.SetpointService/WriteSetpointLevel
-  {call}-d '{{"sensorId": "{room}", "level": "SETPOINT_LEVEL_OVERRIDE"}}' {grpc} thermostat.v1.SetpointService/RelinquishSetpointLevel
-  {call}-d '{{"sensorId": "{room}"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState
-{levels}{without}Send a reading by hand:
-  KAFKA_BROKERS={brokers} target/release/thermostat send-reading {room} 15.0
-Ctrl-C stops the demo and writes the plot.
-"#,
-        rooms = building.rooms,
+        "The heaters report their state to {topic}; {stuck}'s sticks OFF {after} into the run \
+         (the log says when).\nOnce it has reported OFF for REPORT_TIMEOUT after an ON, the \
+         service flags it: heaterStatus \"following\": false:\n  \
+         {call}-d '{{\"sensorId\": \"{stuck}\"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState\n",
+        topic = simulated.kafka.heater_report_topic,
+        after = humantime::format_duration(building.stuck_after),
     )
 }
 
@@ -401,6 +516,89 @@ mod tests {
     fn demo(args: &[&str]) -> DemoConfig {
         let args = std::iter::once("demo").chain(args.iter().copied());
         Cli::try_parse_from(args).unwrap().demo
+    }
+
+    /// As main.rs parses it: with the options given noted.
+    fn given(args: &[&str]) -> DemoConfig {
+        use clap::{CommandFactory, FromArgMatches};
+        let args = std::iter::once("demo").chain(args.iter().copied());
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        let mut config = Cli::from_arg_matches(&matches).unwrap().demo;
+        config.given = Given::of(&matches);
+        config
+    }
+
+    #[test]
+    fn the_demo_heaters_report_to_their_own_topic_in_simulated_time_unless_configured() {
+        let mut config = given(&[]);
+        assert_eq!(config.given, Given::default());
+        turn_reports_on(&mut config.serve, &config.building, config.given);
+        assert_eq!(config.serve.kafka.heater_report_topic, DEMO_REPORT_TOPIC);
+        // 5 simulated minutes at a simulated minute a second.
+        assert_eq!(config.serve.control.report_timeout, Duration::from_secs(5));
+        // Faster: never below a tick and the broker's round trips; slower: at most a day.
+        assert_eq!(
+            report_timeout(150.0, Duration::from_millis(100)),
+            Duration::from_millis(2100)
+        );
+        assert_eq!(
+            report_timeout(6.0, Duration::from_secs(1)),
+            Duration::from_secs(50)
+        );
+        assert_eq!(report_timeout(1e-300, Duration::from_secs(1)), LONGEST_HOLD);
+        // What the operator gives stays, even their default value, or an empty topic (no
+        // reports).
+        let mut own = given(&["--report-timeout", "60s", "--heater-report-topic", ""]);
+        assert_eq!(
+            own.given,
+            Given {
+                heater_report_topic: true,
+                report_timeout: true
+            }
+        );
+        turn_reports_on(&mut own.serve, &own.building, own.given);
+        assert_eq!(own.serve.kafka.heater_report_topic, "");
+        assert_eq!(own.serve.control.report_timeout, Duration::from_secs(60));
+        // The mock cluster holds the report topic only when there is one.
+        let names = |kafka: &KafkaConfig| -> Vec<String> {
+            mock_topics(kafka)
+                .iter()
+                .map(|(t, _)| t.to_string())
+                .collect()
+        };
+        assert!(names(&config.serve.kafka).contains(&DEMO_REPORT_TOPIC.to_owned()));
+        assert_eq!(names(&own.serve.kafka).len(), 3);
+    }
+
+    #[test]
+    fn the_examples_ask_why_and_show_the_stuck_heater_only_when_heaters_report() {
+        let grpc: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let mut config = demo(&[]);
+        turn_reports_on(&mut config.serve, &config.building, config.given);
+        let simulated = SimConfig {
+            kafka: config.serve.kafka.clone(),
+            building: config.building.clone(),
+        };
+        let text = examples(grpc, None, &simulated, Some("t"));
+        for call in ["DryRun", "GetHeaterSettings"] {
+            assert!(
+                text.contains(&format!("HeaterControlService/{call}")),
+                "{text}"
+            );
+        }
+        let stuck = format!("{{\"sensorId\": \"sim/room-19\"}}' {grpc} thermostat.v1.HeaterControlService/GetSensorState");
+        assert!(text.contains(&stuck), "{text}");
+        assert!(text.contains("-emit-defaults"), "{text}");
+        // Without reports (or without a stuck heater) there is nothing to show.
+        let quiet = SimConfig {
+            kafka: demo(&[]).serve.kafka,
+            building: config.building.clone(),
+        };
+        let text = examples(grpc, None, &quiet, Some("t"));
+        assert!(
+            !text.contains("sim/room-19") && !text.contains("-emit-defaults"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod demo;
 mod sim;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use thermostat::config::{
@@ -61,7 +61,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // As `Cli::parse`, keeping the matches: the demo asks which options were given.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)
+        .map_err(|e| e.format(&mut Cli::command()))
+        .unwrap_or_else(|e| e.exit());
     telemetry::init(&cli.log).map_err(|e| anyhow::anyhow!("RUST_LOG/LOG_FORMAT: {e}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -90,10 +94,14 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(
                 readings = summary.readings_sent,
                 commands = summary.commands_applied,
+                reports = summary.reports_sent,
                 "simulation finished"
             );
         }
-        Command::Demo(config) => {
+        Command::Demo(mut config) => {
+            if let Some(given) = matches.subcommand_matches("demo") {
+                config.given = demo::Given::of(given);
+            }
             demo::run(config, shutdown).await?;
         }
         Command::Serve(config) => {

@@ -5,7 +5,9 @@
 //! demo's building follows its schedule and an override that expires during the run, the
 //! simulator sees both happen on time, the plot marks the deciding level, and the commands the
 //! demo prints work as written. Its heaters are held for the demo's minimum on and off times:
-//! switches are deferred, never sent inside a hold, and marked in the plot.
+//! switches are deferred, never sent inside a hold, and marked in the plot. They report their
+//! state: the service sees every heater that obeys follow its command, and flags the one that
+//! sticks.
 
 mod common;
 // The simulator and the demo belong to the binary, not to the service's library: compiled in
@@ -67,14 +69,16 @@ async fn bands_by_revision(
 /// A quarter of a simulated minute per tick of [`building`]: at most 0.15 °C a tick, so the few
 /// ticks a command takes to come back move a room little past its band's edge.
 const TIME_SCALE: f64 = 150.0;
+/// The tick of [`building`].
+const READING_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A building of 4 rooms at 21 ± 0.5 °C run fast against `app`, without the schedule and the
-/// override (each test turns on what it is about).
+/// A building of 4 rooms at 21 ± 0.5 °C run fast against `app`, without the schedule, the
+/// override and the stuck heater (each test turns on what it is about).
 fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
     BuildingConfig {
         rooms: 4,
         building_id: id.into(),
-        reading_interval: Duration::from_millis(100),
+        reading_interval: READING_INTERVAL,
         time_scale: TIME_SCALE,
         duration: Some(Duration::from_secs(30)),
         seed: 7,
@@ -94,6 +98,7 @@ fn building(app: &TestApp, id: &str, plot: &std::path::Path) -> BuildingConfig {
         schedule_after: Duration::ZERO,
         schedule_period: Duration::ZERO,
         override_for: Duration::ZERO,
+        stuck_after: Duration::ZERO,
     }
 }
 
@@ -120,9 +125,12 @@ async fn assert_commands_follow_the_rule(app: &TestApp, summary: &Summary, token
 }
 
 /// Where the rooms end: inside the band, give or take `tolerance` (what the room moves during
-/// the few ticks a command takes to arrive, and during a hold), and still cycling.
+/// the few ticks a command takes to arrive, and during a hold), and still cycling; all but the
+/// room whose heater stuck.
 fn assert_rooms_end_in_their_bands(summary: &Summary, tolerance: f64) {
-    for (room, samples) in summary.rooms.iter().zip(&summary.samples) {
+    let stuck = summary.stuck.map(|s| s.room);
+    let rooms = summary.rooms.iter().zip(&summary.samples).enumerate();
+    for (_, (room, samples)) in rooms.filter(|(i, _)| Some(*i) != stuck) {
         assert!(samples.len() >= 200, "{room}: {} samples", samples.len());
         let last = &samples[samples.len() - 60..];
         for s in last {
@@ -330,13 +338,130 @@ fn run_examples(examples: &str) -> Vec<(String, serde_json::Value)> {
     answers
 }
 
+/// `sensor`'s heater status, as the service answers GetSensorState.
+async fn heater_status(app: &TestApp, sensor: &str) -> pb::HeaterStatus {
+    let request = pb::GetSensorStateRequest {
+        sensor_id: sensor.into(),
+    };
+    app.heaters()
+        .await
+        .get_sensor_state(authorized(request, Some(TOKEN)))
+        .await
+        .expect("sensor state")
+        .into_inner()
+        .heater_status
+        .unwrap_or_else(|| panic!("{sensor}: no heater status"))
+}
+
+/// Every heater of `building` but the stuck one reports what it was last commanded, and the
+/// service never flagged it: asked again while a switch is on its way (to the heater, and back
+/// as its report).
+async fn assert_heaters_follow(app: &TestApp, building: &BuildingConfig) {
+    let stuck = building.stuck_room(true).expect("a stuck heater");
+    for sensor in (0..building.rooms)
+        .filter(|i| *i != stuck)
+        .map(|i| building.sensor(i))
+    {
+        let mut status = heater_status(app, &sensor).await;
+        for _ in 0..50 {
+            if status.reported == status.commanded {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            status = heater_status(app, &sensor).await;
+        }
+        assert_ne!(
+            status.commanded(),
+            pb::HeaterCommand::Unspecified,
+            "{status:?}"
+        );
+        assert_eq!(status.reported, status.commanded, "{status:?}");
+        assert!(status.following, "{status:?}");
+        assert_eq!(status.since, None, "never flagged: {status:?}");
+    }
+}
+
+/// The heater that stuck: OFF from then on, last commanded ON, and flagged by the service;
+/// its sensor. Reports were sent at the first tick and after each command taken.
+async fn assert_stuck_heater_flagged(app: &TestApp, summary: &Summary) -> String {
+    let stuck = summary.stuck.expect("a heater stuck");
+    let stuck_sensor = &summary.rooms[stuck.room];
+    // (A sample is the state over the tick that ends at its minute.)
+    let after: Vec<_> = summary.samples[stuck.room]
+        .iter()
+        .filter(|s| s.simulated_minutes > stuck.simulated_minutes)
+        .collect();
+    assert!(
+        after.len() > 100 && after.iter().all(|s| !s.heater_on),
+        "{stuck:?}"
+    );
+    let last = summary.commands.iter().rfind(|c| c.room == stuck.room);
+    assert!(last.is_some_and(|c| c.heater_on), "{last:?}");
+    let status = heater_status(app, stuck_sensor).await;
+    assert_eq!(
+        (status.commanded(), status.reported(), status.following),
+        (pb::HeaterCommand::On, pb::HeaterCommand::Off, false),
+        "{status:?}"
+    );
+    assert!(status.since.is_some(), "{status:?}");
+    let rooms = summary.rooms.len() as u64;
+    assert!(
+        summary.reports_sent >= rooms + summary.commands_applied,
+        "{} reports",
+        summary.reports_sent
+    );
+    stuck_sensor.clone()
+}
+
+/// The answers of the demo's heater examples: the stuck heater flagged, room 01's following,
+/// the dry run (while comfort decides) and the demo's holds among the limits.
+fn assert_heater_examples(
+    answers: &[(String, serde_json::Value)],
+    examples: &str,
+    stuck_sensor: &str,
+    control: &ControlConfig,
+) {
+    let answer = |method: &str, sensor: Option<&str>| -> &serde_json::Value {
+        &answers
+            .iter()
+            .find(|(m, a)| m == method && sensor.is_none_or(|s| a["sensorId"] == s))
+            .unwrap_or_else(|| panic!("no {method} of {sensor:?} among:\n{examples}"))
+            .1
+    };
+    let flagged = &answer("GetSensorState", Some(stuck_sensor))["heaterStatus"];
+    assert_eq!(flagged["following"], false, "{flagged}");
+    assert_eq!(flagged["commanded"], "HEATER_COMMAND_ON", "{flagged}");
+    assert_eq!(flagged["reported"], "HEATER_COMMAND_OFF", "{flagged}");
+    let followed = &answer("GetSensorState", Some("simsched/room-01"))["heaterStatus"];
+    assert_eq!(followed["reported"], followed["commanded"], "{followed}");
+    // 19.5 °C is below comfort's band.
+    let dry = answer("DryRun", None);
+    assert_eq!(dry["command"], "HEATER_COMMAND_ON", "{dry}");
+    assert_eq!(dry["lowerCelsius"], 21.5, "{dry}");
+    let settings = answer("GetHeaterSettings", None);
+    let seconds = |d: &serde_json::Value| {
+        d.as_str()
+            .and_then(|d| d.strip_suffix('s'))
+            .and_then(|d| d.parse::<f64>().ok())
+    };
+    assert_eq!(
+        seconds(&settings["effectiveLimits"]["minOnTime"]),
+        Some(control.min_on_time.as_secs_f64()),
+        "the demo's hold: {settings}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
-    // The demo's heaters: its minimum on and off times, at this building's time scale.
+    // The demo's heaters: its minimum on and off times, and its report timeout, at this
+    // building's time scale; a report topic of the test's own.
+    let reports = common::kafka::create_topic("reports", 2).await;
     let (_dir, app) = secure_app(|config, _| {
         demo::HeaterHolds::default()
             .apply(&mut config.control, TIME_SCALE)
-            .unwrap()
+            .unwrap();
+        config.kafka.heater_report_topic = reports;
+        config.control.report_timeout = demo::report_timeout(TIME_SCALE, READING_INTERVAL);
     })
     .await;
     let control = app.config.control.clone();
@@ -355,6 +480,8 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
             schedule_after: Duration::from_secs(5),
             schedule_period: Duration::from_secs(60),
             override_for,
+            // Early enough that it is flagged long before the end.
+            stuck_after: Duration::from_secs(3),
             ..building(&app, "simsched", plot.path())
         },
     };
@@ -388,6 +515,8 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
     // Time enough for the rooms to settle in comfort's band; it holds for a minute.
     let settled = begins + TimeDelta::seconds(20) - Utc::now();
     tokio::time::sleep(settled.to_std().unwrap()).await;
+    // While the heaters still run: those that obey follow their commands, by the service.
+    assert_heaters_follow(&app, &config.building).await;
     stop.cancel();
     let summary = run.await.unwrap().expect("simulation");
 
@@ -475,6 +604,8 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
     assert!(deferred > 0, "no switch deferred: {:?}", summary.commands);
     assert_eq!(summary.deferred(), deferred);
 
+    let stuck_sensor = assert_stuck_heater_flagged(&app, &summary).await;
+
     // The plot: the three rooms, the strip's legend, and the held switches' (plot.rs draws a
     // triangle of this color for each deferred switch of a plotted room, and one in the
     // legend of each room's panel).
@@ -494,7 +625,7 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
     assert_eq!(svg.matches("#007878").count(), 3 + plotted);
 
     // The demo's commands, as printed for this building (they run while comfort holds).
-    let examples = demo::examples(app.addr, None, "brokers", &config.building, Some(TOKEN));
+    let examples = demo::examples(app.addr, None, &config, Some(TOKEN));
     let answers = run_examples(&examples);
     let answer = |method: &str| -> &serde_json::Value {
         &answers
@@ -503,6 +634,7 @@ async fn the_demo_building_follows_its_schedule_and_an_override_that_expires() {
             .unwrap_or_else(|| panic!("{method} is not among the examples:\n{examples}"))
             .1
     };
+    assert_heater_examples(&answers, &examples, &stuck_sensor, &control);
     let printed = answer("GetSchedule");
     assert_eq!(printed["scheduleId"], sim::SCHEDULE_ID, "{printed}");
     assert_eq!(printed["timeZone"], "Europe/Berlin", "{printed}");

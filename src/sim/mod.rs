@@ -14,6 +14,10 @@
 //! `eco` and a whole-building schedule that holds them for a while soon after the start
 //! (`SIM_SCHEDULE_*`), and an OVERRIDE of one room that expires during the run
 //! (`SIM_OVERRIDE_FOR`), so that a run shows every level but SAFETY deciding in turn.
+//!
+//! With a heater report topic (`HEATER_REPORT_TOPIC`) the heaters report their actual state
+//! there, as a gateway would, and one of them stops obeying during the run (`SIM_STUCK_AFTER`),
+//! so that the service has a heater to flag as not following its command.
 
 mod levels;
 pub mod model;
@@ -41,8 +45,9 @@ pub use levels::{level_name, ChangeKind, LevelChange, Plan, COMFORT, ECO, SCHEDU
 pub use model::ThermalModel;
 use thermostat::config::KafkaConfig;
 use thermostat::domain::schedule::parse_zone;
+use thermostat::proto::from_timestamp;
 use thermostat::proto::v1 as pb;
-use thermostat::proto::{from_timestamp, timestamp};
+use thermostat::stream::topics::{reading_payload, report_payload};
 use thermostat::stream::{self, StreamError};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -135,6 +140,10 @@ pub struct BuildingConfig {
     /// written at the start, expires after this long (at least 1s). 0s: no override.
     #[arg(long, env = "SIM_OVERRIDE_FOR", default_value = "3m", value_parser = humantime::parse_duration)]
     pub override_for: Duration,
+    /// With HEATER_REPORT_TOPIC set and at least 4 rooms, the last room's heater stops obeying
+    /// after this long (real time): stuck OFF, it reports so. 0s: none.
+    #[arg(long, env = "SIM_STUCK_AFTER", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,14 +175,15 @@ pub struct Sample {
     pub level: pb::SetpointLevel,
 }
 
-/// A heater command the building obeyed: what of its event the summary keeps (a few dozen
-/// bytes, like a sample, however long the run).
+/// A heater command the building took (a stuck heater takes it without switching): what of its
+/// event the summary keeps (a few dozen bytes, like a sample, however long the run).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AppliedCommand {
     /// Index into [`Summary::rooms`].
     pub room: usize,
     /// Simulated minute at which the heater was switched.
     pub simulated_minutes: f64,
+    /// What the command says; the samples have what the heater did.
     pub heater_on: bool,
     pub reason: pb::CommandReason,
     /// The setpoint revision the service decided with.
@@ -202,6 +212,15 @@ impl AppliedCommand {
     }
 }
 
+/// The heater that stopped obeying (`SIM_STUCK_AFTER`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StuckHeater {
+    /// Index into [`Summary::rooms`].
+    pub room: usize,
+    /// Simulated minute from which it stayed OFF.
+    pub simulated_minutes: f64,
+}
+
 /// What happened to every room.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
@@ -209,6 +228,8 @@ pub struct Summary {
     /// Per room, in time order.
     pub samples: Vec<Vec<Sample>>,
     pub readings_sent: u64,
+    /// Heater reports sent (with HEATER_REPORT_TOPIC).
+    pub reports_sent: u64,
     pub commands_applied: u64,
     /// Every command applied, in order.
     pub commands: Vec<AppliedCommand>,
@@ -218,6 +239,8 @@ pub struct Summary {
     pub plan: Plan,
     /// Every change of a room's effective setpoint seen after its first read, in order.
     pub level_changes: Vec<LevelChange>,
+    /// The heater that stopped obeying, once it has.
+    pub stuck: Option<StuckHeater>,
 }
 
 impl Summary {
@@ -235,7 +258,12 @@ impl Summary {
 struct Room {
     sensor: String,
     celsius: f64,
+    /// What the heater does (a stuck one stays OFF whatever it is told).
     heater_on: bool,
+    /// Stuck OFF: takes commands, obeys none.
+    stuck: bool,
+    /// Took a command (or stuck) since its last report: its gateway reports at once.
+    report_due: bool,
     /// Sequence of the last command applied.
     sequence: Option<u64>,
     band: (f64, f64),
@@ -258,7 +286,8 @@ impl Room {
             return false;
         }
         self.sequence = Some(sequence);
-        self.heater_on = on;
+        self.heater_on = on && !self.stuck;
+        self.report_due = true;
         true
     }
 
@@ -353,7 +382,21 @@ impl BuildingConfig {
     pub fn sensor(&self, i: usize) -> String {
         format!("{}/room-{i:02}", self.building_id)
     }
+
+    /// The room whose heater sticks (`SIM_STUCK_AFTER`), if any, when heaters report: the
+    /// last, if it is none of rooms 00 to 02, which the run and the demo's examples change.
+    pub fn stuck_room(&self, reports: bool) -> Option<usize> {
+        (reports && !self.stuck_after.is_zero() && self.rooms > STUCK_ROOM_AFTER)
+            .then(|| self.rooms - 1)
+    }
 }
+
+/// The stuck heater is in a room past this one (rooms 00 to 02 have their own roles).
+const STUCK_ROOM_AFTER: usize = 3;
+
+/// The gateway reports every heater's state this often, in simulated minutes, besides a
+/// heater's at once after a command.
+const REPORT_EVERY_MINUTES: f64 = 5.0;
 
 /// The band a setpoint keeps its room in.
 pub fn band_of(setpoint: &pb::Setpoint) -> (f64, f64) {
@@ -384,6 +427,8 @@ pub async fn run(sim: SimConfig, shutdown: CancellationToken) -> Result<Summary,
             sensor: config.sensor(i),
             celsius: rng.random_range(15.0..19.0),
             heater_on: false,
+            stuck: false,
+            report_due: false,
             sequence: None,
             band,
             level: pb::SetpointLevel::Default,
@@ -547,6 +592,7 @@ impl Run<'_> {
         let mut last_progress = started;
         let mut last_plot = started;
         let mut last_poll: Option<Instant> = None;
+        let mut last_reports: Option<f64> = None;
         loop {
             tokio::select! {
                 biased;
@@ -562,6 +608,7 @@ impl Run<'_> {
                 _ = ticks.tick() => {}
             }
             obey_commands(&mut commands, &index, rooms, summary, minutes);
+            self.stick_heater_once(rooms, summary, started, minutes);
             self.change_setpoint_once(rooms, summary, started, minutes)
                 .await?;
             if last_poll.is_none_or(|at| at.elapsed() >= BAND_POLL) {
@@ -570,6 +617,8 @@ impl Run<'_> {
             }
             minutes += minutes_per_tick;
             self.tick_rooms(rooms, summary, minutes, minutes_per_tick)
+                .await?;
+            self.send_reports(rooms, summary, minutes, &mut last_reports)
                 .await?;
             if last_plot.elapsed() >= PLOT_EVERY {
                 last_plot = Instant::now();
@@ -582,6 +631,71 @@ impl Run<'_> {
                 last_progress = Instant::now();
                 log_progress(rooms, summary, minutes);
             }
+        }
+        Ok(())
+    }
+
+    /// Whether the heaters report their state (HEATER_REPORT_TOPIC).
+    fn reports(&self) -> bool {
+        !self.kafka.heater_report_topic.is_empty()
+    }
+
+    /// The heater that stops obeying (`stuck_after`), once, stuck OFF: it still reports, so the
+    /// service can tell that it does not follow its command.
+    fn stick_heater_once(
+        &self,
+        rooms: &mut [Room],
+        summary: &mut Summary,
+        started: Instant,
+        minutes: f64,
+    ) {
+        let Some(i) = self.config.stuck_room(self.reports()) else {
+            return;
+        };
+        if summary.stuck.is_some() || started.elapsed() < self.config.stuck_after {
+            return;
+        }
+        let room = &mut rooms[i];
+        (room.stuck, room.heater_on, room.report_due) = (true, false, true);
+        summary.stuck = Some(StuckHeater {
+            room: i,
+            simulated_minutes: minutes,
+        });
+        tracing::info!(
+            sensor = %room.sensor,
+            "this heater stops obeying (stuck OFF) and reports so: the service should flag it as not following"
+        );
+    }
+
+    /// Reports heaters' actual state to HEATER_REPORT_TOPIC, if set, as a gateway: a heater
+    /// that took a command (or stuck) at once, every heater every few simulated minutes.
+    async fn send_reports(
+        &mut self,
+        rooms: &mut [Room],
+        summary: &mut Summary,
+        minutes: f64,
+        last: &mut Option<f64>,
+    ) -> Result<(), SimError> {
+        if !self.reports() {
+            return Ok(());
+        }
+        let every = last.is_none_or(|at| minutes - at >= REPORT_EVERY_MINUTES);
+        if every {
+            *last = Some(minutes);
+        }
+        let now = Utc::now();
+        for room in rooms.iter_mut().filter(|r| every || r.report_due) {
+            room.report_due = false;
+            let payload =
+                report_payload(self.kafka.sensor_format, &room.sensor, room.heater_on, now);
+            send(
+                self.producer,
+                &self.kafka.heater_report_topic,
+                &room.sensor,
+                &payload,
+            )
+            .await?;
+            summary.reports_sent += 1;
         }
         Ok(())
     }
@@ -638,12 +752,12 @@ impl Run<'_> {
                 .model
                 .advance(room.celsius, room.heater_on, minutes_per_tick);
             let measured = room.celsius + config.noise_celsius * standard_normal(&mut self.rng);
-            send_reading(
+            let payload = reading_payload(self.kafka.sensor_format, &room.sensor, measured, now);
+            send(
                 self.producer,
                 &self.kafka.sensor_topic,
                 &room.sensor,
-                measured,
-                now,
+                &payload,
             )
             .await?;
             summary.readings_sent += 1;
@@ -841,21 +955,16 @@ fn standard_normal(rng: &mut StdRng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-async fn send_reading(
+/// Produces a reading or a report of `sensor`, keyed by it, in SENSOR_FORMAT as a gateway does
+/// (`thermostat::stream::topics`).
+async fn send(
     producer: &rdkafka::producer::FutureProducer,
     topic: &str,
     sensor: &str,
-    celsius: f64,
-    time: DateTime<Utc>,
+    payload: &[u8],
 ) -> Result<(), StreamError> {
-    let payload = pb::SensorReading {
-        sensor_id: sensor.to_owned(),
-        temperature_celsius: Some(celsius),
-        reading_time: Some(timestamp(time)),
-    }
-    .encode_to_vec();
-    let record = FutureRecord::to(topic).key(sensor).payload(&payload);
-    // Fire and forget: a lost reading is what a real sensor network does too.
+    let record = FutureRecord::to(topic).key(sensor).payload(payload);
+    // Fire and forget: a lost reading or report is what a real sensor network does too.
     stream::enqueue(producer, record).await.map(drop)
 }
 
@@ -914,6 +1023,7 @@ async fn follow_commands(
 mod tests {
     use super::*;
     use clap::Parser;
+    use thermostat::proto::timestamp;
 
     #[derive(Parser)]
     struct Cli {
@@ -931,6 +1041,8 @@ mod tests {
             sensor: "b/room-00".into(),
             celsius: 18.0,
             heater_on: false,
+            stuck: false,
+            report_due: false,
             sequence: None,
             band: (20.5, 21.5),
             level: pb::SetpointLevel::Default,
@@ -988,6 +1100,30 @@ mod tests {
         let mut fresh = self::room();
         assert!(fresh.obey(0, true));
         assert_eq!(fresh.sequence, Some(0));
+        // Each command taken is reported at once; a stuck heater takes it and stays OFF.
+        assert!(fresh.report_due);
+        let mut stuck = Room {
+            stuck: true,
+            ..self::room()
+        };
+        assert!(stuck.obey(1, true));
+        assert!(!stuck.heater_on && stuck.report_due);
+        assert_eq!(stuck.sequence, Some(1));
+    }
+
+    #[test]
+    fn the_stuck_heater_is_the_last_room_s_of_a_building_whose_heaters_report() {
+        let config = building(&[]).unwrap();
+        assert_eq!(config.stuck_room(true), Some(19));
+        assert_eq!(config.stuck_room(false), None, "nobody would know");
+        // Rooms 00 to 02 have their roles; none stuck, or none wanted.
+        assert_eq!(
+            building(&["--rooms", "4"]).unwrap().stuck_room(true),
+            Some(3)
+        );
+        assert_eq!(building(&["--rooms", "3"]).unwrap().stuck_room(true), None);
+        let none = building(&["--stuck-after", "0s"]).unwrap();
+        assert_eq!(none.stuck_room(true), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Operator tools on the broker: creating the topics, checking that the command topic keeps
-//! every sensor's last command, and producing a reading by hand.
+//! every sensor's last command, and producing a reading by hand (encoded as a gateway writes
+//! readings and heater reports, which the simulator does too).
 
 use std::time::Duration;
 
@@ -124,6 +125,60 @@ pub async fn check_command_retention(kafka: &KafkaConfig) -> Result<(), StreamEr
     }
 }
 
+/// A reading as a gateway writes it to the sensor topic, in `format`.
+pub fn reading_payload(
+    format: SensorFormat,
+    sensor: &str,
+    celsius: f64,
+    time: DateTime<Utc>,
+) -> Vec<u8> {
+    match format {
+        SensorFormat::Protobuf => pb::SensorReading {
+            sensor_id: sensor.to_owned(),
+            temperature_celsius: Some(celsius),
+            reading_time: Some(timestamp(time)),
+        }
+        .encode_to_vec(),
+        SensorFormat::Json => serde_json::json!({
+            "sensor_id": sensor,
+            "temperature_celsius": celsius,
+            "reading_time": time.to_rfc3339(),
+        })
+        .to_string()
+        .into_bytes(),
+    }
+}
+
+/// A heater's report of its actual state (ON if `on`) as a gateway writes it to the heater
+/// report topic, in `format`.
+pub fn report_payload(
+    format: SensorFormat,
+    sensor: &str,
+    on: bool,
+    time: DateTime<Utc>,
+) -> Vec<u8> {
+    let state = if on {
+        pb::HeaterCommand::On
+    } else {
+        pb::HeaterCommand::Off
+    };
+    match format {
+        SensorFormat::Protobuf => pb::HeaterReport {
+            sensor_id: sensor.to_owned(),
+            state: state.into(),
+            report_time: Some(timestamp(time)),
+        }
+        .encode_to_vec(),
+        SensorFormat::Json => serde_json::json!({
+            "sensor_id": sensor,
+            "state": if on { "ON" } else { "OFF" },
+            "report_time": time.to_rfc3339(),
+        })
+        .to_string()
+        .into_bytes(),
+    }
+}
+
 /// Produces one reading to the sensor topic in the configured format, as a gateway would.
 pub async fn send_reading(
     kafka: &KafkaConfig,
@@ -131,21 +186,7 @@ pub async fn send_reading(
     celsius: f64,
     time: DateTime<Utc>,
 ) -> Result<(), StreamError> {
-    let payload = match kafka.sensor_format {
-        SensorFormat::Protobuf => pb::SensorReading {
-            sensor_id: sensor.to_string(),
-            temperature_celsius: Some(celsius),
-            reading_time: Some(timestamp(time)),
-        }
-        .encode_to_vec(),
-        SensorFormat::Json => serde_json::json!({
-            "sensor_id": sensor.as_str(),
-            "temperature_celsius": celsius,
-            "reading_time": time.to_rfc3339(),
-        })
-        .to_string()
-        .into_bytes(),
-    };
+    let payload = reading_payload(kafka.sensor_format, sensor.as_str(), celsius, time);
     let producer = producer(kafka)?;
     let record = FutureRecord::to(&kafka.sensor_topic)
         .key(sensor.as_str())
@@ -161,6 +202,48 @@ pub async fn send_reading(
 #[cfg(test)]
 mod tests {
     use super::command_retention_risk as risk;
+    use super::{reading_payload, report_payload, SensorFormat};
+    use crate::config::CelsiusRange;
+    use crate::domain::control::HeaterCommand;
+    use crate::stream::codec::{decode_reading, decode_report};
+    use chrono::{DateTime, TimeDelta};
+
+    #[test]
+    fn what_a_gateway_writes_in_either_format_the_service_reads_back() {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let key = Some("b/room-03".as_bytes());
+        for format in [SensorFormat::Protobuf, SensorFormat::Json] {
+            for on in [true, false] {
+                let payload = report_payload(format, "b/room-03", on, at);
+                let (sensor, report) =
+                    decode_report(format, TimeDelta::zero(), key, &payload, None, at)
+                        .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+                let state = if on {
+                    HeaterCommand::On
+                } else {
+                    HeaterCommand::Off
+                };
+                assert_eq!(
+                    (sensor.as_str(), report.state, report.at),
+                    ("b/room-03", state, at)
+                );
+            }
+            let payload = reading_payload(format, "b/room-03", 20.25, at);
+            let decoded = decode_reading(
+                format,
+                CelsiusRange::PLAUSIBLE,
+                TimeDelta::zero(),
+                key,
+                &payload,
+                None,
+                None,
+                at,
+            );
+            let (sensor, reading) = decoded.unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!(sensor.as_str(), "b/room-03");
+            assert_eq!((reading.temperature.value(), reading.time), (20.25, at));
+        }
+    }
 
     #[test]
     fn only_a_topic_that_keeps_every_last_record_is_safe() {
