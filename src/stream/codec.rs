@@ -90,6 +90,30 @@ struct JsonReport {
     report_time: Option<String>,
 }
 
+/// The record's sensor, which its key must name. A keyless record lands on any partition: the
+/// replica that owns it would decide for a sensor another replica controls.
+fn keyed_sensor(sensor_id: String, key: Option<&[u8]>) -> Result<SensorId, DeadLetter> {
+    let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
+    let key = key.ok_or(DeadLetter::MissingKey)?;
+    if key != sensor.as_str().as_bytes() {
+        return Err(DeadLetter::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            sensor_id: sensor.to_string(),
+        });
+    }
+    Ok(sensor)
+}
+
+/// A JSON record's RFC 3339 `field`.
+fn json_time(field: &str, time: Option<String>) -> Result<Option<DateTime<Utc>>, DeadLetter> {
+    time.map(|t| {
+        DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| DeadLetter::Undecodable(format!("{field}: {e}")))
+    })
+    .transpose()
+}
+
 /// Decodes and validates one heater report: as a reading (`decode_reading`), with a state for
 /// a temperature. JSON states are `ON`/`OFF` or the proto names.
 pub fn decode_report(
@@ -131,25 +155,11 @@ pub fn decode_report(
                     )))
                 }
             };
-            let time = r
-                .report_time
-                .map(|t| {
-                    DateTime::parse_from_rfc3339(&t)
-                        .map(|t| t.with_timezone(&Utc))
-                        .map_err(|e| DeadLetter::Undecodable(format!("report_time: {e}")))
-                })
-                .transpose()?;
+            let time = json_time("report_time", r.report_time)?;
             (r.sensor_id, state, time)
         }
     };
-    let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
-    let key = key.ok_or(DeadLetter::MissingKey)?;
-    if key != sensor.as_str().as_bytes() {
-        return Err(DeadLetter::KeyMismatch {
-            key: String::from_utf8_lossy(key).into_owned(),
-            sensor_id: sensor.to_string(),
-        });
-    }
+    let sensor = keyed_sensor(sensor_id, key)?;
     let state = state.ok_or(DeadLetter::MissingState)?;
     let at = time.or(record_time).ok_or(DeadLetter::MissingTime)?;
     if now
@@ -194,27 +204,11 @@ pub fn decode_reading(
         SensorFormat::Json => {
             let r: JsonReading = serde_json::from_slice(payload)
                 .map_err(|e| DeadLetter::Undecodable(e.to_string()))?;
-            let time = r
-                .reading_time
-                .map(|t| {
-                    DateTime::parse_from_rfc3339(&t)
-                        .map(|t| t.with_timezone(&Utc))
-                        .map_err(|e| DeadLetter::Undecodable(format!("reading_time: {e}")))
-                })
-                .transpose()?;
+            let time = json_time("reading_time", r.reading_time)?;
             (r.sensor_id, r.temperature_celsius, time)
         }
     };
-    let sensor = SensorId::parse(sensor_id).map_err(|e| DeadLetter::InvalidSensorId(e.message))?;
-    // A keyless reading lands on any partition: the replica that owns it would decide for a
-    // sensor another replica controls.
-    let key = key.ok_or(DeadLetter::MissingKey)?;
-    if key != sensor.as_str().as_bytes() {
-        return Err(DeadLetter::KeyMismatch {
-            key: String::from_utf8_lossy(key).into_owned(),
-            sensor_id: sensor.to_string(),
-        });
-    }
+    let sensor = keyed_sensor(sensor_id, key)?;
     let temperature = temperature.ok_or(DeadLetter::MissingTemperature)?;
     let temperature = Celsius::new(temperature).ok_or(DeadLetter::NonFiniteTemperature)?;
     if !plausible.contains(temperature.value()) {
