@@ -61,6 +61,10 @@ pub struct DatabaseConfig {
         default_value = "postgres://postgres@127.0.0.1:5432/thermostat"
     )]
     pub database_url: String,
+    /// A file holding the database URL (a mounted Secret), read at start in place of
+    /// DATABASE_URL; surrounding whitespace is ignored. Rotated credentials need a restart.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    pub database_url_file: Option<std::path::PathBuf>,
     /// Largest number of pooled database connections.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
@@ -240,6 +244,22 @@ pub struct ControlConfig {
     /// with a setpoint is controlled whatever the limit.
     #[arg(long, env = "SENSOR_CACHE_LIMIT", default_value_t = 2_000_000)]
     pub sensor_cache_limit: usize,
+}
+
+impl DatabaseConfig {
+    /// The database URL: DATABASE_URL_FILE's contents if set, else DATABASE_URL. The error
+    /// names the file, never what it holds.
+    pub fn url(&self) -> Result<String, String> {
+        let Some(path) = &self.database_url_file else {
+            return Ok(self.database_url.clone());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("DATABASE_URL_FILE {}: {e}", path.display()))?;
+        match text.trim() {
+            "" => Err(format!("DATABASE_URL_FILE {} is empty", path.display())),
+            url => Ok(url.to_owned()),
+        }
+    }
 }
 
 impl ControlConfig {
@@ -546,6 +566,25 @@ mod tests {
         let serve = parse(&["--grpc-addr", "127.0.0.1:0"]).expect("parses");
         assert_eq!(serve.grpc_addr.port(), 0);
         assert_eq!(serve.shutdown_timeout, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn the_database_url_comes_from_its_file_when_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://u:secret@db:5432/t\n").unwrap();
+        let mut config = parse(&[]).expect("parses").database;
+        assert_eq!(config.url().unwrap(), config.database_url, "without a file");
+        config.database_url_file = Some(file.clone());
+        assert_eq!(config.url().unwrap(), "postgres://u:secret@db:5432/t");
+        std::fs::write(&file, " \n").unwrap();
+        assert!(config.url().unwrap_err().contains("is empty"));
+        config.database_url_file = Some(dir.path().join("missing"));
+        let err = config.url().unwrap_err();
+        assert!(
+            err.contains("DATABASE_URL_FILE") && err.contains("missing"),
+            "{err}"
+        );
     }
 
     #[test]

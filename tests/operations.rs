@@ -406,6 +406,30 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
 }
 
 #[tokio::test]
+async fn the_database_url_can_come_from_a_mounted_file() {
+    let mut config = TestApp::fresh_config().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("DATABASE_URL");
+    // As a Secret mounts it: the URL, maybe with a newline; DATABASE_URL leads nowhere.
+    std::fs::write(&file, format!("{}\n", config.database.database_url)).unwrap();
+    config.database.database_url = "postgres://nobody@127.0.0.1:1/nowhere".into();
+    config.database.database_url_file = Some(file.clone());
+    let (_app, _client) = common::spawn_with_setpoint(config.clone(), "s").await;
+
+    // A file that is not there: the start fails, naming the option and the file.
+    config.database.database_url_file = Some(dir.path().join("absent"));
+    let refused = thermostat::Application::build(config)
+        .await
+        .err()
+        .expect("started without its database URL");
+    let chain = thermostat::error::error_chain(&refused);
+    assert!(
+        chain.contains("DATABASE_URL_FILE") && chain.contains("absent"),
+        "{chain}"
+    );
+}
+
+#[tokio::test]
 async fn the_database_connection_can_be_tls_with_a_verified_server() {
     let cluster = PgCluster::start();
     let ca = security::Ca::new("database CA");

@@ -77,7 +77,10 @@ impl Store {
                 "DATABASE_MAX_READS must be below DATABASE_MAX_CONNECTIONS: the rest are for writes, the control loop and health checks".into(),
             ));
         }
-        let options: PgConnectOptions = config.database_url.parse()?;
+        let url = config
+            .url()
+            .map_err(|e| sqlx::Error::Configuration(e.into()))?;
+        let options: PgConnectOptions = url.parse()?;
         // Every connection bounds its wait for a lock: a row locked by a forgotten transaction
         // must fail a Delete (or a Put, below) with UNAVAILABLE, not hold its connection for
         // good (a request's timeout drops the call, not the statement).
