@@ -19,7 +19,7 @@ FROM rust:1.95.0-bookworm AS builder
 # Rust dependencies, the part that matters for the binary, are pinned by Cargo.lock (--locked).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential pkg-config python3 zlib1g-dev \
+    && apt-get install -y --no-install-recommends build-essential pkg-config python3 zlib1g-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -47,10 +47,10 @@ RUN cargo build --release --locked \
     && cp target/release/thermostat /thermostat
 
 # ---------------------------------------------------------------------------------------------
-# Runtime: Debian 12 slim. The binary needs glibc, libgcc_s and libz.so.1 (zlib1g), all of
-# which the slim image already has; zlib1g is named to make the dependency explicit.
-# ca-certificates: the roots a TLS connection to PostgreSQL is verified against (DATABASE_URL with
-# sslmode=verify-full and no sslrootcert); Kafka connections are plaintext. Nothing is written at
+# Runtime: Debian 12 slim. The binary needs glibc, libgcc_s, libz.so.1 (zlib1g) and OpenSSL 3
+# (libssl3: librdkafka's TLS and SCRAM); zlib1g and libssl3 are named to make that explicit.
+# ca-certificates: the roots a TLS connection to PostgreSQL or Kafka is verified against when no
+# CA file is given. Nothing is written at
 # run time (works with a read-only root filesystem) and no shell is needed: the entrypoint is
 # the binary itself, in exec form.
 FROM debian:bookworm-slim AS runtime
@@ -58,7 +58,7 @@ FROM debian:bookworm-slim AS runtime
 # DL3008 ignored for the same reason as in the builder stage.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 thermostat \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

@@ -201,6 +201,7 @@ impl Observer {
     fn start(topic: &str, output: Output) -> Self {
         let consumer: StreamConsumer =
             thermostat::stream::consumer_config(&kafka(), &format!("observer-{}", epoch_nanos()))
+                .expect("settings")
                 .set("enable.auto.commit", "false")
                 .set("enable.partition.eof", "true")
                 .create()
@@ -507,6 +508,7 @@ async fn baseline_child(args: &[String], relay: bool) {
     let count: u64 = count.parse().expect("count");
     let kafka = kafka();
     let consumer: StreamConsumer = thermostat::stream::consumer_config(&kafka, group)
+        .expect("settings")
         .create()
         .expect("consumer");
     consumer.subscribe(&[input.as_str()]).expect("subscribe");

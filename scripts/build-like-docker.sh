@@ -10,8 +10,8 @@
 # Artifacts go to TARGET_DIR (default: target/docker-like in the repository), never to the
 # normal target/, so the result is not mixed with development builds. It builds in release
 # mode: expect it to take as long as the image build. The system needs what the builder image
-# installs: a C toolchain, make, pkg-config, python3 and zlib headers (Debian: build-essential
-# pkg-config python3 zlib1g-dev).
+# installs: a C toolchain, make, pkg-config, python3, zlib and OpenSSL headers (Debian:
+# build-essential pkg-config python3 zlib1g-dev libssl-dev).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -104,11 +104,60 @@ pub enum SensorFormat {
     Json,
 }
 
+/// How the service reaches the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaSecurityProtocol {
+    #[value(name = "plaintext", alias = "PLAINTEXT")]
+    Plaintext,
+    /// TLS, the brokers' certificates verified (and their names: hostname verification).
+    #[value(name = "ssl", alias = "SSL")]
+    Ssl,
+    /// SASL without TLS: the password crosses the network in the clear with PLAIN.
+    #[value(name = "sasl_plaintext", alias = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL over TLS.
+    #[value(name = "sasl_ssl", alias = "SASL_SSL")]
+    SaslSsl,
+}
+
+/// The SASL mechanism (librdkafka's `sasl.mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaSaslMechanism {
+    #[value(name = "PLAIN")]
+    Plain,
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct KafkaConfig {
     /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
+    /// plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL", value_enum, default_value_t = KafkaSecurityProtocol::Plaintext)]
+    pub kafka_security_protocol: KafkaSecurityProtocol,
+    /// PEM CA certificates the brokers' certificates must chain to; unset: the system's roots.
+    #[arg(long, env = "KAFKA_SSL_CA_FILE")]
+    pub kafka_ssl_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that require one (mutual TLS).
+    #[arg(long, env = "KAFKA_SSL_CERT_FILE", requires = "kafka_ssl_key_file")]
+    pub kafka_ssl_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of KAFKA_SSL_CERT_FILE.
+    #[arg(long, env = "KAFKA_SSL_KEY_FILE", requires = "kafka_ssl_cert_file")]
+    pub kafka_ssl_key_file: Option<std::path::PathBuf>,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a sasl_* protocol).
+    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_enum, default_value_t = KafkaSaslMechanism::ScramSha512)]
+    pub kafka_sasl_mechanism: KafkaSaslMechanism,
+    /// The SASL user name (with a sasl_* protocol).
+    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// A file holding the SASL password (a mounted Secret), read whenever a Kafka client is
+    /// made: never an argument or a variable, which other processes may see.
+    #[arg(long, env = "KAFKA_SASL_PASSWORD_FILE")]
+    pub kafka_sasl_password_file: Option<std::path::PathBuf>,
     /// Topic the sensor readings are consumed from (key = sensor_id).
     #[arg(long, env = "SENSOR_TOPIC", default_value = "sensor-readings")]
     pub sensor_topic: String,

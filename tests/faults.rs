@@ -21,6 +21,7 @@ use thermostat::proto::v1 as pb;
 /// The consumer group's committed offset on the sensor topic's only partition, if any.
 fn committed(kafka: &KafkaConfig) -> Option<i64> {
     let consumer: BaseConsumer = thermostat::stream::consumer_config(kafka, &kafka.consumer_group)
+        .expect("settings")
         .create()
         .expect("consumer");
     let mut partitions = TopicPartitionList::new();
@@ -91,6 +92,7 @@ async fn a_command_the_broker_refuses_stops_the_service_and_is_decided_again_aft
     mock.clear_request_errors(RDKafkaApiKey::Produce);
     let app = TestApp::spawn_with(config).await;
     let commands: StreamConsumer = thermostat::stream::consumer_config(&kafka, "fault-reader")
+        .expect("settings")
         .create()
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();

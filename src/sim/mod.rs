@@ -971,7 +971,7 @@ async fn send(
 /// A consumer of every partition of the command topic, from its beginning.
 async fn command_consumer(kafka: &KafkaConfig) -> Result<Arc<StreamConsumer>, SimError> {
     let consumer: Arc<StreamConsumer> = Arc::new(
-        stream::consumer_config(kafka, "thermostat-simulator")
+        stream::consumer_config(kafka, "thermostat-simulator")?
             .set("enable.auto.commit", "false")
             .create()
             .map_err(StreamError::Config)?,

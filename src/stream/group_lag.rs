@@ -40,7 +40,7 @@ pub fn start(
     tasks: &mut JoinSet<Result<(), StreamError>>,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
-    let consumer = consumer_config(kafka, &kafka.consumer_group)
+    let consumer = consumer_config(kafka, &kafka.consumer_group)?
         .set("enable.auto.commit", "false")
         .create()
         .map_err(StreamError::Config)?;

@@ -18,6 +18,7 @@ pub mod output;
 mod partitioner;
 pub mod readings;
 mod reports;
+mod security;
 mod sequences;
 pub mod setpoint_sync;
 pub mod stats;
@@ -96,7 +97,7 @@ where
     }
 }
 
-fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+fn client_config(kafka: &KafkaConfig) -> Result<ClientConfig, StreamError> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.kafka_brokers)
@@ -104,12 +105,13 @@ fn client_config(kafka: &KafkaConfig) -> ClientConfig {
         // Tansu and small brokers: detect a lost broker quickly.
         .set("socket.keepalive.enable", "true")
         .set("socket.nagle.disable", "true");
-    config
+    security::apply(kafka, &mut config)?;
+    Ok(config)
 }
 
 /// The settings of every consumer of the service (public so benchmarks' baselines use the same).
-pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
-    let mut config = client_config(kafka);
+pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> Result<ClientConfig, StreamError> {
+    let mut config = client_config(kafka)?;
     config
         .set("group.id", group)
         .set("fetch.wait.max.ms", millis(kafka.kafka_fetch_wait_max))
@@ -119,7 +121,7 @@ pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
         // stated with the queues bounded); still ~100k readings of read-ahead.
         .set("queued.max.messages.kbytes", "16384")
         .set("auto.offset.reset", "earliest");
-    config
+    Ok(config)
 }
 
 /// A third of the session timeout (Kafka's rule of thumb), at most librdkafka's default 3 s.
@@ -141,7 +143,7 @@ pub const PRODUCER_QUEUE_KBYTES: u32 = 32 * 1024;
 /// retry neither repeats, reorders nor skips), at most 5 requests in flight (librdkafka's
 /// million let a slow broker pile up a buffer per record), and a bounded queue.
 pub fn producer(kafka: &KafkaConfig) -> Result<FutureProducer, StreamError> {
-    client_config(kafka)
+    client_config(kafka)?
         .set("acks", "all")
         .set("enable.idempotence", kafka.kafka_idempotence.to_string())
         .set("max.in.flight.requests.per.connection", "5")
@@ -405,7 +407,7 @@ fn readings_consumer(
             "KAFKA_SESSION_TIMEOUT must exceed STALE_CHECK_INTERVAL + 1 s: a replica paused for the session timeout must notice its stall".into(),
         ));
     }
-    let mut config = consumer_config(kafka, &kafka.consumer_group);
+    let mut config = consumer_config(kafka, &kafka.consumer_group)?;
     config
         // Offsets are stored by hand once a reading's commands are acknowledged, and committed
         // in the background from what was stored.
@@ -443,7 +445,7 @@ fn with_feedback(
 
 /// The reader of the heater report topic: like the command topic's, from the beginning.
 pub(crate) fn report_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
-    consumer_config(kafka, &format!("{}-report-reader", kafka.consumer_group))
+    consumer_config(kafka, &format!("{}-report-reader", kafka.consumer_group))?
         .set("enable.auto.commit", "false")
         .set("queued.max.messages.kbytes", "4096")
         .create()
@@ -452,7 +454,7 @@ pub(crate) fn report_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, Str
 
 /// The reader of the command topic. It never commits: it always reads from the beginning.
 fn follower_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError> {
-    consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))
+    consumer_config(kafka, &format!("{}-command-follower", kafka.consumer_group))?
         .set("enable.auto.commit", "false")
         // Read-ahead of 4 MB (~30k commands) instead of the readings' 16 MB: librdkafka's
         // freed fetch buffers stay resident in its thread's malloc arena (BENCHMARKS.md).

@@ -63,6 +63,11 @@ impl Topics {
         }
     }
 
+    /// Fresh names with 2 partitions, for topics a test makes itself.
+    pub fn named_for_test() -> Self {
+        Self::named(2)
+    }
+
     fn named(partitions: i32) -> Self {
         Topics {
             sensors: unique_name("sensors"),

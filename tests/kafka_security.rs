@@ -1,0 +1,290 @@
+//! Kafka over TLS, and SASL/SCRAM, against real parts: Tansu 0.6 behind Debian's stunnel for TLS
+//! (Tansu 0.6 cannot turn TLS on for its own listener), and for SCRAM Tansu with
+//! `--authentication`, its users kept in PostgreSQL (made through a second, loopback Tansu on
+//! the same storage without authentication). The whole loop runs over TLS; over SCRAM only
+//! create-topics and send-reading do: Tansu 0.6's postgres storage fails ListOffsets on
+//! PostgreSQL 15 ("subquery in FROM must have an alias"), which every consumer needs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::chaos::free_addr;
+use common::kafka::Topics;
+use common::security::{write, Ca};
+use common::{create_database, env, put, wide_band, TestApp};
+use sqlx::{Connection, PgConnection};
+use thermostat::config::{KafkaSaslMechanism, KafkaSecurityProtocol};
+use thermostat::proto::v1 as pb;
+
+const USER: &str = "thermostat";
+const PASSWORD: &str = "a-long-scram-password";
+
+/// Tansu behind stunnel, and what it runs from; every process is stopped on drop.
+struct SecureBroker {
+    /// Where clients connect: TLS, then SASL if required.
+    tls: String,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Drop for SecureBroker {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tool(script: &str, arg: &str) -> PathBuf {
+    let out = Command::new(common::repo_root().join("scripts").join(script))
+        .arg(arg)
+        .output()
+        .expect(script);
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+async fn open(port: u16) {
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+impl SecureBroker {
+    /// With `scram`, Tansu keeps SCRAM users in PostgreSQL and requires them; without, it
+    /// keeps everything in memory and takes anyone (TLS only).
+    async fn start(ca: &Ca, scram: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tansu = tool("tansu.sh", "path");
+        let stunnel = tool("broker-tools.sh", "");
+        let storage = if scram {
+            // Tansu's own schema, which its postgres storage does not create.
+            let storage = create_database(&env("THERMOSTAT_TEST_PG_URL")).await;
+            let schema = std::fs::read_to_string(
+                common::repo_root().join("tests/fixtures/tansu-0.6.0-schema.sql"),
+            )
+            .unwrap();
+            let mut conn = PgConnection::connect(&storage).await.unwrap();
+            sqlx::raw_sql(&schema).execute(&mut conn).await.unwrap();
+            storage
+        } else {
+            "memory://tansu/".to_owned()
+        };
+        let [inner, plain, tls] = [(); 3].map(|_| free_addr().port());
+        // The TLS side is reached as `localhost`, the name the test CA's server certificate
+        // holds (as a DNS name: librdkafka verifies the broker's name).
+        let broker = |port: u16, advertised: &str, auth: bool| {
+            let mut command = Command::new(&tansu);
+            command
+                .current_dir(dir.path())
+                .args(["broker", "--cluster-id", "secure"])
+                .arg(format!("--listener-url=tcp://127.0.0.1:{port}"))
+                .arg(format!("--advertised-listener-url=tcp://{advertised}"))
+                .arg(format!("--storage-engine={storage}"))
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if auth {
+                command.arg("--authentication");
+            }
+            command.spawn().expect("tansu")
+        };
+        let mut children = vec![broker(inner, &format!("localhost:{tls}"), scram)];
+        if scram {
+            children.push(broker(plain, &format!("127.0.0.1:{plain}"), false));
+        }
+        let server = ca.server();
+        let conf = format!(
+            "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls}\nconnect = 127.0.0.1:{inner}\ncert = {}\nkey = {}\n",
+            write(dir.path(), "server.pem", &server.cert).display(),
+            write(dir.path(), "server.key", &server.key).display(),
+        );
+        let conf = write(dir.path(), "stunnel.conf", &conf);
+        children.push(
+            Command::new(stunnel)
+                .arg(conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("stunnel"),
+        );
+        for port in [inner, tls] {
+            open(port).await;
+        }
+        if !scram {
+            return Self {
+                tls: format!("localhost:{tls}"),
+                dir,
+                children,
+            };
+        }
+        open(plain).await;
+        let made = Command::new(&tansu)
+            .args(["user", "create", "--mechanism", "scram512", USER, PASSWORD])
+            .arg(format!("--broker=tcp://127.0.0.1:{plain}"))
+            .current_dir(dir.path())
+            .output()
+            .expect("tansu user create");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        Self {
+            tls: format!("localhost:{tls}"),
+            dir,
+            children,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs the `thermostat` binary with `kafka`'s settings in its environment.
+fn thermostat(kafka: &thermostat::config::KafkaConfig, args: &[&str]) -> (bool, String) {
+    let path = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_thermostat"))
+        .args(args)
+        .env("KAFKA_BROKERS", &kafka.kafka_brokers)
+        .env("SENSOR_TOPIC", &kafka.sensor_topic)
+        .env("COMMAND_TOPIC", &kafka.command_topic)
+        .env("DEAD_LETTER_TOPIC", &kafka.dead_letter_topic)
+        .env(
+            "KAFKA_SECURITY_PROTOCOL",
+            if kafka.kafka_sasl_username.is_some() {
+                "sasl_ssl"
+            } else {
+                "ssl"
+            },
+        )
+        .env("KAFKA_SSL_CA_FILE", path(&kafka.kafka_ssl_ca_file))
+        .envs(
+            kafka
+                .kafka_sasl_username
+                .iter()
+                .map(|u| ("KAFKA_SASL_USERNAME", u.clone())),
+        )
+        .envs(
+            kafka
+                .kafka_sasl_password_file
+                .iter()
+                .map(|p| ("KAFKA_SASL_PASSWORD_FILE", p.display().to_string())),
+        )
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run thermostat");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_runs_over_tls_and_a_broker_it_cannot_verify_is_refused() {
+    let ca = Ca::new("kafka CA");
+    let broker = SecureBroker::start(&ca, false).await;
+    let topics = Topics::named_for_test();
+    let mut config = common::serve_config(
+        create_database(&env("THERMOSTAT_TEST_PG_URL")).await,
+        &topics,
+    );
+    config.kafka.kafka_brokers = broker.tls.clone();
+    config.kafka.kafka_security_protocol = KafkaSecurityProtocol::Ssl;
+    config.kafka.kafka_ssl_ca_file = Some(write(broker.path(), "ca.pem", &ca.pem()));
+    // The topics, made over TLS as `thermostat create-topics` makes them.
+    thermostat::stream::topics::create_topics(&config.kafka, 2, 1)
+        .await
+        .expect("topics over TLS");
+
+    // Readings in and commands out, every byte over TLS.
+    let app = TestApp::spawn_with(config.clone()).await;
+    app.setpoints()
+        .await
+        .put_setpoint(put(wide_band("room-1", 20.0), None))
+        .await
+        .expect("put");
+    let mut live = app
+        .heaters()
+        .await
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let (sent, log) = thermostat(&config.kafka, &["send-reading", "room-1", "18"]);
+    assert!(sent, "{log}");
+    let on = tokio::time::timeout(Duration::from_secs(20), live.message())
+        .await
+        .expect("a command in time")
+        .expect("stream")
+        .expect("open");
+    assert_eq!(
+        (on.sensor_id.as_str(), on.command()),
+        ("room-1", pb::HeaterCommand::On)
+    );
+    app.stop().await;
+
+    // A CA the broker's certificate does not chain to: refused, and the log says why.
+    let mut stranger = config.kafka.clone();
+    stranger.kafka_ssl_ca_file = Some(write(
+        broker.path(),
+        "stranger.pem",
+        &Ca::new("stranger").pem(),
+    ));
+    let (sent, log) = thermostat(&stranger, &["send-reading", "room-1", "18"]);
+    assert!(!sent, "sent to a broker it could not verify");
+    assert!(log.contains("certificate verify failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_over_tls_creates_topics_and_sends_readings_and_a_wrong_password_fails() {
+    let ca = Ca::new("kafka CA");
+    let broker = SecureBroker::start(&ca, true).await;
+    let topics = Topics::named_for_test();
+    let mut kafka = common::serve_config(String::new(), &topics).kafka;
+    kafka.kafka_brokers = broker.tls.clone();
+    kafka.kafka_security_protocol = KafkaSecurityProtocol::SaslSsl;
+    kafka.kafka_ssl_ca_file = Some(write(broker.path(), "ca.pem", &ca.pem()));
+    kafka.kafka_sasl_mechanism = KafkaSaslMechanism::ScramSha512;
+    kafka.kafka_sasl_username = Some(USER.into());
+    kafka.kafka_sasl_password_file =
+        Some(write(broker.path(), "password", &format!("{PASSWORD}\n")));
+    let (made, log) = thermostat(&kafka, &["create-topics"]);
+    assert!(made, "{log}");
+    assert!(log.contains("topics ready"), "{log}");
+    let (sent, log) = thermostat(&kafka, &["send-reading", "room-1", "18"]);
+    assert!(sent, "{log}");
+    assert!(log.contains("reading sent"), "{log}");
+
+    kafka.kafka_sasl_password_file = Some(write(broker.path(), "wrong", "wrong\n"));
+    let started = std::time::Instant::now();
+    let (sent, log) = thermostat(&kafka, &["send-reading", "room-1", "18"]);
+    assert!(!sent, "sent with a wrong password: {log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
