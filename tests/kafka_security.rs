@@ -282,6 +282,7 @@ async fn scram_over_tls_creates_topics_and_sends_readings_and_a_wrong_password_f
     let started = std::time::Instant::now();
     let (sent, log) = thermostat(&kafka, &["send-reading", "room-1", "18"]);
     assert!(!sent, "sent with a wrong password: {log}");
+    assert!(log.contains("SASL authentication error"), "{log}");
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "{:?}",
