@@ -39,9 +39,9 @@ impl Drop for SecureBroker {
     }
 }
 
-fn tool(script: &str, arg: &str) -> PathBuf {
+fn tool(script: &str, args: &[&str]) -> PathBuf {
     let out = Command::new(common::repo_root().join("scripts").join(script))
-        .arg(arg)
+        .args(args)
         .output()
         .expect(script);
     assert!(
@@ -70,8 +70,8 @@ impl SecureBroker {
     /// keeps everything in memory and takes anyone (TLS only).
     async fn start(ca: &Ca, scram: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let tansu = tool("tansu.sh", "path");
-        let stunnel = tool("broker-tools.sh", "");
+        let tansu = tool("tansu.sh", &["path"]);
+        let stunnel = tool("debian-tools.sh", &["stunnel", "stunnel4"]);
         let storage = if scram {
             // Tansu's own schema, which its postgres storage does not create.
             let storage = create_database(&env("THERMOSTAT_TEST_PG_URL")).await;

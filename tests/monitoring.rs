@@ -35,8 +35,11 @@ fn assert_ok(what: &str, out: &Output) {
 
 /// promtool, installed from Debian's `prometheus` package on first use.
 fn promtool() -> String {
-    let out = run("bash", &["scripts/monitoring-tools.sh"]);
-    assert_ok("scripts/monitoring-tools.sh", &out);
+    let out = run(
+        "bash",
+        &["scripts/debian-tools.sh", "promtool", "prometheus"],
+    );
+    assert_ok("scripts/debian-tools.sh", &out);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
