@@ -25,8 +25,8 @@ use crate::proto::{from_timestamp, timestamp};
 use crate::security::{Authenticator, Credentials};
 use crate::store::{Levels, Store};
 use crate::stream::codec::{command_to_proto, reason_to_proto};
-use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::engine::SensorView;
+use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
 use tokio_stream::wrappers::BroadcastStream;
 

@@ -772,7 +772,10 @@ mod tests {
         assert_eq!(command_of(s.on_reading(reading(19.0, 0))), Some(On));
         // Lowered below the room's 19 °C 60 s later, inside a 300 s minimum on time.
         let mut s = held(s, 300, 0, 0);
-        assert_eq!(s.on_setpoint(2, Some(band(17.0, 0.5, 0.5)), at(60), STALE), None);
+        assert_eq!(
+            s.on_setpoint(2, Some(band(17.0, 0.5, 0.5)), at(60), STALE),
+            None
+        );
         assert_eq!(s.deferred(), Some(at(300)));
         let mut s = held(s, 300, 0, 0);
         let off = s.on_wake(at(300), STALE).expect("OFF at the hold's end");

@@ -861,7 +861,8 @@ impl Engine {
             return;
         };
         let reporting: Vec<SensorIndex> = feedback.reporting().collect();
-        metrics::gauge!(telemetry::HEATERS_NOT_FOLLOWING).set(feedback.not_following_count() as f64);
+        metrics::gauge!(telemetry::HEATERS_NOT_FOLLOWING)
+            .set(feedback.not_following_count() as f64);
         for i in reporting {
             self.judge(i, now);
         }

@@ -19,9 +19,21 @@ pub fn apply(kafka: &KafkaConfig, config: &mut ClientConfig) -> Result<(), Strea
     };
     config.set("security.protocol", name(protocol));
     let tls_files = [
-        ("KAFKA_SSL_CA_FILE", "ssl.ca.location", &kafka.kafka_ssl_ca_file),
-        ("KAFKA_SSL_CERT_FILE", "ssl.certificate.location", &kafka.kafka_ssl_cert_file),
-        ("KAFKA_SSL_KEY_FILE", "ssl.key.location", &kafka.kafka_ssl_key_file),
+        (
+            "KAFKA_SSL_CA_FILE",
+            "ssl.ca.location",
+            &kafka.kafka_ssl_ca_file,
+        ),
+        (
+            "KAFKA_SSL_CERT_FILE",
+            "ssl.certificate.location",
+            &kafka.kafka_ssl_cert_file,
+        ),
+        (
+            "KAFKA_SSL_KEY_FILE",
+            "ssl.key.location",
+            &kafka.kafka_ssl_key_file,
+        ),
     ];
     for (option, setting, file) in tls_files {
         match (file, tls) {
@@ -151,7 +163,10 @@ mod tests {
         let err = refused(&["--kafka-security-protocol", "sasl_ssl"]);
         assert!(err.contains("KAFKA_SASL_USERNAME"), "{err}");
         let err = refused(&["--kafka-ssl-ca-file", ca]);
-        assert!(err.contains("KAFKA_SSL_CA_FILE") && err.contains("plaintext"), "{err}");
+        assert!(
+            err.contains("KAFKA_SSL_CA_FILE") && err.contains("plaintext"),
+            "{err}"
+        );
         let err = refused(&[
             "--kafka-security-protocol",
             "sasl_plaintext",

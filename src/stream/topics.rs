@@ -27,10 +27,9 @@ pub async fn create_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<Vec<String>, StreamError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(kafka)?
-            .create()
-            .map_err(StreamError::Config)?;
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)?
+        .create()
+        .map_err(StreamError::Config)?;
     let mut topics = vec![
         &kafka.sensor_topic,
         &kafka.command_topic,
@@ -99,10 +98,9 @@ pub fn command_retention_risk(
 /// Refuses a command topic that can delete a sensor's last command ([`command_retention_risk`]),
 /// or whose settings the broker does not report.
 pub async fn check_command_retention(kafka: &KafkaConfig) -> Result<(), StreamError> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config(kafka)?
-            .create()
-            .map_err(StreamError::Config)?;
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka)?
+        .create()
+        .map_err(StreamError::Config)?;
     let topic = kafka.command_topic.as_str();
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let unsafe_topic = |reason: String| StreamError::CommandRetention {
