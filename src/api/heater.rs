@@ -271,7 +271,9 @@ impl HeaterApi {
             sensor_id: sensor.to_string(),
             setpoint,
             reading_age: view.last_reading.and_then(|r| {
-                prost_types::Duration::try_from((now - r.received).to_std().ok()?).ok()
+                // Received on another replica whose clock runs ahead: zero, not absent.
+                let age = (now - r.received).max(chrono::TimeDelta::zero());
+                prost_types::Duration::try_from(age.to_std().ok()?).ok()
             }),
             effective_source,
             next_change,

@@ -278,15 +278,33 @@ impl SensorControl {
         if self.out_of_service.is_some() {
             return None;
         }
-        let sent = self.last_sent?;
         let last = self.last_switch()?;
-        let repeat = (self.parts.band.is_some() && !self.not_following)
-            .then(|| self.protection.repeat_at(sent.sent_at))
-            .flatten();
-        [self.deferred, self.protection.run_ends(&last), repeat]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.deferred,
+            self.protection.run_ends(&last),
+            self.repeat_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// When the keep-alive next repeats the last command: for a controlled heater in service
+    /// that follows it, once the interval has passed since it was last sent. A repeat does
+    /// not say it repeats a maximum run's OFF (after a restart it would shorten the cooldown
+    /// to the minimum off time), so none comes before that cooldown ends.
+    fn repeat_due(&self) -> Option<DateTime<Utc>> {
+        self.parts.band?;
+        if self.out_of_service.is_some() || self.not_following {
+            return None;
+        }
+        let due = self.protection.repeat_at(self.last_sent?.sent_at)?;
+        let switch = self.last_switch()?;
+        Some(if switch.forced_off {
+            due.max(self.protection.hold_until(&switch))
+        } else {
+            due
+        })
     }
 
     /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:
@@ -322,24 +340,14 @@ impl SensorControl {
         Some(decision)
     }
 
-    /// The keep-alive: the last command again, with the next sequence, once the interval has
-    /// passed since it was last sent, for a controlled heater in service.
+    /// The keep-alive: the last command again, with the next sequence, once it is due
+    /// ([`Self::repeat_due`]).
     fn repeat(&mut self, now: DateTime<Utc>) -> Option<Decision> {
-        self.parts.band?;
-        if self.out_of_service.is_some() || self.not_following {
+        if self.repeat_due()? > now {
             return None;
         }
         let last = self.parts.last_command?;
         let sent = self.last_sent?;
-        if self.protection.repeat_at(sent.sent_at)? > now {
-            return None;
-        }
-        // A repeat does not say it repeats a maximum run's OFF: one during the cooldown would
-        // shorten it, after a restart, to the minimum off time. The cooldown holds it back.
-        let switch = self.last_switch()?;
-        if switch.forced_off && self.protection.hold_until(&switch) > now {
-            return None;
-        }
         let building_id = self.parts.building_id.clone()?;
         let sequence = last.sequence + 1;
         self.parts.last_command = Some(LastCommand {

@@ -45,10 +45,6 @@ impl Limits {
         Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
     /// `base` with the limits set here in place of its own.
     pub fn over(&self, base: Protection) -> Protection {
         let optional = |set: Option<TimeDelta>, inherited| match set {
@@ -139,25 +135,31 @@ impl HeaterSettings {
 
     /// What applies to `sensor` while its setpoint is in `building`.
     pub fn resolve(&self, sensor: &str, building: Option<&BuildingId>) -> Resolved {
-        let Some(building) = building else {
-            return Resolved {
-                protection: self.service,
-                out_of_service: None,
-            };
-        };
-        let entry = self.buildings.get(building);
+        let (protection, out_of_service) = self.applying(sensor, building);
+        Resolved {
+            protection,
+            out_of_service: out_of_service.cloned(),
+        }
+    }
+
+    /// The same, borrowed: what the loop looks up for every reading, without copying a reason.
+    pub fn applying(
+        &self,
+        sensor: &str,
+        building: Option<&BuildingId>,
+    ) -> (Protection, Option<&OutOfService>) {
+        let entry = building.and_then(|b| self.buildings.get(b));
         let of_building = entry.map(|b| &b.own);
         let own = entry.and_then(|b| b.sensors.get(sensor));
         let mut protection = self.service;
         for settings in [of_building, own].into_iter().flatten() {
             protection = settings.limits.over(protection);
         }
-        Resolved {
-            protection,
-            out_of_service: own
-                .and_then(|s| s.out_of_service.clone())
-                .or_else(|| of_building.and_then(|s| s.out_of_service.clone())),
-        }
+        let out = [own, of_building]
+            .into_iter()
+            .flatten()
+            .find_map(|s| s.out_of_service.as_ref());
+        (protection, out)
     }
 }
 

@@ -519,8 +519,8 @@ impl Engine {
                 continue;
             }
             let id = self.sensors.id(i);
-            let was_out = old.resolve(id, building).out_of_service.is_some();
-            let out = self.settings.resolve(id, building).out_of_service.is_some();
+            let was_out = old.applying(id, building).1.is_some();
+            let out = self.settings.applying(id, building).1.is_some();
             let owned = self.owner(i).is_some();
             let decision = self.decide(i, |control| match (was_out, out) {
                 (_, true) if owned => control.release(),
@@ -752,20 +752,20 @@ impl Engine {
             .sensors
             .control(i)
             .numbering_above(self.out.sequence_floor());
-        let resolved = self.resolved(i, control.building_id());
-        if let Some(resolved) = &resolved {
+        let applying = self.applying(i, control.building_id());
+        if let Some((protection, release)) = applying {
             // The SAFETY level cuts holds short, as the fail-safes do.
             let safety = self.sensors.level(i).0 == Level::Safety;
             let follows = self.feedback.as_ref().is_none_or(|f| f.is_following(i));
             control = control
-                .protected(resolved.protection, self.sensors.last_switch(i), safety)
-                .out_of_service(resolved.out_of_service.as_ref().map(|out| out.release))
+                .protected(protection, self.sensors.last_switch(i), safety)
+                .out_of_service(release)
                 .not_following(!follows);
         }
         let result = f(&mut control);
-        if let Some(at) = resolved.and_then(|_| control.next_wake()) {
-            // Woken for it and still due: it cannot happen yet (the sensor is stale, say).
-            // The next input that changes that decides for the sensor again.
+        if let Some(at) = applying.and_then(|_| control.next_wake()) {
+            // A safety net: something said due that waking did not do would otherwise wake
+            // the sensor again at once, for ever. The next input decides for it again.
             if !(self.waking && at <= Utc::now()) {
                 self.wakes.insert((at, i));
             }
@@ -774,17 +774,20 @@ impl Engine {
         result
     }
 
-    /// What applies to sensor `i` in `building`; `None` when no limit is set anywhere and
-    /// nothing is out of service: then there is nothing to look up, on every reading.
-    fn resolved(&self, i: SensorIndex, building: Option<&BuildingId>) -> Option<Resolved> {
+    /// The limits of sensor `i` in `building`, and whether it is out of service (with its
+    /// heater to be released); `None` when no limit is set anywhere and nothing is out of
+    /// service: then there is nothing to look up, on every reading.
+    fn applying(
+        &self,
+        i: SensorIndex,
+        building: Option<&BuildingId>,
+    ) -> Option<(Protection, Option<bool>)> {
         if self.settings.is_uniform() {
             let protection = self.settings.service();
-            return (protection != Protection::default()).then_some(Resolved {
-                protection,
-                out_of_service: None,
-            });
+            return (protection != Protection::default()).then_some((protection, None));
         }
-        Some(self.settings.resolve(self.sensors.id(i), building))
+        let (protection, out) = self.settings.applying(self.sensors.id(i), building);
+        Some((protection, out.map(|out| out.release)))
     }
 
     /// Wakes sensor `i` when something is next due after `last`, last sent at `sent_at`.
@@ -796,8 +799,8 @@ impl Engine {
         sent_at: DateTime<Utc>,
     ) {
         let due = self
-            .resolved(i, building)
-            .and_then(|r| r.protection.next_deadline(last, sent_at, None));
+            .applying(i, building)
+            .and_then(|(protection, _)| protection.next_deadline(last, sent_at, None));
         if let Some(at) = due {
             self.wakes.insert((at, i));
         }

@@ -2,7 +2,7 @@
 //! reports (few, next to the sensors: a map, not a slot field), which of them do not follow
 //! their command, and the status events subscribers are sent when that changes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::broadcast;
@@ -26,7 +26,7 @@ pub struct Feedback {
     timeout: TimeDelta,
     reported: HashMap<SensorIndex, Reported>,
     /// Heaters that do not follow their command.
-    not_following: HashMap<SensorIndex, ()>,
+    not_following: HashSet<SensorIndex>,
     /// When a heater's `following` last changed.
     since: HashMap<SensorIndex, DateTime<Utc>>,
     statuses: broadcast::Sender<pb::HeaterStatus>,
@@ -37,7 +37,7 @@ impl Feedback {
         Self {
             timeout,
             reported: HashMap::new(),
-            not_following: HashMap::new(),
+            not_following: HashSet::new(),
             since: HashMap::new(),
             statuses,
         }
@@ -55,7 +55,7 @@ impl Feedback {
     }
 
     pub fn is_following(&self, i: SensorIndex) -> bool {
-        !self.not_following.contains_key(&i)
+        !self.not_following.contains(&i)
     }
 
     pub fn not_following_count(&self) -> usize {
@@ -80,7 +80,7 @@ impl Feedback {
         if follows {
             self.not_following.remove(&i);
         } else {
-            self.not_following.insert(i, ());
+            self.not_following.insert(i);
         }
         self.since.insert(i, now);
         true
