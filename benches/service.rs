@@ -537,6 +537,7 @@ async fn preload_commands(topic: &str, count: u32) -> String {
             level_revision: 1,
             limit: 0,
             switched_at: Some(decided),
+            trace_parent: String::new(),
         };
         let payload = event.encode_to_vec();
         let headers = OwnedHeaders::new().insert(Header {

@@ -34,6 +34,10 @@ pub struct SendReadingConfig {
     /// When it was measured (RFC 3339); default: now.
     #[arg(long)]
     pub reading_time: Option<chrono::DateTime<chrono::Utc>>,
+    /// A W3C `traceparent` header to send with the reading, as a gateway that traces would:
+    /// the decision continues that trace.
+    #[arg(long)]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -50,6 +54,53 @@ pub struct LogConfig {
     /// Log filter in tracing's EnvFilter syntax, e.g. `info,thermostat=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     pub log_filter: String,
+}
+
+/// OpenTelemetry traces, under the variable names the OpenTelemetry SDKs read.
+#[derive(Debug, Clone, Args)]
+pub struct TraceConfig {
+    /// OTLP/gRPC endpoint of a trace collector, e.g. `http://otel-collector:4317`. Unset (the
+    /// default): no traces, and nothing traced per reading.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Which traces to keep: always_on, always_off, traceidratio, parentbased_always_on,
+    /// parentbased_always_off or parentbased_traceidratio (a caller's sampled flag decides).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER", value_enum, default_value_t = TraceSampler::ParentbasedAlwaysOn, global = true)]
+    pub trace_sampler: TraceSampler,
+    /// The ratio (0 to 1) of the `traceidratio` samplers.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = ratio, global = true)]
+    pub trace_sampler_arg: f64,
+    /// The `service.name` of the spans.
+    #[arg(
+        long,
+        env = "OTEL_SERVICE_NAME",
+        default_value = "thermostat",
+        global = true
+    )]
+    pub otel_service_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TraceSampler {
+    #[value(name = "always_on")]
+    AlwaysOn,
+    #[value(name = "always_off")]
+    AlwaysOff,
+    #[value(name = "traceidratio")]
+    TraceIdRatio,
+    #[value(name = "parentbased_always_on")]
+    ParentbasedAlwaysOn,
+    #[value(name = "parentbased_always_off")]
+    ParentbasedAlwaysOff,
+    #[value(name = "parentbased_traceidratio")]
+    ParentbasedTraceIdRatio,
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio from 0 to 1")),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

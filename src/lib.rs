@@ -17,6 +17,7 @@ pub mod startup;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+pub mod traces;
 
 pub use error::Error;
 pub use startup::{Application, StartupError};

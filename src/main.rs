@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use thermostat::config::{
-    CreateTopicsConfig, DatabaseConfig, LogConfig, SendReadingConfig, ServeConfig,
+    CreateTopicsConfig, DatabaseConfig, LogConfig, SendReadingConfig, ServeConfig, TraceConfig,
 };
 use thermostat::domain::SensorId;
 use thermostat::store::Store;
@@ -25,6 +25,8 @@ use thermostat::{telemetry, Application};
 struct Cli {
     #[command(flatten)]
     log: LogConfig,
+    #[command(flatten)]
+    traces: TraceConfig,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,10 +68,17 @@ async fn run() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches)
         .map_err(|e| e.format(&mut Cli::command()))
         .unwrap_or_else(|e| e.exit());
-    telemetry::init(&cli.log).map_err(|e| anyhow::anyhow!("RUST_LOG/LOG_FORMAT: {e}"))?;
+    let telemetry = telemetry::init(&cli.log, &cli.traces)
+        .map_err(|e| anyhow::anyhow!("logs and traces (RUST_LOG, LOG_FORMAT, OTEL_*): {e}"))?;
+    let result = dispatch(cli.command, &matches).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn dispatch(command: Command, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match cli.command {
+    match command {
         Command::Migrate(database) => {
             let store = Store::connect_lazy(&database).context("DATABASE_URL")?;
             store.migrate().await.context("applying migrations")?;
@@ -84,7 +93,8 @@ async fn run() -> anyhow::Result<()> {
         Command::SendReading(c) => {
             let sensor = SensorId::parse(c.sensor_id)?;
             let time = c.reading_time.unwrap_or_else(chrono::Utc::now);
-            stream::topics::send_reading(&c.kafka, &sensor, c.temperature_celsius, time)
+            let reading = (c.temperature_celsius, time, c.traceparent.as_deref());
+            stream::topics::send_reading(&c.kafka, &sensor, reading)
                 .await
                 .context("sending the reading")?;
             tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");

@@ -677,7 +677,8 @@ fn caller_errors_are_not_failures() -> SharedClassifier<GrpcErrorsAsFailures> {
 }
 
 /// The span of one RPC: its method and a request id (the caller's `x-request-id` if it sent
-/// one, else a fresh random one), so every log line of a call can be found together.
+/// one, else a fresh random one), so every log line of a call can be found together. With
+/// traces on, it continues the caller's `traceparent`.
 fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
     let request_id = request
         .headers()
@@ -685,5 +686,24 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 64)
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
-    tracing::info_span!("rpc", method = %request.uri().path(), request_id = %request_id)
+    let path = request.uri().path();
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "rpc",
+        method = %path,
+        request_id = %request_id,
+        otel.name = Empty,
+        otel.kind = Empty,
+        rpc.system = Empty,
+    );
+    // Recorded only for traces, so log lines do not repeat them. Named by a served method (or
+    // `other`), never by a caller's made-up path.
+    if crate::traces::enabled() {
+        span.record("otel.name", crate::api::metrics_layer::method_label(path));
+        span.record("otel.kind", "server");
+        span.record("rpc.system", "grpc");
+        let headers = request.headers();
+        crate::traces::continue_from(&span, |key| headers.get(key)?.to_str().ok());
+    }
+    span
 }

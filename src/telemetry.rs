@@ -1,6 +1,7 @@
-//! Logs and metrics. Logging: `tracing` with a text or JSON formatter and an EnvFilter.
-//! Metrics: the `metrics` facade with a Prometheus recorder, served by `admin` on `/metrics`.
-//! Every metric is named and described here, so call sites cannot misspell one.
+//! Logs, metrics and the wiring of traces. Logging: `tracing` with a text or JSON formatter and
+//! an EnvFilter. Metrics: the `metrics` facade with a Prometheus recorder, served by `admin` on
+//! `/metrics`. Every metric is named and described here, so call sites cannot misspell one.
+//! Traces (`crate::traces`) are a second `tracing` layer with its own filter.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -8,10 +9,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{fmt, EnvFilter, Layer as _};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TraceConfig};
 
 pub const READINGS: &str = "thermostat_readings_consumed_total";
 pub const READINGS_OUT_OF_ORDER: &str = "thermostat_readings_out_of_order_total";
@@ -52,14 +57,49 @@ const LATENCY_BUCKETS: &[f64] = &[
     1.0, 2.5, 10.0,
 ];
 
-/// Installs the global subscriber. Call once, from `main`.
-pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = EnvFilter::try_new(&config.log_filter)?;
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+/// What `init` installed that must be flushed before the process exits.
+pub struct Telemetry {
+    traces: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still queued (the exporter waits for the collector, a few seconds at
+    /// most).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.traces {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "traces not all exported at exit");
+            }
+        }
     }
+}
+
+/// Installs the global subscriber: logs filtered by `RUST_LOG`, and traces, when on, of this
+/// crate's spans at info level whatever `RUST_LOG` says. Call once, from `main`, in the runtime.
+pub fn init(
+    config: &LogConfig,
+    traces: &TraceConfig,
+) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>> {
+    let filter = EnvFilter::try_new(&config.log_filter)?;
+    let logs = match config.log_format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let provider = crate::traces::provider(traces)?;
+    let spans = provider.as_ref().map(|provider| {
+        crate::traces::layer(provider)
+            .with_filter(Targets::new().with_target("thermostat", LevelFilter::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .try_init()?;
+    Ok(Telemetry { traces: provider })
 }
 
 /// The process-wide Prometheus recorder, installed on first use. A process has one recorder,

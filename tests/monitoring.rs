@@ -1,6 +1,7 @@
 //! deploy/monitoring/: the alert rules pass `promtool check rules` and their unit tests, the
 //! PrometheusRule is generated from the plain rules file, and every metric the rules and the
-//! dashboard name is one the service exports.
+//! dashboard name is one the service exports. And traces: what a real `thermostat serve`
+//! exports over OTLP to a receiver built from the published OpenTelemetry protos.
 
 mod common;
 
@@ -299,5 +300,323 @@ async fn rules_and_dashboard_use_only_exported_metrics() {
             );
         }
     }
+    app.stop().await;
+}
+
+/// A trace collector: the OTLP/gRPC trace service, keeping every span it is sent with its
+/// resource's `service.name`.
+mod collector {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    pub use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    pub use opentelemetry_proto::tonic::trace::v1::Span;
+
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        spans: Arc<Mutex<Vec<(String, Span)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut spans = self.spans.lock().unwrap();
+            for resource in request.into_inner().resource_spans {
+                let service = resource
+                    .resource
+                    .and_then(|r| attribute(&r.attributes, "service.name"))
+                    .unwrap_or_default();
+                for scope in resource.scope_spans {
+                    spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    impl Collector {
+        pub async fn start() -> (Self, SocketAddr) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let collector = Self::default();
+            let server = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+            tokio::spawn(server);
+            (collector, addr)
+        }
+
+        pub fn spans(&self) -> Vec<(String, Span)> {
+            self.spans.lock().unwrap().clone()
+        }
+    }
+
+    /// An attribute's value as text (integers in decimal).
+    pub fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+        let value = attributes.iter().find(|a| a.key == key)?.value.as_ref()?;
+        match value.value.as_ref()? {
+            Value::StringValue(s) => Some(s.clone()),
+            Value::IntValue(i) => Some(i.to_string()),
+            Value::BoolValue(b) => Some(b.to_string()),
+            Value::DoubleValue(d) => Some(d.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// `thermostat send-reading` against the cluster's topics, with a `traceparent` if given.
+fn send_reading(topics: &common::kafka::Topics, sensor: &str, celsius: &str, parent: Option<&str>) {
+    let mut args = vec!["send-reading", sensor, celsius];
+    if let Some(parent) = parent {
+        args.extend(["--traceparent", parent]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_thermostat"))
+        .args(&args)
+        .env("KAFKA_BROKERS", common::kafka::brokers())
+        .env("SENSOR_TOPIC", &topics.sensors)
+        .output()
+        .expect("run thermostat");
+    assert_ok("thermostat send-reading", &out);
+}
+
+#[tokio::test]
+async fn traces_follow_a_call_and_a_reading_through_the_decision_to_the_command() {
+    use collector::{attribute, hex, Collector, SpanKind};
+    use common::chaos::{state_request, Cluster, BUILDING};
+    use common::kafka::{decode_command, header, TopicReader};
+    use common::{eventually, put, setpoint};
+    use std::time::Duration;
+    use thermostat::proto::v1 as pb;
+
+    let (collector, addr) = Collector::start().await;
+    let endpoint = format!("http://{addr}");
+    let cluster = Cluster::start(
+        1,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let replica = &cluster.replicas[0];
+    let (plain, unsampled, traced) = ("hq/plain", "hq/unsampled", "hq/traced");
+    cluster
+        .put_setpoints(&[plain.to_owned(), unsampled.to_owned()], 20.0)
+        .await;
+
+    // A call continues its caller's trace: `traceparent` in the gRPC metadata.
+    let (call_trace, call_parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut request = tonic::Request::new(put(setpoint(traced, BUILDING, 20.0), None));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{call_trace}-{call_parent}-01").parse().unwrap(),
+    );
+    let revision = replica
+        .setpoints()
+        .put_setpoint(request)
+        .await
+        .expect("put")
+        .into_inner()
+        .revision;
+    let cached = eventually(Duration::from_secs(20), || async {
+        let state = replica
+            .heaters()
+            .get_sensor_state(state_request(traced))
+            .await;
+        state.is_ok_and(|s| s.into_inner().setpoint.is_some())
+    })
+    .await;
+    assert!(cached, "the setpoint never reached the cache");
+
+    let mut live = replica
+        .heaters()
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest {
+            sensor_ids: vec![plain.into(), unsampled.into(), traced.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+
+    // Readings: one without a trace, one whose caller did not sample its trace, one traced.
+    let (unsampled_trace, reading_trace, reading_parent) = (
+        "11111111111111111111111111111111",
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+    );
+    send_reading(&cluster.topics, plain, "15", None);
+    let unsampled_parent = format!("00-{unsampled_trace}-2222222222222222-00");
+    send_reading(&cluster.topics, unsampled, "15", Some(&unsampled_parent));
+    let traced_parent = format!("00-{reading_trace}-{reading_parent}-01");
+    send_reading(&cluster.topics, traced, "15", Some(&traced_parent));
+
+    let mut events = std::collections::BTreeMap::new();
+    while events.len() < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(20), live.message())
+            .await
+            .expect("three commands in time")
+            .expect("stream")
+            .expect("open");
+        events.insert(event.sensor_id.clone(), event);
+    }
+
+    // The spans: the decision arrives last, so the others have been exported by then.
+    let decided = eventually(Duration::from_secs(20), || async {
+        collector
+            .spans()
+            .iter()
+            .any(|(_, s)| s.name == "thermostat.decide" && hex(&s.trace_id) == reading_trace)
+    })
+    .await;
+    let spans = collector.spans();
+    let names: Vec<_> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    assert!(
+        decided,
+        "no decision span for the traced reading; spans: {names:?}"
+    );
+
+    let (service, call) = spans
+        .iter()
+        .find(|(_, s)| hex(&s.trace_id) == call_trace && hex(&s.parent_span_id) == call_parent)
+        .unwrap_or_else(|| panic!("no child of the caller's span; spans: {names:?}"));
+    assert_eq!(service, "thermostat");
+    assert_eq!(call.name, "/thermostat.v1.SetpointService/PutSetpoint");
+    assert_eq!(call.kind, SpanKind::Server as i32);
+    assert_eq!(
+        attribute(&call.attributes, "rpc.system").as_deref(),
+        Some("grpc")
+    );
+    let store = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.parent_span_id == call.span_id)
+        .unwrap_or_else(|| panic!("no child of the call's span; spans: {names:?}"));
+    assert_eq!(store.trace_id, call.trace_id);
+    assert_eq!(
+        attribute(&store.attributes, "sensor_id").as_deref(),
+        Some(traced)
+    );
+
+    let decision = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "thermostat.decide" && hex(&s.trace_id) == reading_trace)
+        .unwrap();
+    assert_eq!(
+        hex(&decision.parent_span_id),
+        reading_parent,
+        "child of the reading's span"
+    );
+    let event = &events[traced];
+    for (key, value) in [
+        ("sensor.id", traced.to_owned()),
+        ("heater.command", "HEATER_COMMAND_ON".to_owned()),
+        ("command.reason", "COMMAND_REASON_TOO_COLD".to_owned()),
+        ("setpoint.revision", revision.to_string()),
+        ("command.sequence", event.sequence.to_string()),
+    ] {
+        assert_eq!(
+            attribute(&decision.attributes, key).as_deref(),
+            Some(value.as_str()),
+            "{key}"
+        );
+    }
+    assert_eq!(event.setpoint_revision, revision);
+    let next_hop = format!("00-{reading_trace}-{}-01", hex(&decision.span_id));
+    assert_eq!(
+        event.trace_parent, next_hop,
+        "the subscriber event names the decision"
+    );
+
+    // Nothing exported for the untraced reading, nor for the trace its caller did not sample.
+    for (_, span) in &spans {
+        assert_ne!(
+            hex(&span.trace_id),
+            unsampled_trace,
+            "an unsampled trace was exported"
+        );
+        assert_ne!(
+            attribute(&span.attributes, "sensor.id").as_deref(),
+            Some(plain),
+            "a reading without a trace was traced"
+        );
+    }
+    assert_eq!(events[plain].trace_parent, "");
+    assert!(
+        events[unsampled]
+            .trace_parent
+            .starts_with(&format!("00-{unsampled_trace}-"))
+            && events[unsampled].trace_parent.ends_with("-00"),
+        "the unsampled trace goes on, unsampled: {:?}",
+        events[unsampled].trace_parent
+    );
+
+    // The command records carry the same `traceparent` header as their events.
+    let records = TopicReader::new(&cluster.topics.commands, cluster.topics.partitions)
+        .drain(Duration::from_secs(2))
+        .await;
+    for sensor in [plain, unsampled, traced] {
+        let record = records
+            .iter()
+            .find(|r| decode_command(r).sensor_id == sensor)
+            .unwrap_or_else(|| panic!("no command record of {sensor}"));
+        let expected = Some(events[sensor].trace_parent.clone()).filter(|t| !t.is_empty());
+        assert_eq!(header(record, "traceparent"), expected, "{sensor}");
+    }
+}
+
+#[tokio::test]
+async fn with_traces_off_a_readings_traceparent_goes_no_further() {
+    use common::kafka::{header, TopicReader, Topics};
+    use common::put;
+    use std::time::Duration;
+    use thermostat::proto::v1 as pb;
+
+    // No trace provider in this process: traces are off, as by default.
+    let app = TestApp::spawn().await;
+    app.setpoints()
+        .await
+        .put_setpoint(put(common::wide_band("room-1", 20.0), None))
+        .await
+        .expect("put");
+    let mut live = app
+        .heaters()
+        .await
+        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let topics = Topics::of(&app.config);
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    send_reading(&topics, "room-1", "15", Some(parent));
+    let on = tokio::time::timeout(Duration::from_secs(20), live.message())
+        .await
+        .expect("a command in time")
+        .expect("stream")
+        .expect("open");
+    assert_eq!(
+        (on.command(), on.trace_parent.as_str()),
+        (pb::HeaterCommand::On, "")
+    );
+    let records = TopicReader::new(&topics.commands, topics.partitions)
+        .drain(Duration::from_secs(2))
+        .await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(header(&records[0], "traceparent"), None);
     app.stop().await;
 }

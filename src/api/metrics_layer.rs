@@ -63,7 +63,7 @@ static KNOWN_METHODS: LazyLock<HashSet<String>> = LazyLock::new(|| {
 /// and authentication, so anyone may call made-up paths; labelled by path (even only those
 /// under our packages' prefixes, as before), each made a new series and `/metrics` grew without
 /// bound.
-fn method_label(path: &str) -> &'static str {
+pub fn method_label(path: &str) -> &'static str {
     KNOWN_METHODS.get(path).map_or("other", String::as_str)
 }
 

@@ -360,6 +360,8 @@ impl Cache {
             snapshot: false,
             setpoint_level,
             level_revision,
+            // Not kept: the trace belongs to the live event only.
+            trace_parent: String::new(),
         })
     }
 
@@ -754,6 +756,7 @@ mod tests {
             snapshot: false,
             setpoint_level: pb::SetpointLevel::Override.into(),
             level_revision: -8,
+            trace_parent: String::new(),
             limit: pb::HeaterLimit::KeepAlive.into(),
             switched_at: Some(prost_types::Timestamp {
                 seconds: 1_799_999_000,
@@ -1058,6 +1061,7 @@ mod tests {
                 level_revision,
                 limit,
                 switched_at: Some(stamp(switched.unwrap_or(decided))),
+                trace_parent: String::new(),
             };
             cache.set_last_event(i, &sent, &building("b"), 1);
             let back = cache.last_event(i).unwrap();

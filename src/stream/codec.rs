@@ -298,6 +298,7 @@ pub fn command_event(
         level_revision,
         limit: decision.limit.map_or(0, |l| limit_to_proto(l) as i32),
         switched_at: Some(timestamp(decision.switched_at.unwrap_or(decided_at))),
+        trace_parent: String::new(),
     }
 }
 

@@ -36,7 +36,7 @@ use crate::domain::protection::{Protection, Switched};
 use crate::domain::{BuildingId, SensorId};
 use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
-use crate::telemetry;
+use crate::{telemetry, traces};
 
 /// Everything the engine reacts to.
 pub enum Input {
@@ -85,6 +85,8 @@ pub enum Record {
         position: Position,
         /// When the record was taken from the consumer, for the decision-latency metric.
         received: Instant,
+        /// The remote span of the record's `traceparent`, when traces are on and it has one.
+        trace: Option<opentelemetry::Context>,
     },
     /// A record that decided nothing by itself (dead-lettered): its offset may be stored once
     /// `delivery` (the dead-letter record) is acknowledged.
@@ -611,6 +613,7 @@ impl Engine {
                 reading,
                 position,
                 received,
+                trace,
             } => {
                 // Consumed before its partition was revoked: its next owner decides it. Its
                 // offset is not stored, so it is not lost if the partition comes back.
@@ -625,6 +628,7 @@ impl Engine {
                     return Ok(());
                 };
                 self.sensors.set_partition(i, position.partition);
+                let span = trace.map(|parent| traces::decision_span(sensor.as_str(), parent));
                 let decision = match self.decide(i, |control| control.on_reading(reading)) {
                     ReadingOutcome::Applied(decision) => decision,
                     ReadingOutcome::OutOfOrder => {
@@ -633,7 +637,7 @@ impl Engine {
                     }
                 };
                 let delivery = match decision {
-                    Some(decision) => Some(self.send(i, &decision).await?),
+                    Some(decision) => Some(self.send_traced(i, &decision, span.as_ref()).await?),
                     None => None,
                 };
                 self.decision_latency
@@ -939,11 +943,32 @@ impl Engine {
         i: SensorIndex,
         decision: &Decision,
     ) -> Result<DeliveryFuture, StreamError> {
+        self.send_traced(i, decision, None).await
+    }
+
+    /// `send`, recording the command on a traced reading's `span` and passing its context on.
+    async fn send_traced(
+        &mut self,
+        i: SensorIndex,
+        decision: &Decision,
+        span: Option<&tracing::Span>,
+    ) -> Result<DeliveryFuture, StreamError> {
         self.stats.command(decision.command, decision.reason);
         // Decided on the setpoint in force, whose level the cache keeps.
         let level = self.sensors.level(i);
         let now = Utc::now();
-        let event = command_event(self.sensors.id(i), decision, level, now);
+        let mut event = command_event(self.sensors.id(i), decision, level, now);
+        if let Some(span) = span {
+            let (command, reason) = (event.command(), event.reason());
+            traces::decided(
+                span,
+                command.as_str_name(),
+                reason.as_str_name(),
+                event.sequence,
+                event.setpoint_revision,
+            );
+            event.trace_parent = traces::traceparent(span).unwrap_or_default();
+        }
         let last = Switched {
             command: decision.command,
             at: decision.switched_at.unwrap_or(now),
@@ -1075,6 +1100,7 @@ mod tests {
                     offset,
                 },
                 received: Instant::now(),
+                trace: None,
             }],
             queue_permits,
         })

@@ -61,7 +61,7 @@ pub struct CommandOut {
 
 impl CommandOut {
     /// Produces `event`, once its sequence is reserved, with the partition its reading came
-    /// from. Any error stops the loop: after a restart the decision is taken again.
+    /// from and its `traceparent`, if any, as headers. Any error stops the loop: after a restart the decision is taken again.
     pub async fn produce(
         &mut self,
         event: &pb::HeaterCommandEvent,
@@ -70,12 +70,19 @@ impl CommandOut {
         self.sequences.cover(event.sequence).await?;
         let payload = event.encode_to_vec();
         let partition = reading_partition.map(ReadingPartition::value);
-        let headers = partition.as_ref().map(|p| {
-            OwnedHeaders::new().insert(Header {
+        let mut headers = None;
+        if let Some(p) = &partition {
+            headers = Some(OwnedHeaders::new().insert(Header {
                 key: READING_PARTITION_HEADER,
                 value: Some(p.as_str()),
-            })
-        });
+            }));
+        }
+        if !event.trace_parent.is_empty() {
+            headers = Some(headers.unwrap_or_default().insert(Header {
+                key: crate::traces::TRACEPARENT,
+                value: Some(event.trace_parent.as_str()),
+            }));
+        }
         let mut record = FutureRecord::to(&self.topic)
             .key(event.sensor_id.as_str())
             .payload(&payload);

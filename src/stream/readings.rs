@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::sync::{mpsc, Semaphore};
@@ -431,6 +431,9 @@ impl Readings {
                 reading,
                 position,
                 received,
+                trace: crate::traces::enabled()
+                    .then(|| crate::traces::remote_parent(|key| header(message, key)))
+                    .flatten(),
             }),
             Err(reason) => {
                 self.stats.dead_lettered_for(&reason);
@@ -454,6 +457,15 @@ impl Readings {
         )
         .await
     }
+}
+
+/// The value of `message`'s header `key`, if it is text.
+fn header<'a>(message: &'a impl Message, key: &str) -> Option<&'a str> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 /// Moves `message` to `topic` (the dead-letter topic) with `reason` in its headers.

@@ -10,6 +10,7 @@ use rdkafka::admin::{
     AdminClient, AdminOptions, ConfigResource, NewTopic, ResourceSpecifier, TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -185,14 +186,19 @@ pub fn report_payload(
 pub async fn send_reading(
     kafka: &KafkaConfig,
     sensor: &SensorId,
-    celsius: f64,
-    time: DateTime<Utc>,
+    (celsius, time, traceparent): (f64, DateTime<Utc>, Option<&str>),
 ) -> Result<(), StreamError> {
     let payload = reading_payload(kafka.sensor_format, sensor.as_str(), celsius, time);
     let producer = producer(kafka)?;
-    let record = FutureRecord::to(&kafka.sensor_topic)
+    let mut record = FutureRecord::to(&kafka.sensor_topic)
         .key(sensor.as_str())
         .payload(&payload);
+    if let Some(value) = traceparent {
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: crate::traces::TRACEPARENT,
+            value: Some(value),
+        }));
+    }
     let delivery = enqueue(&producer, record).await?;
     match tokio::time::timeout(Duration::from_secs(30), delivery).await {
         Ok(Ok(Ok(_))) => Ok(()),

@@ -263,6 +263,7 @@ pub fn written_command(
         level_revision: 1,
         limit: 0,
         switched_at: Some(time),
+        trace_parent: String::new(),
     }
 }
 

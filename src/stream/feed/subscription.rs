@@ -36,6 +36,8 @@ pub struct Start {
 }
 
 /// What a subscription hands out.
+// Handed straight on, one at a time: boxing the event would allocate once per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
     Event(pb::HeaterCommandEvent),
