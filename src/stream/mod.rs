@@ -16,6 +16,7 @@ mod group_lag;
 mod handoff;
 pub mod output;
 mod partitioner;
+mod probe;
 pub mod readings;
 mod reports;
 mod security;
@@ -55,6 +56,13 @@ pub enum StreamError {
     Produce(#[source] KafkaError),
     #[error("Kafka client configuration")]
     Config(#[source] KafkaError),
+    #[error("no Kafka broker answered at start{}", if heard.is_empty() { String::new() } else { format!(" (librdkafka: {heard})") })]
+    Unreachable {
+        #[source]
+        source: KafkaError,
+        /// What librdkafka reported about the connections meanwhile.
+        heard: String,
+    },
     #[error("topic {0:?} does not exist (topics are not created automatically)")]
     MissingTopic(String),
     #[error("creating topic {topic:?}: {code}")]
@@ -269,7 +277,7 @@ pub async fn start(
 ) -> Result<ControlHandle, StreamError> {
     let producer = producer(kafka)?;
     let readings_consumer = readings_consumer(kafka, control)?;
-    let sensor_partitions = check_broker(kafka, &producer).await?;
+    let sensor_partitions = check_broker(kafka).await?;
 
     let stats = Arc::new(LoopStats::default());
     crate::telemetry::export_counts(&stats);
@@ -354,7 +362,7 @@ pub async fn start(
 
 /// Fails unless the three topics exist and the command topic keeps every sensor's last
 /// command (or the operator accepted the risk); returns the sensor topic's partition count.
-async fn check_broker(kafka: &KafkaConfig, producer: &FutureProducer) -> Result<i32, StreamError> {
+async fn check_broker(kafka: &KafkaConfig) -> Result<i32, StreamError> {
     let mut topics = vec![
         &kafka.sensor_topic,
         &kafka.command_topic,
@@ -363,7 +371,7 @@ async fn check_broker(kafka: &KafkaConfig, producer: &FutureProducer) -> Result<
     if !kafka.heater_report_topic.is_empty() {
         topics.push(&kafka.heater_report_topic);
     }
-    let partitions = check_topics(producer, &topics).await?;
+    let partitions = check_topics(kafka, &topics).await?;
     if kafka.allow_command_topic_deletion {
         tracing::warn!(topic = %kafka.command_topic, "the command topic's retention is not checked (ALLOW_COMMAND_TOPIC_DELETION)");
     } else {
@@ -470,19 +478,8 @@ fn follower_consumer(kafka: &KafkaConfig) -> Result<StreamConsumer, StreamError>
 /// Fails with [`StreamError::MissingTopic`] unless every topic exists: topics are not created
 /// automatically, and a missing one is an operator's mistake to report at start. Returns their
 /// partition counts.
-async fn check_topics(
-    producer: &FutureProducer,
-    topics: &[&String],
-) -> Result<Vec<i32>, StreamError> {
-    let producer = producer.clone();
-    let metadata = tokio::task::spawn_blocking(move || {
-        producer
-            .client()
-            .fetch_metadata(None, Duration::from_secs(10))
-    })
-    .await
-    .map_err(|_| StreamError::Stopped("metadata request"))?
-    .map_err(StreamError::Consumer)?;
+async fn check_topics(kafka: &KafkaConfig, topics: &[&String]) -> Result<Vec<i32>, StreamError> {
+    let metadata = probe::metadata(kafka).await?;
     let count = |topic: &String| {
         let t = metadata
             .topics()

@@ -138,6 +138,13 @@ pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
+/// `params`, valid until `not_after` (whole seconds).
+fn until(mut params: CertificateParams, not_after: SystemTime) -> CertificateParams {
+    let since_epoch = not_after.duration_since(UNIX_EPOCH).expect("clock");
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+    params
+}
+
 /// A PEM certificate and its PEM private key.
 pub struct Pem {
     pub cert: String,
@@ -162,6 +169,15 @@ impl Ca {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn server(&self) -> Pem {
+        self.sign(Self::server_params())
+    }
+
+    /// The same, valid until `not_after` (whole seconds).
+    pub fn server_until(&self, not_after: SystemTime) -> Pem {
+        self.sign(until(Self::server_params(), not_after))
+    }
+
+    fn server_params() -> CertificateParams {
         let mut params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
                 .expect("params");
@@ -169,7 +185,7 @@ impl Ca {
             .distinguished_name
             .push(DnType::CommonName, "thermostat");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params)
+        params
     }
 
     /// A client certificate whose subject is `CN=<cn>`.
@@ -179,10 +195,7 @@ impl Ca {
 
     /// The same, valid until `not_after` (whole seconds).
     pub fn client_until(&self, cn: &str, not_after: SystemTime) -> Pem {
-        let mut params = Self::client_params(cn);
-        let since_epoch = not_after.duration_since(UNIX_EPOCH).expect("clock");
-        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
-        self.sign(params)
+        self.sign(until(Self::client_params(cn), not_after))
     }
 
     fn client_params(cn: &str) -> CertificateParams {
