@@ -10,7 +10,7 @@ use chrono::{TimeDelta, Utc};
 use common::kafka::{
     by_sensor, header, write_command, written_command, Commands, Sensors, TopicReader, Topics,
 };
-use common::{put, setpoint, TestApp};
+use common::{next_event, put, setpoint, TestApp};
 use thermostat::config::{SensorFormat, ServeConfig};
 use thermostat::proto::v1 as pb;
 use thermostat::stream::feed::{LiveEvent, SnapshotCoverage};
@@ -77,16 +77,6 @@ async fn subscribe(
         .await
         .expect("subscribe")
         .into_inner()
-}
-
-async fn next_event(
-    stream: &mut tonic::Streaming<pb::HeaterCommandEvent>,
-) -> pb::HeaterCommandEvent {
-    tokio::time::timeout(Duration::from_secs(20), stream.next())
-        .await
-        .expect("no event within 20 s")
-        .expect("stream ended")
-        .expect("stream error")
 }
 
 fn cmd(e: &pb::HeaterCommandEvent) -> (pb::HeaterCommand, pb::CommandReason) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::chaos::free_addr;
 use common::kafka::Topics;
 use common::security::{write, Ca, Pem};
-use common::{create_database, env, put, wide_band, TestApp};
+use common::{create_database, env, TestApp};
 use sqlx::{Connection, PgConnection};
 use thermostat::config::{KafkaSaslMechanism, KafkaSecurityProtocol};
 use thermostat::proto::v1 as pb;
@@ -254,25 +254,10 @@ async fn the_loop_runs_over_tls_and_a_broker_it_cannot_verify_is_refused() {
 
     // Readings in and commands out, every byte over TLS.
     let app = TestApp::spawn_with(config.clone()).await;
-    app.setpoints()
-        .await
-        .put_setpoint(put(wide_band("room-1", 20.0), None))
-        .await
-        .expect("put");
-    let mut live = app
-        .heaters()
-        .await
-        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
-        .await
-        .expect("subscribe")
-        .into_inner();
+    let mut live = app.band_and_subscribe("room-1", 20.0).await;
     let (sent, log) = thermostat(&config.kafka, &["send-reading", "room-1", "18"]);
     assert!(sent, "{log}");
-    let on = tokio::time::timeout(Duration::from_secs(20), live.message())
-        .await
-        .expect("a command in time")
-        .expect("stream")
-        .expect("open");
+    let on = common::next_event(&mut live).await;
     assert_eq!(
         (on.sensor_id.as_str(), on.command()),
         ("room-1", pb::HeaterCommand::On)

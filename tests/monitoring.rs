@@ -467,11 +467,7 @@ async fn traces_follow_a_call_and_a_reading_through_the_decision_to_the_command(
 
     let mut events = std::collections::BTreeMap::new();
     while events.len() < 3 {
-        let event = tokio::time::timeout(Duration::from_secs(20), live.message())
-            .await
-            .expect("three commands in time")
-            .expect("stream")
-            .expect("open");
+        let event = common::next_event(&mut live).await;
         events.insert(event.sensor_id.clone(), event);
     }
 
@@ -583,32 +579,16 @@ async fn traces_follow_a_call_and_a_reading_through_the_decision_to_the_command(
 #[tokio::test]
 async fn with_traces_off_a_readings_traceparent_goes_no_further() {
     use common::kafka::{header, TopicReader, Topics};
-    use common::put;
     use std::time::Duration;
     use thermostat::proto::v1 as pb;
 
     // No trace provider in this process: traces are off, as by default.
     let app = TestApp::spawn().await;
-    app.setpoints()
-        .await
-        .put_setpoint(put(common::wide_band("room-1", 20.0), None))
-        .await
-        .expect("put");
-    let mut live = app
-        .heaters()
-        .await
-        .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
-        .await
-        .expect("subscribe")
-        .into_inner();
+    let mut live = app.band_and_subscribe("room-1", 20.0).await;
     let topics = Topics::of(&app.config);
     let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     send_reading(&topics, "room-1", "15", Some(parent));
-    let on = tokio::time::timeout(Duration::from_secs(20), live.message())
-        .await
-        .expect("a command in time")
-        .expect("stream")
-        .expect("open");
+    let on = common::next_event(&mut live).await;
     assert_eq!(
         (on.command(), on.trace_parent.as_str()),
         (pb::HeaterCommand::On, "")

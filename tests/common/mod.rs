@@ -151,6 +151,26 @@ impl TestApp {
         )
     }
 
+    /// Gives `sensor` a wide band around `desired` ([`wide_band`]), then subscribes to every
+    /// heater command.
+    pub async fn band_and_subscribe(
+        &self,
+        sensor: &str,
+        desired: f64,
+    ) -> tonic::Streaming<pb::HeaterCommandEvent> {
+        self.setpoints()
+            .await
+            .put_setpoint(put(wide_band(sensor, desired), None))
+            .await
+            .expect("put");
+        self.heaters()
+            .await
+            .subscribe_heater_commands(pb::SubscribeHeaterCommandsRequest::default())
+            .await
+            .expect("subscribe")
+            .into_inner()
+    }
+
     /// Simulates a crash: the service stops at once, without committing or flushing.
     pub async fn crash(mut self) {
         self.task.abort();
@@ -508,4 +528,15 @@ impl Drop for StallingProxy {
         // The pipes live in the task's JoinSet and end with it.
         self.task.abort();
     }
+}
+
+/// The next event of a subscription, within 20 s.
+pub async fn next_event(
+    stream: &mut tonic::Streaming<pb::HeaterCommandEvent>,
+) -> pb::HeaterCommandEvent {
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("no event within 20 s")
+        .expect("stream error")
+        .expect("stream ended")
 }
