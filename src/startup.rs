@@ -122,6 +122,7 @@ impl Application {
             &config.control,
             store.clone(),
             &mut tasks,
+            config.auth.credentials_reload_interval,
             stop.clone(),
         )
         .await;

@@ -349,3 +349,57 @@ async fn an_expired_broker_certificate_and_a_missing_client_certificate_are_refu
     let (sent, log) = thermostat(&kafka, &["send-reading", "room-1", "18"]);
     assert!(sent, "{log}");
 }
+
+#[tokio::test]
+async fn a_rotated_sasl_password_is_taken_without_a_restart() {
+    use rdkafka::producer::FutureRecord;
+    use std::sync::Arc;
+    use thermostat::stream::security::{watch_password, SaslClients};
+
+    let ca = Ca::new("kafka CA");
+    let broker = SecureBroker::start(&ca, true).await;
+    let topics = Topics::named_for_test();
+    let mut kafka = common::serve_config(String::new(), &topics).kafka;
+    kafka.kafka_brokers = broker.tls.clone();
+    kafka.kafka_security_protocol = KafkaSecurityProtocol::SaslSsl;
+    kafka.kafka_ssl_ca_file = Some(write(broker.path(), "ca.pem", &ca.pem()));
+    kafka.kafka_sasl_mechanism = KafkaSaslMechanism::ScramSha512;
+    kafka.kafka_sasl_username = Some(USER.into());
+    kafka.kafka_sasl_password_file =
+        Some(write(broker.path(), "password", &format!("{PASSWORD}\n")));
+    let (made, log) = thermostat(&kafka, &["create-topics"]);
+    assert!(made, "{log}");
+
+    // A client made with a password the broker refuses, as after the Secret changed on the
+    // broker's side first; the service's watcher over it.
+    let file = write(broker.path(), "password", "stale\n");
+    let producer = thermostat::stream::producer(&kafka).expect("producer");
+    let mut clients = SaslClients::default();
+    clients.track(Arc::new(producer.clone()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let every = Duration::from_millis(200);
+    tokio::spawn(watch_password(&kafka, clients, every, shutdown.clone()).expect("SASL"));
+    let send = |n: u32| {
+        let producer = producer.clone();
+        let topic = topics.sensors.clone();
+        async move {
+            let payload = format!("{n}");
+            let record = FutureRecord::to(&topic).key("room-1").payload(&payload);
+            producer.send(record, Duration::from_secs(1)).await
+        }
+    };
+    let stale = tokio::time::timeout(Duration::from_secs(8), send(1)).await;
+    assert!(
+        !matches!(stale, Ok(Ok(_))),
+        "delivered with a password the broker refuses"
+    );
+
+    // The Secret's new value lands in the file: the next authentication uses it.
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let fresh = tokio::time::timeout(Duration::from_secs(60), send(2)).await;
+    assert!(
+        matches!(fresh, Ok(Ok(_))),
+        "not delivered after the password file changed: {fresh:?}"
+    );
+    shutdown.cancel();
+}

@@ -40,11 +40,10 @@ pub struct FollowerTask {
 }
 
 pub fn follower(
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     topic: String,
     engine: mpsc::Sender<Input>,
 ) -> (Follower, FollowerTask) {
-    let consumer = Arc::new(consumer);
     let (tx, rx) = watch::channel(Positions::new());
     (
         Follower {

@@ -14,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::security::SaslClients;
 use super::stats::LoopStats;
 use super::{consumer_config, StreamError};
 use crate::config::KafkaConfig;
@@ -38,12 +39,16 @@ pub fn start(
     kafka: &KafkaConfig,
     stats: Arc<LoopStats>,
     tasks: &mut JoinSet<Result<(), StreamError>>,
+    sasl: &mut SaslClients,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
-    let consumer = consumer_config(kafka, &kafka.consumer_group)?
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(StreamError::Config)?;
+    let consumer: Arc<BaseConsumer> = Arc::new(
+        consumer_config(kafka, &kafka.consumer_group)?
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(StreamError::Config)?,
+    );
+    sasl.track(consumer.clone());
     tasks.spawn(run(consumer, kafka.sensor_topic.clone(), stats, shutdown));
     Ok(())
 }
@@ -51,12 +56,11 @@ pub fn start(
 /// Reads the group's offsets every `INTERVAL` until `shutdown`, setting
 /// `thermostat_group_lag_records` and `LoopStats::stalled_partitions`.
 async fn run(
-    consumer: BaseConsumer,
+    consumer: Arc<BaseConsumer>,
     topic: String,
     stats: Arc<LoopStats>,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
-    let consumer = Arc::new(consumer);
     let mut progress: HashMap<i32, Progress> = HashMap::new();
     loop {
         let (c, t) = (consumer.clone(), topic.clone());

@@ -19,7 +19,7 @@ mod partitioner;
 mod probe;
 pub mod readings;
 mod reports;
-mod security;
+pub mod security;
 mod sequences;
 pub mod setpoint_sync;
 pub mod stats;
@@ -273,10 +273,14 @@ pub async fn start(
     control: &ControlConfig,
     store: Store,
     tasks: &mut JoinSet<Result<(), StreamError>>,
+    credentials_reload: Duration,
     shutdown: CancellationToken,
 ) -> Result<ControlHandle, StreamError> {
+    let mut sasl = security::SaslClients::default();
     let producer = producer(kafka)?;
-    let readings_consumer = readings_consumer(kafka, control)?;
+    sasl.track(Arc::new(producer.clone()));
+    let readings_consumer = Arc::new(readings_consumer(kafka, control)?);
+    sasl.track(readings_consumer.clone());
     let sensor_partitions = check_broker(kafka).await?;
 
     let stats = Arc::new(LoopStats::default());
@@ -319,8 +323,10 @@ pub async fn start(
         heartbeat_interval(kafka) * 2,
         shutdown.clone(),
     ));
+    let follower_consumer = Arc::new(follower_consumer(kafka)?);
+    sasl.track(follower_consumer.clone());
     let (follower, follower_task) = commands::follower(
-        follower_consumer(kafka)?,
+        follower_consumer,
         kafka.command_topic.clone(),
         engine_tx.clone(),
     );
@@ -347,9 +353,13 @@ pub async fn start(
     tasks.spawn(readings.run(shutdown.clone()));
     if reports {
         let reports = reports::Reports::new(kafka, &producer, &engine_tx, &stats)?;
+        sasl.track(reports.consumer());
         tasks.spawn(reports.run(shutdown.clone()));
     }
-    group_lag::start(kafka, stats.clone(), tasks, shutdown)?;
+    group_lag::start(kafka, stats.clone(), tasks, &mut sasl, shutdown.clone())?;
+    if let Some(watch) = security::watch_password(kafka, sasl, credentials_reload, shutdown) {
+        tasks.spawn(watch);
+    }
     Ok(ControlHandle {
         engine: engine_tx,
         live,

@@ -140,7 +140,7 @@ async fn catch_up(follower: Follower, stats: Arc<LoopStats>, partitions: Vec<i32
 }
 
 pub struct Readings {
-    pub consumer: ReadingsConsumer,
+    pub consumer: Arc<ReadingsConsumer>,
     pub producer: FutureProducer,
     pub config: KafkaConfig,
     pub engine: mpsc::Sender<Input>,

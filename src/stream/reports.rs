@@ -21,7 +21,7 @@ use super::StreamError;
 use crate::config::KafkaConfig;
 
 pub struct Reports {
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     producer: FutureProducer,
     config: KafkaConfig,
     engine: mpsc::Sender<Input>,
@@ -36,12 +36,16 @@ impl Reports {
         stats: &Arc<LoopStats>,
     ) -> Result<Self, StreamError> {
         Ok(Self {
-            consumer: super::report_consumer(kafka)?,
+            consumer: Arc::new(super::report_consumer(kafka)?),
             producer: producer.clone(),
             config: kafka.clone(),
             engine: engine.clone(),
             stats: stats.clone(),
         })
+    }
+
+    pub fn consumer(&self) -> Arc<StreamConsumer> {
+        self.consumer.clone()
     }
 
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StreamError> {
@@ -53,7 +57,6 @@ impl Reports {
             stats,
         } = self;
         let topic = config.heater_report_topic.clone();
-        let consumer = Arc::new(consumer);
         let partitions = super::commands::partition_ids(consumer.clone(), topic.clone()).await?;
         let mut assignment = TopicPartitionList::new();
         for p in partitions {

@@ -1,8 +1,19 @@
 //! TLS and SASL to the brokers: KAFKA_SECURITY_PROTOCOL and its files turned into librdkafka
 //! settings, the same for every client (serve, create-topics, send-reading, the simulator).
-//! The SASL password comes from a file only, read as each client is made.
+//! The SASL password comes from a file only, read as each client is made and, while the
+//! service runs, again whenever it changes.
 
-use rdkafka::ClientConfig;
+use std::ffi::{CStr, CString};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::bindings;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::types::RDKafka;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio_util::sync::CancellationToken;
 
 use super::StreamError;
 use crate::config::{KafkaConfig, KafkaSaslMechanism, KafkaSecurityProtocol};
@@ -62,15 +73,7 @@ pub fn apply(kafka: &KafkaConfig, config: &mut ClientConfig) -> Result<(), Strea
             name(protocol)
         )));
     };
-    let password = readable("KAFKA_SASL_PASSWORD_FILE", password_file)?;
-    // A mounted Secret often ends with a newline that is not part of the password.
-    let password = password.trim_end_matches(['\r', '\n']);
-    if password.is_empty() {
-        return Err(StreamError::Setting(format!(
-            "KAFKA_SASL_PASSWORD_FILE {} is empty",
-            password_file.display()
-        )));
-    }
+    let password = password(password_file)?;
     config
         .set(
             "sasl.mechanism",
@@ -81,8 +84,125 @@ pub fn apply(kafka: &KafkaConfig, config: &mut ClientConfig) -> Result<(), Strea
             },
         )
         .set("sasl.username", username)
-        .set("sasl.password", password);
+        .set("sasl.password", &password);
     Ok(())
+}
+
+/// A Kafka client whose SASL credentials can be replaced while it runs.
+pub trait SaslClient: Send + Sync {
+    fn native(&self) -> *mut RDKafka;
+}
+
+impl<C: ClientContext + 'static> SaslClient for FutureProducer<C> {
+    fn native(&self) -> *mut RDKafka {
+        Producer::client(self).native_ptr()
+    }
+}
+
+impl<C: ConsumerContext + 'static> SaslClient for StreamConsumer<C> {
+    fn native(&self) -> *mut RDKafka {
+        Consumer::client(self).native_ptr()
+    }
+}
+
+impl<C: ConsumerContext + 'static> SaslClient for BaseConsumer<C> {
+    fn native(&self) -> *mut RDKafka {
+        Consumer::client(self).native_ptr()
+    }
+}
+
+/// The service's Kafka clients, for a rotated SASL password.
+#[derive(Default)]
+pub struct SaslClients(Vec<Arc<dyn SaslClient>>);
+
+impl SaslClients {
+    pub fn track(&mut self, client: Arc<dyn SaslClient>) {
+        self.0.push(client);
+    }
+}
+
+/// With SASL: a task re-reading `KAFKA_SASL_PASSWORD_FILE` every `every` until `shutdown`,
+/// handing a changed password to every client (librdkafka uses it from each connection's next
+/// authentication).
+pub fn watch_password(
+    kafka: &KafkaConfig,
+    clients: SaslClients,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Option<impl std::future::Future<Output = Result<(), StreamError>> + Send + 'static> {
+    let username = kafka.kafka_sasl_username.clone()?;
+    let file = kafka.kafka_sasl_password_file.clone()?;
+    Some(watch(username, file, clients, every, shutdown))
+}
+
+async fn watch(
+    username: String,
+    file: std::path::PathBuf,
+    clients: SaslClients,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), StreamError> {
+    let mut applied = password(&file).ok();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(every) => {}
+        }
+        match password(&file) {
+            Ok(new) if applied.as_ref() != Some(&new) => {
+                set_credentials(&clients, &username, &new);
+                applied = Some(new);
+            }
+            Ok(_) => {}
+            // Kept: a Secret being replaced can be missing or empty for a moment.
+            Err(e) => {
+                tracing::warn!(error = %e, "the SASL password file cannot be read; the last password stays in use")
+            }
+        }
+    }
+}
+
+fn set_credentials(clients: &SaslClients, username: &str, password: &str) {
+    let (Ok(username), Ok(password)) = (CString::new(username), CString::new(password)) else {
+        tracing::warn!("the new SASL password holds a NUL byte: not applied");
+        return;
+    };
+    for client in &clients.0 {
+        // SAFETY: `client` is alive (we hold it), and librdkafka copies both strings. The error
+        // it may return is ours to read and destroy.
+        let error = unsafe {
+            bindings::rd_kafka_sasl_set_credentials(
+                client.native(),
+                username.as_ptr(),
+                password.as_ptr(),
+            )
+        };
+        if !error.is_null() {
+            let reason = unsafe { CStr::from_ptr(bindings::rd_kafka_error_string(error)) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { bindings::rd_kafka_error_destroy(error) };
+            tracing::warn!(reason, "a Kafka client refused the new SASL password");
+            return;
+        }
+    }
+    tracing::info!(
+        clients = clients.0.len(),
+        "KAFKA_SASL_PASSWORD_FILE changed: new authentications use the new password"
+    );
+}
+
+/// The password in `file`, without the newline a mounted Secret often ends with.
+fn password(file: &Path) -> Result<String, StreamError> {
+    let text = readable("KAFKA_SASL_PASSWORD_FILE", file)?;
+    let password = text.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(StreamError::Setting(format!(
+            "KAFKA_SASL_PASSWORD_FILE {} is empty",
+            file.display()
+        )));
+    }
+    Ok(password.to_owned())
 }
 
 /// The file's contents; the error names the option and the file, never what it holds.
