@@ -340,6 +340,7 @@ pub async fn start(
         protection: control.protection(),
     };
     recover(&follower, sync, &engine_tx, tasks, &shutdown).await?;
+    release_freed_memory();
 
     let readings = readings::Readings {
         consumer: readings_consumer,
@@ -388,6 +389,17 @@ async fn check_broker(kafka: &KafkaConfig) -> Result<i32, StreamError> {
         topics::check_command_retention(kafka).await?;
     }
     Ok(partitions[0])
+}
+
+/// Returns to the system the memory freed so far: the replay of the command topic decoded
+/// every sensor's last command once, and glibc keeps what it freed resident, spread over its
+/// threads' arenas, until asked.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no memory of ours changes.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Brings the engine up to date before readings are consumed. Order matters: last commands
