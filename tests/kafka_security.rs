@@ -280,8 +280,9 @@ async fn the_loop_runs_over_tls_and_a_broker_it_cannot_verify_is_refused() {
     assert!(took < Duration::from_secs(60), "{took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_over_tls_creates_topics_and_sends_readings_and_a_wrong_password_fails() {
+/// A SCRAM-SHA-512 broker behind TLS, the settings that reach it as `USER`, and its topics,
+/// made over SASL by `thermostat create-topics`.
+async fn scram_broker() -> (SecureBroker, Topics, thermostat::config::KafkaConfig) {
     let ca = Ca::new("kafka CA");
     let broker = SecureBroker::start(&ca, true).await;
     let topics = Topics::named_for_test();
@@ -296,6 +297,12 @@ async fn scram_over_tls_creates_topics_and_sends_readings_and_a_wrong_password_f
     let (made, log) = thermostat(&kafka, &["create-topics"]);
     assert!(made, "{log}");
     assert!(log.contains("topics ready"), "{log}");
+    (broker, topics, kafka)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_over_tls_creates_topics_and_sends_readings_and_a_wrong_password_fails() {
+    let (broker, _topics, mut kafka) = scram_broker().await;
     let (sent, log) = thermostat(&kafka, &["send-reading", "room-1", "18"]);
     assert!(sent, "{log}");
     assert!(log.contains("reading sent"), "{log}");
@@ -356,19 +363,7 @@ async fn a_rotated_sasl_password_is_taken_without_a_restart() {
     use std::sync::Arc;
     use thermostat::stream::security::{watch_password, SaslClients};
 
-    let ca = Ca::new("kafka CA");
-    let broker = SecureBroker::start(&ca, true).await;
-    let topics = Topics::named_for_test();
-    let mut kafka = common::serve_config(String::new(), &topics).kafka;
-    kafka.kafka_brokers = broker.tls.clone();
-    kafka.kafka_security_protocol = KafkaSecurityProtocol::SaslSsl;
-    kafka.kafka_ssl_ca_file = Some(write(broker.path(), "ca.pem", &ca.pem()));
-    kafka.kafka_sasl_mechanism = KafkaSaslMechanism::ScramSha512;
-    kafka.kafka_sasl_username = Some(USER.into());
-    kafka.kafka_sasl_password_file =
-        Some(write(broker.path(), "password", &format!("{PASSWORD}\n")));
-    let (made, log) = thermostat(&kafka, &["create-topics"]);
-    assert!(made, "{log}");
+    let (broker, topics, kafka) = scram_broker().await;
 
     // A client made with a password the broker refuses, as after the Secret changed on the
     // broker's side first; the service's watcher over it.
