@@ -93,10 +93,16 @@ async fn dispatch(command: Command, matches: &clap::ArgMatches) -> anyhow::Resul
         Command::SendReading(c) => {
             let sensor = SensorId::parse(c.sensor_id)?;
             let time = c.reading_time.unwrap_or_else(chrono::Utc::now);
-            let reading = (c.temperature_celsius, time, c.traceparent.as_deref());
-            stream::topics::send_reading(&c.kafka, &sensor, reading)
-                .await
-                .context("sending the reading")?;
+            let traceparent = c.traceparent.as_deref();
+            stream::topics::send_reading(
+                &c.kafka,
+                &sensor,
+                c.temperature_celsius,
+                time,
+                traceparent,
+            )
+            .await
+            .context("sending the reading")?;
             tracing::info!(%sensor, celsius = c.temperature_celsius, %time, "reading sent");
         }
         Command::Simulate(config) => {

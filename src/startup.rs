@@ -681,6 +681,7 @@ fn caller_errors_are_not_failures() -> SharedClassifier<GrpcErrorsAsFailures> {
 /// one, else a fresh random one), so every log line of a call can be found together. With
 /// traces on, it continues the caller's `traceparent`.
 fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
+    use tracing::field::Empty;
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -688,7 +689,6 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
         .filter(|v| v.len() <= 64)
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
     let path = request.uri().path();
-    use tracing::field::Empty;
     let span = tracing::info_span!(
         "rpc",
         method = %path,

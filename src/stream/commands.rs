@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::Input;
 use super::output::{ReadingPartition, READING_PARTITION_HEADER};
-use super::StreamError;
+use super::{header, StreamError};
 use crate::proto::v1 as pb;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,12 +172,8 @@ impl FollowerTask {
             };
             let (partition, offset) = (message.partition(), message.offset());
             let event = pb::HeaterCommandEvent::decode(message.payload().unwrap_or_default());
-            let reading_partition = message.headers().and_then(|headers| {
-                headers
-                    .iter()
-                    .find(|h| h.key == READING_PARTITION_HEADER)
-                    .and_then(|h| ReadingPartition::parse(std::str::from_utf8(h.value?).ok()?))
-            });
+            let reading_partition =
+                header(&message, READING_PARTITION_HEADER).and_then(ReadingPartition::parse);
             drop(message);
             match event {
                 Ok(event) => {

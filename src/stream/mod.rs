@@ -84,6 +84,16 @@ pub enum StreamError {
     CacheFull(usize),
 }
 
+/// The value of `message`'s header `key`, if it is text.
+fn header<'a>(message: &'a impl rdkafka::Message, key: &str) -> Option<&'a str> {
+    use rdkafka::message::Headers as _;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
 /// Hands a record to the producer, waiting while its queue is full (back-pressure).
 pub async fn enqueue<K, P>(
     producer: &FutureProducer,

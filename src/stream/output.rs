@@ -61,7 +61,8 @@ pub struct CommandOut {
 
 impl CommandOut {
     /// Produces `event`, once its sequence is reserved, with the partition its reading came
-    /// from and its `traceparent`, if any, as headers. Any error stops the loop: after a restart the decision is taken again.
+    /// from and its `traceparent`, if any, as headers. Any error stops the loop: after a
+    /// restart the decision is taken again.
     pub async fn produce(
         &mut self,
         event: &pb::HeaterCommandEvent,

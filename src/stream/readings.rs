@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::sync::{mpsc, Semaphore};
@@ -23,7 +23,7 @@ use super::engine::{Input, Record, Records};
 use super::handoff::RebalanceWatch;
 use super::output::{Ack, Position};
 use super::stats::LoopStats;
-use super::{enqueue, StreamError};
+use super::{enqueue, header, StreamError};
 use crate::config::KafkaConfig;
 use crate::domain::control::Reading;
 use crate::domain::SensorId;
@@ -457,15 +457,6 @@ impl Readings {
         )
         .await
     }
-}
-
-/// The value of `message`'s header `key`, if it is text.
-fn header<'a>(message: &'a impl Message, key: &str) -> Option<&'a str> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 /// Moves `message` to `topic` (the dead-letter topic) with `reason` in its headers.

@@ -4,7 +4,7 @@
 //! service runs, again whenever it changes.
 
 use std::ffi::{CStr, CString};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,7 +137,7 @@ pub fn watch_password(
 
 async fn watch(
     username: String,
-    file: std::path::PathBuf,
+    file: PathBuf,
     clients: SaslClients,
     every: Duration,
     shutdown: CancellationToken,
@@ -206,7 +206,7 @@ fn password(file: &Path) -> Result<String, StreamError> {
 }
 
 /// The file's contents; the error names the option and the file, never what it holds.
-fn readable(option: &str, path: &std::path::Path) -> Result<String, StreamError> {
+fn readable(option: &str, path: &Path) -> Result<String, StreamError> {
     std::fs::read_to_string(path)
         .map_err(|e| StreamError::Setting(format!("{option} {}: {e}", path.display())))
 }

@@ -186,7 +186,9 @@ pub fn report_payload(
 pub async fn send_reading(
     kafka: &KafkaConfig,
     sensor: &SensorId,
-    (celsius, time, traceparent): (f64, DateTime<Utc>, Option<&str>),
+    celsius: f64,
+    time: DateTime<Utc>,
+    traceparent: Option<&str>,
 ) -> Result<(), StreamError> {
     let payload = reading_payload(kafka.sensor_format, sensor.as_str(), celsius, time);
     let producer = producer(kafka)?;
