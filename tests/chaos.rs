@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use chrono::TimeDelta;
+use chrono::{TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
 use common::chaos::{
@@ -654,6 +654,74 @@ async fn owed_commands_survive_a_sigkill() {
     cluster.wait_settled().await;
     let report = verify(name, &cluster, &expected, ids.len()).await;
     assert_correct(name, &report);
+}
+
+/// Issue 26 through the real binary: every replica SIGKILLed inside a heater's minimum on time,
+/// and a reading that wants it OFF waiting for them. Once back, they hold the OFF until the hold
+/// that counts from the ON's own time ends, then send it without another reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_inside_a_minimum_on_time() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let name = "sigkill_inside_a_minimum_on_time";
+    const MIN_ON: i64 = 20;
+    let mut cluster = Cluster::start(2, &[("MIN_ON_TIME", "20s")]).await;
+    let id = "held-00".to_owned();
+    cluster.put_setpoints(&[id.clone()], chaos::DESIRED).await;
+    let sensors = Sensors::new(&cluster.topics.sensors);
+    sensors.reading(&id, chaos::DESIRED - 2.0, Utc::now()).await;
+    let on = loop {
+        if let Some(on) = cluster.read_commands().await.into_iter().next() {
+            break on;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (on.command(), on.reason()),
+        (HeaterCommand::On, CommandReason::TooCold)
+    );
+    let hold_ends = decided_at(&on) + TimeDelta::seconds(MIN_ON);
+    for replica in &mut cluster.replicas {
+        replica.kill9();
+    }
+    sensors.reading(&id, chaos::DESIRED + 2.0, Utc::now()).await;
+    for replica in &mut cluster.replicas {
+        replica.restart();
+        replica.wait_ready().await;
+    }
+    let back = Utc::now();
+    assert!(
+        back + TimeDelta::seconds(3) < hold_ends,
+        "chaos {name}: the restart took the whole hold: nothing left to check"
+    );
+    tokio::time::sleep(
+        (hold_ends - Utc::now() + TimeDelta::seconds(5))
+            .to_std()
+            .unwrap(),
+    )
+    .await;
+    let mut events = cluster.read_commands().await;
+    events.dedup_by_key(|e| e.sequence);
+    let offs: Vec<_> = events
+        .iter()
+        .filter(|e| e.command() == HeaterCommand::Off)
+        .collect();
+    assert_eq!(offs.len(), 1, "chaos {name}: one OFF: {events:?}");
+    let off = offs[0];
+    assert_eq!(off.reason(), CommandReason::DeferredTooHot);
+    let at = decided_at(off);
+    assert!(
+        at >= hold_ends && at - hold_ends < TimeDelta::seconds(3),
+        "chaos {name}: the OFF at the hold's end, not inside it: {at} against {hold_ends}"
+    );
+    println!(
+        "chaos {name}: back {:.1} s before the hold's end; OFF {} ms after it",
+        (hold_ends - back).as_seconds_f64(),
+        (at - hold_ends).num_milliseconds()
+    );
+}
+
+fn decided_at(e: &pb::HeaterCommandEvent) -> chrono::DateTime<Utc> {
+    thermostat::proto::from_timestamp(e.decided_at.as_ref().expect("decided_at")).expect("a time")
 }
 
 /// Defect 1 of issue 21: the command topic loses every record (deleted and created again while

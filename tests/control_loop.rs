@@ -1349,6 +1349,7 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
         (dry.command(), dry.would_send, at(dry.deferred_until)),
         (pb::HeaterCommand::Off, true, Some(hold_ends))
     );
+    assert_eq!(dry.limit(), pb::HeaterLimit::MinOnTime);
     let early = (hold_ends - Utc::now() - TimeDelta::seconds(1))
         .to_std()
         .unwrap_or_default();
@@ -1385,10 +1386,49 @@ async fn a_heater_on_for_its_maximum_run_time_rests_for_the_cooldown() {
         cmd(&on),
         (pb::HeaterCommand::On, pb::CommandReason::TooCold)
     );
+    // The state and a dry run name the run's end; after it, the cooldown holds an ON back.
+    let mut heaters = app.heaters().await;
+    let run_ends = Some(decided_at(&on) + TimeDelta::seconds(4));
+    let state = heaters
+        .get_sensor_state(pb::GetSensorStateRequest {
+            sensor_id: "boiler".into(),
+        })
+        .await
+        .expect("state")
+        .into_inner();
+    let dry = |celsius| pb::DryRunRequest {
+        sensor_id: "boiler".into(),
+        temperature_celsius: celsius,
+        time: None,
+    };
+    let during = heaters.dry_run(dry(18.0)).await.expect("dry run");
+    let at =
+        |t: Option<prost_types::Timestamp>| t.as_ref().and_then(thermostat::proto::from_timestamp);
+    assert_eq!(
+        (at(state.run_ends), at(during.into_inner().run_ends)),
+        (run_ends, run_ends)
+    );
     let off = commands.expect().await;
     assert_eq!(
         cmd(&off),
         (pb::HeaterCommand::Off, pb::CommandReason::MaxRunTime)
+    );
+    let resting = heaters
+        .dry_run(dry(18.0))
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!(
+        (
+            resting.would_send,
+            resting.limit(),
+            at(resting.deferred_until)
+        ),
+        (
+            true,
+            pb::HeaterLimit::RunCooldown,
+            Some(decided_at(&off) + TimeDelta::seconds(4))
+        )
     );
     let ran = decided_at(&off) - decided_at(&on);
     assert!(
@@ -1613,7 +1653,10 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
         .await
         .expect("dry run")
         .into_inner();
-    assert_eq!((dry.command(), dry.would_send), (H::On, false));
+    assert_eq!(
+        (dry.command(), dry.would_send, dry.out_of_service),
+        (H::On, false, true)
+    );
 
     // Back: the building first (room-2 still out on its own), then room-2.
     heaters

@@ -17,14 +17,14 @@ use super::limits::{Limits, Slot};
 use super::{authorize, reader};
 use crate::config::CelsiusRange;
 use crate::domain::control::{self, Band, HeaterCommand};
-use crate::domain::protection::{Protection, Switched};
+use crate::domain::protection::{Gate, Protection, Switched};
 use crate::domain::{Action, BuildingId, Celsius, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
 use crate::proto::{from_timestamp, timestamp};
 use crate::security::{Authenticator, Credentials};
 use crate::store::{Levels, Store};
-use crate::stream::codec::{command_to_proto, reason_to_proto};
+use crate::stream::codec::{command_to_proto, limit_to_proto, reason_to_proto};
 use crate::stream::engine::SensorView;
 use crate::stream::feed::{Caller, Filter, Start, Subscription, Update};
 use crate::stream::ControlHandle;
@@ -112,9 +112,12 @@ impl HeaterApi {
         now: DateTime<Utc>,
     ) -> [Option<prost_types::Timestamp>; 3] {
         let hold = Self::hold_until(protection, last).filter(|until| *until > now);
-        let run = Self::switched(last).and_then(|last| protection.run_ends(&last));
+        let switched = Self::switched(last);
+        let run = switched.as_ref().and_then(|last| protection.run_ends(last));
         let sent = last.decided_at.as_ref().and_then(from_timestamp);
-        let repeat = sent.and_then(|sent| protection.repeat_at(sent));
+        let repeat = switched
+            .zip(sent)
+            .and_then(|(s, sent)| protection.next_repeat(&s, sent));
         [hold, run, repeat].map(|t| t.map(timestamp))
     }
 
@@ -187,14 +190,25 @@ impl HeaterApi {
             });
         let (schedule_id, preset) = segment.tag.unwrap_or_default();
         // A switch inside the last command's hold waits for its end, unless SAFETY decides.
-        let deferred_until = last_command
-            .as_ref()
-            .and_then(|last| Self::hold_until(&view.settings.protection, last))
-            .filter(|until| {
-                would_send && *until > at && segment.level != crate::domain::levels::Level::Safety
-            });
+        let protection = &view.settings.protection;
+        let switched = last_command.as_ref().and_then(Self::switched);
+        let safety = segment.level == crate::domain::levels::Level::Safety;
+        let held = match (decided, &switched) {
+            (Some((command, _)), Some(last)) if would_send => {
+                match protection.gate(command, Some(last), at, safety) {
+                    Gate::After(until) => Some((until, Protection::holding_limit(last))),
+                    Gate::Now => None,
+                }
+            }
+            _ => None,
+        };
         Ok(pb::DryRunResponse {
-            deferred_until: deferred_until.map(timestamp),
+            deferred_until: held.map(|(until, _)| timestamp(until)),
+            limit: held.map_or(0, |(_, limit)| limit_to_proto(limit) as i32),
+            run_ends: switched
+                .and_then(|last| protection.run_ends(&last))
+                .map(timestamp),
+            out_of_service: view.settings.out_of_service.is_some(),
             sensor_id: sensor.to_string(),
             time: Some(timestamp(at)),
             command: decided.map_or(0, |(c, _)| command_to_proto(c) as i32),

@@ -290,21 +290,14 @@ impl SensorControl {
     }
 
     /// When the keep-alive next repeats the last command: for a controlled heater in service
-    /// that follows it, once the interval has passed since it was last sent. A repeat does
-    /// not say it repeats a maximum run's OFF (after a restart it would shorten the cooldown
-    /// to the minimum off time), so none comes before that cooldown ends.
+    /// that follows it ([`Protection::next_repeat`]).
     fn repeat_due(&self) -> Option<DateTime<Utc>> {
         self.parts.band?;
         if self.out_of_service.is_some() || self.not_following {
             return None;
         }
-        let due = self.protection.repeat_at(self.last_sent?.sent_at)?;
-        let switch = self.last_switch()?;
-        Some(if switch.forced_off {
-            due.max(self.protection.hold_until(&switch))
-        } else {
-            due
-        })
+        self.protection
+            .next_repeat(&self.last_switch()?, self.last_sent?.sent_at)
     }
 
     /// When a switch the rule wanted at the last decision may happen, if a hold kept it back:

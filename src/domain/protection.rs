@@ -132,6 +132,18 @@ impl Protection {
             .map(|every| later(last_sent, every))
     }
 
+    /// When the keep-alive next repeats `last`, last sent at `last_sent`. A repeat does not say
+    /// it repeats a maximum run's OFF (after a restart it would shorten the cooldown to the
+    /// minimum off time), so none comes before that cooldown ends.
+    pub fn next_repeat(&self, last: &Switched, last_sent: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let due = self.repeat_at(last_sent)?;
+        Some(if last.forced_off {
+            due.max(self.hold_until(last))
+        } else {
+            due
+        })
+    }
+
     /// The next instant at which something may be due for a heater whose last command is
     /// `last`, last sent at `last_sent`, with a switch wanted after `deferred` if any: the
     /// engine wakes the sensor then, without waiting for a reading.
@@ -141,10 +153,14 @@ impl Protection {
         last_sent: DateTime<Utc>,
         deferred: Option<DateTime<Utc>>,
     ) -> Option<DateTime<Utc>> {
-        [deferred, self.run_ends(last), self.repeat_at(last_sent)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            deferred,
+            self.run_ends(last),
+            self.next_repeat(last, last_sent),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -239,6 +255,14 @@ mod tests {
             ..forced
         };
         assert_eq!(p.gate(On, Some(&plain), t(3700), false), Gate::Now);
+
+        // A keep-alive repeats a forced OFF only once its cooldown is over.
+        let p = Protection {
+            keep_alive: Some(TimeDelta::seconds(60)),
+            ..p
+        };
+        assert_eq!(p.next_repeat(&forced, t(3600)), Some(t(4200)));
+        assert_eq!(p.next_repeat(&plain, t(3600)), Some(t(3660)));
     }
 
     #[test]

@@ -485,19 +485,20 @@ impl Engine {
             .partition(i)
             .is_some_and(|p| self.decides_for(p));
         let stale_after = self.stale_after;
-        let (newer, decision) = self.decide(i, |control| {
-            let newer = control.apply_setpoint(version.revision, version.setpoint, now);
-            // Sensors another replica owns are only tracked.
-            let decision = (newer && decides)
-                .then(|| control.reevaluate(now, stale_after))
-                .flatten();
-            (newer, decision)
-        });
-        if newer {
+        // The level is recorded before deciding: a SAFETY level just written cuts a hold short,
+        // one just relinquished does not.
+        if version.revision > self.sensors.control(i).revision() {
             let (level, level_revision) = (version.level, version.level_revision);
             self.sensors
                 .set_level(i, level, level_revision, version.revision);
         }
+        let decision = self.decide(i, |control| {
+            let newer = control.apply_setpoint(version.revision, version.setpoint, now);
+            // Sensors another replica owns are only tracked.
+            (newer && decides)
+                .then(|| control.reevaluate(now, stale_after))
+                .flatten()
+        });
         if let Some(decision) = decision {
             let delivery = self.send(i, &decision).await?;
             self.acks.push(None, Some(delivery));
@@ -1405,5 +1406,43 @@ mod tests {
         engine.apply(observed(other("a", 2))).await.unwrap();
         let again = snapshot_from(&mut engine, SnapshotCursor::catch_up(sent)).await;
         assert_eq!(ids(&again), [("a".into(), 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_safety_level_written_inside_a_hold_cuts_it_short_and_a_default_one_waits() {
+        for (level, cut) in [(Level::Safety, true), (Level::Default, false)] {
+            let (engine, _live) = engine();
+            let mut engine = engine.with_protection(Protection {
+                min_on: TimeDelta::hours(1),
+                ..Protection::default()
+            });
+            let sensor = SensorId::parse("s").unwrap();
+            engine.apply(setpoint(&sensor)).await.unwrap();
+            engine.apply(reading(&sensor, 18.0, 0).await).await.unwrap();
+            let on = Some((pb::HeaterCommand::On, pb::CommandReason::TooCold));
+            assert_eq!(last(&mut engine).await, on);
+
+            // Revision 2 wants the heater off at once: 10 °C against a reading of 18 °C.
+            let Input::Setpoint(mut version) = setpoint(&sensor) else {
+                unreachable!()
+            };
+            version.revision = 2;
+            version.level = level;
+            version.level_revision = 1;
+            version.setpoint = Some(
+                Setpoint::new(
+                    sensor.clone(),
+                    BuildingId::parse("b").unwrap(),
+                    10.0,
+                    0.5,
+                    0.5,
+                )
+                .unwrap(),
+            );
+            engine.apply(Input::Setpoint(version)).await.unwrap();
+            let off = Some((pb::HeaterCommand::Off, pb::CommandReason::TooHot));
+            let expected = if cut { off } else { on };
+            assert_eq!(last(&mut engine).await, expected, "{level:?}");
+        }
     }
 }
