@@ -1789,6 +1789,15 @@ async fn a_heater_that_does_not_follow_its_command_is_flagged_and_not_fought() {
         "the loop fought a manual change: {during:?}"
     );
     assert!(!state(&mut heaters).await.following);
+    let flagged_metrics = || async {
+        let (_, metrics) = common::http_get(app.admin, "/metrics").await;
+        [
+            "thermostat_heaters_not_following",
+            "thermostat_heaters_stopped_following_total",
+        ]
+        .map(|series| common::sample(&metrics, series))
+    };
+    assert_eq!(flagged_metrics().await, [1.0, 1.0]);
 
     // A bad report is dead-lettered with its reason; a good one that follows clears the flag.
     let stateless = prost::Message::encode_to_vec(&pb::HeaterReport {
@@ -1812,6 +1821,11 @@ async fn a_heater_that_does_not_follow_its_command_is_flagged_and_not_fought() {
     reports.raw(Some("h1"), &report("h1", true)).await;
     let back = next_status(&mut watch).await;
     assert!(back.following);
+    assert_eq!(
+        flagged_metrics().await,
+        [0.0, 1.0],
+        "the flag cleared, counted once"
+    );
     let repeat = commands.expect().await;
     assert_eq!(
         cmd(&repeat),
