@@ -7,18 +7,23 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use prost::Message as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::engine::Input;
+use super::engine::{Input, Observed};
 use super::output::{ReadingPartition, READING_PARTITION_HEADER};
 use super::{header, StreamError};
 use crate::proto::v1 as pb;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most this many commands read back are handed to the engine at once.
+const BATCH: usize = 256;
 
 /// Next offset to read, per partition.
 type Positions = HashMap<i32, i64>;
@@ -159,40 +164,53 @@ impl FollowerTask {
             .assign(&assignment)
             .map_err(StreamError::Consumer)?;
         loop {
-            let message = tokio::select! {
+            let first = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 message = self.consumer.recv() => message,
             };
-            let message = match message {
-                Ok(message) => message,
-                Err(e) => {
-                    tracing::warn!(error = %e, "command topic consumer error");
-                    continue;
-                }
-            };
-            let (partition, offset) = (message.partition(), message.offset());
-            let event = pb::HeaterCommandEvent::decode(message.payload().unwrap_or_default());
-            let reading_partition =
-                header(&message, READING_PARTITION_HEADER).and_then(ReadingPartition::parse);
-            drop(message);
-            match event {
-                Ok(event) => {
-                    // The engine passes it on to subscribers if it is news.
-                    let observed = Input::Observed {
-                        event: Arc::new(event),
-                        reading_partition,
-                    };
-                    if self.engine.send(observed).await.is_err() {
-                        return Ok(());
+            // The records the consumer already holds behind the first go along with it, with
+            // one position update for them all.
+            let mut observed = Vec::new();
+            let mut read = Vec::new();
+            let mut more = self.consumer.stream();
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Ok(message) => {
+                        read.push((message.partition(), message.offset() + 1));
+                        observed.extend(observed_record(&message));
                     }
+                    Err(e) => tracing::warn!(error = %e, "command topic consumer error"),
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, partition, offset, "undecodable record on the command topic")
+                if observed.len() < BATCH {
+                    next = more.next().now_or_never().flatten();
                 }
             }
-            self.positions.send_modify(|read| {
-                read.insert(partition, offset + 1);
-            });
+            drop(more);
+            if !observed.is_empty() && self.engine.send(Input::Observed(observed)).await.is_err() {
+                return Ok(());
+            }
+            if !read.is_empty() {
+                self.positions
+                    .send_modify(|positions| positions.extend(read));
+            }
+        }
+    }
+}
+
+/// A record of the command topic, decoded; `None` (and a warning) when it is not a command.
+fn observed_record(message: &BorrowedMessage<'_>) -> Option<Observed> {
+    match pb::HeaterCommandEvent::decode(message.payload().unwrap_or_default()) {
+        // The engine passes it on to subscribers if it is news.
+        Ok(event) => Some(Observed {
+            event: Arc::new(event),
+            reading_partition: header(message, READING_PARTITION_HEADER)
+                .and_then(ReadingPartition::parse),
+        }),
+        Err(e) => {
+            let (partition, offset) = (message.partition(), message.offset());
+            tracing::warn!(error = %e, partition, offset, "undecodable record on the command topic");
+            None
         }
     }
 }

@@ -38,6 +38,12 @@ use crate::proto::v1 as pb;
 use crate::store::SetpointVersion;
 use crate::{telemetry, traces};
 
+/// A command read back from the command topic.
+pub struct Observed {
+    pub event: Arc<pb::HeaterCommandEvent>,
+    pub reading_partition: Option<ReadingPartition>,
+}
+
 /// Everything the engine reacts to.
 pub enum Input {
     /// Consecutive records of the sensor topic, in the order consumed.
@@ -50,11 +56,9 @@ pub enum Input {
         sensor: SensorId,
         report: Reported,
     },
-    /// A command read back from the command topic.
-    Observed {
-        event: Arc<pb::HeaterCommandEvent>,
-        reading_partition: Option<ReadingPartition>,
-    },
+    /// Commands read back from the command topic, in the order read: those the consumer held
+    /// together, one hand-off for them all.
+    Observed(Vec<Observed>),
     /// The sensor-topic partitions this replica now consumes, and those of them whose readings
     /// decided on before are recalled first (re-evaluated at their `RecallDone`, not now).
     Assignment {
@@ -332,10 +336,16 @@ impl Engine {
                 let _ = reply.send(self.owns_key(key.as_deref()));
                 Ok(())
             }
-            Input::Observed {
-                event,
-                reading_partition,
-            } => self.observe(&event, reading_partition),
+            Input::Observed(observed) => {
+                for Observed {
+                    event,
+                    reading_partition,
+                } in observed
+                {
+                    self.observe(&event, reading_partition)?;
+                }
+                Ok(())
+            }
             // Queued before a revocation that overtook it: the partitions may be another's.
             Input::Assignment { generation, .. } if generation <= self.revoked => Ok(()),
             Input::Assignment {
@@ -426,6 +436,9 @@ impl Engine {
         event: &Arc<pb::HeaterCommandEvent>,
         reading_partition: Option<ReadingPartition>,
     ) -> Result<(), StreamError> {
+        if self.own_read_back(event, reading_partition) {
+            return Ok(());
+        }
         let Some((sensor, last, reading)) = observed_command(event) else {
             return Ok(());
         };
@@ -461,6 +474,36 @@ impl Engine {
             _ => {}
         }
         Ok(())
+    }
+
+    /// One of this replica's decisions read back, still its sensor's last: the state already
+    /// holds it (it was applied when decided), so it is only passed on to subscribers. False
+    /// for anything else, which [`Self::observe`] applies.
+    fn own_read_back(
+        &mut self,
+        event: &Arc<pb::HeaterCommandEvent>,
+        reading_partition: Option<ReadingPartition>,
+    ) -> bool {
+        let Some(i) = self.sensors.find(&event.sensor_id) else {
+            return false;
+        };
+        let sequence = event.sequence;
+        let stored = self.sensors.last_event_sequence(i);
+        if stored != Some(sequence) || !self.feed.awaits(i, sequence) {
+            return false;
+        }
+        if let Some(number) = self.feed.read_back(i, sequence, stored) {
+            self.feed.publish(number, i, event.clone());
+        }
+        if self.feedback.is_some() {
+            self.judge(i, Utc::now());
+        }
+        if let Some(p) =
+            reading_partition.filter(|p| p.of.is_none_or(|n| n == self.topic_partitions))
+        {
+            self.sensors.set_partition(i, p.partition);
+        }
+        true
     }
 
     /// Once the sensor topic has another number of partitions, no sensor's partition is known.
@@ -834,6 +877,9 @@ impl Engine {
 
     /// Judges whether heater `i` follows its command; a change goes to live watches.
     fn judge(&mut self, i: SensorIndex, now: DateTime<Utc>) {
+        if self.feedback.is_none() {
+            return;
+        }
         let Some(commanded) = self.commanded(i) else {
             return;
         };
@@ -1048,10 +1094,10 @@ mod tests {
     }
 
     fn observed(event: pb::HeaterCommandEvent) -> Input {
-        Input::Observed {
+        Input::Observed(vec![Observed {
             event: Arc::new(event),
             reading_partition: ReadingPartition::parse("0/1"),
-        }
+        }])
     }
 
     /// Revision 1 of a setpoint for `sensor`: 20 °C ± 0.5 in building `b`.

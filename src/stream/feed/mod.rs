@@ -204,6 +204,11 @@ impl Numbering {
         self.last
     }
 
+    /// Whether this replica's decision `sequence` for `sensor` is on its way back from the topic.
+    pub fn awaits(&self, sensor: SensorIndex, sequence: u64) -> bool {
+        self.awaiting_readback.contains_key(&(sensor, sequence))
+    }
+
     /// The number of an event read back from the command topic if it is news: one of this
     /// replica's own decisions (the number it got when decided, so that a snapshot taken in
     /// between covers it), or newer than `kept`, the sequence of the sensor's last event.
