@@ -80,17 +80,19 @@ fn epoch_nanos() -> i64 {
 
 fn kafka() -> KafkaConfig {
     let mut config = common::config(String::new(), &Names::new("unused"));
-    config.kafka.kafka_brokers = common::env("THERMOSTAT_BENCH_BROKERS");
+    config.kafka.kafka_brokers = common::brokers();
     config.kafka
 }
 
-/// The readings producer of the load generator: one record per batch (Tansu 0.6, see
+/// The readings producer of the load generator: one record per batch on Tansu (Tansu 0.6, see
 /// `KafkaConfig::kafka_batch_num_messages`), no lingering.
 fn load_producer() -> FutureProducer {
     let mut config = rdkafka::ClientConfig::new();
+    // The mock cluster can resume inside a batch, and batches keep more readings in its 5 MB.
+    let batch = if common::on_mock() { "10000" } else { "1" };
     config
-        .set("bootstrap.servers", common::env("THERMOSTAT_BENCH_BROKERS"))
-        .set("batch.num.messages", "1")
+        .set("bootstrap.servers", common::brokers())
+        .set("batch.num.messages", batch)
         .set("linger.ms", "0")
         .create()
         .expect("producer")
@@ -493,8 +495,9 @@ struct ChildReport {
     end_nanos: i64,
     first_cpu: f64,
     end_cpu: f64,
-    first_broker_cpu: f64,
-    end_broker_cpu: f64,
+    /// `None` (JSON has no NaN) when the broker's CPU is not read: on the mock cluster.
+    first_broker_cpu: Option<f64>,
+    end_broker_cpu: Option<f64>,
     records: u64,
 }
 
@@ -557,8 +560,8 @@ async fn baseline_child(args: &[String], relay: bool) {
         end_nanos: epoch_nanos(),
         first_cpu,
         end_cpu: cpu_seconds(me),
-        first_broker_cpu,
-        end_broker_cpu: broker_cpu_seconds(),
+        first_broker_cpu: Some(first_broker_cpu).filter(|c| !c.is_nan()),
+        end_broker_cpu: Some(broker_cpu_seconds()).filter(|c| !c.is_nan()),
         records: consumed,
     };
     println!("{}", serde_json::to_string(&report).expect("report"));
@@ -585,6 +588,9 @@ impl Child {
         let mut child = Command::new(std::env::current_exe().expect("exe"))
             .args([mode, input, output, group, &count.to_string()])
             .env("KAFKA_BATCH_NUM_MESSAGES", batch.to_string())
+            .env("THERMOSTAT_BENCH_BROKERS", common::brokers())
+            // On the mock cluster the broker is this process: its CPU is not reported.
+            .envs(common::on_mock().then_some(("THERMOSTAT_BENCH_BROKER_PID", "")))
             .stdout(Stdio::piped())
             .spawn()
             .expect("baseline child");
@@ -659,7 +665,10 @@ async fn drain_baseline(
         per_second: counted / ((end - report.first_nanos) as f64 / 1e9),
         decided_per_second: f64::NAN,
         cpu_us_per_reading: (report.end_cpu - report.first_cpu) * 1e6 / counted,
-        broker_us_per_reading: (report.end_broker_cpu - report.first_broker_cpu) * 1e6 / counted,
+        broker_us_per_reading: report
+            .end_broker_cpu
+            .zip(report.first_broker_cpu)
+            .map_or(f64::NAN, |(end, first)| (end - first) * 1e6 / counted),
         rss_mb: f64::NAN,
         peak_rss_mb: f64::NAN,
     }
@@ -688,7 +697,8 @@ impl Subject {
 async fn throughput(database_url: &str) {
     let rates: [(&str, u32); 2] = [("100%", 1), ("1%", 100)];
     println!(
-        "\n### 1. Pipeline throughput, {} sensors cached, preloaded readings: {} at 100% unbatched, {} otherwise; {} repetitions\n",
+        "\n### 1. Pipeline throughput on {}, {} sensors cached, preloaded readings: {} at 100% unbatched, {} otherwise; {} repetitions\n",
+        common::broker_name(),
         sensors(),
         drain_count() / 10,
         drain_count(),
@@ -719,8 +729,9 @@ async fn throughput(database_url: &str) {
         common::summary([
             "5",
             &format!(
-                "peak RSS, {} setpoints cached, during benchmark 1's drains",
-                sensors()
+                "peak RSS, {} setpoints cached, during benchmark 1's drains on {}",
+                sensors(),
+                common::broker_name()
             ),
             &format!("{peak_mb:.0} MB"),
             "",
@@ -729,6 +740,10 @@ async fn throughput(database_url: &str) {
         ]);
     }
 }
+
+/// The most readings a drain on the mock cluster preloads: some 90 bytes each, within the 5 MB
+/// it keeps of a partition.
+const MOCK_DRAIN: u32 = 40_000;
 
 /// Records per batch in the batched runs of benchmark 1 (`KAFKA_BATCH_NUM_MESSAGES`).
 const BATCHED: u32 = 10_000;
@@ -749,6 +764,13 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         drain_count() / 10
     } else {
         drain_count()
+    };
+    // The mock cluster keeps at most 5 MB of a partition (librdkafka's `rdkafka_mock.c`, not
+    // configurable) and drops the oldest batches beyond it.
+    let count = if common::on_mock() {
+        count.min(MOCK_DRAIN)
+    } else {
+        count
     };
     // Every `every`th reading is cold (a first command for its sensor), the others in band.
     preload(
@@ -887,7 +909,8 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
                 "1"
             },
             &format!(
-                "readings/s at {title}, {} (CPU {cpu:.1} µs/reading)",
+                "readings/s at {title} on {}, {} (CPU {cpu:.1} µs/reading)",
+                common::broker_name(),
                 subject.name()
             ),
             &format!("{rate:.0}/s"),
@@ -1227,7 +1250,16 @@ async fn run() {
     );
     let database_url = common::fresh_database("bench_pipeline").await;
     common::seed_setpoints(&database_url, sensors()).await;
-    throughput(&database_url).await;
+    // On Tansu, then again on a quiet broker, for ratios that Tansu's noise does not decide
+    // (`THERMOSTAT_BENCH_BROKER=tansu|mock` runs one of them, for a quick trial).
+    let only = std::env::var("THERMOSTAT_BENCH_BROKER").ok();
+    if only.as_deref() != Some("mock") {
+        throughput(&database_url).await;
+    }
+    if only.as_deref() != Some("tansu") {
+        let _mock = common::MockBroker::start();
+        throughput(&database_url).await;
+    }
     // Bench 1 used sensors 1..=drain_count(), each with a fresh command topic; later runs share one.
     let mut pool = SensorPool {
         next: drain_count() + 1,

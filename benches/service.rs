@@ -505,7 +505,7 @@ async fn preload_commands(topic: &str, count: u32) -> String {
     // Batched, unlike the service's producer (`KafkaConfig::kafka_batch_num_messages`): only the
     // service's follower reads this topic, from its beginning, so every fetch starts at a batch.
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", common::env("THERMOSTAT_BENCH_BROKERS"))
+        .set("bootstrap.servers", common::brokers())
         .set("batch.num.messages", "10000")
         .set("linger.ms", "20")
         .create()

@@ -11,7 +11,8 @@
 # THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
 # repetitions (_DRAIN at most _SENSORS: every drained sensor needs a setpoint);
 # THERMOSTAT_BENCH_LATENCY_RATE runs benchmark 2 at that many readings/s instead of half the
-# measured maximum.
+# measured maximum; THERMOSTAT_BENCH_BROKER=tansu|mock runs benchmark 1 on one broker only
+# (by default on Tansu, then on librdkafka's mock cluster).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

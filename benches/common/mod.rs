@@ -19,6 +19,86 @@ pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run scripts/bench.sh"))
 }
 
+/// Topics to make on the mock cluster, each with its partitions and whom to tell when made.
+type TopicOrder = (String, i32, std::sync::mpsc::SyncSender<()>);
+
+/// The mock cluster in use, while a [`MockBroker`] lives: its bootstrap servers, and the way to
+/// the thread that owns it (librdkafka's handle may not move between threads).
+static MOCK: std::sync::Mutex<Option<(String, std::sync::mpsc::Sender<TopicOrder>)>> =
+    std::sync::Mutex::new(None);
+
+/// The broker every client of the run talks to: `scripts/bench.sh`'s Tansu, or the mock cluster
+/// while a [`MockBroker`] lives.
+pub fn brokers() -> String {
+    let mock = MOCK.lock().expect("mock cluster");
+    match mock.as_ref() {
+        Some((servers, _)) => servers.clone(),
+        None => env("THERMOSTAT_BENCH_BROKERS"),
+    }
+}
+
+pub fn on_mock() -> bool {
+    MOCK.lock().expect("mock cluster").is_some()
+}
+
+/// librdkafka's mock cluster of one broker on a loopback port, in this process, while this
+/// lives: a quiet broker for the ratios (Tansu's seconds of queueing and its drift as it fills
+/// are noise there). Subjects and baselines still run in processes of their own; the broker's
+/// CPU is this process's, so it is not reported.
+pub struct MockBroker;
+
+impl MockBroker {
+    pub fn start() -> Self {
+        let (orders, taken) = std::sync::mpsc::channel::<TopicOrder>();
+        let (started, servers) = std::sync::mpsc::sync_channel(1);
+        std::thread::spawn(move || {
+            let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+            started.send(mock.bootstrap_servers()).expect("bench");
+            // Until the broker is dropped: then the cluster goes with this thread.
+            for (topic, partitions, made) in taken {
+                // Kept if it exists, as on Tansu.
+                match mock.create_topic(&topic, partitions, 1) {
+                    Ok(()) | Err(KafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    }
+                    Err(e) => panic!("topic {topic}: {e}"),
+                }
+                let _ = made.send(());
+            }
+        });
+        let servers = servers.recv().expect("mock cluster started");
+        *MOCK.lock().expect("mock cluster") = Some((servers, orders));
+        Self
+    }
+
+    /// Makes `topic` on the mock cluster in use; false when there is none.
+    fn create_topic(topic: &str, partitions: i32) -> bool {
+        let (made, done) = std::sync::mpsc::sync_channel(1);
+        let Some((_, orders)) = MOCK.lock().expect("mock cluster").clone() else {
+            return false;
+        };
+        orders
+            .send((topic.to_owned(), partitions, made))
+            .expect("mock cluster thread");
+        done.recv().expect("topic made");
+        true
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        MOCK.lock().expect("mock cluster").take();
+    }
+}
+
+/// The broker's name in tables.
+pub fn broker_name() -> &'static str {
+    if on_mock() {
+        "librdkafka's mock cluster"
+    } else {
+        "Tansu"
+    }
+}
+
 pub async fn fresh_database(name: &str) -> String {
     let admin = env("THERMOSTAT_BENCH_PG_URL");
     let mut conn = PgConnection::connect(&admin).await.expect("connect");
@@ -93,7 +173,7 @@ pub fn config(database_url: String, names: &Names) -> ServeConfig {
     let mut config = ServeConfig::from_defaults().expect("default configuration");
     config.database.database_url = database_url;
     config.database.database_max_connections = 32;
-    config.kafka.kafka_brokers = env("THERMOSTAT_BENCH_BROKERS");
+    config.kafka.kafka_brokers = brokers();
     config.kafka.sensor_topic = names.sensors.clone();
     config.kafka.command_topic = names.commands.clone();
     config.kafka.dead_letter_topic = names.dead_letters.clone();
@@ -115,6 +195,13 @@ pub fn config(database_url: String, names: &Names) -> ServeConfig {
 
 /// Creates the sensor, command and dead-letter topics of `names` (kept if they exist).
 pub async fn create_topics(names: &Names, partitions: i32) {
+    // The mock cluster's topics are made through it (its admin API does not answer).
+    if on_mock() {
+        for topic in [&names.sensors, &names.commands, &names.dead_letters] {
+            MockBroker::create_topic(topic, partitions);
+        }
+        return;
+    }
     let config = config(String::new(), names);
     thermostat::stream::topics::create_topics(&config.kafka, partitions, 1)
         .await
@@ -181,7 +268,7 @@ impl Service {
         let child = Command::new(env!("CARGO_BIN_EXE_thermostat"))
             .arg("serve")
             .env("DATABASE_URL", database_url)
-            .env("KAFKA_BROKERS", env("THERMOSTAT_BENCH_BROKERS"))
+            .env("KAFKA_BROKERS", brokers())
             .env("SENSOR_TOPIC", &names.sensors)
             .env("COMMAND_TOPIC", &names.commands)
             .env("DEAD_LETTER_TOPIC", &names.dead_letters)
@@ -193,6 +280,8 @@ impl Service {
             .env("MAX_SUBSCRIPTIONS_PER_IDENTITY", "100000")
             // Subscribers cut off at shutdown are logged by tower-http as errors: noise here.
             .env("RUST_LOG", "warn,tower_http=off")
+            // The mock cluster describes no topic settings, which the start checks.
+            .envs(on_mock().then_some(("ALLOW_COMMAND_TOPIC_DELETION", "true")))
             .envs(more.iter().copied())
             .spawn()
             .expect("start thermostat");
@@ -357,6 +446,9 @@ pub fn runs(part: &str) -> bool {
 /// CPU seconds the broker has used, when `scripts/bench.sh` names its process
 /// (`THERMOSTAT_BENCH_BROKER_PID`); NaN otherwise.
 pub fn broker_cpu_seconds() -> f64 {
+    if on_mock() {
+        return f64::NAN;
+    }
     std::env::var("THERMOSTAT_BENCH_BROKER_PID")
         .ok()
         .and_then(|pid| pid.parse().ok())
