@@ -218,6 +218,26 @@ impl Cache {
         }
     }
 
+    /// Whether the fail-safe may turn sensor `i`'s heater OFF at a tick where nothing heard
+    /// after `cutoff` counts: it is controlled, its heater is not OFF already, and nothing was
+    /// heard from it after `cutoff` (its last reading's receipt, else when it became
+    /// controlled). A filter ahead of `SensorControl::on_tick`, which decides, so that a round
+    /// does not unpack every sensor.
+    pub fn may_go_stale(&self, i: SensorIndex, cutoff: DateTime<Utc>) -> bool {
+        let slot = self.slots[i as usize];
+        let has = |flag| slot.flags & flag != 0;
+        let heard = if has(flags::READING) {
+            slot.received
+        } else if has(flags::SINCE) {
+            slot.time
+        } else {
+            return false;
+        };
+        has(flags::BAND)
+            && !(has(flags::COMMAND) && !has(flags::COMMAND_ON))
+            && heard <= nanos(cutoff)
+    }
+
     pub fn is_controlled(&self, i: SensorIndex) -> bool {
         self.slots[i as usize].flags & flags::BAND != 0
     }
@@ -1087,6 +1107,52 @@ mod tests {
                 back,
                 pb::HeaterCommandEvent { temperature_celsius, ..sent }
             );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// The filter ahead of the fail-safe passes over no sensor the fail-safe would turn OFF
+        /// (times in whole seconds; silence heard until the round's own time half the time).
+        #[test]
+        fn a_sensor_the_fail_safe_would_turn_off_is_never_passed_over(
+            controlled in proptest::bool::ANY,
+            reading in proptest::option::of(0i64..200),
+            since in proptest::option::of(0i64..200),
+            command in proptest::option::of(proptest::bool::ANY),
+            heard_until in proptest::prop_oneof![proptest::strategy::Just(200i64), 0i64..200],
+            watched_since in 0i64..100,
+            stale_after in 0i64..100,
+        ) {
+            let at = |s| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+            let setpoint = Setpoint::new(id("s"), BuildingId::parse("b").unwrap(), 20.0, 0.5, 0.5);
+            let parts = ControlParts {
+                band: controlled.then(|| Band::from(&setpoint.unwrap())),
+                revision: 1,
+                last_reading: reading.map(|r| Reading {
+                    temperature: Celsius::new(19.0).unwrap(),
+                    time: at(r),
+                    received: at(r),
+                }),
+                last_command: command.map(|on| LastCommand {
+                    command: if on { HeaterCommand::On } else { HeaterCommand::Off },
+                    sequence: 1,
+                }),
+                building_id: Some(BuildingId::parse("b").unwrap()),
+                controlled_since: since.map(at),
+            };
+            let mut cache = Cache::default();
+            let i = cache.find_or_insert(&id("s")).unwrap();
+            cache.set_control(i, parts.into());
+            let stale_after = chrono::TimeDelta::seconds(stale_after);
+            // The round runs at `now`; silence is heard until then at the latest.
+            let now = at(200);
+            let decided = cache
+                .control(i)
+                .on_tick(at(heard_until), stale_after, at(watched_since));
+            if decided.is_some() {
+                proptest::prop_assert!(cache.may_go_stale(i, now - stale_after));
+            }
         }
     }
 }

@@ -596,11 +596,14 @@ impl Engine {
         which: impl Fn(i32) -> bool,
     ) -> Result<(), StreamError> {
         let (now, stale_after) = (Utc::now(), self.stale_after);
-        self.decide_for_owned(|p, control, _| {
-            which(p)
-                .then(|| control.reevaluate(now, stale_after))
-                .flatten()
-        })
+        self.decide_for_owned(
+            |_, _| true,
+            |p, control, _| {
+                which(p)
+                    .then(|| control.reevaluate(now, stale_after))
+                    .flatten()
+            },
+        )
         .await
     }
 
@@ -768,10 +771,18 @@ impl Engine {
         .fold(now, DateTime::min);
         self.judge_all(now);
         let stale_after = self.stale_after;
-        self.decide_for_owned(|_, control, watch| {
-            let heard_until = watch.heard_until(listened)?;
-            control.on_tick(heard_until, stale_after, watch.since)
-        })
+        // Silence is heard until now at the latest: a sensor heard from since `cutoff` is not
+        // stale, and most sensors are passed over without being unpacked.
+        let cutoff = now
+            .checked_sub_signed(stale_after)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        self.decide_for_owned(
+            |sensors, i| sensors.may_go_stale(i, cutoff),
+            |_, control, watch| {
+                let heard_until = watch.heard_until(listened)?;
+                control.on_tick(heard_until, stale_after, watch.since)
+            },
+        )
         .await
     }
 
@@ -949,14 +960,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs `decide` on every sensor this replica owns, with its partition and that partition's
-    /// watch, and sends what it decides.
+    /// Runs `decide` on every sensor this replica owns that `worth` lets through, with its
+    /// partition and that partition's watch, and sends what it decides.
     async fn decide_for_owned(
         &mut self,
+        worth: impl Fn(&Cache, SensorIndex) -> bool,
         mut decide: impl FnMut(i32, &mut SensorControl, Watch) -> Option<Decision>,
     ) -> Result<(), StreamError> {
         let mut decided = Vec::new();
         for i in self.sensors.indexes() {
+            if !worth(&self.sensors, i) {
+                continue;
+            }
             // Known from its readings, or, for a controlled sensor that has not reported (it
             // may go stale), where its readings will go.
             let partition = match self.sensors.partition(i) {
