@@ -1294,6 +1294,38 @@ async fn a_sensor_that_never_reports_is_sent_off_without_a_temperature() {
     );
 }
 
+type Heaters =
+    pb::heater_control_service_client::HeaterControlServiceClient<tonic::transport::Channel>;
+
+async fn state_of(heaters: &mut Heaters, sensor: &str) -> pb::SensorState {
+    let request = pb::GetSensorStateRequest {
+        sensor_id: sensor.into(),
+    };
+    heaters
+        .get_sensor_state(request)
+        .await
+        .expect("state")
+        .into_inner()
+}
+
+/// What the loop would decide for `sensor` at `celsius` now.
+async fn dry_run_now(heaters: &mut Heaters, sensor: &str, celsius: f64) -> pb::DryRunResponse {
+    let request = pb::DryRunRequest {
+        sensor_id: sensor.into(),
+        temperature_celsius: celsius,
+        time: None,
+    };
+    heaters
+        .dry_run(request)
+        .await
+        .expect("dry run")
+        .into_inner()
+}
+
+fn time_of(t: Option<prost_types::Timestamp>) -> Option<chrono::DateTime<Utc>> {
+    t.as_ref().and_then(thermostat::proto::from_timestamp)
+}
+
 fn decided_at(e: &pb::HeaterCommandEvent) -> chrono::DateTime<Utc> {
     thermostat::proto::from_timestamp(e.decided_at.as_ref().expect("decided_at")).expect("a time")
 }
@@ -1326,27 +1358,11 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
     );
     // The state and a dry run say so.
     let mut heaters = app.heaters().await;
-    let state = heaters
-        .get_sensor_state(pb::GetSensorStateRequest {
-            sensor_id: "boiler".into(),
-        })
-        .await
-        .expect("state")
-        .into_inner();
-    let at =
-        |t: Option<prost_types::Timestamp>| t.as_ref().and_then(thermostat::proto::from_timestamp);
-    assert_eq!(at(state.hold_until), Some(hold_ends));
-    let dry = heaters
-        .dry_run(pb::DryRunRequest {
-            sensor_id: "boiler".into(),
-            temperature_celsius: 23.0,
-            time: None,
-        })
-        .await
-        .expect("dry run")
-        .into_inner();
+    let state = state_of(&mut heaters, "boiler").await;
+    assert_eq!(time_of(state.hold_until), Some(hold_ends));
+    let dry = dry_run_now(&mut heaters, "boiler", 23.0).await;
     assert_eq!(
-        (dry.command(), dry.would_send, at(dry.deferred_until)),
+        (dry.command(), dry.would_send, time_of(dry.deferred_until)),
         (pb::HeaterCommand::Off, true, Some(hold_ends))
     );
     assert_eq!(dry.limit(), pb::HeaterLimit::MinOnTime);
@@ -1389,23 +1405,10 @@ async fn a_heater_on_for_its_maximum_run_time_rests_for_the_cooldown() {
     // The state and a dry run name the run's end; after it, the cooldown holds an ON back.
     let mut heaters = app.heaters().await;
     let run_ends = Some(decided_at(&on) + TimeDelta::seconds(4));
-    let state = heaters
-        .get_sensor_state(pb::GetSensorStateRequest {
-            sensor_id: "boiler".into(),
-        })
-        .await
-        .expect("state")
-        .into_inner();
-    let dry = |celsius| pb::DryRunRequest {
-        sensor_id: "boiler".into(),
-        temperature_celsius: celsius,
-        time: None,
-    };
-    let during = heaters.dry_run(dry(18.0)).await.expect("dry run");
-    let at =
-        |t: Option<prost_types::Timestamp>| t.as_ref().and_then(thermostat::proto::from_timestamp);
+    let state = state_of(&mut heaters, "boiler").await;
+    let during = dry_run_now(&mut heaters, "boiler", 18.0).await;
     assert_eq!(
-        (at(state.run_ends), at(during.into_inner().run_ends)),
+        (time_of(state.run_ends), time_of(during.run_ends)),
         (run_ends, run_ends)
     );
     let off = commands.expect().await;
@@ -1413,16 +1416,12 @@ async fn a_heater_on_for_its_maximum_run_time_rests_for_the_cooldown() {
         cmd(&off),
         (pb::HeaterCommand::Off, pb::CommandReason::MaxRunTime)
     );
-    let resting = heaters
-        .dry_run(dry(18.0))
-        .await
-        .expect("dry run")
-        .into_inner();
+    let resting = dry_run_now(&mut heaters, "boiler", 18.0).await;
     assert_eq!(
         (
             resting.would_send,
             resting.limit(),
-            at(resting.deferred_until)
+            time_of(resting.deferred_until)
         ),
         (
             true,
@@ -1634,25 +1633,11 @@ async fn out_of_service_releases_the_heater_sends_nothing_and_decides_again_when
     sensors.reading("room-1", 17.0, Utc::now()).await;
     sensors.reading("room-2", 25.0, Utc::now()).await;
     assert!(commands.drain(QUIET).await.is_empty(), "out of service");
-    let state = heaters
-        .get_sensor_state(pb::GetSensorStateRequest {
-            sensor_id: "room-1".into(),
-        })
-        .await
-        .expect("state")
-        .into_inner();
+    let state = state_of(&mut heaters, "room-1").await;
     let why = state.out_of_service.expect("out of service, visible");
     assert!(why.building_wide);
     assert_eq!(state.last_reading.unwrap().temperature_celsius, Some(17.0));
-    let dry = heaters
-        .dry_run(pb::DryRunRequest {
-            sensor_id: "room-1".into(),
-            temperature_celsius: 17.0,
-            time: None,
-        })
-        .await
-        .expect("dry run")
-        .into_inner();
+    let dry = dry_run_now(&mut heaters, "room-1", 17.0).await;
     assert_eq!(
         (dry.command(), dry.would_send, dry.out_of_service),
         (H::On, false, true)
