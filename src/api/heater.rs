@@ -17,7 +17,7 @@ use super::limits::{Limits, Slot};
 use super::{authorize, reader};
 use crate::config::CelsiusRange;
 use crate::domain::control::{self, Band, HeaterCommand};
-use crate::domain::protection::{Gate, Protection, Switched};
+use crate::domain::protection::{Gate, Limit, Protection, Switched};
 use crate::domain::{Action, BuildingId, Celsius, Identity, Scope, SensorId, ValidationError};
 use crate::error::{Error, Result};
 use crate::proto::v1 as pb;
@@ -140,6 +140,22 @@ impl HeaterApi {
         Some(protection.hold_until(&Self::switched(last)?))
     }
 
+    /// Until when, and by which limit, the last command's hold keeps a switch to `wanted` at
+    /// `at` back; never when SAFETY decides (`safety`).
+    fn held_back(
+        protection: &Protection,
+        wanted: Option<HeaterCommand>,
+        last: Option<&Switched>,
+        at: DateTime<Utc>,
+        safety: bool,
+    ) -> Option<(DateTime<Utc>, Limit)> {
+        let last = last?;
+        match protection.gate(wanted?, Some(last), at, safety) {
+            Gate::After(until) => Some((until, Protection::holding_limit(last))),
+            Gate::Now => None,
+        }
+    }
+
     /// What the loop would decide for `req`, with no side effect.
     async fn dry_run_answer(
         &self,
@@ -189,19 +205,11 @@ impl HeaterApi {
                     .is_none_or(|last| last.command() != command_to_proto(command))
             });
         let (schedule_id, preset) = segment.tag.unwrap_or_default();
-        // A switch inside the last command's hold waits for its end, unless SAFETY decides.
         let protection = &view.settings.protection;
         let switched = last_command.as_ref().and_then(Self::switched);
         let safety = segment.level == crate::domain::levels::Level::Safety;
-        let held = match (decided, &switched) {
-            (Some((command, _)), Some(last)) if would_send => {
-                match protection.gate(command, Some(last), at, safety) {
-                    Gate::After(until) => Some((until, Protection::holding_limit(last))),
-                    Gate::Now => None,
-                }
-            }
-            _ => None,
-        };
+        let wanted = decided.filter(|_| would_send).map(|(command, _)| command);
+        let held = Self::held_back(protection, wanted, switched.as_ref(), at, safety);
         Ok(pb::DryRunResponse {
             deferred_until: held.map(|(until, _)| timestamp(until)),
             limit: held.map_or(0, |(_, limit)| limit_to_proto(limit) as i32),
