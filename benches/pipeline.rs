@@ -741,9 +741,9 @@ async fn throughput(database_url: &str) {
     }
 }
 
-/// The most readings a drain on the mock cluster preloads: some 90 bytes each, within the 5 MB
-/// it keeps of a partition.
-const MOCK_DRAIN: u32 = 40_000;
+/// The most readings a drain on the mock cluster preloads: their commands, some 160 bytes each
+/// (readings some 90), within the 5 MB it keeps of a partition.
+const MOCK_DRAIN: u32 = 25_000;
 
 /// Records per batch in the batched runs of benchmark 1 (`KAFKA_BATCH_NUM_MESSAGES`).
 const BATCHED: u32 = 10_000;

@@ -213,7 +213,9 @@ impl HeaterApi {
         Ok(pb::DryRunResponse {
             deferred_until: held.map(|(until, _)| timestamp(until)),
             limit: held.map_or(0, |(_, limit)| limit_to_proto(limit) as i32),
+            // Out of service nothing is sent, not even a maximum run's OFF.
             run_ends: switched
+                .filter(|_| view.settings.out_of_service.is_none())
                 .and_then(|last| protection.run_ends(&last))
                 .map(timestamp),
             out_of_service: view.settings.out_of_service.is_some(),

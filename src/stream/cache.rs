@@ -419,6 +419,19 @@ impl Cache {
             .map(|event| widen(event.sequence, &self.wide_event_sequences, i))
     }
 
+    /// Whether the sensor's last command event is `event`'s: the same sequence, decided at the
+    /// same instant, the same command.
+    pub fn last_event_is(&self, i: SensorIndex, event: &pb::HeaterCommandEvent) -> bool {
+        let Some(stored) = self.stored_event(i) else {
+            return false;
+        };
+        let decided_at = event.decided_at.as_ref().and_then(to_nanos);
+        widen(stored.sequence, &self.wide_event_sequences, i) == event.sequence
+            && (stored.flags & event_flags::DECIDED_AT != 0).then_some(stored.decided_at)
+                == decided_at
+            && i32::from(stored.flags >> event_flags::COMMAND_SHIFT & 0b11) == event.command
+    }
+
     fn stored_event(&self, i: SensorIndex) -> Option<LastEvent> {
         let event = *self.last_events.get(i as usize)?;
         (event.flags & event_flags::PRESENT != 0).then_some(event)

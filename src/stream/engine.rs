@@ -487,11 +487,13 @@ impl Engine {
         let Some(i) = self.sensors.find(&event.sensor_id) else {
             return false;
         };
+        // The very event decided here: another writer's record with the same sequence (a
+        // previous owner's retried write landing late) goes the whole way.
         let sequence = event.sequence;
-        let stored = self.sensors.last_event_sequence(i);
-        if stored != Some(sequence) || !self.feed.awaits(i, sequence) {
+        if !self.feed.awaits(i, sequence) || !self.sensors.last_event_is(i, event) {
             return false;
         }
+        let stored = Some(sequence);
         if let Some(number) = self.feed.read_back(i, sequence, stored) {
             self.feed.publish(number, i, event.clone());
         }
