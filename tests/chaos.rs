@@ -769,7 +769,12 @@ async fn sigkill_inside_a_minimum_on_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_inside_a_minimum_on_time() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    holds_across("scale_out_inside_a_minimum_on_time", HoldFault::ScaleOut, 24).await;
+    holds_across(
+        "scale_out_inside_a_minimum_on_time",
+        HoldFault::ScaleOut,
+        24,
+    )
+    .await;
 }
 
 fn decided_at(e: &pb::HeaterCommandEvent) -> chrono::DateTime<Utc> {

@@ -233,9 +233,8 @@ impl Cache {
         } else {
             return false;
         };
-        has(flags::BAND)
-            && !(has(flags::COMMAND) && !has(flags::COMMAND_ON))
-            && heard <= nanos(cutoff)
+        let off = has(flags::COMMAND) && !has(flags::COMMAND_ON);
+        has(flags::BAND) && !off && heard <= nanos(cutoff)
     }
 
     pub fn is_controlled(&self, i: SensorIndex) -> bool {
