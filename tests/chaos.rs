@@ -670,7 +670,8 @@ enum HoldFault {
 /// without another reading.
 async fn holds_across(name: &str, fault: HoldFault, sensors: usize) {
     const MIN_ON: i64 = 20;
-    let mut cluster = Cluster::start(2, &[("MIN_ON_TIME", "20s")]).await;
+    let min_on = format!("{MIN_ON}s");
+    let mut cluster = Cluster::start(2, &[("MIN_ON_TIME", &min_on)]).await;
     let ids: Vec<String> = (0..sensors).map(|i| format!("held-{i:02}")).collect();
     cluster.put_setpoints(&ids, chaos::DESIRED).await;
     let topic = Sensors::new(&cluster.topics.sensors);
@@ -732,8 +733,9 @@ async fn holds_across(name: &str, fault: HoldFault, sensors: usize) {
     )
     .await;
     let mut late = TimeDelta::zero();
+    let written = cluster.read_commands().await;
     for id in &ids {
-        let mut events: Vec<_> = cluster.read_commands().await;
+        let mut events: Vec<_> = written.iter().collect();
         events.retain(|e| &e.sensor_id == id && e.command() == HeaterCommand::Off);
         events.dedup_by_key(|e| e.sequence);
         let [off] = events.as_slice() else {

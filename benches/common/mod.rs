@@ -70,17 +70,15 @@ impl MockBroker {
         Self
     }
 
-    /// Makes `topic` on the mock cluster in use; false when there is none.
-    fn create_topic(topic: &str, partitions: i32) -> bool {
+    /// Makes `topic` on the mock cluster in use.
+    fn create_topic(topic: &str, partitions: i32) {
         let (made, done) = std::sync::mpsc::sync_channel(1);
-        let Some((_, orders)) = MOCK.lock().expect("mock cluster").clone() else {
-            return false;
-        };
+        let orders = MOCK.lock().expect("mock cluster").clone();
+        let (_, orders) = orders.expect("a mock cluster in use");
         orders
             .send((topic.to_owned(), partitions, made))
             .expect("mock cluster thread");
         done.recv().expect("topic made");
-        true
     }
 }
 

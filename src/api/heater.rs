@@ -111,8 +111,11 @@ impl HeaterApi {
         last: &pb::HeaterCommandEvent,
         now: DateTime<Utc>,
     ) -> [Option<prost_types::Timestamp>; 3] {
-        let hold = Self::hold_until(protection, last).filter(|until| *until > now);
         let switched = Self::switched(last);
+        let hold = switched
+            .as_ref()
+            .map(|last| protection.hold_until(last))
+            .filter(|until| *until > now);
         let run = switched.as_ref().and_then(|last| protection.run_ends(last));
         let sent = last.decided_at.as_ref().and_then(from_timestamp);
         let repeat = switched
@@ -133,11 +136,6 @@ impl HeaterApi {
             at: from_timestamp(last.switched_at.as_ref().or(last.decided_at.as_ref())?)?,
             forced_off: last.reason() == pb::CommandReason::MaxRunTime,
         })
-    }
-
-    /// Until when `last` holds.
-    fn hold_until(protection: &Protection, last: &pb::HeaterCommandEvent) -> Option<DateTime<Utc>> {
-        Some(protection.hold_until(&Self::switched(last)?))
     }
 
     /// Until when, and by which limit, the last command's hold keeps a switch to `wanted` at

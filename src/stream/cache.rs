@@ -241,13 +241,17 @@ impl Cache {
         self.slots[i as usize].flags & flags::BAND != 0
     }
 
+    /// The revision of the sensor's setpoint (0: none yet).
+    pub fn revision(&self, i: SensorIndex) -> i64 {
+        widen(self.slots[i as usize].revision, &self.wide_revisions, i)
+    }
+
     /// The level the sensor's setpoint comes from, and the revision that level was written at.
     pub fn level(&self, i: SensorIndex) -> (Level, i64) {
-        let own = || widen(self.slots[i as usize].revision, &self.wide_revisions, i);
         self.levels
             .get(&i)
             .copied()
-            .unwrap_or_else(|| (Level::Default, own()))
+            .unwrap_or_else(|| (Level::Default, self.revision(i)))
     }
 
     /// Records the level of the sensor's setpoint at `revision`.

@@ -466,13 +466,7 @@ impl Engine {
         }
         self.decide(i, |control| control.observe(last, building, reading));
         self.judge(i, Utc::now());
-        // A partition of another partition count names no owner.
-        match reading_partition {
-            Some(p) if p.of.is_none_or(|n| n == self.topic_partitions) => {
-                self.sensors.set_partition(i, p.partition)
-            }
-            _ => {}
-        }
+        self.set_reading_partition(i, reading_partition);
         Ok(())
     }
 
@@ -493,19 +487,25 @@ impl Engine {
         if !self.feed.awaits(i, sequence) || !self.sensors.last_event_is(i, event) {
             return false;
         }
-        let stored = Some(sequence);
-        if let Some(number) = self.feed.read_back(i, sequence, stored) {
+        if let Some(number) = self.feed.read_back(i, sequence, Some(sequence)) {
             self.feed.publish(number, i, event.clone());
         }
         if self.feedback.is_some() {
             self.judge(i, Utc::now());
         }
-        if let Some(p) =
-            reading_partition.filter(|p| p.of.is_none_or(|n| n == self.topic_partitions))
-        {
-            self.sensors.set_partition(i, p.partition);
-        }
+        self.set_reading_partition(i, reading_partition);
         true
+    }
+
+    /// Sensor `i`'s readings come from `p`, as a command read back says; a partition of
+    /// another partition count names no owner.
+    fn set_reading_partition(&mut self, i: SensorIndex, p: Option<ReadingPartition>) {
+        match p {
+            Some(p) if p.of.is_none_or(|n| n == self.topic_partitions) => {
+                self.sensors.set_partition(i, p.partition)
+            }
+            _ => {}
+        }
     }
 
     /// Once the sensor topic has another number of partitions, no sensor's partition is known.
@@ -532,7 +532,7 @@ impl Engine {
         let stale_after = self.stale_after;
         // The level is recorded before deciding: a SAFETY level just written cuts a hold short,
         // one just relinquished does not.
-        if version.revision > self.sensors.control(i).revision() {
+        if version.revision > self.sensors.revision(i) {
             let (level, level_revision) = (version.level, version.level_revision);
             self.sensors
                 .set_level(i, level, level_revision, version.revision);
