@@ -34,9 +34,13 @@ pub enum Error {
     #[error("permission denied: {0}")]
     PermissionDenied(String),
 
-    /// Too many writes from one identity; `retry_after` is when the next one would pass.
-    #[error("write rate limit exceeded, retry in {retry_after:?}")]
-    RateLimited { retry_after: std::time::Duration },
+    /// Too many calls of one kind (`limit`: writes, reads or subscribes) from one identity;
+    /// `retry_after` is when the next one would pass.
+    #[error("rate limit on {limit} exceeded, retry in {retry_after:?}")]
+    RateLimited {
+        limit: &'static str,
+        retry_after: std::time::Duration,
+    },
 
     /// Too many reads running at once for one identity.
     #[error("at most {limit} concurrent reads per identity")]

@@ -57,7 +57,7 @@ async fn writes_and_subscriptions_are_limited_per_identity() {
     let (refused_at, refused) = refused[0];
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
-        refused.message().contains("rate limit"),
+        refused.message().contains("rate limit on writes"),
         "{}",
         refused.message()
     );

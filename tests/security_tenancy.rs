@@ -90,7 +90,10 @@ async fn a_snapshot_costs_what_the_callers_buildings_hold_and_subscribes_are_lim
         assert!(opened <= 8, "subscribes are not rate limited");
     };
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("rate limit"), "{refused:?}");
+    assert!(
+        refused.message().contains("rate limit on subscribes"),
+        "{refused:?}"
+    );
     assert_eq!(opened, 8, "the burst");
     assert_eq!(
         examined() - before,

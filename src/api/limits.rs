@@ -48,7 +48,10 @@ impl Rate {
     fn take_n(&self, subject: &Subject, n: NonZeroU32) -> Result<()> {
         let limited = |retry_after| {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
-            Error::RateLimited { retry_after }
+            Error::RateLimited {
+                limit: self.what,
+                retry_after,
+            }
         };
         match self.limiter.check_key_n(subject, n) {
             Ok(Ok(())) => Ok(()),
@@ -68,6 +71,7 @@ impl Rate {
         self.limiter.check_key(subject).map_err(|not_until| {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => self.what).increment(1);
             Error::RateLimited {
+                limit: self.what,
                 retry_after: not_until.wait_time_from(self.clock.now()),
             }
         })
@@ -209,7 +213,8 @@ mod tests {
             limits.write(&jwt("a")).expect("within the burst");
         }
         match limits.write(&jwt("a")) {
-            Err(Error::RateLimited { retry_after }) => {
+            Err(Error::RateLimited { limit, retry_after }) => {
+                assert_eq!(limit, "writes");
                 assert!(retry_after > std::time::Duration::ZERO);
                 assert!(retry_after <= std::time::Duration::from_secs(1));
             }

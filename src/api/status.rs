@@ -126,11 +126,14 @@ impl From<Error> for Status {
                 &[],
                 nothing,
             ),
-            Error::RateLimited { retry_after: delay } => status(
+            Error::RateLimited {
+                limit,
+                retry_after: delay,
+            } => status(
                 Code::ResourceExhausted,
                 message,
                 "RATE_LIMITED",
-                &[],
+                &[("limit", limit.to_owned())],
                 retry_after(delay),
             ),
             Error::TooManyStreams { limit } => status(
@@ -229,6 +232,7 @@ mod tests {
             ),
             (
                 Error::RateLimited {
+                    limit: "writes",
                     retry_after: std::time::Duration::from_millis(100),
                 },
                 Code::ResourceExhausted,
@@ -283,11 +287,15 @@ mod tests {
         assert_eq!(info.metadata["expected_revision"], "3");
 
         let limited = Status::from(Error::RateLimited {
+            limit: "subscribes",
             retry_after: Duration::from_millis(1500),
-        })
-        .get_error_details();
+        });
+        assert!(limited.message().contains("subscribes"), "{limited:?}");
+        let limited = limited.get_error_details();
         let retry = limited.retry_info().expect("a RetryInfo");
         assert_eq!(retry.retry_delay, Some(Duration::from_millis(1500)));
+        let info = limited.error_info().expect("an ErrorInfo");
+        assert_eq!(info.metadata["limit"], "subscribes");
     }
 
     #[test]
