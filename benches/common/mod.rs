@@ -276,6 +276,9 @@ impl Service {
             .env("HEALTH_ADDR", health.to_string())
             .env("AUTH_DISABLED", "true")
             .env("MAX_SUBSCRIPTIONS_PER_IDENTITY", "100000")
+            // Benchmark 4 opens 1000 subscriptions at once (the default allows 16, then 1/s).
+            .env("SUBSCRIBE_RATE_LIMIT", "1000000")
+            .env("SUBSCRIBE_BURST", "1000000")
             // Subscribers cut off at shutdown are logged by tower-http as errors: noise here.
             .env("RUST_LOG", "warn,tower_http=off")
             // The mock cluster describes no topic settings, which the start checks.
