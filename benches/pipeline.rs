@@ -70,6 +70,7 @@ const FANOUT_COMMANDS: u32 = 500;
 const FANOUT_RATE: f64 = 100.0;
 const COLD: f64 = 10.0;
 const IN_BAND: f64 = 21.0;
+const HOT: f64 = 30.0;
 
 fn epoch_nanos() -> i64 {
     SystemTime::now()
@@ -209,9 +210,11 @@ impl Observer {
                 .create()
                 .expect("observer");
         let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, 0, Offset::Beginning)
-            .expect("partition");
+        for partition in 0..partitions() {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Beginning)
+                .expect("partition");
+        }
         consumer.assign(&assignment).expect("assign");
         let count = Arc::new(AtomicU64::new(0));
         let ready = Arc::new(AtomicBool::new(false));
@@ -227,11 +230,16 @@ impl Observer {
                 latency.clone(),
             );
             async move {
+                // Ready once every partition has been read to its end.
+                let mut at_end = std::collections::HashSet::new();
                 loop {
                     let message = match consumer.recv().await {
                         Ok(message) => message,
-                        Err(KafkaError::PartitionEOF(_)) => {
-                            ready.store(true, Ordering::SeqCst);
+                        Err(KafkaError::PartitionEOF(partition)) => {
+                            at_end.insert(partition);
+                            if at_end.len() == partitions() as usize {
+                                ready.store(true, Ordering::SeqCst);
+                            }
                             continue;
                         }
                         Err(e) => panic!("observe: {e}"),
@@ -369,7 +377,7 @@ async fn drain_service(
         sensors: sensor_topic.to_owned(),
         ..Names::new(run)
     };
-    common::create_topics(&names, 1).await;
+    common::create_topics(&names, partitions()).await;
     let observer = Observer::start(&names.commands, Output::Commands);
     observer.wait_ready().await;
     let batch = batch.to_string();
@@ -638,7 +646,7 @@ async fn drain_baseline(
         sensors: sensor_topic.to_owned(),
         ..Names::new(run)
     };
-    common::create_topics(&names, 1).await;
+    common::create_topics(&names, partitions()).await;
     let observer = relay.then(|| Observer::start(&names.commands, Output::Relayed));
     if let Some(observer) = &observer {
         observer.wait_ready().await;
@@ -742,8 +750,23 @@ async fn throughput(database_url: &str) {
 }
 
 /// The most readings a drain on the mock cluster preloads: their commands, some 160 bytes each
-/// (readings some 90), within the 5 MB it keeps of a partition.
-const MOCK_DRAIN: u32 = 25_000;
+/// (readings some 90), within the 5 MB it keeps of each of its `MOCK_PARTITIONS` partitions,
+/// with room for keys that hash unevenly.
+const MOCK_DRAIN: u32 = 90_000;
+
+/// Partitions of every topic on the mock cluster: four times the readings one keeps, so that a
+/// drain is long beside a service's fixed costs (25 000 readings on one partition took 0.1 to
+/// 0.3 s, and CPU per reading spread 1.7× between repetitions).
+const MOCK_PARTITIONS: i32 = 4;
+
+/// Partitions of the topics a run makes: one on Tansu, as the twelfth and earlier runs had.
+fn partitions() -> i32 {
+    if common::on_mock() {
+        MOCK_PARTITIONS
+    } else {
+        1
+    }
+}
 
 /// Records per batch in the batched runs of benchmark 1 (`KAFKA_BATCH_NUM_MESSAGES`).
 const BATCHED: u32 = 10_000;
@@ -756,7 +779,7 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         None => format!("{label} change"),
     };
     let names = Names::new(&format!("tp{every}-{batch}"));
-    common::create_topics(&names, 1).await;
+    common::create_topics(&names, partitions()).await;
     let topic = names.sensors;
     // At 100% one produce request per command (unbatched) is the broker's pace: fewer
     // readings keep the run short.
@@ -930,6 +953,81 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         .fold(f64::NAN, f64::max)
 }
 
+/// Benchmark 7's cache sizes; the largest is benchmark 1's database.
+const SCALES: [u32; 3] = [10_000, 100_000, 1_000_000];
+
+/// Benchmark 7, scaling: the service's batched drain at 100% change with 10k, 100k and 1M
+/// sensors cached, on Tansu. The same `drain_count()` readings at each size cycle over the
+/// cached sensors, cold in even rounds and hot in odd ones, so that every reading switches a
+/// heater: what grows with the cache (hash lookups, cache misses, memory) shows per reading.
+async fn scaling(database_url: &str) {
+    let count = drain_count();
+    println!(
+        "\n### 7. Scaling on {}: {count} readings at 100% change, batches of up to {BATCHED}, {} repetitions\n",
+        common::broker_name(),
+        reps()
+    );
+    println!("| sensors cached | readings/s (median) | service CPU µs/reading (median) | RSS after the drain / peak, MB (median) | repetitions (readings/s) |");
+    println!("|---|---|---|---|---|");
+    for cached in SCALES.into_iter().filter(|&n| n <= sensors()) {
+        let database = if cached == sensors() {
+            database_url.to_owned()
+        } else {
+            let database = common::fresh_database(&format!("bench_scale_{cached}")).await;
+            common::seed_setpoints(&database, cached).await;
+            database
+        };
+        let names = Names::new(&format!("scale{cached}"));
+        common::create_topics(&names, partitions()).await;
+        preload(
+            &names.sensors,
+            (0..count).map(|k| {
+                let celsius = if (k / cached) % 2 == 0 { COLD } else { HOT };
+                (k % cached + 1, celsius)
+            }),
+        )
+        .await;
+        let mut drains = Vec::new();
+        for rep in 0..reps() {
+            let run = format!("scale{cached}-{rep}");
+            let (drain, _) = drain_service(
+                &database,
+                &names.sensors,
+                &run,
+                count,
+                u64::from(count),
+                false,
+                BATCHED,
+            )
+            .await;
+            eprintln!("bench 7 {cached} sensors rep {rep}: {drain:?}");
+            drains.push(drain);
+        }
+        let rate = median_by(&drains, |d| d.per_second);
+        let cpu = median_by(&drains, |d| d.cpu_us_per_reading);
+        let (rss, peak) = (
+            median_by(&drains, |d| d.rss_mb),
+            median_by(&drains, |d| d.peak_rss_mb),
+        );
+        let reps: Vec<String> = drains
+            .iter()
+            .map(|d| format!("{:.0}", d.per_second))
+            .collect();
+        println!(
+            "| {cached} | {rate:.0} | {cpu:.1} | {rss:.0} / {peak:.0} | {} |",
+            reps.join(", ")
+        );
+        common::summary([
+            "7",
+            &format!("readings/s at 100% change, batched, {cached} sensors cached (CPU {cpu:.1} µs/reading; RSS {rss:.0} MB after the drain)"),
+            &format!("{rate:.0}/s"),
+            "",
+            "",
+            "none: the growth with the cache",
+        ]);
+    }
+}
+
 /// Sensors not used yet by a run that needs first readings (each causes a command).
 struct SensorPool {
     next: u32,
@@ -948,36 +1046,37 @@ fn millis(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
 
-/// The most readings the maximum's flood produces. Unbounded, the flood was whatever the
-/// producer's queue took in 10 s (150 000 readings in the tenth run): a command topic that long
-/// makes every fetch on Tansu list its whole partition, the observer's fetches timed out, and
-/// the run never saw its last command. A backlog this size still takes the service seconds.
-const MAX_FLOOD: u32 = 20_000;
+/// The relay's rates tried for benchmark 2, doubling from the first, each for
+/// `PROBE_SECONDS` on fresh topics.
+const PROBE_RATES: [f64; 8] = [50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0];
+const PROBE_SECONDS: f64 = 5.0;
 
-/// The service's maximum rate in open loop: readings produced for `LATENCY_SECONDS` (at most
-/// `MAX_FLOOD`) as fast as the producer's queue takes them, from the first sent to the last
-/// command observed. Lower than the drains of benchmark 1, where the readings are on the broker
-/// beforehand: here the broker also takes the generator's writes, and Tansu's fetches slow down
-/// as the partitions grow (each lists its partition).
-async fn sustained_rate(running: &Observed, pool: &mut SensorPool) -> f64 {
-    let seen = running.observer.count();
-    let started = Instant::now();
-    let mut load = Load::new();
-    let mut sent = 0u32;
-    while started.elapsed() < Duration::from_secs(LATENCY_SECONDS) && sent < MAX_FLOOD {
-        let sensor = pool.take(1).start;
-        load.reading(&running.names.sensors, sensor, COLD, epoch_nanos())
-            .await;
-        sent += 1;
+/// The rate benchmark 2 runs at: the highest of `PROBE_RATES` at which the relay's p99 stays
+/// within twice its p99 at the first, lowest rate, so that the broker does not queue readings.
+/// (Half the service's open-loop maximum, used before, queued both paths on Tansu for seconds.)
+async fn relay_sustained_rate(pool: &mut SensorPool) -> (f64, String) {
+    let mut kept = PROBE_RATES[0];
+    let mut lowest_p99 = None;
+    let mut tried = Vec::new();
+    for rate in PROBE_RATES {
+        let count = (rate * PROBE_SECONDS) as u32;
+        let run = format!("probe{rate:.0}");
+        let (histogram, _) = latency_of_relay(pool, &run, count, rate).await;
+        let p99 = millis(&histogram, 0.99);
+        eprintln!("bench 2 relay probe at {rate:.0}/s: p99 {p99:.2} ms");
+        tried.push(format!("{rate:.0}/s: {p99:.1}"));
+        let lowest = *lowest_p99.get_or_insert(p99);
+        if p99 > 2.0 * lowest {
+            break;
+        }
+        kept = rate;
     }
-    load.finish().await;
-    running
-        .observer
-        .wait_for(seen + u64::from(sent), Duration::from_secs(600))
-        .await;
-    let rate = f64::from(sent) / started.elapsed().as_secs_f64();
-    eprintln!("bench 2 open-loop maximum: {sent} readings at {rate:.0}/s");
-    rate
+    let how = format!(
+        "the highest rate at which the relay's p99 stayed within twice its p99 at {:.0}/s; relay p99 ms per rate tried: {}",
+        PROBE_RATES[0],
+        tried.join(", ")
+    );
+    (kept, how)
 }
 
 /// A service on fresh topics with an observer on its command topic, its consumer warmed up.
@@ -989,7 +1088,7 @@ struct Observed {
 
 async fn observed_service(database_url: &str, run: &str, pool: &mut SensorPool) -> Observed {
     let names = Names::new(run);
-    common::create_topics(&names, 1).await;
+    common::create_topics(&names, partitions()).await;
     let observer = Observer::start(&names.commands, Output::Commands);
     let service = Service::spawn(database_url, &names);
     service.wait_serving().await;
@@ -1009,11 +1108,11 @@ async fn observed_service(database_url: &str, run: &str, pool: &mut SensorPool) 
 async fn latency_of_service(
     database_url: &str,
     pool: &mut SensorPool,
-    rep: usize,
+    run: &str,
     count: u32,
     rate: f64,
 ) -> (Histogram<u64>, f64) {
-    let running = observed_service(database_url, &format!("lat{rep}"), pool).await;
+    let running = observed_service(database_url, run, pool).await;
     let pid = running.service.pid();
     let seen = running.observer.count();
     let cpu = cpu_seconds(pid);
@@ -1034,12 +1133,12 @@ async fn latency_of_service(
 /// One repetition of benchmark 2 on the two-hop relay, on its own topics.
 async fn latency_of_relay(
     pool: &mut SensorPool,
-    rep: usize,
+    run: &str,
     count: u32,
     rate: f64,
 ) -> (Histogram<u64>, f64) {
-    let relay_names = Names::new(&format!("latr{rep}"));
-    common::create_topics(&relay_names, 1).await;
+    let relay_names = Names::new(run);
+    common::create_topics(&relay_names, partitions()).await;
     let relay_observer = Observer::start(&relay_names.commands, Output::Relayed);
     relay_observer.wait_ready().await;
     let mut child = Child::spawn(
@@ -1063,21 +1162,13 @@ async fn latency_of_relay(
     (relay_observer.take_latency(), cpu * 1e6 / f64::from(count))
 }
 
-/// Benchmark 2, then 4's fan-out. Every run has a service (or relay) of its own on fresh topics:
-/// on Tansu, a run on a partition that earlier runs filled is slower.
-async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
-    // `THERMOSTAT_BENCH_LATENCY_RATE` (readings/s) replaces half the measured maximum, to find
-    // by trials where the goal stops holding; never for the recorded run.
+/// Benchmark 2 on the broker in use. Every run has a service (or relay) of its own on fresh
+/// topics: on Tansu, a run on a partition that earlier runs filled is slower.
+async fn latency(database_url: &str, pool: &mut SensorPool) {
+    // `THERMOSTAT_BENCH_LATENCY_RATE` (readings/s) replaces the rate found with the relay, to
+    // find by trials where the goal stops holding; never for the recorded run.
     let (rate, how) = match scale("THERMOSTAT_BENCH_LATENCY_RATE", 0) {
-        0 => {
-            let running = observed_service(database_url, "latmax", pool).await;
-            let max_rate = sustained_rate(&running, pool).await;
-            running.service.stop();
-            (
-                (max_rate / 2.0).max(10.0),
-                format!("half of the open-loop maximum, {max_rate:.0}/s"),
-            )
-        }
+        0 => relay_sustained_rate(pool).await,
         given => (f64::from(given), "THERMOSTAT_BENCH_LATENCY_RATE".to_owned()),
     };
     let count = (rate * LATENCY_SECONDS as f64) as u32;
@@ -1088,16 +1179,21 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
         // Every other repetition the relay first: Tansu slows as it fills, and a fixed order
         // would hand that drift to whichever path runs second.
         if rep % 2 == 0 {
-            service_runs.push(latency_of_service(database_url, pool, rep, count, rate).await);
-            relay_runs.push(latency_of_relay(pool, rep, count, rate).await);
+            service_runs.push(
+                latency_of_service(database_url, pool, &format!("lat{rep}"), count, rate).await,
+            );
+            relay_runs.push(latency_of_relay(pool, &format!("latr{rep}"), count, rate).await);
         } else {
-            relay_runs.push(latency_of_relay(pool, rep, count, rate).await);
-            service_runs.push(latency_of_service(database_url, pool, rep, count, rate).await);
+            relay_runs.push(latency_of_relay(pool, &format!("latr{rep}"), count, rate).await);
+            service_runs.push(
+                latency_of_service(database_url, pool, &format!("lat{rep}"), count, rate).await,
+            );
         }
         eprintln!("bench 2 rep {rep} done");
     }
     println!(
-        "\n### 2. Latency, reading produced to command observed, open loop at {rate:.0} readings/s ({how}), {LATENCY_SECONDS} s, {} repetitions\n",
+        "\n### 2. Latency on {}, reading produced to command observed, open loop at {rate:.0} readings/s ({how}), {LATENCY_SECONDS} s, {} repetitions\n",
+        common::broker_name(),
         reps()
     );
     println!("| path | p50 ms | p99 ms | p99.9 ms | max ms | CPU µs/reading | goal | p99 per repetition |");
@@ -1124,16 +1220,21 @@ async fn latency_and_fanout(database_url: &str, pool: &mut SensorPool) {
     common::summary([
         "2",
         &format!(
-            "latency p50 / p99 / p99.9 ms at {rate:.0}/s (CPU {:.1} µs/reading; relay {:.1})",
-            ours.4, base.4
+            "latency p50 / p99 / p99.9 ms at {rate:.0}/s on {} (CPU {:.1} µs/reading; relay {:.1})",
+            common::broker_name(),
+            ours.4,
+            base.4
         ),
         &format!("{:.2} / {:.2} / {:.2}", ours.0, ours.1, ours.2),
         &format!("{:.2} / {:.2} / {:.2} relay", base.0, base.1, base.2),
         &format!("p99 {:+.2} ms", ours.1 - base.1),
         &format!("p99 <= relay + 2 ms: {}", verdict(ours.1 <= base.1 + 2.0)),
     ]);
+}
 
-    // 4. Fan-out, on one service. With no subscriber as well: what one delivery adds to the
+/// Benchmark 4, fan-out, on one service.
+async fn fanout_costs(database_url: &str, pool: &mut SensorPool) {
+    // With no subscriber as well: what one delivery adds to the
     // cost of deciding, producing and reading back a command shows only against it.
     let running = observed_service(database_url, "fanout", pool).await;
     let fans = [0usize, 1, 1000];
@@ -1253,19 +1354,26 @@ async fn run() {
     // On Tansu, then again on a quiet broker, for ratios that Tansu's noise does not decide
     // (`THERMOSTAT_BENCH_BROKER=tansu|mock` runs one of them, for a quick trial).
     let only = std::env::var("THERMOSTAT_BENCH_BROKER").ok();
-    if only.as_deref() != Some("mock") {
-        throughput(&database_url).await;
-    }
-    if only.as_deref() != Some("tansu") {
-        let _mock = common::MockBroker::start();
-        throughput(&database_url).await;
-    }
     // Bench 1 used sensors 1..=drain_count(), each with a fresh command topic; later runs share one.
     let mut pool = SensorPool {
         next: drain_count() + 1,
     };
-    if common::runs("latency") {
-        latency_and_fanout(&database_url, &mut pool).await;
+    if only.as_deref() != Some("mock") {
+        throughput(&database_url).await;
+        if common::runs("latency") {
+            latency(&database_url, &mut pool).await;
+            fanout_costs(&database_url, &mut pool).await;
+        }
+    }
+    if only.as_deref() != Some("tansu") {
+        let _mock = common::MockBroker::start();
+        throughput(&database_url).await;
+        if common::runs("latency") {
+            latency(&database_url, &mut pool).await;
+        }
+    }
+    if common::runs("scaling") {
+        scaling(&database_url).await;
     }
 }
 

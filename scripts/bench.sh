@@ -7,12 +7,13 @@
 # Results are recorded by hand in BENCHMARKS.md.
 #
 # For a quick trial (never for the recorded run):
-# THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|'100% batched'|'1% batched'|latency runs one part;
+# THERMOSTAT_BENCH_ONLY=put|memory|100%|1%|'100% batched'|'1% batched'|latency|scaling runs one
+# part;
 # THERMOSTAT_BENCH_SENSORS, _DRAIN and _REPS shrink benchmark 1's cache, drains and
 # repetitions (_DRAIN at most _SENSORS: every drained sensor needs a setpoint);
-# THERMOSTAT_BENCH_LATENCY_RATE runs benchmark 2 at that many readings/s instead of half the
-# measured maximum; THERMOSTAT_BENCH_BROKER=tansu|mock runs benchmark 1 on one broker only
-# (by default on Tansu, then on librdkafka's mock cluster).
+# THERMOSTAT_BENCH_LATENCY_RATE runs benchmark 2 at that many readings/s instead of the rate
+# found with the relay; THERMOSTAT_BENCH_BROKER=tansu|mock runs benchmarks 1 and 2 on one
+# broker only (by default on Tansu, then on librdkafka's mock cluster).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
