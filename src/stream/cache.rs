@@ -237,6 +237,13 @@ impl Cache {
         has(flags::BAND) && !off && heard <= nanos(cutoff)
     }
 
+    /// Whether re-evaluating sensor `i` may decide anything: `SensorControl::reevaluate`
+    /// decides on a last reading or takes back a last command. A filter ahead of it, so that a
+    /// rebalance does not unpack every sensor of a fresh start, which has neither.
+    pub fn may_be_owed(&self, i: SensorIndex) -> bool {
+        self.slots[i as usize].flags & (flags::READING | flags::COMMAND) != 0
+    }
+
     pub fn is_controlled(&self, i: SensorIndex) -> bool {
         self.slots[i as usize].flags & flags::BAND != 0
     }
@@ -1168,6 +1175,45 @@ mod tests {
                 .on_tick(at(heard_until), stale_after, at(watched_since));
             if decided.is_some() {
                 proptest::prop_assert!(cache.may_go_stale(i, now - stale_after));
+            }
+        }
+
+        /// The filter ahead of re-evaluation passes over no sensor it would decide for, in or
+        /// out of service.
+        #[test]
+        fn a_sensor_reevaluation_would_decide_for_is_never_passed_over(
+            controlled in proptest::bool::ANY,
+            reading in proptest::option::of((0i64..200, 15.0f64..25.0)),
+            command in proptest::option::of(proptest::bool::ANY),
+            release in proptest::option::of(proptest::bool::ANY),
+            stale_after in 0i64..100,
+        ) {
+            let at = |s| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+            let setpoint = Setpoint::new(id("s"), BuildingId::parse("b").unwrap(), 20.0, 0.5, 0.5);
+            let parts = ControlParts {
+                band: controlled.then(|| Band::from(&setpoint.unwrap())),
+                revision: 1,
+                last_reading: reading.map(|(r, celsius)| Reading {
+                    temperature: Celsius::new(celsius).unwrap(),
+                    time: at(r),
+                    received: at(r),
+                }),
+                last_command: command.map(|on| LastCommand {
+                    command: if on { HeaterCommand::On } else { HeaterCommand::Off },
+                    sequence: 1,
+                }),
+                building_id: Some(BuildingId::parse("b").unwrap()),
+                controlled_since: (controlled && reading.is_none()).then(|| at(0)),
+            };
+            let mut cache = Cache::default();
+            let i = cache.find_or_insert(&id("s")).unwrap();
+            cache.set_control(i, parts.into());
+            let decided = cache
+                .control(i)
+                .out_of_service(release)
+                .reevaluate(at(200), chrono::TimeDelta::seconds(stale_after));
+            if decided.is_some() {
+                proptest::prop_assert!(cache.may_be_owed(i));
             }
         }
     }

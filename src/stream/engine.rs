@@ -598,14 +598,11 @@ impl Engine {
         which: impl Fn(i32) -> bool,
     ) -> Result<(), StreamError> {
         let (now, stale_after) = (Utc::now(), self.stale_after);
-        self.decide_for_owned(
-            |_, _| true,
-            |p, control, _| {
-                which(p)
-                    .then(|| control.reevaluate(now, stale_after))
-                    .flatten()
-            },
-        )
+        self.decide_for_owned(Cache::may_be_owed, |p, control, _| {
+            which(p)
+                .then(|| control.reevaluate(now, stale_after))
+                .flatten()
+        })
         .await
     }
 
