@@ -1133,6 +1133,45 @@ mod tests {
         }
     }
 
+    /// `1_800_000_000 + s` seconds since the epoch.
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    /// A cache of one sensor of building "b", controlled (20 °C ± 0.5) or not, with a reading
+    /// `(at, °C)`, a last command (ON or OFF) and controlled since `since`, as given.
+    fn cached(
+        controlled: bool,
+        reading: Option<(i64, f64)>,
+        command: Option<bool>,
+        since: Option<i64>,
+    ) -> (Cache, SensorIndex) {
+        let setpoint = Setpoint::new(id("s"), BuildingId::parse("b").unwrap(), 20.0, 0.5, 0.5);
+        let parts = ControlParts {
+            band: controlled.then(|| Band::from(&setpoint.unwrap())),
+            revision: 1,
+            last_reading: reading.map(|(r, celsius)| Reading {
+                temperature: Celsius::new(celsius).unwrap(),
+                time: at(r),
+                received: at(r),
+            }),
+            last_command: command.map(|on| LastCommand {
+                command: if on {
+                    HeaterCommand::On
+                } else {
+                    HeaterCommand::Off
+                },
+                sequence: 1,
+            }),
+            building_id: Some(BuildingId::parse("b").unwrap()),
+            controlled_since: since.map(at),
+        };
+        let mut cache = Cache::default();
+        let i = cache.find_or_insert(&id("s")).unwrap();
+        cache.set_control(i, parts.into());
+        (cache, i)
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
         /// The filter ahead of the fail-safe passes over no sensor the fail-safe would turn OFF
@@ -1147,26 +1186,7 @@ mod tests {
             watched_since in 0i64..100,
             stale_after in 0i64..100,
         ) {
-            let at = |s| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
-            let setpoint = Setpoint::new(id("s"), BuildingId::parse("b").unwrap(), 20.0, 0.5, 0.5);
-            let parts = ControlParts {
-                band: controlled.then(|| Band::from(&setpoint.unwrap())),
-                revision: 1,
-                last_reading: reading.map(|r| Reading {
-                    temperature: Celsius::new(19.0).unwrap(),
-                    time: at(r),
-                    received: at(r),
-                }),
-                last_command: command.map(|on| LastCommand {
-                    command: if on { HeaterCommand::On } else { HeaterCommand::Off },
-                    sequence: 1,
-                }),
-                building_id: Some(BuildingId::parse("b").unwrap()),
-                controlled_since: since.map(at),
-            };
-            let mut cache = Cache::default();
-            let i = cache.find_or_insert(&id("s")).unwrap();
-            cache.set_control(i, parts.into());
+            let (cache, i) = cached(controlled, reading.map(|r| (r, 19.0)), command, since);
             let stale_after = chrono::TimeDelta::seconds(stale_after);
             // The round runs at `now`; silence is heard until then at the latest.
             let now = at(200);
@@ -1188,26 +1208,8 @@ mod tests {
             release in proptest::option::of(proptest::bool::ANY),
             stale_after in 0i64..100,
         ) {
-            let at = |s| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
-            let setpoint = Setpoint::new(id("s"), BuildingId::parse("b").unwrap(), 20.0, 0.5, 0.5);
-            let parts = ControlParts {
-                band: controlled.then(|| Band::from(&setpoint.unwrap())),
-                revision: 1,
-                last_reading: reading.map(|(r, celsius)| Reading {
-                    temperature: Celsius::new(celsius).unwrap(),
-                    time: at(r),
-                    received: at(r),
-                }),
-                last_command: command.map(|on| LastCommand {
-                    command: if on { HeaterCommand::On } else { HeaterCommand::Off },
-                    sequence: 1,
-                }),
-                building_id: Some(BuildingId::parse("b").unwrap()),
-                controlled_since: (controlled && reading.is_none()).then(|| at(0)),
-            };
-            let mut cache = Cache::default();
-            let i = cache.find_or_insert(&id("s")).unwrap();
-            cache.set_control(i, parts.into());
+            let since = (controlled && reading.is_none()).then_some(0);
+            let (cache, i) = cached(controlled, reading, command, since);
             let decided = cache
                 .control(i)
                 .out_of_service(release)
