@@ -226,7 +226,8 @@ enum Statement {
 /// (the caller's buildings NULL, "all", as for the unauthenticated service here), on connections
 /// set up like the service's Put writers (`plan_cache_mode`, see `store::Store::connect`).
 /// pgbench binds its variables as parameters of the prepared statement; it cannot bind an empty
-/// string or a NULL, so the reason `''` and the two NULLs are written in the statement.
+/// string or a NULL, so the reason `''` and the NULLs (no expected revision, no scope, no
+/// request id) are written in the statement, as is the unauthenticated caller's `may_bind`.
 fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sql, label) = match statement {
@@ -240,7 +241,11 @@ fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
                 .replace("$6::text[]", "ARRAY[:actor::text]")
                 .replace("$7::text[]", "ARRAY['']")
                 .replace("$8::int8[]", "ARRAY[NULL::int8]")
-                .replace("$9::text[]", "ARRAY[NULL::text]"),
+                .replace("$9::text[]", "ARRAY[NULL::text]")
+                .replace("$10::bool[]", "ARRAY[true]")
+                .replace("$11::text[]", "ARRAY[NULL::text]")
+                .replace("$12::text[]", "ARRAY[NULL::text]")
+                .replace("$13::text[]", "ARRAY[NULL::text]"),
             "service's statement",
         ),
         Statement::OneRow => (
