@@ -5,13 +5,15 @@
 //!    record per record) and a consume-only loop, with the same broker and client settings:
 //!    once with the service's default of one record per produce batch (Tansu 0.6 needs it), once
 //!    with batches of up to 10 000 records (the README's setting for Apache Kafka).
-//! 2. Latency from reading produced to command observed (HDR p50/p99/p99.9), open-loop at half
-//!    the maximum rate (readings produced as fast as the load generator can for 10 s into a
-//!    service of its own, timed to the last command observed), against a two-hop relay (reading
-//!    → relay → output topic → observer, the same hops as reading → service → command topic →
-//!    observer). Every other repetition runs the relay first.
+//! 2. Latency from reading produced to command observed (HDR p50/p99/p99.9), open-loop at a
+//!    rate the relay sustains without queueing (found first with the relay), against a two-hop
+//!    relay (reading → relay → output topic → observer, the same hops as reading → service →
+//!    command topic → observer). Every other repetition runs the relay first.
 //! 4. Subscriber fan-out: the service's CPU time per delivered command with 1 and 1000 gRPC
 //!    subscribers; and (in 1) drain throughput with one stalled subscriber against none.
+//! 7. Scaling: the service's batched drain at 100% change with 10k, 100k and 1M sensors cached.
+//!
+//! 1 and 2 run on Tansu and again on librdkafka's mock cluster; 4 and 7 on Tansu.
 //!
 //! The service is the release binary (`thermostat serve`); the baselines are this binary run
 //! again as a child (`pipeline relay …`, `pipeline consume …`). CPU time is read per process
