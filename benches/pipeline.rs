@@ -757,8 +757,7 @@ async fn throughput(database_url: &str) {
 const MOCK_DRAIN: u32 = 90_000;
 
 /// Partitions of every topic on the mock cluster: four times the readings one keeps, so that a
-/// drain is long beside a service's fixed costs (25 000 readings on one partition took 0.1 to
-/// 0.3 s, and CPU per reading spread 1.7× between repetitions).
+/// drain is long beside a service's fixed costs (see BENCHMARKS.md).
 const MOCK_PARTITIONS: i32 = 4;
 
 /// Partitions of the topics a run makes: one on Tansu, as the twelfth and earlier runs had.
@@ -1054,9 +1053,7 @@ const PROBE_RATES: [f64; 8] = [50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0,
 
 /// The rate benchmark 2 runs at: one step below the highest of `PROBE_RATES` at which the
 /// relay's p99 stays within twice its p99 at the first, lowest rate, so that the broker does not
-/// queue readings. The step is a margin: a rate that held in a 5 s probe on the mock cluster
-/// queued the relay for 1.6 s in the run after it. (Half the service's open-loop maximum, used
-/// before, queued both paths on Tansu for seconds.)
+/// queue readings; the step is a margin for the spread between runs (see BENCHMARKS.md).
 async fn relay_sustained_rate(pool: &mut SensorPool) -> (f64, String) {
     let mut held = Vec::new();
     let mut lowest_p99 = None;

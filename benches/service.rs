@@ -480,12 +480,19 @@ async fn main() {
             let per_sensor = rss.saturating_sub(baseline) as f64 / f64::from(sensors);
             let total_ok = rss as f64 <= 200e6;
             let per_sensor_ok = per_sensor <= 100.0;
+            let goal_of = |goal: &str, ok: bool| {
+                if goals {
+                    format!("{goal}: {}", verdict(ok))
+                } else {
+                    "none: the growth".to_owned()
+                }
+            };
+            let (total_goal, per_sensor_goal) = (
+                goal_of("<= 200 MB", total_ok),
+                goal_of("<= 100 B", per_sensor_ok),
+            );
             let goal = if goals {
-                format!(
-                    "<= 200 MB: {}; <= 100 B: {}",
-                    verdict(total_ok),
-                    verdict(per_sensor_ok)
-                )
+                format!("{total_goal}; {per_sensor_goal}")
             } else {
                 String::new()
             };
@@ -501,11 +508,7 @@ async fn main() {
                 &format!("{:.0} MB", rss as f64 / 1e6),
                 &format!("{:.0} MB with none", baseline as f64 / 1e6),
                 "",
-                &if goals {
-                    format!("<= 200 MB: {}", verdict(total_ok))
-                } else {
-                    "none: the growth".to_owned()
-                },
+                &total_goal,
             ]);
             common::summary([
                 "5",
@@ -513,11 +516,7 @@ async fn main() {
                 &format!("{per_sensor:.0} B"),
                 "",
                 "",
-                &if goals {
-                    format!("<= 100 B: {}", verdict(per_sensor_ok))
-                } else {
-                    "none: the growth".to_owned()
-                },
+                &per_sensor_goal,
             ]);
         }
     }
