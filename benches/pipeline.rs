@@ -374,7 +374,7 @@ async fn drain_service(
     commands: u64,
     stalled: bool,
     batch: u32,
-) -> (Drain, Option<(u64, u64)>) {
+) -> (Drain, Option<Stalled>) {
     let names = Names {
         sensors: sensor_topic.to_owned(),
         ..Names::new(run)
@@ -440,16 +440,21 @@ async fn drain_service(
         all_decided.map_or(f64::NAN, |(time, readings)| readings as f64 / seconds(time));
     let mb = |bytes: u64| bytes as f64 / 1e6;
     let (rss_mb, peak_rss_mb) = (mb(common::rss(pid)), mb(common::peak_rss(pid)));
-    // How many events the stalled subscriber's stream took before it stopped taking any: what
-    // its client's HTTP/2 window let the server send.
     let stalled_after = match subscribed_at {
-        Some(at) => Some((
+        Some(at) => Some(Stalled {
             at,
-            service
+            taken: service
                 .counter(thermostat::telemetry::SUBSCRIBER_EVENTS)
                 .await
                 .unwrap_or(0),
-        )),
+            ended: service
+                .counter(&format!(
+                    "{}{{outcome=\"ended\"}}",
+                    thermostat::telemetry::SUBSCRIBERS_BEHIND
+                ))
+                .await
+                .is_some_and(|ended| ended > 0),
+        }),
         None => None,
     };
     service.stop();
@@ -465,6 +470,19 @@ async fn drain_service(
         },
         stalled_after,
     )
+}
+
+/// What became of the stalled subscriber of one drain.
+struct Stalled {
+    /// Readings the service had consumed when it subscribed.
+    at: u64,
+    /// Events its stream took before it stopped taking any: what its client's HTTP/2 window
+    /// let the server send.
+    taken: u64,
+    /// Whether the service ended its stream for falling behind the live feed (a burst of more
+    /// than `SUBSCRIBER_BUFFER` commands before its stream next ran), so that it cost nothing
+    /// after.
+    ended: bool,
 }
 
 /// HTTP/2's default flow-control window (RFC 9113, SETTINGS_INITIAL_WINDOW_SIZE), which
@@ -814,7 +832,7 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
         vec![Subject::Relay, Subject::Service, Subject::ConsumeOnly]
     };
     let mut runs: Vec<(Subject, Drain)> = Vec::new();
-    let mut subscribed_at = Vec::new();
+    let mut stalled = Vec::new();
     for rep in 0..reps() {
         // Every other repetition in reverse order: the broker slows down as it fills up
         // (Tansu lists a partition's batches per fetch), and a fixed order would hand that
@@ -828,7 +846,7 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
             let run = format!("tp{every}-{batch}-{rep}-{subject:?}").to_lowercase();
             let drain = match subject {
                 Subject::Service | Subject::ServiceStalled => {
-                    let (drain, at) = drain_service(
+                    let (drain, subscriber) = drain_service(
                         database_url,
                         &topic,
                         &run,
@@ -838,7 +856,7 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
                         batch,
                     )
                     .await;
-                    subscribed_at.extend(at);
+                    stalled.extend(subscriber);
                     drain
                 }
                 Subject::Relay => drain_baseline(&topic, &run, count, true, batch).await,
@@ -943,10 +961,13 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
             &goal,
         ]);
     }
-    if !subscribed_at.is_empty() {
-        let (at, taken): (Vec<u64>, Vec<u64>) = subscribed_at.into_iter().unzip();
+    if !stalled.is_empty() {
+        let at: Vec<u64> = stalled.iter().map(|s| s.at).collect();
+        let taken: Vec<u64> = stalled.iter().map(|s| s.taken).collect();
+        let ended = stalled.iter().filter(|s| s.ended).count();
         println!(
-            "\nThe stalled subscriber was connected after {at:?} readings (of {count}) had been consumed, and its stream was handed {taken:?} events (of {commands}) before it stalled.\n",
+            "\nThe stalled subscriber was connected after {at:?} readings (of {count}) had been consumed, and its stream was handed {taken:?} events (of {commands}) before it stalled. The service ended its stream for falling behind in {ended} of {} repetitions.\n",
+            stalled.len()
         );
     }
     runs.iter()
