@@ -354,18 +354,10 @@ struct Drain {
     peak_rss_mb: f64,
 }
 
-/// The service draining `sensor_topic` (preloaded with `readings` readings causing `commands`
-/// commands), with fresh command topic and group. With `stalled`, a subscriber that never reads
-/// is connected as soon as the gRPC port answers. Measured, like the relay, from the first
-/// reading consumed to the last command observed, counting every reading: from the last poll of
-/// the service's readings counter that still sees none (polled every 2 ms until it sees
-/// readings), which errs against the service by up to one poll, until the observer's clock when
-/// it saw the last command, as for the relay. The counter is polled every 20 ms in between
-/// (each poll renders the service's metrics) and every 2 ms again from 90% of the readings on,
-/// so that the last reading decided is placed to within 2 ms. (Counting only the readings
-/// after the first poll that sees some, as before, left out readings whose commands were still
-/// being produced in the window: at 100% change the service decides faster than it can produce,
-/// so that undercounted it by up to half.)
+/// The service draining `sensor_topic` (`readings` readings causing `commands` commands) with
+/// a fresh command topic and group; with `stalled`, a subscriber that never reads. Timed from
+/// the last poll of its readings counter that sees none (erring against it by up to one poll)
+/// to the observer's last command, counting every reading, as for the relay.
 async fn drain_service(
     database_url: &str,
     sensor_topic: &str,
@@ -793,10 +785,6 @@ const BATCHED: u32 = 10_000;
 /// Benchmark 1 at one change rate (a command for every `every`th reading) and batching. Returns
 /// the highest peak RSS of its services, MB.
 async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) -> f64 {
-    let title = match label.strip_suffix(" batched") {
-        Some(rate) => format!("{rate} change, batches of up to {batch}"),
-        None => format!("{label} change"),
-    };
     let names = Names::new(&format!("tp{every}-{batch}"));
     common::create_topics(&names, partitions()).await;
     let topic = names.sensors;
@@ -866,6 +854,27 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
             runs.push((subject, drain));
         }
     }
+    report_drains(label, every, batch, &subjects, &runs);
+    if !stalled.is_empty() {
+        report_stalled(&stalled, count, commands);
+    }
+    runs.iter()
+        .map(|(_, d)| d.peak_rss_mb)
+        .fold(f64::NAN, f64::max)
+}
+
+/// Benchmark 1's rows and summary lines for one change rate and batching.
+fn report_drains(
+    label: &str,
+    every: u32,
+    batch: u32,
+    subjects: &[Subject],
+    runs: &[(Subject, Drain)],
+) {
+    let title = match label.strip_suffix(" batched") {
+        Some(rate) => format!("{rate} change, batches of up to {batch}"),
+        None => format!("{label} change"),
+    };
     let of = |s: Subject| -> Vec<Drain> {
         runs.iter()
             .filter(|(x, _)| *x == s)
@@ -877,35 +886,12 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
     let consume = med(Subject::ConsumeOnly);
     let plain = med(Subject::Service);
     let cpu_of = |s: Subject| median_by(&of(s), |d| d.cpu_us_per_reading);
-    for &subject in &subjects {
+    for &subject in subjects {
         let drains = of(subject);
         let rate = med(subject);
         let cpu = cpu_of(subject);
         let broker = median_by(&drains, |d| d.broker_us_per_reading);
-        let goal = match (subject, every) {
-            (Subject::Service, 1) => format!(
-                ">= 0.8x relay: {} ({})",
-                verdict(rate >= 0.8 * relay),
-                paired(&drains, &of(Subject::Relay), 0.8)
-            ),
-            (Subject::Service, _) => format!(
-                ">= 1.0x relay: {} ({}); >= 0.8x consume-only: {} ({})",
-                verdict(rate >= relay),
-                paired(&drains, &of(Subject::Relay), 1.0),
-                verdict(rate >= 0.8 * consume),
-                paired(&drains, &of(Subject::ConsumeOnly), 0.8)
-            ),
-            // The service's CPU per reading beside it: the broker's noise moves the rate,
-            // not the service's own cost.
-            (Subject::ServiceStalled, _) => format!(
-                "<= 5% below no subscriber ({:.2}x; service CPU per reading {:.2}x): {} ({})",
-                rate / plain,
-                cpu / cpu_of(Subject::Service),
-                verdict(rate >= 0.95 * plain),
-                paired(&drains, &of(Subject::Service), 0.95)
-            ),
-            _ => String::new(),
-        };
+        let goal = drain_goal(subject, every, &of);
         let reps: Vec<String> = drains
             .iter()
             .map(|d| format!("{:.0}", d.per_second))
@@ -961,18 +947,50 @@ async fn throughput_at(database_url: &str, label: &str, every: u32, batch: u32) 
             &goal,
         ]);
     }
-    if !stalled.is_empty() {
-        let at: Vec<u64> = stalled.iter().map(|s| s.at).collect();
-        let taken: Vec<u64> = stalled.iter().map(|s| s.taken).collect();
-        let ended = stalled.iter().filter(|s| s.ended).count();
-        println!(
-            "\nThe stalled subscriber was connected after {at:?} readings (of {count}) had been consumed, and its stream was handed {taken:?} events (of {commands}) before it stalled or was ended. The service ended its stream for falling behind in {ended} of {} repetitions.\n",
-            stalled.len()
-        );
+}
+
+/// Benchmark 1's goal for `subject` at a change rate of one in `every`, with the verdict of
+/// its medians and of each paired repetition; `of` gives a subject's drains.
+fn drain_goal(subject: Subject, every: u32, of: &impl Fn(Subject) -> Vec<Drain>) -> String {
+    let med = |s: Subject| median_by(&of(s), |d| d.per_second);
+    let cpu_of = |s: Subject| median_by(&of(s), |d| d.cpu_us_per_reading);
+    let (drains, rate, plain) = (of(subject), med(subject), med(Subject::Service));
+    let (relay, consume) = (med(Subject::Relay), med(Subject::ConsumeOnly));
+    match (subject, every) {
+        (Subject::Service, 1) => format!(
+            ">= 0.8x relay: {} ({})",
+            verdict(rate >= 0.8 * relay),
+            paired(&drains, &of(Subject::Relay), 0.8)
+        ),
+        (Subject::Service, _) => format!(
+            ">= 1.0x relay: {} ({}); >= 0.8x consume-only: {} ({})",
+            verdict(rate >= relay),
+            paired(&drains, &of(Subject::Relay), 1.0),
+            verdict(rate >= 0.8 * consume),
+            paired(&drains, &of(Subject::ConsumeOnly), 0.8)
+        ),
+        // The service's CPU per reading beside it: the broker's noise moves the rate,
+        // not the service's own cost.
+        (Subject::ServiceStalled, _) => format!(
+            "<= 5% below no subscriber ({:.2}x; service CPU per reading {:.2}x): {} ({})",
+            rate / plain,
+            cpu_of(subject) / cpu_of(Subject::Service),
+            verdict(rate >= 0.95 * plain),
+            paired(&drains, &of(Subject::Service), 0.95)
+        ),
+        _ => String::new(),
     }
-    runs.iter()
-        .map(|(_, d)| d.peak_rss_mb)
-        .fold(f64::NAN, f64::max)
+}
+
+/// What became of the stalled subscriber in each repetition.
+fn report_stalled(stalled: &[Stalled], count: u32, commands: u64) {
+    let at: Vec<u64> = stalled.iter().map(|s| s.at).collect();
+    let taken: Vec<u64> = stalled.iter().map(|s| s.taken).collect();
+    let ended = stalled.iter().filter(|s| s.ended).count();
+    println!(
+        "\nThe stalled subscriber was connected after {at:?} readings (of {count}) had been consumed, and its stream was handed {taken:?} events (of {commands}) before it stalled or was ended. The service ended its stream for falling behind in {ended} of {} repetitions.\n",
+        stalled.len()
+    );
 }
 
 /// Benchmark 7's cache sizes; the largest is benchmark 1's database.

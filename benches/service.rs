@@ -222,12 +222,9 @@ enum Statement {
     OneRow,
 }
 
-/// pgbench running `statement`, one Put a transaction, values bound like the service binds them
-/// (the caller's buildings NULL, "all", as for the unauthenticated service here), on connections
-/// set up like the service's Put writers (`plan_cache_mode`, see `store::Store::connect`).
-/// pgbench binds its variables as parameters of the prepared statement; it cannot bind an empty
-/// string or a NULL, so the reason `''` and the NULLs (no expected revision, no scope, no
-/// request id) are written in the statement, as is the unauthenticated caller's `may_bind`.
+/// pgbench running `statement`, one Put a transaction, on connections set up like the service's
+/// Put writers, with values bound as the unauthenticated service binds them; pgbench cannot
+/// bind an empty string or a NULL, so those (and `may_bind`) are written into the statement.
 fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sql, label) = match statement {
