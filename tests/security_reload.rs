@@ -93,6 +93,13 @@ async fn a_changed_credential_file_grants_only_what_it_lists() {
     write_jwks(vec![rsa.jwk.clone(), ec.jwk.clone()]);
     holds(&client, &[rsa_token, ec_token], &[], "mended").await;
     assert_eq!(stale(&app, "JWKS").await, 0.0);
+    // A file that is not JSON at all grants nothing either, and is reported until mended.
+    creds::write(dir, "jwks.json", "{ not json");
+    holds(&client, &[], &[rsa_token, ec_token], "not JSON").await;
+    assert_eq!(stale(&app, "JWKS").await, 1.0);
+    write_jwks(vec![rsa.jwk.clone(), ec.jwk.clone()]);
+    holds(&client, &[rsa_token, ec_token], &[], "mended again").await;
+    assert_eq!(stale(&app, "JWKS").await, 0.0);
     // An emptied key set revokes every key.
     write_jwks(vec![]);
     holds(&client, &[], &[rsa_token, ec_token], "emptied").await;
