@@ -946,17 +946,30 @@ async fn postgres_restarted_under_puts() {
     pg("stop");
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg("start");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // Every replica's listener: the next changes reach them only once they listen again.
+    // Every replica's listener, once each has reconnected (bounded: a replica that never
+    // listens again fails the count below): the next changes reach them only once they listen
+    // again.
     let cut: i64 = {
         use sqlx::Connection;
         let mut db = sqlx::PgConnection::connect(cluster.database_url())
             .await
             .expect("connect");
-        sqlx::query_scalar(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND query ILIKE 'LISTEN%') cut",
-        )
+        let listeners = "FROM pg_stat_activity \
+                         WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let listening: i64 = sqlx::query_scalar(&format!("SELECT count(*) {listeners}"))
+                .fetch_one(&mut db)
+                .await
+                .expect("count listeners");
+            if listening >= 2 || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) {listeners}) cut"
+        ))
         .fetch_one(&mut db)
         .await
         .expect("terminate listeners")

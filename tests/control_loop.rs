@@ -995,6 +995,7 @@ async fn a_crash_and_restart_neither_loses_nor_repeats_commands() {
     app.crash().await;
     produce_more.await;
     let restarted = TestApp::spawn_with(config).await;
+    holds_both_partitions(&restarted).await;
     for (i, id) in ids.iter().enumerate() {
         let t = if i % 2 == 0 { 10.0 } else { 30.0 };
         sensors.reading(id, t, t0 + TimeDelta::seconds(2)).await;
@@ -1023,6 +1024,16 @@ async fn a_crash_and_restart_neither_loses_nor_repeats_commands() {
         3,
         "the restarted service decided exactly the three changes"
     );
+}
+
+/// Waits until `app`, the only replica, holds both sensor partitions: a restarted replica
+/// decides nothing before it joins the group, and the tests' time windows start after that.
+async fn holds_both_partitions(app: &TestApp) {
+    let joined = common::eventually(Duration::from_secs(30), || async {
+        app.control.stats().assigned_partitions() == 2
+    })
+    .await;
+    assert!(joined, "the restarted service holds both sensor partitions");
 }
 
 /// Two replicas of one service, each owning one of the two sensor partitions, and sensors
@@ -1350,6 +1361,7 @@ async fn a_switch_inside_the_minimum_on_time_is_sent_when_it_ends_across_a_resta
     app.stop().await;
 
     let app = TestApp::spawn_with(config).await;
+    holds_both_partitions(&app).await;
     // Too hot now, while the hold lasts: nothing until it ends.
     sensors.reading("boiler", 23.0, Utc::now()).await;
     assert!(
@@ -1522,6 +1534,7 @@ async fn a_keep_alive_repeats_the_command_and_holds_count_from_the_switch_across
     app.stop().await;
 
     let app = TestApp::spawn_with(config).await;
+    holds_both_partitions(&app).await;
     let hold_ends = decided_at(&on) + TimeDelta::seconds(MIN_ON);
     sensors.reading("boiler", 23.0, Utc::now()).await;
     assert!(

@@ -564,7 +564,7 @@ async fn traces_follow_a_call_and_a_reading_through_the_decision_to_the_command(
 
     // The command records carry the same `traceparent` header as their events.
     let records = TopicReader::new(&cluster.topics.commands, cluster.topics.partitions)
-        .drain(Duration::from_secs(2))
+        .read_all(Duration::from_secs(2))
         .await;
     for sensor in [plain, unsampled, traced] {
         let record = records
@@ -594,7 +594,7 @@ async fn with_traces_off_a_readings_traceparent_goes_no_further() {
         (pb::HeaterCommand::On, "")
     );
     let records = TopicReader::new(&topics.commands, topics.partitions)
-        .drain(Duration::from_secs(2))
+        .read_all(Duration::from_secs(2))
         .await;
     assert_eq!(records.len(), 1);
     assert_eq!(header(&records[0], "traceparent"), None);

@@ -566,7 +566,7 @@ impl Cluster {
         type Committed = Vec<(i64, f64, (i64, i32))>;
         let mut readings: BTreeMap<String, Committed> = BTreeMap::new();
         let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
-        for m in reader.drain(Duration::from_secs(2)).await {
+        for m in reader.read_all(Duration::from_secs(2)).await {
             if committed
                 .get(&m.partition())
                 .is_none_or(|&c| m.offset() >= c)

@@ -313,6 +313,18 @@ impl TopicReader {
         }
         out
     }
+
+    /// For a reader just made, of a topic known to hold records: the first may take up to 20 s
+    /// (connecting and the first fetch, on a loaded machine), then every record until `quiet`
+    /// passes without one.
+    pub async fn read_all(&self, quiet: Duration) -> Vec<OwnedMessage> {
+        let Some(first) = self.next(Duration::from_secs(20)).await else {
+            return Vec::new();
+        };
+        let mut out = vec![first];
+        out.extend(self.drain(quiet).await);
+        out
+    }
 }
 
 pub fn header(message: &OwnedMessage, key: &str) -> Option<String> {
