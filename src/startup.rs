@@ -708,3 +708,42 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
     }
     span
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SchedulePass;
+
+    /// The upkeep's passes as `/metrics` shows them, from a recorder of the test's own.
+    #[test]
+    fn an_upkeep_pass_counts_the_levels_it_changed_and_each_building_that_failed() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let failed = |building: &str| {
+            let e = crate::error::Error::FailedPrecondition(format!("{building}'s preset"));
+            (building.to_owned(), e)
+        };
+        metrics::with_local_recorder(&recorder, || {
+            counted("expiry", Ok(0));
+            counted("expiry", Ok(3));
+            counted_pass(Ok(SchedulePass {
+                changed: 2,
+                failures: vec![failed("north"), failed("south")],
+            }));
+            counted_pass(Ok(SchedulePass {
+                changed: 1,
+                failures: vec![],
+            }));
+            counted_pass(Err(crate::error::Error::FailedPrecondition("down".into())));
+        });
+        let text = handle.render();
+        for line in [
+            r#"thermostat_level_changes_total{kind="expiry"} 3"#,
+            r#"thermostat_level_changes_total{kind="schedule"} 3"#,
+            r#"thermostat_level_upkeep_failures_total{kind="schedule"} 3"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+        }
+        assert!(!text.contains(r#"failures_total{kind="expiry"}"#), "{text}");
+    }
+}
