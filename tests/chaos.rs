@@ -946,9 +946,9 @@ async fn postgres_restarted_under_puts() {
     pg("stop");
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg("start");
-    // Every replica's listener, once each has reconnected (bounded: a replica that never
-    // listens again fails the count below): the next changes reach them only once they listen
-    // again.
+    // Every replica's listener, once two are seen listening on two samples 0.5 s apart (a
+    // listener being replaced can show for a moment beside its successor). Bounded: a replica
+    // that never listens again fails the count below.
     let cut: i64 = {
         use sqlx::Connection;
         let mut db = sqlx::PgConnection::connect(cluster.database_url())
@@ -957,15 +957,14 @@ async fn postgres_restarted_under_puts() {
         let listeners = "FROM pg_stat_activity \
                          WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
+        let mut steady = 0;
+        while steady < 2 && tokio::time::Instant::now() < deadline {
             let listening: i64 = sqlx::query_scalar(&format!("SELECT count(*) {listeners}"))
                 .fetch_one(&mut db)
                 .await
                 .expect("count listeners");
-            if listening >= 2 || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            steady = if listening == 2 { steady + 1 } else { 0 };
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         sqlx::query_scalar(&format!(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) {listeners}) cut"

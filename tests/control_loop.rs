@@ -1473,7 +1473,7 @@ fn limits(min_on: u64, keep_alive: Option<u64>) -> pb::HeaterLimits {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_repeats_the_command_and_holds_count_from_the_switch_across_a_restart() {
-    const MIN_ON: i64 = 14;
+    const MIN_ON: i64 = 20;
     let config = TestApp::fresh_config().await;
     let (app, commands, sensors) = looped(config.clone()).await;
     put_band(&app, "boiler", 20.0).await;

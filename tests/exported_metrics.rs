@@ -61,23 +61,38 @@ async fn metrics_count_readings_commands_dead_letters_and_rpcs() {
         .unwrap();
     assert_eq!(delivered.sensor_id, "m1");
     // One of each, counted once: this test's service is the only one writing the recorder.
+    let counters = [
+        "thermostat_readings_consumed_total",
+        r#"thermostat_commands_emitted_total{command="On",reason="TooCold"}"#,
+        r#"thermostat_dead_letters_total{reason="undecodable"}"#,
+        "thermostat_subscriber_events_sent_total",
+        r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/PutSetpoint",code="Ok"}"#,
+        r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/GetSetpoint",code="NotFound"}"#,
+        r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#,
+    ];
+    let present = [
+        "thermostat_decision_latency_seconds_bucket",
+        "thermostat_db_pool_connections",
+        "thermostat_broker_reachable ",
+        "thermostat_setpoint_writes_waiting ",
+    ];
     let counted = eventually(Duration::from_secs(10), || async {
         let (_, now) = http_get(app.admin, "/metrics").await;
-        let one_more = |series: &str| sample(&now, series) == sample(&before, series) + 1.0;
-        one_more("thermostat_readings_consumed_total")
-            && one_more(r#"thermostat_commands_emitted_total{command="On",reason="TooCold"}"#)
-            && one_more(r#"thermostat_dead_letters_total{reason="undecodable"}"#)
-            && one_more("thermostat_subscriber_events_sent_total")
-            && one_more(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/PutSetpoint",code="Ok"}"#)
-            && one_more(r#"thermostat_grpc_requests_total{method="/thermostat.v1.SetpointService/GetSetpoint",code="NotFound"}"#)
-            && one_more(r#"thermostat_grpc_requests_total{method="other",code="Unimplemented"}"#)
-            && now.contains("thermostat_decision_latency_seconds_bucket")
-            && now.contains("thermostat_db_pool_connections")
-            && now.contains("thermostat_broker_reachable ")
-            && now.contains("thermostat_setpoint_writes_waiting ")
+        counters
+            .iter()
+            .all(|c| sample(&now, c) == sample(&before, c) + 1.0)
+            && present.iter().all(|p| now.contains(p))
     })
     .await;
     let (_, now) = http_get(app.admin, "/metrics").await;
-    assert!(counted, "metrics did not move:\n{now}");
+    let moved: Vec<String> = counters
+        .iter()
+        .map(|c| format!("{c}: {} -> {}", sample(&before, c), sample(&now, c)))
+        .collect();
+    let missing: Vec<_> = present.iter().filter(|p| !now.contains(*p)).collect();
+    assert!(
+        counted,
+        "not one more of each: {moved:#?}, not exported: {missing:?}"
+    );
     assert!(!now.contains("MadeUp"), "a made-up path became a label");
 }
