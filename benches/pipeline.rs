@@ -382,8 +382,8 @@ async fn drain_service(
     );
     let pid = service.pid();
     let mut start: Option<(i64, f64, f64)> = None;
+    // The stalled subscriber's stream, and the readings consumed when it subscribed.
     let mut subscriber = None;
-    let mut subscribed_at = None;
     let started = Instant::now();
     let mut all_decided = None;
     let mut readings_seen = 0u64;
@@ -392,27 +392,14 @@ async fn drain_service(
             started.elapsed() < Duration::from_secs(600),
             "drain never finished"
         );
-        // Poll often where a poll's time is a measurement: until the first reading (the drain
-        // is timed from the last poll that sees none) and from near the last one decided.
-        // Near the end until the last command is observed: the service's CPU is read at the
-        // poll that ends the drain, and a slower poll would count idle time against it.
-        let near_end = readings_seen * 10 >= u64::from(readings_count) * 9;
-        let poll = if readings_seen == 0 || near_end {
-            2
-        } else {
-            20
-        };
-        tokio::time::sleep(Duration::from_millis(poll)).await;
+        tokio::time::sleep(poll_interval(readings_seen, readings_count)).await;
         let Some(readings) = service.readings().await else {
             continue;
         };
         readings_seen = readings;
         let (now, cpu, broker) = (epoch_nanos(), cpu_seconds(pid), broker_cpu_seconds());
         if stalled && subscriber.is_none() {
-            if let Some(stream) = stall(&service).await {
-                subscriber = Some(stream);
-                subscribed_at = Some(readings);
-            }
+            subscriber = stall(&service).await.map(|stream| (stream, readings));
         }
         if readings == 0 {
             start = Some((now, cpu, broker));
@@ -432,21 +419,8 @@ async fn drain_service(
         all_decided.map_or(f64::NAN, |(time, readings)| readings as f64 / seconds(time));
     let mb = |bytes: u64| bytes as f64 / 1e6;
     let (rss_mb, peak_rss_mb) = (mb(common::rss(pid)), mb(common::peak_rss(pid)));
-    let stalled_after = match subscribed_at {
-        Some(at) => Some(Stalled {
-            at,
-            taken: service
-                .counter(thermostat::telemetry::SUBSCRIBER_EVENTS)
-                .await
-                .unwrap_or(0),
-            ended: service
-                .counter(&format!(
-                    "{}{{outcome=\"ended\"}}",
-                    thermostat::telemetry::SUBSCRIBERS_BEHIND
-                ))
-                .await
-                .is_some_and(|ended| ended > 0),
-        }),
+    let stalled_after = match &subscriber {
+        Some((_, at)) => Some(Stalled::of(&service, *at).await),
         None => None,
     };
     service.stop();
@@ -464,6 +438,19 @@ async fn drain_service(
     )
 }
 
+/// How long a drain waits between polls of the service's readings counter: 2 ms where a poll's
+/// time is a measurement (until the first reading, and from 90% of them to the last command,
+/// where the service's CPU is read), 20 ms in between.
+fn poll_interval(readings_seen: u64, readings_count: u32) -> Duration {
+    let near_end = readings_seen * 10 >= u64::from(readings_count) * 9;
+    let millis = if readings_seen == 0 || near_end {
+        2
+    } else {
+        20
+    };
+    Duration::from_millis(millis)
+}
+
 /// What became of the stalled subscriber of one drain.
 struct Stalled {
     /// Readings the service had consumed when it subscribed.
@@ -475,6 +462,24 @@ struct Stalled {
     /// than `SUBSCRIBER_BUFFER` commands before its stream next ran), so that it cost nothing
     /// after.
     ended: bool,
+}
+
+impl Stalled {
+    /// Read from `service`'s metrics after its drain; it subscribed after `at` readings.
+    async fn of(service: &Service, at: u64) -> Self {
+        let ended = format!(
+            "{}{{outcome=\"ended\"}}",
+            thermostat::telemetry::SUBSCRIBERS_BEHIND
+        );
+        Self {
+            at,
+            taken: service
+                .counter(thermostat::telemetry::SUBSCRIBER_EVENTS)
+                .await
+                .unwrap_or(0),
+            ended: service.counter(&ended).await.is_some_and(|n| n > 0),
+        }
+    }
 }
 
 /// HTTP/2's default flow-control window (RFC 9113, SETTINGS_INITIAL_WINDOW_SIZE), which
@@ -892,28 +897,12 @@ fn report_drains(
         let cpu = cpu_of(subject);
         let broker = median_by(&drains, |d| d.broker_us_per_reading);
         let goal = drain_goal(subject, every, &of);
-        let reps: Vec<String> = drains
-            .iter()
-            .map(|d| format!("{:.0}", d.per_second))
-            .collect();
-        let decided = median_by(&drains, |d| d.decided_per_second);
-        let decided = if decided.is_nan() {
-            String::new()
-        } else {
-            format!("{decided:.0} ({:.2}x consume-only)", decided / consume)
-        };
-        let rss = median_by(&drains, |d| d.rss_mb);
-        let memory = if rss.is_nan() {
-            String::new()
-        } else {
-            format!("{rss:.0} / {:.0}", median_by(&drains, |d| d.peak_rss_mb))
-        };
         println!(
-            "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} | {decided} | {memory} |",
+            "| {label} | {} | {rate:.0} | {cpu:.1} | {broker:.1} | {:.2}x | {:.2}x | {goal} | {} |",
             subject.name(),
             rate / relay,
             rate / consume,
-            reps.join(", ")
+            drain_cells(&drains, consume)
         );
         let (baseline, ratio) = match subject {
             Subject::Service if every == 1 => (
@@ -947,6 +936,28 @@ fn report_drains(
             &goal,
         ]);
     }
+}
+
+/// A subject's last three cells in benchmark 1's table: each repetition's rate, the rate
+/// deciding (against consume-only's `consume`), and RSS / peak RSS.
+fn drain_cells(drains: &[Drain], consume: f64) -> String {
+    let reps: Vec<String> = drains
+        .iter()
+        .map(|d| format!("{:.0}", d.per_second))
+        .collect();
+    let decided = median_by(drains, |d| d.decided_per_second);
+    let decided = if decided.is_nan() {
+        String::new()
+    } else {
+        format!("{decided:.0} ({:.2}x consume-only)", decided / consume)
+    };
+    let rss = median_by(drains, |d| d.rss_mb);
+    let memory = if rss.is_nan() {
+        String::new()
+    } else {
+        format!("{rss:.0} / {:.0}", median_by(drains, |d| d.peak_rss_mb))
+    };
+    format!("{} | {decided} | {memory}", reps.join(", "))
 }
 
 /// Benchmark 1's goal for `subject` at a change rate of one in `every`, with the verdict of

@@ -223,10 +223,48 @@ enum Statement {
 }
 
 /// pgbench running `statement`, one Put a transaction, on connections set up like the service's
-/// Put writers, with values bound as the unauthenticated service binds them; pgbench cannot
-/// bind an empty string or a NULL, so those (and `may_bind`) are written into the statement.
+/// Put writers.
 fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
+    let (script, label) = put_script(statement);
+    let script_path = dir.path().join("put.sql");
+    std::fs::write(&script_path, script).expect("script");
+    let out = Command::new("pgbench")
+        .env("PGOPTIONS", "-c plan_cache_mode=force_generic_plan")
+        .args(["-D", "building=bench", "-D", "actor=pgbench"])
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+        ])
+        .args(["-T", &PUT_SECONDS.to_string(), "-l", "--log-prefix"])
+        .arg(dir.path().join("log"))
+        .arg("-f")
+        .arg(&script_path)
+        .arg(database_url)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let histogram = pgbench_latencies(dir.path());
+    Row::new(
+        format!("pgbench -M prepared, {label}, {clients} clients"),
+        &histogram,
+    )
+}
+
+/// pgbench's script for `statement`, values bound as the unauthenticated service binds them,
+/// and the statement's name. pgbench cannot bind an empty string or a NULL, so those (and
+/// `may_bind`) are written into the statement.
+fn put_script(statement: Statement) -> (String, &'static str) {
     let (sql, label) = match statement {
         Statement::Service => (
             thermostat::store::PUT_SQL
@@ -265,35 +303,13 @@ fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
         SENSORS - 1,
         sql.trim()
     );
-    let script_path = dir.path().join("put.sql");
-    std::fs::write(&script_path, script).expect("script");
-    let out = Command::new("pgbench")
-        .env("PGOPTIONS", "-c plan_cache_mode=force_generic_plan")
-        .args(["-D", "building=bench", "-D", "actor=pgbench"])
-        .args([
-            "-n",
-            "-M",
-            "prepared",
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-        ])
-        .args(["-T", &PUT_SECONDS.to_string(), "-l", "--log-prefix"])
-        .arg(dir.path().join("log"))
-        .arg("-f")
-        .arg(&script_path)
-        .arg(database_url)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    (script, label)
+}
+
+/// The latencies (µs) pgbench logged with `-l` into `dir`.
+fn pgbench_latencies(dir: &std::path::Path) -> Histogram<u64> {
     let mut histogram = Histogram::<u64>::new(3).expect("histogram");
-    for entry in std::fs::read_dir(dir.path()).expect("dir") {
+    for entry in std::fs::read_dir(dir).expect("dir") {
         let path = entry.expect("entry").path();
         if !path
             .file_name()
@@ -307,10 +323,7 @@ fn pgbench_puts(database_url: &str, clients: u32, statement: Statement) -> Row {
             }
         }
     }
-    Row::new(
-        format!("pgbench -M prepared, {label}, {clients} clients"),
-        &histogram,
-    )
+    histogram
 }
 
 /// Starts the release binary on `database_url`, waits until its cache is loaded (health
@@ -337,7 +350,19 @@ async fn service_rss(
 
 #[tokio::main]
 async fn main() {
-    // 3. PutSetpoint against pgbench.
+    let rows = put_runs().await;
+    report_puts(&rows);
+    if common::runs("memory") {
+        memory().await;
+    }
+}
+
+/// One benchmark 3 client count's repetitions: ours, pgbench with the service's statement,
+/// pgbench with the one-row statement.
+type PutRows = (Vec<Row>, Vec<Row>, Vec<Row>);
+
+/// Benchmark 3, PutSetpoint against pgbench: the repetitions at each client count.
+async fn put_runs() -> Vec<PutRows> {
     let names = Names::new("benchput");
     common::create_topics(&names, 3).await;
     let put_db = common::fresh_database("bench_put").await;
@@ -381,7 +406,11 @@ async fn main() {
     }
     stop.cancel();
     let _ = served.await;
+    rows
+}
 
+/// Benchmark 3's table and summary lines.
+fn report_puts(rows: &[PutRows]) {
     println!("\n### 3. PutSetpoint against pgbench, {PUT_SECONDS} s per run, {PUT_REPS} repetitions alternated\n");
     println!("| benchmark | per second (median) | p99 ms (median) | PostgreSQL CPU µs/Put (median) | service and clients CPU µs/Put (median) | Puts per statement (median) | pgbench with the service's statement: per second / p99 ms / PostgreSQL CPU µs/Put / service CPU µs/Put | pgbench with the one-row statement: per second / p99 ms / PostgreSQL CPU µs/Put / service CPU µs/Put | ratio to pgbench with the service's statement | goal | ratio to pgbench with the one-row statement | repetitions per second (ours / service's statement / one-row) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -398,7 +427,7 @@ async fn main() {
             process(rows)
         )
     };
-    for (ours, service_sql, one_row_sql) in &rows {
+    for (ours, service_sql, one_row_sql) in rows {
         // The goal is against "the exact statement the service issues" (issue 4); the one-row
         // statement the service issued before it wrote Puts together is shown beside it.
         let base = service_sql;
@@ -445,11 +474,10 @@ async fn main() {
             &format!(">= 0.8x: {}", verdict(ratio >= 0.8)),
         ]);
     }
+}
 
-    if !common::runs("memory") {
-        return;
-    }
-    // 5. Memory per cached sensor.
+/// Benchmark 5, memory per cached sensor.
+async fn memory() {
     let names = Names::new("benchmem");
     common::create_topics(&names, 3).await;
     let empty = common::fresh_database("bench_mem_empty").await;
